@@ -1,0 +1,74 @@
+//! Table keys: encoded so that byte order is the natural order (big-endian integers, raw UUID bytes,
+//! UTF-8 strings). Never bincode: its varints do not sort.
+
+use uuid::Uuid;
+
+/// A value usable as a table key.
+pub trait Key: Sized {
+    fn encode_key(&self) -> Vec<u8>;
+    fn decode_key(bytes: &[u8]) -> Option<Self>;
+}
+
+impl Key for String {
+    fn encode_key(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+    fn decode_key(bytes: &[u8]) -> Option<Self> {
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+}
+
+impl Key for Uuid {
+    fn encode_key(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+    fn decode_key(bytes: &[u8]) -> Option<Self> {
+        Uuid::from_slice(bytes).ok()
+    }
+}
+
+impl Key for u64 {
+    fn encode_key(&self) -> Vec<u8> {
+        self.to_be_bytes().to_vec()
+    }
+    fn decode_key(bytes: &[u8]) -> Option<Self> {
+        Some(u64::from_be_bytes(bytes.try_into().ok()?))
+    }
+}
+
+/// `(time, id)`: sorts by time first, e.g. an expiry index.
+impl Key for (u64, Uuid) {
+    fn encode_key(&self) -> Vec<u8> {
+        let mut k = self.0.to_be_bytes().to_vec();
+        k.extend_from_slice(self.1.as_bytes());
+        k
+    }
+    fn decode_key(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 24 {
+            return None;
+        }
+        let t = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+        Some((t, Uuid::from_slice(&bytes[8..]).ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn u64_keys_sort_like_numbers(a: u64, b: u64) {
+            prop_assert_eq!(a.cmp(&b), a.encode_key().cmp(&b.encode_key()));
+            prop_assert_eq!(u64::decode_key(&a.encode_key()), Some(a));
+        }
+
+        #[test]
+        fn time_id_keys_sort_by_time(a: u64, b: u64, x: u128, y: u128) {
+            let (ka, kb) = ((a, Uuid::from_u128(x)), (b, Uuid::from_u128(y)));
+            prop_assert_eq!(ka.cmp(&kb), ka.encode_key().cmp(&kb.encode_key()));
+            prop_assert_eq!(<(u64, Uuid)>::decode_key(&ka.encode_key()), Some(ka));
+        }
+    }
+}

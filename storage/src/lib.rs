@@ -1,0 +1,35 @@
+//! Durable storage for one capability on one node: a sled `Db` of its own, typed tables over it, a
+//! versioned bincode codec for every record, and group commit so that a caller is acknowledged only
+//! after the flush that covers its write.
+//!
+//! Layout on disk: `<data_dir>/<capability>/` holds one sled database. Every table is a one-byte prefix
+//! in the database's default tree, so a single `apply_batch` can change several tables atomically
+//! (a state change and the outbox events it causes land together or not at all).
+//!
+//! Caveats (honest list):
+//! - sled 0.34's `flush()` is `pwrite` + `sync_file_range`; with [`Durability::Fsync`] (the default) each
+//!   group flush is followed by an `fdatasync` of the database file, which is what makes a write survive
+//!   power loss rather than only a killed process.
+//! - sled 0.34 has known crash-consistency bugs; a store that fails to open is reported with its path and
+//!   left untouched for an operator to inspect ([`StoreError::Open`]).
+//! - `apply_batch` takes a process-wide lock in sled, shared by every store in the process.
+
+mod codec;
+mod idempotency;
+mod key;
+mod store;
+mod table;
+
+pub use codec::{decode, encode, CodecError, Record};
+pub use idempotency::{IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
+pub use key::Key;
+pub use store::{Batch, Durability, Store, StoreError, StoreOptions, StoreStats};
+pub use table::Table;
+
+/// Milliseconds since the Unix epoch: the one clock every record uses.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

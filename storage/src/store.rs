@@ -1,0 +1,335 @@
+//! One capability's store on one node: a sled `Db`, its group-commit flusher, and its errors.
+//!
+//! Group commit: writers apply their batch to sled at once (so later reads see it), then wait on
+//! [`Store::sync`]. One flusher task per store collects every waiter that arrived while the previous
+//! flush ran, does one `flush()` (+ `fdatasync`) on the blocking pool, and only then wakes them all.
+//! A flush started after a write was applied covers that write, so no caller is told "done" early.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::codec::CodecError;
+
+/// How hard a group flush tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `flush()` then `fdatasync` of the database file: survives power loss.
+    #[default]
+    Fsync,
+    /// `flush()` only: survives a killed process, not a power cut (sled's `sync_file_range`).
+    Flush,
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    /// sled page-cache size in bytes (sled's own default is 1 GB, far too much per capability).
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { durability: Durability::Fsync, cache_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// Everything that can go wrong with a store. `Open` names the capability and path so an
+/// operator knows exactly which files to look at; they are never deleted or rewritten.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the {capability} store at {}: {reason} (files left untouched)", path.display())]
+    Open { capability: String, path: PathBuf, reason: String },
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("corrupt record in table {table}: {source}")]
+    Corrupt { table: &'static str, source: CodecError },
+    #[error("corrupt key in table {table}")]
+    BadKey { table: &'static str },
+    #[error("the store's flusher has stopped")]
+    FlusherGone,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// Counters for `/metrics` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub acks: AtomicU64,
+    pub flush_errors: AtomicU64,
+}
+
+/// A set of writes applied atomically by [`Store::apply`] / [`Store::commit`].
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub(crate) fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+    pub(crate) fn remove(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+struct Inner {
+    capability: String,
+    path: PathBuf,
+    db: sled::Db,
+    flush_tx: mpsc::UnboundedSender<Waiter>,
+    stats: Arc<StoreStats>,
+}
+
+/// A handle to one capability's store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("capability", &self.inner.capability)
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `<data_dir>/<capability>/`. Must be called inside a tokio runtime: it starts
+    /// the store's flusher task.
+    pub fn open(data_dir: &Path, capability: &str, opts: &StoreOptions) -> Result<Store, StoreError> {
+        let path = data_dir.join(capability);
+        let open_err = |reason: String| StoreError::Open {
+            capability: capability.to_string(),
+            path: path.clone(),
+            reason,
+        };
+        if path.exists() && !path.is_dir() {
+            return Err(open_err("the path exists and is not a directory".into()));
+        }
+        std::fs::create_dir_all(&path).map_err(|e| open_err(e.to_string()))?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| open_err(e.to_string()))?;
+        let sync_file = match opts.durability {
+            Durability::Fsync => Some(Arc::new(
+                File::open(path.join("db")).map_err(|e| open_err(format!("opening db file for fdatasync: {e}")))?,
+            )),
+            Durability::Flush => None,
+        };
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(StoreStats::default());
+        tracing::info!(capability, path = %path.display(), durability = ?opts.durability, "store opened");
+        let inner = Arc::new(Inner { capability: capability.to_string(), path, db, flush_tx, stats });
+        // The flusher holds only a weak handle, so dropping the last `Store` closes the database
+        // (and releases sled's file lock) at once.
+        tokio::spawn(flusher(Arc::downgrade(&inner), sync_file, flush_rx));
+        Ok(Store { inner })
+    }
+
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.inner.db
+    }
+
+    pub(crate) fn note_writes(&self, n: u64) {
+        self.inner.stats.writes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn capability(&self) -> &str {
+        &self.inner.capability
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.inner.stats
+    }
+
+    /// Applies `batch` atomically, now; visible to reads at once, durable only after [`Store::sync`].
+    pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.ops.len() as u64;
+        let mut sb = sled::Batch::default();
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => sb.insert(k, v),
+                None => sb.remove(k),
+            }
+        }
+        self.inner.db.apply_batch(sb)?;
+        self.note_writes(n);
+        Ok(())
+    }
+
+    /// Waits for a flush that covers every write applied before this call.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.flush_tx.send(tx).map_err(|_| StoreError::FlusherGone)?;
+        rx.await.map_err(|_| StoreError::FlusherGone)?
+    }
+
+    /// [`Store::apply`] then [`Store::sync`]: returns once `batch` is durable.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        self.sync().await
+    }
+}
+
+async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
+    let mut waiters = Vec::new();
+    while let Some(first) = rx.recv().await {
+        waiters.push(first);
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        // A waiter holds a `Store`, so the store is alive while anyone waits.
+        let Some(store) = inner.upgrade() else { break };
+        let (db, stats, capability) = (store.db.clone(), store.stats.clone(), store.capability.clone());
+        drop(store);
+        let file = sync_file.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            db.flush()?;
+            if let Some(f) = file {
+                f.sync_data().map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(format!("flush task failed: {e}"))));
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats.acks.fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        if let Err(e) = &result {
+            stats.flush_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%capability, error = %e, "group flush failed; writers are told so");
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Record, Table};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Rec(u64);
+    impl Record for Rec {
+        const VERSION: u8 = 1;
+    }
+    const T: Table<u64, Rec> = Table::new(1, "t");
+    const U: Table<u64, Rec> = Table::new(2, "u");
+
+    #[tokio::test]
+    async fn commit_is_visible_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            let mut b = Batch::new();
+            T.put(&mut b, &1, &Rec(10));
+            U.put(&mut b, &1, &Rec(20));
+            s.commit(b).await.unwrap();
+            assert_eq!(T.get(&s, &1).unwrap(), Some(Rec(10)));
+            assert_eq!(U.get(&s, &1).unwrap(), Some(Rec(20)));
+            assert_eq!(T.len(&s), 1);
+        }
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        assert_eq!(T.get(&s, &1).unwrap(), Some(Rec(10)));
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut b = Batch::new();
+                T.put(&mut b, &i, &Rec(i));
+                s.commit(b).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(T.len(&s), 200);
+        let flushes = s.stats().flushes.load(Ordering::Relaxed);
+        assert_eq!(s.stats().acks.load(Ordering::Relaxed), 200);
+        assert!(flushes < 200, "group commit should batch: {flushes} flushes for 200 writes");
+    }
+
+    #[tokio::test]
+    async fn insert_if_absent_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        assert_eq!(T.insert_if_absent(&s, &5, &Rec(1)).unwrap(), None);
+        assert_eq!(T.insert_if_absent(&s, &5, &Rec(2)).unwrap(), Some(Rec(1)));
+        assert_eq!(T.get(&s, &5).unwrap(), Some(Rec(1)));
+    }
+
+    #[tokio::test]
+    async fn open_failure_names_store_and_path_and_keeps_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inventory"), b"not a directory").unwrap();
+        let err = Store::open(dir.path(), "inventory", &StoreOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("inventory store"), "{msg}");
+        assert!(msg.contains(&dir.path().join("inventory").display().to_string()), "{msg}");
+        assert_eq!(std::fs::read(dir.path().join("inventory")).unwrap(), b"not a directory");
+    }
+
+    #[tokio::test]
+    async fn a_locked_store_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), "orders", &StoreOptions::default()).unwrap();
+        // sled holds an exclusive file lock; a second process would be refused the same way.
+        let second = Store::open(dir.path(), "orders", &StoreOptions::default());
+        if let Err(e) = second {
+            assert!(e.to_string().contains("orders store"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn undecodable_record_is_an_error_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        s.tree().insert([1u8, 0, 0, 0, 0, 0, 0, 0, 9], vec![9u8, 1, 2]).unwrap();
+        assert!(matches!(T.get(&s, &9), Err(StoreError::Corrupt { .. })));
+        assert!(T.iter(&s).any(|r| r.is_err()));
+    }
+}

@@ -1,0 +1,112 @@
+//! A typed view of one table: a one-byte prefix in the store's tree, typed keys, versioned values.
+
+use std::marker::PhantomData;
+
+use crate::codec::{decode, encode, Record};
+use crate::key::Key;
+use crate::store::{Batch, Store, StoreError};
+
+/// A table of `K -> V`. Declare one as a `const` per table in the capability's store module.
+pub struct Table<K, V> {
+    id: u8,
+    name: &'static str,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Clone for Table<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, V> Copy for Table<K, V> {}
+
+impl<K: Key, V: Record> Table<K, V> {
+    pub const fn new(id: u8, name: &'static str) -> Self {
+        Self { id, name, _types: PhantomData }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn raw_key(&self, key: &K) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(17);
+        raw.push(self.id);
+        raw.extend_from_slice(&key.encode_key());
+        raw
+    }
+
+    fn decode_value(&self, raw: &[u8]) -> Result<V, StoreError> {
+        decode(raw).map_err(|source| StoreError::Corrupt { table: self.name, source })
+    }
+
+    /// Reads one record (sees every write already applied, flushed or not).
+    pub fn get(&self, store: &Store, key: &K) -> Result<Option<V>, StoreError> {
+        match store.tree().get(self.raw_key(key))? {
+            Some(raw) => Ok(Some(self.decode_value(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Queues an insert/overwrite in `batch`.
+    pub fn put(&self, batch: &mut Batch, key: &K, value: &V) {
+        batch.insert(self.raw_key(key), encode(value));
+    }
+
+    /// Queues a removal in `batch`.
+    pub fn remove(&self, batch: &mut Batch, key: &K) {
+        batch.remove(self.raw_key(key));
+    }
+
+    /// Inserts `value` only if `key` is absent, at once (compare-and-swap); returns the record
+    /// already there otherwise. The caller still awaits [`Store::sync`] before acknowledging.
+    pub fn insert_if_absent(&self, store: &Store, key: &K, value: &V) -> Result<Option<V>, StoreError> {
+        match store.tree().compare_and_swap(self.raw_key(key), None as Option<&[u8]>, Some(encode(value)))? {
+            Ok(()) => {
+                store.note_writes(1);
+                Ok(None)
+            }
+            Err(cas) => match cas.current {
+                Some(raw) => Ok(Some(self.decode_value(&raw)?)),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// All records in key order. A record that does not decode is an error, never skipped silently.
+    pub fn iter<'a>(&'a self, store: &Store) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+        self.iter_from(store, None)
+    }
+
+    /// Records with key < `end` (in byte order), in key order: e.g. everything expired by now.
+    pub fn iter_before<'a>(&'a self, store: &Store, end: &K) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+        self.iter_from(store, Some(self.raw_key(end)))
+    }
+
+    fn iter_from<'a>(
+        &'a self,
+        store: &Store,
+        end: Option<Vec<u8>>,
+    ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+        let start = vec![self.id];
+        let range = match end {
+            Some(end) => store.tree().range(start..end),
+            None => store.tree().scan_prefix(start),
+        };
+        range.map(move |item| {
+            let (k, v) = item?;
+            let key = K::decode_key(&k[1..])
+                .ok_or(StoreError::BadKey { table: self.name })?;
+            Ok((key, self.decode_value(&v)?))
+        })
+    }
+
+    /// Number of records (a full scan of this table's keys; for tests and start-up figures).
+    pub fn len(&self, store: &Store) -> usize {
+        store.tree().scan_prefix([self.id]).keys().count()
+    }
+
+    pub fn is_empty(&self, store: &Store) -> bool {
+        self.len(store) == 0
+    }
+}

@@ -1,1 +1,146 @@
-//! bulkhead-actors
+//! The five business capabilities, each a supervised actor group over its own sled store.
+//!
+//! Every capability folder has the same shape: `protocol` (what crosses nodes, versioned), a pure
+//! state machine (`orders::saga`, `inventory::stock`, `payments::ledger`), and the worker actor
+//! around it. Each hosted capability runs under one [`supervisor::Supervisor`] with two or three
+//! children: the remotable [`bulkhead_cluster::Gateway`] (decodes envelopes, finds the worker by
+//! name) and the local-only worker (plus the outbox relay for orders).
+//!
+//! ```text
+//! supervisor(orders)       ── gateway(orders)   ── worker(orders) ── relay(outbox)
+//! supervisor(inventory)    ── gateway(inventory) ── worker(inventory)
+//! ...
+//! ```
+//!
+//! Shipping and notifications share the consumer worker ([`consumer`]); what differs is what they
+//! make of an `OrderConfirmed` ([`shipping::MAKING`], [`notifications::MAKING`]).
+
+pub mod consumer;
+pub mod inventory;
+pub mod notifications;
+pub mod orders;
+pub mod payments;
+pub mod shipping;
+pub mod supervisor;
+pub mod util;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bulkhead_cluster::gateway::worker_name;
+use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound};
+use bulkhead_storage::{Store, StoreOptions};
+use ractor::{Actor, ActorRef, Message};
+
+use supervisor::{ChildSpec, Intensity, Supervisor, SupervisorArgs, SupervisorMsg};
+
+/// What every worker is started with.
+#[derive(Clone)]
+pub struct WorkerArgs {
+    pub cluster: Cluster,
+    pub store: Store,
+    pub fault_injection: bool,
+}
+
+/// The capabilities running on this node.
+pub struct Capabilities {
+    pub supervisors: BTreeMap<Capability, ActorRef<SupervisorMsg>>,
+    pub stores: BTreeMap<Capability, Store>,
+    /// Capabilities this node should host but cannot (their store would not open), with why.
+    pub failed: BTreeMap<Capability, String>,
+}
+
+impl Capabilities {
+    /// Stops every capability (children first, so nothing restarts).
+    pub async fn shutdown(&self) {
+        for sup in self.supervisors.values() {
+            sup.stop_children_and_wait(None, Some(Duration::from_secs(5))).await;
+            sup.stop(None);
+        }
+    }
+}
+
+fn gateway_spec<Req, Resp, M>(cap: Capability, cluster: &Cluster, wrap: fn(Inbound<Req, Resp>) -> M) -> ChildSpec
+where
+    Req: bulkhead_storage::Record + Send + 'static,
+    Resp: bulkhead_storage::Record + Send + 'static,
+    M: Message,
+{
+    let node = cluster.name().to_string();
+    // Workers answer promptly or not at all; a slow charge is the longest legitimate wait.
+    let worker_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms.max(1_000) * 3);
+    ChildSpec::new(
+        format!("bulkhead.{cap}.gateway"),
+        Gateway::<Req, Resp, M>::default,
+        move || GatewayArgs { capability: cap, node: node.clone(), wrap, worker_timeout },
+    )
+}
+
+fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
+    let c = w.cluster.clone();
+    let name = worker_name(cap);
+    match cap {
+        Capability::Orders => {
+            let relay = RelayArgsFactory(w.clone());
+            vec![
+                ChildSpec::new(name, || orders::OrdersWorker, move || w.clone()),
+                ChildSpec::new(orders::RELAY_NAME.to_string(), || orders::OutboxRelay, move || relay.make()),
+                gateway_spec(cap, &c, orders::OrdersMsg::Request),
+            ]
+        }
+        Capability::Inventory => vec![
+            ChildSpec::new(name, || inventory::InventoryWorker, move || w.clone()),
+            gateway_spec(cap, &c, inventory::InventoryMsg::Request),
+        ],
+        Capability::Payments => vec![
+            ChildSpec::new(name, || payments::PaymentsWorker, move || w.clone()),
+            gateway_spec(cap, &c, payments::PaymentsMsg::Request),
+        ],
+        Capability::Shipping | Capability::Notifications => {
+            let making = if cap == Capability::Shipping { shipping::MAKING } else { notifications::MAKING };
+            vec![
+                ChildSpec::new(name, || consumer::ConsumerWorker, move || consumer::ConsumerArgs { worker: w.clone(), making }),
+                gateway_spec(cap, &c, consumer::ConsumerMsg::Request),
+            ]
+        }
+    }
+}
+
+struct RelayArgsFactory(WorkerArgs);
+impl RelayArgsFactory {
+    fn make(&self) -> orders::RelayArgs {
+        orders::RelayArgs { cluster: self.0.cluster.clone(), store: self.0.store.clone() }
+    }
+}
+
+/// Opens the store of, and starts, every capability this node hosts. A store that will not open
+/// is reported (which store, which path, why) and its capability is not hosted; its files are kept.
+pub async fn start_capabilities(cluster: &Cluster, data_dir: &Path, opts: &StoreOptions, fault_injection: bool) -> Capabilities {
+    let mut caps = Capabilities { supervisors: BTreeMap::new(), stores: BTreeMap::new(), failed: BTreeMap::new() };
+    for cap in cluster.config().hosted() {
+        let store = match Store::open(data_dir, cap.as_str(), opts) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(capability = %cap, error = %e, "not hosting this capability");
+                cluster.set_health(cap, false, &e.to_string());
+                caps.failed.insert(cap, e.to_string());
+                continue;
+            }
+        };
+        let w = WorkerArgs { cluster: cluster.clone(), store: store.clone(), fault_injection };
+        let args = SupervisorArgs { capability: cap, cluster: cluster.clone(), children: children(cap, w), intensity: Intensity::default() };
+        match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
+            Ok((sup, _)) => {
+                caps.supervisors.insert(cap, sup);
+                caps.stores.insert(cap, store);
+            }
+            Err(e) => {
+                tracing::error!(capability = %cap, error = %e, "capability failed to start");
+                cluster.set_health(cap, false, &format!("failed to start: {e}"));
+                caps.failed.insert(cap, e.to_string());
+            }
+        }
+    }
+    caps
+}

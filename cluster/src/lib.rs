@@ -1,1 +1,30 @@
-//! bulkhead-cluster
+//! Everything ractor_cluster does not give Bulkhead, on top of it.
+//!
+//! - [`config`]: the node's TOML config and the static shard map (who hosts what, who owns a key).
+//! - [`node`]: bootstrap, the dialer that keeps a full mesh and reconnects, and the [`Cluster`] handle.
+//! - [`membership`] + [`detector`]: heartbeats and a pure deadline failure detector; the cluster view.
+//! - [`wire`]: the versioned envelope every cross-node payload travels in; undecodable input is counted.
+//! - [`gateway`]: the one remotable actor per capability per node; workers stay local-only.
+//! - [`call`]: the one call path, always with a timeout, and its error type.
+//!
+//! Caveats:
+//! - Discovery is by process group per (capability, node); ractor's pg membership is not re-gossiped,
+//!   so the mesh must be full: the dialer keeps dialling every address it has learned.
+//! - While a peer is paused (SIGSTOP), its kernel still accepts TCP connections; each redial leaves a
+//!   handshake waiting until the peer resumes. The dialer's backoff (≤ 2 s) bounds how many pile up.
+//! - Ticks from remote peers are accepted by [`membership::MembershipMsg`] (the type must be remotable
+//!   for heartbeats); a tick only makes the node look at its own clock, so it is harmless.
+
+pub mod call;
+pub mod config;
+pub mod detector;
+pub mod gateway;
+pub mod membership;
+pub mod node;
+pub mod wire;
+
+pub use call::CallError;
+pub use config::{Capability, NodeConfig, ShardMap, Timing};
+pub use detector::Status;
+pub use gateway::{Gateway, GatewayArgs, Inbound};
+pub use node::{CapHealth, Cluster};

@@ -83,6 +83,17 @@ impl<K: Key, V: Record> Table<K, V> {
         self.iter_from(store, Some(self.raw_key(end)))
     }
 
+    /// Records whose encoded key starts with `prefix` (e.g. every `"<order>/..."` key), in key order.
+    pub fn iter_prefix<'a>(&'a self, store: &Store, prefix: &[u8]) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+        let mut start = vec![self.id];
+        start.extend_from_slice(prefix);
+        store.tree().scan_prefix(start).map(move |item| {
+            let (k, v) = item?;
+            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
+            Ok((key, self.decode_value(&v)?))
+        })
+    }
+
     fn iter_from<'a>(
         &'a self,
         store: &Store,

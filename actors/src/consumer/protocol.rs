@@ -1,0 +1,55 @@
+//! Events and requests for the asynchronous consumers (remote, versioned).
+
+use bulkhead_storage::Record;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::inventory::PricedLine;
+
+/// Published by orders (through its outbox) when an order is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderConfirmed {
+    pub event_id: Uuid,
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub lines: Vec<PricedLine>,
+    pub total_cents: u64,
+    pub payment_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsumerRequest {
+    Deliver(OrderConfirmed),
+    List { order_id: Uuid },
+    InjectPanic,
+}
+
+/// A shipment or a notification, as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: String,
+    pub order_id: Uuid,
+    pub event_id: Uuid,
+    pub kind: String,
+    pub detail: String,
+    pub created_ms: u64,
+}
+
+impl Record for Delivery {
+    const VERSION: u8 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsumerReply {
+    /// Accepted; `duplicate` when this event id was seen before (nothing new recorded).
+    Accepted { duplicate: bool },
+    Listed(Vec<Delivery>),
+    Refused(String),
+}
+
+impl Record for ConsumerRequest {
+    const VERSION: u8 = 1;
+}
+impl Record for ConsumerReply {
+    const VERSION: u8 = 1;
+}

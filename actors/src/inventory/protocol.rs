@@ -1,0 +1,69 @@
+//! Inventory's requests and replies (remote, versioned). Append variants at the end only: bincode
+//! encodes the variant index.
+
+use bulkhead_storage::Record;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One line of an order as the client asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub sku: String,
+    pub quantity: u64,
+}
+
+/// A reserved line, with the unit price at the time of reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PricedLine {
+    pub sku: String,
+    pub quantity: u64,
+    pub unit_price_cents: u64,
+}
+
+/// The public view of one SKU's stock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockView {
+    pub sku: String,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    pub price_cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InventoryRequest {
+    /// Reserve every item for `order_id` (all or nothing), held for `ttl_ms`. Idempotent per order.
+    Reserve { order_id: Uuid, items: Vec<Item>, ttl_ms: u64 },
+    /// The order is confirmed: reserved becomes sold. Idempotent.
+    Commit { order_id: Uuid },
+    /// The order is cancelled: reserved becomes available again. Idempotent; a release that
+    /// arrives before its reservation leaves a tombstone so the late reservation is refused.
+    Release { order_id: Uuid },
+    Get { sku: String },
+    /// Sets available stock and price (admin).
+    Set { sku: String, available: u64, price_cents: u64 },
+    /// Fault injection: the worker panics (only when the node enables fault injection).
+    InjectPanic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InventoryReply {
+    Reserved { lines: Vec<PricedLine> },
+    OutOfStock { sku: String, available: u64 },
+    /// The order was released (or expired) before this request: nothing is held for it.
+    AlreadyReleased,
+    Committed,
+    Released,
+    /// A commit found its reservation expired and the stock gone since.
+    CommitFailed { reason: String },
+    Stock(StockView),
+    NotFound,
+    Refused(String),
+}
+
+impl Record for InventoryRequest {
+    const VERSION: u8 = 1;
+}
+impl Record for InventoryReply {
+    const VERSION: u8 = 1;
+}

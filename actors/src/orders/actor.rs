@@ -1,0 +1,291 @@
+//! The orders worker: places orders, drives every unfinished saga, answers waiting clients.
+//!
+//! The worker is a thin shell around [`saga::step`]: it turns requests and call results into saga
+//! events, persists the order after every step (saga state lives in the store, not in memory), and
+//! carries out the commands (cross-node calls run in their own tasks and come back as messages, so
+//! the worker never waits on a peer). Clients are answered once the saga is terminal or the wait
+//! budget is spent (then `pending`), always after the flush covering the answer.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_storage::{now_ms, Batch, IdemRecord, Idempotency, Record, Table};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorMessage;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::outbox::{OutboxEntry, OutboxMsg, OUTBOX, RELAY_NAME};
+use super::protocol::{OrderStatus, OrdersReply, OrdersRequest, PlaceOrder};
+use super::saga::{self, ChargeOutcome, Command, Event, OrderRecord, ReserveOutcome};
+use crate::inventory::{InventoryReply, InventoryRequest, Item};
+use crate::payments::{PaymentReply, PaymentRequest};
+use crate::util::{jitter, reply_after_sync};
+use crate::WorkerArgs;
+
+pub const ORDERS: Table<Uuid, OrderRecord> = Table::new(1, "orders");
+/// Index of unfinished orders: what to resume after a restart without scanning every order.
+pub const UNFINISHED: Table<Uuid, Unfinished> = Table::new(2, "unfinished");
+pub const IDEMPOTENCY: Idempotency = Idempotency::new(5, 6);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unfinished {
+    pub since_ms: u64,
+}
+impl Record for Unfinished {
+    const VERSION: u8 = 1;
+}
+
+/// A new order id: a UUIDv7 (time-ordered keys) whose last byte names the home orders node
+/// (its index in `[capabilities.orders] nodes`), so any node can route a lookup by id alone.
+pub fn new_order_id(home_index: u8) -> Uuid {
+    let mut b = *Uuid::now_v7().as_bytes();
+    b[15] = home_index;
+    Uuid::from_bytes(b)
+}
+
+/// The home orders node of an order id, under `cluster`'s shard map.
+pub fn home_of(cluster: &Cluster, id: &Uuid) -> Option<String> {
+    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
+    nodes.get(id.as_bytes()[15] as usize).cloned()
+}
+
+#[derive(RactorMessage)]
+pub enum OrdersMsg {
+    Request(Inbound<OrdersRequest, OrdersReply>),
+    Saga { order_id: Uuid, event: Event },
+    WaitOver { order_id: Uuid, waiter: u64 },
+    Sweep,
+}
+
+pub struct OrdersWorker;
+
+pub struct OrdersState {
+    args: WorkerArgs,
+    home_index: u8,
+    sagas: HashMap<Uuid, OrderRecord>,
+    waiters: HashMap<Uuid, Vec<(u64, RpcReplyPort<OrdersReply>)>>,
+    next_waiter: u64,
+}
+
+impl OrdersState {
+    fn cluster(&self) -> &Cluster {
+        &self.args.cluster
+    }
+
+    fn put_order(&self, o: &OrderRecord) -> Result<(), ActorProcessingErr> {
+        let mut b = Batch::new();
+        ORDERS.put(&mut b, &o.id, o);
+        Ok(self.args.store.apply(b)?)
+    }
+
+    fn wait_for(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, wait_ms: u64, reply: RpcReplyPort<OrdersReply>) {
+        let w = self.next_waiter;
+        self.next_waiter += 1;
+        self.waiters.entry(order_id).or_default().push((w, reply));
+        myself.send_after(Duration::from_millis(wait_ms), move || OrdersMsg::WaitOver { order_id, waiter: w });
+    }
+
+    /// Answers for an order that already exists (an idempotent replay, or a lookup).
+    fn answer_existing(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, wait_ms: Option<u64>, reply: RpcReplyPort<OrdersReply>) -> Result<(), ActorProcessingErr> {
+        if self.sagas.contains_key(&order_id) {
+            match wait_ms {
+                Some(ms) => self.wait_for(myself, order_id, ms, reply),
+                None => reply_after_sync(&self.args.store, reply, OrdersReply::Order(self.sagas[&order_id].view())),
+            }
+            return Ok(());
+        }
+        let answer = match ORDERS.get(&self.args.store, &order_id)? {
+            Some(o) => OrdersReply::Order(o.view()),
+            None => OrdersReply::NotFound,
+        };
+        reply_after_sync(&self.args.store, reply, answer);
+        Ok(())
+    }
+
+    fn place(&mut self, myself: &ActorRef<OrdersMsg>, p: PlaceOrder, reply: RpcReplyPort<OrdersReply>) -> Result<(), ActorProcessingErr> {
+        let id = new_order_id(self.home_index);
+        let now = now_ms();
+        if let Some(ik) = &p.idempotency {
+            let claim = IdemRecord { body_hash: ik.body_hash, result: id.as_bytes().to_vec(), created_ms: now };
+            if let Some(prev) = IDEMPOTENCY.claim(&self.args.store, &ik.key, &claim)? {
+                let prev_id = Uuid::from_slice(&prev.result).unwrap_or_default();
+                if prev.body_hash != ik.body_hash {
+                    let _ = reply.send(OrdersReply::IdempotencyConflict { order_id: prev_id });
+                    return Ok(());
+                }
+                return self.answer_existing(myself, prev_id, Some(p.wait_ms), reply);
+            }
+        }
+        // Split the items over the inventory shards that own their SKUs.
+        let mut shards: Vec<(String, Vec<Item>)> = Vec::new();
+        for it in &p.items {
+            let node = self.cluster().owner(Capability::Inventory, it.sku.as_bytes()).unwrap_or_default();
+            match shards.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, items)) => items.push(it.clone()),
+                None => shards.push((node, vec![it.clone()])),
+            }
+        }
+        let mut order = saga::new_order(id, p.customer_id, p.items, p.payment_token, shards, now);
+        let cmds = saga::step(&mut order, Event::Start, now, jitter());
+        let mut b = Batch::new();
+        ORDERS.put(&mut b, &id, &order);
+        UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
+        self.args.store.apply(b)?;
+        tracing::info!(order_id = %id, "order created");
+        self.sagas.insert(id, order);
+        self.wait_for(myself, id, p.wait_ms, reply);
+        self.execute(myself, id, cmds)
+    }
+
+    fn on_saga_event(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, event: Event) -> Result<(), ActorProcessingErr> {
+        let Some(order) = self.sagas.get_mut(&order_id) else { return Ok(()) };
+        let before = order.clone();
+        let cmds = saga::step(order, event, now_ms(), jitter());
+        if *order != before && !cmds.contains(&Command::Finish) {
+            let o = order.clone();
+            self.put_order(&o)?;
+        }
+        self.execute(myself, order_id, cmds)
+    }
+
+    fn execute(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, cmds: Vec<Command>) -> Result<(), ActorProcessingErr> {
+        let ttl_ms = self.cluster().config().timing.reservation_ttl_ms;
+        for cmd in cmds {
+            let (cluster, me) = (self.cluster().clone(), myself.clone());
+            match cmd {
+                Command::Reserve { node, items } => {
+                    tokio::spawn(async move {
+                        let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
+                        let tp = bulkhead_cluster::wire::new_traceparent();
+                        let outcome = match cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &tp).await {
+                            Ok(InventoryReply::Reserved { lines }) => ReserveOutcome::Reserved(lines),
+                            Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
+                            Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
+                            Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
+                            Err(e) => ReserveOutcome::Unavailable(e.to_string()),
+                        };
+                        let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Reserve { node, outcome } });
+                    });
+                }
+                Command::Charge { amount_cents, token } => {
+                    tokio::spawn(async move {
+                        let node = cluster.owner(Capability::Payments, order_id.as_bytes()).unwrap_or_default();
+                        let req = PaymentRequest::Charge { order_id, amount_cents, token };
+                        let tp = bulkhead_cluster::wire::new_traceparent();
+                        let outcome = match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
+                            Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
+                            Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
+                            Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
+                            Ok(PaymentReply::InProgress) => ChargeOutcome::Unavailable("the charge is still processing".into()),
+                            Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
+                            Err(e) => ChargeOutcome::Unavailable(e.to_string()),
+                        };
+                        let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
+                    });
+                }
+                Command::RetryIn(ms) => {
+                    myself.send_after(Duration::from_millis(ms), move || OrdersMsg::Saga { order_id, event: Event::RetryDue });
+                }
+                Command::Finish => self.finish(order_id)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists a terminal order with its outbox entries in one batch, then answers its waiters.
+    fn finish(&mut self, order_id: Uuid) -> Result<(), ActorProcessingErr> {
+        let Some(order) = self.sagas.remove(&order_id) else { return Ok(()) };
+        let now = now_ms();
+        let mut b = Batch::new();
+        ORDERS.put(&mut b, &order_id, &order);
+        UNFINISHED.remove(&mut b, &order_id);
+        for (dest, event) in saga::outbox(&order) {
+            OUTBOX.put(&mut b, &Uuid::now_v7(), &OutboxEntry { dest, event, order_id, created_ms: now });
+        }
+        self.args.store.apply(b)?;
+        tracing::info!(%order_id, status = ?order.status, reason = ?order.reason, "order finished");
+        let view = order.view();
+        for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
+            reply_after_sync(&self.args.store, w, OrdersReply::Order(view.clone()));
+        }
+        if let Some(relay) = ActorRef::<OutboxMsg>::where_is(RELAY_NAME.to_string()) {
+            let store = self.args.store.clone();
+            // Kick the relay once the entries are durable, for a short confirmed-to-shipped time.
+            tokio::spawn(async move {
+                if store.sync().await.is_ok() {
+                    let _ = relay.cast(OutboxMsg::Kick);
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Actor for OrdersWorker {
+    type Msg = OrdersMsg;
+    type State = OrdersState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<OrdersMsg>, args: WorkerArgs) -> Result<OrdersState, ActorProcessingErr> {
+        let home_index = args
+            .cluster
+            .config()
+            .capabilities
+            .orders_index(args.cluster.name())
+            .ok_or("this node hosts orders but is not in [capabilities.orders] nodes")?;
+        let mut state = OrdersState { args, home_index, sagas: HashMap::new(), waiters: HashMap::new(), next_waiter: 0 };
+        // Resume every saga that was in flight when the node (or this worker) stopped.
+        let ids: Vec<Uuid> = UNFINISHED.iter(&state.args.store).map(|r| r.map(|(id, _)| id)).collect::<Result<_, _>>()?;
+        for id in &ids {
+            if let Some(o) = ORDERS.get(&state.args.store, id)? {
+                if o.status == OrderStatus::Pending {
+                    state.sagas.insert(*id, o);
+                }
+            }
+        }
+        if !ids.is_empty() {
+            tracing::info!(count = state.sagas.len(), "resuming unfinished sagas");
+        }
+        for id in ids {
+            let _ = myself.cast(OrdersMsg::Saga { order_id: id, event: Event::Resume });
+        }
+        myself.send_interval(Duration::from_secs(600), || OrdersMsg::Sweep);
+        Ok(state)
+    }
+
+    async fn handle(&self, myself: ActorRef<OrdersMsg>, msg: OrdersMsg, state: &mut OrdersState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            OrdersMsg::Request(Inbound { req, reply, .. }) => match req {
+                OrdersRequest::Place(p) => state.place(&myself, p, reply)?,
+                OrdersRequest::Get { order_id } => state.answer_existing(&myself, order_id, None, reply)?,
+                OrdersRequest::InjectPanic => {
+                    if state.args.fault_injection {
+                        panic!("fault injection: orders worker panics on request");
+                    }
+                    let _ = reply.send(OrdersReply::Refused("fault injection is disabled on this node".into()));
+                }
+            },
+            OrdersMsg::Saga { order_id, event } => state.on_saga_event(&myself, order_id, event)?,
+            OrdersMsg::WaitOver { order_id, waiter } => {
+                let mut answered = None;
+                if let Some(ws) = state.waiters.get_mut(&order_id) {
+                    if let Some(pos) = ws.iter().position(|(w, _)| *w == waiter) {
+                        answered = Some(ws.swap_remove(pos).1);
+                    }
+                }
+                if let (Some(port), Some(o)) = (answered, state.sagas.get(&order_id)) {
+                    reply_after_sync(&state.args.store, port, OrdersReply::Order(o.view()));
+                }
+            }
+            OrdersMsg::Sweep => {
+                let n = IDEMPOTENCY.sweep(&state.args.store, now_ms())?;
+                if n > 0 {
+                    tracing::info!(removed = n, "swept expired idempotency records");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! Orders' requests and replies (remote, versioned; append variants at the end only).
+
+use bulkhead_storage::Record;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::inventory::{Item, PricedLine};
+
+/// `Idempotency-Key` and a hash of the request body it came with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdemKey {
+    pub key: String,
+    pub body_hash: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    pub customer_id: String,
+    pub items: Vec<Item>,
+    pub payment_token: String,
+    pub idempotency: Option<IdemKey>,
+    /// How long to wait for the saga before answering with the order still pending.
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    Pending,
+    Confirmed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at_ms: u64,
+    pub event: String,
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub items: Vec<Item>,
+    pub lines: Vec<PricedLine>,
+    pub total_cents: u64,
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub payment_id: Option<String>,
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdersRequest {
+    Place(PlaceOrder),
+    Get { order_id: Uuid },
+    InjectPanic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdersReply {
+    Order(OrderView),
+    NotFound,
+    /// The Idempotency-Key was first used with a different body.
+    IdempotencyConflict { order_id: Uuid },
+    Refused(String),
+}
+
+impl Record for OrdersRequest {
+    const VERSION: u8 = 1;
+}
+impl Record for OrdersReply {
+    const VERSION: u8 = 1;
+}

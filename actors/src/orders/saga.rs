@@ -1,0 +1,431 @@
+//! The order saga as a pure state machine: `step(order, event, now) -> commands`.
+//!
+//! 1. reserve the items on every inventory shard that holds some of them (all shards, or none);
+//! 2. charge the total (idempotent by order id on the payments side);
+//! 3. finish: the shell persists the terminal state and this order's outbox entries in one batch
+//!    (commit or release the reservations; `OrderConfirmed` for shipping and notifications).
+//!
+//! Every request the saga makes is idempotent by order id, so after a restart or a timeout the
+//! shell simply re-issues what is outstanding ([`Event::Resume`], [`Event::RetryDue`]). A step whose
+//! capability is unreachable keeps the order `pending` and schedules a retry with exponential
+//! backoff and jitter; a definite answer (out of stock, declined) cancels it.
+
+use bulkhead_storage::Record;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::protocol::{HistoryEntry, OrderStatus, OrderView};
+use crate::consumer::OrderConfirmed;
+use crate::inventory::{Item, PricedLine};
+use crate::util::backoff_ms;
+
+pub const RETRY_BASE_MS: u64 = 100;
+pub const RETRY_CAP_MS: u64 = 5_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardState {
+    Pending,
+    Reserved(Vec<PricedLine>),
+}
+
+/// The part of the order held by one inventory node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStep {
+    pub node: String,
+    pub items: Vec<Item>,
+    pub state: ShardState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Reserving,
+    Charging,
+    Done,
+}
+
+/// An order and its saga progress: persisted whole at every step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub items: Vec<Item>,
+    pub payment_token: String,
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub payment_id: Option<String>,
+    pub lines: Vec<PricedLine>,
+    pub total_cents: u64,
+    pub phase: Phase,
+    pub shards: Vec<ShardStep>,
+    pub attempts: u32,
+    pub retry_scheduled: bool,
+    pub last_wait: Option<String>,
+    pub history: Vec<HistoryEntry>,
+    pub created_ms: u64,
+}
+
+impl Record for OrderRecord {
+    const VERSION: u8 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Reserved(Vec<PricedLine>),
+    OutOfStock { sku: String },
+    /// The shard had already released this order (its reservation expired).
+    AlreadyReleased,
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Charged { payment_id: String },
+    Declined { reason: String },
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The order was just created.
+    Start,
+    /// The node restarted with this order unfinished.
+    Resume,
+    Reserve { node: String, outcome: ReserveOutcome },
+    Charge(ChargeOutcome),
+    RetryDue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Reserve { node: String, items: Vec<Item> },
+    Charge { amount_cents: u64, token: String },
+    /// Send [`Event::RetryDue`] after this many ms.
+    RetryIn(u64),
+    /// The order is terminal: persist it with its [`outbox`] entries, answer waiters.
+    Finish,
+}
+
+/// Where an outbox entry goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Dest {
+    Inventory { node: String },
+    Shipping,
+    Notifications,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboxEvent {
+    CommitReservation { order_id: Uuid },
+    ReleaseReservation { order_id: Uuid },
+    Confirmed(OrderConfirmed),
+}
+
+/// Creates a pending order whose items are split over `shards` (node -> its items).
+pub fn new_order(id: Uuid, customer_id: String, items: Vec<Item>, payment_token: String, shards: Vec<(String, Vec<Item>)>, now_ms: u64) -> OrderRecord {
+    OrderRecord {
+        id,
+        customer_id,
+        items,
+        payment_token,
+        status: OrderStatus::Pending,
+        reason: None,
+        payment_id: None,
+        lines: vec![],
+        total_cents: 0,
+        phase: Phase::Reserving,
+        shards: shards.into_iter().map(|(node, items)| ShardStep { node, items, state: ShardState::Pending }).collect(),
+        attempts: 0,
+        retry_scheduled: false,
+        last_wait: None,
+        history: vec![HistoryEntry { at_ms: now_ms, event: "created".into() }],
+        created_ms: now_ms,
+    }
+}
+
+fn note(o: &mut OrderRecord, now_ms: u64, event: impl Into<String>) {
+    o.history.push(HistoryEntry { at_ms: now_ms, event: event.into() });
+}
+
+fn outstanding(o: &OrderRecord) -> Vec<Command> {
+    match o.phase {
+        Phase::Reserving => o
+            .shards
+            .iter()
+            .filter(|s| s.state == ShardState::Pending)
+            .map(|s| Command::Reserve { node: s.node.clone(), items: s.items.clone() })
+            .collect(),
+        Phase::Charging => vec![Command::Charge { amount_cents: o.total_cents, token: o.payment_token.clone() }],
+        Phase::Done => vec![],
+    }
+}
+
+fn finish(o: &mut OrderRecord, now_ms: u64, status: OrderStatus, reason: Option<&str>) -> Vec<Command> {
+    o.status = status;
+    o.reason = reason.map(str::to_string);
+    o.phase = Phase::Done;
+    note(o, now_ms, match reason {
+        Some(r) => format!("cancelled: {r}"),
+        None => "confirmed".to_string(),
+    });
+    vec![Command::Finish]
+}
+
+fn transient(o: &mut OrderRecord, now_ms: u64, why: String, jitter: f64) -> Vec<Command> {
+    o.attempts = o.attempts.saturating_add(1);
+    if o.last_wait.as_deref() != Some(why.as_str()) {
+        note(o, now_ms, format!("waiting: {why}"));
+        o.last_wait = Some(why);
+    }
+    if o.retry_scheduled {
+        return vec![];
+    }
+    o.retry_scheduled = true;
+    vec![Command::RetryIn(backoff_ms(o.attempts - 1, RETRY_BASE_MS, RETRY_CAP_MS, jitter))]
+}
+
+/// Advances the saga by one event. `jitter` in [0.5, 1] scales retry delays.
+pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<Command> {
+    if o.phase == Phase::Done {
+        return vec![];
+    }
+    match event {
+        Event::Start | Event::Resume => outstanding(o),
+        Event::RetryDue => {
+            o.retry_scheduled = false;
+            outstanding(o)
+        }
+        Event::Reserve { node, outcome } => {
+            if o.phase != Phase::Reserving {
+                return vec![];
+            }
+            let Some(i) = o.shards.iter().position(|s| s.node == node && s.state == ShardState::Pending) else {
+                return vec![];
+            };
+            match outcome {
+                ReserveOutcome::Reserved(lines) => {
+                    o.shards[i].state = ShardState::Reserved(lines);
+                    if o.shards.iter().all(|s| s.state != ShardState::Pending) {
+                        o.lines = o
+                            .shards
+                            .iter()
+                            .flat_map(|s| match &s.state {
+                                ShardState::Reserved(l) => l.clone(),
+                                ShardState::Pending => vec![],
+                            })
+                            .collect();
+                        o.total_cents = o.lines.iter().map(|l| l.quantity.saturating_mul(l.unit_price_cents)).sum();
+                        o.phase = Phase::Charging;
+                        o.attempts = 0;
+                        o.last_wait = None;
+                        note(o, now_ms, format!("reserved: {} line(s), total {} cents", o.lines.len(), o.total_cents));
+                        return outstanding(o);
+                    }
+                    vec![]
+                }
+                ReserveOutcome::OutOfStock { sku } => {
+                    note(o, now_ms, format!("out of stock: {sku}"));
+                    finish(o, now_ms, OrderStatus::Cancelled, Some("out_of_stock"))
+                }
+                ReserveOutcome::AlreadyReleased => finish(o, now_ms, OrderStatus::Cancelled, Some("reservation_expired")),
+                ReserveOutcome::Unavailable(why) => transient(o, now_ms, format!("inventory on {node}: {why}"), jitter),
+            }
+        }
+        Event::Charge(outcome) => {
+            if o.phase != Phase::Charging {
+                return vec![];
+            }
+            match outcome {
+                ChargeOutcome::Charged { payment_id } => {
+                    note(o, now_ms, format!("charged: {payment_id}"));
+                    o.payment_id = Some(payment_id);
+                    finish(o, now_ms, OrderStatus::Confirmed, None)
+                }
+                ChargeOutcome::Declined { reason } => {
+                    note(o, now_ms, format!("payment declined: {reason}"));
+                    finish(o, now_ms, OrderStatus::Cancelled, Some("payment_declined"))
+                }
+                ChargeOutcome::Unavailable(why) => transient(o, now_ms, format!("payments: {why}"), jitter),
+            }
+        }
+    }
+}
+
+/// The outbox entries a finished order produces (written in the same batch as its final state).
+pub fn outbox(o: &OrderRecord) -> Vec<(Dest, OutboxEvent)> {
+    let inventory = |e: OutboxEvent| o.shards.iter().map(move |s| (Dest::Inventory { node: s.node.clone() }, e.clone()));
+    match o.status {
+        OrderStatus::Confirmed => {
+            let ev = OrderConfirmed {
+                // One confirmation per order, so its id is the order's: a second Finish could not
+                // produce a second distinct event.
+                event_id: o.id,
+                order_id: o.id,
+                customer_id: o.customer_id.clone(),
+                lines: o.lines.clone(),
+                total_cents: o.total_cents,
+                payment_id: o.payment_id.clone().unwrap_or_default(),
+            };
+            let mut out: Vec<_> = inventory(OutboxEvent::CommitReservation { order_id: o.id }).collect();
+            out.push((Dest::Shipping, OutboxEvent::Confirmed(ev.clone())));
+            out.push((Dest::Notifications, OutboxEvent::Confirmed(ev)));
+            out
+        }
+        // Release on every shard, even one that never answered: its reservation may have landed.
+        OrderStatus::Cancelled => inventory(OutboxEvent::ReleaseReservation { order_id: o.id }).collect(),
+        OrderStatus::Pending => vec![],
+    }
+}
+
+impl OrderRecord {
+    pub fn view(&self) -> OrderView {
+        OrderView {
+            order_id: self.id,
+            customer_id: self.customer_id.clone(),
+            items: self.items.clone(),
+            lines: self.lines.clone(),
+            total_cents: self.total_cents,
+            status: self.status,
+            reason: self.reason.clone(),
+            payment_id: self.payment_id.clone(),
+            history: self.history.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line(sku: &str, q: u64, p: u64) -> PricedLine {
+        PricedLine { sku: sku.into(), quantity: q, unit_price_cents: p }
+    }
+    fn item(sku: &str, q: u64) -> Item {
+        Item { sku: sku.into(), quantity: q }
+    }
+    fn two_shard_order() -> OrderRecord {
+        new_order(
+            Uuid::from_u128(7),
+            "c1".into(),
+            vec![item("a", 1), item("b", 2)],
+            "tok_ok".into(),
+            vec![("n1".into(), vec![item("a", 1)]), ("n2".into(), vec![item("b", 2)])],
+            0,
+        )
+    }
+    fn reserved(node: &str, l: PricedLine) -> Event {
+        Event::Reserve { node: node.into(), outcome: ReserveOutcome::Reserved(vec![l]) }
+    }
+
+    #[test]
+    fn happy_path_reserves_everywhere_then_charges_then_confirms() {
+        let mut o = two_shard_order();
+        let c = step(&mut o, Event::Start, 1, 1.0);
+        assert_eq!(c.len(), 2);
+        assert!(step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0).is_empty());
+        let c = step(&mut o, reserved("n2", line("b", 2, 50)), 3, 1.0);
+        assert_eq!(c, vec![Command::Charge { amount_cents: 200, token: "tok_ok".into() }]);
+        let c = step(&mut o, Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() }), 4, 1.0);
+        assert_eq!(c, vec![Command::Finish]);
+        assert_eq!((o.status, o.payment_id.as_deref()), (OrderStatus::Confirmed, Some("p")));
+        let ob = outbox(&o);
+        assert_eq!(ob.len(), 4);
+        assert!(ob.iter().any(|(d, _)| *d == Dest::Shipping));
+        // Nothing moves a finished order.
+        assert!(step(&mut o, Event::Charge(ChargeOutcome::Declined { reason: "x".into() }), 5, 1.0).is_empty());
+        assert_eq!(o.status, OrderStatus::Confirmed);
+    }
+
+    #[test]
+    fn out_of_stock_cancels_and_releases_every_shard() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
+        let c = step(&mut o, Event::Reserve { node: "n2".into(), outcome: ReserveOutcome::OutOfStock { sku: "b".into() } }, 3, 1.0);
+        assert_eq!(c, vec![Command::Finish]);
+        assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some("out_of_stock")));
+        let ob = outbox(&o);
+        assert_eq!(ob.len(), 2);
+        assert!(ob.iter().all(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })));
+    }
+
+    #[test]
+    fn declined_cancels_and_releases() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        step(&mut o, reserved("n1", line("a", 1, 1)), 2, 1.0);
+        step(&mut o, reserved("n2", line("b", 2, 1)), 2, 1.0);
+        step(&mut o, Event::Charge(ChargeOutcome::Declined { reason: "card declined".into() }), 3, 1.0);
+        assert_eq!(o.reason.as_deref(), Some("payment_declined"));
+        assert!(outbox(&o).iter().all(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })));
+    }
+
+    #[test]
+    fn unreachable_stays_pending_with_one_backoff_at_a_time() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        let down = |n: &str| Event::Reserve { node: n.into(), outcome: ReserveOutcome::Unavailable("timed out".into()) };
+        assert_eq!(step(&mut o, down("n1"), 2, 1.0), vec![Command::RetryIn(100)]);
+        assert_eq!(step(&mut o, down("n2"), 2, 1.0), vec![]);
+        assert_eq!(o.status, OrderStatus::Pending);
+        // The retry re-issues only what is still outstanding.
+        step(&mut o, reserved("n2", line("b", 2, 1)), 3, 1.0);
+        assert_eq!(step(&mut o, Event::RetryDue, 4, 1.0), vec![Command::Reserve { node: "n1".into(), items: vec![item("a", 1)] }]);
+        assert_eq!(step(&mut o, down("n1"), 5, 1.0), vec![Command::RetryIn(400)]);
+    }
+
+    #[test]
+    fn resume_reissues_the_current_step() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        step(&mut o, reserved("n1", line("a", 1, 1)), 2, 1.0);
+        step(&mut o, reserved("n2", line("b", 2, 1)), 2, 1.0);
+        assert_eq!(step(&mut o.clone(), Event::Resume, 3, 1.0), vec![Command::Charge { amount_cents: 3, token: "tok_ok".into() }]);
+    }
+
+    fn any_event() -> impl Strategy<Value = Event> {
+        let node = prop_oneof![Just("n1".to_string()), Just("n2".to_string())];
+        prop_oneof![
+            Just(Event::RetryDue),
+            Just(Event::Resume),
+            node.clone().prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Reserved(vec![line("x", 1, 10)]) }),
+            node.clone().prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Unavailable("down".into()) }),
+            node.prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::OutOfStock { sku: "x".into() } }),
+            Just(Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() })),
+            Just(Event::Charge(ChargeOutcome::Declined { reason: "d".into() })),
+            Just(Event::Charge(ChargeOutcome::Unavailable("down".into()))),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of (possibly stale, duplicated, reordered) events: Finish at most once, a
+        /// charge only after every shard reserved, confirmed only with a payment, and a terminal
+        /// order never changes again.
+        #[test]
+        fn saga_is_safe_under_any_event_order(events in proptest::collection::vec(any_event(), 0..60)) {
+            let mut o = two_shard_order();
+            step(&mut o, Event::Start, 0, 1.0);
+            let mut finishes = 0;
+            let mut terminal: Option<OrderStatus> = None;
+            for (t, ev) in events.into_iter().enumerate() {
+                let cmds = step(&mut o, ev, t as u64, 0.75);
+                for c in &cmds {
+                    match c {
+                        Command::Finish => finishes += 1,
+                        Command::Charge { .. } => prop_assert!(o.shards.iter().all(|s| s.state != ShardState::Pending)),
+                        Command::RetryIn(ms) => prop_assert!(*ms <= RETRY_CAP_MS),
+                        Command::Reserve { .. } => prop_assert_eq!(o.phase, Phase::Reserving),
+                    }
+                }
+                if let Some(s) = terminal { prop_assert_eq!(o.status, s); }
+                if o.status != OrderStatus::Pending { terminal = Some(o.status); }
+            }
+            prop_assert!(finishes <= 1);
+            prop_assert_eq!(finishes == 1, o.phase == Phase::Done);
+            if o.status == OrderStatus::Confirmed {
+                prop_assert!(o.payment_id.is_some());
+                prop_assert_eq!(o.total_cents, 20);
+            }
+        }
+    }
+}

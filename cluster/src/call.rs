@@ -1,0 +1,71 @@
+//! The one call path for cross-node requests: resolve a member, send with a timeout, decode.
+//!
+//! There is no untimed call anywhere: a paused peer would otherwise hang the caller forever
+//! (ractor_cluster keeps queueing into a session nobody reads). The error says which of the three
+//! things went wrong, because callers treat them differently: `Unreachable` and `TimedOut` are
+//! retried (the saga's backoff), `Rejected` is an answer.
+
+use std::time::Duration;
+
+use bulkhead_storage::{decode, Record};
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Capability;
+use crate::wire::{open, seal, WireMsg, WireReply};
+
+/// Why a cross-node call did not produce an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CallError {
+    /// No live member to send to, or the link/member went away before answering.
+    #[error("{capability} on {node} is unreachable: {reason}")]
+    Unreachable { capability: Capability, node: String, reason: String },
+    /// Sent, but no answer within the timeout (the request may or may not have been applied).
+    #[error("{capability} on {node} did not answer within {timeout_ms} ms")]
+    TimedOut { capability: Capability, node: String, timeout_ms: u64 },
+    /// The member answered that it will not handle the request.
+    #[error("{capability} on {node} rejected the request: {reason}")]
+    Rejected { capability: Capability, node: String, reason: String },
+}
+
+impl CallError {
+    /// Worth retrying later (as opposed to a definite answer).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CallError::Unreachable { .. } | CallError::TimedOut { .. } => true,
+            // A rejection for "not ready" (worker restarting) is transient too.
+            CallError::Rejected { reason, .. } => reason.starts_with("unavailable"),
+        }
+    }
+}
+
+/// Sends `req` to `actor` (the gateway of `capability` on `node`) and waits at most `timeout`.
+pub async fn call<Req: Record, Resp: Record>(
+    actor: &ActorRef<WireMsg>,
+    capability: Capability,
+    node: &str,
+    req: &Req,
+    traceparent: &str,
+    timeout: Duration,
+) -> Result<Resp, CallError> {
+    let bytes = seal(req, traceparent);
+    let unreachable = |reason: String| CallError::Unreachable { capability, node: node.to_string(), reason };
+    let rejected = |reason: String| CallError::Rejected { capability, node: node.to_string(), reason };
+    match actor.call(|port| WireMsg::Ask(bytes, port), Some(timeout)).await {
+        Ok(CallResult::Success(reply)) => match open::<WireReply>(&reply, "reply") {
+            Ok((_, WireReply::Ok(payload))) => {
+                decode::<Resp>(&payload).map_err(|e| rejected(format!("undecodable reply: {e}")))
+            }
+            Ok((_, WireReply::Rejected(reason))) => Err(rejected(reason)),
+            Err(e) => Err(rejected(format!("undecodable reply envelope: {e}"))),
+        },
+        Ok(CallResult::Timeout) => Err(CallError::TimedOut {
+            capability,
+            node: node.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        }),
+        Ok(CallResult::SenderError) => Err(unreachable("the member or its link went away before answering".into())),
+        Err(e) => Err(unreachable(format!("could not send: {e}"))),
+    }
+}

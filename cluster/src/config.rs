@@ -1,0 +1,335 @@
+//! Node configuration (TOML) and the static shard map every node must agree on.
+//!
+//! A node hosts capability X exactly when its name is listed in `[capabilities.X] nodes`, so the
+//! hosted set and the shard map cannot disagree with each other. Which member owns a key is a pure
+//! function of the map ([`ShardMap::node_for`]); the map's [`ShardMap::fingerprint`] travels in every
+//! heartbeat, and a peer whose fingerprint differs is refused.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The five business capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    Orders,
+    Inventory,
+    Payments,
+    Shipping,
+    Notifications,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 5] = [
+        Capability::Orders,
+        Capability::Inventory,
+        Capability::Payments,
+        Capability::Shipping,
+        Capability::Notifications,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Orders => "orders",
+            Capability::Inventory => "inventory",
+            Capability::Payments => "payments",
+            Capability::Shipping => "shipping",
+            Capability::Notifications => "notifications",
+        }
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Capability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Capability::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown capability `{s}` (known: orders, inventory, payments, shipping, notifications)"))
+    }
+}
+
+/// `[capabilities.X]`: the nodes hosting X, in shard order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityPlacement {
+    pub nodes: Vec<String>,
+}
+
+/// Capability -> the ordered list of nodes hosting it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ShardMap(pub BTreeMap<Capability, CapabilityPlacement>);
+
+/// FNV-1a, 64 bit: stable across builds and platforms (std's hasher is not promised to be).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl ShardMap {
+    pub fn nodes(&self, cap: Capability) -> &[String] {
+        self.0.get(&cap).map(|p| p.nodes.as_slice()).unwrap_or(&[])
+    }
+
+    /// The member that owns `key` for `cap`: the key hashed over the capability's node list.
+    pub fn node_for(&self, cap: Capability, key: &[u8]) -> Option<&str> {
+        let nodes = self.nodes(cap);
+        if nodes.is_empty() {
+            return None;
+        }
+        Some(&nodes[(stable_hash(key) % nodes.len() as u64) as usize])
+    }
+
+    /// The capabilities `node` hosts.
+    pub fn hosted_by(&self, node: &str) -> Vec<Capability> {
+        self.0
+            .iter()
+            .filter(|(_, p)| p.nodes.iter().any(|n| n == node))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// Every node named anywhere in the map.
+    pub fn all_nodes(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.0.values().flat_map(|p| p.nodes.iter().cloned()).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// A digest of the whole map; equal maps give equal fingerprints on every node.
+    pub fn fingerprint(&self) -> u64 {
+        let mut canon = String::new();
+        for (cap, p) in &self.0 {
+            canon.push_str(cap.as_str());
+            canon.push('=');
+            canon.push_str(&p.nodes.join(","));
+            canon.push(';');
+        }
+        stable_hash(canon.as_bytes())
+    }
+
+    /// The position of `node` in the orders list: what an order id carries to name its home.
+    pub fn orders_index(&self, node: &str) -> Option<u8> {
+        self.nodes(Capability::Orders).iter().position(|n| n == node).map(|i| i as u8)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (cap, p) in &self.0 {
+            if p.nodes.is_empty() {
+                return Err(format!("[capabilities.{cap}] nodes is empty: list at least one node"));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for n in &p.nodes {
+                if !seen.insert(n) {
+                    return Err(format!("[capabilities.{cap}] lists node `{n}` twice"));
+                }
+            }
+            if *cap == Capability::Orders && p.nodes.len() > 255 {
+                return Err("[capabilities.orders] may list at most 255 nodes".into());
+            }
+        }
+        for cap in Capability::ALL {
+            if !self.0.contains_key(&cap) {
+                return Err(format!("[capabilities.{cap}] is missing: every capability needs at least one node"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Timing knobs; the defaults suit a LAN of a few bare-metal nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timing {
+    /// Interval between heartbeats to every peer.
+    pub heartbeat_ms: u64,
+    /// Silence after which a peer is `suspect` (still used, but flagged).
+    pub suspect_after_ms: u64,
+    /// Silence after which a peer is `down`: its session is closed and calls to it fail fast.
+    pub down_after_ms: u64,
+    /// Timeout of one cross-node call.
+    pub call_timeout_ms: u64,
+    /// How long `POST /v1/orders` waits for the saga before answering 202 pending.
+    pub wait_budget_ms: u64,
+    /// Inventory reservation time-to-live.
+    pub reservation_ttl_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            suspect_after_ms: 400,
+            down_after_ms: 1_000,
+            call_timeout_ms: 2_000,
+            wait_budget_ms: 2_000,
+            reservation_ttl_ms: 15 * 60 * 1000,
+        }
+    }
+}
+
+/// One node's configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name; unique in the cluster; the shard map refers to nodes by it.
+    pub name: String,
+    /// Address the cluster listener binds, e.g. `0.0.0.0:7101`.
+    pub cluster_listen: SocketAddr,
+    /// `host:port` peers dial to reach this node (defaults to `cluster_listen`).
+    #[serde(default)]
+    pub cluster_advertise: Option<String>,
+    /// `host:port` of other nodes to dial at start; the rest of the mesh is learned from them.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Shared secret of the cluster handshake. Give this or `cookie_file`.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    #[serde(default)]
+    pub cookie_file: Option<PathBuf>,
+    /// Where this node's stores live: `<data_dir>/<capability>/`.
+    pub data_dir: PathBuf,
+    /// Address the HTTP API binds.
+    pub http_listen: SocketAddr,
+    /// Address clients should use for this node's API (defaults to `http_listen`).
+    #[serde(default)]
+    pub http_advertise: Option<String>,
+    /// `fsync` (default) or `flush`.
+    #[serde(default)]
+    pub durability: bulkhead_storage::Durability,
+    /// Enables `POST /admin/panic/{capability}`; never on in production.
+    #[serde(default)]
+    pub fault_injection: bool,
+    #[serde(default)]
+    pub timing: Timing,
+    /// The shard map: `[capabilities.inventory] nodes = ["n1", "n2"]`.
+    pub capabilities: ShardMap,
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file; errors say which file and what is wrong.
+    pub fn load(path: &Path) -> Result<NodeConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+        if let Some(file) = &cfg.cookie_file {
+            let file = if file.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file) } else { file.clone() };
+            let cookie = std::fs::read_to_string(&file).map_err(|e| format!("cannot read cookie_file {}: {e}", file.display()))?;
+            cfg.cookie = Some(cookie.trim().to_string());
+        }
+        cfg.validate().map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(format!("name `{}` must be non-empty ASCII letters, digits, - or _", self.name));
+        }
+        match &self.cookie {
+            Some(c) if !c.is_empty() => {}
+            _ => return Err("give a non-empty `cookie` or a `cookie_file`".into()),
+        }
+        self.capabilities.validate()?;
+        let t = &self.timing;
+        if t.heartbeat_ms == 0 || t.suspect_after_ms <= t.heartbeat_ms || t.down_after_ms <= t.suspect_after_ms {
+            return Err("timing: need 0 < heartbeat_ms < suspect_after_ms < down_after_ms".into());
+        }
+        if t.call_timeout_ms == 0 || t.wait_budget_ms == 0 || t.reservation_ttl_ms == 0 {
+            return Err("timing: call_timeout_ms, wait_budget_ms and reservation_ttl_ms must be > 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn cookie(&self) -> &str {
+        self.cookie.as_deref().unwrap_or_default()
+    }
+
+    pub fn advertised_cluster_addr(&self) -> String {
+        self.cluster_advertise.clone().unwrap_or_else(|| self.cluster_listen.to_string())
+    }
+
+    pub fn advertised_http_addr(&self) -> String {
+        self.http_advertise.clone().unwrap_or_else(|| self.http_listen.to_string())
+    }
+
+    pub fn hosted(&self) -> Vec<Capability> {
+        self.capabilities.hosted_by(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+name = "n1"
+cluster_listen = "127.0.0.1:7101"
+seeds = ["127.0.0.1:7102"]
+cookie = "secret"
+data_dir = "/tmp/x"
+http_listen = "127.0.0.1:8080"
+
+[capabilities.orders]
+nodes = ["n1"]
+[capabilities.inventory]
+nodes = ["n1", "n2"]
+[capabilities.payments]
+nodes = ["n2"]
+[capabilities.shipping]
+nodes = ["n3"]
+[capabilities.notifications]
+nodes = ["n3"]
+"#;
+
+    #[test]
+    fn parses_and_derives_hosted_capabilities() {
+        let cfg: NodeConfig = toml::from_str(SAMPLE).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.hosted(), vec![Capability::Orders, Capability::Inventory]);
+        assert_eq!(cfg.capabilities.all_nodes(), vec!["n1", "n2", "n3"]);
+        assert_eq!(cfg.capabilities.orders_index("n1"), Some(0));
+    }
+
+    #[test]
+    fn fingerprint_sees_any_difference() {
+        let a: NodeConfig = toml::from_str(SAMPLE).unwrap();
+        let b: NodeConfig = toml::from_str(&SAMPLE.replace(r#"nodes = ["n1", "n2"]"#, r#"nodes = ["n2", "n1"]"#)).unwrap();
+        assert_eq!(a.capabilities.fingerprint(), a.clone().capabilities.fingerprint());
+        assert_ne!(a.capabilities.fingerprint(), b.capabilities.fingerprint());
+    }
+
+    #[test]
+    fn node_for_is_stable_and_spreads() {
+        let cfg: NodeConfig = toml::from_str(SAMPLE).unwrap();
+        let m = &cfg.capabilities;
+        let on_n1 = (0..100).filter(|i| m.node_for(Capability::Inventory, format!("sku-{i}").as_bytes()) == Some("n1")).count();
+        assert!((25..75).contains(&on_n1), "{on_n1}");
+        assert_eq!(m.node_for(Capability::Inventory, b"sku-1"), m.node_for(Capability::Inventory, b"sku-1"));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let e = toml::from_str::<NodeConfig>(&SAMPLE.replace("[capabilities.payments]", "[capabilities.paymnts]")).unwrap_err();
+        assert!(e.to_string().contains("paymnts"), "{e}");
+        let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"cookie = "secret""#, "")).unwrap();
+        assert!(cfg.validate().unwrap_err().contains("cookie"));
+        let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"nodes = ["n2"]"#, "nodes = []")).unwrap();
+        assert!(cfg.validate().unwrap_err().contains("payments"));
+    }
+}

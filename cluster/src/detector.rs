@@ -1,0 +1,167 @@
+//! The failure detector: a pure state machine over heartbeat arrival times.
+//!
+//! Deadline-based rather than phi-accrual: a node on a quiet LAN either answers within a few
+//! heartbeat intervals or is hung, paused or cut off, and a fixed deadline gives operators a bound
+//! they can state ("down within 1 s"). Inputs are heartbeats, session events and `tick(now)`; outputs
+//! are status transitions. Time is milliseconds on any monotonic clock the caller chooses.
+//!
+//! - heartbeat from a peer ⇒ `Up` (from any state: a returning node rejoins);
+//! - silent longer than `suspect_after` ⇒ `Suspect` (still routed to, flagged);
+//! - silent longer than `down_after` ⇒ `Down` (the shell then closes its session);
+//! - the session closed (socket EOF: a killed process) ⇒ `Down` at once.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Up,
+    Suspect,
+    Down,
+}
+
+/// A change of a peer's status the shell must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub node: String,
+    pub from: Option<Status>,
+    pub to: Status,
+    pub silent_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    last_heard: u64,
+    status: Status,
+}
+
+#[derive(Debug, Clone)]
+pub struct Detector {
+    suspect_after: u64,
+    down_after: u64,
+    peers: BTreeMap<String, Peer>,
+}
+
+impl Detector {
+    pub fn new(suspect_after_ms: u64, down_after_ms: u64) -> Self {
+        Self { suspect_after: suspect_after_ms, down_after: down_after_ms, peers: BTreeMap::new() }
+    }
+
+    /// A heartbeat from `node` arrived at `now`.
+    pub fn heartbeat(&mut self, node: &str, now: u64) -> Option<Transition> {
+        match self.peers.get_mut(node) {
+            Some(p) => {
+                let silent = now.saturating_sub(p.last_heard);
+                p.last_heard = p.last_heard.max(now);
+                if p.status != Status::Up {
+                    let from = p.status;
+                    p.status = Status::Up;
+                    return Some(Transition { node: node.to_string(), from: Some(from), to: Status::Up, silent_ms: silent });
+                }
+                None
+            }
+            None => {
+                self.peers.insert(node.to_string(), Peer { last_heard: now, status: Status::Up });
+                Some(Transition { node: node.to_string(), from: None, to: Status::Up, silent_ms: 0 })
+            }
+        }
+    }
+
+    /// The link to `node` closed (EOF, reset, or we closed it).
+    pub fn session_lost(&mut self, node: &str, now: u64) -> Option<Transition> {
+        let p = self.peers.get_mut(node)?;
+        if p.status == Status::Down {
+            return None;
+        }
+        let from = p.status;
+        p.status = Status::Down;
+        Some(Transition { node: node.to_string(), from: Some(from), to: Status::Down, silent_ms: now.saturating_sub(p.last_heard) })
+    }
+
+    /// Advances time; returns every peer whose status changed.
+    pub fn tick(&mut self, now: u64) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for (name, p) in self.peers.iter_mut() {
+            let silent = now.saturating_sub(p.last_heard);
+            let want = if silent >= self.down_after {
+                Status::Down
+            } else if silent >= self.suspect_after {
+                Status::Suspect
+            } else {
+                Status::Up
+            };
+            // Only time can make things worse; getting better needs a heartbeat.
+            let worse = matches!((p.status, want), (Status::Up, Status::Suspect | Status::Down) | (Status::Suspect, Status::Down));
+            if worse {
+                out.push(Transition { node: name.clone(), from: Some(p.status), to: want, silent_ms: silent });
+                p.status = want;
+            }
+        }
+        out
+    }
+
+    pub fn status(&self, node: &str) -> Option<Status> {
+        self.peers.get(node).map(|p| p.status)
+    }
+
+    pub fn last_heard(&self, node: &str) -> Option<u64> {
+        self.peers.get(node).map(|p| p.last_heard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn silence_goes_suspect_then_down_and_a_heartbeat_brings_it_back() {
+        let mut d = Detector::new(400, 1000);
+        assert_eq!(d.heartbeat("n2", 0).unwrap().to, Status::Up);
+        assert!(d.tick(399).is_empty());
+        assert_eq!(d.tick(400)[0].to, Status::Suspect);
+        assert!(d.tick(999).is_empty());
+        let t = d.tick(1000);
+        assert_eq!((t[0].from, t[0].to, t[0].silent_ms), (Some(Status::Suspect), Status::Down, 1000));
+        assert!(d.tick(5000).is_empty());
+        assert_eq!(d.heartbeat("n2", 5001).unwrap().to, Status::Up);
+    }
+
+    #[test]
+    fn a_lost_session_is_down_at_once() {
+        let mut d = Detector::new(400, 1000);
+        d.heartbeat("n2", 0);
+        let t = d.session_lost("n2", 10).unwrap();
+        assert_eq!(t.to, Status::Down);
+        assert_eq!(d.session_lost("n2", 11), None);
+        assert_eq!(d.session_lost("never-seen", 11), None);
+    }
+
+    proptest! {
+        /// Heartbeats never more than `suspect_after` apart ⇒ never suspect, never down.
+        #[test]
+        fn regular_heartbeats_never_go_down(gaps in proptest::collection::vec(1u64..399, 1..200)) {
+            let mut d = Detector::new(400, 1000);
+            let mut now = 0;
+            d.heartbeat("n", now);
+            for g in gaps {
+                for step in 1..=g { prop_assert!(d.tick(now + step).is_empty()); }
+                now += g;
+                prop_assert_eq!(d.heartbeat("n", now), None);
+            }
+        }
+
+        /// Whatever the gaps, a node silent past `down_after` is reported down exactly once.
+        #[test]
+        fn silence_is_always_detected(silence in 1000u64..10_000) {
+            let mut d = Detector::new(400, 1000);
+            d.heartbeat("n", 0);
+            let downs: usize = (0..=silence).step_by(50).map(|t| d.tick(t).iter().filter(|x| x.to == Status::Down).count()).sum();
+            let final_downs = d.tick(silence).iter().filter(|x| x.to == Status::Down).count();
+            prop_assert_eq!(downs + final_downs, 1);
+            prop_assert_eq!(d.status("n"), Some(Status::Down));
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The gateway: the one remotable actor of a capability on a node.
+//!
+//! It joins the process group `bulkhead/<capability>/<node>`, opens each envelope, decodes the
+//! capability's request and hands it to the capability's local worker (found by its registered
+//! name on every request, so a restarted worker is picked up at once). The worker's answer is sealed
+//! back into the caller's reply port. Only this actor's message type crosses nodes; workers keep
+//! local-only message types, so no stub of them is created on peers.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use bulkhead_storage::{encode, Record};
+use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
+
+use crate::config::Capability;
+use crate::wire::{child_traceparent, open, seal, WireMsg, WireReply};
+
+/// The process group of `capability`'s gateway on `node`.
+pub fn group_name(capability: Capability, node: &str) -> String {
+    format!("bulkhead/{capability}/{node}")
+}
+
+/// The registered name of `capability`'s worker in this process.
+pub fn worker_name(capability: Capability) -> String {
+    format!("bulkhead.{capability}.worker")
+}
+
+/// A request delivered to a worker: the decoded request, the caller's trace, and where to answer.
+pub struct Inbound<Req, Resp> {
+    pub req: Req,
+    pub traceparent: String,
+    pub reply: RpcReplyPort<Resp>,
+}
+
+/// A gateway for requests `Req` answered with `Resp` by a worker accepting `M`.
+pub struct Gateway<Req, Resp, M> {
+    _types: PhantomData<fn() -> (Req, Resp, M)>,
+}
+
+impl<Req, Resp, M> Default for Gateway<Req, Resp, M> {
+    fn default() -> Self {
+        Self { _types: PhantomData }
+    }
+}
+
+pub struct GatewayArgs<Req, Resp, M> {
+    pub capability: Capability,
+    pub node: String,
+    /// How a decoded request becomes the worker's message.
+    pub wrap: fn(Inbound<Req, Resp>) -> M,
+    /// Longest a worker may take before the caller is told so (callers time out sooner anyway).
+    pub worker_timeout: Duration,
+}
+
+pub struct GatewayState<Req, Resp, M> {
+    args: GatewayArgs<Req, Resp, M>,
+}
+
+fn reject(port: RpcReplyPort<Vec<u8>>, traceparent: &str, reason: String) {
+    let _ = port.send(seal(&WireReply::Rejected(reason), traceparent));
+}
+
+impl<Req, Resp, M> Actor for Gateway<Req, Resp, M>
+where
+    Req: Record + Send + 'static,
+    Resp: Record + Send + 'static,
+    M: Message,
+{
+    type Msg = WireMsg;
+    type State = GatewayState<Req, Resp, M>;
+    type Arguments = GatewayArgs<Req, Resp, M>;
+
+    async fn pre_start(&self, myself: ActorRef<WireMsg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        ractor::pg::join(group_name(args.capability, &args.node), vec![myself.get_cell()]);
+        Ok(GatewayState { args })
+    }
+
+    async fn handle(&self, _myself: ActorRef<WireMsg>, msg: WireMsg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let cap = state.args.capability;
+        match msg {
+            WireMsg::Tell(bytes) => {
+                tracing::warn!(capability = %cap, len = bytes.len(), "one-way message to a request gateway ignored");
+            }
+            WireMsg::Ask(bytes, port) => {
+                let (env, req) = match open::<Req>(&bytes, cap.as_str()) {
+                    Ok(x) => x,
+                    Err(e) => return Ok(reject(port, "", format!("undecodable request: {e}"))),
+                };
+                let tp = child_traceparent(&env.traceparent);
+                let Some(worker) = ActorRef::<M>::where_is(worker_name(cap)) else {
+                    return Ok(reject(port, &tp, format!("unavailable: the {cap} worker is restarting")));
+                };
+                let (tx, rx) = ractor::concurrency::oneshot();
+                let inbound = Inbound { req, traceparent: tp.clone(), reply: tx.into() };
+                if worker.cast((state.args.wrap)(inbound)).is_err() {
+                    return Ok(reject(port, &tp, format!("unavailable: the {cap} worker is stopping")));
+                }
+                let timeout = state.args.worker_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, rx).await {
+                        Ok(Ok(resp)) => {
+                            let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));
+                        }
+                        Ok(Err(_)) => reject(port, &tp, format!("unavailable: the {cap} worker stopped before answering")),
+                        Err(_) => reject(port, &tp, format!("unavailable: the {cap} worker did not answer")),
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! Membership: heartbeats between all nodes, the failure detector, and the cluster view.
+//!
+//! Every node runs one `Membership` actor in the process group `bulkhead/membership`. Each tick it
+//! sends a [`Heartbeat`] to every remote member, feeds what arrives into the pure [`Detector`], and
+//! acts on its transitions: a node going `down` has its session force-closed, so calls to it fail
+//! fast instead of queueing into a dead link (ractor_cluster has no deadline of its own). Heartbeats
+//! also carry each node's addresses, pid, capabilities and health, which is what `GET /v1/cluster`
+//! shows, and the shard-map fingerprint: a peer whose map differs is refused (never routed to).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use bulkhead_storage::Record;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::RactorClusterMessage;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Capability;
+use crate::detector::{Detector, Status, Transition};
+use crate::node::Cluster;
+use crate::wire::{new_traceparent, open, seal};
+
+pub const MEMBERSHIP_GROUP: &str = "bulkhead/membership";
+
+/// Membership's message type; remotable because peers send heartbeats to it.
+#[derive(RactorClusterMessage)]
+pub enum MembershipMsg {
+    /// An encoded envelope holding a [`Heartbeat`].
+    Heartbeat(Vec<u8>),
+    /// Time to look again (sent by the local timer and by session events; the value is unused).
+    Tick(u64),
+}
+
+/// What each node tells every other node, every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub name: String,
+    pub cluster_addr: String,
+    pub http_addr: String,
+    pub pid: u32,
+    /// Start time of the process (ms since epoch): tells a restarted node from a returning one.
+    pub incarnation: u64,
+    pub seq: u64,
+    pub capabilities: Vec<Capability>,
+    /// Capabilities that are hosted here but not ready (starting, or escalated after a crash loop).
+    pub unhealthy: Vec<Capability>,
+    pub shard_fingerprint: u64,
+    /// Cluster addresses of the nodes this node is connected to: how the mesh spreads.
+    pub peers: Vec<String>,
+}
+
+impl Record for Heartbeat {
+    const VERSION: u8 = 1;
+}
+
+pub struct Membership;
+
+pub struct MembershipState {
+    cluster: Cluster,
+    detector: Detector,
+    seq: u64,
+    last_sent: u64,
+    last: BTreeMap<String, Heartbeat>,
+    refused: BTreeMap<String, String>,
+}
+
+impl Actor for Membership {
+    type Msg = MembershipMsg;
+    type State = MembershipState;
+    type Arguments = Cluster;
+
+    async fn pre_start(&self, myself: ActorRef<MembershipMsg>, cluster: Cluster) -> Result<MembershipState, ActorProcessingErr> {
+        ractor::pg::join(MEMBERSHIP_GROUP.to_string(), vec![myself.get_cell()]);
+        let t = cluster.config().timing.clone();
+        // Tick at least 4x per heartbeat so detection lags the deadline by little.
+        let every = std::time::Duration::from_millis((t.heartbeat_ms / 4).max(10));
+        myself.send_interval(every, || MembershipMsg::Tick(0));
+        let state = MembershipState {
+            detector: Detector::new(t.suspect_after_ms, t.down_after_ms),
+            cluster,
+            seq: 0,
+            last_sent: 0,
+            last: BTreeMap::new(),
+            refused: BTreeMap::new(),
+        };
+        state.publish();
+        Ok(state)
+    }
+
+    async fn handle(&self, _myself: ActorRef<MembershipMsg>, msg: MembershipMsg, state: &mut MembershipState) -> Result<(), ActorProcessingErr> {
+        let now = state.cluster.now_ms();
+        match msg {
+            MembershipMsg::Tick(_) => state.tick(now),
+            MembershipMsg::Heartbeat(bytes) => {
+                if let Ok((_, hb)) = open::<Heartbeat>(&bytes, "heartbeat") {
+                    state.on_heartbeat(hb, now);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MembershipState {
+    fn tick(&mut self, now: u64) {
+        let hb_ms = self.cluster.config().timing.heartbeat_ms;
+        if now.saturating_sub(self.last_sent) >= hb_ms {
+            self.last_sent = now;
+            self.send_heartbeats();
+        }
+        // A closed session is a definite answer: the peer is down now, not in a second.
+        let connected = self.cluster.connected_names();
+        let mut changes = Vec::new();
+        for (name, _) in self.last.iter() {
+            if !connected.contains(name) && self.detector.status(name) != Some(Status::Down) {
+                changes.extend(self.detector.session_lost(name, now));
+            }
+        }
+        changes.extend(self.detector.tick(now));
+        let changed = !changes.is_empty();
+        for t in changes {
+            self.apply(t);
+        }
+        if changed || self.seq % 10 == 0 {
+            self.publish();
+        }
+    }
+
+    fn send_heartbeats(&mut self) {
+        self.seq += 1;
+        let c = &self.cluster;
+        let cfg = c.config();
+        let hb = Heartbeat {
+            name: cfg.name.clone(),
+            cluster_addr: cfg.advertised_cluster_addr(),
+            http_addr: cfg.advertised_http_addr(),
+            pid: std::process::id(),
+            incarnation: c.incarnation(),
+            seq: self.seq,
+            capabilities: cfg.hosted(),
+            unhealthy: c.unhealthy_local(),
+            shard_fingerprint: cfg.capabilities.fingerprint(),
+            peers: c.connected_addrs(),
+        };
+        let bytes = seal(&hb, &new_traceparent());
+        for cell in ractor::pg::get_members(&MEMBERSHIP_GROUP.to_string()) {
+            if cell.get_id().is_local() {
+                continue;
+            }
+            let peer: ActorRef<MembershipMsg> = cell.into();
+            let _ = peer.cast(MembershipMsg::Heartbeat(bytes.clone()));
+        }
+    }
+
+    fn on_heartbeat(&mut self, hb: Heartbeat, now: u64) {
+        let cfg = self.cluster.config();
+        if hb.name == cfg.name {
+            return;
+        }
+        for addr in std::iter::once(&hb.cluster_addr).chain(hb.peers.iter()) {
+            self.cluster.learn_addr(addr);
+        }
+        let ours = cfg.capabilities.fingerprint();
+        if hb.shard_fingerprint != ours {
+            let reason = format!(
+                "refused: node {} has a different shard map (fingerprint {:016x}, ours {:016x}); every node must use the same [capabilities] tables",
+                hb.name, hb.shard_fingerprint, ours
+            );
+            if self.refused.insert(hb.name.clone(), reason.clone()).is_none() {
+                tracing::error!(node = %hb.name, "{reason}");
+                self.cluster.metrics().refused_peers.fetch_add(1, Ordering::Relaxed);
+            }
+            self.last.insert(hb.name.clone(), hb);
+            self.publish();
+            return;
+        }
+        if self.refused.remove(&hb.name).is_some() {
+            tracing::info!(node = %hb.name, "shard maps agree again");
+        }
+        if let Some(prev) = self.last.get(&hb.name) {
+            if prev.incarnation != hb.incarnation {
+                tracing::info!(node = %hb.name, pid = hb.pid, "peer restarted (new incarnation)");
+            }
+        }
+        let t = self.detector.heartbeat(&hb.name, now);
+        let health_changed = self.last.get(&hb.name).map(|p| p.unhealthy != hb.unhealthy || p.pid != hb.pid).unwrap_or(true);
+        self.last.insert(hb.name.clone(), hb);
+        if let Some(t) = t {
+            self.apply(t);
+        }
+        if health_changed {
+            self.publish();
+        }
+    }
+
+    fn apply(&mut self, t: Transition) {
+        match t.to {
+            Status::Up => tracing::info!(node = %t.node, from = ?t.from, silent_ms = t.silent_ms, "peer up"),
+            Status::Suspect => tracing::warn!(node = %t.node, silent_ms = t.silent_ms, "peer suspect"),
+            Status::Down => {
+                tracing::warn!(node = %t.node, silent_ms = t.silent_ms, "peer down; closing its session");
+                self.cluster.metrics().downs.fetch_add(1, Ordering::Relaxed);
+                self.cluster.close_session(&t.node);
+            }
+        }
+        self.publish();
+    }
+
+    /// Writes the current view where the HTTP layer and the call path read it.
+    fn publish(&self) {
+        let c = &self.cluster;
+        let cfg = c.config();
+        let mut nodes = BTreeMap::new();
+        for name in cfg.capabilities.all_nodes().into_iter().chain(self.last.keys().cloned()) {
+            let view = if name == cfg.name {
+                NodeView {
+                    name: name.clone(),
+                    addr: cfg.advertised_cluster_addr(),
+                    http: cfg.advertised_http_addr(),
+                    pid: Some(std::process::id()),
+                    status: Status::Up,
+                    capabilities: cfg.hosted(),
+                    unhealthy: c.unhealthy_local(),
+                    reason: None,
+                }
+            } else if let Some(hb) = self.last.get(&name) {
+                let refused = self.refused.get(&name).cloned();
+                NodeView {
+                    name: name.clone(),
+                    addr: hb.cluster_addr.clone(),
+                    http: hb.http_addr.clone(),
+                    pid: Some(hb.pid),
+                    status: if refused.is_some() { Status::Down } else { self.detector.status(&name).unwrap_or(Status::Down) },
+                    capabilities: hb.capabilities.clone(),
+                    unhealthy: hb.unhealthy.clone(),
+                    reason: refused,
+                }
+            } else {
+                NodeView {
+                    name: name.clone(),
+                    addr: String::new(),
+                    http: String::new(),
+                    pid: None,
+                    status: Status::Down,
+                    capabilities: cfg.capabilities.hosted_by(&name),
+                    unhealthy: vec![],
+                    reason: Some("never heard from".into()),
+                }
+            };
+            nodes.insert(name, view);
+        }
+        c.set_view(nodes);
+    }
+}
+
+/// One node as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub addr: String,
+    pub http: String,
+    pub pid: Option<u32>,
+    pub status: Status,
+    pub capabilities: Vec<Capability>,
+    pub unhealthy: Vec<Capability>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

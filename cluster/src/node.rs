@@ -1,0 +1,378 @@
+//! Node bootstrap and the [`Cluster`] handle every other layer uses.
+//!
+//! [`Cluster::start`] starts ractor_cluster's `NodeServer` with the cookie, subscribes to its session
+//! events, starts [`Membership`], and runs the dialer: every known peer address (seeds, plus what
+//! heartbeats teach) that has no live session is dialled again, with backoff. ractor_cluster never
+//! reconnects by itself, and a reconnect yields new remote stubs, which is why callers resolve a
+//! member on every call ([`Cluster::member`]) and never keep an `ActorRef` to a remote actor.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bulkhead_storage::Record;
+use ractor::{Actor, ActorRef};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use serde::Serialize;
+
+use crate::call::{call, CallError};
+use crate::config::{Capability, NodeConfig};
+use crate::detector::Status;
+use crate::gateway::group_name;
+use crate::membership::{Membership, MembershipMsg, NodeView};
+use crate::wire::WireMsg;
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    pub calls: AtomicU64,
+    pub call_errors: AtomicU64,
+    pub downs: AtomicU64,
+    pub refused_peers: AtomicU64,
+    pub dials: AtomicU64,
+}
+
+/// Whether a local capability is serving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CapHealth {
+    pub ready: bool,
+    pub detail: String,
+}
+
+struct Inner {
+    config: NodeConfig,
+    clock: Instant,
+    incarnation: u64,
+    server: ActorRef<NodeServerMessage>,
+    membership: Mutex<Option<ActorRef<MembershipMsg>>>,
+    /// Live, authenticated sessions by peer node name.
+    sessions: Mutex<HashMap<String, NodeServerSessionInformation>>,
+    known_addrs: Mutex<BTreeSet<String>>,
+    view: RwLock<BTreeMap<String, NodeView>>,
+    health: RwLock<BTreeMap<Capability, CapHealth>>,
+    metrics: ClusterMetrics,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// This node's handle on the cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+fn peer_node_name(ses: &NodeServerSessionInformation) -> Option<String> {
+    ses.peer_name.as_ref().map(|n| n.name.split('@').next().unwrap_or_default().to_string())
+}
+
+struct Events {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl Events {
+    fn poke(inner: &Inner) {
+        if let Some(m) = inner.membership.lock().ok().and_then(|m| m.clone()) {
+            let _ = m.cast(MembershipMsg::Tick(0));
+        }
+    }
+}
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
+
+    fn node_session_authenticated(&self, _ses: NodeServerSessionInformation) {}
+
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        let (Some(inner), Some(name)) = (self.inner.upgrade(), peer_node_name(&ses)) else { return };
+        tracing::info!(peer = %name, addr = %ses.peer_addr, "cluster session ready");
+        if let Some(n) = &ses.peer_name {
+            if let Ok(mut k) = inner.known_addrs.lock() {
+                k.insert(n.connection_string.clone());
+            }
+        }
+        if let Ok(mut s) = inner.sessions.lock() {
+            s.insert(name, ses);
+        }
+        Self::poke(&inner);
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let Some(inner) = self.inner.upgrade() else { return };
+        let Some(name) = peer_node_name(&ses) else { return };
+        let removed = inner.sessions.lock().map(|mut s| {
+            if s.get(&name).map(|cur| cur.actor.get_id() == ses.actor.get_id()).unwrap_or(false) {
+                s.remove(&name);
+                true
+            } else {
+                false
+            }
+        });
+        if removed.unwrap_or(false) {
+            tracing::warn!(peer = %name, "cluster session closed");
+            Self::poke(&inner);
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts this node's cluster layer: listener, membership, dialer.
+    pub async fn start(config: NodeConfig) -> Result<Cluster, String> {
+        let advertised = config.advertised_cluster_addr();
+        let host = advertised.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertised.clone());
+        let server = NodeServer::new(
+            config.cluster_listen.port(),
+            config.cookie().to_string(),
+            config.name.clone(),
+            host,
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.cluster_listen.ip());
+        let (server_ref, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| format!("cannot start the cluster listener on {}: {e}", config.cluster_listen))?;
+        let incarnation = bulkhead_storage::now_ms();
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let inner = Arc::new(Inner {
+            config,
+            clock: Instant::now(),
+            incarnation,
+            server: server_ref.clone(),
+            membership: Mutex::new(None),
+            sessions: Mutex::new(HashMap::new()),
+            known_addrs: Mutex::new(BTreeSet::new()),
+            view: RwLock::new(BTreeMap::new()),
+            health: RwLock::new(BTreeMap::new()),
+            metrics: ClusterMetrics::default(),
+            shutdown,
+        });
+        let cluster = Cluster { inner };
+        for cap in cluster.config().hosted() {
+            cluster.set_health(cap, false, "starting");
+        }
+        server_ref
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "bulkhead-membership".into(),
+                subscription: Box::new(Events { inner: Arc::downgrade(&cluster.inner) }),
+            })
+            .map_err(|e| format!("cluster listener stopped: {e}"))?;
+        let (membership, _) = Actor::spawn(Some("bulkhead.membership".into()), Membership, cluster.clone())
+            .await
+            .map_err(|e| format!("cannot start membership: {e}"))?;
+        if let Ok(mut m) = cluster.inner.membership.lock() {
+            *m = Some(membership);
+        }
+        for seed in &cluster.config().seeds {
+            cluster.learn_addr(seed);
+        }
+        tokio::spawn(dialer(cluster.clone()));
+        tracing::info!(node = %cluster.config().name, listen = %cluster.config().cluster_listen, "cluster layer started");
+        Ok(cluster)
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    pub fn metrics(&self) -> &ClusterMetrics {
+        &self.inner.metrics
+    }
+
+    /// Milliseconds on this process's monotonic clock (the detector's time).
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.elapsed().as_millis() as u64
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// Stops the dialer, membership and the cluster listener (sessions close with it).
+    pub fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        if let Ok(mut m) = self.inner.membership.lock() {
+            if let Some(m) = m.take() {
+                m.stop(None);
+            }
+        }
+        if let Ok(s) = self.inner.sessions.lock() {
+            for ses in s.values() {
+                ses.actor.stop_children(None);
+                ses.actor.stop(Some("node shutting down".into()));
+            }
+        }
+        self.inner.server.stop_children(None);
+        self.inner.server.stop(None);
+    }
+
+    // ----- health of local capabilities -----
+
+    pub fn set_health(&self, cap: Capability, ready: bool, detail: &str) {
+        if let Ok(mut h) = self.inner.health.write() {
+            h.insert(cap, CapHealth { ready, detail: detail.to_string() });
+        }
+    }
+
+    pub fn local_health(&self) -> BTreeMap<Capability, CapHealth> {
+        self.inner.health.read().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn unhealthy_local(&self) -> Vec<Capability> {
+        self.local_health().into_iter().filter(|(_, h)| !h.ready).map(|(c, _)| c).collect()
+    }
+
+    // ----- sessions and addresses -----
+
+    pub(crate) fn learn_addr(&self, addr: &str) {
+        if addr.is_empty() || addr == self.config().advertised_cluster_addr() {
+            return;
+        }
+        if let Ok(mut k) = self.inner.known_addrs.lock() {
+            k.insert(addr.to_string());
+        }
+    }
+
+    pub(crate) fn connected_names(&self) -> BTreeSet<String> {
+        self.inner.sessions.lock().map(|s| s.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn connected_addrs(&self) -> Vec<String> {
+        self.inner
+            .sessions
+            .lock()
+            .map(|s| s.values().filter_map(|ses| ses.peer_name.as_ref().map(|n| n.connection_string.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Force-closes the session with `node` (declared down): stubs go, pending calls fail at once.
+    pub(crate) fn close_session(&self, node: &str) {
+        let ses = self.inner.sessions.lock().ok().and_then(|mut s| s.remove(node));
+        if let Some(ses) = ses {
+            ses.actor.stop_children(Some("peer declared down".into()));
+            ses.actor.stop(Some("peer declared down".into()));
+        }
+    }
+
+    // ----- the view -----
+
+    pub(crate) fn set_view(&self, nodes: BTreeMap<String, NodeView>) {
+        if let Ok(mut v) = self.inner.view.write() {
+            *v = nodes;
+        }
+    }
+
+    /// Every node this node knows of, including itself.
+    pub fn view(&self) -> BTreeMap<String, NodeView> {
+        self.inner.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn status_of(&self, node: &str) -> Status {
+        if node == self.name() {
+            return Status::Up;
+        }
+        self.inner.view.read().ok().and_then(|v| v.get(node).map(|n| n.status)).unwrap_or(Status::Down)
+    }
+
+    /// Whether `node` may be sent requests for `cap`: up or suspect, not refused, capability healthy.
+    pub fn is_routable(&self, cap: Capability, node: &str) -> bool {
+        if node == self.name() {
+            return self.local_health().get(&cap).map(|h| h.ready).unwrap_or(false);
+        }
+        self.inner
+            .view
+            .read()
+            .ok()
+            .and_then(|v| v.get(node).map(|n| n.status != Status::Down && n.reason.is_none() && !n.unhealthy.contains(&cap)))
+            .unwrap_or(false)
+    }
+
+    // ----- the registry and the call path -----
+
+    /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs).
+    pub fn member(&self, cap: Capability, node: &str) -> Result<ActorRef<WireMsg>, CallError> {
+        let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
+        if node != self.name() && self.status_of(node) == Status::Down {
+            let reason = self.view().get(node).and_then(|n| n.reason.clone()).unwrap_or_else(|| "node is down".into());
+            return Err(unreachable(reason));
+        }
+        ractor::pg::get_members(&group_name(cap, node))
+            .into_iter()
+            .next()
+            .map(ActorRef::from)
+            .ok_or_else(|| unreachable(format!("no {cap} member is registered on {node}")))
+    }
+
+    /// Calls `cap` on `node` with the default call timeout.
+    pub async fn call<Req: Record, Resp: Record>(&self, cap: Capability, node: &str, req: &Req, traceparent: &str) -> Result<Resp, CallError> {
+        let t = Duration::from_millis(self.config().timing.call_timeout_ms);
+        self.call_with_timeout(cap, node, req, traceparent, t).await
+    }
+
+    pub async fn call_with_timeout<Req: Record, Resp: Record>(
+        &self,
+        cap: Capability,
+        node: &str,
+        req: &Req,
+        traceparent: &str,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.metrics.calls.fetch_add(1, Relaxed);
+        let result = match self.member(cap, node) {
+            Ok(actor) => call(&actor, cap, node, req, traceparent, timeout).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.inner.metrics.call_errors.fetch_add(1, Relaxed);
+            tracing::debug!(error = %e, trace = %crate::wire::trace_id(traceparent), "cluster call failed");
+        }
+        result
+    }
+
+    /// The node owning `key` for `cap` under the shard map.
+    pub fn owner(&self, cap: Capability, key: &[u8]) -> Option<String> {
+        self.config().capabilities.node_for(cap, key).map(str::to_string)
+    }
+}
+
+/// Dials every known address that has no live session, with per-address backoff.
+async fn dialer(cluster: Cluster) {
+    let mut shutdown = cluster.inner.shutdown.subscribe();
+    let mut backoff: HashMap<String, (Duration, Instant)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let known: Vec<String> = cluster.inner.known_addrs.lock().map(|k| k.iter().cloned().collect()).unwrap_or_default();
+        let connected: BTreeSet<String> = cluster.connected_addrs().into_iter().collect();
+        let now = Instant::now();
+        for addr in known {
+            if connected.contains(&addr) {
+                backoff.remove(&addr);
+                continue;
+            }
+            let entry = backoff.entry(addr.clone()).or_insert((Duration::from_millis(100), now));
+            if entry.1 > now {
+                continue;
+            }
+            // Next attempt no sooner than the backoff; a handshake in progress gets that long too.
+            entry.1 = now + entry.0;
+            entry.0 = (entry.0 * 2).min(Duration::from_secs(2));
+            cluster.inner.metrics.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let server = cluster.inner.server.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(1), ractor_cluster::client_connect(&server, addr.as_str())).await {
+                    Ok(Ok(())) => tracing::debug!(%addr, "dialled peer"),
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "dial failed"),
+                    Err(_) => tracing::debug!(%addr, "dial timed out"),
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The wire envelope: what every cross-node payload travels in.
+//!
+//! ractor_cluster decodes a message's fields with `BytesConvertable::from_bytes`, which cannot fail:
+//! a payload that does not decode would be dropped silently. So the one remotable message type,
+//! [`WireMsg`], carries plain bytes, and *we* decode them: an [`Envelope`] (version byte, message id,
+//! W3C traceparent, payload) whose payload is a capability's versioned request. Anything that does
+//! not decode is counted in [`WIRE_STATS`] and logged at warn, and a call gets a `Rejected` answer.
+//!
+//! The variant names of [`WireMsg`] are ractor_cluster's wire tags: never rename them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bulkhead_storage::{decode, encode, CodecError, Record};
+use ractor::RpcReplyPort;
+use ractor_cluster::RactorClusterMessage;
+use serde::{Deserialize, Serialize};
+
+/// The only message type any remotable Bulkhead actor accepts.
+#[derive(RactorClusterMessage)]
+pub enum WireMsg {
+    /// Fire-and-forget: an encoded [`Envelope`].
+    Tell(Vec<u8>),
+    /// Request/response: an encoded [`Envelope`]; the answer is an encoded envelope holding a [`WireReply`].
+    #[rpc]
+    Ask(Vec<u8>, RpcReplyPort<Vec<u8>>),
+}
+
+/// Version of the envelope layout itself (the first byte on the wire).
+pub const ENVELOPE_VERSION: u8 = 1;
+
+/// Envelope around every cross-node payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique per message; logged on both sides.
+    pub msg_id: u128,
+    /// W3C trace context of the caller (`00-<trace>-<span>-01`), so one order can be followed across nodes.
+    pub traceparent: String,
+    /// The capability's own versioned record (request, reply or event).
+    pub payload: Vec<u8>,
+}
+
+impl Record for Envelope {
+    const VERSION: u8 = ENVELOPE_VERSION;
+}
+
+/// The answer to an `Ask`: the handler's reply, or why the request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireReply {
+    Ok(Vec<u8>),
+    Rejected(String),
+}
+
+impl Record for WireReply {
+    const VERSION: u8 = 1;
+}
+
+/// Counters of what arrived and could not be understood.
+#[derive(Debug, Default)]
+pub struct WireStats {
+    pub undecodable_envelopes: AtomicU64,
+    pub undecodable_payloads: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+pub static WIRE_STATS: WireStats = WireStats {
+    undecodable_envelopes: AtomicU64::new(0),
+    undecodable_payloads: AtomicU64::new(0),
+    sent: AtomicU64::new(0),
+    received: AtomicU64::new(0),
+};
+
+/// Wraps a payload record in an envelope, ready for `WireMsg`.
+pub fn seal<T: Record>(payload: &T, traceparent: &str) -> Vec<u8> {
+    WIRE_STATS.sent.fetch_add(1, Ordering::Relaxed);
+    encode(&Envelope {
+        msg_id: uuid::Uuid::new_v4().as_u128(),
+        traceparent: traceparent.to_string(),
+        payload: encode(payload),
+    })
+}
+
+/// Opens an envelope and decodes its payload; counts and logs anything it cannot read.
+pub fn open<T: Record>(bytes: &[u8], what: &str) -> Result<(Envelope, T), CodecError> {
+    WIRE_STATS.received.fetch_add(1, Ordering::Relaxed);
+    let env: Envelope = decode(bytes).inspect_err(|e| {
+        WIRE_STATS.undecodable_envelopes.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(what, error = %e, len = bytes.len(), "undecodable cluster envelope dropped");
+    })?;
+    let payload = decode(&env.payload).inspect_err(|e| {
+        WIRE_STATS.undecodable_payloads.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(what, msg_id = %uuid::Uuid::from_u128(env.msg_id), traceparent = %env.traceparent,
+            error = %e, "undecodable cluster payload dropped");
+    })?;
+    Ok((env, payload))
+}
+
+/// A fresh W3C traceparent (random trace and span ids).
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+/// The same trace with a new span id: what a callee uses for the calls it makes in turn.
+pub fn child_traceparent(parent: &str) -> String {
+    let parts: Vec<&str> = parent.split('-').collect();
+    if parts.len() == 4 && parts[1].len() == 32 {
+        let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+        format!("00-{}-{span}-{}", parts[1], parts[3])
+    } else {
+        new_traceparent()
+    }
+}
+
+/// The trace id of a traceparent, for log fields.
+pub fn trace_id(traceparent: &str) -> &str {
+    traceparent.split('-').nth(1).unwrap_or("-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Ping(u32);
+    impl Record for Ping {
+        const VERSION: u8 = 1;
+    }
+
+    #[test]
+    fn round_trip_keeps_trace() {
+        let tp = new_traceparent();
+        let bytes = seal(&Ping(7), &tp);
+        let (env, p): (Envelope, Ping) = open(&bytes, "test").unwrap();
+        assert_eq!(p, Ping(7));
+        assert_eq!(env.traceparent, tp);
+        assert_eq!(trace_id(&child_traceparent(&tp)), trace_id(&tp));
+    }
+
+    #[test]
+    fn garbage_is_counted_not_silent() {
+        let before = WIRE_STATS.undecodable_envelopes.load(Ordering::Relaxed);
+        assert!(open::<Ping>(&[0xde, 0xad, 0xbe, 0xef], "test").is_err());
+        assert!(open::<Ping>(&[], "test").is_err());
+        assert_eq!(WIRE_STATS.undecodable_envelopes.load(Ordering::Relaxed), before + 2);
+
+        let before = WIRE_STATS.undecodable_payloads.load(Ordering::Relaxed);
+        let env = encode(&Envelope { msg_id: 1, traceparent: String::new(), payload: vec![9, 9] });
+        assert!(open::<Ping>(&env, "test").is_err());
+        assert_eq!(WIRE_STATS.undecodable_payloads.load(Ordering::Relaxed), before + 1);
+    }
+
+    #[test]
+    fn envelope_fixture_decodes() {
+        // Checked-in bytes of an envelope v1 {msg_id: 1, traceparent: "t", payload: [1, 5]}.
+        let fixture = [1u8, 1, 1, b't', 2, 1, 5];
+        let env: Envelope = decode(&fixture).unwrap();
+        assert_eq!(env, Envelope { msg_id: 1, traceparent: "t".into(), payload: vec![1, 5] });
+    }
+}

@@ -1,1 +1,125 @@
-//! bulkhead-http
+//! The HTTP front: an actor on every node that owns the axum server for API v1.
+//!
+//! Every node serves the whole API; a request for a capability elsewhere goes through the cluster
+//! call path (always timed). [`router`] builds the routes from an [`AppState`]; [`serve`] runs them on
+//! a listener the caller bound (tests pass port 0); [`HttpFront`] is the actor that owns a running
+//! server and stops it gracefully when it stops.
+//!
+//! - [`api`]: the handlers; [`validate`]: strict body checks; [`error`]: the one error type.
+//! - [`metrics`]: `/metrics` in Prometheus text; `/openapi.json` and the dashboard at `/` are static.
+
+pub mod api;
+pub mod error;
+pub mod metrics;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::{get, post};
+use axum::Router;
+use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_storage::Store;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::RactorMessage;
+use tokio::net::TcpListener;
+
+/// Largest request body accepted (an order of 100 items is far smaller).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    pub placed: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub pending: AtomicU64,
+    pub cancelled: AtomicU64,
+}
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct AppState {
+    pub cluster: Cluster,
+    /// This node's stores, for `/metrics`.
+    pub stores: Arc<BTreeMap<Capability, Store>>,
+    pub fault_injection: bool,
+    pub metrics: Arc<HttpMetrics>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let admin = state.fault_injection;
+    let mut r = Router::new()
+        .route("/v1/orders", post(api::place_order))
+        .route("/v1/orders/{id}", get(api::get_order))
+        .route("/v1/inventory/{sku}", get(api::get_stock).put(api::put_stock))
+        .route("/v1/payments", get(api::list_payments))
+        .route("/v1/shipments", get(api::list_shipments))
+        .route("/v1/notifications", get(api::list_notifications))
+        .route("/v1/cluster", get(api::cluster))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/", get(dashboard));
+    if admin {
+        r = r.route("/admin/panic/{capability}", post(api::inject_panic));
+    }
+    r.fallback(|| async { error::ApiError::not_found("no such endpoint; see /openapi.json") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// The front actor: owns one running server.
+pub struct HttpFront;
+
+#[derive(RactorMessage)]
+pub enum HttpMsg {}
+
+pub struct HttpFrontState {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Actor for HttpFront {
+    type Msg = HttpMsg;
+    type State = HttpFrontState;
+    type Arguments = (TcpListener, AppState);
+
+    async fn pre_start(&self, _myself: ActorRef<HttpMsg>, (listener, state): Self::Arguments) -> Result<HttpFrontState, ActorProcessingErr> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            if let Err(e) = serve(listener, state, async move {
+                let _ = rx.await;
+            })
+            .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(%addr, "HTTP API serving");
+        Ok(HttpFrontState { stop: Some(tx) })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<HttpMsg>, state: &mut HttpFrontState) -> Result<(), ActorProcessingErr> {
+        if let Some(tx) = state.stop.take() {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+}

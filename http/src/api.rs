@@ -1,0 +1,339 @@
+//! Handlers of API v1. Each one validates, resolves which node owns the request (shard map), makes
+//! one timed cluster call, and maps the answer to HTTP. None of them touches a store directly.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
+use bulkhead_actors::inventory::{InventoryReply, InventoryRequest, StockView};
+use bulkhead_actors::orders::{home_of, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
+use bulkhead_cluster::config::stable_hash;
+use bulkhead_cluster::wire::new_traceparent;
+use bulkhead_cluster::{Capability, Status};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::validate;
+use crate::AppState;
+
+/// Milliseconds since the epoch as RFC 3339 UTC (`2026-11-21T05:19:29.123Z`).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+}
+
+pub fn order_json(o: &OrderView) -> Value {
+    let mut v = json!({
+        "order_id": o.order_id.to_string(),
+        "customer_id": o.customer_id,
+        "items": o.items.iter().map(|i| json!({"sku": i.sku, "quantity": i.quantity})).collect::<Vec<_>>(),
+        "lines": o.lines.iter().map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_cents": l.unit_price_cents})).collect::<Vec<_>>(),
+        "total_cents": o.total_cents,
+        "status": o.status,
+        "history": o.history.iter().map(|h| json!({"at": rfc3339(h.at_ms), "event": h.event})).collect::<Vec<_>>(),
+    });
+    if let Some(r) = &o.reason {
+        v["reason"] = json!(r);
+    }
+    if let Some(p) = &o.payment_id {
+        v["payment_id"] = json!(p);
+    }
+    v
+}
+
+fn stock_json(s: &StockView) -> Value {
+    json!({"sku": s.sku, "available": s.available, "reserved": s.reserved, "sold": s.sold, "price_cents": s.price_cents})
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send the body as Content-Type: application/json"));
+    }
+    Ok(())
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+}
+
+fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request(format!("`{}` is not an order id (a UUID)", raw.chars().take(64).collect::<String>())))
+}
+
+/// The orders node for a new order: the key's home when there is an Idempotency-Key (so one key
+/// always meets one store), else this node if it hosts orders, else any routable orders member.
+fn pick_orders_node(st: &AppState, key: Option<&str>) -> Result<String, ApiError> {
+    let cluster = &st.cluster;
+    if let Some(k) = key {
+        let node = cluster.owner(Capability::Orders, k.as_bytes()).ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
+        if !cluster.is_routable(Capability::Orders, &node) {
+            return Err(ApiError::unavailable(format!("the orders node for this Idempotency-Key ({node}) is unreachable; nothing was recorded, retry later")));
+        }
+        return Ok(node);
+    }
+    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
+    let me = cluster.name().to_string();
+    std::iter::once(&me)
+        .filter(|n| nodes.contains(n))
+        .chain(nodes.iter())
+        .find(|n| cluster.is_routable(Capability::Orders, n))
+        .cloned()
+        .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
+}
+
+fn order_response(st: &AppState, view: OrderView) -> Response {
+    let id = view.order_id;
+    let body = order_json(&view);
+    match (view.status, view.reason.as_deref()) {
+        (OrderStatus::Confirmed, _) => {
+            st.metrics.confirmed.fetch_add(1, Relaxed);
+            (StatusCode::CREATED, Json(body)).into_response()
+        }
+        (OrderStatus::Pending, _) => {
+            st.metrics.pending.fetch_add(1, Relaxed);
+            (StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/orders/{id}"))], Json(body)).into_response()
+        }
+        (OrderStatus::Cancelled, reason) => {
+            st.metrics.cancelled.fetch_add(1, Relaxed);
+            let (status, code) = match reason {
+                Some("payment_declined") => (StatusCode::PAYMENT_REQUIRED, "payment_declined"),
+                Some("out_of_stock") => (StatusCode::CONFLICT, "out_of_stock"),
+                _ => (StatusCode::CONFLICT, "cancelled"),
+            };
+            let mut e = ApiError::new(status, code, format!("order {id} was cancelled: {}", reason.unwrap_or("cancelled")));
+            e.extra = Some(json!({"order_id": id.to_string(), "order": body}));
+            e.into_response()
+        }
+    }
+}
+
+pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    require_json(&headers)?;
+    let order = validate::new_order(&parse_json(&body)?)?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(validate::idempotency_key(v.as_bytes())?),
+        None => None,
+    };
+    let node = pick_orders_node(&st, key.as_deref())?;
+    let body_hash = stable_hash(&serde_json::to_vec(&order).unwrap_or_default());
+    let wait_ms = st.cluster.config().timing.wait_budget_ms;
+    let req = OrdersRequest::Place(PlaceOrder {
+        customer_id: order.customer_id,
+        items: order.items,
+        payment_token: order.payment_token,
+        idempotency: key.map(|key| IdemKey { key, body_hash }),
+        wait_ms,
+    });
+    st.metrics.placed.fetch_add(1, Relaxed);
+    let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
+    match st.cluster.call_with_timeout::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent(), timeout).await {
+        Ok(OrdersReply::Order(view)) => Ok(order_response(&st, view)),
+        Ok(OrdersReply::IdempotencyConflict { order_id }) => {
+            let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used with a different request body");
+            e.extra = Some(json!({"order_id": order_id.to_string()}));
+            Err(e)
+        }
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(ApiError::from_call(e)),
+    }
+}
+
+fn unexpected<T: std::fmt::Debug>(reply: T) -> ApiError {
+    tracing::warn!(?reply, "unexpected reply for an API request");
+    ApiError::unavailable("the capability is not ready to answer; retry later")
+}
+
+pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_order_id(&id)?;
+    let node = home_of(&st.cluster, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
+    match st.cluster.call::<_, OrdersReply>(Capability::Orders, &node, &OrdersRequest::Get { order_id: id }, &new_traceparent()).await {
+        Ok(OrdersReply::Order(view)) => Ok(Json(order_json(&view)).into_response()),
+        Ok(OrdersReply::NotFound) => Err(ApiError::not_found(format!("no order {id}"))),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(ApiError::from_call(e)),
+    }
+}
+
+async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
+    let node = st.cluster.owner(Capability::Inventory, sku.as_bytes()).ok_or_else(|| ApiError::unavailable("no inventory node is configured"))?;
+    match st.cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &new_traceparent()).await {
+        Ok(InventoryReply::Stock(s)) => Ok(Json(stock_json(&s)).into_response()),
+        Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(ApiError::from_call(e)),
+    }
+}
+
+pub async fn get_stock(State(st): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+    let sku = validate::sku(&sku)?;
+    inventory_call(&st, &sku.clone(), InventoryRequest::Get { sku }).await
+}
+
+pub async fn put_stock(State(st): State<AppState>, Path(sku): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let sku = validate::sku(&sku)?;
+    require_json(&headers)?;
+    let (available, price_cents) = validate::stock_update(&parse_json(&body)?)?;
+    inventory_call(&st, &sku.clone(), InventoryRequest::Set { sku, available, price_cents }).await
+}
+
+#[derive(Deserialize)]
+pub struct ByOrder {
+    order_id: Option<String>,
+}
+
+fn order_param(q: &ByOrder) -> Result<Uuid, ApiError> {
+    match &q.order_id {
+        Some(s) => parse_order_id(s),
+        None => Err(ApiError::bad_request("the `order_id` query parameter is required")),
+    }
+}
+
+pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+    let id = order_param(&q)?;
+    let node = st.cluster.owner(Capability::Payments, id.as_bytes()).ok_or_else(|| ApiError::unavailable("no payments node is configured"))?;
+    match st.cluster.call::<_, PaymentReply>(Capability::Payments, &node, &PaymentRequest::List { order_id: id }, &new_traceparent()).await {
+        Ok(PaymentReply::Payments(list)) => Ok(Json(json!({"order_id": id.to_string(), "payments": list.iter().map(|p| json!({
+            "payment_id": p.payment_id, "amount_cents": p.amount_cents, "status": p.status, "attempts": p.attempts, "at": rfc3339(p.at_ms),
+        })).collect::<Vec<_>>()}))
+        .into_response()),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(ApiError::from_call(e)),
+    }
+}
+
+async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder, field: &str) -> Result<Response, ApiError> {
+    let id = order_param(q)?;
+    let node = st.cluster.owner(cap, id.as_bytes()).ok_or_else(|| ApiError::unavailable(format!("no {cap} node is configured")))?;
+    match st.cluster.call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::List { order_id: id }, &new_traceparent()).await {
+        Ok(ConsumerReply::Listed(list)) => Ok(Json(json!({"order_id": id.to_string(), field: list.iter().map(|d| json!({
+            "id": d.id, "event_id": d.event_id.to_string(), "detail": d.detail, "at": rfc3339(d.created_ms),
+        })).collect::<Vec<_>>()}))
+        .into_response()),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(ApiError::from_call(e)),
+    }
+}
+
+pub async fn list_shipments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+    list_deliveries(&st, Capability::Shipping, &q, "shipments").await
+}
+
+pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+    list_deliveries(&st, Capability::Notifications, &q, "notifications").await
+}
+
+/// `GET /v1/cluster`: every node as this node sees it, and per capability who serves it.
+pub fn cluster_json(st: &AppState) -> Value {
+    let view = st.cluster.view();
+    let nodes: Vec<Value> = view.values().map(|n| {
+        let mut v = json!({
+            "name": n.name, "addr": n.addr, "http": n.http, "pid": n.pid, "status": n.status,
+            "capabilities": n.capabilities, "unhealthy": n.unhealthy,
+        });
+        if let Some(r) = &n.reason {
+            v["reason"] = json!(r);
+        }
+        v
+    }).collect();
+    let mut caps = serde_json::Map::new();
+    for cap in Capability::ALL {
+        let members = st.cluster.config().capabilities.nodes(cap).to_vec();
+        let healthy: Vec<&String> = members.iter().filter(|m| st.cluster.is_routable(cap, m)).collect();
+        // Breakers arrive with the fault-isolation work; until then a call is always attempted.
+        caps.insert(cap.to_string(), json!({"members": members, "healthy": healthy, "breaker": "closed"}));
+    }
+    json!({"node": st.cluster.name(), "nodes": nodes, "capabilities": caps})
+}
+
+pub async fn cluster(State(st): State<AppState>) -> Json<Value> {
+    Json(cluster_json(&st))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready = every capability this node hosts is serving, no peer disagrees about the shard map,
+/// and (when it has seeds) it has joined at least one peer.
+pub async fn readyz(State(st): State<AppState>) -> Response {
+    let mut problems = Vec::new();
+    for (cap, h) in st.cluster.local_health() {
+        if !h.ready {
+            problems.push(format!("{cap}: {}", h.detail));
+        }
+    }
+    let view = st.cluster.view();
+    for n in view.values() {
+        if let Some(r) = n.reason.as_deref().filter(|r| r.starts_with("refused")) {
+            problems.push(r.to_string());
+        }
+    }
+    let joined = st.cluster.config().seeds.is_empty() || view.values().any(|n| n.name != st.cluster.name() && n.status != Status::Down);
+    if !joined {
+        problems.push("not joined: no peer is reachable yet".into());
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(json!({"status": "not_ready", "problems": problems}))).into_response()
+    }
+}
+
+/// `POST /admin/panic/{capability}`: makes this node's worker of that capability panic. Exists only
+/// when the node was started with `fault_injection = true`.
+pub async fn inject_panic(State(st): State<AppState>, Path(cap): Path<String>) -> Result<Response, ApiError> {
+    if !st.fault_injection {
+        return Err(ApiError::not_found("fault injection is not enabled on this node"));
+    }
+    let cap: Capability = cap.parse().map_err(ApiError::bad_request)?;
+    if !st.cluster.config().hosted().contains(&cap) {
+        return Err(ApiError::not_found(format!("this node does not host {cap}")));
+    }
+    let node = st.cluster.name().to_string();
+    let tp = new_traceparent();
+    let t = Duration::from_millis(500);
+    // The worker dies instead of answering; the call's failure is the expected outcome.
+    let result = match cap {
+        Capability::Orders => st.cluster.call_with_timeout::<_, OrdersReply>(cap, &node, &OrdersRequest::InjectPanic, &tp, t).await.map(|_| ()),
+        Capability::Inventory => st.cluster.call_with_timeout::<_, InventoryReply>(cap, &node, &InventoryRequest::InjectPanic, &tp, t).await.map(|_| ()),
+        Capability::Payments => st.cluster.call_with_timeout::<_, PaymentReply>(cap, &node, &PaymentRequest::InjectPanic, &tp, t).await.map(|_| ()),
+        Capability::Shipping | Capability::Notifications => {
+            st.cluster.call_with_timeout::<_, ConsumerReply>(cap, &node, &ConsumerRequest::InjectPanic, &tp, t).await.map(|_| ())
+        }
+    };
+    tracing::warn!(capability = %cap, ?result, "fault injected: worker panic");
+    Ok((StatusCode::ACCEPTED, Json(json!({"injected": "panic", "capability": cap, "node": node})))
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_238_369_000), "2026-11-21T05:19:29.000Z");
+    }
+}

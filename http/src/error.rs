@@ -1,0 +1,82 @@
+//! The API's one error type: a status, a stable code, a message for people, never internals.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bulkhead_cluster::CallError;
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u32>,
+    pub extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None, extra: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+        e.retry_after = Some(1);
+        e
+    }
+
+    /// Maps a failed cluster call. `Unreachable` means nothing was sent or nothing happened;
+    /// `TimedOut` means we do not know, which the client is told.
+    pub fn from_call(e: CallError) -> Self {
+        tracing::warn!(error = %e, "cluster call failed for an API request");
+        match e {
+            CallError::Unreachable { capability, node, .. } => {
+                Self::unavailable(format!("{capability} on node {node} is unreachable; retry later"))
+            }
+            CallError::TimedOut { capability, node, .. } => {
+                let mut e = Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("{capability} on node {node} did not answer in time; the request may have been applied: retry with the same Idempotency-Key"),
+                );
+                e.retry_after = Some(1);
+                e
+            }
+            CallError::Rejected { capability, node, reason } if reason.starts_with("unavailable") => {
+                Self::unavailable(format!("{capability} on node {node} is restarting; retry later"))
+            }
+            CallError::Rejected { capability, node, .. } => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "rejected",
+                format!("{capability} on node {node} could not handle the request"),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let (Some(extra), Some(obj)) = (self.extra, body.as_object_mut()) {
+            if let Some(e) = extra.as_object() {
+                for (k, v) in e {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}

@@ -1,0 +1,57 @@
+//! `/metrics`: Prometheus text exposition of the node's counters.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use bulkhead_cluster::wire::WIRE_STATS;
+use bulkhead_cluster::Status;
+
+use crate::AppState;
+
+pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    let mut line = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let m = &st.metrics;
+    line("bulkhead_orders_placed_total", "POST /v1/orders accepted for processing by this node", "counter", vec![(String::new(), m.placed.load(Relaxed))]);
+    line(
+        "bulkhead_orders_answered_total",
+        "POST /v1/orders answers by outcome",
+        "counter",
+        vec![
+            ("{outcome=\"confirmed\"}".into(), m.confirmed.load(Relaxed)),
+            ("{outcome=\"pending\"}".into(), m.pending.load(Relaxed)),
+            ("{outcome=\"cancelled\"}".into(), m.cancelled.load(Relaxed)),
+        ],
+    );
+    let c = st.cluster.metrics();
+    line("bulkhead_cluster_calls_total", "cross-node calls made", "counter", vec![(String::new(), c.calls.load(Relaxed))]);
+    line("bulkhead_cluster_call_errors_total", "cross-node calls that failed", "counter", vec![(String::new(), c.call_errors.load(Relaxed))]);
+    line("bulkhead_cluster_peer_downs_total", "peers declared down", "counter", vec![(String::new(), c.downs.load(Relaxed))]);
+    line("bulkhead_cluster_refused_peers_total", "peers refused for a different shard map", "counter", vec![(String::new(), c.refused_peers.load(Relaxed))]);
+    line("bulkhead_wire_undecodable_total", "cluster messages that could not be decoded", "counter", vec![
+        ("{part=\"envelope\"}".into(), WIRE_STATS.undecodable_envelopes.load(Relaxed)),
+        ("{part=\"payload\"}".into(), WIRE_STATS.undecodable_payloads.load(Relaxed)),
+    ]);
+    let status = st.cluster.view().values().map(|n| {
+        let v = match n.status { Status::Up => 2, Status::Suspect => 1, Status::Down => 0 };
+        (format!("{{node=\"{}\"}}", n.name), v)
+    }).collect();
+    line("bulkhead_node_status", "peer status as seen from here: 2 up, 1 suspect, 0 down", "gauge", status);
+    let mut writes = vec![];
+    let mut flushes = vec![];
+    for (cap, s) in st.stores.iter() {
+        writes.push((format!("{{capability=\"{cap}\"}}"), s.stats().writes.load(Relaxed)));
+        flushes.push((format!("{{capability=\"{cap}\"}}"), s.stats().flushes.load(Relaxed)));
+    }
+    line("bulkhead_store_writes_total", "records written per store", "counter", writes);
+    line("bulkhead_store_flushes_total", "group flushes per store", "counter", flushes);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -1,0 +1,145 @@
+//! Strict validation of request bodies: every refusal names the field and says why.
+//! Nothing is recorded for a request that fails here.
+
+use bulkhead_actors::inventory::Item;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+pub const MAX_ITEMS: usize = 100;
+pub const MAX_QUANTITY: u64 = 1_000_000;
+
+fn no_unknown_fields(obj: &Map<String, Value>, known: &[&str], what: &str) -> Result<(), ApiError> {
+    for k in obj.keys() {
+        if !known.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(format!("unknown field `{k}` in {what} (expected: {})", known.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+fn string(obj: &Map<String, Value>, field: &str, max: usize) -> Result<String, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(ApiError::bad_request(format!("`{field}` is required"))),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(ApiError::bad_request(format!("`{field}` must not be empty"))),
+        Some(Value::String(s)) if s.chars().count() > max => {
+            Err(ApiError::bad_request(format!("`{field}` is longer than {max} characters")))
+        }
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            Err(ApiError::bad_request(format!("`{field}` must not contain control characters")))
+        }
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::bad_request(format!("`{field}` must be a string"))),
+    }
+}
+
+fn integer(obj: &Map<String, Value>, field: &str, min: u64, max: u64) -> Result<u64, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(ApiError::bad_request(format!("`{field}` is required"))),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if (min..=max).contains(&v) => Ok(v),
+            _ => Err(ApiError::bad_request(format!("`{field}` must be a whole number from {min} to {max}"))),
+        },
+        Some(_) => Err(ApiError::bad_request(format!("`{field}` must be a number"))),
+    }
+}
+
+/// A SKU: 1-64 characters of letters, digits, `-`, `_`, `.`.
+pub fn sku(s: &str) -> Result<String, ApiError> {
+    if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(ApiError::bad_request(format!(
+            "sku `{}` must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            s.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(s.to_string())
+}
+
+/// A validated `POST /v1/orders` body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NewOrder {
+    pub customer_id: String,
+    pub items: Vec<Item>,
+    pub payment_token: String,
+}
+
+pub fn new_order(body: &Value) -> Result<NewOrder, ApiError> {
+    let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    no_unknown_fields(obj, &["customer_id", "items", "payment_token"], "the order")?;
+    let customer_id = string(obj, "customer_id", 128)?;
+    let payment_token = string(obj, "payment_token", 64)?;
+    let items = match obj.get("items") {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("`items` is required")),
+        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::bad_request("`items` must list at least one item")),
+        Some(Value::Array(a)) if a.len() > MAX_ITEMS => {
+            return Err(ApiError::bad_request(format!("`items` lists more than {MAX_ITEMS} items")))
+        }
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::bad_request("`items` must be an array")),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, it) in items.iter().enumerate() {
+        let o = it.as_object().ok_or_else(|| ApiError::bad_request(format!("`items[{i}]` must be an object")))?;
+        no_unknown_fields(o, &["sku", "quantity"], &format!("items[{i}]"))?;
+        let s = string(o, "sku", 64).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
+        let sku = sku(&s).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
+        let quantity = integer(o, "quantity", 1, MAX_QUANTITY).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
+        out.push(Item { sku, quantity });
+    }
+    Ok(NewOrder { customer_id, items: out, payment_token })
+}
+
+/// A validated `PUT /v1/inventory/{sku}` body.
+pub fn stock_update(body: &Value) -> Result<(u64, u64), ApiError> {
+    let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    no_unknown_fields(obj, &["available", "price_cents"], "the stock update")?;
+    Ok((integer(obj, "available", 0, 1_000_000_000)?, integer(obj, "price_cents", 0, 100_000_000_000)?))
+}
+
+/// `Idempotency-Key`: 1-128 visible ASCII characters.
+pub fn idempotency_key(raw: &[u8]) -> Result<String, ApiError> {
+    let ok = !raw.is_empty() && raw.len() <= 128 && raw.iter().all(|b| (0x21..=0x7e).contains(b));
+    if !ok {
+        return Err(ApiError::bad_request("the Idempotency-Key header must be 1-128 visible ASCII characters"));
+    }
+    Ok(String::from_utf8_lossy(raw).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accepts_a_good_order() {
+        let o = new_order(&json!({"customer_id": "c1", "items": [{"sku": "widget-1", "quantity": 2}], "payment_token": "tok_ok"})).unwrap();
+        assert_eq!(o.items, vec![Item { sku: "widget-1".into(), quantity: 2 }]);
+    }
+
+    #[test]
+    fn every_refusal_names_the_field() {
+        let cases = [
+            (json!([]), "JSON object"),
+            (json!({"items": [], "payment_token": "t", "customer_id": "c"}), "`items`"),
+            (json!({"items": [{"sku": "a", "quantity": 0}], "payment_token": "t", "customer_id": "c"}), "items[0]: `quantity`"),
+            (json!({"items": [{"sku": "a", "quantity": 1.5}], "payment_token": "t", "customer_id": "c"}), "`quantity`"),
+            (json!({"items": [{"sku": "a b", "quantity": 1}], "payment_token": "t", "customer_id": "c"}), "items[0]: sku"),
+            (json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": "t"}), "`customer_id`"),
+            (json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": 5, "customer_id": "c"}), "`payment_token`"),
+            (json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": "t", "customer_id": "c", "x": 1}), "unknown field `x`"),
+            (json!({"items": [{"sku": "a", "quantity": -1}], "payment_token": "t", "customer_id": "c"}), "`quantity`"),
+        ];
+        for (body, needle) in cases {
+            let e = new_order(&body).unwrap_err();
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn idempotency_key_rules() {
+        assert!(idempotency_key(b"abc-123").is_ok());
+        assert!(idempotency_key(b"").is_err());
+        assert!(idempotency_key(&[b'a'; 129]).is_err());
+        assert!(idempotency_key(b"has space").is_err());
+    }
+}

@@ -1,0 +1,67 @@
+//! The demo topology, and node configs for a local cluster (used by `demo` and the tests).
+//!
+//! Every order crosses nodes and one node's death shows isolation: payments never shares a node
+//! with orders, and shipping + notifications live on a node that hosts neither.
+//!
+//! | node | capabilities          |
+//! |------|-----------------------|
+//! | n1   | orders, inventory     |
+//! | n2   | payments, inventory   |
+//! | n3   | shipping, notifications |
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bulkhead_cluster::config::CapabilityPlacement;
+use bulkhead_cluster::{Capability, NodeConfig, ShardMap, Timing};
+
+pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
+
+pub fn demo_shard_map() -> ShardMap {
+    let p = |n: &[&str]| CapabilityPlacement { nodes: n.iter().map(|s| s.to_string()).collect() };
+    ShardMap(BTreeMap::from([
+        (Capability::Orders, p(&["n1"])),
+        (Capability::Inventory, p(&["n1", "n2"])),
+        (Capability::Payments, p(&["n2"])),
+        (Capability::Shipping, p(&["n3"])),
+        (Capability::Notifications, p(&["n3"])),
+    ]))
+}
+
+/// Ports of one local node.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub cluster: u16,
+    pub http: u16,
+}
+
+/// Configs for the three demo nodes on 127.0.0.1, all seeded with each other.
+pub fn local_configs(data_dir: &Path, cookie: &str, ports: &[Ports; 3], timing: Timing, fault_injection: bool) -> Vec<NodeConfig> {
+    let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
+    NODES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| NodeConfig {
+            name: name.to_string(),
+            cluster_listen: addr(ports[i].cluster),
+            cluster_advertise: None,
+            seeds: (0..3).filter(|j| *j != i).map(|j| addr(ports[j].cluster).to_string()).collect(),
+            cookie: Some(cookie.to_string()),
+            cookie_file: None,
+            data_dir: data_dir.join(name),
+            http_listen: addr(ports[i].http),
+            http_advertise: None,
+            durability: Default::default(),
+            fault_injection,
+            timing: timing.clone(),
+            capabilities: demo_shard_map(),
+        })
+        .collect()
+}
+
+/// Writes `cfg` as TOML to `path`.
+pub fn write_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
+    let text = toml::to_string_pretty(cfg).map_err(|e| format!("cannot encode config: {e}"))?;
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

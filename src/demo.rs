@@ -151,6 +151,12 @@ impl LocalCluster {
 
     /// Waits until every running node answers `/readyz` and sees every running node `up`.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        self.wait_joined(timeout, true).await
+    }
+
+    /// Waits until every running node sees every running node `up` (and, if `ready`, answers
+    /// `/readyz` with 200; a node that cannot host a capability never does).
+    pub async fn wait_joined(&self, timeout: Duration, ready: bool) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let running: Vec<usize> = (0..3).filter(|i| self.children[*i].is_some()).collect();
         loop {
@@ -158,6 +164,7 @@ impl LocalCluster {
             for &i in &running {
                 match self.get_json(i, "/readyz").await {
                     Ok((200, _)) => {}
+                    Ok(_) if !ready => {}
                     Ok((_, body)) => missing.push(format!("{}: {}", NODES[i], body["problems"])),
                     Err(e) => missing.push(format!("{}: {e}", NODES[i])),
                 }
@@ -276,10 +283,15 @@ Try:
 Press Ctrl-C to stop all three nodes."#,
         lc.pid(0).unwrap_or(0), lc.pid(1).unwrap_or(0), lc.pid(2).unwrap_or(0)
     ));
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => break,
             _ = tick.tick() => {
                 if let Some((i, how)) = lc.exited() {
                     say(out, format!("node {} exited ({how}); the others keep serving. Its log: {}", NODES[i], lc.log_path(i).display()));

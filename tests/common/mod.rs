@@ -1,0 +1,127 @@
+//! Shared harness of the real-process tests: a three-node cluster of `bulkhead node` processes on
+//! loopback, free ports, readiness waits (never fixed sleeps), and clean-up of every child on drop.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bulkhead::demo::{free_ports, LocalCluster};
+use bulkhead::topology::Ports;
+use bulkhead_cluster::Timing;
+use serde_json::{json, Value};
+
+pub struct TestCluster {
+    pub lc: LocalCluster,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+pub fn ports() -> [Ports; 3] {
+    let p = free_ports(6).expect("free ports");
+    std::array::from_fn(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] })
+}
+
+pub async fn start_with(timing: Timing, prepare: impl FnOnce(&std::path::Path)) -> TestCluster {
+    start_opts(timing, prepare, true).await
+}
+
+/// Like [`start_with`], but waits only for the nodes to see each other up, not for `/readyz`.
+pub async fn start_unready(timing: Timing, prepare: impl FnOnce(&std::path::Path)) -> TestCluster {
+    start_opts(timing, prepare, false).await
+}
+
+async fn start_opts(timing: Timing, prepare: impl FnOnce(&std::path::Path), ready: bool) -> TestCluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let lc = LocalCluster::launch(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), ports(), timing, true).expect("launch");
+    let tc = TestCluster { lc, dir, http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap() };
+    if let Err(e) = tc.lc.wait_joined(Duration::from_secs(60), ready).await {
+        tc.dump_logs();
+        panic!("{e}");
+    }
+    tc
+}
+
+pub async fn start() -> TestCluster {
+    start_with(Timing::default(), |_| {}).await
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub location: Option<String>,
+    pub retry_after: Option<String>,
+}
+
+impl TestCluster {
+    pub fn url(&self, node: usize) -> String {
+        self.lc.url(node)
+    }
+
+    pub fn dump_logs(&self) {
+        for i in 0..3 {
+            let log = std::fs::read_to_string(self.lc.log_path(i)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("----- n{} log (last 40 lines) -----", i + 1);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    async fn reply(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let h = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (location, retry_after) = (h("location"), h("retry-after"));
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Reply { status, body, location, retry_after }
+    }
+
+    pub async fn get(&self, node: usize, path: &str) -> Reply {
+        Self::reply(self.http.get(format!("{}{path}", self.url(node))).send().await.expect("GET")).await
+    }
+
+    pub async fn put(&self, node: usize, path: &str, body: Value) -> Reply {
+        Self::reply(self.http.put(format!("{}{path}", self.url(node))).json(&body).send().await.expect("PUT")).await
+    }
+
+    pub async fn post(&self, node: usize, path: &str, key: Option<&str>, body: Value) -> Reply {
+        let mut req = self.http.post(format!("{}{path}", self.url(node))).json(&body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        Self::reply(req.send().await.expect("POST")).await
+    }
+
+    pub async fn order(&self, node: usize, key: Option<&str>, sku: &str, qty: u64, token: &str) -> Reply {
+        self.post(node, "/v1/orders", key, json!({"customer_id": "c-test", "items": [{"sku": sku, "quantity": qty}], "payment_token": token})).await
+    }
+
+    pub async fn stock(&self, sku: &str, available: u64, price: u64) {
+        let r = self.put(0, &format!("/v1/inventory/{sku}"), json!({"available": available, "price_cents": price})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    /// Status of `name` as node `from` sees it.
+    pub async fn status_of(&self, from: usize, name: &str) -> String {
+        let v = self.get(from, "/v1/cluster").await.body;
+        v["nodes"].as_array().into_iter().flatten().find(|n| n["name"] == name).map(|n| n["status"].as_str().unwrap_or("").to_string()).unwrap_or_default()
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

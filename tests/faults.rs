@@ -1,0 +1,156 @@
+//! Real node processes on loopback: faults stay inside their bulkhead.
+//! Worker panics, SIGKILLed nodes, a node with another shard map, a store that will not open.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bulkhead::topology::write_config;
+use bulkhead_cluster::config::CapabilityPlacement;
+use bulkhead_cluster::{Capability, Timing};
+use common::{eventually, start, start_unready, start_with};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_payments_worker_is_restarted_and_the_next_order_succeeds() {
+    let tc = start().await;
+    tc.stock("widget-1", 100, 100).await;
+    let r = tc.post(1, "/admin/panic/payments", None, serde_json::json!({})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let r = tc.order(0, Some("after-panic"), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let log = std::fs::read_to_string(tc.lc.log_path(1)).unwrap();
+    assert!(log.contains("restarting failed child"), "n2 log shows no restart");
+    assert_eq!(tc.get(1, "/readyz").await.status, 200);
+    // Fault injection refuses capabilities the node does not host.
+    assert_eq!(tc.post(1, "/admin/panic/orders", None, serde_json::json!({})).await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_after_restart() {
+    let mut tc = start().await;
+    tc.stock("widget-1", 100, 100).await;
+    tc.lc.kill(2);
+    eventually(Duration::from_secs(5), "n1 sees n3 down", || async { (tc.status_of(0, "n3").await == "down").then_some(()) }).await;
+
+    let mut ids = Vec::new();
+    for k in 0..3 {
+        let r = tc.order(0, Some(&format!("ship-{k}")), "widget-1", 1, "tok_ok").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        ids.push(r.body["order_id"].as_str().unwrap().to_string());
+    }
+    let s = tc.get(0, &format!("/v1/shipments?order_id={}", ids[0])).await;
+    assert_eq!(s.status, 503, "{}", s.body);
+    assert!(s.retry_after.is_some());
+
+    tc.lc.start(2).unwrap();
+    tc.lc.wait_ready(Duration::from_secs(30)).await.unwrap();
+    for id in &ids {
+        eventually(Duration::from_secs(15), "shipment after restart", || async {
+            let s = tc.get(0, &format!("/v1/shipments?order_id={id}")).await;
+            (s.body["shipments"].as_array().map(Vec::len) == Some(1)).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_orders_node_mid_saga_resumes_it_after_restart() {
+    let timing = Timing { wait_budget_ms: 300, ..Timing::default() };
+    let mut tc = start_with(timing, |_| {}).await;
+    tc.stock("widget-1", 100, 100).await;
+    // tok_slow: payments answers after 3 s, so the saga is still charging when n1 dies.
+    let r = tc.order(0, Some("slow-1"), "widget-1", 1, "tok_slow").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.location.as_deref().is_some_and(|l| l.starts_with("/v1/orders/")));
+    let id = r.body["order_id"].as_str().unwrap().to_string();
+    tc.lc.kill(0);
+    let g = tc.get(1, &format!("/v1/orders/{id}")).await;
+    assert_eq!(g.status, 503, "its home is down: {}", g.body);
+
+    tc.lc.start(0).unwrap();
+    tc.lc.wait_ready(Duration::from_secs(30)).await.unwrap();
+    eventually(Duration::from_secs(20), "the resumed saga confirms the order", || async {
+        (tc.get(1, &format!("/v1/orders/{id}")).await.body["status"] == "confirmed").then_some(())
+    })
+    .await;
+    let p = tc.get(0, &format!("/v1/payments?order_id={id}")).await;
+    let charges = p.body["payments"].as_array().unwrap();
+    assert_eq!(charges.len(), 1, "{}", p.body);
+    assert_eq!(charges[0]["status"], "charged");
+    // The replay by key answers with the same, now confirmed, order.
+    let again = tc.order(0, Some("slow-1"), "widget-1", 1, "tok_slow").await;
+    assert_eq!((again.status, again.body["order_id"].as_str()), (201, Some(id.as_str())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_shard_map_is_refused() {
+    let tc = start().await;
+    let mut cfg = tc.lc.configs[0].clone();
+    let p = common::ports();
+    cfg.name = "n4".into();
+    cfg.cluster_listen = std::net::SocketAddr::from(([127, 0, 0, 1], p[0].cluster));
+    cfg.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], p[0].http));
+    cfg.seeds = vec![tc.lc.configs[0].cluster_listen.to_string()];
+    cfg.data_dir = tc.dir.path().join("n4");
+    cfg.capabilities.0.insert(Capability::Payments, CapabilityPlacement { nodes: vec!["n2".into(), "n4".into()] });
+    let path = tc.dir.path().join("n4.toml");
+    write_config(&cfg, &path).unwrap();
+    let log = std::fs::File::create(tc.dir.path().join("n4.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["node", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Reap(child);
+
+    let reason = eventually(Duration::from_secs(10), "n1 refuses n4", || async {
+        let v = tc.get(0, "/v1/cluster").await.body;
+        let n4 = v["nodes"].as_array()?.iter().find(|n| n["name"] == "n4")?.clone();
+        (n4["status"] == "down").then(|| n4["reason"].as_str().unwrap_or("").to_string()).filter(|r| r.contains("shard map"))
+    })
+    .await;
+    assert!(reason.contains("refused"), "{reason}");
+    let n4 = format!("http://{}/readyz", cfg.http_listen);
+    let ready = eventually(Duration::from_secs(10), "n4 says why it is not ready", || async {
+        let r = tc.http.get(&n4).send().await.ok()?;
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.ok()?;
+        (status == 503 && body.to_string().contains("shard map")).then_some(body)
+    })
+    .await;
+    assert!(ready["problems"].to_string().contains("refused"), "{ready}");
+    // The three agreeing nodes keep working.
+    tc.stock("widget-9", 5, 100).await;
+    assert_eq!(tc.order(0, None, "widget-9", 1, "tok_ok").await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_will_not_open_is_reported_and_kept() {
+    // n2's payments store path is taken by a plain file: sled cannot open it.
+    let tc = start_unready(Timing { wait_budget_ms: 300, ..Timing::default() }, |dir| {
+        std::fs::create_dir_all(dir.join("n2")).unwrap();
+        std::fs::write(dir.join("n2").join("payments"), b"precious bytes").unwrap();
+    })
+    .await;
+    let r = tc.get(1, "/readyz").await;
+    assert_eq!(r.status, 503);
+    let problems = r.body["problems"].to_string();
+    assert!(problems.contains("payments store") && problems.contains("n2/payments"), "{problems}");
+    assert_eq!(std::fs::read(tc.dir.path().join("n2").join("payments")).unwrap(), b"precious bytes");
+    // The rest of the cluster works; orders wait for payments instead of failing.
+    tc.stock("widget-1", 10, 100).await;
+    let r = tc.order(0, None, "widget-1", 1, "tok_ok").await;
+    assert_eq!((r.status, r.body["status"].as_str()), (202, Some("pending")), "{}", r.body);
+    let v = tc.get(0, "/v1/cluster").await.body;
+    assert_eq!(v["capabilities"]["payments"]["healthy"], serde_json::json!([]), "{v}");
+}

@@ -34,7 +34,13 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Writes the configs and starts all three nodes (does not wait for readiness).
-    pub fn launch(exe: &Path, data_dir: &Path, ports: [Ports; 3], timing: Timing, fault_injection: bool) -> Result<LocalCluster, String> {
+    pub fn launch(
+        exe: &Path,
+        data_dir: &Path,
+        ports: [Ports; 3],
+        timing: Timing,
+        fault_injection: bool,
+    ) -> Result<LocalCluster, String> {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let cookie = cookie(data_dir)?;
         let configs = local_configs(data_dir, &cookie, &ports, timing, fault_injection);
@@ -47,7 +53,14 @@ impl LocalCluster {
         let log_dir = data_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        let mut lc = LocalCluster { configs, config_paths, children: vec![None, None, None], exe: exe.to_path_buf(), log_dir, http };
+        let mut lc = LocalCluster {
+            configs,
+            config_paths,
+            children: vec![None, None, None],
+            exe: exe.to_path_buf(),
+            log_dir,
+            http,
+        };
         for i in 0..3 {
             lc.start(i)?;
         }
@@ -57,7 +70,11 @@ impl LocalCluster {
     /// Starts node `i` (again).
     pub fn start(&mut self, i: usize) -> Result<(), String> {
         let log_path = self.log_dir.join(format!("{}.log", NODES[i]));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(&self.exe)
             .arg("node")
@@ -170,7 +187,11 @@ impl LocalCluster {
                 }
                 if let Ok((200, view)) = self.get_json(i, "/v1/cluster").await {
                     for &j in &running {
-                        let up = view["nodes"].as_array().into_iter().flatten().any(|n| n["name"] == NODES[j] && n["status"] == "up");
+                        let up = view["nodes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|n| n["name"] == NODES[j] && n["status"] == "up");
                         if !up {
                             missing.push(format!("{} does not see {} up yet", NODES[i], NODES[j]));
                         }
@@ -220,23 +241,34 @@ pub struct DemoOptions {
 
 /// The demo catalog: (sku, price in cents).
 pub fn catalog() -> Vec<(String, u64)> {
-    (1..=10).map(|i| (format!("widget-{i}"), 250 * i + 99)).chain((1..=5).map(|i| (format!("gadget-{i}"), 1000 * i + 500))).collect()
+    (1..=10)
+        .map(|i| (format!("widget-{i}"), 250 * i + 99))
+        .chain((1..=5).map(|i| (format!("gadget-{i}"), 1000 * i + 500)))
+        .collect()
 }
 
 pub const DEMO_STOCK: u64 = 1_000;
 
 /// `bulkhead demo`: three nodes, a seeded catalog, instructions on `out`; runs until Ctrl-C.
 pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
-    let ports: [Ports; 3] = std::array::from_fn(|i| Ports { cluster: opts.cluster_port + i as u16, http: opts.http_port + i as u16 });
+    let ports: [Ports; 3] =
+        std::array::from_fn(|i| Ports { cluster: opts.cluster_port + i as u16, http: opts.http_port + i as u16 });
     for p in ports.iter().flat_map(|p| [p.http, p.cluster]) {
-        TcpListener::bind(("127.0.0.1", p)).map_err(|e| format!("port {p} is not free ({e}); stop what uses it or choose other ports with --http-port/--cluster-port"))?;
+        TcpListener::bind(("127.0.0.1", p)).map_err(|e| {
+            format!(
+                "port {p} is not free ({e}); stop what uses it or choose other ports with --http-port/--cluster-port"
+            )
+        })?;
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let say = |out: &mut dyn Write, s: String| {
         let _ = writeln!(out, "{s}");
         let _ = out.flush();
     };
-    say(out, format!("starting 3 nodes (data in {}, logs in {}/logs) ...", opts.data_dir.display(), opts.data_dir.display()));
+    say(
+        out,
+        format!("starting 3 nodes (data in {}, logs in {}/logs) ...", opts.data_dir.display(), opts.data_dir.display()),
+    );
     let mut lc = LocalCluster::launch(&exe, &opts.data_dir, ports, Timing::default(), false)?;
     let ready = lc.wait_ready(Duration::from_secs(60)).await;
     if let Err(e) = ready {
@@ -247,7 +279,13 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
     for (sku, price) in catalog() {
         if let Ok((404, _)) = lc.get_json(0, &format!("/v1/inventory/{sku}")).await {
             let body = serde_json::json!({"available": DEMO_STOCK, "price_cents": price});
-            let r = lc.http.put(format!("{}/v1/inventory/{sku}", lc.url(0))).json(&body).send().await.map_err(|e| e.to_string())?;
+            let r = lc
+                .http
+                .put(format!("{}/v1/inventory/{sku}", lc.url(0)))
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
             if !r.status().is_success() {
                 return Err(format!("seeding {sku} failed: {}", r.status()));
             }
@@ -256,8 +294,10 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
     }
     let base = lc.url(0);
     let (n2, n3) = (lc.url(1), lc.url(2));
-    say(out, format!(
-        r#"
+    say(
+        out,
+        format!(
+            r#"
 Bulkhead is up: 3 node processes on 127.0.0.1 ({seeded} SKUs seeded, {DEMO_STOCK} units each).
 
   n1  {base}   orders + inventory        pid {}
@@ -281,8 +321,11 @@ Try:
   curl -s {base}/v1/cluster
 
 Press Ctrl-C to stop all three nodes."#,
-        lc.pid(0).unwrap_or(0), lc.pid(1).unwrap_or(0), lc.pid(2).unwrap_or(0)
-    ));
+            lc.pid(0).unwrap_or(0),
+            lc.pid(1).unwrap_or(0),
+            lc.pid(2).unwrap_or(0)
+        ),
+    );
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;

@@ -13,8 +13,11 @@ use tokio::net::TcpListener;
 /// Runs the node until a termination signal.
 pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     // Bind first: a port already in use is the most common start-up error, and says so at once.
-    let listener = TcpListener::bind(cfg.http_listen).await.map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_listen))?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("cannot create data_dir {}: {e}", cfg.data_dir.display()))?;
+    let listener = TcpListener::bind(cfg.http_listen)
+        .await
+        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_listen))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", cfg.data_dir.display()))?;
     let cluster = Cluster::start(cfg.clone()).await?;
     let opts = StoreOptions { durability: cfg.durability, ..StoreOptions::default() };
     let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection).await;
@@ -24,7 +27,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         fault_injection: cfg.fault_injection,
         metrics: Arc::new(HttpMetrics::default()),
     };
-    let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state)).await.map_err(|e| format!("cannot start the HTTP front: {e}"))?;
+    let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state))
+        .await
+        .map_err(|e| format!("cannot start the HTTP front: {e}"))?;
     tracing::info!(
         node = %cfg.name, pid = std::process::id(), http = %cfg.http_listen, cluster = %cfg.cluster_listen,
         capabilities = ?cfg.hosted(), failed = ?caps.failed.keys().collect::<Vec<_>>(), "node started"

@@ -37,7 +37,13 @@ pub struct Ports {
 }
 
 /// Configs for the three demo nodes on 127.0.0.1, all seeded with each other.
-pub fn local_configs(data_dir: &Path, cookie: &str, ports: &[Ports; 3], timing: Timing, fault_injection: bool) -> Vec<NodeConfig> {
+pub fn local_configs(
+    data_dir: &Path,
+    cookie: &str,
+    ports: &[Ports; 3],
+    timing: Timing,
+    fault_injection: bool,
+) -> Vec<NodeConfig> {
     let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
     NODES
         .iter()

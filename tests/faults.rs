@@ -31,7 +31,10 @@ async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_af
     let mut tc = start().await;
     tc.stock("widget-1", 100, 100).await;
     tc.lc.kill(2);
-    eventually(Duration::from_secs(5), "n1 sees n3 down", || async { (tc.status_of(0, "n3").await == "down").then_some(()) }).await;
+    eventually(Duration::from_secs(5), "n1 sees n3 down", || async {
+        (tc.status_of(0, "n3").await == "down").then_some(())
+    })
+    .await;
 
     let mut ids = Vec::new();
     for k in 0..3 {
@@ -116,7 +119,9 @@ async fn a_node_with_another_shard_map_is_refused() {
     let reason = eventually(Duration::from_secs(10), "n1 refuses n4", || async {
         let v = tc.get(0, "/v1/cluster").await.body;
         let n4 = v["nodes"].as_array()?.iter().find(|n| n["name"] == "n4")?.clone();
-        (n4["status"] == "down").then(|| n4["reason"].as_str().unwrap_or("").to_string()).filter(|r| r.contains("shard map"))
+        (n4["status"] == "down")
+            .then(|| n4["reason"].as_str().unwrap_or("").to_string())
+            .filter(|r| r.contains("shard map"))
     })
     .await;
     assert!(reason.contains("refused"), "{reason}");

@@ -30,7 +30,14 @@ async fn order_crosses_nodes_replays_by_key_and_ships() {
     let again = tc.post(2, "/v1/orders", Some("key-1"), body.clone()).await;
     assert_eq!((again.status, again.body["order_id"].as_str()), (201, Some(id.as_str())));
     // Same key, another body: refused.
-    let other = tc.post(0, "/v1/orders", Some("key-1"), json!({"customer_id": "c2", "items": [{"sku": "widget-1", "quantity": 1}], "payment_token": "tok_ok"})).await;
+    let other = tc
+        .post(
+            0,
+            "/v1/orders",
+            Some("key-1"),
+            json!({"customer_id": "c2", "items": [{"sku": "widget-1", "quantity": 1}], "payment_token": "tok_ok"}),
+        )
+        .await;
     assert_eq!(other.status, 422, "{}", other.body);
 
     // Exactly one charge; the shipment and notification arrive through the outbox.
@@ -96,10 +103,24 @@ async fn bad_input_gets_clear_errors_and_records_nothing() {
     assert_eq!(r.status(), 400);
     let r = raw("text/plain", r#"{"customer_id":"c"}"#).await.unwrap();
     assert_eq!(r.status(), 415);
-    let r = tc.post(0, "/v1/orders", None, json!({"customer_id": "c", "items": [{"sku": "widget-3", "quantity": 0}], "payment_token": "t"})).await;
+    let r = tc
+        .post(
+            0,
+            "/v1/orders",
+            None,
+            json!({"customer_id": "c", "items": [{"sku": "widget-3", "quantity": 0}], "payment_token": "t"}),
+        )
+        .await;
     assert_eq!(r.status, 400);
     assert!(r.body["message"].as_str().unwrap().contains("quantity"), "{}", r.body);
-    let r = tc.post(0, "/v1/orders", Some(&"k".repeat(129)), json!({"customer_id": "c", "items": [{"sku": "widget-3", "quantity": 1}], "payment_token": "t"})).await;
+    let r = tc
+        .post(
+            0,
+            "/v1/orders",
+            Some(&"k".repeat(129)),
+            json!({"customer_id": "c", "items": [{"sku": "widget-3", "quantity": 1}], "payment_token": "t"}),
+        )
+        .await;
     assert_eq!(r.status, 400);
     let big = format!(r#"{{"customer_id":"{}"}}"#, "x".repeat(100_000));
     let r = tc.http.post(&url).header("content-type", "application/json").body(big).send().await.unwrap();

@@ -70,11 +70,12 @@ where
     let node = cluster.name().to_string();
     // Workers answer promptly or not at all; a slow charge is the longest legitimate wait.
     let worker_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms.max(1_000) * 3);
-    ChildSpec::new(
-        format!("bulkhead.{cap}.gateway"),
-        Gateway::<Req, Resp, M>::default,
-        move || GatewayArgs { capability: cap, node: node.clone(), wrap, worker_timeout },
-    )
+    ChildSpec::new(format!("bulkhead.{cap}.gateway"), Gateway::<Req, Resp, M>::default, move || GatewayArgs {
+        capability: cap,
+        node: node.clone(),
+        wrap,
+        worker_timeout,
+    })
 }
 
 fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
@@ -100,7 +101,11 @@ fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
         Capability::Shipping | Capability::Notifications => {
             let making = if cap == Capability::Shipping { shipping::MAKING } else { notifications::MAKING };
             vec![
-                ChildSpec::new(name, || consumer::ConsumerWorker, move || consumer::ConsumerArgs { worker: w.clone(), making }),
+                ChildSpec::new(
+                    name,
+                    || consumer::ConsumerWorker,
+                    move || consumer::ConsumerArgs { worker: w.clone(), making },
+                ),
                 gateway_spec(cap, &c, consumer::ConsumerMsg::Request),
             ]
         }
@@ -116,7 +121,12 @@ impl RelayArgsFactory {
 
 /// Opens the store of, and starts, every capability this node hosts. A store that will not open
 /// is reported (which store, which path, why) and its capability is not hosted; its files are kept.
-pub async fn start_capabilities(cluster: &Cluster, data_dir: &Path, opts: &StoreOptions, fault_injection: bool) -> Capabilities {
+pub async fn start_capabilities(
+    cluster: &Cluster,
+    data_dir: &Path,
+    opts: &StoreOptions,
+    fault_injection: bool,
+) -> Capabilities {
     let mut caps = Capabilities { supervisors: BTreeMap::new(), stores: BTreeMap::new(), failed: BTreeMap::new() };
     for cap in cluster.config().hosted() {
         let store = match Store::open(data_dir, cap.as_str(), opts) {
@@ -129,7 +139,12 @@ pub async fn start_capabilities(cluster: &Cluster, data_dir: &Path, opts: &Store
             }
         };
         let w = WorkerArgs { cluster: cluster.clone(), store: store.clone(), fault_injection };
-        let args = SupervisorArgs { capability: cap, cluster: cluster.clone(), children: children(cap, w), intensity: Intensity::default() };
+        let args = SupervisorArgs {
+            capability: cap,
+            cluster: cluster.clone(),
+            children: children(cap, w),
+            intensity: Intensity::default(),
+        };
         match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
             Ok((sup, _)) => {
                 caps.supervisors.insert(cap, sup);

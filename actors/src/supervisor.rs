@@ -116,12 +116,20 @@ impl Actor for Supervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let n = args.children.len();
         Ok(SupervisorState { args, running: vec![None; n], budget: RestartBudget::default(), escalated: false })
     }
 
-    async fn post_start(&self, myself: ActorRef<SupervisorMsg>, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         for i in 0..state.running.len() {
             start_child(&myself, state, i).await?;
         }
@@ -131,7 +139,12 @@ impl Actor for Supervisor {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Restart(i) => self.restart(&myself, state, i, "retry").await,
         }
@@ -189,7 +202,9 @@ impl Supervisor {
         tracing::warn!(capability = %cap, %child, failure = %why, "restarting failed child");
         let started = Instant::now();
         match start_child(myself, state, i).await {
-            Ok(()) => tracing::info!(capability = %cap, %child, took_us = started.elapsed().as_micros() as u64, "child restarted"),
+            Ok(()) => {
+                tracing::info!(capability = %cap, %child, took_us = started.elapsed().as_micros() as u64, "child restarted")
+            }
             Err(e) => {
                 // Typically the dead child's name is not yet released; try again shortly.
                 tracing::warn!(capability = %cap, %child, error = %e, "restart failed; retrying");

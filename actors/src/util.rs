@@ -14,7 +14,9 @@ pub fn reply_after_sync<T: Send + 'static>(store: &Store, reply: RpcReplyPort<T>
                 let _ = reply.send(value);
             }
             // Dropping the port tells the caller "no answer": it retries, and every handler is idempotent.
-            Err(e) => tracing::error!(capability = store.capability(), error = %e, "flush failed; request left unanswered"),
+            Err(e) => {
+                tracing::error!(capability = store.capability(), error = %e, "flush failed; request left unanswered")
+            }
         }
     });
 }

@@ -52,7 +52,17 @@ pub async fn call<Req: Record, Resp: Record>(
     let bytes = seal(req, traceparent);
     let unreachable = |reason: String| CallError::Unreachable { capability, node: node.to_string(), reason };
     let rejected = |reason: String| CallError::Rejected { capability, node: node.to_string(), reason };
-    match actor.call(|port| WireMsg::Ask(bytes, port), Some(timeout)).await {
+    // Our own timer runs ahead of ractor's: a remote stub drops the reply port at ractor's
+    // deadline, which would surface as a "sender error" and be misread as unreachable. A timeout
+    // must be reported as such: the request may have been applied.
+    let timed_out =
+        || CallError::TimedOut { capability, node: node.to_string(), timeout_ms: timeout.as_millis() as u64 };
+    let attempt = tokio::time::timeout(
+        timeout,
+        actor.call(|port| WireMsg::Ask(bytes, port), Some(timeout + Duration::from_secs(1))),
+    );
+    let Ok(result) = attempt.await else { return Err(timed_out()) };
+    match result {
         Ok(CallResult::Success(reply)) => match open::<WireReply>(&reply, "reply") {
             Ok((_, WireReply::Ok(payload))) => {
                 decode::<Resp>(&payload).map_err(|e| rejected(format!("undecodable reply: {e}")))
@@ -60,11 +70,7 @@ pub async fn call<Req: Record, Resp: Record>(
             Ok((_, WireReply::Rejected(reason))) => Err(rejected(reason)),
             Err(e) => Err(rejected(format!("undecodable reply envelope: {e}"))),
         },
-        Ok(CallResult::Timeout) => Err(CallError::TimedOut {
-            capability,
-            node: node.to_string(),
-            timeout_ms: timeout.as_millis() as u64,
-        }),
+        Ok(CallResult::Timeout) => Err(timed_out()),
         Ok(CallResult::SenderError) => Err(unreachable("the member or its link went away before answering".into())),
         Err(e) => Err(unreachable(format!("could not send: {e}"))),
     }

@@ -53,10 +53,9 @@ impl fmt::Display for Capability {
 impl FromStr for Capability {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Capability::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown capability `{s}` (known: orders, inventory, payments, shipping, notifications)"))
+        Capability::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| {
+            format!("unknown capability `{s}` (known: orders, inventory, payments, shipping, notifications)")
+        })
     }
 }
 
@@ -98,11 +97,7 @@ impl ShardMap {
 
     /// The capabilities `node` hosts.
     pub fn hosted_by(&self, node: &str) -> Vec<Capability> {
-        self.0
-            .iter()
-            .filter(|(_, p)| p.nodes.iter().any(|n| n == node))
-            .map(|(c, _)| *c)
-            .collect()
+        self.0.iter().filter(|(_, p)| p.nodes.iter().any(|n| n == node)).map(|(c, _)| *c).collect()
     }
 
     /// Every node named anywhere in the map.
@@ -227,10 +222,13 @@ impl NodeConfig {
     /// Reads and validates a config file; errors say which file and what is wrong.
     pub fn load(path: &Path) -> Result<NodeConfig, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+        let mut cfg: NodeConfig =
+            toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
         if let Some(file) = &cfg.cookie_file {
-            let file = if file.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file) } else { file.clone() };
-            let cookie = std::fs::read_to_string(&file).map_err(|e| format!("cannot read cookie_file {}: {e}", file.display()))?;
+            let file =
+                if file.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file) } else { file.clone() };
+            let cookie = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read cookie_file {}: {e}", file.display()))?;
             cfg.cookie = Some(cookie.trim().to_string());
         }
         cfg.validate().map_err(|e| format!("invalid config {}: {e}", path.display()))?;
@@ -309,7 +307,8 @@ nodes = ["n3"]
     #[test]
     fn fingerprint_sees_any_difference() {
         let a: NodeConfig = toml::from_str(SAMPLE).unwrap();
-        let b: NodeConfig = toml::from_str(&SAMPLE.replace(r#"nodes = ["n1", "n2"]"#, r#"nodes = ["n2", "n1"]"#)).unwrap();
+        let b: NodeConfig =
+            toml::from_str(&SAMPLE.replace(r#"nodes = ["n1", "n2"]"#, r#"nodes = ["n2", "n1"]"#)).unwrap();
         assert_eq!(a.capabilities.fingerprint(), a.clone().capabilities.fingerprint());
         assert_ne!(a.capabilities.fingerprint(), b.capabilities.fingerprint());
     }
@@ -318,14 +317,16 @@ nodes = ["n3"]
     fn node_for_is_stable_and_spreads() {
         let cfg: NodeConfig = toml::from_str(SAMPLE).unwrap();
         let m = &cfg.capabilities;
-        let on_n1 = (0..100).filter(|i| m.node_for(Capability::Inventory, format!("sku-{i}").as_bytes()) == Some("n1")).count();
+        let on_n1 =
+            (0..100).filter(|i| m.node_for(Capability::Inventory, format!("sku-{i}").as_bytes()) == Some("n1")).count();
         assert!((25..75).contains(&on_n1), "{on_n1}");
         assert_eq!(m.node_for(Capability::Inventory, b"sku-1"), m.node_for(Capability::Inventory, b"sku-1"));
     }
 
     #[test]
     fn bad_configs_say_what_is_wrong() {
-        let e = toml::from_str::<NodeConfig>(&SAMPLE.replace("[capabilities.payments]", "[capabilities.paymnts]")).unwrap_err();
+        let e = toml::from_str::<NodeConfig>(&SAMPLE.replace("[capabilities.payments]", "[capabilities.paymnts]"))
+            .unwrap_err();
         assert!(e.to_string().contains("paymnts"), "{e}");
         let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"cookie = "secret""#, "")).unwrap();
         assert!(cfg.validate().unwrap_err().contains("cookie"));

@@ -58,7 +58,12 @@ impl Detector {
                 if p.status != Status::Up {
                     let from = p.status;
                     p.status = Status::Up;
-                    return Some(Transition { node: node.to_string(), from: Some(from), to: Status::Up, silent_ms: silent });
+                    return Some(Transition {
+                        node: node.to_string(),
+                        from: Some(from),
+                        to: Status::Up,
+                        silent_ms: silent,
+                    });
                 }
                 None
             }
@@ -77,7 +82,12 @@ impl Detector {
         }
         let from = p.status;
         p.status = Status::Down;
-        Some(Transition { node: node.to_string(), from: Some(from), to: Status::Down, silent_ms: now.saturating_sub(p.last_heard) })
+        Some(Transition {
+            node: node.to_string(),
+            from: Some(from),
+            to: Status::Down,
+            silent_ms: now.saturating_sub(p.last_heard),
+        })
     }
 
     /// Advances time; returns every peer whose status changed.
@@ -93,7 +103,10 @@ impl Detector {
                 Status::Up
             };
             // Only time can make things worse; getting better needs a heartbeat.
-            let worse = matches!((p.status, want), (Status::Up, Status::Suspect | Status::Down) | (Status::Suspect, Status::Down));
+            let worse = matches!(
+                (p.status, want),
+                (Status::Up, Status::Suspect | Status::Down) | (Status::Suspect, Status::Down)
+            );
             if worse {
                 out.push(Transition { node: name.clone(), from: Some(p.status), to: want, silent_ms: silent });
                 p.status = want;

@@ -34,8 +34,10 @@ pub struct Inbound<Req, Resp> {
 
 /// A gateway for requests `Req` answered with `Resp` by a worker accepting `M`.
 pub struct Gateway<Req, Resp, M> {
-    _types: PhantomData<fn() -> (Req, Resp, M)>,
+    _types: PhantomData<Types<Req, Resp, M>>,
 }
+
+type Types<Req, Resp, M> = fn() -> (Req, Resp, M);
 
 impl<Req, Resp, M> Default for Gateway<Req, Resp, M> {
     fn default() -> Self {
@@ -70,12 +72,21 @@ where
     type State = GatewayState<Req, Resp, M>;
     type Arguments = GatewayArgs<Req, Resp, M>;
 
-    async fn pre_start(&self, myself: ActorRef<WireMsg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WireMsg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(group_name(args.capability, &args.node), vec![myself.get_cell()]);
         Ok(GatewayState { args })
     }
 
-    async fn handle(&self, _myself: ActorRef<WireMsg>, msg: WireMsg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<WireMsg>,
+        msg: WireMsg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let cap = state.args.capability;
         match msg {
             WireMsg::Tell(bytes) => {
@@ -84,16 +95,21 @@ where
             WireMsg::Ask(bytes, port) => {
                 let (env, req) = match open::<Req>(&bytes, cap.as_str()) {
                     Ok(x) => x,
-                    Err(e) => return Ok(reject(port, "", format!("undecodable request: {e}"))),
+                    Err(e) => {
+                        reject(port, "", format!("undecodable request: {e}"));
+                        return Ok(());
+                    }
                 };
                 let tp = child_traceparent(&env.traceparent);
                 let Some(worker) = ActorRef::<M>::where_is(worker_name(cap)) else {
-                    return Ok(reject(port, &tp, format!("unavailable: the {cap} worker is restarting")));
+                    reject(port, &tp, format!("unavailable: the {cap} worker is restarting"));
+                    return Ok(());
                 };
                 let (tx, rx) = ractor::concurrency::oneshot();
                 let inbound = Inbound { req, traceparent: tp.clone(), reply: tx.into() };
                 if worker.cast((state.args.wrap)(inbound)).is_err() {
-                    return Ok(reject(port, &tp, format!("unavailable: the {cap} worker is stopping")));
+                    reject(port, &tp, format!("unavailable: the {cap} worker is stopping"));
+                    return Ok(());
                 }
                 let timeout = state.args.worker_timeout;
                 tokio::spawn(async move {
@@ -101,7 +117,9 @@ where
                         Ok(Ok(resp)) => {
                             let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));
                         }
-                        Ok(Err(_)) => reject(port, &tp, format!("unavailable: the {cap} worker stopped before answering")),
+                        Ok(Err(_)) => {
+                            reject(port, &tp, format!("unavailable: the {cap} worker stopped before answering"))
+                        }
                         Err(_) => reject(port, &tp, format!("unavailable: the {cap} worker did not answer")),
                     }
                 });

@@ -69,7 +69,11 @@ impl Actor for Membership {
     type State = MembershipState;
     type Arguments = Cluster;
 
-    async fn pre_start(&self, myself: ActorRef<MembershipMsg>, cluster: Cluster) -> Result<MembershipState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<MembershipMsg>,
+        cluster: Cluster,
+    ) -> Result<MembershipState, ActorProcessingErr> {
         ractor::pg::join(MEMBERSHIP_GROUP.to_string(), vec![myself.get_cell()]);
         let t = cluster.config().timing.clone();
         // Tick at least 4x per heartbeat so detection lags the deadline by little.
@@ -87,7 +91,12 @@ impl Actor for Membership {
         Ok(state)
     }
 
-    async fn handle(&self, _myself: ActorRef<MembershipMsg>, msg: MembershipMsg, state: &mut MembershipState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<MembershipMsg>,
+        msg: MembershipMsg,
+        state: &mut MembershipState,
+    ) -> Result<(), ActorProcessingErr> {
         let now = state.cluster.now_ms();
         match msg {
             MembershipMsg::Tick(_) => state.tick(now),
@@ -121,7 +130,7 @@ impl MembershipState {
         for t in changes {
             self.apply(t);
         }
-        if changed || self.seq % 10 == 0 {
+        if changed || self.seq.is_multiple_of(10) {
             self.publish();
         }
     }
@@ -183,7 +192,8 @@ impl MembershipState {
             }
         }
         let t = self.detector.heartbeat(&hb.name, now);
-        let health_changed = self.last.get(&hb.name).map(|p| p.unhealthy != hb.unhealthy || p.pid != hb.pid).unwrap_or(true);
+        let health_changed =
+            self.last.get(&hb.name).map(|p| p.unhealthy != hb.unhealthy || p.pid != hb.pid).unwrap_or(true);
         self.last.insert(hb.name.clone(), hb);
         if let Some(t) = t {
             self.apply(t);
@@ -230,7 +240,11 @@ impl MembershipState {
                     addr: hb.cluster_addr.clone(),
                     http: hb.http_addr.clone(),
                     pid: Some(hb.pid),
-                    status: if refused.is_some() { Status::Down } else { self.detector.status(&name).unwrap_or(Status::Down) },
+                    status: if refused.is_some() {
+                        Status::Down
+                    } else {
+                        self.detector.status(&name).unwrap_or(Status::Down)
+                    },
                     capabilities: hb.capabilities.clone(),
                     unhealthy: hb.unhealthy.clone(),
                     reason: refused,

@@ -287,7 +287,9 @@ impl Cluster {
             .view
             .read()
             .ok()
-            .and_then(|v| v.get(node).map(|n| n.status != Status::Down && n.reason.is_none() && !n.unhealthy.contains(&cap)))
+            .and_then(|v| {
+                v.get(node).map(|n| n.status != Status::Down && n.reason.is_none() && !n.unhealthy.contains(&cap))
+            })
             .unwrap_or(false)
     }
 
@@ -308,7 +310,13 @@ impl Cluster {
     }
 
     /// Calls `cap` on `node` with the default call timeout.
-    pub async fn call<Req: Record, Resp: Record>(&self, cap: Capability, node: &str, req: &Req, traceparent: &str) -> Result<Resp, CallError> {
+    pub async fn call<Req: Record, Resp: Record>(
+        &self,
+        cap: Capability,
+        node: &str,
+        req: &Req,
+        traceparent: &str,
+    ) -> Result<Resp, CallError> {
         let t = Duration::from_millis(self.config().timing.call_timeout_ms);
         self.call_with_timeout(cap, node, req, traceparent, t).await
     }
@@ -349,7 +357,8 @@ async fn dialer(cluster: Cluster) {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = shutdown.changed() => return,
         }
-        let known: Vec<String> = cluster.inner.known_addrs.lock().map(|k| k.iter().cloned().collect()).unwrap_or_default();
+        let known: Vec<String> =
+            cluster.inner.known_addrs.lock().map(|k| k.iter().cloned().collect()).unwrap_or_default();
         let connected: BTreeSet<String> = cluster.connected_addrs().into_iter().collect();
         let now = Instant::now();
         for addr in known {
@@ -367,7 +376,12 @@ async fn dialer(cluster: Cluster) {
             cluster.inner.metrics.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let server = cluster.inner.server.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(1), ractor_cluster::client_connect(&server, addr.as_str())).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    ractor_cluster::client_connect(&server, addr.as_str()),
+                )
+                .await
+                {
                     Ok(Ok(())) => tracing::debug!(%addr, "dialled peer"),
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "dial failed"),
                     Err(_) => tracing::debug!(%addr, "dial timed out"),

@@ -67,7 +67,11 @@ fn stock_json(s: &StockView) -> Value {
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send the body as Content-Type: application/json"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
     }
     Ok(())
 }
@@ -77,7 +81,9 @@ fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
 }
 
 fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request(format!("`{}` is not an order id (a UUID)", raw.chars().take(64).collect::<String>())))
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::bad_request(format!("`{}` is not an order id (a UUID)", raw.chars().take(64).collect::<String>()))
+    })
 }
 
 /// The orders node for a new order: the key's home when there is an Idempotency-Key (so one key
@@ -85,9 +91,13 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
 fn pick_orders_node(st: &AppState, key: Option<&str>) -> Result<String, ApiError> {
     let cluster = &st.cluster;
     if let Some(k) = key {
-        let node = cluster.owner(Capability::Orders, k.as_bytes()).ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
+        let node = cluster
+            .owner(Capability::Orders, k.as_bytes())
+            .ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
         if !cluster.is_routable(Capability::Orders, &node) {
-            return Err(ApiError::unavailable(format!("the orders node for this Idempotency-Key ({node}) is unreachable; nothing was recorded, retry later")));
+            return Err(ApiError::unavailable(format!(
+                "the orders node for this Idempotency-Key ({node}) is unreachable; nothing was recorded, retry later"
+            )));
         }
         return Ok(node);
     }
@@ -120,7 +130,8 @@ fn order_response(st: &AppState, view: OrderView) -> Response {
                 Some("out_of_stock") => (StatusCode::CONFLICT, "out_of_stock"),
                 _ => (StatusCode::CONFLICT, "cancelled"),
             };
-            let mut e = ApiError::new(status, code, format!("order {id} was cancelled: {}", reason.unwrap_or("cancelled")));
+            let mut e =
+                ApiError::new(status, code, format!("order {id} was cancelled: {}", reason.unwrap_or("cancelled")));
             e.extra = Some(json!({"order_id": id.to_string(), "order": body}));
             e.into_response()
         }
@@ -146,10 +157,18 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
     });
     st.metrics.placed.fetch_add(1, Relaxed);
     let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
-    match st.cluster.call_with_timeout::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent(), timeout).await {
+    match st
+        .cluster
+        .call_with_timeout::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent(), timeout)
+        .await
+    {
         Ok(OrdersReply::Order(view)) => Ok(order_response(&st, view)),
         Ok(OrdersReply::IdempotencyConflict { order_id }) => {
-            let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used with a different request body");
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request body",
+            );
             e.extra = Some(json!({"order_id": order_id.to_string()}));
             Err(e)
         }
@@ -166,7 +185,11 @@ fn unexpected<T: std::fmt::Debug>(reply: T) -> ApiError {
 pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
     let node = home_of(&st.cluster, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
-    match st.cluster.call::<_, OrdersReply>(Capability::Orders, &node, &OrdersRequest::Get { order_id: id }, &new_traceparent()).await {
+    match st
+        .cluster
+        .call::<_, OrdersReply>(Capability::Orders, &node, &OrdersRequest::Get { order_id: id }, &new_traceparent())
+        .await
+    {
         Ok(OrdersReply::Order(view)) => Ok(Json(order_json(&view)).into_response()),
         Ok(OrdersReply::NotFound) => Err(ApiError::not_found(format!("no order {id}"))),
         Ok(other) => Err(unexpected(other)),
@@ -175,7 +198,10 @@ pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Re
 }
 
 async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
-    let node = st.cluster.owner(Capability::Inventory, sku.as_bytes()).ok_or_else(|| ApiError::unavailable("no inventory node is configured"))?;
+    let node = st
+        .cluster
+        .owner(Capability::Inventory, sku.as_bytes())
+        .ok_or_else(|| ApiError::unavailable("no inventory node is configured"))?;
     match st.cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &new_traceparent()).await {
         Ok(InventoryReply::Stock(s)) => Ok(Json(stock_json(&s)).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
@@ -189,7 +215,12 @@ pub async fn get_stock(State(st): State<AppState>, Path(sku): Path<String>) -> R
     inventory_call(&st, &sku.clone(), InventoryRequest::Get { sku }).await
 }
 
-pub async fn put_stock(State(st): State<AppState>, Path(sku): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn put_stock(
+    State(st): State<AppState>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let sku = validate::sku(&sku)?;
     require_json(&headers)?;
     let (available, price_cents) = validate::stock_update(&parse_json(&body)?)?;
@@ -210,7 +241,10 @@ fn order_param(q: &ByOrder) -> Result<Uuid, ApiError> {
 
 pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let id = order_param(&q)?;
-    let node = st.cluster.owner(Capability::Payments, id.as_bytes()).ok_or_else(|| ApiError::unavailable("no payments node is configured"))?;
+    let node = st
+        .cluster
+        .owner(Capability::Payments, id.as_bytes())
+        .ok_or_else(|| ApiError::unavailable("no payments node is configured"))?;
     match st.cluster.call::<_, PaymentReply>(Capability::Payments, &node, &PaymentRequest::List { order_id: id }, &new_traceparent()).await {
         Ok(PaymentReply::Payments(list)) => Ok(Json(json!({"order_id": id.to_string(), "payments": list.iter().map(|p| json!({
             "payment_id": p.payment_id, "amount_cents": p.amount_cents, "status": p.status, "attempts": p.attempts, "at": rfc3339(p.at_ms),
@@ -223,12 +257,21 @@ pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>)
 
 async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder, field: &str) -> Result<Response, ApiError> {
     let id = order_param(q)?;
-    let node = st.cluster.owner(cap, id.as_bytes()).ok_or_else(|| ApiError::unavailable(format!("no {cap} node is configured")))?;
-    match st.cluster.call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::List { order_id: id }, &new_traceparent()).await {
-        Ok(ConsumerReply::Listed(list)) => Ok(Json(json!({"order_id": id.to_string(), field: list.iter().map(|d| json!({
+    let node = st
+        .cluster
+        .owner(cap, id.as_bytes())
+        .ok_or_else(|| ApiError::unavailable(format!("no {cap} node is configured")))?;
+    match st
+        .cluster
+        .call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::List { order_id: id }, &new_traceparent())
+        .await
+    {
+        Ok(ConsumerReply::Listed(list)) => {
+            Ok(Json(json!({"order_id": id.to_string(), field: list.iter().map(|d| json!({
             "id": d.id, "event_id": d.event_id.to_string(), "detail": d.detail, "at": rfc3339(d.created_ms),
         })).collect::<Vec<_>>()}))
-        .into_response()),
+            .into_response())
+        }
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_call(e)),
     }
@@ -245,16 +288,19 @@ pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOr
 /// `GET /v1/cluster`: every node as this node sees it, and per capability who serves it.
 pub fn cluster_json(st: &AppState) -> Value {
     let view = st.cluster.view();
-    let nodes: Vec<Value> = view.values().map(|n| {
-        let mut v = json!({
-            "name": n.name, "addr": n.addr, "http": n.http, "pid": n.pid, "status": n.status,
-            "capabilities": n.capabilities, "unhealthy": n.unhealthy,
-        });
-        if let Some(r) = &n.reason {
-            v["reason"] = json!(r);
-        }
-        v
-    }).collect();
+    let nodes: Vec<Value> = view
+        .values()
+        .map(|n| {
+            let mut v = json!({
+                "name": n.name, "addr": n.addr, "http": n.http, "pid": n.pid, "status": n.status,
+                "capabilities": n.capabilities, "unhealthy": n.unhealthy,
+            });
+            if let Some(r) = &n.reason {
+                v["reason"] = json!(r);
+            }
+            v
+        })
+        .collect();
     let mut caps = serde_json::Map::new();
     for cap in Capability::ALL {
         let members = st.cluster.config().capabilities.nodes(cap).to_vec();
@@ -288,14 +334,20 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
             problems.push(r.to_string());
         }
     }
-    let joined = st.cluster.config().seeds.is_empty() || view.values().any(|n| n.name != st.cluster.name() && n.status != Status::Down);
+    let joined = st.cluster.config().seeds.is_empty()
+        || view.values().any(|n| n.name != st.cluster.name() && n.status != Status::Down);
     if !joined {
         problems.push("not joined: no peer is reachable yet".into());
     }
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(json!({"status": "not_ready", "problems": problems}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(json!({"status": "not_ready", "problems": problems})),
+        )
+            .into_response()
     }
 }
 
@@ -314,16 +366,29 @@ pub async fn inject_panic(State(st): State<AppState>, Path(cap): Path<String>) -
     let t = Duration::from_millis(500);
     // The worker dies instead of answering; the call's failure is the expected outcome.
     let result = match cap {
-        Capability::Orders => st.cluster.call_with_timeout::<_, OrdersReply>(cap, &node, &OrdersRequest::InjectPanic, &tp, t).await.map(|_| ()),
-        Capability::Inventory => st.cluster.call_with_timeout::<_, InventoryReply>(cap, &node, &InventoryRequest::InjectPanic, &tp, t).await.map(|_| ()),
-        Capability::Payments => st.cluster.call_with_timeout::<_, PaymentReply>(cap, &node, &PaymentRequest::InjectPanic, &tp, t).await.map(|_| ()),
-        Capability::Shipping | Capability::Notifications => {
-            st.cluster.call_with_timeout::<_, ConsumerReply>(cap, &node, &ConsumerRequest::InjectPanic, &tp, t).await.map(|_| ())
-        }
+        Capability::Orders => st
+            .cluster
+            .call_with_timeout::<_, OrdersReply>(cap, &node, &OrdersRequest::InjectPanic, &tp, t)
+            .await
+            .map(|_| ()),
+        Capability::Inventory => st
+            .cluster
+            .call_with_timeout::<_, InventoryReply>(cap, &node, &InventoryRequest::InjectPanic, &tp, t)
+            .await
+            .map(|_| ()),
+        Capability::Payments => st
+            .cluster
+            .call_with_timeout::<_, PaymentReply>(cap, &node, &PaymentRequest::InjectPanic, &tp, t)
+            .await
+            .map(|_| ()),
+        Capability::Shipping | Capability::Notifications => st
+            .cluster
+            .call_with_timeout::<_, ConsumerReply>(cap, &node, &ConsumerRequest::InjectPanic, &tp, t)
+            .await
+            .map(|_| ()),
     };
     tracing::warn!(capability = %cap, ?result, "fault injected: worker panic");
-    Ok((StatusCode::ACCEPTED, Json(json!({"injected": "panic", "capability": cap, "node": node})))
-        .into_response())
+    Ok((StatusCode::ACCEPTED, Json(json!({"injected": "panic", "capability": cap, "node": node}))).into_response())
 }
 
 #[cfg(test)]

@@ -81,7 +81,11 @@ async fn dashboard() -> Html<&'static str> {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
@@ -100,7 +104,11 @@ impl Actor for HttpFront {
     type State = HttpFrontState;
     type Arguments = (TcpListener, AppState);
 
-    async fn pre_start(&self, _myself: ActorRef<HttpMsg>, (listener, state): Self::Arguments) -> Result<HttpFrontState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<HttpMsg>,
+        (listener, state): Self::Arguments,
+    ) -> Result<HttpFrontState, ActorProcessingErr> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
@@ -116,7 +124,11 @@ impl Actor for HttpFront {
         Ok(HttpFrontState { stop: Some(tx) })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<HttpMsg>, state: &mut HttpFrontState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<HttpMsg>,
+        state: &mut HttpFrontState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(tx) = state.stop.take() {
             let _ = tx.send(());
         }

@@ -20,7 +20,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         }
     };
     let m = &st.metrics;
-    line("bulkhead_orders_placed_total", "POST /v1/orders accepted for processing by this node", "counter", vec![(String::new(), m.placed.load(Relaxed))]);
+    line(
+        "bulkhead_orders_placed_total",
+        "POST /v1/orders accepted for processing by this node",
+        "counter",
+        vec![(String::new(), m.placed.load(Relaxed))],
+    );
     line(
         "bulkhead_orders_answered_total",
         "POST /v1/orders answers by outcome",
@@ -32,18 +37,52 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         ],
     );
     let c = st.cluster.metrics();
-    line("bulkhead_cluster_calls_total", "cross-node calls made", "counter", vec![(String::new(), c.calls.load(Relaxed))]);
-    line("bulkhead_cluster_call_errors_total", "cross-node calls that failed", "counter", vec![(String::new(), c.call_errors.load(Relaxed))]);
-    line("bulkhead_cluster_peer_downs_total", "peers declared down", "counter", vec![(String::new(), c.downs.load(Relaxed))]);
-    line("bulkhead_cluster_refused_peers_total", "peers refused for a different shard map", "counter", vec![(String::new(), c.refused_peers.load(Relaxed))]);
-    line("bulkhead_wire_undecodable_total", "cluster messages that could not be decoded", "counter", vec![
-        ("{part=\"envelope\"}".into(), WIRE_STATS.undecodable_envelopes.load(Relaxed)),
-        ("{part=\"payload\"}".into(), WIRE_STATS.undecodable_payloads.load(Relaxed)),
-    ]);
-    let status = st.cluster.view().values().map(|n| {
-        let v = match n.status { Status::Up => 2, Status::Suspect => 1, Status::Down => 0 };
-        (format!("{{node=\"{}\"}}", n.name), v)
-    }).collect();
+    line(
+        "bulkhead_cluster_calls_total",
+        "cross-node calls made",
+        "counter",
+        vec![(String::new(), c.calls.load(Relaxed))],
+    );
+    line(
+        "bulkhead_cluster_call_errors_total",
+        "cross-node calls that failed",
+        "counter",
+        vec![(String::new(), c.call_errors.load(Relaxed))],
+    );
+    line(
+        "bulkhead_cluster_peer_downs_total",
+        "peers declared down",
+        "counter",
+        vec![(String::new(), c.downs.load(Relaxed))],
+    );
+    line(
+        "bulkhead_cluster_refused_peers_total",
+        "peers refused for a different shard map",
+        "counter",
+        vec![(String::new(), c.refused_peers.load(Relaxed))],
+    );
+    line(
+        "bulkhead_wire_undecodable_total",
+        "cluster messages that could not be decoded",
+        "counter",
+        vec![
+            ("{part=\"envelope\"}".into(), WIRE_STATS.undecodable_envelopes.load(Relaxed)),
+            ("{part=\"payload\"}".into(), WIRE_STATS.undecodable_payloads.load(Relaxed)),
+        ],
+    );
+    let status = st
+        .cluster
+        .view()
+        .values()
+        .map(|n| {
+            let v = match n.status {
+                Status::Up => 2,
+                Status::Suspect => 1,
+                Status::Down => 0,
+            };
+            (format!("{{node=\"{}\"}}", n.name), v)
+        })
+        .collect();
     line("bulkhead_node_status", "peer status as seen from here: 2 up, 1 suspect, 0 down", "gauge", status);
     let mut writes = vec![];
     let mut flushes = vec![];

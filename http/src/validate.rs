@@ -12,7 +12,10 @@ pub const MAX_QUANTITY: u64 = 1_000_000;
 fn no_unknown_fields(obj: &Map<String, Value>, known: &[&str], what: &str) -> Result<(), ApiError> {
     for k in obj.keys() {
         if !known.contains(&k.as_str()) {
-            return Err(ApiError::bad_request(format!("unknown field `{k}` in {what} (expected: {})", known.join(", "))));
+            return Err(ApiError::bad_request(format!(
+                "unknown field `{k}` in {what} (expected: {})",
+                known.join(", ")
+            )));
         }
     }
     Ok(())
@@ -21,7 +24,9 @@ fn no_unknown_fields(obj: &Map<String, Value>, known: &[&str], what: &str) -> Re
 fn string(obj: &Map<String, Value>, field: &str, max: usize) -> Result<String, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(ApiError::bad_request(format!("`{field}` is required"))),
-        Some(Value::String(s)) if s.trim().is_empty() => Err(ApiError::bad_request(format!("`{field}` must not be empty"))),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(ApiError::bad_request(format!("`{field}` must not be empty")))
+        }
         Some(Value::String(s)) if s.chars().count() > max => {
             Err(ApiError::bad_request(format!("`{field}` is longer than {max} characters")))
         }
@@ -70,7 +75,9 @@ pub fn new_order(body: &Value) -> Result<NewOrder, ApiError> {
     let payment_token = string(obj, "payment_token", 64)?;
     let items = match obj.get("items") {
         None | Some(Value::Null) => return Err(ApiError::bad_request("`items` is required")),
-        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::bad_request("`items` must list at least one item")),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::bad_request("`items` must list at least one item"))
+        }
         Some(Value::Array(a)) if a.len() > MAX_ITEMS => {
             return Err(ApiError::bad_request(format!("`items` lists more than {MAX_ITEMS} items")))
         }
@@ -83,7 +90,8 @@ pub fn new_order(body: &Value) -> Result<NewOrder, ApiError> {
         no_unknown_fields(o, &["sku", "quantity"], &format!("items[{i}]"))?;
         let s = string(o, "sku", 64).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
         let sku = sku(&s).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
-        let quantity = integer(o, "quantity", 1, MAX_QUANTITY).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
+        let quantity = integer(o, "quantity", 1, MAX_QUANTITY)
+            .map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
         out.push(Item { sku, quantity });
     }
     Ok(NewOrder { customer_id, items: out, payment_token })
@@ -112,7 +120,10 @@ mod tests {
 
     #[test]
     fn accepts_a_good_order() {
-        let o = new_order(&json!({"customer_id": "c1", "items": [{"sku": "widget-1", "quantity": 2}], "payment_token": "tok_ok"})).unwrap();
+        let o = new_order(
+            &json!({"customer_id": "c1", "items": [{"sku": "widget-1", "quantity": 2}], "payment_token": "tok_ok"}),
+        )
+        .unwrap();
         assert_eq!(o.items, vec![Item { sku: "widget-1".into(), quantity: 2 }]);
     }
 
@@ -121,12 +132,24 @@ mod tests {
         let cases = [
             (json!([]), "JSON object"),
             (json!({"items": [], "payment_token": "t", "customer_id": "c"}), "`items`"),
-            (json!({"items": [{"sku": "a", "quantity": 0}], "payment_token": "t", "customer_id": "c"}), "items[0]: `quantity`"),
+            (
+                json!({"items": [{"sku": "a", "quantity": 0}], "payment_token": "t", "customer_id": "c"}),
+                "items[0]: `quantity`",
+            ),
             (json!({"items": [{"sku": "a", "quantity": 1.5}], "payment_token": "t", "customer_id": "c"}), "`quantity`"),
-            (json!({"items": [{"sku": "a b", "quantity": 1}], "payment_token": "t", "customer_id": "c"}), "items[0]: sku"),
+            (
+                json!({"items": [{"sku": "a b", "quantity": 1}], "payment_token": "t", "customer_id": "c"}),
+                "items[0]: sku",
+            ),
             (json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": "t"}), "`customer_id`"),
-            (json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": 5, "customer_id": "c"}), "`payment_token`"),
-            (json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": "t", "customer_id": "c", "x": 1}), "unknown field `x`"),
+            (
+                json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": 5, "customer_id": "c"}),
+                "`payment_token`",
+            ),
+            (
+                json!({"items": [{"sku": "a", "quantity": 1}], "payment_token": "t", "customer_id": "c", "x": 1}),
+                "unknown field `x`",
+            ),
             (json!({"items": [{"sku": "a", "quantity": -1}], "payment_token": "t", "customer_id": "c"}), "`quantity`"),
         ];
         for (body, needle) in cases {

@@ -39,13 +39,10 @@ fn config() -> bincode::config::Configuration {
 
 /// Decodes a bare bincode payload (no version byte); for [`Record::upgrade`] implementations.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(payload, config()).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != payload.len() {
-        return Err(CodecError::Malformed(format!(
-            "{} trailing bytes after the record",
-            payload.len() - used
-        )));
+        return Err(CodecError::Malformed(format!("{} trailing bytes after the record", payload.len() - used)));
     }
     Ok(value)
 }
@@ -55,8 +52,7 @@ pub fn encode<T: Record>(value: &T) -> Vec<u8> {
     let mut out = vec![T::VERSION];
     // Encoding into a Vec only fails for types serde cannot represent (e.g. maps with non-string
     // keys in some formats); bincode supports every type we define, so this is a programming error.
-    bincode::serde::encode_into_std_write(value, &mut out, config())
-        .expect("bincode can encode every record type");
+    bincode::serde::encode_into_std_write(value, &mut out, config()).expect("bincode can encode every record type");
     out
 }
 
@@ -121,10 +117,7 @@ mod tests {
     #[test]
     fn newer_version_is_refused_not_misread() {
         let newer = encode(&V2 { a: 1, b: String::new(), c: Some(3) });
-        assert_eq!(
-            decode::<V1>(&newer),
-            Err(CodecError::UnknownVersion { found: 2, known: 1 })
-        );
+        assert_eq!(decode::<V1>(&newer), Err(CodecError::UnknownVersion { found: 2, known: 1 }));
     }
 
     #[test]

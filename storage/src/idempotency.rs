@@ -39,10 +39,7 @@ impl Record for IdemKeyRef {
 
 impl Idempotency {
     pub const fn new(records_id: u8, index_id: u8) -> Self {
-        Self {
-            records: Table::new(records_id, "idempotency"),
-            by_time: Table::new(index_id, "idempotency_by_time"),
-        }
+        Self { records: Table::new(records_id, "idempotency"), by_time: Table::new(index_id, "idempotency_by_time") }
     }
 
     /// Claims `key` for `record`; returns `None` if claimed now, or the earlier claim.
@@ -81,7 +78,6 @@ impl Idempotency {
         Ok(n)
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -112,10 +112,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("capability", &self.inner.capability)
-            .field("path", &self.inner.path)
-            .finish()
+        f.debug_struct("Store").field("capability", &self.inner.capability).field("path", &self.inner.path).finish()
     }
 }
 
@@ -124,11 +121,8 @@ impl Store {
     /// the store's flusher task.
     pub fn open(data_dir: &Path, capability: &str, opts: &StoreOptions) -> Result<Store, StoreError> {
         let path = data_dir.join(capability);
-        let open_err = |reason: String| StoreError::Open {
-            capability: capability.to_string(),
-            path: path.clone(),
-            reason,
-        };
+        let open_err =
+            |reason: String| StoreError::Open { capability: capability.to_string(), path: path.clone(), reason };
         if path.exists() && !path.is_dir() {
             return Err(open_err("the path exists and is not a directory".into()));
         }

@@ -84,7 +84,11 @@ impl<K: Key, V: Record> Table<K, V> {
     }
 
     /// Records whose encoded key starts with `prefix` (e.g. every `"<order>/..."` key), in key order.
-    pub fn iter_prefix<'a>(&'a self, store: &Store, prefix: &[u8]) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+    pub fn iter_prefix<'a>(
+        &'a self,
+        store: &Store,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
         let mut start = vec![self.id];
         start.extend_from_slice(prefix);
         store.tree().scan_prefix(start).map(move |item| {
@@ -106,8 +110,7 @@ impl<K: Key, V: Record> Table<K, V> {
         };
         range.map(move |item| {
             let (k, v) = item?;
-            let key = K::decode_key(&k[1..])
-                .ok_or(StoreError::BadKey { table: self.name })?;
+            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
             Ok((key, self.decode_value(&v)?))
         })
     }

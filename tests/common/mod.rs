@@ -34,8 +34,11 @@ pub async fn start_unready(timing: Timing, prepare: impl FnOnce(&std::path::Path
 async fn start_opts(timing: Timing, prepare: impl FnOnce(&std::path::Path), ready: bool) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
-    let lc = LocalCluster::launch(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), ports(), timing, true).expect("launch");
-    let tc = TestCluster { lc, dir, http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap() };
+    let lc =
+        LocalCluster::launch(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), ports(), timing, true)
+            .expect("launch");
+    let tc =
+        TestCluster { lc, dir, http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap() };
     if let Err(e) = tc.lc.wait_joined(Duration::from_secs(60), ready).await {
         tc.dump_logs();
         panic!("{e}");
@@ -95,18 +98,31 @@ impl TestCluster {
     }
 
     pub async fn order(&self, node: usize, key: Option<&str>, sku: &str, qty: u64, token: &str) -> Reply {
-        self.post(node, "/v1/orders", key, json!({"customer_id": "c-test", "items": [{"sku": sku, "quantity": qty}], "payment_token": token})).await
+        self.post(
+            node,
+            "/v1/orders",
+            key,
+            json!({"customer_id": "c-test", "items": [{"sku": sku, "quantity": qty}], "payment_token": token}),
+        )
+        .await
     }
 
     pub async fn stock(&self, sku: &str, available: u64, price: u64) {
-        let r = self.put(0, &format!("/v1/inventory/{sku}"), json!({"available": available, "price_cents": price})).await;
+        let r =
+            self.put(0, &format!("/v1/inventory/{sku}"), json!({"available": available, "price_cents": price})).await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
 
     /// Status of `name` as node `from` sees it.
     pub async fn status_of(&self, from: usize, name: &str) -> String {
         let v = self.get(from, "/v1/cluster").await.body;
-        v["nodes"].as_array().into_iter().flatten().find(|n| n["name"] == name).map(|n| n["status"].as_str().unwrap_or("").to_string()).unwrap_or_default()
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == name)
+            .map(|n| n["status"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
     }
 }
 

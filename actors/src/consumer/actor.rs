@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::protocol::{ConsumerReply, ConsumerRequest, Delivery, OrderConfirmed};
-use bulkhead_cluster::Inbound;
 use crate::util::reply_after_sync;
 use crate::WorkerArgs;
+use bulkhead_cluster::Inbound;
 
 /// Event ids already handled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,18 +57,31 @@ impl Actor for ConsumerWorker {
     type State = ConsumerArgs;
     type Arguments = ConsumerArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<ConsumerMsg>, args: ConsumerArgs) -> Result<ConsumerArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ConsumerMsg>,
+        args: ConsumerArgs,
+    ) -> Result<ConsumerArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(&self, _myself: ActorRef<ConsumerMsg>, msg: ConsumerMsg, state: &mut ConsumerArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<ConsumerMsg>,
+        msg: ConsumerMsg,
+        state: &mut ConsumerArgs,
+    ) -> Result<(), ActorProcessingErr> {
         let ConsumerMsg::Request(Inbound { req, reply, .. }) = msg;
         let store = &state.worker.store;
         let m = state.making;
         match req {
             ConsumerRequest::Deliver(ev) => {
                 let seen = SEEN.get(store, &ev.event_id)?.is_some();
-                let k = if m.one_per_order { key(ev.order_id, m.kind) } else { key(ev.order_id, &ev.event_id.simple().to_string()) };
+                let k = if m.one_per_order {
+                    key(ev.order_id, m.kind)
+                } else {
+                    key(ev.order_id, &ev.event_id.simple().to_string())
+                };
                 let duplicate = seen || DELIVERIES.get(store, &k)?.is_some();
                 let mut b = Batch::new();
                 SEEN.put(&mut b, &ev.event_id, &Seen { at_ms: now_ms() });

@@ -42,7 +42,9 @@ impl Record for Delivery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsumerReply {
     /// Accepted; `duplicate` when this event id was seen before (nothing new recorded).
-    Accepted { duplicate: bool },
+    Accepted {
+        duplicate: bool,
+    },
     Listed(Vec<Delivery>),
     Refused(String),
 }

@@ -109,7 +109,11 @@ impl Actor for InventoryWorker {
     type State = InventoryState;
     type Arguments = WorkerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<InventoryMsg>, args: WorkerArgs) -> Result<InventoryState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<InventoryMsg>,
+        args: WorkerArgs,
+    ) -> Result<InventoryState, ActorProcessingErr> {
         let mut model = Inventory::default();
         for item in STOCK.iter(&args.store) {
             let (sku, s) = item?;
@@ -127,7 +131,12 @@ impl Actor for InventoryWorker {
         Ok(InventoryState { args, model })
     }
 
-    async fn handle(&self, _myself: ActorRef<InventoryMsg>, msg: InventoryMsg, state: &mut InventoryState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<InventoryMsg>,
+        msg: InventoryMsg,
+        state: &mut InventoryState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             InventoryMsg::Request(Inbound { req, reply, .. }) => {
                 let answer = state.handle_request(req)?;

@@ -33,29 +33,50 @@ pub struct StockView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryRequest {
     /// Reserve every item for `order_id` (all or nothing), held for `ttl_ms`. Idempotent per order.
-    Reserve { order_id: Uuid, items: Vec<Item>, ttl_ms: u64 },
+    Reserve {
+        order_id: Uuid,
+        items: Vec<Item>,
+        ttl_ms: u64,
+    },
     /// The order is confirmed: reserved becomes sold. Idempotent.
-    Commit { order_id: Uuid },
+    Commit {
+        order_id: Uuid,
+    },
     /// The order is cancelled: reserved becomes available again. Idempotent; a release that
     /// arrives before its reservation leaves a tombstone so the late reservation is refused.
-    Release { order_id: Uuid },
-    Get { sku: String },
+    Release {
+        order_id: Uuid,
+    },
+    Get {
+        sku: String,
+    },
     /// Sets available stock and price (admin).
-    Set { sku: String, available: u64, price_cents: u64 },
+    Set {
+        sku: String,
+        available: u64,
+        price_cents: u64,
+    },
     /// Fault injection: the worker panics (only when the node enables fault injection).
     InjectPanic,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryReply {
-    Reserved { lines: Vec<PricedLine> },
-    OutOfStock { sku: String, available: u64 },
+    Reserved {
+        lines: Vec<PricedLine>,
+    },
+    OutOfStock {
+        sku: String,
+        available: u64,
+    },
     /// The order was released (or expired) before this request: nothing is held for it.
     AlreadyReleased,
     Committed,
     Released,
     /// A commit found its reservation expired and the stock gone since.
-    CommitFailed { reason: String },
+    CommitFailed {
+        reason: String,
+    },
     Stock(StockView),
     NotFound,
     Refused(String),

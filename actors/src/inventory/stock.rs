@@ -103,14 +103,20 @@ impl Inventory {
             lines.push(PricedLine { sku: sku.to_string(), quantity: qty, unit_price_cents: s.price_cents });
             changes.stock.push(sku.to_string());
         }
-        self.reservations.insert(order, Reservation { lines: lines.clone(), expires_ms: now_ms.saturating_add(ttl_ms), state: HoldState::Held });
+        self.reservations.insert(
+            order,
+            Reservation { lines: lines.clone(), expires_ms: now_ms.saturating_add(ttl_ms), state: HoldState::Held },
+        );
         changes.reservations.push(order);
         (InventoryReply::Reserved { lines }, changes)
     }
 
     pub fn commit(&mut self, order: Uuid) -> (InventoryReply, Changes) {
         let Some(r) = self.reservations.get(&order) else {
-            return (InventoryReply::CommitFailed { reason: "no reservation for this order".into() }, Changes::default());
+            return (
+                InventoryReply::CommitFailed { reason: "no reservation for this order".into() },
+                Changes::default(),
+            );
         };
         match r.state {
             HoldState::Committed => (InventoryReply::Committed, Changes::default()),
@@ -134,7 +140,10 @@ impl Inventory {
                 // Expired before the confirmation arrived: take the stock again if it is still there.
                 let lines = r.lines.clone();
                 if lines.iter().any(|l| self.stock.get(&l.sku).map(|s| s.available).unwrap_or(0) < l.quantity) {
-                    return (InventoryReply::CommitFailed { reason: "reservation expired and the stock is gone".into() }, Changes::default());
+                    return (
+                        InventoryReply::CommitFailed { reason: "reservation expired and the stock is gone".into() },
+                        Changes::default(),
+                    );
                 }
                 let mut changes = Changes::default();
                 for l in &lines {
@@ -158,7 +167,8 @@ impl Inventory {
         match self.reservations.get_mut(&order) {
             None => {
                 // Tombstone: a reservation still in flight for this order must not take stock later.
-                self.reservations.insert(order, Reservation { lines: vec![], expires_ms: now_ms, state: HoldState::Released });
+                self.reservations
+                    .insert(order, Reservation { lines: vec![], expires_ms: now_ms, state: HoldState::Released });
                 changes.reservations.push(order);
             }
             Some(r) if r.state == HoldState::Held => {
@@ -216,7 +226,12 @@ mod tests {
         inv.set("a", 5, 100);
         let o1 = Uuid::from_u128(1);
         let (r, _) = inv.reserve(o1, &[item("a", 2)], 0, 1000);
-        assert_eq!(r, InventoryReply::Reserved { lines: vec![PricedLine { sku: "a".into(), quantity: 2, unit_price_cents: 100 }] });
+        assert_eq!(
+            r,
+            InventoryReply::Reserved {
+                lines: vec![PricedLine { sku: "a".into(), quantity: 2, unit_price_cents: 100 }]
+            }
+        );
         // Repeating returns the same answer, takes nothing more.
         let (r2, c2) = inv.reserve(o1, &[item("a", 2)], 0, 1000);
         assert_eq!(r, r2);

@@ -80,7 +80,13 @@ impl OrdersState {
         Ok(self.args.store.apply(b)?)
     }
 
-    fn wait_for(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, wait_ms: u64, reply: RpcReplyPort<OrdersReply>) {
+    fn wait_for(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        order_id: Uuid,
+        wait_ms: u64,
+        reply: RpcReplyPort<OrdersReply>,
+    ) {
         let w = self.next_waiter;
         self.next_waiter += 1;
         self.waiters.entry(order_id).or_default().push((w, reply));
@@ -88,7 +94,13 @@ impl OrdersState {
     }
 
     /// Answers for an order that already exists (an idempotent replay, or a lookup).
-    fn answer_existing(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, wait_ms: Option<u64>, reply: RpcReplyPort<OrdersReply>) -> Result<(), ActorProcessingErr> {
+    fn answer_existing(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        order_id: Uuid,
+        wait_ms: Option<u64>,
+        reply: RpcReplyPort<OrdersReply>,
+    ) -> Result<(), ActorProcessingErr> {
         if self.sagas.contains_key(&order_id) {
             match wait_ms {
                 Some(ms) => self.wait_for(myself, order_id, ms, reply),
@@ -104,7 +116,12 @@ impl OrdersState {
         Ok(())
     }
 
-    fn place(&mut self, myself: &ActorRef<OrdersMsg>, p: PlaceOrder, reply: RpcReplyPort<OrdersReply>) -> Result<(), ActorProcessingErr> {
+    fn place(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        p: PlaceOrder,
+        reply: RpcReplyPort<OrdersReply>,
+    ) -> Result<(), ActorProcessingErr> {
         let id = new_order_id(self.home_index);
         let now = now_ms();
         if let Some(ik) = &p.idempotency {
@@ -139,7 +156,12 @@ impl OrdersState {
         self.execute(myself, id, cmds)
     }
 
-    fn on_saga_event(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, event: Event) -> Result<(), ActorProcessingErr> {
+    fn on_saga_event(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        order_id: Uuid,
+        event: Event,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(order) = self.sagas.get_mut(&order_id) else { return Ok(()) };
         let before = order.clone();
         let cmds = saga::step(order, event, now_ms(), jitter());
@@ -150,7 +172,12 @@ impl OrdersState {
         self.execute(myself, order_id, cmds)
     }
 
-    fn execute(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, cmds: Vec<Command>) -> Result<(), ActorProcessingErr> {
+    fn execute(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        order_id: Uuid,
+        cmds: Vec<Command>,
+    ) -> Result<(), ActorProcessingErr> {
         let ttl_ms = self.cluster().config().timing.reservation_ttl_ms;
         for cmd in cmds {
             let (cluster, me) = (self.cluster().clone(), myself.clone());
@@ -159,13 +186,14 @@ impl OrdersState {
                     tokio::spawn(async move {
                         let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
                         let tp = bulkhead_cluster::wire::new_traceparent();
-                        let outcome = match cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &tp).await {
-                            Ok(InventoryReply::Reserved { lines }) => ReserveOutcome::Reserved(lines),
-                            Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
-                            Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
-                            Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
-                            Err(e) => ReserveOutcome::Unavailable(e.to_string()),
-                        };
+                        let outcome =
+                            match cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &tp).await {
+                                Ok(InventoryReply::Reserved { lines }) => ReserveOutcome::Reserved(lines),
+                                Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
+                                Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
+                                Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
+                                Err(e) => ReserveOutcome::Unavailable(e.to_string()),
+                            };
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Reserve { node, outcome } });
                     });
                 }
@@ -174,19 +202,25 @@ impl OrdersState {
                         let node = cluster.owner(Capability::Payments, order_id.as_bytes()).unwrap_or_default();
                         let req = PaymentRequest::Charge { order_id, amount_cents, token };
                         let tp = bulkhead_cluster::wire::new_traceparent();
-                        let outcome = match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
-                            Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
-                            Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
-                            Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
-                            Ok(PaymentReply::InProgress) => ChargeOutcome::Unavailable("the charge is still processing".into()),
-                            Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
-                            Err(e) => ChargeOutcome::Unavailable(e.to_string()),
-                        };
+                        let outcome =
+                            match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
+                                Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
+                                Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
+                                Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
+                                Ok(PaymentReply::InProgress) => {
+                                    ChargeOutcome::Unavailable("the charge is still processing".into())
+                                }
+                                Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
+                                Err(e) => ChargeOutcome::Unavailable(e.to_string()),
+                            };
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
                     });
                 }
                 Command::RetryIn(ms) => {
-                    myself.send_after(Duration::from_millis(ms), move || OrdersMsg::Saga { order_id, event: Event::RetryDue });
+                    myself.send_after(Duration::from_millis(ms), move || OrdersMsg::Saga {
+                        order_id,
+                        event: Event::RetryDue,
+                    });
                 }
                 Command::Finish => self.finish(order_id)?,
             }
@@ -210,7 +244,7 @@ impl OrdersState {
         for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
             reply_after_sync(&self.args.store, w, OrdersReply::Order(view.clone()));
         }
-        if let Some(relay) = ActorRef::<OutboxMsg>::where_is(RELAY_NAME.to_string()) {
+        if let Some(relay) = ActorRef::<OutboxMsg>::where_is(RELAY_NAME) {
             let store = self.args.store.clone();
             // Kick the relay once the entries are durable, for a short confirmed-to-shipped time.
             tokio::spawn(async move {
@@ -228,16 +262,22 @@ impl Actor for OrdersWorker {
     type State = OrdersState;
     type Arguments = WorkerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<OrdersMsg>, args: WorkerArgs) -> Result<OrdersState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<OrdersMsg>,
+        args: WorkerArgs,
+    ) -> Result<OrdersState, ActorProcessingErr> {
         let home_index = args
             .cluster
             .config()
             .capabilities
             .orders_index(args.cluster.name())
             .ok_or("this node hosts orders but is not in [capabilities.orders] nodes")?;
-        let mut state = OrdersState { args, home_index, sagas: HashMap::new(), waiters: HashMap::new(), next_waiter: 0 };
+        let mut state =
+            OrdersState { args, home_index, sagas: HashMap::new(), waiters: HashMap::new(), next_waiter: 0 };
         // Resume every saga that was in flight when the node (or this worker) stopped.
-        let ids: Vec<Uuid> = UNFINISHED.iter(&state.args.store).map(|r| r.map(|(id, _)| id)).collect::<Result<_, _>>()?;
+        let ids: Vec<Uuid> =
+            UNFINISHED.iter(&state.args.store).map(|r| r.map(|(id, _)| id)).collect::<Result<_, _>>()?;
         for id in &ids {
             if let Some(o) = ORDERS.get(&state.args.store, id)? {
                 if o.status == OrderStatus::Pending {
@@ -255,7 +295,12 @@ impl Actor for OrdersWorker {
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<OrdersMsg>, msg: OrdersMsg, state: &mut OrdersState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<OrdersMsg>,
+        msg: OrdersMsg,
+        state: &mut OrdersState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             OrdersMsg::Request(Inbound { req, reply, .. }) => match req {
                 OrdersRequest::Place(p) => state.place(&myself, p, reply)?,

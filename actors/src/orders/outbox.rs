@@ -43,7 +43,10 @@ pub enum OutboxMsg {
     Tick,
     /// New entries were written: look now rather than at the next tick.
     Kick,
-    RoundDone { delivered: Vec<Uuid>, failed: Vec<Dest> },
+    RoundDone {
+        delivered: Vec<Uuid>,
+        failed: Vec<Dest>,
+    },
 }
 
 pub struct OutboxRelay;
@@ -74,7 +77,15 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
     let tp = bulkhead_cluster::wire::new_traceparent();
     match (&e.dest, &e.event) {
         (Dest::Inventory { node }, OutboxEvent::CommitReservation { order_id }) => {
-            match cluster.call::<_, InventoryReply>(Capability::Inventory, node, &InventoryRequest::Commit { order_id: *order_id }, &tp).await {
+            match cluster
+                .call::<_, InventoryReply>(
+                    Capability::Inventory,
+                    node,
+                    &InventoryRequest::Commit { order_id: *order_id },
+                    &tp,
+                )
+                .await
+            {
                 Ok(InventoryReply::CommitFailed { reason }) => {
                     tracing::error!(%order_id, %node, %reason, "reservation commit failed for a confirmed order");
                     true
@@ -84,7 +95,12 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
             }
         }
         (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => cluster
-            .call::<_, InventoryReply>(Capability::Inventory, node, &InventoryRequest::Release { order_id: *order_id }, &tp)
+            .call::<_, InventoryReply>(
+                Capability::Inventory,
+                node,
+                &InventoryRequest::Release { order_id: *order_id },
+                &tp,
+            )
             .await
             .is_ok(),
         (Dest::Shipping | Dest::Notifications, OutboxEvent::Confirmed(ev)) => {
@@ -159,10 +175,21 @@ impl Actor for OutboxRelay {
 
     async fn pre_start(&self, myself: ActorRef<OutboxMsg>, args: RelayArgs) -> Result<RelayState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(200), || OutboxMsg::Tick);
-        Ok(RelayState { cluster: args.cluster, store: args.store, in_flight: false, again: false, backoff: HashMap::new() })
+        Ok(RelayState {
+            cluster: args.cluster,
+            store: args.store,
+            in_flight: false,
+            again: false,
+            backoff: HashMap::new(),
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<OutboxMsg>, msg: OutboxMsg, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<OutboxMsg>,
+        msg: OutboxMsg,
+        state: &mut RelayState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
             OutboxMsg::RoundDone { delivered, failed } => {

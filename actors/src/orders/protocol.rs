@@ -63,7 +63,9 @@ pub enum OrdersReply {
     Order(OrderView),
     NotFound,
     /// The Idempotency-Key was first used with a different body.
-    IdempotencyConflict { order_id: Uuid },
+    IdempotencyConflict {
+        order_id: Uuid,
+    },
     Refused(String),
 }
 

@@ -71,7 +71,9 @@ impl Record for OrderRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Reserved(Vec<PricedLine>),
-    OutOfStock { sku: String },
+    OutOfStock {
+        sku: String,
+    },
     /// The shard had already released this order (its reservation expired).
     AlreadyReleased,
     Unavailable(String),
@@ -90,15 +92,24 @@ pub enum Event {
     Start,
     /// The node restarted with this order unfinished.
     Resume,
-    Reserve { node: String, outcome: ReserveOutcome },
+    Reserve {
+        node: String,
+        outcome: ReserveOutcome,
+    },
     Charge(ChargeOutcome),
     RetryDue,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Reserve { node: String, items: Vec<Item> },
-    Charge { amount_cents: u64, token: String },
+    Reserve {
+        node: String,
+        items: Vec<Item>,
+    },
+    Charge {
+        amount_cents: u64,
+        token: String,
+    },
     /// Send [`Event::RetryDue`] after this many ms.
     RetryIn(u64),
     /// The order is terminal: persist it with its [`outbox`] entries, answer waiters.
@@ -121,7 +132,14 @@ pub enum OutboxEvent {
 }
 
 /// Creates a pending order whose items are split over `shards` (node -> its items).
-pub fn new_order(id: Uuid, customer_id: String, items: Vec<Item>, payment_token: String, shards: Vec<(String, Vec<Item>)>, now_ms: u64) -> OrderRecord {
+pub fn new_order(
+    id: Uuid,
+    customer_id: String,
+    items: Vec<Item>,
+    payment_token: String,
+    shards: Vec<(String, Vec<Item>)>,
+    now_ms: u64,
+) -> OrderRecord {
     OrderRecord {
         id,
         customer_id,
@@ -163,10 +181,14 @@ fn finish(o: &mut OrderRecord, now_ms: u64, status: OrderStatus, reason: Option<
     o.status = status;
     o.reason = reason.map(str::to_string);
     o.phase = Phase::Done;
-    note(o, now_ms, match reason {
-        Some(r) => format!("cancelled: {r}"),
-        None => "confirmed".to_string(),
-    });
+    note(
+        o,
+        now_ms,
+        match reason {
+            Some(r) => format!("cancelled: {r}"),
+            None => "confirmed".to_string(),
+        },
+    );
     vec![Command::Finish]
 }
 
@@ -226,7 +248,9 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                     note(o, now_ms, format!("out of stock: {sku}"));
                     finish(o, now_ms, OrderStatus::Cancelled, Some("out_of_stock"))
                 }
-                ReserveOutcome::AlreadyReleased => finish(o, now_ms, OrderStatus::Cancelled, Some("reservation_expired")),
+                ReserveOutcome::AlreadyReleased => {
+                    finish(o, now_ms, OrderStatus::Cancelled, Some("reservation_expired"))
+                }
                 ReserveOutcome::Unavailable(why) => transient(o, now_ms, format!("inventory on {node}: {why}"), jitter),
             }
         }
@@ -252,7 +276,8 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
 
 /// The outbox entries a finished order produces (written in the same batch as its final state).
 pub fn outbox(o: &OrderRecord) -> Vec<(Dest, OutboxEvent)> {
-    let inventory = |e: OutboxEvent| o.shards.iter().map(move |s| (Dest::Inventory { node: s.node.clone() }, e.clone()));
+    let inventory =
+        |e: OutboxEvent| o.shards.iter().map(move |s| (Dest::Inventory { node: s.node.clone() }, e.clone()));
     match o.status {
         OrderStatus::Confirmed => {
             let ev = OrderConfirmed {
@@ -341,7 +366,12 @@ mod tests {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
         step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
-        let c = step(&mut o, Event::Reserve { node: "n2".into(), outcome: ReserveOutcome::OutOfStock { sku: "b".into() } }, 3, 1.0);
+        let c = step(
+            &mut o,
+            Event::Reserve { node: "n2".into(), outcome: ReserveOutcome::OutOfStock { sku: "b".into() } },
+            3,
+            1.0,
+        );
         assert_eq!(c, vec![Command::Finish]);
         assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some("out_of_stock")));
         let ob = outbox(&o);
@@ -364,13 +394,17 @@ mod tests {
     fn unreachable_stays_pending_with_one_backoff_at_a_time() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        let down = |n: &str| Event::Reserve { node: n.into(), outcome: ReserveOutcome::Unavailable("timed out".into()) };
+        let down =
+            |n: &str| Event::Reserve { node: n.into(), outcome: ReserveOutcome::Unavailable("timed out".into()) };
         assert_eq!(step(&mut o, down("n1"), 2, 1.0), vec![Command::RetryIn(100)]);
         assert_eq!(step(&mut o, down("n2"), 2, 1.0), vec![]);
         assert_eq!(o.status, OrderStatus::Pending);
         // The retry re-issues only what is still outstanding.
         step(&mut o, reserved("n2", line("b", 2, 1)), 3, 1.0);
-        assert_eq!(step(&mut o, Event::RetryDue, 4, 1.0), vec![Command::Reserve { node: "n1".into(), items: vec![item("a", 1)] }]);
+        assert_eq!(
+            step(&mut o, Event::RetryDue, 4, 1.0),
+            vec![Command::Reserve { node: "n1".into(), items: vec![item("a", 1)] }]
+        );
         assert_eq!(step(&mut o, down("n1"), 5, 1.0), vec![Command::RetryIn(400)]);
     }
 
@@ -380,7 +414,10 @@ mod tests {
         step(&mut o, Event::Start, 1, 1.0);
         step(&mut o, reserved("n1", line("a", 1, 1)), 2, 1.0);
         step(&mut o, reserved("n2", line("b", 2, 1)), 2, 1.0);
-        assert_eq!(step(&mut o.clone(), Event::Resume, 3, 1.0), vec![Command::Charge { amount_cents: 3, token: "tok_ok".into() }]);
+        assert_eq!(
+            step(&mut o.clone(), Event::Resume, 3, 1.0),
+            vec![Command::Charge { amount_cents: 3, token: "tok_ok".into() }]
+        );
     }
 
     fn any_event() -> impl Strategy<Value = Event> {
@@ -388,7 +425,8 @@ mod tests {
         prop_oneof![
             Just(Event::RetryDue),
             Just(Event::Resume),
-            node.clone().prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Reserved(vec![line("x", 1, 10)]) }),
+            node.clone()
+                .prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Reserved(vec![line("x", 1, 10)]) }),
             node.clone().prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Unavailable("down".into()) }),
             node.prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::OutOfStock { sku: "x".into() } }),
             Just(Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() })),

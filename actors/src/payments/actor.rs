@@ -39,7 +39,14 @@ impl PaymentsState {
         Ok(self.args.store.apply(b)?)
     }
 
-    fn charge(&mut self, myself: &ActorRef<PaymentsMsg>, order_id: Uuid, amount: u64, token: &str, reply: Option<RpcReplyPort<PaymentReply>>) -> Result<(), ActorProcessingErr> {
+    fn charge(
+        &mut self,
+        myself: &ActorRef<PaymentsMsg>,
+        order_id: Uuid,
+        amount: u64,
+        token: &str,
+        reply: Option<RpcReplyPort<PaymentReply>>,
+    ) -> Result<(), ActorProcessingErr> {
         let now = now_ms();
         let existing = PAYMENTS.get(&self.args.store, &order_id)?;
         let d = ledger::charge(existing.as_ref(), order_id, amount, token, now, Uuid::new_v4());
@@ -71,19 +78,30 @@ impl Actor for PaymentsWorker {
     type State = PaymentsState;
     type Arguments = WorkerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<PaymentsMsg>, args: WorkerArgs) -> Result<PaymentsState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PaymentsMsg>,
+        args: WorkerArgs,
+    ) -> Result<PaymentsState, ActorProcessingErr> {
         // Charges that were processing when the node stopped finish now (or when due).
         let now = now_ms();
         for item in PAYMENTS.iter(&args.store) {
             let (order_id, rec) = item?;
             if let ledger::ChargeStatus::Processing { ready_ms } = rec.status {
-                myself.send_after(Duration::from_millis(ready_ms.saturating_sub(now)), move || PaymentsMsg::Wake(order_id));
+                myself.send_after(Duration::from_millis(ready_ms.saturating_sub(now)), move || {
+                    PaymentsMsg::Wake(order_id)
+                });
             }
         }
         Ok(PaymentsState { args, waiting: HashMap::new() })
     }
 
-    async fn handle(&self, myself: ActorRef<PaymentsMsg>, msg: PaymentsMsg, state: &mut PaymentsState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<PaymentsMsg>,
+        msg: PaymentsMsg,
+        state: &mut PaymentsState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             PaymentsMsg::Request(Inbound { req, reply, .. }) => match req {
                 PaymentRequest::Charge { order_id, amount_cents, token } => {

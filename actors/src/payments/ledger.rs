@@ -16,7 +16,9 @@ pub const SLOW_MS: u64 = 3_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChargeStatus {
     /// The provider is working on it (tok_slow) until `ready_ms`.
-    Processing { ready_ms: u64 },
+    Processing {
+        ready_ms: u64,
+    },
     /// Failed transiently this many times so far.
     Failing,
     Charged,
@@ -69,7 +71,14 @@ pub struct ChargeDecision {
 }
 
 /// Decides a charge for `order_id` given what is recorded for it.
-pub fn charge(existing: Option<&PaymentRecord>, order_id: Uuid, amount_cents: u64, token: &str, now_ms: u64, new_id: Uuid) -> ChargeDecision {
+pub fn charge(
+    existing: Option<&PaymentRecord>,
+    order_id: Uuid,
+    amount_cents: u64,
+    token: &str,
+    now_ms: u64,
+    new_id: Uuid,
+) -> ChargeDecision {
     let mut rec = match existing {
         Some(r) => match &r.status {
             ChargeStatus::Charged => return done(PaymentReply::Charged { payment_id: r.payment_id.clone() }, None),
@@ -105,7 +114,10 @@ pub fn charge(existing: Option<&PaymentRecord>, order_id: Uuid, amount_cents: u6
         }
         "tok_error" if rec.attempts <= 2 => {
             rec.status = ChargeStatus::Failing;
-            done(PaymentReply::TransientError { reason: format!("provider error (attempt {})", rec.attempts) }, Some(rec))
+            done(
+                PaymentReply::TransientError { reason: format!("provider error (attempt {})", rec.attempts) },
+                Some(rec),
+            )
         }
         "tok_slow" => {
             let ready = now_ms + SLOW_MS;
@@ -145,7 +157,8 @@ mod tests {
         let mut rec: Option<PaymentRecord> = None;
         let mut out = vec![];
         for i in 0..times {
-            let d = charge(rec.as_ref(), Uuid::from_u128(1), 500, token, i as u64 * 10, Uuid::from_u128(i as u128 + 100));
+            let d =
+                charge(rec.as_ref(), Uuid::from_u128(1), 500, token, i as u64 * 10, Uuid::from_u128(i as u128 + 100));
             if let Some(r) = d.record {
                 rec = Some(r);
             }

@@ -7,20 +7,34 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentRequest {
     /// Charge `amount_cents` for `order_id`; idempotent by order id: a repeat returns the first result.
-    Charge { order_id: Uuid, amount_cents: u64, token: String },
+    Charge {
+        order_id: Uuid,
+        amount_cents: u64,
+        token: String,
+    },
     /// Refund the order's charge, if any (compensation).
-    Refund { order_id: Uuid },
+    Refund {
+        order_id: Uuid,
+    },
     /// The charges recorded for an order.
-    List { order_id: Uuid },
+    List {
+        order_id: Uuid,
+    },
     InjectPanic,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentReply {
-    Charged { payment_id: String },
-    Declined { reason: String },
+    Charged {
+        payment_id: String,
+    },
+    Declined {
+        reason: String,
+    },
     /// The provider failed transiently; try again later with the same order id.
-    TransientError { reason: String },
+    TransientError {
+        reason: String,
+    },
     /// A charge for this order is still being processed by the provider.
     InProgress,
     Refunded,

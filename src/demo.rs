@@ -261,6 +261,10 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
         })?;
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| format!("cannot create {}: {e}", opts.data_dir.display()))?;
+    // Absolute, so the node configs mean the same whatever directory a node is started from.
+    let data_dir = std::fs::canonicalize(&opts.data_dir).map_err(|e| format!("{}: {e}", opts.data_dir.display()))?;
+    let opts = DemoOptions { data_dir, ..opts };
     let say = |out: &mut dyn Write, s: String| {
         let _ = writeln!(out, "{s}");
         let _ = out.flush();

@@ -12,6 +12,9 @@ use tokio::net::TcpListener;
 
 /// Runs the node until a termination signal.
 pub async fn run(cfg: NodeConfig) -> Result<(), String> {
+    for w in cfg.warnings() {
+        tracing::warn!("config: {w}");
+    }
     // Bind first: a port already in use is the most common start-up error, and says so at once.
     let listener = TcpListener::bind(cfg.http_listen)
         .await

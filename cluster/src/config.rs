@@ -194,9 +194,10 @@ pub struct NodeConfig {
     /// `host:port` of other nodes to dial at start; the rest of the mesh is learned from them.
     #[serde(default)]
     pub seeds: Vec<String>,
-    /// Shared secret of the cluster handshake. Give this or `cookie_file`.
+    /// Shared secret of the cluster handshake. Give this or `cookie_file`, not both.
     #[serde(default)]
     pub cookie: Option<String>,
+    /// File holding the cookie (trimmed); relative paths are relative to the config file.
     #[serde(default)]
     pub cookie_file: Option<PathBuf>,
     /// Where this node's stores live: `<data_dir>/<capability>/`.
@@ -224,6 +225,9 @@ impl NodeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
         let mut cfg: NodeConfig =
             toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+        if cfg.cookie.is_some() && cfg.cookie_file.is_some() {
+            return Err(format!("invalid config {}: give `cookie` or `cookie_file`, not both", path.display()));
+        }
         if let Some(file) = &cfg.cookie_file {
             let file =
                 if file.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file) } else { file.clone() };
@@ -243,6 +247,26 @@ impl NodeConfig {
             Some(c) if !c.is_empty() => {}
             _ => return Err("give a non-empty `cookie` or a `cookie_file`".into()),
         }
+        if self.cluster_advertise.is_none() && self.cluster_listen.ip().is_unspecified() {
+            return Err(format!(
+                "cluster_listen {} binds every interface: set cluster_advertise to the host:port peers should dial",
+                self.cluster_listen
+            ));
+        }
+        for (what, addr) in [("cluster_advertise", &self.cluster_advertise), ("http_advertise", &self.http_advertise)] {
+            if let Some(a) = addr {
+                match a.rsplit_once(':') {
+                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                    _ => return Err(format!("{what} `{a}` must be host:port")),
+                }
+            }
+        }
+        for seed in &self.seeds {
+            match seed.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => return Err(format!("seed `{seed}` must be host:port")),
+            }
+        }
         self.capabilities.validate()?;
         let t = &self.timing;
         if t.heartbeat_ms == 0 || t.suspect_after_ms <= t.heartbeat_ms || t.down_after_ms <= t.suspect_after_ms {
@@ -252,6 +276,21 @@ impl NodeConfig {
             return Err("timing: call_timeout_ms, wait_budget_ms and reservation_ttl_ms must be > 0".into());
         }
         Ok(())
+    }
+
+    /// Things that are allowed but probably not meant; logged at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.hosted().is_empty() {
+            w.push(format!(
+                "node `{}` is not listed in any [capabilities.*] nodes: it hosts nothing and only serves the HTTP API",
+                self.name
+            ));
+        }
+        if self.http_advertise.is_none() && self.http_listen.ip().is_unspecified() {
+            w.push("http_listen binds every interface and http_advertise is not set: peers will show an unusable HTTP address".into());
+        }
+        w
     }
 
     pub fn cookie(&self) -> &str {
@@ -332,5 +371,12 @@ nodes = ["n3"]
         assert!(cfg.validate().unwrap_err().contains("cookie"));
         let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"nodes = ["n2"]"#, "nodes = []")).unwrap();
         assert!(cfg.validate().unwrap_err().contains("payments"));
+        let cfg: NodeConfig = toml::from_str(&SAMPLE.replace("127.0.0.1:7101", "0.0.0.0:7101")).unwrap();
+        assert!(cfg.validate().unwrap_err().contains("cluster_advertise"));
+        let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"["127.0.0.1:7102"]"#, r#"["nohost"]"#)).unwrap();
+        assert!(cfg.validate().unwrap_err().contains("seed `nohost`"));
+        let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"name = "n1""#, r#"name = "n9""#)).unwrap();
+        assert!(cfg.validate().is_ok());
+        assert!(cfg.warnings()[0].contains("hosts nothing"));
     }
 }

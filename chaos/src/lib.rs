@@ -1,1 +1,0 @@
-//! bulkhead-chaos

@@ -176,6 +176,8 @@ impl LocalCluster {
     pub async fn wait_joined(&self, timeout: Duration, ready: bool) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let running: Vec<usize> = (0..3).filter(|i| self.children[*i].is_some()).collect();
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        poll.tick().await;
         loop {
             let mut missing = Vec::new();
             for &i in &running {
@@ -204,7 +206,7 @@ impl LocalCluster {
             if Instant::now() > deadline {
                 return Err(format!("cluster not ready after {timeout:?}: {}", missing.join("; ")));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            poll.tick().await;
         }
     }
 }

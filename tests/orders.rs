@@ -125,6 +125,10 @@ async fn bad_input_gets_clear_errors_and_records_nothing() {
     let big = format!(r#"{{"customer_id":"{}"}}"#, "x".repeat(100_000));
     let r = tc.http.post(&url).header("content-type", "application/json").body(big).send().await.unwrap();
     assert_eq!(r.status(), 413);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "too_large");
+    let r = tc.http.delete(&url).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "method_not_allowed");
     assert_eq!(tc.get(0, "/v1/orders/not-a-uuid").await.status, 400);
     assert_eq!(tc.get(0, "/v1/orders/01a1fc98-e0d3-70e1-a368-0dfcb0e88900").await.status, 404);
     assert_eq!(tc.get(0, "/v1/payments").await.status, 400);

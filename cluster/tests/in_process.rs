@@ -120,12 +120,13 @@ async fn node(name: &str) -> ActorRef<NodeServerMessage> {
 async fn remote_gateway() -> ActorRef<WireMsg> {
     let group = group_name(Capability::Inventory, "b");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
     loop {
+        poll.tick().await;
         if let Some(cell) = ractor::pg::get_members(&group).into_iter().find(|c| !c.get_id().is_local()) {
             return cell.into();
         }
         assert!(tokio::time::Instant::now() < deadline, "the gateway never appeared across the link");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

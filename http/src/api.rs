@@ -76,6 +76,20 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The raw body, or a JSON error (413 when over the limit) instead of axum's plain-text one.
+pub type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+fn body_bytes(body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, "too_large", format!("the body is larger than {} bytes", crate::BODY_LIMIT))
+        } else {
+            ApiError::bad_request("the body could not be read")
+        }
+    })
+}
+
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
 }
@@ -138,8 +152,9 @@ fn order_response(st: &AppState, view: OrderView) -> Response {
     }
 }
 
-pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     require_json(&headers)?;
+    let body = body_bytes(body)?;
     let order = validate::new_order(&parse_json(&body)?)?;
     let key = match headers.get("idempotency-key") {
         Some(v) => Some(validate::idempotency_key(v.as_bytes())?),
@@ -219,10 +234,11 @@ pub async fn put_stock(
     State(st): State<AppState>,
     Path(sku): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let sku = validate::sku(&sku)?;
     require_json(&headers)?;
+    let body = body_bytes(body)?;
     let (available, price_cents) = validate::stock_update(&parse_json(&body)?)?;
     inventory_call(&st, &sku.clone(), InventoryRequest::Set { sku, available, price_cents }).await
 }

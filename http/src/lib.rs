@@ -68,6 +68,13 @@ pub fn router(state: AppState) -> Router {
         r = r.route("/admin/panic/{capability}", post(api::inject_panic));
     }
     r.fallback(|| async { error::ApiError::not_found("no such endpoint; see /openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method; see /openapi.json",
+            )
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

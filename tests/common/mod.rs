@@ -133,11 +133,13 @@ where
     Fut: Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + timeout;
+    // Poll the condition itself (a readiness wait), at most every 50 ms.
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
     loop {
+        poll.tick().await;
         if let Some(v) = check().await {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -122,7 +122,7 @@ impl OrdersState {
         p: PlaceOrder,
         reply: RpcReplyPort<OrdersReply>,
     ) -> Result<(), ActorProcessingErr> {
-        let id = new_order_id(self.home_index);
+        let mut id = new_order_id(self.home_index);
         let now = now_ms();
         if let Some(ik) = &p.idempotency {
             let claim = IdemRecord { body_hash: ik.body_hash, result: id.as_bytes().to_vec(), created_ms: now };
@@ -132,7 +132,13 @@ impl OrdersState {
                     let _ = reply.send(OrdersReply::IdempotencyConflict { order_id: prev_id });
                     return Ok(());
                 }
-                return self.answer_existing(myself, prev_id, Some(p.wait_ms), reply);
+                if self.sagas.contains_key(&prev_id) || ORDERS.get(&self.args.store, &prev_id)?.is_some() {
+                    return self.answer_existing(myself, prev_id, Some(p.wait_ms), reply);
+                }
+                // The key was claimed but the node stopped before the order was written (the claim
+                // and the order are two writes): place the order now, under the id the key promised.
+                tracing::warn!(order_id = %prev_id, "idempotency key claimed without its order; placing it now");
+                id = prev_id;
             }
         }
         // Split the items over the inventory shards that own their SKUs.

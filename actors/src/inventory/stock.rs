@@ -43,6 +43,24 @@ impl Record for Reservation {
     const VERSION: u8 = 1;
 }
 
+/// The three places a unit of stock can be.
+#[derive(Debug, Clone, Copy)]
+enum Bucket {
+    Available,
+    Reserved,
+    Sold,
+}
+
+impl Bucket {
+    fn of(self, s: &mut Stock) -> &mut u64 {
+        match self {
+            Bucket::Available => &mut s.available,
+            Bucket::Reserved => &mut s.reserved,
+            Bucket::Sold => &mut s.sold,
+        }
+    }
+}
+
 /// What an operation changed, for the worker to persist.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -111,80 +129,60 @@ impl Inventory {
         (InventoryReply::Reserved { lines }, changes)
     }
 
-    pub fn commit(&mut self, order: Uuid) -> (InventoryReply, Changes) {
-        let Some(r) = self.reservations.get(&order) else {
-            return (
-                InventoryReply::CommitFailed { reason: "no reservation for this order".into() },
-                Changes::default(),
-            );
-        };
-        match r.state {
-            HoldState::Committed => (InventoryReply::Committed, Changes::default()),
-            HoldState::Held => {
-                let lines = r.lines.clone();
-                let mut changes = Changes::default();
-                for l in &lines {
-                    if let Some(s) = self.stock.get_mut(&l.sku) {
-                        s.reserved -= l.quantity;
-                        s.sold += l.quantity;
-                        changes.stock.push(l.sku.clone());
-                    }
-                }
-                if let Some(r) = self.reservations.get_mut(&order) {
-                    r.state = HoldState::Committed;
-                }
-                changes.reservations.push(order);
-                (InventoryReply::Committed, changes)
-            }
-            HoldState::Released => {
-                // Expired before the confirmation arrived: take the stock again if it is still there.
-                let lines = r.lines.clone();
-                if lines.iter().any(|l| self.stock.get(&l.sku).map(|s| s.available).unwrap_or(0) < l.quantity) {
-                    return (
-                        InventoryReply::CommitFailed { reason: "reservation expired and the stock is gone".into() },
-                        Changes::default(),
-                    );
-                }
-                let mut changes = Changes::default();
-                for l in &lines {
-                    if let Some(s) = self.stock.get_mut(&l.sku) {
-                        s.available -= l.quantity;
-                        s.sold += l.quantity;
-                        changes.stock.push(l.sku.clone());
-                    }
-                }
-                if let Some(r) = self.reservations.get_mut(&order) {
-                    r.state = HoldState::Committed;
-                }
-                changes.reservations.push(order);
-                (InventoryReply::Committed, changes)
+    /// Moves each line's quantity from one bucket to another; returns the SKUs touched.
+    fn transfer(&mut self, lines: &[PricedLine], from: Bucket, to: Bucket) -> Vec<String> {
+        let mut touched = Vec::new();
+        for l in lines {
+            if let Some(s) = self.stock.get_mut(&l.sku) {
+                *from.of(s) -= l.quantity;
+                *to.of(s) += l.quantity;
+                touched.push(l.sku.clone());
             }
         }
+        touched
+    }
+
+    /// Sets a reservation's state and reports the change.
+    fn settle(&mut self, order: Uuid, state: HoldState, stock: Vec<String>) -> Changes {
+        if let Some(r) = self.reservations.get_mut(&order) {
+            r.state = state;
+        }
+        Changes { stock, reservations: vec![order] }
+    }
+
+    pub fn commit(&mut self, order: Uuid) -> (InventoryReply, Changes) {
+        let failed = |reason: &str| (InventoryReply::CommitFailed { reason: reason.into() }, Changes::default());
+        let Some(r) = self.reservations.get(&order) else { return failed("no reservation for this order") };
+        let (state, lines) = (r.state, r.lines.clone());
+        let touched = match state {
+            HoldState::Committed => return (InventoryReply::Committed, Changes::default()),
+            HoldState::Held => self.transfer(&lines, Bucket::Reserved, Bucket::Sold),
+            // Expired before the confirmation arrived: take the stock again if it is still there.
+            HoldState::Released => {
+                if lines.iter().any(|l| self.stock.get(&l.sku).map(|s| s.available).unwrap_or(0) < l.quantity) {
+                    return failed("reservation expired and the stock is gone");
+                }
+                self.transfer(&lines, Bucket::Available, Bucket::Sold)
+            }
+        };
+        (InventoryReply::Committed, self.settle(order, HoldState::Committed, touched))
     }
 
     pub fn release(&mut self, order: Uuid, now_ms: u64) -> (InventoryReply, Changes) {
-        let mut changes = Changes::default();
-        match self.reservations.get_mut(&order) {
+        let changes = match self.reservations.get(&order).map(|r| (r.state, r.lines.clone())) {
             None => {
                 // Tombstone: a reservation still in flight for this order must not take stock later.
                 self.reservations
                     .insert(order, Reservation { lines: vec![], expires_ms: now_ms, state: HoldState::Released });
-                changes.reservations.push(order);
+                Changes { stock: vec![], reservations: vec![order] }
             }
-            Some(r) if r.state == HoldState::Held => {
-                r.state = HoldState::Released;
-                for l in r.lines.clone() {
-                    if let Some(s) = self.stock.get_mut(&l.sku) {
-                        s.reserved -= l.quantity;
-                        s.available += l.quantity;
-                        changes.stock.push(l.sku.clone());
-                    }
-                }
-                changes.reservations.push(order);
+            Some((HoldState::Held, lines)) => {
+                let touched = self.transfer(&lines, Bucket::Reserved, Bucket::Available);
+                self.settle(order, HoldState::Released, touched)
             }
             // Released already, or committed (a confirmed order is never un-sold by a stray release).
-            Some(_) => {}
-        }
+            Some(_) => Changes::default(),
+        };
         (InventoryReply::Released, changes)
     }
 

@@ -159,3 +159,32 @@ async fn a_store_that_will_not_open_is_reported_and_kept() {
     let v = tc.get(0, "/v1/cluster").await.body;
     assert_eq!(v["capabilities"]["payments"]["healthy"], serde_json::json!([]), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_is_declared_down_and_rejoins_when_it_resumes() {
+    let tc = start().await;
+    tc.stock("widget-1", 100, 100).await;
+    tc.lc.signal(2, libc::SIGSTOP);
+    let paused = std::time::Instant::now();
+    // ractor_cluster alone would never notice: the socket stays open. Our heartbeats do.
+    eventually(Duration::from_secs(5), "n1 declares the paused n3 down", || async {
+        (tc.status_of(0, "n3").await == "down").then_some(())
+    })
+    .await;
+    let detected = paused.elapsed();
+    assert!(detected < Duration::from_secs(3), "took {detected:?}");
+    let r = tc.order(0, Some("paused-1"), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["order_id"].as_str().unwrap().to_string();
+
+    tc.lc.signal(2, libc::SIGCONT);
+    eventually(Duration::from_secs(15), "n3 back up everywhere", || async {
+        (tc.status_of(0, "n3").await == "up" && tc.status_of(1, "n3").await == "up").then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(15), "the shipment delivered after the resume", || async {
+        let s = tc.get(0, &format!("/v1/shipments?order_id={id}")).await;
+        (s.body["shipments"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+}

@@ -21,6 +21,9 @@ pub enum CallError {
     /// No live member to send to, or the link/member went away before answering.
     #[error("{capability} on {node} is unreachable: {reason}")]
     Unreachable { capability: Capability, node: String, reason: String },
+    /// Sent, but the member or its link went away before answering: it may have been applied.
+    #[error("{capability} on {node} went away before answering: {reason}")]
+    Lost { capability: Capability, node: String, reason: String },
     /// Sent, but no answer within the timeout (the request may or may not have been applied).
     #[error("{capability} on {node} did not answer within {timeout_ms} ms")]
     TimedOut { capability: Capability, node: String, timeout_ms: u64 },
@@ -33,7 +36,7 @@ impl CallError {
     /// Worth retrying later (as opposed to a definite answer).
     pub fn is_transient(&self) -> bool {
         match self {
-            CallError::Unreachable { .. } | CallError::TimedOut { .. } => true,
+            CallError::Unreachable { .. } | CallError::TimedOut { .. } | CallError::Lost { .. } => true,
             // A rejection for "not ready" (worker restarting) is transient too.
             CallError::Rejected { reason, .. } => reason.starts_with("unavailable"),
         }
@@ -71,7 +74,11 @@ pub async fn call<Req: Record, Resp: Record>(
             Err(e) => Err(rejected(format!("undecodable reply envelope: {e}"))),
         },
         Ok(CallResult::Timeout) => Err(timed_out()),
-        Ok(CallResult::SenderError) => Err(unreachable("the member or its link went away before answering".into())),
+        Ok(CallResult::SenderError) => Err(CallError::Lost {
+            capability,
+            node: node.to_string(),
+            reason: "the member or its link went away before answering".into(),
+        }),
         Err(e) => Err(unreachable(format!("could not send: {e}"))),
     }
 }

@@ -34,8 +34,8 @@ impl ApiError {
         e
     }
 
-    /// Maps a failed cluster call. `Unreachable` means nothing was sent or nothing happened;
-    /// `TimedOut` means we do not know, which the client is told.
+    /// Maps a failed cluster call. `Unreachable` means nothing was delivered (503, nothing recorded);
+    /// `TimedOut` and `Lost` mean we do not know (504: retry with the same Idempotency-Key).
     pub fn from_call(e: CallError) -> Self {
         tracing::warn!(error = %e, "cluster call failed for an API request");
         match e {
@@ -47,6 +47,15 @@ impl ApiError {
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout",
                     format!("{capability} on node {node} did not answer in time; the request may have been applied: retry with the same Idempotency-Key"),
+                );
+                e.retry_after = Some(1);
+                e
+            }
+            CallError::Lost { capability, node, .. } => {
+                let mut e = Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "lost",
+                    format!("{capability} on node {node} went away before answering; the request may have been applied: retry with the same Idempotency-Key"),
                 );
                 e.retry_after = Some(1);
                 e

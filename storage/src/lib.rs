@@ -20,7 +20,7 @@ mod key;
 mod store;
 mod table;
 
-pub use codec::{decode, encode, CodecError, Record};
+pub use codec::{decode, decode_payload, encode, CodecError, Record};
 pub use idempotency::{IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::Key;
 pub use store::{Batch, Durability, Store, StoreError, StoreOptions, StoreStats};

@@ -71,7 +71,8 @@ impl Actor for ConsumerWorker {
         msg: ConsumerMsg,
         state: &mut ConsumerArgs,
     ) -> Result<(), ActorProcessingErr> {
-        let ConsumerMsg::Request(Inbound { req, reply, .. }) = msg;
+        let ConsumerMsg::Request(Inbound { req, reply, traceparent }) = msg;
+        tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
         let store = &state.worker.store;
         let m = state.making;
         match req {

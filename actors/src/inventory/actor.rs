@@ -138,7 +138,8 @@ impl Actor for InventoryWorker {
         state: &mut InventoryState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InventoryMsg::Request(Inbound { req, reply, .. }) => {
+            InventoryMsg::Request(Inbound { req, reply, traceparent }) => {
+                tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
                 let answer = state.handle_request(req)?;
                 reply_after_sync(state.store(), reply, answer);
             }

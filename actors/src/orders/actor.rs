@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use bulkhead_cluster::wire::{child_traceparent, trace_id};
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use bulkhead_storage::{now_ms, Batch, IdemRecord, Idempotency, Record, Table};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -120,6 +121,7 @@ impl OrdersState {
         &mut self,
         myself: &ActorRef<OrdersMsg>,
         p: PlaceOrder,
+        traceparent: String,
         reply: RpcReplyPort<OrdersReply>,
     ) -> Result<(), ActorProcessingErr> {
         let mut id = new_order_id(self.home_index);
@@ -151,12 +153,13 @@ impl OrdersState {
             }
         }
         let mut order = saga::new_order(id, p.customer_id, p.items, p.payment_token, shards, now);
+        order.traceparent = traceparent;
         let cmds = saga::step(&mut order, Event::Start, now, jitter());
         let mut b = Batch::new();
         ORDERS.put(&mut b, &id, &order);
         UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
         self.args.store.apply(b)?;
-        tracing::info!(order_id = %id, "order created");
+        tracing::info!(order_id = %id, trace = trace_id(&order.traceparent), "order created");
         self.sagas.insert(id, order);
         self.wait_for(myself, id, p.wait_ms, reply);
         self.execute(myself, id, cmds)
@@ -185,13 +188,14 @@ impl OrdersState {
         cmds: Vec<Command>,
     ) -> Result<(), ActorProcessingErr> {
         let ttl_ms = self.cluster().config().timing.reservation_ttl_ms;
+        let parent = self.sagas.get(&order_id).map(|o| o.traceparent.clone()).unwrap_or_default();
         for cmd in cmds {
             let (cluster, me) = (self.cluster().clone(), myself.clone());
+            let tp = child_traceparent(&parent);
             match cmd {
                 Command::Reserve { node, items } => {
                     tokio::spawn(async move {
                         let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
-                        let tp = bulkhead_cluster::wire::new_traceparent();
                         let outcome =
                             match cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &tp).await {
                                 Ok(InventoryReply::Reserved { lines }) => ReserveOutcome::Reserved(lines),
@@ -207,7 +211,6 @@ impl OrdersState {
                     tokio::spawn(async move {
                         let node = cluster.owner(Capability::Payments, order_id.as_bytes()).unwrap_or_default();
                         let req = PaymentRequest::Charge { order_id, amount_cents, token };
-                        let tp = bulkhead_cluster::wire::new_traceparent();
                         let outcome =
                             match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
                                 Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
@@ -242,10 +245,11 @@ impl OrdersState {
         ORDERS.put(&mut b, &order_id, &order);
         UNFINISHED.remove(&mut b, &order_id);
         for (dest, event) in saga::outbox(&order) {
-            OUTBOX.put(&mut b, &Uuid::now_v7(), &OutboxEntry { dest, event, order_id, created_ms: now });
+            let entry = OutboxEntry { dest, event, order_id, created_ms: now, traceparent: order.traceparent.clone() };
+            OUTBOX.put(&mut b, &Uuid::now_v7(), &entry);
         }
         self.args.store.apply(b)?;
-        tracing::info!(%order_id, status = ?order.status, reason = ?order.reason, "order finished");
+        tracing::info!(%order_id, trace = trace_id(&order.traceparent), status = ?order.status, reason = ?order.reason, "order finished");
         let view = order.view();
         for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
             reply_after_sync(&self.args.store, w, OrdersReply::Order(view.clone()));
@@ -308,8 +312,8 @@ impl Actor for OrdersWorker {
         state: &mut OrdersState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            OrdersMsg::Request(Inbound { req, reply, .. }) => match req {
-                OrdersRequest::Place(p) => state.place(&myself, p, reply)?,
+            OrdersMsg::Request(Inbound { req, reply, traceparent }) => match req {
+                OrdersRequest::Place(p) => state.place(&myself, p, traceparent, reply)?,
                 OrdersRequest::Get { order_id } => state.answer_existing(&myself, order_id, None, reply)?,
                 OrdersRequest::InjectPanic => {
                     if state.args.fault_injection {

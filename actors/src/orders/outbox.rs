@@ -33,6 +33,8 @@ pub struct OutboxEntry {
     pub event: OutboxEvent,
     pub order_id: Uuid,
     pub created_ms: u64,
+    /// The order's trace, continued by the delivery.
+    pub traceparent: String,
 }
 impl Record for OutboxEntry {
     const VERSION: u8 = 1;
@@ -45,6 +47,7 @@ pub enum OutboxMsg {
     Kick,
     RoundDone {
         delivered: Vec<Uuid>,
+        ok: Vec<Dest>,
         failed: Vec<Dest>,
     },
 }
@@ -74,7 +77,7 @@ fn dest_label(d: &Dest) -> String {
 
 /// Delivers one entry; true once the destination acknowledged it.
 async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
-    let tp = bulkhead_cluster::wire::new_traceparent();
+    let tp = bulkhead_cluster::wire::child_traceparent(&e.traceparent);
     match (&e.dest, &e.event) {
         (Dest::Inventory { node }, OutboxEvent::CommitReservation { order_id }) => {
             match cluster
@@ -153,16 +156,18 @@ impl RelayState {
                 .buffer_unordered(PARALLEL)
                 .collect()
                 .await;
-            let mut delivered = Vec::new();
-            let mut failed = Vec::new();
+            let (mut delivered, mut ok_dests, mut failed) = (Vec::new(), Vec::new(), Vec::new());
             for (key, dest, ok) in results {
                 if ok {
                     delivered.push(key);
+                    if !ok_dests.contains(&dest) {
+                        ok_dests.push(dest);
+                    }
                 } else if !failed.contains(&dest) {
                     failed.push(dest);
                 }
             }
-            let _ = me.cast(OutboxMsg::RoundDone { delivered, failed });
+            let _ = me.cast(OutboxMsg::RoundDone { delivered, ok: ok_dests, failed });
         });
         Ok(())
     }
@@ -192,7 +197,7 @@ impl Actor for OutboxRelay {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
-            OutboxMsg::RoundDone { delivered, failed } => {
+            OutboxMsg::RoundDone { delivered, ok, failed } => {
                 state.in_flight = false;
                 let mut b = Batch::new();
                 for key in &delivered {
@@ -207,7 +212,10 @@ impl Actor for OutboxRelay {
                     tracing::debug!(dest = %dest_label(dest), attempts, wait, "outbox delivery failed; backing off");
                     state.backoff.insert(dest.clone(), (attempts, now + Duration::from_millis(wait)));
                 }
-                state.backoff.retain(|d, _| failed.contains(d));
+                // A destination that answered is healthy again; one that was skipped keeps its backoff.
+                for dest in ok.iter().filter(|d| !failed.contains(d)) {
+                    state.backoff.remove(dest);
+                }
                 if std::mem::take(&mut state.again) || (!delivered.is_empty() && failed.is_empty()) {
                     state.start_round(&myself)?;
                 }

@@ -62,6 +62,9 @@ pub struct OrderRecord {
     pub last_wait: Option<String>,
     pub history: Vec<HistoryEntry>,
     pub created_ms: u64,
+    /// The W3C trace of the request that placed the order: every call the saga makes for it, and
+    /// its outbox deliveries, continue this trace, so one order can be followed across nodes.
+    pub traceparent: String,
 }
 
 impl Record for OrderRecord {
@@ -157,6 +160,7 @@ pub fn new_order(
         last_wait: None,
         history: vec![HistoryEntry { at_ms: now_ms, event: "created".into() }],
         created_ms: now_ms,
+        traceparent: String::new(),
     }
 }
 

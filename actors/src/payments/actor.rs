@@ -103,34 +103,49 @@ impl Actor for PaymentsWorker {
         state: &mut PaymentsState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            PaymentsMsg::Request(Inbound { req, reply, .. }) => match req {
-                PaymentRequest::Charge { order_id, amount_cents, token } => {
-                    state.charge(&myself, order_id, amount_cents, &token, Some(reply))?;
-                }
-                PaymentRequest::Refund { order_id } => {
-                    let existing = PAYMENTS.get(&state.args.store, &order_id)?;
-                    let (answer, rec) = ledger::refund(existing.as_ref(), now_ms());
-                    if let Some(rec) = rec {
-                        state.put(&rec)?;
-                    }
-                    reply_after_sync(&state.args.store, reply, answer);
-                }
-                PaymentRequest::List { order_id } => {
-                    let list = PAYMENTS.get(&state.args.store, &order_id)?.map(|r| vec![r.view()]).unwrap_or_default();
-                    reply_after_sync(&state.args.store, reply, PaymentReply::Payments(list));
-                }
-                PaymentRequest::InjectPanic => {
-                    if state.args.fault_injection {
-                        panic!("fault injection: payments worker panics on request");
-                    }
-                    let _ = reply.send(PaymentReply::Refused("fault injection is disabled on this node".into()));
-                }
-            },
+            PaymentsMsg::Request(Inbound { req, reply, traceparent }) => {
+                tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
+                state.request(&myself, req, reply)?;
+            }
             PaymentsMsg::Wake(order_id) => {
                 if let Some(rec) = PAYMENTS.get(&state.args.store, &order_id)? {
                     let (amount, token) = (rec.amount_cents, rec.token.clone());
                     state.charge(&myself, order_id, amount, &token, None)?;
                 }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PaymentsState {
+    fn request(
+        &mut self,
+        myself: &ActorRef<PaymentsMsg>,
+        req: PaymentRequest,
+        reply: RpcReplyPort<PaymentReply>,
+    ) -> Result<(), ActorProcessingErr> {
+        match req {
+            PaymentRequest::Charge { order_id, amount_cents, token } => {
+                self.charge(myself, order_id, amount_cents, &token, Some(reply))?;
+            }
+            PaymentRequest::Refund { order_id } => {
+                let existing = PAYMENTS.get(&self.args.store, &order_id)?;
+                let (answer, rec) = ledger::refund(existing.as_ref(), now_ms());
+                if let Some(rec) = rec {
+                    self.put(&rec)?;
+                }
+                reply_after_sync(&self.args.store, reply, answer);
+            }
+            PaymentRequest::List { order_id } => {
+                let list = PAYMENTS.get(&self.args.store, &order_id)?.map(|r| vec![r.view()]).unwrap_or_default();
+                reply_after_sync(&self.args.store, reply, PaymentReply::Payments(list));
+            }
+            PaymentRequest::InjectPanic => {
+                if self.args.fault_injection {
+                    panic!("fault injection: payments worker panics on request");
+                }
+                let _ = reply.send(PaymentReply::Refused("fault injection is disabled on this node".into()));
             }
         }
         Ok(())

@@ -26,6 +26,8 @@ pub mod util;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_cluster::gateway::worker_name;
@@ -49,11 +51,13 @@ pub struct Capabilities {
     pub stores: BTreeMap<Capability, Store>,
     /// Capabilities this node should host but cannot (their store would not open), with why.
     pub failed: BTreeMap<Capability, String>,
+    shutting_down: Arc<AtomicBool>,
 }
 
 impl Capabilities {
     /// Stops every capability (children first, so nothing restarts).
     pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
         for sup in self.supervisors.values() {
             sup.stop_children_and_wait(None, Some(Duration::from_secs(5))).await;
             sup.stop(None);
@@ -127,7 +131,12 @@ pub async fn start_capabilities(
     opts: &StoreOptions,
     fault_injection: bool,
 ) -> Capabilities {
-    let mut caps = Capabilities { supervisors: BTreeMap::new(), stores: BTreeMap::new(), failed: BTreeMap::new() };
+    let mut caps = Capabilities {
+        supervisors: BTreeMap::new(),
+        stores: BTreeMap::new(),
+        failed: BTreeMap::new(),
+        shutting_down: Arc::new(AtomicBool::new(false)),
+    };
     for cap in cluster.config().hosted() {
         let store = match Store::open(data_dir, cap.as_str(), opts) {
             Ok(s) => s,
@@ -144,6 +153,7 @@ pub async fn start_capabilities(
             cluster: cluster.clone(),
             children: children(cap, w),
             intensity: Intensity::default(),
+            shutting_down: caps.shutting_down.clone(),
         };
         match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
             Ok((sup, _)) => {

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,9 +80,14 @@ impl RestartBudget {
 
 #[derive(RactorMessage)]
 pub enum SupervisorMsg {
-    /// Retry starting a child that could not be started right after its failure.
-    Restart(usize),
+    /// Try again to start a child that could not be started (does not count as a restart).
+    Retry(usize),
+    /// The cool-down after an escalation is over: start the capability again.
+    Recover,
 }
+
+/// How long an escalated (crash-looping) capability stays down before the supervisor tries again.
+pub const ESCALATION_COOLDOWN: Duration = Duration::from_secs(30);
 
 pub struct Supervisor;
 
@@ -90,6 +96,8 @@ pub struct SupervisorArgs {
     pub cluster: Cluster,
     pub children: Vec<ChildSpec>,
     pub intensity: Intensity,
+    /// Set while the node shuts down: children that stop then are not restarted.
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct SupervisorState {
@@ -146,7 +154,23 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Restart(i) => self.restart(&myself, state, i, "retry").await,
+            SupervisorMsg::Retry(i) => {
+                if !state.escalated && state.running[i].is_none() {
+                    spawn_or_retry(&myself, state, i).await;
+                }
+            }
+            SupervisorMsg::Recover => {
+                let cap = state.args.capability;
+                tracing::warn!(capability = %cap, "cool-down over: starting the capability again");
+                state.escalated = false;
+                state.budget = RestartBudget::default();
+                for i in 0..state.running.len() {
+                    if state.running[i].is_none() {
+                        spawn_or_retry(&myself, state, i).await;
+                    }
+                }
+                state.args.cluster.set_health(cap, true, "ready");
+            }
         }
         Ok(())
     }
@@ -157,38 +181,50 @@ impl Actor for Supervisor {
         evt: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        match evt {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                if let Some(i) = state.index_of(cell.get_id()) {
-                    state.running[i] = None;
-                    let why = err.to_string();
-                    self.restart(&myself, state, i, &why).await;
-                }
-            }
+        let (id, why) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell.get_id(), err.to_string()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                if let Some(i) = state.index_of(cell.get_id()) {
-                    state.running[i] = None;
-                    tracing::info!(capability = %state.args.capability, child = %state.args.children[i].name, ?reason, "child stopped");
-                }
+                (cell.get_id(), format!("stopped: {}", reason.unwrap_or_else(|| "no reason given".into())))
             }
-            _ => {}
+            _ => return Ok(()),
+        };
+        let Some(i) = state.index_of(id) else { return Ok(()) };
+        state.running[i] = None;
+        if state.args.shutting_down.load(Ordering::Relaxed) || state.escalated {
+            tracing::info!(capability = %state.args.capability, child = %state.args.children[i].name, %why, "child stopped");
+            return Ok(());
         }
+        // A child that stops on its own outside shutdown is as broken as one that panicked.
+        self.on_failure(&myself, state, i, &why).await;
         Ok(())
     }
 }
 
+/// Starts child `i`; if that fails (e.g. its registered name is not yet released), tries again
+/// shortly without counting it as another restart.
+async fn spawn_or_retry(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, i: usize) {
+    let (cap, child) = (state.args.capability, state.args.children[i].name.clone());
+    let started = Instant::now();
+    match start_child(myself, state, i).await {
+        Ok(()) => {
+            tracing::info!(capability = %cap, %child, took_us = started.elapsed().as_micros() as u64, "child started")
+        }
+        Err(e) => {
+            tracing::warn!(capability = %cap, %child, error = %e, "start failed; retrying");
+            myself.send_after(Duration::from_millis(20), move || SupervisorMsg::Retry(i));
+        }
+    }
+}
+
 impl Supervisor {
-    async fn restart(&self, myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, i: usize, why: &str) {
+    async fn on_failure(&self, myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, i: usize, why: &str) {
         let cap = state.args.capability;
         let child = state.args.children[i].name.clone();
-        if state.escalated {
-            return;
-        }
         if !state.budget.allow(state.args.intensity, Instant::now()) {
             state.escalated = true;
             let detail = format!(
-                "crash loop: more than {} restarts in {:?}; last failure of {child}: {why}",
-                state.args.intensity.max_restarts, state.args.intensity.window
+                "crash loop: more than {} restarts in {:?}; last failure of {child}: {why}; retrying in {:?}",
+                state.args.intensity.max_restarts, state.args.intensity.window, ESCALATION_COOLDOWN
             );
             tracing::error!(capability = %cap, "{detail}; escalating: capability marked unhealthy");
             state.args.cluster.set_health(cap, false, &detail);
@@ -197,20 +233,11 @@ impl Supervisor {
                     c.stop(Some("supervisor escalated".into()));
                 }
             }
+            myself.send_after(ESCALATION_COOLDOWN, || SupervisorMsg::Recover);
             return;
         }
         tracing::warn!(capability = %cap, %child, failure = %why, "restarting failed child");
-        let started = Instant::now();
-        match start_child(myself, state, i).await {
-            Ok(()) => {
-                tracing::info!(capability = %cap, %child, took_us = started.elapsed().as_micros() as u64, "child restarted")
-            }
-            Err(e) => {
-                // Typically the dead child's name is not yet released; try again shortly.
-                tracing::warn!(capability = %cap, %child, error = %e, "restart failed; retrying");
-                myself.send_after(Duration::from_millis(20), move || SupervisorMsg::Restart(i));
-            }
-        }
+        spawn_or_retry(myself, state, i).await;
     }
 }
 

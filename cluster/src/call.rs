@@ -13,6 +13,7 @@ use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Capability;
+use crate::gateway::{LOST, UNAVAILABLE};
 use crate::wire::{open, seal, WireMsg, WireReply};
 
 /// Why a cross-node call did not produce an answer.
@@ -38,7 +39,7 @@ impl CallError {
         match self {
             CallError::Unreachable { .. } | CallError::TimedOut { .. } | CallError::Lost { .. } => true,
             // A rejection for "not ready" (worker restarting) is transient too.
-            CallError::Rejected { reason, .. } => reason.starts_with("unavailable"),
+            CallError::Rejected { reason, .. } => reason.starts_with(UNAVAILABLE),
         }
     }
 }
@@ -70,7 +71,10 @@ pub async fn call<Req: Record, Resp: Record>(
             Ok((_, WireReply::Ok(payload))) => {
                 decode::<Resp>(&payload).map_err(|e| rejected(format!("undecodable reply: {e}")))
             }
-            Ok((_, WireReply::Rejected(reason))) => Err(rejected(reason)),
+            Ok((_, WireReply::Rejected(reason))) => match reason.strip_prefix(LOST) {
+                Some(r) => Err(CallError::Lost { capability, node: node.to_string(), reason: r.to_string() }),
+                None => Err(rejected(reason)),
+            },
             Err(e) => Err(rejected(format!("undecodable reply envelope: {e}"))),
         },
         Ok(CallResult::Timeout) => Err(timed_out()),

@@ -15,6 +15,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 use crate::config::Capability;
 use crate::wire::{child_traceparent, open, seal, WireMsg, WireReply};
 
+/// Prefix of a rejection sent after the request was handed to the worker (it may have been applied).
+pub const LOST: &str = "lost: ";
+/// Prefix of a rejection sent before the request reached the worker (it was not applied).
+pub const UNAVAILABLE: &str = "unavailable: ";
+
 /// The process group of `capability`'s gateway on `node`.
 pub fn group_name(capability: Capability, node: &str) -> String {
     format!("bulkhead/{capability}/{node}")
@@ -102,13 +107,13 @@ where
                 };
                 let tp = child_traceparent(&env.traceparent);
                 let Some(worker) = ActorRef::<M>::where_is(worker_name(cap)) else {
-                    reject(port, &tp, format!("unavailable: the {cap} worker is restarting"));
+                    reject(port, &tp, format!("{UNAVAILABLE}the {cap} worker is restarting"));
                     return Ok(());
                 };
                 let (tx, rx) = ractor::concurrency::oneshot();
                 let inbound = Inbound { req, traceparent: tp.clone(), reply: tx.into() };
                 if worker.cast((state.args.wrap)(inbound)).is_err() {
-                    reject(port, &tp, format!("unavailable: the {cap} worker is stopping"));
+                    reject(port, &tp, format!("{UNAVAILABLE}the {cap} worker is stopping"));
                     return Ok(());
                 }
                 let timeout = state.args.worker_timeout;
@@ -117,10 +122,9 @@ where
                         Ok(Ok(resp)) => {
                             let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));
                         }
-                        Ok(Err(_)) => {
-                            reject(port, &tp, format!("unavailable: the {cap} worker stopped before answering"))
-                        }
-                        Err(_) => reject(port, &tp, format!("unavailable: the {cap} worker did not answer")),
+                        // Handed over, then no answer: the outcome is unknown, never "not delivered".
+                        Ok(Err(_)) => reject(port, &tp, format!("{LOST}the {cap} worker stopped before answering")),
+                        Err(_) => reject(port, &tp, format!("{LOST}the {cap} worker did not answer in time")),
                     }
                 });
             }

@@ -10,8 +10,9 @@
 //! Caveats:
 //! - Discovery is by process group per (capability, node); ractor's pg membership is not re-gossiped,
 //!   so the mesh must be full: the dialer keeps dialling every address it has learned.
-//! - While a peer is paused (SIGSTOP), its kernel still accepts TCP connections; each redial leaves a
-//!   handshake waiting until the peer resumes. The dialer's backoff (≤ 2 s) bounds how many pile up.
+//! - While a peer is paused (SIGSTOP), its kernel still accepts TCP connections, and ractor_cluster
+//!   has no handshake deadline; the dialer closes any session not ready within 3 s (this also
+//!   closes connections that send garbage and never authenticate).
 //! - Ticks from remote peers are accepted by [`membership::MembershipMsg`] (the type must be remotable
 //!   for heartbeats); a tick only makes the node look at its own clock, so it is harmless.
 

@@ -49,6 +49,8 @@ struct Inner {
     membership: Mutex<Option<ActorRef<MembershipMsg>>>,
     /// Live, authenticated sessions by peer node name.
     sessions: Mutex<HashMap<String, NodeServerSessionInformation>>,
+    /// Sessions opened (dialled or accepted) but not yet ready, with when they opened.
+    handshaking: Mutex<HashMap<ractor::ActorId, (NodeServerSessionInformation, Instant)>>,
     known_addrs: Mutex<BTreeSet<String>>,
     view: RwLock<BTreeMap<String, NodeView>>,
     health: RwLock<BTreeMap<Capability, CapHealth>>,
@@ -79,12 +81,21 @@ impl Events {
 }
 
 impl NodeEventSubscription for Events {
-    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        let Some(inner) = self.inner.upgrade() else { return };
+        if let Ok(mut h) = inner.handshaking.lock() {
+            h.insert(ses.actor.get_id(), (ses, Instant::now()));
+        };
+    }
 
     fn node_session_authenticated(&self, _ses: NodeServerSessionInformation) {}
 
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
-        let (Some(inner), Some(name)) = (self.inner.upgrade(), peer_node_name(&ses)) else { return };
+        let Some(inner) = self.inner.upgrade() else { return };
+        if let Ok(mut h) = inner.handshaking.lock() {
+            h.remove(&ses.actor.get_id());
+        }
+        let Some(name) = peer_node_name(&ses) else { return };
         tracing::info!(peer = %name, addr = %ses.peer_addr, "cluster session ready");
         if let Some(n) = &ses.peer_name {
             if let Ok(mut k) = inner.known_addrs.lock() {
@@ -99,6 +110,9 @@ impl NodeEventSubscription for Events {
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
         let Some(inner) = self.inner.upgrade() else { return };
+        if let Ok(mut h) = inner.handshaking.lock() {
+            h.remove(&ses.actor.get_id());
+        }
         let Some(name) = peer_node_name(&ses) else { return };
         let removed = inner.sessions.lock().map(|mut s| {
             if s.get(&name).map(|cur| cur.actor.get_id() == ses.actor.get_id()).unwrap_or(false) {
@@ -141,6 +155,7 @@ impl Cluster {
             server: server_ref.clone(),
             membership: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
+            handshaking: Mutex::new(HashMap::new()),
             known_addrs: Mutex::new(BTreeSet::new()),
             view: RwLock::new(BTreeMap::new()),
             health: RwLock::new(BTreeMap::new()),
@@ -348,6 +363,9 @@ impl Cluster {
     }
 }
 
+/// How long a cluster session may take from TCP accept/connect to ready.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
+
 /// Dials every known address that has no live session, with per-address backoff.
 async fn dialer(cluster: Cluster) {
     let mut shutdown = cluster.inner.shutdown.subscribe();
@@ -357,13 +375,31 @@ async fn dialer(cluster: Cluster) {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = shutdown.changed() => return,
         }
+        let now = Instant::now();
+        // ractor_cluster has no handshake deadline: a session to a paused peer (whose kernel still
+        // accepts TCP) or from a client that never authenticates would wait forever. Close them.
+        let mut in_progress = BTreeSet::new();
+        if let Ok(mut h) = cluster.inner.handshaking.lock() {
+            h.retain(|_, (ses, opened)| {
+                if now.duration_since(*opened) < HANDSHAKE_DEADLINE {
+                    in_progress.insert(ses.peer_addr.clone());
+                    return true;
+                }
+                tracing::debug!(addr = %ses.peer_addr, "closing a session that never finished its handshake");
+                ses.actor.stop_children(Some("handshake deadline".into()));
+                ses.actor.stop(Some("handshake deadline".into()));
+                false
+            });
+        }
         let known: Vec<String> =
             cluster.inner.known_addrs.lock().map(|k| k.iter().cloned().collect()).unwrap_or_default();
         let connected: BTreeSet<String> = cluster.connected_addrs().into_iter().collect();
-        let now = Instant::now();
         for addr in known {
             if connected.contains(&addr) {
                 backoff.remove(&addr);
+                continue;
+            }
+            if in_progress.contains(&addr) {
                 continue;
             }
             let entry = backoff.entry(addr.clone()).or_insert((Duration::from_millis(100), now));

@@ -170,14 +170,16 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
         idempotency: key.map(|key| IdemKey { key, body_hash }),
         wait_ms,
     });
-    st.metrics.placed.fetch_add(1, Relaxed);
     let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
     match st
         .cluster
         .call_with_timeout::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent(), timeout)
         .await
     {
-        Ok(OrdersReply::Order(view)) => Ok(order_response(&st, view)),
+        Ok(OrdersReply::Order(view)) => {
+            st.metrics.placed.fetch_add(1, Relaxed);
+            Ok(order_response(&st, view))
+        }
         Ok(OrdersReply::IdempotencyConflict { order_id }) => {
             let mut e = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -208,7 +210,7 @@ pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Re
         Ok(OrdersReply::Order(view)) => Ok(Json(order_json(&view)).into_response()),
         Ok(OrdersReply::NotFound) => Err(ApiError::not_found(format!("no order {id}"))),
         Ok(other) => Err(unexpected(other)),
-        Err(e) => Err(ApiError::from_call(e)),
+        Err(e) => Err(ApiError::from_read(e)),
     }
 }
 
@@ -221,7 +223,7 @@ async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Resu
         Ok(InventoryReply::Stock(s)) => Ok(Json(stock_json(&s)).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
         Ok(other) => Err(unexpected(other)),
-        Err(e) => Err(ApiError::from_call(e)),
+        Err(e) => Err(ApiError::from_read(e)),
     }
 }
 
@@ -267,7 +269,7 @@ pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>)
         })).collect::<Vec<_>>()}))
         .into_response()),
         Ok(other) => Err(unexpected(other)),
-        Err(e) => Err(ApiError::from_call(e)),
+        Err(e) => Err(ApiError::from_read(e)),
     }
 }
 
@@ -289,7 +291,7 @@ async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder, field: &st
             .into_response())
         }
         Ok(other) => Err(unexpected(other)),
-        Err(e) => Err(ApiError::from_call(e)),
+        Err(e) => Err(ApiError::from_read(e)),
     }
 }
 

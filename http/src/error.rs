@@ -28,6 +28,21 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// For reads: any transient failure is "unavailable, retry" (nothing is at stake).
+    pub fn from_read(e: CallError) -> Self {
+        if e.is_transient() {
+            tracing::warn!(error = %e, "cluster call failed for a read");
+            let what = match &e {
+                CallError::Unreachable { capability, node, .. }
+                | CallError::TimedOut { capability, node, .. }
+                | CallError::Lost { capability, node, .. }
+                | CallError::Rejected { capability, node, .. } => format!("{capability} on node {node}"),
+            };
+            return Self::unavailable(format!("{what} is unavailable; retry later"));
+        }
+        Self::from_call(e)
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
         e.retry_after = Some(1);
@@ -60,7 +75,9 @@ impl ApiError {
                 e.retry_after = Some(1);
                 e
             }
-            CallError::Rejected { capability, node, reason } if reason.starts_with("unavailable") => {
+            CallError::Rejected { capability, node, reason }
+                if reason.starts_with(bulkhead_cluster::gateway::UNAVAILABLE) =>
+            {
                 Self::unavailable(format!("{capability} on node {node} is restarting; retry later"))
             }
             CallError::Rejected { capability, node, .. } => Self::new(

@@ -32,7 +32,8 @@ pub struct StockView {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryRequest {
-    /// Reserve every item for `order_id` (all or nothing), held for `ttl_ms`. Idempotent per order.
+    /// Reserve every item for `order_id` (all or nothing), held for `ttl_ms`. Idempotent per order;
+    /// repeating it for a held reservation extends the hold (the saga's "touch" before charging).
     Reserve {
         order_id: Uuid,
         items: Vec<Item>,
@@ -62,8 +63,10 @@ pub enum InventoryRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryReply {
+    /// Held until `expires_ms` (wall clock, ms since the epoch; `u64::MAX` once committed).
     Reserved {
         lines: Vec<PricedLine>,
+        expires_ms: u64,
     },
     OutOfStock {
         sku: String,

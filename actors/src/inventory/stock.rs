@@ -94,12 +94,19 @@ impl Inventory {
 
     /// Reserves all of `items` for `order`, or nothing. Repeating it returns the first answer.
     pub fn reserve(&mut self, order: Uuid, items: &[Item], now_ms: u64, ttl_ms: u64) -> (InventoryReply, Changes) {
-        if let Some(r) = self.reservations.get(&order) {
-            let reply = match r.state {
-                HoldState::Held | HoldState::Committed => InventoryReply::Reserved { lines: r.lines.clone() },
-                HoldState::Released => InventoryReply::AlreadyReleased,
+        if let Some(r) = self.reservations.get_mut(&order) {
+            return match r.state {
+                HoldState::Held => {
+                    // A repeat extends the hold: the saga touches its reservations before charging.
+                    r.expires_ms = r.expires_ms.max(now_ms.saturating_add(ttl_ms));
+                    let reply = InventoryReply::Reserved { lines: r.lines.clone(), expires_ms: r.expires_ms };
+                    (reply, Changes { stock: vec![], reservations: vec![order] })
+                }
+                HoldState::Committed => {
+                    (InventoryReply::Reserved { lines: r.lines.clone(), expires_ms: u64::MAX }, Changes::default())
+                }
+                HoldState::Released => (InventoryReply::AlreadyReleased, Changes::default()),
             };
-            return (reply, Changes::default());
         }
         // Merge duplicate SKUs so the check sees the order's whole demand.
         let mut want: BTreeMap<&str, u64> = BTreeMap::new();
@@ -126,7 +133,7 @@ impl Inventory {
             Reservation { lines: lines.clone(), expires_ms: now_ms.saturating_add(ttl_ms), state: HoldState::Held },
         );
         changes.reservations.push(order);
-        (InventoryReply::Reserved { lines }, changes)
+        (InventoryReply::Reserved { lines, expires_ms: now_ms.saturating_add(ttl_ms) }, changes)
     }
 
     /// Moves each line's quantity from one bucket to another; returns the SKUs touched.
@@ -227,13 +234,21 @@ mod tests {
         assert_eq!(
             r,
             InventoryReply::Reserved {
-                lines: vec![PricedLine { sku: "a".into(), quantity: 2, unit_price_cents: 100 }]
+                lines: vec![PricedLine { sku: "a".into(), quantity: 2, unit_price_cents: 100 }],
+                expires_ms: 1000,
             }
         );
-        // Repeating returns the same answer, takes nothing more.
-        let (r2, c2) = inv.reserve(o1, &[item("a", 2)], 0, 1000);
-        assert_eq!(r, r2);
-        assert_eq!(c2, Changes::default());
+        // Repeating returns the same lines, takes nothing more, and extends the hold.
+        let (r2, c2) = inv.reserve(o1, &[item("a", 2)], 500, 1000);
+        assert_eq!(
+            r2,
+            InventoryReply::Reserved {
+                lines: vec![PricedLine { sku: "a".into(), quantity: 2, unit_price_cents: 100 }],
+                expires_ms: 1500
+            }
+        );
+        assert!(c2.stock.is_empty());
+        assert!(inv.expire(1499).0.is_empty());
         assert_eq!(inv.view("a").unwrap().available, 3);
         inv.commit(o1);
         assert_eq!((inv.stock["a"].reserved, inv.stock["a"].sold), (0, 2));

@@ -131,7 +131,7 @@ impl OrdersState {
             if let Some(prev) = IDEMPOTENCY.claim(&self.args.store, &ik.key, &claim)? {
                 let prev_id = Uuid::from_slice(&prev.result).unwrap_or_default();
                 if prev.body_hash != ik.body_hash {
-                    let _ = reply.send(OrdersReply::IdempotencyConflict { order_id: prev_id });
+                    reply_after_sync(&self.args.store, reply, OrdersReply::IdempotencyConflict { order_id: prev_id });
                     return Ok(());
                 }
                 if self.sagas.contains_key(&prev_id) || ORDERS.get(&self.args.store, &prev_id)?.is_some() {
@@ -154,7 +154,6 @@ impl OrdersState {
         }
         let mut order = saga::new_order(id, p.customer_id, p.items, p.payment_token, shards, now);
         order.traceparent = traceparent;
-        let cmds = saga::step(&mut order, Event::Start, now, jitter());
         let mut b = Batch::new();
         ORDERS.put(&mut b, &id, &order);
         UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
@@ -162,7 +161,19 @@ impl OrdersState {
         tracing::info!(order_id = %id, trace = trace_id(&order.traceparent), "order created");
         self.sagas.insert(id, order);
         self.wait_for(myself, id, p.wait_ms, reply);
-        self.execute(myself, id, cmds)
+        // No peer hears of the order (no reservation, no charge) before it is durable here:
+        // otherwise a crash could leave a charge for an order that does not exist.
+        let (store, me) = (self.args.store.clone(), myself.clone());
+        tokio::spawn(async move {
+            match store.sync().await {
+                Ok(()) => {
+                    let _ = me.cast(OrdersMsg::Saga { order_id: id, event: Event::Start });
+                }
+                // The saga resumes from the store after a restart, if the write made it at all.
+                Err(e) => tracing::error!(order_id = %id, error = %e, "flush failed; saga not started"),
+            }
+        });
+        Ok(())
     }
 
     fn on_saga_event(
@@ -198,7 +209,9 @@ impl OrdersState {
                         let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
                         let outcome =
                             match cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &tp).await {
-                                Ok(InventoryReply::Reserved { lines }) => ReserveOutcome::Reserved(lines),
+                                Ok(InventoryReply::Reserved { lines, expires_ms }) => {
+                                    ReserveOutcome::Reserved { lines, expires_ms }
+                                }
                                 Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
                                 Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
                                 Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),

@@ -20,12 +20,15 @@ use uuid::Uuid;
 use super::saga::{Dest, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
+use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{backoff_ms, jitter};
 
 pub const RELAY_NAME: &str = "bulkhead.orders.outbox";
 pub const OUTBOX: Table<Uuid, OutboxEntry> = Table::new(3, "outbox");
 const ROUND_SIZE: usize = 512;
 const PARALLEL: usize = 32;
+/// At most this many entries for one destination per round, so a slow one cannot fill a round.
+const PER_DEST: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
@@ -70,6 +73,7 @@ pub struct RelayState {
 fn dest_label(d: &Dest) -> String {
     match d {
         Dest::Inventory { node } => format!("inventory@{node}"),
+        Dest::Payments => "payments".into(),
         Dest::Shipping => "shipping".into(),
         Dest::Notifications => "notifications".into(),
     }
@@ -106,6 +110,18 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
             )
             .await
             .is_ok(),
+        (Dest::Payments, OutboxEvent::RefundPayment { order_id }) => {
+            let Some(node) = cluster.owner(Capability::Payments, order_id.as_bytes()) else { return false };
+            let req = PaymentRequest::Refund { order_id: *order_id };
+            match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
+                Ok(PaymentReply::Refunded) => {
+                    tracing::warn!(%order_id, "charge refunded for a cancelled order");
+                    true
+                }
+                Ok(_) => true,
+                Err(_) => false,
+            }
+        }
         (Dest::Shipping | Dest::Notifications, OutboxEvent::Confirmed(ev)) => {
             let cap = if e.dest == Dest::Shipping { Capability::Shipping } else { Capability::Notifications };
             let Some(node) = cluster.owner(cap, ev.order_id.as_bytes()) else { return false };
@@ -129,11 +145,17 @@ impl RelayState {
         }
         let now = Instant::now();
         let mut batch = Vec::new();
+        let mut per_dest: HashMap<Dest, usize> = HashMap::new();
         for item in OUTBOX.iter(&self.store) {
             let (key, entry) = item?;
             if self.backoff.get(&entry.dest).is_some_and(|(_, until)| *until > now) {
                 continue;
             }
+            let n = per_dest.entry(entry.dest.clone()).or_default();
+            if *n >= PER_DEST {
+                continue;
+            }
+            *n += 1;
             batch.push((key, entry));
             if batch.len() >= ROUND_SIZE {
                 break;
@@ -143,8 +165,13 @@ impl RelayState {
             return Ok(());
         }
         self.in_flight = true;
-        let (cluster, me) = (self.cluster.clone(), myself.clone());
+        let (cluster, me, store) = (self.cluster.clone(), myself.clone(), self.store.clone());
         tokio::spawn(async move {
+            // The scan sees applied writes; deliver nothing a crash could still take back.
+            if store.sync().await.is_err() {
+                let _ = me.cast(OutboxMsg::RoundDone { delivered: vec![], ok: vec![], failed: vec![] });
+                return;
+            }
             let results: Vec<(Uuid, Dest, bool)> = stream::iter(batch)
                 .map(|(key, entry)| {
                     let cluster = cluster.clone();

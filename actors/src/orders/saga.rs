@@ -25,7 +25,11 @@ pub const RETRY_CAP_MS: u64 = 5_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShardState {
     Pending,
-    Reserved(Vec<PricedLine>),
+    /// Held for this order until `expires_ms` (inventory's wall clock).
+    Reserved {
+        lines: Vec<PricedLine>,
+        expires_ms: u64,
+    },
 }
 
 /// The part of the order held by one inventory node.
@@ -59,6 +63,12 @@ pub struct OrderRecord {
     pub shards: Vec<ShardStep>,
     pub attempts: u32,
     pub retry_scheduled: bool,
+    /// The earliest expiry of this order's holds, and how close to it the saga stops charging and
+    /// touches (re-reserves, extending) the holds first.
+    pub hold_until_ms: u64,
+    pub hold_margin_ms: u64,
+    /// A charge was requested at least once: cancelling now must refund (the charge may have landed).
+    pub charge_attempted: bool,
     pub last_wait: Option<String>,
     pub history: Vec<HistoryEntry>,
     pub created_ms: u64,
@@ -73,7 +83,10 @@ impl Record for OrderRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
-    Reserved(Vec<PricedLine>),
+    Reserved {
+        lines: Vec<PricedLine>,
+        expires_ms: u64,
+    },
     OutOfStock {
         sku: String,
     },
@@ -123,6 +136,7 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dest {
     Inventory { node: String },
+    Payments,
     Shipping,
     Notifications,
 }
@@ -132,6 +146,7 @@ pub enum OutboxEvent {
     CommitReservation { order_id: Uuid },
     ReleaseReservation { order_id: Uuid },
     Confirmed(OrderConfirmed),
+    RefundPayment { order_id: Uuid },
 }
 
 /// Creates a pending order whose items are split over `shards` (node -> its items).
@@ -157,6 +172,9 @@ pub fn new_order(
         shards: shards.into_iter().map(|(node, items)| ShardStep { node, items, state: ShardState::Pending }).collect(),
         attempts: 0,
         retry_scheduled: false,
+        hold_until_ms: 0,
+        hold_margin_ms: 0,
+        charge_attempted: false,
         last_wait: None,
         history: vec![HistoryEntry { at_ms: now_ms, event: "created".into() }],
         created_ms: now_ms,
@@ -168,7 +186,22 @@ fn note(o: &mut OrderRecord, now_ms: u64, event: impl Into<String>) {
     o.history.push(HistoryEntry { at_ms: now_ms, event: event.into() });
 }
 
-fn outstanding(o: &OrderRecord) -> Vec<Command> {
+/// Longest margin before a hold's expiry at which the saga re-touches holds instead of charging.
+pub const HOLD_MARGIN_MS: u64 = 60_000;
+
+fn outstanding(o: &mut OrderRecord, now_ms: u64) -> Vec<Command> {
+    if o.phase == Phase::Charging && now_ms.saturating_add(o.hold_margin_ms) >= o.hold_until_ms {
+        // The holds may lapse before the charge lands: extend them first (a repeated Reserve), so
+        // a confirmed order never rests on an expired reservation.
+        note(o, now_ms, "reservations near expiry: touching them before charging");
+        o.phase = Phase::Reserving;
+        for s in o.shards.iter_mut() {
+            s.state = ShardState::Pending;
+        }
+    }
+    if o.phase == Phase::Charging {
+        o.charge_attempted = true;
+    }
     match o.phase {
         Phase::Reserving => o
             .shards
@@ -215,10 +248,11 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
         return vec![];
     }
     match event {
-        Event::Start | Event::Resume => outstanding(o),
-        Event::RetryDue => {
+        Event::Start => outstanding(o, now_ms),
+        // A retry timer does not survive a restart: a resumed saga starts with none scheduled.
+        Event::Resume | Event::RetryDue => {
             o.retry_scheduled = false;
-            outstanding(o)
+            outstanding(o, now_ms)
         }
         Event::Reserve { node, outcome } => {
             if o.phase != Phase::Reserving {
@@ -228,23 +262,33 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                 return vec![];
             };
             match outcome {
-                ReserveOutcome::Reserved(lines) => {
-                    o.shards[i].state = ShardState::Reserved(lines);
+                ReserveOutcome::Reserved { lines, expires_ms } => {
+                    o.shards[i].state = ShardState::Reserved { lines, expires_ms };
                     if o.shards.iter().all(|s| s.state != ShardState::Pending) {
                         o.lines = o
                             .shards
                             .iter()
                             .flat_map(|s| match &s.state {
-                                ShardState::Reserved(l) => l.clone(),
+                                ShardState::Reserved { lines, .. } => lines.clone(),
                                 ShardState::Pending => vec![],
                             })
                             .collect();
+                        o.hold_until_ms = o
+                            .shards
+                            .iter()
+                            .filter_map(|s| match s.state {
+                                ShardState::Reserved { expires_ms, .. } => Some(expires_ms),
+                                ShardState::Pending => None,
+                            })
+                            .min()
+                            .unwrap_or(u64::MAX);
+                        o.hold_margin_ms = (o.hold_until_ms.saturating_sub(now_ms) / 4).min(HOLD_MARGIN_MS);
                         o.total_cents = o.lines.iter().map(|l| l.quantity.saturating_mul(l.unit_price_cents)).sum();
                         o.phase = Phase::Charging;
                         o.attempts = 0;
                         o.last_wait = None;
                         note(o, now_ms, format!("reserved: {} line(s), total {} cents", o.lines.len(), o.total_cents));
-                        return outstanding(o);
+                        return outstanding(o, now_ms);
                     }
                     vec![]
                 }
@@ -300,7 +344,15 @@ pub fn outbox(o: &OrderRecord) -> Vec<(Dest, OutboxEvent)> {
             out
         }
         // Release on every shard, even one that never answered: its reservation may have landed.
-        OrderStatus::Cancelled => inventory(OutboxEvent::ReleaseReservation { order_id: o.id }).collect(),
+        // Refund if a charge was ever requested: it may have landed too (a no-op if it did not).
+        OrderStatus::Cancelled => {
+            let mut out: Vec<_> = inventory(OutboxEvent::ReleaseReservation { order_id: o.id }).collect();
+            // (A declined order was never charged, and the ledger keeps it so.)
+            if o.charge_attempted && o.reason.as_deref() != Some("payment_declined") {
+                out.push((Dest::Payments, OutboxEvent::RefundPayment { order_id: o.id }));
+            }
+            out
+        }
         OrderStatus::Pending => vec![],
     }
 }
@@ -343,7 +395,10 @@ mod tests {
         )
     }
     fn reserved(node: &str, l: PricedLine) -> Event {
-        Event::Reserve { node: node.into(), outcome: ReserveOutcome::Reserved(vec![l]) }
+        Event::Reserve {
+            node: node.into(),
+            outcome: ReserveOutcome::Reserved { lines: vec![l], expires_ms: 1_000_000 },
+        }
     }
 
     #[test]
@@ -413,6 +468,42 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_saga_retries_even_if_a_retry_was_pending_before_the_restart() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        let down = Event::Reserve { node: "n1".into(), outcome: ReserveOutcome::Unavailable("down".into()) };
+        assert!(matches!(step(&mut o, down.clone(), 2, 1.0)[..], [Command::RetryIn(_)]));
+        // The node restarts: the persisted record says a retry is scheduled, but the timer is gone.
+        let mut restored = o.clone();
+        assert_eq!(step(&mut restored, Event::Resume, 3, 1.0).len(), 2);
+        assert!(matches!(step(&mut restored, down, 4, 1.0)[..], [Command::RetryIn(_)]));
+    }
+
+    #[test]
+    fn holds_near_expiry_are_touched_before_charging_and_a_lapsed_one_cancels_with_a_refund() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 0, 1.0);
+        let held = |n: &str, l| Event::Reserve {
+            node: n.into(),
+            outcome: ReserveOutcome::Reserved { lines: vec![l], expires_ms: 1_000 },
+        };
+        step(&mut o, held("n1", line("a", 1, 1)), 0, 1.0);
+        let c = step(&mut o, held("n2", line("b", 2, 1)), 0, 1.0);
+        assert!(matches!(c[..], [Command::Charge { .. }]));
+        assert_eq!((o.hold_until_ms, o.hold_margin_ms), (1_000, 250));
+        // Payments is down for a while; by the retry the holds are close to expiring.
+        step(&mut o, Event::Charge(ChargeOutcome::Unavailable("down".into())), 100, 1.0);
+        let c = step(&mut o, Event::RetryDue, 800, 1.0);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c.iter().all(|c| matches!(c, Command::Reserve { .. })));
+        // One shard already let its hold go: the order is cancelled, and the charge refunded.
+        let c = step(&mut o, Event::Reserve { node: "n1".into(), outcome: ReserveOutcome::AlreadyReleased }, 801, 1.0);
+        assert_eq!(c, vec![Command::Finish]);
+        assert_eq!(o.reason.as_deref(), Some("reservation_expired"));
+        assert!(outbox(&o).iter().any(|(d, e)| *d == Dest::Payments && matches!(e, OutboxEvent::RefundPayment { .. })));
+    }
+
+    #[test]
     fn resume_reissues_the_current_step() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
@@ -429,8 +520,10 @@ mod tests {
         prop_oneof![
             Just(Event::RetryDue),
             Just(Event::Resume),
-            node.clone()
-                .prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Reserved(vec![line("x", 1, 10)]) }),
+            node.clone().prop_map(|n| Event::Reserve {
+                node: n,
+                outcome: ReserveOutcome::Reserved { lines: vec![line("x", 1, 10)], expires_ms: 1_000_000 }
+            }),
             node.clone().prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Unavailable("down".into()) }),
             node.prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::OutOfStock { sku: "x".into() } }),
             Just(Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() })),

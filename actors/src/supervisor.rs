@@ -103,6 +103,8 @@ pub struct SupervisorArgs {
 pub struct SupervisorState {
     args: SupervisorArgs,
     running: Vec<Option<ActorId>>,
+    /// Consecutive failed starts per child (reset by a successful start).
+    start_failures: Vec<u32>,
     budget: RestartBudget,
     escalated: bool,
 }
@@ -130,7 +132,13 @@ impl Actor for Supervisor {
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let n = args.children.len();
-        Ok(SupervisorState { args, running: vec![None; n], budget: RestartBudget::default(), escalated: false })
+        Ok(SupervisorState {
+            args,
+            running: vec![None; n],
+            start_failures: vec![0; n],
+            budget: RestartBudget::default(),
+            escalated: false,
+        })
     }
 
     async fn post_start(
@@ -169,7 +177,7 @@ impl Actor for Supervisor {
                         spawn_or_retry(&myself, state, i).await;
                     }
                 }
-                state.args.cluster.set_health(cap, true, "ready");
+                mark_ready_if_complete(state);
             }
         }
         Ok(())
@@ -200,18 +208,34 @@ impl Actor for Supervisor {
     }
 }
 
-/// Starts child `i`; if that fails (e.g. its registered name is not yet released), tries again
-/// shortly without counting it as another restart.
+/// The capability is ready again once every child runs.
+fn mark_ready_if_complete(state: &SupervisorState) {
+    if !state.escalated && state.running.iter().all(Option::is_some) {
+        state.args.cluster.set_health(state.args.capability, true, "ready");
+    }
+}
+
+/// Starts child `i`; if that fails (its registered name not yet released, or its `pre_start` failing,
+/// e.g. a store read error), tries again with backoff (20 ms doubling to 1 s) without counting it
+/// as another restart, and reports the capability not ready meanwhile.
 async fn spawn_or_retry(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, i: usize) {
     let (cap, child) = (state.args.capability, state.args.children[i].name.clone());
     let started = Instant::now();
     match start_child(myself, state, i).await {
         Ok(()) => {
-            tracing::info!(capability = %cap, %child, took_us = started.elapsed().as_micros() as u64, "child started")
+            state.start_failures[i] = 0;
+            tracing::info!(capability = %cap, %child, took_us = started.elapsed().as_micros() as u64, "child started");
+            mark_ready_if_complete(state);
         }
         Err(e) => {
-            tracing::warn!(capability = %cap, %child, error = %e, "start failed; retrying");
-            myself.send_after(Duration::from_millis(20), move || SupervisorMsg::Retry(i));
+            state.start_failures[i] += 1;
+            let n = state.start_failures[i];
+            let wait = Duration::from_millis((20u64 << n.min(6)).min(1_000));
+            tracing::warn!(capability = %cap, %child, error = %e, attempt = n, ?wait, "start failed; retrying");
+            if n > 1 {
+                state.args.cluster.set_health(cap, false, &format!("{child} fails to start: {e}"));
+            }
+            myself.send_after(wait, move || SupervisorMsg::Retry(i));
         }
     }
 }

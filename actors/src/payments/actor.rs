@@ -131,14 +131,19 @@ impl PaymentsState {
             }
             PaymentRequest::Refund { order_id } => {
                 let existing = PAYMENTS.get(&self.args.store, &order_id)?;
-                let (answer, rec) = ledger::refund(existing.as_ref(), now_ms());
+                let (answer, rec) = ledger::refund(existing.as_ref(), order_id, now_ms());
                 if let Some(rec) = rec {
                     self.put(&rec)?;
                 }
                 reply_after_sync(&self.args.store, reply, answer);
             }
             PaymentRequest::List { order_id } => {
-                let list = PAYMENTS.get(&self.args.store, &order_id)?.map(|r| vec![r.view()]).unwrap_or_default();
+                // A voided order never had a charge: nothing to list.
+                let list = PAYMENTS
+                    .get(&self.args.store, &order_id)?
+                    .filter(|r| r.status != ledger::ChargeStatus::Voided)
+                    .map(|r| vec![r.view()])
+                    .unwrap_or_default();
                 reply_after_sync(&self.args.store, reply, PaymentReply::Payments(list));
             }
             PaymentRequest::InjectPanic => {

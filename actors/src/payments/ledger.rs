@@ -24,6 +24,8 @@ pub enum ChargeStatus {
     Charged,
     Declined,
     Refunded,
+    /// Cancelled before any charge landed: a charge that arrives later is refused.
+    Voided,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +51,7 @@ impl PaymentRecord {
             ChargeStatus::Charged => "charged",
             ChargeStatus::Declined => "declined",
             ChargeStatus::Refunded => "refunded",
+            ChargeStatus::Voided => "voided",
         };
         PaymentView {
             payment_id: self.payment_id.clone(),
@@ -84,6 +87,7 @@ pub fn charge(
             ChargeStatus::Charged => return done(PaymentReply::Charged { payment_id: r.payment_id.clone() }, None),
             ChargeStatus::Declined => return done(PaymentReply::Declined { reason: "card declined".into() }, None),
             ChargeStatus::Refunded => return done(PaymentReply::Declined { reason: "refunded".into() }, None),
+            ChargeStatus::Voided => return done(PaymentReply::Declined { reason: "order cancelled".into() }, None),
             ChargeStatus::Processing { ready_ms } if now_ms < *ready_ms => {
                 return ChargeDecision { reply: PaymentReply::InProgress, record: None, wake_at_ms: Some(*ready_ms) };
             }
@@ -135,17 +139,32 @@ fn done(reply: PaymentReply, record: Option<PaymentRecord>) -> ChargeDecision {
     ChargeDecision { reply, record, wake_at_ms: None }
 }
 
-/// Refunds a charged order; anything else has nothing to refund.
-pub fn refund(existing: Option<&PaymentRecord>, now_ms: u64) -> (PaymentReply, Option<PaymentRecord>) {
-    match existing {
-        Some(r) if r.status == ChargeStatus::Charged => {
-            let mut r = r.clone();
+/// Refunds a charged order. With no charge yet, voids the order instead, so that a charge still in
+/// flight (it may arrive after this refund) is refused rather than taken.
+pub fn refund(existing: Option<&PaymentRecord>, order_id: Uuid, now_ms: u64) -> (PaymentReply, Option<PaymentRecord>) {
+    let void = |r: Option<&PaymentRecord>| PaymentRecord {
+        payment_id: r.map(|r| r.payment_id.clone()).unwrap_or_default(),
+        order_id,
+        amount_cents: 0,
+        token: r.map(|r| r.token.clone()).unwrap_or_default(),
+        status: ChargeStatus::Voided,
+        attempts: r.map(|r| r.attempts).unwrap_or(0),
+        at_ms: now_ms,
+    };
+    match existing.map(|r| &r.status) {
+        Some(ChargeStatus::Charged) => {
+            let mut r = existing.cloned().expect("matched Some");
             r.status = ChargeStatus::Refunded;
             r.at_ms = now_ms;
             (PaymentReply::Refunded, Some(r))
         }
-        Some(r) if r.status == ChargeStatus::Refunded => (PaymentReply::Refunded, None),
-        _ => (PaymentReply::NothingToRefund, None),
+        Some(ChargeStatus::Refunded) => (PaymentReply::Refunded, None),
+        Some(ChargeStatus::Declined | ChargeStatus::Voided) => (PaymentReply::NothingToRefund, None),
+        // No charge has landed (none asked yet, still processing, or failing transiently): void the
+        // order, so that a charge arriving or completing after this is refused, not taken.
+        None | Some(ChargeStatus::Processing { .. } | ChargeStatus::Failing) => {
+            (PaymentReply::NothingToRefund, Some(void(existing)))
+        }
     }
 }
 
@@ -206,9 +225,20 @@ mod tests {
     fn refund_only_what_was_charged() {
         let d = charge(None, Uuid::from_u128(1), 5, "tok_ok", 0, Uuid::from_u128(2));
         let rec = d.record.unwrap();
-        let (r, after) = refund(Some(&rec), 1);
+        let o = Uuid::from_u128(1);
+        let (r, after) = refund(Some(&rec), o, 1);
         assert_eq!(r, PaymentReply::Refunded);
-        assert_eq!(refund(after.as_ref(), 2).0, PaymentReply::Refunded);
-        assert_eq!(refund(None, 2).0, PaymentReply::NothingToRefund);
+        assert_eq!(refund(after.as_ref(), o, 2).0, PaymentReply::Refunded);
+        // A refund that overtakes its charge voids the order: the late charge is refused.
+        let (r, void) = refund(None, o, 2);
+        assert_eq!(r, PaymentReply::NothingToRefund);
+        let late = charge(void.as_ref(), o, 5, "tok_ok", 3, Uuid::from_u128(9));
+        assert!(matches!(late.reply, PaymentReply::Declined { .. }));
+        assert_eq!(late.record, None);
+        // Same for a slow charge still processing when the refund arrives: it never completes.
+        let slow = charge(None, o, 5, "tok_slow", 0, Uuid::from_u128(10)).record;
+        let (_, voided) = refund(slow.as_ref(), o, 1);
+        let done = charge(voided.as_ref(), o, 5, "tok_slow", SLOW_MS + 1, Uuid::from_u128(11));
+        assert!(matches!(done.reply, PaymentReply::Declined { .. }));
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bulkhead_cluster::{NodeConfig, Timing};
 use serde_json::Value;
 
-use crate::topology::{local_configs, write_config, Ports, NODES};
+use crate::topology::{local_configs, write_config, Ports};
 
 /// Asks the OS for `n` distinct free TCP ports on 127.0.0.1.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
@@ -33,7 +33,7 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Writes the configs and starts all three nodes (does not wait for readiness).
+    /// Writes the configs and starts the three demo nodes (does not wait for readiness).
     pub fn launch(
         exe: &Path,
         data_dir: &Path,
@@ -44,6 +44,12 @@ impl LocalCluster {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let cookie = cookie(data_dir)?;
         let configs = local_configs(data_dir, &cookie, &ports, timing, fault_injection);
+        Self::launch_configs(exe, data_dir, configs)
+    }
+
+    /// Writes `configs` under `data_dir` and starts one node per config.
+    pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, String> {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let mut config_paths = Vec::new();
         for cfg in &configs {
             let path = data_dir.join(format!("{}.toml", cfg.name));
@@ -53,15 +59,10 @@ impl LocalCluster {
         let log_dir = data_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        let mut lc = LocalCluster {
-            configs,
-            config_paths,
-            children: vec![None, None, None],
-            exe: exe.to_path_buf(),
-            log_dir,
-            http,
-        };
-        for i in 0..3 {
+        let mut lc =
+            LocalCluster { configs, config_paths, children: Vec::new(), exe: exe.to_path_buf(), log_dir, http };
+        lc.children = lc.configs.iter().map(|_| None).collect();
+        for i in 0..lc.configs.len() {
             lc.start(i)?;
         }
         Ok(lc)
@@ -69,7 +70,7 @@ impl LocalCluster {
 
     /// Starts node `i` (again).
     pub fn start(&mut self, i: usize) -> Result<(), String> {
-        let log_path = self.log_dir.join(format!("{}.log", NODES[i]));
+        let log_path = self.log_path(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -99,7 +100,7 @@ impl LocalCluster {
     }
 
     pub fn log_path(&self, i: usize) -> PathBuf {
-        self.log_dir.join(format!("{}.log", NODES[i]))
+        self.log_dir.join(format!("{}.log", self.configs[i].name))
     }
 
     /// Sends `sig` (e.g. `libc::SIGSTOP`) to node `i`.
@@ -175,7 +176,8 @@ impl LocalCluster {
     /// `/readyz` with 200; a node that cannot host a capability never does).
     pub async fn wait_joined(&self, timeout: Duration, ready: bool) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let running: Vec<usize> = (0..3).filter(|i| self.children[*i].is_some()).collect();
+        let running: Vec<usize> = (0..self.children.len()).filter(|i| self.children[*i].is_some()).collect();
+        let name = |i: usize| self.configs[i].name.as_str();
         let mut poll = tokio::time::interval(Duration::from_millis(100));
         poll.tick().await;
         loop {
@@ -184,8 +186,8 @@ impl LocalCluster {
                 match self.get_json(i, "/readyz").await {
                     Ok((200, _)) => {}
                     Ok(_) if !ready => {}
-                    Ok((_, body)) => missing.push(format!("{}: {}", NODES[i], body["problems"])),
-                    Err(e) => missing.push(format!("{}: {e}", NODES[i])),
+                    Ok((_, body)) => missing.push(format!("{}: {}", name(i), body["problems"])),
+                    Err(e) => missing.push(format!("{}: {e}", name(i))),
                 }
                 if let Ok((200, view)) = self.get_json(i, "/v1/cluster").await {
                     for &j in &running {
@@ -193,9 +195,9 @@ impl LocalCluster {
                             .as_array()
                             .into_iter()
                             .flatten()
-                            .any(|n| n["name"] == NODES[j] && n["status"] == "up");
+                            .any(|n| n["name"] == name(j) && n["status"] == "up");
                         if !up {
-                            missing.push(format!("{} does not see {} up yet", NODES[i], NODES[j]));
+                            missing.push(format!("{} does not see {} up yet", name(i), name(j)));
                         }
                     }
                 }
@@ -346,7 +348,7 @@ Press Ctrl-C to stop all three nodes."#,
             _ = hup.recv() => break,
             _ = tick.tick() => {
                 if let Some((i, how)) = lc.exited() {
-                    say(out, format!("node {} exited ({how}); the others keep serving. Its log: {}", NODES[i], lc.log_path(i).display()));
+                    say(out, format!("node {} exited ({how}); the others keep serving. Its log: {}", lc.configs[i].name, lc.log_path(i).display()));
                 }
             }
         }

@@ -30,6 +30,41 @@ enum Cmd {
         #[arg(long, default_value_t = 7101)]
         cluster_port: u16,
     },
+    /// Throughput and latency of POST /v1/orders on local 1- and 3-node clusters (real processes).
+    Bench {
+        /// Cluster sizes to run, in order (1 = every capability on one node; 3 = the demo topology).
+        #[arg(long, default_value = "1,3", value_delimiter = ',')]
+        nodes: Vec<usize>,
+        /// Length of the closed loop and of the open loop, each (e.g. 15s).
+        #[arg(long, default_value = "15s", value_parser = bulkhead::bench::parse_duration)]
+        duration: std::time::Duration,
+        /// Warm-up before measuring.
+        #[arg(long, default_value = "2s", value_parser = bulkhead::bench::parse_duration)]
+        warmup: std::time::Duration,
+        /// Concurrent clients in the closed loop.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// SIGKILL the shipping node a third of the way into the 3-node closed loop.
+        #[arg(long)]
+        kill_shipping: bool,
+        /// Parent folder for the clusters' data (default: the system temp dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// `fsync` (default, as in production) or `flush` (skips fdatasync; for comparison only).
+        #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+        durability: bulkhead_storage::Durability,
+    },
+}
+
+fn parse_durability(s: &str) -> Result<bulkhead_storage::Durability, String> {
+    match s {
+        "fsync" => Ok(bulkhead_storage::Durability::Fsync),
+        "flush" => Ok(bulkhead_storage::Durability::Flush),
+        _ => Err(format!("`{s}`: expected fsync or flush")),
+    }
 }
 
 fn init_logging() {
@@ -52,6 +87,19 @@ async fn main() -> ExitCode {
         Cmd::Demo { data_dir, http_port, cluster_port } => {
             let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port };
             bulkhead::demo::run(opts, &mut std::io::stdout()).await
+        }
+        Cmd::Bench { nodes, duration, warmup, concurrency, json, kill_shipping, data_dir, durability } => {
+            let opts = bulkhead::bench::BenchOptions {
+                nodes,
+                duration,
+                warmup,
+                concurrency,
+                json,
+                kill_shipping,
+                data_dir,
+                durability,
+            };
+            bulkhead::bench::run(opts, &mut std::io::stdout()).await.map(|_| ())
         }
     };
     match result {

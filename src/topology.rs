@@ -36,6 +36,12 @@ pub struct Ports {
     pub http: u16,
 }
 
+/// Every capability on one node `n1`: the benchmark's one-node cluster.
+pub fn single_node_shard_map() -> ShardMap {
+    let p = CapabilityPlacement { nodes: vec!["n1".to_string()] };
+    ShardMap(Capability::ALL.into_iter().map(|c| (c, p.clone())).collect())
+}
+
 /// Configs for the three demo nodes on 127.0.0.1, all seeded with each other.
 pub fn local_configs(
     data_dir: &Path,
@@ -44,15 +50,28 @@ pub fn local_configs(
     timing: Timing,
     fault_injection: bool,
 ) -> Vec<NodeConfig> {
+    cluster_configs(&NODES, demo_shard_map(), data_dir, cookie, ports, timing, fault_injection)
+}
+
+/// Configs for nodes `names` on 127.0.0.1 (node i on `ports[i]`), all seeded with each other.
+pub fn cluster_configs(
+    names: &[&str],
+    map: ShardMap,
+    data_dir: &Path,
+    cookie: &str,
+    ports: &[Ports],
+    timing: Timing,
+    fault_injection: bool,
+) -> Vec<NodeConfig> {
     let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
-    NODES
+    names
         .iter()
         .enumerate()
         .map(|(i, name)| NodeConfig {
             name: name.to_string(),
             cluster_listen: addr(ports[i].cluster),
             cluster_advertise: None,
-            seeds: (0..3).filter(|j| *j != i).map(|j| addr(ports[j].cluster).to_string()).collect(),
+            seeds: (0..names.len()).filter(|j| *j != i).map(|j| addr(ports[j].cluster).to_string()).collect(),
             cookie: Some(cookie.to_string()),
             cookie_file: None,
             data_dir: data_dir.join(name),
@@ -61,7 +80,7 @@ pub fn local_configs(
             durability: Default::default(),
             fault_injection,
             timing: timing.clone(),
-            capabilities: demo_shard_map(),
+            capabilities: map.clone(),
         })
         .collect()
 }

@@ -52,6 +52,21 @@ impl Key for (u64, Uuid) {
     }
 }
 
+/// `(id, n)`: several records per id, in id order (e.g. an order's outbox entries).
+impl Key for (Uuid, u64) {
+    fn encode_key(&self) -> Vec<u8> {
+        let mut k = self.0.as_bytes().to_vec();
+        k.extend_from_slice(&self.1.to_be_bytes());
+        k
+    }
+    fn decode_key(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 24 {
+            return None;
+        }
+        Some((Uuid::from_slice(&bytes[..16]).ok()?, u64::from_be_bytes(bytes[16..].try_into().ok()?)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

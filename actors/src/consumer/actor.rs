@@ -84,8 +84,9 @@ impl Actor for ConsumerWorker {
                     key(ev.order_id, &ev.event_id.simple().to_string())
                 };
                 let duplicate = seen || DELIVERIES.get(store, &k)?.is_some();
+                // The delivery before the seen-mark: a crash between them leaves a delivery whose
+                // redelivery is recognised by its key, never a mark without its delivery.
                 let mut b = Batch::new();
-                SEEN.put(&mut b, &ev.event_id, &Seen { at_ms: now_ms() });
                 if !duplicate {
                     let prefix = if m.kind == "shipping" { "shp" } else { "ntf" };
                     let d = Delivery {
@@ -99,7 +100,8 @@ impl Actor for ConsumerWorker {
                     DELIVERIES.put(&mut b, &k, &d);
                     tracing::info!(kind = m.kind, order_id = %ev.order_id, id = %d.id, "recorded");
                 }
-                store.apply(b)?;
+                SEEN.put(&mut b, &ev.event_id, &Seen { at_ms: now_ms() });
+                store.apply_in_order(b)?;
                 reply_after_sync(store, reply, ConsumerReply::Accepted { duplicate });
             }
             ConsumerRequest::List { order_id } => {

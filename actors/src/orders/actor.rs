@@ -154,10 +154,12 @@ impl OrdersState {
         }
         let mut order = saga::new_order(id, p.customer_id, p.items, p.payment_token, shards, now);
         order.traceparent = traceparent;
+        // In this order, so any prefix a crash leaves is safe: an `UNFINISHED` mark without its
+        // order is dropped at start-up; an order is never written without its mark.
         let mut b = Batch::new();
-        ORDERS.put(&mut b, &id, &order);
         UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
-        self.args.store.apply(b)?;
+        ORDERS.put(&mut b, &id, &order);
+        self.args.store.apply_in_order(b)?;
         tracing::info!(order_id = %id, trace = trace_id(&order.traceparent), "order created");
         self.sagas.insert(id, order);
         self.wait_for(myself, id, p.wait_ms, reply);
@@ -250,18 +252,25 @@ impl OrdersState {
         Ok(())
     }
 
-    /// Persists a terminal order with its outbox entries in one batch, then answers its waiters.
+    /// Persists a terminal order with its outbox entries, then answers its waiters.
+    ///
+    /// The writes go in an order that makes any crash-prefix safe, instead of one atomic batch
+    /// (which would cost a log write of its own in sled): first the outbox entries (keyed by order
+    /// and position, so writing them again overwrites), then the terminal order, and last the removal
+    /// of its `UNFINISHED` mark, which is the commit point. The relay delivers nothing for an order
+    /// that is still marked unfinished; after a crash before the mark goes, the saga resumes and
+    /// finishes again with the same outcome (every step it took is idempotent).
     fn finish(&mut self, order_id: Uuid) -> Result<(), ActorProcessingErr> {
         let Some(order) = self.sagas.remove(&order_id) else { return Ok(()) };
         let now = now_ms();
         let mut b = Batch::new();
+        for (i, (dest, event)) in saga::outbox(&order).into_iter().enumerate() {
+            let entry = OutboxEntry { dest, event, order_id, created_ms: now, traceparent: order.traceparent.clone() };
+            OUTBOX.put(&mut b, &(order_id, i as u64), &entry);
+        }
         ORDERS.put(&mut b, &order_id, &order);
         UNFINISHED.remove(&mut b, &order_id);
-        for (dest, event) in saga::outbox(&order) {
-            let entry = OutboxEntry { dest, event, order_id, created_ms: now, traceparent: order.traceparent.clone() };
-            OUTBOX.put(&mut b, &Uuid::now_v7(), &entry);
-        }
-        self.args.store.apply(b)?;
+        self.args.store.apply_in_order(b)?;
         tracing::info!(%order_id, trace = trace_id(&order.traceparent), status = ?order.status, reason = ?order.reason, "order finished");
         let view = order.view();
         for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
@@ -301,13 +310,18 @@ impl Actor for OrdersWorker {
         // Resume every saga that was in flight when the node (or this worker) stopped.
         let ids: Vec<Uuid> =
             UNFINISHED.iter(&state.args.store).map(|r| r.map(|(id, _)| id)).collect::<Result<_, _>>()?;
+        let mut orphans = Batch::new();
         for id in &ids {
-            if let Some(o) = ORDERS.get(&state.args.store, id)? {
-                if o.status == OrderStatus::Pending {
+            match ORDERS.get(&state.args.store, id)? {
+                Some(o) if o.status == OrderStatus::Pending => {
                     state.sagas.insert(*id, o);
                 }
+                // A crash between the mark and the order (nothing was sent anywhere yet), or after a
+                // terminal write but before the mark went: either way, nothing left to drive.
+                _ => UNFINISHED.remove(&mut orphans, id),
             }
         }
+        state.args.store.apply_in_order(orphans)?;
         if !ids.is_empty() {
             tracing::info!(count = state.sagas.len(), "resuming unfinished sagas");
         }

@@ -23,8 +23,11 @@ use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{backoff_ms, jitter};
 
+use super::actor::UNFINISHED;
+
 pub const RELAY_NAME: &str = "bulkhead.orders.outbox";
-pub const OUTBOX: Table<Uuid, OutboxEntry> = Table::new(3, "outbox");
+/// Outbox entries by (order id, position): deterministic, so a repeated finish overwrites.
+pub const OUTBOX: Table<(Uuid, u64), OutboxEntry> = Table::new(3, "outbox");
 const ROUND_SIZE: usize = 512;
 const PARALLEL: usize = 32;
 /// At most this many entries for one destination per round, so a slow one cannot fill a round.
@@ -49,7 +52,7 @@ pub enum OutboxMsg {
     /// New entries were written: look now rather than at the next tick.
     Kick,
     RoundDone {
-        delivered: Vec<Uuid>,
+        delivered: Vec<(Uuid, u64)>,
         ok: Vec<Dest>,
         failed: Vec<Dest>,
     },
@@ -151,6 +154,10 @@ impl RelayState {
             if self.backoff.get(&entry.dest).is_some_and(|(_, until)| *until > now) {
                 continue;
             }
+            // Not committed yet (the finish is mid-way, or a crash interrupted it): not ours to send.
+            if UNFINISHED.get(&self.store, &entry.order_id)?.is_some() {
+                continue;
+            }
             let n = per_dest.entry(entry.dest.clone()).or_default();
             if *n >= PER_DEST {
                 continue;
@@ -172,7 +179,7 @@ impl RelayState {
                 let _ = me.cast(OutboxMsg::RoundDone { delivered: vec![], ok: vec![], failed: vec![] });
                 return;
             }
-            let results: Vec<(Uuid, Dest, bool)> = stream::iter(batch)
+            let results: Vec<((Uuid, u64), Dest, bool)> = stream::iter(batch)
                 .map(|(key, entry)| {
                     let cluster = cluster.clone();
                     async move {
@@ -231,7 +238,7 @@ impl Actor for OutboxRelay {
                     OUTBOX.remove(&mut b, key);
                 }
                 // Not awaited: if this deletion is lost in a crash, the entry is delivered again.
-                state.store.apply(b)?;
+                state.store.apply_in_order(b)?;
                 let now = Instant::now();
                 for dest in &failed {
                     let attempts = state.backoff.get(dest).map(|(a, _)| a + 1).unwrap_or(0);

@@ -1,0 +1,378 @@
+//! `bulkhead bench`: throughput and latency of `POST /v1/orders` on real local clusters.
+//!
+//! For each cluster size asked for (1 node hosting everything; 3 nodes in the demo topology), in
+//! the same run: start the cluster, seed a catalog that cannot run out, then
+//! 1. **closed loop**: `concurrency` clients, each sending its next order as soon as the last one is
+//!    answered, for `duration`: the maximum throughput;
+//! 2. **open loop** at 70 % of that maximum: orders are sent on a fixed schedule and each latency is
+//!    measured from its *intended* send time, so a stall shows up as the queueing it causes instead
+//!    of being hidden (coordinated omission).
+//!
+//! Only `201 confirmed` counts: every one of those was flushed (and fdatasync'ed) on every store it
+//! touched before the answer. Anything else is an error. Every order carries a unique
+//! Idempotency-Key. The load generator reports its own CPU use, so a saturated generator is visible.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkhead_cluster::Timing;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::demo::{free_ports, LocalCluster};
+use crate::topology::{cluster_configs, demo_shard_map, single_node_shard_map, Ports, NODES};
+
+/// SKUs the benchmark spreads its orders over.
+pub const BENCH_SKUS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub nodes: Vec<usize>,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub concurrency: usize,
+    pub json: Option<PathBuf>,
+    /// SIGKILL the shipping node a third of the way into the closed loop (3-node runs).
+    pub kill_shipping: bool,
+    /// Where the clusters' data goes (a fresh folder per run under it); default: the temp dir.
+    pub data_dir: Option<PathBuf>,
+    /// `fsync` (the default, as in production) or `flush` (for comparison only).
+    pub durability: bulkhead_storage::Durability,
+}
+
+/// One cluster size's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub nodes: usize,
+    pub orders_per_sec: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub errors: u64,
+    pub confirmed: u64,
+    pub open_loop_rate: f64,
+    pub p50_ms_at_70pct: f64,
+    pub p99_ms_at_70pct: f64,
+    pub p999_ms_at_70pct: f64,
+    pub errors_at_70pct: u64,
+    /// The load generator's CPU time as a share of one core, in the closed loop.
+    pub loadgen_cpu_pct: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    runs: &'a [RunResult],
+}
+
+/// Parses `15s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration (e.g. 15s, 500ms, 2m)");
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).ok_or_else(bad)?;
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+struct Shared {
+    hist: Mutex<Histogram<u64>>,
+    confirmed: AtomicU64,
+    errors: AtomicU64,
+    seq: AtomicU64,
+}
+
+impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")),
+            confirmed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Sends one order to `base`; true if it was confirmed (201).
+async fn one_order(client: &reqwest::Client, base: &str, run: &str, seq: u64) -> bool {
+    let sku = seq as usize % BENCH_SKUS;
+    let body =
+        format!(r#"{{"customer_id":"bench","items":[{{"sku":"bench-{sku}","quantity":1}}],"payment_token":"tok_ok"}}"#);
+    let req = client
+        .post(format!("{base}/v1/orders"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", format!("{run}-{seq}"))
+        .body(body);
+    matches!(req.send().await, Ok(r) if r.status().as_u16() == 201)
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn bar(len: Duration, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len.as_millis() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>22} [{bar:30}] {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Closed loop: `concurrency` clients for `duration`. Returns (shared counters, elapsed).
+async fn closed_loop(
+    client: &reqwest::Client,
+    urls: &[String],
+    run: &str,
+    concurrency: usize,
+    duration: Duration,
+    label: &str,
+    mut during: impl FnMut(Duration),
+) -> (Arc<Shared>, Duration) {
+    let shared = Shared::new();
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (client, shared, run) = (client.clone(), shared.clone(), run.to_string());
+        let base = urls[w % urls.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+            while Instant::now() < deadline {
+                let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                if one_order(&client, &base, &run, seq).await {
+                    let _ = local.record(t.elapsed().as_micros().max(1) as u64);
+                    shared.confirmed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let _ = shared.hist.lock().await.add(&local);
+        }));
+    }
+    let pb = bar(duration, label);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let e = start.elapsed();
+        during(e);
+        let n = shared.confirmed.load(Ordering::Relaxed);
+        pb.set_position(e.as_millis() as u64);
+        pb.set_message(format!(
+            "{:.0} orders/s, {} errors",
+            n as f64 / e.as_secs_f64(),
+            shared.errors.load(Ordering::Relaxed)
+        ));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    pb.finish_and_clear();
+    (shared, start.elapsed())
+}
+
+/// Open loop at `rate` orders/s for `duration`; latency counted from each intended send time.
+async fn open_loop(client: &reqwest::Client, urls: &[String], run: &str, rate: f64, duration: Duration) -> Arc<Shared> {
+    let shared = Shared::new();
+    let start = Instant::now();
+    let total = (rate * duration.as_secs_f64()) as u64;
+    let pb = bar(duration, "open loop (70 %)");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let intended = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(intended.into()).await;
+        let (client, shared, run) = (client.clone(), shared.clone(), run.to_string());
+        let base = urls[i as usize % urls.len()].clone();
+        tasks.spawn(async move {
+            let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+            if one_order(&client, &base, &run, seq).await {
+                let _ = shared.hist.lock().await.record(intended.elapsed().as_micros().max(1) as u64);
+                shared.confirmed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        if i % 256 == 0 {
+            pb.set_position(start.elapsed().as_millis() as u64);
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    pb.finish_and_clear();
+    shared
+}
+
+async fn bench_one(
+    exe: &std::path::Path,
+    opts: &BenchOptions,
+    n: usize,
+    out: &mut dyn Write,
+) -> Result<RunResult, String> {
+    let base = opts.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("bulkhead-bench-{}-{n}n", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = free_ports(2 * n)?;
+    let ports: Vec<Ports> = (0..n).map(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] }).collect();
+    let (names, map) = match n {
+        1 => (vec!["n1"], single_node_shard_map()),
+        3 => (NODES.to_vec(), demo_shard_map()),
+        _ => return Err(format!("--nodes: {n} is not a benchmarked cluster size (1 or 3)")),
+    };
+    let cookie = format!("{:032x}", rand::random::<u128>());
+    let mut configs = cluster_configs(&names, map, &dir, &cookie, &ports, Timing::default(), false);
+    for c in configs.iter_mut() {
+        c.durability = opts.durability;
+    }
+    let mut lc = LocalCluster::launch_configs(exe, &dir, configs)?;
+    let _ = writeln!(out, "{n}-node cluster starting (data in {}) ...", dir.display());
+    lc.wait_ready(Duration::from_secs(60)).await?;
+    let urls: Vec<String> = (0..n).map(|i| lc.url(i)).collect();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.concurrency * 2)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    for s in 0..BENCH_SKUS {
+        let r = client
+            .put(format!("{}/v1/inventory/bench-{s}", urls[0]))
+            .json(&serde_json::json!({"available": 1_000_000_000u64, "price_cents": 100}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("seeding failed: {}", r.status()));
+        }
+    }
+    let run = format!("b{:x}", rand::random::<u64>());
+    let _ = closed_loop(&client, &urls, &format!("{run}w"), opts.concurrency, opts.warmup, "warm-up", |_| {}).await;
+
+    let cpu0 = cpu_time();
+    let kill_at = opts.duration / 3;
+    let mut killed = false;
+    let shipping = names.iter().position(|x| *x == "n3");
+    let lc_ref = &mut lc;
+    let label = format!("{n} node(s), closed loop");
+    let (closed, elapsed) =
+        closed_loop(&client, &urls, &format!("{run}c"), opts.concurrency, opts.duration, &label, |e| {
+            if opts.kill_shipping && !killed && e >= kill_at {
+                if let Some(i) = shipping {
+                    lc_ref.kill(i);
+                    killed = true;
+                }
+            }
+        })
+        .await;
+    let loadgen_cpu_pct = (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64() * 100.0;
+    let confirmed = closed.confirmed.load(Ordering::Relaxed);
+    let orders_per_sec = confirmed as f64 / elapsed.as_secs_f64();
+    let h = closed.hist.lock().await.clone();
+
+    let rate = (orders_per_sec * 0.7).max(1.0);
+    let open = open_loop(&client, &urls, &format!("{run}o"), rate, opts.duration).await;
+    let ho = open.hist.lock().await.clone();
+    lc.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(RunResult {
+        nodes: n,
+        orders_per_sec,
+        p50_ms: ms(&h, 0.5),
+        p90_ms: ms(&h, 0.9),
+        p99_ms: ms(&h, 0.99),
+        p999_ms: ms(&h, 0.999),
+        errors: closed.errors.load(Ordering::Relaxed),
+        confirmed,
+        open_loop_rate: rate,
+        p50_ms_at_70pct: ms(&ho, 0.5),
+        p99_ms_at_70pct: ms(&ho, 0.99),
+        p999_ms_at_70pct: ms(&ho, 0.999),
+        errors_at_70pct: open.errors.load(Ordering::Relaxed),
+        loadgen_cpu_pct,
+    })
+}
+
+/// Runs every cluster size asked for, prints the table, writes the JSON if asked.
+pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResult>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let mut results = Vec::new();
+    for &n in &opts.nodes {
+        results.push(bench_one(&exe, &opts, n, out).await?);
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} | {:>9} {:>8} {:>8} {:>7} | {:>8}",
+        "nodes",
+        "orders/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9",
+        "errors",
+        "70% rate",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "gen CPU"
+    );
+    for r in &results {
+        let _ = writeln!(
+            out,
+            "{:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} | {:>9.0} {:>8.2} {:>8.2} {:>7} | {:>7.0}%",
+            r.nodes,
+            r.orders_per_sec,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.errors,
+            r.open_loop_rate,
+            r.p50_ms_at_70pct,
+            r.p99_ms_at_70pct,
+            r.errors_at_70pct,
+            r.loadgen_cpu_pct
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(closed loop: {} clients for {:?}; open loop at 70 % of it, latency from the intended send time; gen CPU = the load generator's own CPU, % of one core)",
+        opts.concurrency, opts.duration
+    );
+    if let Some(path) = &opts.json {
+        let text = serde_json::to_string_pretty(&Report { runs: &results }).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}

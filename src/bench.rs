@@ -376,3 +376,211 @@ mod tests {
         assert!(parse_duration("fast").is_err());
     }
 }
+
+/// Options of `bulkhead bench --restart-orders N`.
+#[derive(Debug, Clone)]
+pub struct RestartOptions {
+    pub orders: u64,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What the restart benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartResult {
+    pub orders_in_store: u64,
+    pub fill_secs: f64,
+    pub store_bytes: u64,
+    pub start_to_ready_ms: f64,
+    pub rss_ready_mb: f64,
+    pub rss_after_load_mb: f64,
+    pub orders_per_sec_after_restart: f64,
+    /// Worker panic (fault injection) until the orders API answers again.
+    pub supervised_restart_ms: f64,
+    /// The supervisor's own figure for respawning the worker (from the node log).
+    pub respawn_us: Option<u64>,
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            let p = e.path();
+            total += if p.is_dir() { dir_bytes(&p) } else { e.metadata().map(|m| m.len()).unwrap_or(0) };
+        }
+    }
+    total
+}
+
+/// Fills a one-node cluster's orders store with `n` confirmed orders (written directly with the
+/// orders tables, as the worker would have), then measures start-up to ready, memory, and a
+/// supervised restart of the orders worker.
+pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<RestartResult, String> {
+    use bulkhead_actors::orders::actor::ORDERS;
+    use bulkhead_actors::orders::saga::new_order;
+    use bulkhead_actors::orders::{new_order_id, OrderStatus};
+    use bulkhead_storage::{Batch, Store, StoreOptions};
+
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let base = opts.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("bulkhead-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = free_ports(2)?;
+    let cookie = format!("{:032x}", rand::random::<u128>());
+    let configs = cluster_configs(
+        &["n1"],
+        single_node_shard_map(),
+        &dir,
+        &cookie,
+        &[Ports { cluster: p[0], http: p[1] }],
+        Timing::default(),
+        true,
+    );
+
+    let _ = writeln!(out, "writing {} confirmed orders into {} ...", opts.orders, dir.join("n1/orders").display());
+    let filled = Instant::now();
+    let mut last_id = None;
+    {
+        let store = Store::open(&configs[0].data_dir, "orders", &StoreOptions::default()).map_err(|e| e.to_string())?;
+        let pb = indicatif::ProgressBar::new(opts.orders);
+        let mut written = 0;
+        while written < opts.orders {
+            let mut b = Batch::new();
+            let n = (opts.orders - written).min(10_000);
+            for i in 0..n {
+                let id = new_order_id(0);
+                let item = bulkhead_actors::inventory::Item { sku: format!("bench-{}", i % 64), quantity: 1 };
+                let mut o = new_order(id, "bench".into(), vec![item.clone()], "tok_ok".into(), vec![], 0);
+                o.status = OrderStatus::Confirmed;
+                o.total_cents = 100;
+                o.payment_id = Some(format!("pay_{}", id.simple()));
+                ORDERS.put(&mut b, &id, &o);
+                last_id = Some(id);
+            }
+            store.apply_in_order(b).map_err(|e| e.to_string())?;
+            written += n;
+            pb.set_position(written);
+        }
+        store.sync().await.map_err(|e| e.to_string())?;
+        pb.finish_and_clear();
+    }
+    let fill_secs = filled.elapsed().as_secs_f64();
+    let store_bytes = dir_bytes(&configs[0].data_dir.join("orders"));
+
+    let started = Instant::now();
+    let mut lc = LocalCluster::launch_configs(&exe, &dir, configs)?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let url = lc.url(0);
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        poll.tick().await;
+        if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+            if r.status().as_u16() == 200 {
+                break;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err("the node did not become ready within 120 s".into());
+        }
+    }
+    let start_to_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let pid = lc.pid(0).unwrap_or(0);
+    let rss_ready_mb = rss_mb(pid);
+    if let Some(id) = last_id {
+        let r = client.get(format!("{url}/v1/orders/{id}")).send().await.map_err(|e| e.to_string())?;
+        if r.status().as_u16() != 200 {
+            return Err(format!("an order written before the restart is not readable: {}", r.status()));
+        }
+    }
+
+    // Load after the restart: the caches fill, which is what RSS should be judged on.
+    for s in 0..BENCH_SKUS {
+        client
+            .put(format!("{url}/v1/inventory/bench-{s}"))
+            .json(&serde_json::json!({"available": 1_000_000_000u64, "price_cents": 100}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let (load, elapsed) = closed_loop(
+        &client,
+        std::slice::from_ref(&url),
+        "restart-load",
+        64,
+        Duration::from_secs(5),
+        "load after restart",
+        |_| {},
+    )
+    .await;
+    let orders_per_sec_after_restart = load.confirmed.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
+    let rss_after_load_mb = rss_mb(pid);
+
+    // Supervised restart: make the orders worker panic, time until the orders API answers again.
+    let id = last_id.map(|i| i.to_string()).unwrap_or_default();
+    let t = Instant::now();
+    let _ = client.post(format!("{url}/admin/panic/orders")).send().await;
+    loop {
+        if let Ok(r) = client.get(format!("{url}/v1/orders/{id}")).send().await {
+            if r.status().as_u16() == 200 {
+                break;
+            }
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err("the orders worker did not come back within 10 s".into());
+        }
+    }
+    let supervised_restart_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let log = std::fs::read_to_string(lc.log_path(0)).unwrap_or_default();
+    let respawn_us = log
+        .lines()
+        .filter(|l| l.contains("child started") && l.contains("bulkhead.orders.worker"))
+        .filter_map(|l| l.split("took_us").nth(1))
+        .filter_map(|rest| rest.chars().filter(|c| c.is_ascii_digit()).collect::<String>().parse::<u64>().ok())
+        .next_back();
+    for l in log
+        .lines()
+        .filter(|l| {
+            l.contains("fault injected") || l.contains("restarting failed child") || l.contains("child started")
+        })
+        .rev()
+        .take(4)
+    {
+        let _ = writeln!(out, "  log: {l}");
+    }
+    lc.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let r = RestartResult {
+        orders_in_store: opts.orders,
+        fill_secs,
+        store_bytes,
+        start_to_ready_ms,
+        rss_ready_mb,
+        rss_after_load_mb,
+        orders_per_sec_after_restart,
+        supervised_restart_ms,
+        respawn_us,
+    };
+    let _ = writeln!(
+        out,
+        "orders in store: {}  (store {:.0} MB on disk, filled in {:.1} s)\nstart to ready: {:.0} ms\nRSS: {:.1} MB when ready, {:.1} MB after 5 s of load ({:.0} orders/s)\nsupervised restart of the orders worker: {:.1} ms until the API answers again (respawn itself: {} µs)",
+        r.orders_in_store,
+        r.store_bytes as f64 / 1e6,
+        r.fill_secs,
+        r.start_to_ready_ms,
+        r.rss_ready_mb,
+        r.rss_after_load_mb,
+        r.orders_per_sec_after_restart,
+        r.supervised_restart_ms,
+        r.respawn_us.map(|u| u.to_string()).unwrap_or_else(|| "?".into())
+    );
+    Ok(r)
+}

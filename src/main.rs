@@ -56,6 +56,10 @@ enum Cmd {
         /// `fsync` (default, as in production) or `flush` (skips fdatasync; for comparison only).
         #[arg(long, default_value = "fsync", value_parser = parse_durability)]
         durability: bulkhead_storage::Durability,
+        /// Instead: fill a one-node store with this many orders, then measure restart-to-ready,
+        /// memory and a supervised worker restart.
+        #[arg(long)]
+        restart_orders: Option<u64>,
     },
 }
 
@@ -88,7 +92,29 @@ async fn main() -> ExitCode {
             let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port };
             bulkhead::demo::run(opts, &mut std::io::stdout()).await
         }
-        Cmd::Bench { nodes, duration, warmup, concurrency, json, kill_shipping, data_dir, durability } => {
+        Cmd::Bench { restart_orders: Some(orders), data_dir, json, .. } => {
+            let opts = bulkhead::bench::RestartOptions { orders, data_dir };
+            match bulkhead::bench::restart(opts, &mut std::io::stdout()).await {
+                Ok(r) => match json {
+                    Some(path) => serde_json::to_string_pretty(&r)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| std::fs::write(&path, t).map_err(|e| format!("{}: {e}", path.display()))),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Bench {
+            nodes,
+            duration,
+            warmup,
+            concurrency,
+            json,
+            kill_shipping,
+            data_dir,
+            durability,
+            restart_orders: None,
+        } => {
             let opts = bulkhead::bench::BenchOptions {
                 nodes,
                 duration,

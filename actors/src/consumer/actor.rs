@@ -98,7 +98,7 @@ impl Actor for ConsumerWorker {
                         created_ms: now_ms(),
                     };
                     DELIVERIES.put(&mut b, &k, &d);
-                    tracing::info!(kind = m.kind, order_id = %ev.order_id, id = %d.id, "recorded");
+                    tracing::debug!(kind = m.kind, order_id = %ev.order_id, id = %d.id, "recorded");
                 }
                 SEEN.put(&mut b, &ev.event_id, &Seen { at_ms: now_ms() });
                 store.apply_in_order(b)?;

@@ -160,7 +160,7 @@ impl OrdersState {
         UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
         ORDERS.put(&mut b, &id, &order);
         self.args.store.apply_in_order(b)?;
-        tracing::info!(order_id = %id, trace = trace_id(&order.traceparent), "order created");
+        tracing::debug!(order_id = %id, trace = trace_id(&order.traceparent), "order created");
         self.sagas.insert(id, order);
         self.wait_for(myself, id, p.wait_ms, reply);
         // No peer hears of the order (no reservation, no charge) before it is durable here:
@@ -271,7 +271,7 @@ impl OrdersState {
         ORDERS.put(&mut b, &order_id, &order);
         UNFINISHED.remove(&mut b, &order_id);
         self.args.store.apply_in_order(b)?;
-        tracing::info!(%order_id, trace = trace_id(&order.traceparent), status = ?order.status, reason = ?order.reason, "order finished");
+        tracing::debug!(%order_id, trace = trace_id(&order.traceparent), status = ?order.status, reason = ?order.reason, "order finished");
         let view = order.view();
         for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
             reply_after_sync(&self.args.store, w, OrdersReply::Order(view.clone()));

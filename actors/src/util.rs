@@ -7,17 +7,13 @@ use ractor::RpcReplyPort;
 /// acknowledgement never overtakes the durability it promises. The worker does not wait: it goes on
 /// with the next message while the flush runs (group commit batches them).
 pub fn reply_after_sync<T: Send + 'static>(store: &Store, reply: RpcReplyPort<T>, value: T) {
-    let store = store.clone();
-    tokio::spawn(async move {
-        match store.sync().await {
-            Ok(()) => {
-                let _ = reply.send(value);
-            }
-            // Dropping the port tells the caller "no answer": it retries, and every handler is idempotent.
-            Err(e) => {
-                tracing::error!(capability = store.capability(), error = %e, "flush failed; request left unanswered")
-            }
+    let capability = store.capability().to_string();
+    store.after_sync(move |result| match result {
+        Ok(()) => {
+            let _ = reply.send(value);
         }
+        // Dropping the port tells the caller "no answer": it retries, and every handler is idempotent.
+        Err(e) => tracing::error!(%capability, error = %e, "flush failed; request left unanswered"),
     });
 }
 

@@ -94,7 +94,23 @@ impl Batch {
     }
 }
 
-type Waiter = oneshot::Sender<Result<(), StoreError>>;
+/// Someone waiting for the next flush: a task, or a callback the flusher runs itself (no task
+/// needs to exist just to wait, which matters at thousands of answers per second).
+enum Waiter {
+    Task(oneshot::Sender<Result<(), StoreError>>),
+    Callback(Box<dyn FnOnce(Result<(), StoreError>) + Send>),
+}
+
+impl Waiter {
+    fn wake(self, result: Result<(), StoreError>) {
+        match self {
+            Waiter::Task(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Callback(f) => f(result),
+        }
+    }
+}
 
 struct Inner {
     capability: String,
@@ -237,8 +253,21 @@ impl Store {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        self.inner.flush_tx.send(tx).map_err(|_| StoreError::FlusherGone)?;
+        self.inner.flush_tx.send(Waiter::Task(tx)).map_err(|_| StoreError::FlusherGone)?;
         rx.await.map_err(|_| StoreError::FlusherGone)?
+    }
+
+    /// Runs `then` once every write applied before this call is durable (at once if it already
+    /// is), on the flusher. `then` must be quick: a send, not work.
+    pub fn after_sync(&self, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        if self.inner.durable.load(Ordering::SeqCst) >= self.inner.applied.load(Ordering::SeqCst) {
+            self.inner.stats.acks.fetch_add(1, Ordering::Relaxed);
+            return then(Ok(()));
+        }
+        if let Err(e) = self.inner.flush_tx.send(Waiter::Callback(Box::new(then))) {
+            // The flusher is gone (the store is closing): tell the caller so.
+            e.0.wake(Err(StoreError::FlusherGone));
+        }
     }
 
     /// [`Store::apply`] then [`Store::sync`]: returns once `batch` is durable.
@@ -281,7 +310,7 @@ async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mu
             tracing::error!(%capability, error = %e, "group flush failed; writers are told so");
         }
         for w in waiters.drain(..) {
-            let _ = w.send(result.clone());
+            w.wake(result.clone());
         }
     }
 }

@@ -165,15 +165,13 @@ impl OrdersState {
         self.wait_for(myself, id, p.wait_ms, reply);
         // No peer hears of the order (no reservation, no charge) before it is durable here:
         // otherwise a crash could leave a charge for an order that does not exist.
-        let (store, me) = (self.args.store.clone(), myself.clone());
-        tokio::spawn(async move {
-            match store.sync().await {
-                Ok(()) => {
-                    let _ = me.cast(OrdersMsg::Saga { order_id: id, event: Event::Start });
-                }
-                // The saga resumes from the store after a restart, if the write made it at all.
-                Err(e) => tracing::error!(order_id = %id, error = %e, "flush failed; saga not started"),
+        let me = myself.clone();
+        self.args.store.after_sync(move |result| match result {
+            Ok(()) => {
+                let _ = me.cast(OrdersMsg::Saga { order_id: id, event: Event::Start });
             }
+            // The saga resumes from the store after a restart, if the write made it at all.
+            Err(e) => tracing::error!(order_id = %id, error = %e, "flush failed; saga not started"),
         });
         Ok(())
     }
@@ -276,14 +274,9 @@ impl OrdersState {
         for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
             reply_after_sync(&self.args.store, w, OrdersReply::Order(view.clone()));
         }
+        // The relay syncs before it delivers anything, so it can be told at once.
         if let Some(relay) = ActorRef::<OutboxMsg>::where_is(RELAY_NAME) {
-            let store = self.args.store.clone();
-            // Kick the relay once the entries are durable, for a short confirmed-to-shipped time.
-            tokio::spawn(async move {
-                if store.sync().await.is_ok() {
-                    let _ = relay.cast(OutboxMsg::Kick);
-                }
-            });
+            let _ = relay.cast(OutboxMsg::Kick);
         }
         Ok(())
     }

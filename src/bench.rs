@@ -42,6 +42,9 @@ pub struct BenchOptions {
     pub data_dir: Option<PathBuf>,
     /// `fsync` (the default, as in production) or `flush` (for comparison only).
     pub durability: bulkhead_storage::Durability,
+    /// Send every order to the first node's API only (to compare with an external tool aimed at one
+    /// address); by default clients are spread over every node's API.
+    pub single_front: bool,
 }
 
 /// One cluster size's figures.
@@ -245,7 +248,8 @@ async fn bench_one(
     let mut lc = LocalCluster::launch_configs(exe, &dir, configs)?;
     let _ = writeln!(out, "{n}-node cluster starting (data in {}) ...", dir.display());
     lc.wait_ready(Duration::from_secs(60)).await?;
-    let urls: Vec<String> = (0..n).map(|i| lc.url(i)).collect();
+    let fronts = if opts.single_front { 1 } else { n };
+    let urls: Vec<String> = (0..fronts).map(|i| lc.url(i)).collect();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.concurrency * 2)
         .tcp_nodelay(true)
@@ -543,7 +547,14 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
         .lines()
         .filter(|l| l.contains("child started") && l.contains("bulkhead.orders.worker"))
         .filter_map(|l| l.split("took_us").nth(1))
-        .filter_map(|rest| rest.chars().filter(|c| c.is_ascii_digit()).collect::<String>().parse::<u64>().ok())
+        .filter_map(|rest| {
+            rest.trim_start_matches('=')
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse::<u64>()
+                .ok()
+        })
         .next_back();
     for l in log
         .lines()

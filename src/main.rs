@@ -56,6 +56,9 @@ enum Cmd {
         /// `fsync` (default, as in production) or `flush` (skips fdatasync; for comparison only).
         #[arg(long, default_value = "fsync", value_parser = parse_durability)]
         durability: bulkhead_storage::Durability,
+        /// Send all orders to the first node's API (default: spread over every node's API).
+        #[arg(long)]
+        single_front: bool,
         /// Instead: fill a one-node store with this many orders, then measure restart-to-ready,
         /// memory and a supervised worker restart.
         #[arg(long)]
@@ -74,7 +77,9 @@ fn parse_durability(s: &str) -> Result<bulkhead_storage::Durability, String> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ractor=warn,ractor_cluster=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Colours only on a terminal: a node's log usually goes to a file or journald.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
 }
 
 #[tokio::main]
@@ -114,6 +119,7 @@ async fn main() -> ExitCode {
             data_dir,
             durability,
             restart_orders: None,
+            single_front,
         } => {
             let opts = bulkhead::bench::BenchOptions {
                 nodes,
@@ -124,6 +130,7 @@ async fn main() -> ExitCode {
                 kill_shipping,
                 data_dir,
                 durability,
+                single_front,
             };
             bulkhead::bench::run(opts, &mut std::io::stdout()).await.map(|_| ())
         }

@@ -123,6 +123,17 @@ impl RelayArgsFactory {
     }
 }
 
+/// sled page cache per capability: what each one reads back (orders re-reads its own orders;
+/// inventory keeps its model in memory; the consumers mostly append). sled's default is 1 GB each.
+pub fn cache_bytes(cap: Capability) -> u64 {
+    const MB: u64 = 1024 * 1024;
+    match cap {
+        Capability::Orders => 32 * MB,
+        Capability::Inventory | Capability::Payments => 16 * MB,
+        Capability::Shipping | Capability::Notifications => 8 * MB,
+    }
+}
+
 /// Opens the store of, and starts, every capability this node hosts. A store that will not open
 /// is reported (which store, which path, why) and its capability is not hosted; its files are kept.
 pub async fn start_capabilities(
@@ -138,7 +149,8 @@ pub async fn start_capabilities(
         shutting_down: Arc::new(AtomicBool::new(false)),
     };
     for cap in cluster.config().hosted() {
-        let store = match Store::open(data_dir, cap.as_str(), opts) {
+        let opts = StoreOptions { cache_bytes: cache_bytes(cap), ..opts.clone() };
+        let store = match Store::open(data_dir, cap.as_str(), &opts) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(capability = %cap, error = %e, "not hosting this capability");

@@ -151,7 +151,6 @@ impl Store {
             .path(&path)
             .cache_capacity(opts.cache_bytes)
             .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
         let sync_file = match opts.durability {

@@ -65,6 +65,11 @@ pub struct RunResult {
     pub errors_at_70pct: u64,
     /// The load generator's CPU time as a share of one core, in the closed loop.
     pub loadgen_cpu_pct: f64,
+    /// With --kill-shipping: closed-loop throughput before and after the shipping node died.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orders_per_sec_before_kill: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orders_per_sec_after_kill: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -148,7 +153,7 @@ async fn closed_loop(
     concurrency: usize,
     duration: Duration,
     label: &str,
-    mut during: impl FnMut(Duration),
+    mut during: impl FnMut(Duration, u64),
 ) -> (Arc<Shared>, Duration) {
     let shared = Shared::new();
     let start = Instant::now();
@@ -177,8 +182,8 @@ async fn closed_loop(
     while Instant::now() < deadline {
         tick.tick().await;
         let e = start.elapsed();
-        during(e);
         let n = shared.confirmed.load(Ordering::Relaxed);
+        during(e, n);
         pb.set_position(e.as_millis() as u64);
         pb.set_message(format!(
             "{:.0} orders/s, {} errors",
@@ -249,7 +254,11 @@ async fn bench_one(
     let _ = writeln!(out, "{n}-node cluster starting (data in {}) ...", dir.display());
     lc.wait_ready(Duration::from_secs(60)).await?;
     let fronts = if opts.single_front { 1 } else { n };
-    let urls: Vec<String> = (0..fronts).map(|i| lc.url(i)).collect();
+    let shipping = names.iter().position(|x| *x == "n3");
+    // Clients use every node's API; with --kill-shipping, only those of the nodes that stay up
+    // (a client would not keep using a dead node's address).
+    let urls: Vec<String> =
+        (0..fronts).filter(|i| !(opts.kill_shipping && Some(*i) == shipping && n > 1)).map(|i| lc.url(i)).collect();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.concurrency * 2)
         .tcp_nodelay(true)
@@ -268,20 +277,19 @@ async fn bench_one(
         }
     }
     let run = format!("b{:x}", rand::random::<u64>());
-    let _ = closed_loop(&client, &urls, &format!("{run}w"), opts.concurrency, opts.warmup, "warm-up", |_| {}).await;
+    let _ = closed_loop(&client, &urls, &format!("{run}w"), opts.concurrency, opts.warmup, "warm-up", |_, _| {}).await;
 
     let cpu0 = cpu_time();
     let kill_at = opts.duration / 3;
-    let mut killed = false;
-    let shipping = names.iter().position(|x| *x == "n3");
+    let mut killed: Option<(Duration, u64)> = None;
     let lc_ref = &mut lc;
     let label = format!("{n} node(s), closed loop");
     let (closed, elapsed) =
-        closed_loop(&client, &urls, &format!("{run}c"), opts.concurrency, opts.duration, &label, |e| {
-            if opts.kill_shipping && !killed && e >= kill_at {
+        closed_loop(&client, &urls, &format!("{run}c"), opts.concurrency, opts.duration, &label, |e, confirmed| {
+            if opts.kill_shipping && killed.is_none() && e >= kill_at {
                 if let Some(i) = shipping {
                     lc_ref.kill(i);
-                    killed = true;
+                    killed = Some((e, confirmed));
                 }
             }
         })
@@ -290,6 +298,19 @@ async fn bench_one(
     let confirmed = closed.confirmed.load(Ordering::Relaxed);
     let orders_per_sec = confirmed as f64 / elapsed.as_secs_f64();
     let h = closed.hist.lock().await.clone();
+    let (before_kill, after_kill) = match killed {
+        Some((at, c)) => {
+            (Some(c as f64 / at.as_secs_f64()), Some((confirmed - c) as f64 / (elapsed - at).as_secs_f64().max(0.001)))
+        }
+        None => (None, None),
+    };
+    if let (Some(b), Some(a)) = (before_kill, after_kill) {
+        let _ = writeln!(
+            out,
+            "shipping node killed at {kill_at:?}: {b:.0} orders/s before, {a:.0} after ({:.0} %)",
+            a / b * 100.0
+        );
+    }
 
     let rate = (orders_per_sec * 0.7).max(1.0);
     let open = open_loop(&client, &urls, &format!("{run}o"), rate, opts.duration).await;
@@ -311,6 +332,8 @@ async fn bench_one(
         p999_ms_at_70pct: ms(&ho, 0.999),
         errors_at_70pct: open.errors.load(Ordering::Relaxed),
         loadgen_cpu_pct,
+        orders_per_sec_before_kill: before_kill,
+        orders_per_sec_after_kill: after_kill,
     })
 }
 
@@ -521,7 +544,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
         64,
         Duration::from_secs(5),
         "load after restart",
-        |_| {},
+        |_, _| {},
     )
     .await;
     let orders_per_sec_after_restart = load.confirmed.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();

@@ -3,8 +3,13 @@
 //! after the flush that covers its write.
 //!
 //! Layout on disk: `<data_dir>/<capability>/` holds one sled database. Every table is a one-byte prefix
-//! in the database's default tree, so a single `apply_batch` can change several tables atomically
-//! (a state change and the outbox events it causes land together or not at all).
+//! in the database's default tree.
+//!
+//! Writes: [`Store::apply_in_order`] writes one record after another with no extra I/O; they reach
+//! the disk with the next group flush, and after a crash a *prefix* of them survives, so callers order
+//! their writes to make any prefix safe (a commit marker last, or an intent record first).
+//! [`Store::apply`] is atomic for several records, but sled implements that by writing its log buffer
+//! out for every batch, which group commit cannot amortise: the capabilities avoid it.
 //!
 //! Caveats (honest list):
 //! - sled 0.34's `flush()` is `pwrite` + `sync_file_range`; with [`Durability::Fsync`] (the default) each
@@ -13,6 +18,7 @@
 //! - sled 0.34 has known crash-consistency bugs; a store that fails to open is reported with its path and
 //!   left untouched for an operator to inspect ([`StoreError::Open`]).
 //! - `apply_batch` takes a process-wide lock in sled, shared by every store in the process.
+//! - Ordered writes rely on sled recovering its log in order up to the last complete flush.
 
 mod codec;
 mod idempotency;

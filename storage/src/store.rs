@@ -70,7 +70,7 @@ pub struct StoreStats {
     pub flush_errors: AtomicU64,
 }
 
-/// A set of writes applied atomically by [`Store::apply`] / [`Store::commit`].
+/// A set of writes: applied in order by [`Store::apply_in_order`], or atomically by [`Store::apply`] / [`Store::commit`].
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,

@@ -262,6 +262,10 @@ impl OrdersState {
         let Some(order) = self.sagas.remove(&order_id) else { return Ok(()) };
         let now = now_ms();
         let mut b = Batch::new();
+        // Entries an interrupted earlier finish left behind go first: the outcome may differ now.
+        for item in OUTBOX.iter_prefix(&self.args.store, order_id.as_bytes()) {
+            OUTBOX.remove(&mut b, &item?.0);
+        }
         for (i, (dest, event)) in saga::outbox(&order).into_iter().enumerate() {
             let entry = OutboxEntry { dest, event, order_id, created_ms: now, traceparent: order.traceparent.clone() };
             OUTBOX.put(&mut b, &(order_id, i as u64), &entry);

@@ -1,20 +1,22 @@
 //! Measures `call::call` to a gateway, in-process and over a ractor_cluster link, 1 and 64 in flight; and seal/open.
 //! Every order makes several such calls (reserve per shard, charge): they bound an order's latency and rate.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{Duplex, Echo, EchoMsg};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
 use bulkhead_cluster::wire::{new_traceparent, open, seal, WireMsg};
-use bulkhead_cluster::{Capability, Gateway, GatewayArgs, Inbound};
+use bulkhead_cluster::{Capability, Gateway, GatewayArgs};
 use bulkhead_storage::Record;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServer, NodeServerMessage, RactorMessage};
+use ractor::{Actor, ActorRef};
+use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::{Deserialize, Serialize};
-use tokio::io::DuplexStream;
 use tokio::runtime::Runtime;
 
 /// Shaped like an inventory reserve: an order id and a few lines.
@@ -46,35 +48,6 @@ fn request(n: u128) -> Reserve {
     }
 }
 
-#[derive(RactorMessage)]
-enum EchoMsg {
-    Req(Inbound<Reserve, Reserved>),
-}
-
-/// A worker that answers at once: what is left is the cost of the path itself.
-struct Echo;
-impl Actor for Echo {
-    type Msg = EchoMsg;
-    type State = ();
-    type Arguments = ();
-    async fn pre_start(&self, _: ActorRef<EchoMsg>, _: ()) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-    async fn handle(&self, _: ActorRef<EchoMsg>, msg: EchoMsg, _: &mut ()) -> Result<(), ActorProcessingErr> {
-        let EchoMsg::Req(Inbound { req, reply, .. }) = msg;
-        let _ = reply.send(Reserved { order_id: req.order_id, lines: req.items.len() as u32, expires_ms: 1 });
-        Ok(())
-    }
-}
-
-struct Duplex(DuplexStream);
-impl ClusterBidiStream for Duplex {
-    fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
-        let (r, w) = tokio::io::split(self.0);
-        (Box::new(r), Box::new(w))
-    }
-}
-
 async fn node(name: &str) -> ActorRef<NodeServerMessage> {
     let server = NodeServer::new(0, "cookie".into(), name.into(), "localhost".into(), None, None);
     Actor::spawn(None, server, ()).await.expect("node server").0
@@ -82,14 +55,25 @@ async fn node(name: &str) -> ActorRef<NodeServerMessage> {
 
 /// The worker and the inventory gateway of node "b", both in this process: returns the local gateway.
 async fn local_gateway() -> ActorRef<WireMsg> {
-    Actor::spawn(Some(worker_name(Capability::Inventory)), Echo, ()).await.expect("worker");
+    Actor::spawn(
+        Some(worker_name(Capability::Inventory)),
+        Echo::<Reserve, Reserved> {
+            answer: |req| Reserved { order_id: req.order_id, lines: req.items.len() as u32, expires_ms: 1 },
+        },
+        (),
+    )
+    .await
+    .expect("worker");
     let args = GatewayArgs {
         capability: Capability::Inventory,
         node: "b".into(),
-        wrap: EchoMsg::Req,
+        wrap: EchoMsg::<Reserve, Reserved>::Req,
         worker_timeout: Duration::from_secs(5),
     };
-    Actor::spawn(None, Gateway::<Reserve, Reserved, EchoMsg>::default(), args).await.expect("gateway").0
+    Actor::spawn(None, Gateway::<Reserve, Reserved, EchoMsg<Reserve, Reserved>>::default(), args)
+        .await
+        .expect("gateway")
+        .0
 }
 
 /// Nodes "a" and "b" joined over an in-memory duplex; returns the remote stub of b's gateway.

@@ -5,16 +5,18 @@
 //! (ractor's registries are per process, so a whole Bulkhead node per NodeServer cannot share one
 //! process; the full stack is tested with real processes in the root package's tests/.)
 
+mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::{Duplex, Echo, EchoMsg};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
 use bulkhead_cluster::wire::{WireMsg, WIRE_STATS};
-use bulkhead_cluster::{CallError, Capability, Gateway, GatewayArgs, Inbound};
+use bulkhead_cluster::{CallError, Capability, Gateway, GatewayArgs};
 use bulkhead_storage::Record;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServer, NodeServerMessage, RactorMessage};
+use ractor::{Actor, ActorRef};
+use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
@@ -35,34 +37,6 @@ impl Record for Pong {
 struct Other(String);
 impl Record for Other {
     const VERSION: u8 = 1;
-}
-
-#[derive(RactorMessage)]
-enum EchoMsg {
-    Req(Inbound<Ping, Pong>),
-}
-
-struct Echo;
-impl Actor for Echo {
-    type Msg = EchoMsg;
-    type State = ();
-    type Arguments = ();
-    async fn pre_start(&self, _: ActorRef<EchoMsg>, _: ()) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-    async fn handle(&self, _: ActorRef<EchoMsg>, msg: EchoMsg, _: &mut ()) -> Result<(), ActorProcessingErr> {
-        let EchoMsg::Req(Inbound { req, reply, .. }) = msg;
-        let _ = reply.send(Pong(req.0 + 1));
-        Ok(())
-    }
-}
-
-struct Duplex(DuplexStream);
-impl ClusterBidiStream for Duplex {
-    fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
-        let (r, w) = tokio::io::split(self.0);
-        (Box::new(r), Box::new(w))
-    }
 }
 
 /// A link between two nodes: bytes are relayed while `mode` is `Pass`; `Blackhole` stops
@@ -133,14 +107,16 @@ async fn remote_gateway() -> ActorRef<WireMsg> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
     let (a, b) = (node("a").await, node("b").await);
-    Actor::spawn(Some(worker_name(Capability::Inventory)), Echo, ()).await.unwrap();
+    Actor::spawn(Some(worker_name(Capability::Inventory)), Echo::<Ping, Pong> { answer: |p| Pong(p.0 + 1) }, ())
+        .await
+        .unwrap();
     let args = GatewayArgs {
         capability: Capability::Inventory,
         node: "b".into(),
-        wrap: EchoMsg::Req,
+        wrap: EchoMsg::<Ping, Pong>::Req,
         worker_timeout: Duration::from_secs(5),
     };
-    Actor::spawn(None, Gateway::<Ping, Pong, EchoMsg>::default(), args).await.unwrap();
+    Actor::spawn(None, Gateway::<Ping, Pong, EchoMsg<Ping, Pong>>::default(), args).await.unwrap();
 
     let (a_end, b_end, control) = link();
     ractor_cluster::client_connect_external(&a, Box::new(a_end)).await.unwrap();

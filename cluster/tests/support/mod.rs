@@ -1,0 +1,42 @@
+//! What the in-process test and the call benchmark share: a worker that answers at once, and an
+//! in-memory stream ractor_cluster accepts as a link between two nodes.
+
+use bulkhead_cluster::Inbound;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, RactorMessage};
+use tokio::io::DuplexStream;
+
+#[derive(RactorMessage)]
+pub enum EchoMsg<Req: Send + 'static, Resp: Send + 'static> {
+    Req(Inbound<Req, Resp>),
+}
+
+/// A worker that answers every request at once with `answer(&req)`: what is left to measure or
+/// test is the path itself.
+pub struct Echo<Req, Resp> {
+    pub answer: fn(&Req) -> Resp,
+}
+
+impl<Req: Send + Sync + 'static, Resp: Send + Sync + 'static> Actor for Echo<Req, Resp> {
+    type Msg = EchoMsg<Req, Resp>;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(&self, _: ActorRef<Self::Msg>, msg: Self::Msg, _: &mut ()) -> Result<(), ActorProcessingErr> {
+        let EchoMsg::Req(Inbound { req, reply, .. }) = msg;
+        let _ = reply.send((self.answer)(&req));
+        Ok(())
+    }
+}
+
+/// One end of an in-memory link, as ractor_cluster's external stream.
+pub struct Duplex(pub DuplexStream);
+
+impl ClusterBidiStream for Duplex {
+    fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let (r, w) = tokio::io::split(self.0);
+        (Box::new(r), Box::new(w))
+    }
+}

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -118,8 +118,13 @@ struct Inner {
     db: sled::Db,
     flush_tx: mpsc::UnboundedSender<Waiter>,
     stats: Arc<StoreStats>,
-    /// Number of write operations applied so far (bumped after each one lands in sled).
+    /// Write operations begun (bumped *before* sled sees the write: a reader may see it from then on).
+    started: AtomicU64,
+    /// Write operations finished (bumped after; what a flush starting now is sure to cover).
     applied: AtomicU64,
+    /// Set by the first failed flush; the store then refuses to acknowledge anything (after a failed
+    /// fdatasync the kernel may have dropped dirty pages, so a later "successful" one proves nothing).
+    failed: Mutex<Option<String>>,
     /// The `applied` count the last successful flush covered: `sync` needs no new flush below it.
     durable: AtomicU64,
 }
@@ -168,7 +173,9 @@ impl Store {
             db,
             flush_tx,
             stats,
+            started: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            failed: Mutex::new(None),
             durable: AtomicU64::new(0),
         });
         // The flusher holds only a weak handle, so dropping the last `Store` closes the database
@@ -181,9 +188,23 @@ impl Store {
         &self.inner.db
     }
 
-    pub(crate) fn note_writes(&self, n: u64) {
+    /// Runs one write operation of `n` records, keeping the counters `sync` relies on.
+    pub(crate) fn write_op<T>(&self, n: u64, op: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.inner.started.fetch_add(1, Ordering::SeqCst);
+        let result = op();
         self.inner.applied.fetch_add(1, Ordering::SeqCst);
-        self.inner.stats.writes.fetch_add(n, Ordering::Relaxed);
+        if result.is_ok() {
+            self.inner.stats.writes.fetch_add(n, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Nothing was written that a flush has not covered (no flush needed), or the store has failed.
+    fn settled(&self) -> Option<Result<(), StoreError>> {
+        if let Some(why) = self.inner.failed.lock().ok().and_then(|f| f.clone()) {
+            return Some(Err(StoreError::Io(format!("an earlier flush failed ({why}); restart the node"))));
+        }
+        (self.inner.durable.load(Ordering::SeqCst) >= self.inner.started.load(Ordering::SeqCst)).then_some(Ok(()))
     }
 
     pub fn capability(&self) -> &str {
@@ -216,9 +237,7 @@ impl Store {
                 None => sb.remove(k),
             }
         }
-        self.inner.db.apply_batch(sb)?;
-        self.note_writes(n);
-        Ok(())
+        self.write_op(n, || Ok(self.inner.db.apply_batch(sb)?))
     }
 
     /// Applies the writes of `batch` one by one, in order, without sealing the log: they reach the
@@ -230,26 +249,27 @@ impl Store {
             return Ok(());
         }
         let n = batch.ops.len() as u64;
-        for (k, v) in batch.ops {
-            match v {
-                Some(v) => {
-                    self.inner.db.insert(k, v)?;
-                }
-                None => {
-                    self.inner.db.remove(k)?;
+        self.write_op(n, || {
+            for (k, v) in batch.ops {
+                match v {
+                    Some(v) => {
+                        self.inner.db.insert(k, v)?;
+                    }
+                    None => {
+                        self.inner.db.remove(k)?;
+                    }
                 }
             }
-        }
-        self.note_writes(n);
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Waits for a flush that covers every write applied before this call; returns at once when
     /// the last flush already covered them (a read-only answer, or a write flushed in the meantime).
     pub async fn sync(&self) -> Result<(), StoreError> {
-        if self.inner.durable.load(Ordering::SeqCst) >= self.inner.applied.load(Ordering::SeqCst) {
+        if let Some(done) = self.settled() {
             self.inner.stats.acks.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return done;
         }
         let (tx, rx) = oneshot::channel();
         self.inner.flush_tx.send(Waiter::Task(tx)).map_err(|_| StoreError::FlusherGone)?;
@@ -259,9 +279,9 @@ impl Store {
     /// Runs `then` once every write applied before this call is durable (at once if it already
     /// is), on the flusher. `then` must be quick: a send, not work.
     pub fn after_sync(&self, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
-        if self.inner.durable.load(Ordering::SeqCst) >= self.inner.applied.load(Ordering::SeqCst) {
+        if let Some(done) = self.settled() {
             self.inner.stats.acks.fetch_add(1, Ordering::Relaxed);
-            return then(Ok(()));
+            return then(done);
         }
         if let Err(e) = self.inner.flush_tx.send(Waiter::Callback(Box::new(then))) {
             // The flusher is gone (the store is closing): tell the caller so.
@@ -283,25 +303,41 @@ async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mu
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
-        // A waiter holds a `Store`, so the store is alive while anyone waits.
-        let Some(store) = inner.upgrade() else { break };
+        // Task waiters hold a `Store`; callbacks may not. If the store is gone, say so to all.
+        let Some(store) = inner.upgrade() else {
+            for w in waiters.drain(..) {
+                w.wake(Err(StoreError::FlusherGone));
+            }
+            break;
+        };
+        let already_failed = store.failed.lock().ok().and_then(|f| f.clone());
         let (db, stats, capability) = (store.db.clone(), store.stats.clone(), store.capability.clone());
         // Everything applied up to here is covered by the flush that starts next.
         let covers = store.applied.load(Ordering::SeqCst);
         let file = sync_file.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            db.flush()?;
-            if let Some(f) = file {
-                f.sync_data().map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
-            }
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Io(format!("flush task failed: {e}"))));
+        let result = match already_failed {
+            Some(why) => Err(StoreError::Io(format!("an earlier flush failed ({why}); restart the node"))),
+            None => tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                db.flush()?;
+                if let Some(f) = file {
+                    f.sync_data().map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("flush task failed: {e}")))),
+        };
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats.acks.fetch_add(waiters.len() as u64, Ordering::Relaxed);
-        if result.is_ok() {
-            store.durable.fetch_max(covers, Ordering::SeqCst);
+        match &result {
+            Ok(()) => {
+                store.durable.fetch_max(covers, Ordering::SeqCst);
+            }
+            Err(e) => {
+                if let Ok(mut f) = store.failed.lock() {
+                    f.get_or_insert_with(|| e.to_string());
+                }
+            }
         }
         drop(store);
         if let Err(e) = &result {
@@ -309,7 +345,11 @@ async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mu
             tracing::error!(%capability, error = %e, "group flush failed; writers are told so");
         }
         for w in waiters.drain(..) {
-            w.wake(result.clone());
+            // A callback that panics must not take the flusher (and every later ack) with it.
+            let r = result.clone();
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake(r))).is_err() {
+                tracing::error!(%capability, "a flush callback panicked");
+            }
         }
     }
 }

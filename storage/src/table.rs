@@ -61,11 +61,9 @@ impl<K: Key, V: Record> Table<K, V> {
     /// Inserts `value` only if `key` is absent, at once (compare-and-swap); returns the record
     /// already there otherwise. The caller still awaits [`Store::sync`] before acknowledging.
     pub fn insert_if_absent(&self, store: &Store, key: &K, value: &V) -> Result<Option<V>, StoreError> {
-        match store.tree().compare_and_swap(self.raw_key(key), None as Option<&[u8]>, Some(encode(value)))? {
-            Ok(()) => {
-                store.note_writes(1);
-                Ok(None)
-            }
+        let raw = (self.raw_key(key), encode(value));
+        match store.write_op(1, || Ok(store.tree().compare_and_swap(raw.0, None as Option<&[u8]>, Some(raw.1))?))? {
+            Ok(()) => Ok(None),
             Err(cas) => match cas.current {
                 Some(raw) => Ok(Some(self.decode_value(&raw)?)),
                 None => Ok(None),

@@ -55,8 +55,16 @@ pub fn home_of(cluster: &Cluster, id: &Uuid) -> Option<String> {
 #[derive(RactorMessage)]
 pub enum OrdersMsg {
     Request(Inbound<OrdersRequest, OrdersReply>),
-    Saga { order_id: Uuid, event: Event },
-    WaitOver { order_id: Uuid, waiter: u64 },
+    Saga {
+        order_id: Uuid,
+        event: Event,
+    },
+    WaitOver {
+        order_id: Uuid,
+        waiter: u64,
+    },
+    /// The orders store could not flush: the worker fails, and its restart resumes from the store.
+    FlushFailed(String),
     Sweep,
 }
 
@@ -171,7 +179,10 @@ impl OrdersState {
                 let _ = me.cast(OrdersMsg::Saga { order_id: id, event: Event::Start });
             }
             // The saga resumes from the store after a restart, if the write made it at all.
-            Err(e) => tracing::error!(order_id = %id, error = %e, "flush failed; saga not started"),
+            // Fail the worker: its restart resumes every saga from what the store really holds.
+            Err(e) => {
+                let _ = me.cast(OrdersMsg::FlushFailed(e.to_string()));
+            }
         });
         Ok(())
     }
@@ -221,7 +232,9 @@ impl OrdersState {
                     });
                 }
                 Command::Charge { amount_cents, token } => {
-                    tokio::spawn(async move {
+                    // The charge goes out only once the state that says "a charge was asked for" is
+                    // durable: a cancel after a restart must know to refund.
+                    let charge = async move {
                         let node = cluster.owner(Capability::Payments, order_id.as_bytes()).unwrap_or_default();
                         let req = PaymentRequest::Charge { order_id, amount_cents, token };
                         let outcome =
@@ -236,6 +249,15 @@ impl OrdersState {
                                 Err(e) => ChargeOutcome::Unavailable(e.to_string()),
                             };
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
+                    };
+                    let me = myself.clone();
+                    self.args.store.after_sync(move |result| match result {
+                        Ok(()) => {
+                            tokio::spawn(charge);
+                        }
+                        Err(e) => {
+                            let _ = me.cast(OrdersMsg::FlushFailed(e.to_string()));
+                        }
                     });
                 }
                 Command::RetryIn(ms) => {
@@ -358,6 +380,7 @@ impl Actor for OrdersWorker {
                     reply_after_sync(&state.args.store, port, OrdersReply::Order(o.view()));
                 }
             }
+            OrdersMsg::FlushFailed(why) => return Err(format!("orders store flush failed: {why}").into()),
             OrdersMsg::Sweep => {
                 let n = IDEMPOTENCY.sweep(&state.args.store, now_ms())?;
                 if n > 0 {

@@ -425,6 +425,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn remove_if_unchanged_leaves_a_rewritten_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let mut b = Batch::new();
+        T.put(&mut b, &1, &Rec(1));
+        s.apply_in_order(b).unwrap();
+        // Rewritten since it was read: not removed.
+        let mut b = Batch::new();
+        T.put(&mut b, &1, &Rec(2));
+        s.apply_in_order(b).unwrap();
+        assert!(!T.remove_if_unchanged(&s, &1, &Rec(1)).unwrap());
+        assert_eq!(T.get(&s, &1).unwrap(), Some(Rec(2)));
+        assert!(T.remove_if_unchanged(&s, &1, &Rec(2)).unwrap());
+        assert_eq!(T.get(&s, &1).unwrap(), None);
+    }
+
+    #[tokio::test]
     async fn insert_if_absent_keeps_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();

@@ -71,6 +71,14 @@ impl<K: Key, V: Record> Table<K, V> {
         }
     }
 
+    /// Removes `key` only if it still holds `expected` (compare-and-swap); true if removed.
+    pub fn remove_if_unchanged(&self, store: &Store, key: &K, expected: &V) -> Result<bool, StoreError> {
+        let raw = (self.raw_key(key), encode(expected));
+        let swapped =
+            store.write_op(1, || Ok(store.tree().compare_and_swap(raw.0, Some(raw.1), None as Option<&[u8]>)?))?;
+        Ok(swapped.is_ok())
+    }
+
     /// All records in key order. A record that does not decode is an error, never skipped silently.
     pub fn iter<'a>(&'a self, store: &Store) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
         self.iter_from(store, None)

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::{Batch, Record, Store, Table};
+use bulkhead_storage::{Record, Store, Table};
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -52,7 +52,7 @@ pub enum OutboxMsg {
     /// New entries were written: look now rather than at the next tick.
     Kick,
     RoundDone {
-        delivered: Vec<(Uuid, u64)>,
+        delivered: Vec<((Uuid, u64), OutboxEntry)>,
         ok: Vec<Dest>,
         failed: Vec<Dest>,
     },
@@ -158,6 +158,9 @@ impl RelayState {
             if UNFINISHED.get(&self.store, &entry.order_id)?.is_some() {
                 continue;
             }
+            // Read it again now that its order is known to be committed: the scan may hand out a
+            // value from before a resumed finish rewrote this key.
+            let Some(entry) = OUTBOX.get(&self.store, &key)? else { continue };
             let n = per_dest.entry(entry.dest.clone()).or_default();
             if *n >= PER_DEST {
                 continue;
@@ -179,21 +182,22 @@ impl RelayState {
                 let _ = me.cast(OutboxMsg::RoundDone { delivered: vec![], ok: vec![], failed: vec![] });
                 return;
             }
-            let results: Vec<((Uuid, u64), Dest, bool)> = stream::iter(batch)
+            let results: Vec<((Uuid, u64), OutboxEntry, bool)> = stream::iter(batch)
                 .map(|(key, entry)| {
                     let cluster = cluster.clone();
                     async move {
                         let ok = deliver(&cluster, &entry).await;
-                        (key, entry.dest, ok)
+                        (key, entry, ok)
                     }
                 })
                 .buffer_unordered(PARALLEL)
                 .collect()
                 .await;
             let (mut delivered, mut ok_dests, mut failed) = (Vec::new(), Vec::new(), Vec::new());
-            for (key, dest, ok) in results {
+            for (key, entry, ok) in results {
+                let dest = entry.dest.clone();
                 if ok {
-                    delivered.push(key);
+                    delivered.push((key, entry));
                     if !ok_dests.contains(&dest) {
                         ok_dests.push(dest);
                     }
@@ -233,12 +237,11 @@ impl Actor for OutboxRelay {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
             OutboxMsg::RoundDone { delivered, ok, failed } => {
                 state.in_flight = false;
-                let mut b = Batch::new();
-                for key in &delivered {
-                    OUTBOX.remove(&mut b, key);
+                // Only what was delivered is removed: an entry rewritten meanwhile (a resumed finish)
+                // stays. Not awaited: if a deletion is lost in a crash, the entry is delivered again.
+                for (key, entry) in &delivered {
+                    OUTBOX.remove_if_unchanged(&state.store, key, entry)?;
                 }
-                // Not awaited: if this deletion is lost in a crash, the entry is delivered again.
-                state.store.apply_in_order(b)?;
                 let now = Instant::now();
                 for dest in &failed {
                     let attempts = state.backoff.get(dest).map(|(a, _)| a + 1).unwrap_or(0);

@@ -118,10 +118,6 @@ impl Detector {
     pub fn status(&self, node: &str) -> Option<Status> {
         self.peers.get(node).map(|p| p.status)
     }
-
-    pub fn last_heard(&self, node: &str) -> Option<u64> {
-        self.peers.get(node).map(|p| p.last_heard)
-    }
 }
 
 #[cfg(test)]

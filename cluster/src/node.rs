@@ -313,9 +313,19 @@ impl Cluster {
     /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs).
     pub fn member(&self, cap: Capability, node: &str) -> Result<ActorRef<WireMsg>, CallError> {
         let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
-        if node != self.name() && self.status_of(node) == Status::Down {
-            let reason = self.view().get(node).and_then(|n| n.reason.clone()).unwrap_or_else(|| "node is down".into());
-            return Err(unreachable(reason));
+        if node != self.name() {
+            // One read of the view for both the status and the reason (this is the fail-fast path).
+            let down = match self.inner.view.read() {
+                Ok(v) => match v.get(node) {
+                    Some(n) if n.status != Status::Down => None,
+                    Some(n) => Some(n.reason.clone().unwrap_or_else(|| "node is down".into())),
+                    None => Some("node is down".into()),
+                },
+                Err(_) => Some("node is down".into()),
+            };
+            if let Some(reason) = down {
+                return Err(unreachable(reason));
+            }
         }
         ractor::pg::get_members(&group_name(cap, node))
             .into_iter()

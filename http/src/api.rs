@@ -10,10 +10,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
-use bulkhead_actors::inventory::{InventoryReply, InventoryRequest, StockView};
+use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{home_of, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
+use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::wire::new_traceparent;
 use bulkhead_cluster::{Capability, Status};
 use serde::Deserialize;
@@ -58,10 +59,6 @@ pub fn order_json(o: &OrderView) -> Value {
         v["payment_id"] = json!(p);
     }
     v
-}
-
-fn stock_json(s: &StockView) -> Value {
-    json!({"sku": s.sku, "available": s.available, "reserved": s.reserved, "sold": s.sold, "price_cents": s.price_cents})
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -220,7 +217,7 @@ async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Resu
         .owner(Capability::Inventory, sku.as_bytes())
         .ok_or_else(|| ApiError::unavailable("no inventory node is configured"))?;
     match st.cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &new_traceparent()).await {
-        Ok(InventoryReply::Stock(s)) => Ok(Json(stock_json(&s)).into_response()),
+        Ok(InventoryReply::Stock(s)) => Ok(Json(s).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
@@ -306,19 +303,8 @@ pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOr
 /// `GET /v1/cluster`: every node as this node sees it, and per capability who serves it.
 pub fn cluster_json(st: &AppState) -> Value {
     let view = st.cluster.view();
-    let nodes: Vec<Value> = view
-        .values()
-        .map(|n| {
-            let mut v = json!({
-                "name": n.name, "addr": n.addr, "http": n.http, "pid": n.pid, "status": n.status,
-                "capabilities": n.capabilities, "unhealthy": n.unhealthy,
-            });
-            if let Some(r) = &n.reason {
-                v["reason"] = json!(r);
-            }
-            v
-        })
-        .collect();
+    // `NodeView` serialises to exactly the API's node object (`reason` only when there is one).
+    let nodes: Vec<&NodeView> = view.values().collect();
     let mut caps = serde_json::Map::new();
     for cap in Capability::ALL {
         let members = st.cluster.config().capabilities.nodes(cap).to_vec();

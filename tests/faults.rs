@@ -188,3 +188,39 @@ async fn a_paused_node_is_declared_down_and_rejoins_when_it_resumes() {
     })
     .await;
 }
+
+/// A partition (every cluster link of n3 cut silently, its HTTP still up) is seen from both sides,
+/// orders keep being placed, and after the heal n3 rejoins and its deliveries catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_heal() {
+    let tc = start().await;
+    tc.stock("widget-1", 100, 500).await;
+    let cut = tc.post(2, "/admin/partition", None, serde_json::json!({})).await;
+    assert_eq!(cut.status, 202, "{}", cut.body);
+    let at = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "n1 declares the cut-off n3 down", || async {
+        (tc.status_of(0, "n3").await == "down").then_some(())
+    })
+    .await;
+    let detected = at.elapsed();
+    eventually(Duration::from_secs(5), "n3 declares n1 and n2 down", || async {
+        (tc.status_of(2, "n1").await == "down" && tc.status_of(2, "n2").await == "down").then_some(())
+    })
+    .await;
+    assert!(detected < Duration::from_secs(3), "took {detected:?}");
+    let r = tc.order(0, Some("cut-1"), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["order_id"].as_str().unwrap().to_string();
+
+    let heal = tc.delete(2, "/admin/partition").await;
+    assert_eq!(heal.status, 202, "{}", heal.body);
+    eventually(Duration::from_secs(15), "n3 back up everywhere", || async {
+        (tc.status_of(0, "n3").await == "up" && tc.status_of(2, "n1").await == "up").then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(15), "the shipment delivered after the heal", || async {
+        let s = tc.get(0, &format!("/v1/shipments?order_id={id}")).await;
+        (s.body["shipments"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+}

@@ -5,6 +5,7 @@
 //! - [`membership`] + [`detector`]: heartbeats and a pure deadline failure detector; the cluster view.
 //! - [`wire`]: the versioned envelope every cross-node payload travels in; undecodable input is counted.
 //! - [`gateway`]: the one remotable actor per capability per node; workers stay local-only.
+//! - [`link`]: the TCP links this node accepts and dials, behind a switch that can cut them all.
 //! - [`call`]: the one call path, always with a timeout, and its error type.
 //!
 //! Caveats:
@@ -20,6 +21,7 @@ pub mod call;
 pub mod config;
 pub mod detector;
 pub mod gateway;
+pub mod link;
 pub mod membership;
 pub mod node;
 pub mod wire;

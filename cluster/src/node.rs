@@ -21,6 +21,7 @@ use crate::call::{call, CallError};
 use crate::config::{Capability, NodeConfig};
 use crate::detector::Status;
 use crate::gateway::group_name;
+use crate::link::{LinkFaults, LinkStream};
 use crate::membership::{Membership, MembershipMsg, NodeView};
 use crate::wire::WireMsg;
 
@@ -55,6 +56,7 @@ struct Inner {
     view: RwLock<BTreeMap<String, NodeView>>,
     health: RwLock<BTreeMap<Capability, CapHealth>>,
     metrics: ClusterMetrics,
+    link_faults: Arc<LinkFaults>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -97,11 +99,6 @@ impl NodeEventSubscription for Events {
         }
         let Some(name) = peer_node_name(&ses) else { return };
         tracing::info!(peer = %name, addr = %ses.peer_addr, "cluster session ready");
-        if let Some(n) = &ses.peer_name {
-            if let Ok(mut k) = inner.known_addrs.lock() {
-                k.insert(n.connection_string.clone());
-            }
-        }
         if let Ok(mut s) = inner.sessions.lock() {
             s.insert(name, ses);
         }
@@ -134,18 +131,22 @@ impl Cluster {
     pub async fn start(config: NodeConfig) -> Result<Cluster, String> {
         let advertised = config.advertised_cluster_addr();
         let host = advertised.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertised.clone());
+        // We accept and dial ourselves (see `link`), so the NodeServer's own listener is parked on
+        // an ephemeral loopback port nobody is told about.
+        let listener = tokio::net::TcpListener::bind(config.cluster_listen)
+            .await
+            .map_err(|e| format!("cannot listen for cluster peers on {}: {e}", config.cluster_listen))?;
         let server = NodeServer::new(
-            config.cluster_listen.port(),
+            0,
             config.cookie().to_string(),
             config.name.clone(),
             host,
             None,
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(config.cluster_listen.ip());
-        let (server_ref, _) = Actor::spawn(None, server, ())
-            .await
-            .map_err(|e| format!("cannot start the cluster listener on {}: {e}", config.cluster_listen))?;
+        .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
+        let (server_ref, _) =
+            Actor::spawn(None, server, ()).await.map_err(|e| format!("cannot start the cluster node server: {e}"))?;
         let incarnation = bulkhead_storage::now_ms();
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner {
@@ -160,6 +161,7 @@ impl Cluster {
             view: RwLock::new(BTreeMap::new()),
             health: RwLock::new(BTreeMap::new()),
             metrics: ClusterMetrics::default(),
+            link_faults: Arc::new(LinkFaults::default()),
             shutdown,
         });
         let cluster = Cluster { inner };
@@ -181,6 +183,7 @@ impl Cluster {
         for seed in &cluster.config().seeds {
             cluster.learn_addr(seed);
         }
+        tokio::spawn(accept_loop(cluster.clone(), listener));
         tokio::spawn(dialer(cluster.clone()));
         tracing::info!(node = %cluster.config().name, listen = %cluster.config().cluster_listen, "cluster layer started");
         Ok(cluster)
@@ -256,12 +259,27 @@ impl Cluster {
         self.inner.sessions.lock().map(|s| s.keys().cloned().collect()).unwrap_or_default()
     }
 
+    /// The cluster addresses of connected peers: the address dialled for sessions we opened, and
+    /// the address each peer advertises in its heartbeats (an accepted socket's own address is an
+    /// ephemeral port, of no use to dial).
     pub(crate) fn connected_addrs(&self) -> Vec<String> {
-        self.inner
-            .sessions
-            .lock()
-            .map(|s| s.values().filter_map(|ses| ses.peer_name.as_ref().map(|n| n.connection_string.clone())).collect())
-            .unwrap_or_default()
+        let view = self.inner.view.read().map(|v| v.clone()).unwrap_or_default();
+        let Ok(sessions) = self.inner.sessions.lock() else { return Vec::new() };
+        let mut out = Vec::new();
+        for (name, ses) in sessions.iter() {
+            if !ses.is_server {
+                out.push(ses.peer_addr.clone());
+            }
+            if let Some(v) = view.get(name).filter(|v| !v.addr.is_empty()) {
+                out.push(v.addr.clone());
+            }
+        }
+        out
+    }
+
+    /// The fault switch on every cluster link of this node (used by `/admin/partition`).
+    pub fn link_faults(&self) -> &LinkFaults {
+        &self.inner.link_faults
     }
 
     /// Force-closes the session with `node` (declared down): stubs go, pending calls fail at once.
@@ -373,6 +391,32 @@ impl Cluster {
     }
 }
 
+/// Accepts peers' connections and hands them to the node server as links.
+async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
+    let mut shutdown = cluster.inner.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((tcp, from)) => {
+                let link = Box::new(LinkStream::new(tcp, cluster.inner.link_faults.clone(), from.to_string()));
+                let msg = NodeServerMessage::ConnectionOpenedExternal { stream: link, is_server: true };
+                if cluster.inner.server.cast(msg).is_err() {
+                    tracing::warn!("cluster node server stopped; no longer accepting peers");
+                    return;
+                }
+            }
+            // Out of file descriptors and the like: say so, breathe, go on.
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a cluster connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// How long a cluster session may take from TCP accept/connect to ready.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -421,14 +465,17 @@ async fn dialer(cluster: Cluster) {
             entry.0 = (entry.0 * 2).min(Duration::from_secs(2));
             cluster.inner.metrics.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let server = cluster.inner.server.clone();
+            let faults = cluster.inner.link_faults.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(
-                    Duration::from_secs(1),
-                    ractor_cluster::client_connect(&server, addr.as_str()),
-                )
-                .await
+                match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr.as_str())).await
                 {
-                    Ok(Ok(())) => tracing::debug!(%addr, "dialled peer"),
+                    Ok(Ok(tcp)) => {
+                        let link = Box::new(LinkStream::new(tcp, faults, addr.clone()));
+                        match ractor_cluster::client_connect_external(&server, link).await {
+                            Ok(()) => tracing::debug!(%addr, "dialled peer"),
+                            Err(e) => tracing::debug!(%addr, error = %e, "node server refused the link"),
+                        }
+                    }
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "dial failed"),
                     Err(_) => tracing::debug!(%addr, "dial timed out"),
                 }

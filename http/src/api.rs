@@ -395,6 +395,26 @@ pub async fn inject_panic(State(st): State<AppState>, Path(cap): Path<String>) -
     Ok((StatusCode::ACCEPTED, Json(json!({"injected": "panic", "capability": cap, "node": node}))).into_response())
 }
 
+/// `POST /admin/partition`: cuts every cluster link of this node silently (see `cluster::link`);
+/// `DELETE /admin/partition` heals them. HTTP stays up. Exists only with `fault_injection = true`.
+pub async fn partition(State(st): State<AppState>) -> Result<Response, ApiError> {
+    set_partition(&st, true)
+}
+
+pub async fn heal_partition(State(st): State<AppState>) -> Result<Response, ApiError> {
+    set_partition(&st, false)
+}
+
+fn set_partition(st: &AppState, cut: bool) -> Result<Response, ApiError> {
+    if !st.fault_injection {
+        return Err(ApiError::not_found("fault injection is not enabled on this node"));
+    }
+    st.cluster.link_faults().set_cut(cut);
+    tracing::warn!(cut, "fault injected: cluster links {}", if cut { "cut" } else { "healed" });
+    let node = st.cluster.name();
+    Ok((StatusCode::ACCEPTED, Json(json!({"injected": "partition", "cut": cut, "node": node}))).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

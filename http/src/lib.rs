@@ -65,7 +65,9 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/", get(dashboard));
     if admin {
-        r = r.route("/admin/panic/{capability}", post(api::inject_panic));
+        r = r
+            .route("/admin/panic/{capability}", post(api::inject_panic))
+            .route("/admin/partition", post(api::partition).delete(api::heal_partition));
     }
     r.fallback(|| async { error::ApiError::not_found("no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {

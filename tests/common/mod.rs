@@ -85,6 +85,10 @@ impl TestCluster {
         Self::reply(self.http.get(format!("{}{path}", self.url(node))).send().await.expect("GET")).await
     }
 
+    pub async fn delete(&self, node: usize, path: &str) -> Reply {
+        Self::reply(self.http.delete(format!("{}{path}", self.url(node))).send().await.expect("DELETE")).await
+    }
+
     pub async fn put(&self, node: usize, path: &str, body: Value) -> Reply {
         Self::reply(self.http.put(format!("{}{path}", self.url(node))).json(&body).send().await.expect("PUT")).await
     }

@@ -310,7 +310,7 @@ Bulkhead is up: 3 node processes on 127.0.0.1 ({seeded} SKUs seeded, {DEMO_STOCK
 
   n1  {base}   orders + inventory        pid {}
   n2  {n2}   payments + inventory      pid {}
-  n3  {n3}   shipping + notifications  pid {}
+  n3  {n3}   orders + shipping + notifications  pid {}
 
 Dashboard: {base}/
 

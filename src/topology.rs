@@ -1,13 +1,14 @@
 //! The demo topology, and node configs for a local cluster (used by `demo` and the tests).
 //!
 //! Every order crosses nodes and one node's death shows isolation: payments never shares a node
-//! with orders, and shipping + notifications live on a node that hosts neither.
+//! with orders, orders runs on two nodes so that losing one leaves order placement working, and
+//! each inventory shard lives apart from one of the orders nodes.
 //!
-//! | node | capabilities          |
-//! |------|-----------------------|
-//! | n1   | orders, inventory     |
-//! | n2   | payments, inventory   |
-//! | n3   | shipping, notifications |
+//! | node | capabilities                    |
+//! |------|---------------------------------|
+//! | n1   | orders, inventory               |
+//! | n2   | payments, inventory             |
+//! | n3   | orders, shipping, notifications |
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 pub fn demo_shard_map() -> ShardMap {
     let p = |n: &[&str]| CapabilityPlacement { nodes: n.iter().map(|s| s.to_string()).collect() };
     ShardMap(BTreeMap::from([
-        (Capability::Orders, p(&["n1"])),
+        (Capability::Orders, p(&["n1", "n3"])),
         (Capability::Inventory, p(&["n1", "n2"])),
         (Capability::Payments, p(&["n2"])),
         (Capability::Shipping, p(&["n3"])),

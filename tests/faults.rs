@@ -11,6 +11,12 @@ use bulkhead_cluster::config::CapabilityPlacement;
 use bulkhead_cluster::{Capability, Timing};
 use common::{eventually, start, start_unready, start_with};
 
+/// An Idempotency-Key whose home (the orders node that must record it) is `node` in the demo map.
+fn key_homed_on(node: &str) -> String {
+    let map = bulkhead::topology::demo_shard_map();
+    (0..).map(|i| format!("key-{i}")).find(|k| map.node_for(Capability::Orders, k.as_bytes()) == Some(node)).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_payments_worker_is_restarted_and_the_next_order_succeeds() {
     let tc = start().await;
@@ -30,18 +36,31 @@ async fn a_panicking_payments_worker_is_restarted_and_the_next_order_succeeds() 
 async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_after_restart() {
     let mut tc = start().await;
     tc.stock("widget-1", 100, 100).await;
+    let on_n3 = tc.order(2, None, "widget-1", 1, "tok_ok").await;
+    assert_eq!(on_n3.status, 201, "{}", on_n3.body);
+    let on_n3 = on_n3.body["order_id"].as_str().unwrap().to_string();
     tc.lc.kill(2);
     eventually(Duration::from_secs(5), "n1 sees n3 down", || async {
         (tc.status_of(0, "n3").await == "down").then_some(())
     })
     .await;
 
+    // n3 also hosts orders: new orders go to n1, the other orders node.
     let mut ids = Vec::new();
-    for k in 0..3 {
-        let r = tc.order(0, Some(&format!("ship-{k}")), "widget-1", 1, "tok_ok").await;
+    for _ in 0..3 {
+        let r = tc.order(0, None, "widget-1", 1, "tok_ok").await;
         assert_eq!(r.status, 201, "{}", r.body);
         ids.push(r.body["order_id"].as_str().unwrap().to_string());
     }
+    // A key whose home is the dead node is refused with nothing recorded: placing it elsewhere
+    // could make a second order for one key if n3 had already taken it.
+    let r = tc.order(0, Some(&key_homed_on("n3")), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.retry_after.is_some());
+    // The dead node's own orders are unavailable, not lost.
+    let r = tc.get(0, &format!("/v1/orders/{on_n3}")).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.retry_after.is_some());
     let s = tc.get(0, &format!("/v1/shipments?order_id={}", ids[0])).await;
     assert_eq!(s.status, 503, "{}", s.body);
     assert!(s.retry_after.is_some());
@@ -173,7 +192,7 @@ async fn a_paused_node_is_declared_down_and_rejoins_when_it_resumes() {
     .await;
     let detected = paused.elapsed();
     assert!(detected < Duration::from_secs(3), "took {detected:?}");
-    let r = tc.order(0, Some("paused-1"), "widget-1", 1, "tok_ok").await;
+    let r = tc.order(0, Some(&key_homed_on("n1")), "widget-1", 1, "tok_ok").await;
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["order_id"].as_str().unwrap().to_string();
 
@@ -208,7 +227,7 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
     })
     .await;
     assert!(detected < Duration::from_secs(3), "took {detected:?}");
-    let r = tc.order(0, Some("cut-1"), "widget-1", 1, "tok_ok").await;
+    let r = tc.order(0, Some(&key_homed_on("n1")), "widget-1", 1, "tok_ok").await;
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["order_id"].as_str().unwrap().to_string();
 

@@ -1,0 +1,170 @@
+//! What a chaos run leaves behind: the verdict (`verdict.json`) and the data the timeline plot
+//! (`timeline.svg`) is drawn from. Plain data, serialisable, built by the runner and the checker.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole report of one run; `verdict.json` is this, pretty-printed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    /// `local` (launched by the tool) or `remote` (node addresses given).
+    pub cluster: String,
+    /// RFC 3339 wall-clock time of t = 0.
+    pub started_at: String,
+    /// Seconds from t = 0 to the end of the check.
+    pub duration_s: f64,
+    /// `pass` when every invariant held, else `fail`.
+    pub verdict: String,
+    pub invariants: Vec<Invariant>,
+    pub faults: Vec<FaultRecord>,
+    /// Detection times by fault kind (`kill`, `pause`, `partition`), in milliseconds.
+    pub detection: BTreeMap<String, Detection>,
+    pub phases: Vec<Phase>,
+    pub totals: Totals,
+    pub timeline: Timeline,
+}
+
+/// One invariant of the brief and whether it held.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Invariant {
+    pub name: String,
+    pub held: bool,
+    /// What was checked, in a sentence with the counts.
+    pub detail: String,
+    /// Order ids (or SKUs) that violate it; empty when it held. Capped at 100.
+    pub offending: Vec<String>,
+}
+
+/// One injected fault.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// `kill`, `pause`, `partition`, `restart`, `panic`.
+    pub kind: String,
+    pub node: String,
+    /// For `panic`: the capability whose worker panicked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capability: Option<String>,
+    /// Seconds since t = 0 when the fault was injected.
+    pub at_s: f64,
+    /// Seconds since t = 0 when it was healed (restart done, SIGCONT sent, links healed); `None`
+    /// for faults that heal themselves (panic) or were never healed.
+    pub healed_s: Option<f64>,
+    /// Milliseconds from injection until another node's `GET /v1/cluster` first showed the node
+    /// not `up` (an upper bound: the observer polls).
+    pub detected_ms: Option<u64>,
+    /// Milliseconds from injection until another node first showed it `down`.
+    pub down_ms: Option<u64>,
+    /// Milliseconds from the heal until every other node showed it `up` again.
+    pub recovered_ms: Option<u64>,
+}
+
+/// Summary of detection times for one fault kind.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Detection {
+    pub count: usize,
+    pub min_ms: u64,
+    pub median_ms: u64,
+    pub max_ms: u64,
+}
+
+/// Load figures for one stretch of the run (`steady`, `fault 1: pause n2`, `heal`, ...).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub from_s: f64,
+    pub to_s: f64,
+    /// Requests sent (first attempts and retries).
+    pub requests: u64,
+    /// Orders acknowledged (201, 202, 402, 409) in this phase.
+    pub acknowledged: u64,
+    pub orders_per_s: f64,
+    /// Answers by HTTP status (`201`, `503`, ...) plus `timeout` and `connect` for no answer.
+    pub by_status: BTreeMap<String, u64>,
+    /// Requests that got no definitive answer (5xx, 429, timeouts, connection errors).
+    pub errors: u64,
+    /// Client-perceived latency of acknowledged orders (first send to acknowledgement, retries
+    /// included), in milliseconds.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Totals {
+    /// Distinct orders (Idempotency-Keys) the client tried to place.
+    pub orders: u64,
+    pub acknowledged: u64,
+    pub confirmed: u64,
+    pub cancelled: u64,
+    /// Acknowledged orders still pending when the check gave up.
+    pub pending: u64,
+    /// Keys that never got a definitive answer (no order, or an order the client never learnt).
+    pub unanswered: u64,
+    pub requests: u64,
+    pub retries: u64,
+    pub errors: u64,
+    /// Seconds from the last heal until every acknowledged order was terminal.
+    pub settle_s: Option<f64>,
+    pub dead_letters: u64,
+}
+
+/// Per-second series for the plot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timeline {
+    pub seconds: Vec<Second>,
+    /// Per node, its status over time as the other nodes saw it: `up`, `suspect`, `down`, or
+    /// `unknown` (no observer answered). Changes only, in time order.
+    pub nodes: BTreeMap<String, Vec<StatusChange>>,
+    /// When the load stopped and the check began.
+    pub load_end_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Second {
+    /// Start of the second, since t = 0.
+    pub t: u64,
+    /// Orders acknowledged in this second.
+    pub acknowledged: u64,
+    /// Requests without a definitive answer in this second.
+    pub errors: u64,
+    /// p99 client latency of the orders acknowledged in this second, ms (0 when none).
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub at_s: f64,
+    pub status: String,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.invariants.iter().all(|i| i.held)
+    }
+}
+
+/// Sorted-sample percentile (nearest rank); 0 for no samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[], 99.0), 0.0);
+        assert_eq!(percentile(&[7.0], 1.0), 7.0);
+    }
+}

@@ -154,6 +154,38 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// A few lines for a terminal: the verdict, each invariant, detection times, totals.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "{}: {} in {:.0} s — {} orders, {} acknowledged ({} confirmed, {} cancelled), {} requests, {} errors\n",
+        r.scenario,
+        r.verdict.to_uppercase(),
+        r.duration_s,
+        r.totals.orders,
+        r.totals.acknowledged,
+        r.totals.confirmed,
+        r.totals.cancelled,
+        r.totals.requests,
+        r.totals.errors
+    );
+    for i in &r.invariants {
+        s.push_str(&format!("  [{}] {}: {}\n", if i.held { "held" } else { "VIOLATED" }, i.name, i.detail));
+        for o in i.offending.iter().take(5) {
+            s.push_str(&format!("        {o}\n"));
+        }
+    }
+    for (kind, d) in &r.detection {
+        s.push_str(&format!(
+            "  detection {kind}: {} faults, median {} ms, max {} ms\n",
+            d.count, d.median_ms, d.max_ms
+        ));
+    }
+    if let Some(t) = r.totals.settle_s {
+        s.push_str(&format!("  all acknowledged orders terminal {t:.1} s after the heal\n"));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,299 @@
+//! The invariant checker of the brief. It reads only the public HTTP API (any node will do; it
+//! rotates over them and retries 503s), so it can judge any cluster:
+//!
+//! 1. no acknowledged order lost (and an acknowledged outcome never changes: 201 stays confirmed,
+//!    402/409 stay cancelled);
+//! 2. at most one successful charge per order (confirmed: exactly one; cancelled: none left);
+//! 3. per SKU, initial = available + reserved + sold (and, when every key was answered, the units
+//!    sold during the run = the units of the confirmed orders);
+//! 4. every confirmed order has exactly one shipment and at least one notification;
+//! 5. every acknowledged order is terminal within `settle` after the last heal;
+//! 6. retries are idempotent: one order id per key, and no well-formed request refused (400/422).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::load::OrderRec;
+use crate::report::Invariant;
+
+const CONCURRENCY: usize = 32;
+
+/// An order id, whether it is confirmed, its payments answer, and (shipments, notifications).
+type OrderFacts = (String, bool, Option<Value>, Option<(usize, usize)>);
+const MAX_OFFENDING: usize = 100;
+
+/// Per SKU, what the inventory said before the load: `available + reserved + sold`, and `sold`.
+pub type StockBaseline = BTreeMap<String, (u64, u64)>;
+
+pub struct Checked {
+    pub invariants: Vec<Invariant>,
+    /// Seconds (since t = 0) when the last acknowledged order was seen terminal.
+    pub all_terminal_s: Option<f64>,
+    pub confirmed: u64,
+    pub cancelled: u64,
+    pub pending: u64,
+    pub dead_letters: u64,
+}
+
+/// GETs `path` from the nodes in turn until one gives a definitive answer (200 or 404) or the
+/// deadline passes.
+async fn get(http: &reqwest::Client, urls: &[String], path: &str, deadline: Instant) -> Option<(u16, Value)> {
+    let mut i = path.len();
+    loop {
+        let url = &urls[i % urls.len()];
+        i += 1;
+        if let Ok(r) = http.get(format!("{url}{path}")).timeout(Duration::from_secs(2)).send().await {
+            let code = r.status().as_u16();
+            if code == 200 || code == 404 {
+                return Some((code, r.json().await.unwrap_or(Value::Null)));
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn invariant(name: &str, offending: Vec<String>, detail: String) -> Invariant {
+    let held = offending.is_empty();
+    let mut offending = offending;
+    offending.truncate(MAX_OFFENDING);
+    Invariant { name: name.to_string(), held, detail, offending }
+}
+
+pub async fn check(
+    http: &reqwest::Client,
+    urls: &[String],
+    orders: &[OrderRec],
+    baseline: &StockBaseline,
+    t0: Instant,
+    deadline: Instant,
+) -> Checked {
+    let acked: Vec<&OrderRec> = orders.iter().filter(|o| o.order_id.is_some()).collect();
+
+    // 1 + 5: poll every acknowledged order until it is terminal (or 404, or the deadline).
+    let mut last: BTreeMap<String, (u16, Value)> = BTreeMap::new();
+    let mut all_terminal_s = None;
+    loop {
+        let todo: Vec<String> = acked
+            .iter()
+            .filter_map(|o| o.order_id.clone())
+            .filter(|id| match last.get(id) {
+                None => true,
+                Some((404, _)) => false,
+                Some((_, v)) => v["status"].as_str() == Some("pending"),
+            })
+            .collect();
+        if todo.is_empty() {
+            all_terminal_s = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let got: Vec<(String, Option<(u16, Value)>)> = futures::stream::iter(todo)
+            .map(|id| async move {
+                let r = get(http, urls, &format!("/v1/orders/{id}"), deadline).await;
+                (id, r)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut progressed = false;
+        for (id, r) in got {
+            if let Some(r) = r {
+                let terminal = r.0 == 404 || r.1["status"].as_str() != Some("pending");
+                progressed |= terminal;
+                last.insert(id, r);
+            }
+        }
+        if !progressed {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    let status_of = |id: &str| -> Option<&str> {
+        match last.get(id) {
+            Some((200, v)) => v["status"].as_str(),
+            _ => None,
+        }
+    };
+    let mut lost = Vec::new();
+    let mut changed = Vec::new();
+    let mut not_terminal = Vec::new();
+    let (mut confirmed, mut cancelled, mut pending) = (Vec::new(), 0u64, 0u64);
+    for o in &acked {
+        let id = o.order_id.clone().unwrap_or_default();
+        match last.get(&id) {
+            Some((404, _)) => lost.push(format!("{id} (acknowledged {} then not found)", o.acked_http.unwrap_or(0))),
+            None => not_terminal.push(format!("{id} (no node answered)")),
+            Some(_) => {
+                let now = status_of(&id).unwrap_or("?");
+                let was = o.acked_status.as_deref().unwrap_or("?");
+                if (was == "confirmed" || was == "cancelled") && now != was {
+                    changed.push(format!("{id} (acknowledged {was}, now {now})"));
+                }
+                match now {
+                    "confirmed" => confirmed.push(*o),
+                    "cancelled" => cancelled += 1,
+                    _ => {
+                        pending += 1;
+                        not_terminal.push(format!("{id} ({now})"));
+                    }
+                }
+            }
+        }
+    }
+    let mut inv = Vec::new();
+    let n_lost = lost.len() + changed.len();
+    lost.extend(changed);
+    inv.push(invariant(
+        "no_acknowledged_order_lost",
+        lost,
+        format!("{} acknowledged orders read back; {n_lost} missing or with a changed outcome", acked.len()),
+    ));
+
+    // 2 + 4: payments of every answered order; deliveries of every confirmed one (asynchronous,
+    // so polled until they show up or the deadline passes).
+    let ids: Vec<(String, bool)> = acked
+        .iter()
+        .filter_map(|o| o.order_id.clone())
+        .filter(|id| last.get(id).map(|(c, _)| *c == 200).unwrap_or(false))
+        .map(|id| {
+            let conf = status_of(&id) == Some("confirmed");
+            (id, conf)
+        })
+        .collect();
+    let per_order: Vec<OrderFacts> = futures::stream::iter(ids)
+        .map(|(id, conf)| async move {
+            let pay = get(http, urls, &format!("/v1/payments?order_id={id}"), deadline).await.map(|r| r.1);
+            let mut deliveries = None;
+            if conf {
+                loop {
+                    let s = get(http, urls, &format!("/v1/shipments?order_id={id}"), deadline).await;
+                    let n = get(http, urls, &format!("/v1/notifications?order_id={id}"), deadline).await;
+                    let count = |r: &Option<(u16, Value)>, f: &str| {
+                        r.as_ref().and_then(|r| r.1[f].as_array().map(Vec::len)).unwrap_or(0)
+                    };
+                    let got = (count(&s, "shipments"), count(&n, "notifications"));
+                    deliveries = Some(got);
+                    if (got.0 >= 1 && got.1 >= 1) || Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+            (id, conf, pay, deliveries)
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut money = Vec::new();
+    let mut shipping = Vec::new();
+    for (id, conf, pay, deliveries) in &per_order {
+        let Some(pay) = pay else {
+            money.push(format!("{id} (payments unreadable)"));
+            continue;
+        };
+        let charged = pay["payments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"].as_str().map(|s| s.eq_ignore_ascii_case("charged")).unwrap_or(false))
+            .count();
+        if charged > 1 {
+            money.push(format!("{id} (charged {charged} times)"));
+        } else if *conf && charged != 1 {
+            money.push(format!("{id} (confirmed, {charged} charges)"));
+        } else if !*conf && charged != 0 {
+            money.push(format!("{id} (cancelled but still charged)"));
+        }
+        if let Some((s, n)) = deliveries {
+            if *s != 1 || *n < 1 {
+                shipping.push(format!("{id} ({s} shipments, {n} notifications)"));
+            }
+        }
+    }
+    inv.push(invariant(
+        "at_most_one_charge_per_order",
+        money,
+        format!("payments read for {} orders: confirmed ones charged once, cancelled ones not at all", per_order.len()),
+    ));
+
+    // 3: stock.
+    let unanswered = orders.iter().filter(|o| o.order_id.is_none()).count();
+    let mut sold_by_us: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in &confirmed {
+        for (sku, q) in &o.items {
+            *sold_by_us.entry(sku.as_str()).or_default() += q;
+        }
+    }
+    let mut stock_bad = Vec::new();
+    for (sku, (total, sold_before)) in baseline {
+        match get(http, urls, &format!("/v1/inventory/{sku}"), deadline).await {
+            Some((200, v)) => {
+                let f = |k: &str| v[k].as_u64().unwrap_or(0);
+                let (a, r, s) = (f("available"), f("reserved"), f("sold"));
+                if a + r + s != *total {
+                    stock_bad.push(format!("{sku} (started with {total}, now {a} + {r} + {s} = {})", a + r + s));
+                } else if unanswered == 0
+                    && s - sold_before.min(&s) != sold_by_us.get(sku.as_str()).copied().unwrap_or(0)
+                {
+                    stock_bad.push(format!(
+                        "{sku} (sold {} during the run, confirmed orders hold {})",
+                        s - sold_before.min(&s),
+                        sold_by_us.get(sku.as_str()).copied().unwrap_or(0)
+                    ));
+                }
+            }
+            other => stock_bad.push(format!("{sku} (unreadable: {:?})", other.map(|o| o.0))),
+        }
+    }
+    let sold_note = if unanswered == 0 {
+        "and units sold = units in confirmed orders".to_string()
+    } else {
+        format!("(sold-vs-orders skipped: {unanswered} keys never answered)")
+    };
+    inv.push(invariant(
+        "stock_conserved",
+        stock_bad,
+        format!("{} SKUs: initial = available + reserved + sold {sold_note}", baseline.len()),
+    ));
+    inv.push(invariant(
+        "one_shipment_per_confirmed_order",
+        shipping,
+        format!("{} confirmed orders: exactly one shipment and at least one notification each", confirmed.len()),
+    ));
+    let n_nt = not_terminal.len();
+    inv.push(invariant(
+        "all_orders_terminal_after_heal",
+        not_terminal,
+        format!("{} acknowledged orders; {n_nt} not confirmed or cancelled by the deadline", acked.len()),
+    ));
+    let idem: Vec<String> = orders
+        .iter()
+        .filter(|o| o.ids_seen.len() > 1 || !o.rejected.is_empty())
+        .map(|o| {
+            if o.ids_seen.len() > 1 {
+                format!("key {} answered with orders {:?}", o.key, o.ids_seen)
+            } else {
+                format!("key {} refused: {}", o.key, o.rejected.join("; "))
+            }
+        })
+        .collect();
+    inv.push(invariant(
+        "retries_idempotent",
+        idem,
+        format!("{} keys: one order id per key, no well-formed request refused", orders.len()),
+    ));
+
+    let dead_letters = match get(http, urls, "/v1/dead-letters", deadline).await {
+        Some((200, v)) => v["dead_letters"].as_array().map(Vec::len).unwrap_or(0) as u64,
+        _ => 0,
+    };
+    Checked { invariants: inv, all_terminal_s, confirmed: confirmed.len() as u64, cancelled, pending, dead_letters }
+}

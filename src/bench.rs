@@ -70,6 +70,9 @@ pub struct RunResult {
     pub orders_per_sec_before_kill: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub orders_per_sec_after_kill: Option<f64>,
+    /// Peers declared down during the run, summed over the nodes' `/metrics` (without
+    /// --kill-shipping, every one is a false down: no node was harmed).
+    pub peer_downs: u64,
 }
 
 #[derive(Serialize)]
@@ -315,6 +318,20 @@ async fn bench_one(
     let rate = (orders_per_sec * 0.7).max(1.0);
     let open = open_loop(&client, &urls, &format!("{run}o"), rate, opts.duration).await;
     let ho = open.hist.lock().await.clone();
+    let mut peer_downs = 0;
+    for u in &urls {
+        if let Ok(r) = client.get(format!("{u}/metrics")).send().await {
+            let text = r.text().await.unwrap_or_default();
+            peer_downs += text
+                .lines()
+                .filter(|l| l.starts_with("bulkhead_cluster_peer_downs_total"))
+                .filter_map(|l| l.split_whitespace().last().and_then(|v| v.parse::<u64>().ok()))
+                .sum::<u64>();
+        }
+    }
+    if peer_downs > 0 && killed.is_none() {
+        let _ = writeln!(out, "WARNING: {peer_downs} peers declared down under load with no fault injected");
+    }
     lc.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(RunResult {
@@ -334,6 +351,7 @@ async fn bench_one(
         loadgen_cpu_pct,
         orders_per_sec_before_kill: before_kill,
         orders_per_sec_after_kill: after_kill,
+        peer_downs,
     })
 }
 
@@ -346,7 +364,7 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} | {:>9} {:>8} {:>8} {:>7} | {:>8}",
+        "\n{:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} | {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6}",
         "nodes",
         "orders/s",
         "p50 ms",
@@ -358,12 +376,13 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
         "p50 ms",
         "p99 ms",
         "errors",
-        "gen CPU"
+        "gen CPU",
+        "downs"
     );
     for r in &results {
         let _ = writeln!(
             out,
-            "{:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} | {:>9.0} {:>8.2} {:>8.2} {:>7} | {:>7.0}%",
+            "{:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} | {:>9.0} {:>8.2} {:>8.2} {:>7} | {:>7.0}% {:>6}",
             r.nodes,
             r.orders_per_sec,
             r.p50_ms,
@@ -375,12 +394,13 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
             r.p50_ms_at_70pct,
             r.p99_ms_at_70pct,
             r.errors_at_70pct,
-            r.loadgen_cpu_pct
+            r.loadgen_cpu_pct,
+            r.peer_downs
         );
     }
     let _ = writeln!(
         out,
-        "(closed loop: {} clients for {:?}; open loop at 70 % of it, latency from the intended send time; gen CPU = the load generator's own CPU, % of one core)",
+        "(closed loop: {} clients for {:?}; open loop at 70 % of it, latency from the intended send time; gen CPU = the load generator's own CPU, % of one core; downs = peers declared down during the run, false alarms unless a node was killed)",
         opts.concurrency, opts.duration
     );
     if let Some(path) = &opts.json {

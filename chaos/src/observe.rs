@@ -19,8 +19,7 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(300);
 pub struct Observations {
     /// (observer, target) → status changes (seconds since t = 0, status).
     pub pairs: BTreeMap<(String, String), Vec<(f64, String)>>,
-    /// Per target, the combined view of the other nodes that answered: `down` if any says down,
-    /// else `suspect` if any says so, else `up`; `unknown` when no other node answered.
+    /// Per target, the combined view of the other nodes that answered (see [`lane_status`]).
     pub lanes: BTreeMap<String, Vec<StatusChange>>,
     /// Last time each node answered a poll.
     pub answered: BTreeMap<String, f64>,
@@ -56,6 +55,24 @@ impl Observations {
             latest = latest.max(if *last_at >= since { *last_at } else { since });
         }
         Some(latest)
+    }
+}
+
+/// What most of the other nodes say: `down` when more than half of them say down, `suspect` when
+/// more than half say anything but up, else `up`; `unknown` when none answered. A majority, so
+/// that one confused observer (a node that has just restarted and has not heard its peers yet,
+/// or the partitioned node itself) does not paint the whole cluster red.
+pub fn lane_status(seen: &[&str]) -> &'static str {
+    if seen.is_empty() {
+        return "unknown";
+    }
+    let half = seen.len() / 2;
+    if seen.iter().filter(|s| **s == "down").count() > half {
+        "down"
+    } else if seen.iter().filter(|s| **s != "up").count() > half {
+        "suspect"
+    } else {
+        "up"
     }
 }
 
@@ -110,15 +127,7 @@ impl Observer {
                         .filter(|obs| *obs != target)
                         .filter_map(|obs| o.current(obs, target))
                         .collect();
-                    let lane = if seen.is_empty() {
-                        "unknown"
-                    } else if seen.contains(&"down") {
-                        "down"
-                    } else if seen.iter().any(|s| *s != "up") {
-                        "suspect"
-                    } else {
-                        "up"
-                    };
+                    let lane = lane_status(&seen);
                     let changes = o.lanes.entry(target.clone()).or_default();
                     if changes.last().map(|c| c.status != lane).unwrap_or(true) {
                         changes.push(StatusChange { at_s: now, status: lane.to_string() });
@@ -138,6 +147,16 @@ impl Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lane_shows_what_most_other_nodes_see() {
+        assert_eq!(lane_status(&[]), "unknown");
+        assert_eq!(lane_status(&["down"]), "down");
+        assert_eq!(lane_status(&["down", "up"]), "up");
+        assert_eq!(lane_status(&["down", "down"]), "down");
+        assert_eq!(lane_status(&["down", "suspect"]), "suspect");
+        assert_eq!(lane_status(&["suspect", "down", "down"]), "down");
+    }
 
     #[test]
     fn detection_and_recovery_come_from_the_other_nodes_changes() {

@@ -172,7 +172,7 @@ impl Default for Timing {
         Self {
             heartbeat_ms: 100,
             suspect_after_ms: 400,
-            down_after_ms: 1_000,
+            down_after_ms: 800,
             call_timeout_ms: 2_000,
             wait_budget_ms: 2_000,
             reservation_ttl_ms: 15 * 60 * 1000,

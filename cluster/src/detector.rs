@@ -2,7 +2,11 @@
 //!
 //! Deadline-based rather than phi-accrual: a node on a quiet LAN either answers within a few
 //! heartbeat intervals or is hung, paused or cut off, and a fixed deadline gives operators a bound
-//! they can state ("down within 1 s"). Inputs are heartbeats, session events and `tick(now)`; outputs
+//! they can state ("down within 1 s"). The defaults are 100 ms heartbeats, suspect after 400 ms and
+//! down after 800 ms of silence: 8 missed heartbeats, plus at most one heartbeat interval and one
+//! 25 ms tick of lag, stays under 1 s. A loaded node is not silent: heartbeats leave from their own
+//! actor every 100 ms whatever the order traffic does, and `bulkhead bench --nodes 3` at full load
+//! reports the downs it saw (`false downs`), which is how the margin is checked. Inputs are heartbeats, session events and `tick(now)`; outputs
 //! are status transitions. Time is milliseconds on any monotonic clock the caller chooses.
 //!
 //! - heartbeat from a peer ⇒ `Up` (from any state: a returning node rejoins);

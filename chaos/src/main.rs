@@ -68,7 +68,17 @@ fn main() -> ExitCode {
         }
     };
     let opts = RunOptions { scenario, report_dir: report_dir.clone(), bulkhead, nodes, progress: !quiet };
-    match rt.block_on(run(opts)) {
+    // Ctrl-C or SIGTERM drops the run, and with it the local cluster (its nodes are killed).
+    let outcome = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        tokio::select! {
+            r = run(opts) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted (Ctrl-C): no verdict".to_string()),
+            _ = term.recv() => Err("terminated (SIGTERM): no verdict".to_string()),
+        }
+    });
+    match outcome {
         Ok(report) => {
             println!("{}", bulkhead_chaos::report::summary(&report));
             println!("report: {}/verdict.json, {}/timeline.svg", report_dir.display(), report_dir.display());

@@ -243,3 +243,41 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
     })
     .await;
 }
+
+/// The demo check: SIGSTOP the payments node. Another node shows it not `up` within 1 s,
+/// a new order answers 202 `pending` in under 3 s (it never hangs), and after SIGCONT the order
+/// confirms on its own with exactly one payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_payments_node_makes_orders_pending_and_they_confirm_after_it_resumes() {
+    let tc = start().await;
+    // A SKU whose inventory shard is n1, so the order reaches the payments step.
+    let map = bulkhead::topology::demo_shard_map();
+    let sku = (0..)
+        .map(|i| format!("pay-{i}"))
+        .find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some("n1"))
+        .unwrap();
+    tc.stock(&sku, 10, 250).await;
+    tc.lc.signal(1, libc::SIGSTOP);
+    let paused = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "n1 shows the paused n2 not up", || async {
+        (tc.status_of(0, "n2").await != "up").then_some(())
+    })
+    .await;
+    let not_up = paused.elapsed();
+    let sent = std::time::Instant::now();
+    let r = tc.order(0, Some(&key_homed_on("n1")), &sku, 1, "tok_ok").await;
+    let answered = sent.elapsed();
+    tc.lc.signal(1, libc::SIGCONT);
+    assert_eq!((r.status, r.body["status"].as_str()), (202, Some("pending")), "{}", r.body);
+    assert!(answered < Duration::from_secs(3), "answered after {answered:?}");
+    eprintln!("payments node not up after {not_up:?}; the order answered 202 after {answered:?}");
+    // Polled every 50 ms by `eventually`: an upper bound, with slack for a loaded CI machine.
+    assert!(not_up < Duration::from_millis(1500), "not up only after {not_up:?}");
+    let id = r.body["order_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(30), "the order confirms after SIGCONT", || async {
+        (tc.get(0, &format!("/v1/orders/{id}")).await.body["status"] == "confirmed").then_some(())
+    })
+    .await;
+    let p = tc.get(0, &format!("/v1/payments?order_id={id}")).await;
+    assert_eq!(p.body["payments"].as_array().map(Vec::len), Some(1), "{}", p.body);
+}

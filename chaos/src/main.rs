@@ -80,8 +80,12 @@ fn main() -> ExitCode {
     });
     match outcome {
         Ok(report) => {
-            println!("{}", bulkhead_chaos::report::summary(&report));
-            println!("report: {}/verdict.json, {}/timeline.svg", report_dir.display(), report_dir.display());
+            // A closed stdout (`| head`) must not turn a verdict into a panic.
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{}", bulkhead_chaos::report::summary(&report));
+            let _ =
+                writeln!(out, "report: {}/verdict.json, {}/timeline.svg", report_dir.display(), report_dir.display());
             if report.passed() {
                 ExitCode::SUCCESS
             } else {

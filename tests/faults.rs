@@ -11,10 +11,14 @@ use bulkhead_cluster::config::CapabilityPlacement;
 use bulkhead_cluster::{Capability, Timing};
 use common::{eventually, start, start_unready, start_with};
 
-/// An Idempotency-Key whose home (the orders node that must record it) is `node` in the demo map.
-fn key_homed_on(node: &str) -> String {
+/// Idempotency-Keys whose home (the orders node that records them) is `node` in the demo map.
+fn keys_homed_on(node: &str) -> impl Iterator<Item = String> + '_ {
     let map = bulkhead::topology::demo_shard_map();
-    (0..).map(|i| format!("key-{i}")).find(|k| map.node_for(Capability::Orders, k.as_bytes()) == Some(node)).unwrap()
+    (0..).map(|i| format!("key-{i}")).filter(move |k| map.node_for(Capability::Orders, k.as_bytes()) == Some(node))
+}
+
+fn key_homed_on(node: &str) -> String {
+    keys_homed_on(node).next().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,25 +40,37 @@ async fn a_panicking_payments_worker_is_restarted_and_the_next_order_succeeds() 
 async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_after_restart() {
     let mut tc = start().await;
     tc.stock("widget-1", 100, 100).await;
-    let on_n3 = tc.order(2, None, "widget-1", 1, "tok_ok").await;
+    let mut n3_keys = keys_homed_on("n3");
+    let (k_old, k_new) = (n3_keys.next().unwrap(), n3_keys.next().unwrap());
+    // Readiness says each node serves; routing also needs each to have heard the others' health.
+    eventually(Duration::from_secs(10), "both orders nodes routable from n1 and n3", || async {
+        let both = |v: serde_json::Value| v["capabilities"]["orders"]["healthy"] == serde_json::json!(["n1", "n3"]);
+        (both(tc.get(0, "/v1/cluster").await.body) && both(tc.get(2, "/v1/cluster").await.body)).then_some(())
+    })
+    .await;
+    let on_n3 = tc.order(0, Some(&k_old), "widget-1", 1, "tok_ok").await;
     assert_eq!(on_n3.status, 201, "{}", on_n3.body);
     let on_n3 = on_n3.body["order_id"].as_str().unwrap().to_string();
+    assert!(on_n3.ends_with("01"), "{on_n3} was not placed on its home n3 (index 1)");
     tc.lc.kill(2);
     eventually(Duration::from_secs(5), "n1 sees n3 down", || async {
         (tc.status_of(0, "n3").await == "down").then_some(())
     })
     .await;
 
-    // n3 also hosts orders: new orders go to n1, the other orders node.
+    // n3 also hosts orders: new orders go to n1, the other orders node, with or without a key.
     let mut ids = Vec::new();
     for _ in 0..3 {
         let r = tc.order(0, None, "widget-1", 1, "tok_ok").await;
         assert_eq!(r.status, 201, "{}", r.body);
         ids.push(r.body["order_id"].as_str().unwrap().to_string());
     }
-    // A key whose home is the dead node is refused with nothing recorded: placing it elsewhere
-    // could make a second order for one key if n3 had already taken it.
-    let r = tc.order(0, Some(&key_homed_on("n3")), "widget-1", 1, "tok_ok").await;
+    let r = tc.order(1, Some(&k_new), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "a key never seen by the dead home is placed on n1: {}", r.body);
+    let new_id = r.body["order_id"].as_str().unwrap().to_string();
+    // A key the dead node took (n1 witnessed it) is refused, nothing recorded: placing it on n1
+    // would make a second order for one key.
+    let r = tc.order(0, Some(&k_old), "widget-1", 1, "tok_ok").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.retry_after.is_some());
     // The dead node's own orders are unavailable, not lost.
@@ -67,6 +83,11 @@ async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_af
 
     tc.lc.start(2).unwrap();
     tc.lc.wait_ready(Duration::from_secs(30)).await.unwrap();
+    // Back together, each key still names its one order, wherever it was placed.
+    let r = tc.order(0, Some(&k_old), "widget-1", 1, "tok_ok").await;
+    assert_eq!((r.status, r.body["order_id"].as_str()), (201, Some(on_n3.as_str())), "{}", r.body);
+    let r = tc.order(2, Some(&k_new), "widget-1", 1, "tok_ok").await;
+    assert_eq!((r.status, r.body["order_id"].as_str()), (201, Some(new_id.as_str())), "{}", r.body);
     for id in &ids {
         eventually(Duration::from_secs(15), "shipment after restart", || async {
             let s = tc.get(0, &format!("/v1/shipments?order_id={id}")).await;

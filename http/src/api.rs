@@ -97,21 +97,10 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// The orders node for a new order: the key's home when there is an Idempotency-Key (so one key
-/// always meets one store), else this node if it hosts orders, else any routable orders member.
-fn pick_orders_node(st: &AppState, key: Option<&str>) -> Result<String, ApiError> {
+/// The orders node for a new order without an Idempotency-Key: this node if it hosts orders,
+/// else any routable orders member.
+fn pick_orders_node(st: &AppState) -> Result<String, ApiError> {
     let cluster = &st.cluster;
-    if let Some(k) = key {
-        let node = cluster
-            .owner(Capability::Orders, k.as_bytes())
-            .ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
-        if !cluster.is_routable(Capability::Orders, &node) {
-            return Err(ApiError::unavailable(format!(
-                "the orders node for this Idempotency-Key ({node}) is unreachable; nothing was recorded, retry later"
-            )));
-        }
-        return Ok(node);
-    }
     let nodes = cluster.config().capabilities.nodes(Capability::Orders);
     let me = cluster.name().to_string();
     std::iter::once(&me)
@@ -120,6 +109,61 @@ fn pick_orders_node(st: &AppState, key: Option<&str>) -> Result<String, ApiError
         .find(|n| cluster.is_routable(Capability::Orders, n))
         .cloned()
         .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
+}
+
+/// How long the front waits for a successor's witness before going on without it.
+const WITNESS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The orders node for a request with an Idempotency-Key: its home (the key hashed over the
+/// orders nodes), once the home's successor has witnessed the key; the successor when the home is
+/// down (it refuses the keys it witnessed, which the home may hold) or when it placed the key
+/// itself earlier. See `WITNESSES` in `bulkhead_actors::orders::actor` for why.
+/// The second value says whether the key is witnessed (or needs none).
+async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiError> {
+    let cluster = &st.cluster;
+    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
+    let home = cluster
+        .owner(Capability::Orders, key.as_bytes())
+        .ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
+    let successor =
+        nodes.iter().position(|n| *n == home).map(|i| nodes[(i + 1) % nodes.len()].clone()).filter(|s| *s != home);
+    let home_up = cluster.is_routable(Capability::Orders, &home);
+    let Some(succ) = successor else {
+        return if home_up {
+            Ok((home, true))
+        } else {
+            Err(ApiError::unavailable(format!(
+                "the orders node for this Idempotency-Key ({home}) is unreachable; nothing was recorded, retry later"
+            )))
+        };
+    };
+    let succ_up = cluster.is_routable(Capability::Orders, &succ);
+    if !home_up {
+        return if succ_up {
+            // The successor places keys it has not witnessed; it needs no witness itself (its own
+            // claim answers `OwnedHere` to the home's later requests).
+            Ok((succ, true))
+        } else {
+            Err(ApiError::unavailable(
+                "no orders node for this Idempotency-Key is reachable; nothing was recorded, retry later",
+            ))
+        };
+    }
+    if succ_up {
+        let req = OrdersRequest::Witness { key: key.to_string(), owner: home.clone() };
+        match cluster
+            .call_with_timeout::<_, OrdersReply>(Capability::Orders, &succ, &req, &new_traceparent(), WITNESS_TIMEOUT)
+            .await
+        {
+            Ok(OrdersReply::Witnessed) => return Ok((home, true)),
+            Ok(OrdersReply::OwnedHere) => return Ok((succ, true)),
+            Ok(other) => tracing::warn!(?other, %succ, "unexpected answer to a witness request"),
+            Err(e) => tracing::warn!(error = %e, %succ, "no witness for an Idempotency-Key; its home takes it alone"),
+        }
+    }
+    // The home takes the key alone and keeps asking the successor to witness it afterwards.
+    st.metrics.unwitnessed.fetch_add(1, Relaxed);
+    Ok((home, false))
 }
 
 fn order_response(st: &AppState, view: OrderView) -> Response {
@@ -157,16 +201,20 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
         Some(v) => Some(validate::idempotency_key(v.as_bytes())?),
         None => None,
     };
-    let node = pick_orders_node(&st, key.as_deref())?;
+    let (node, witnessed) = match key.as_deref() {
+        Some(k) => route_keyed(&st, k).await?,
+        None => (pick_orders_node(&st)?, true),
+    };
     let body_hash = stable_hash(&serde_json::to_vec(&order).unwrap_or_default());
     let wait_ms = st.cluster.config().timing.wait_budget_ms;
-    let req = OrdersRequest::Place(PlaceOrder {
+    let place = PlaceOrder {
         customer_id: order.customer_id,
         items: order.items,
         payment_token: order.payment_token,
         idempotency: key.map(|key| IdemKey { key, body_hash }),
         wait_ms,
-    });
+    };
+    let req = if witnessed { OrdersRequest::Place(place) } else { OrdersRequest::PlaceUnwitnessed(place) };
     let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
     match st
         .cluster
@@ -186,6 +234,9 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
             e.extra = Some(json!({"order_id": order_id.to_string()}));
             Err(e)
         }
+        Ok(OrdersReply::Elsewhere { owner }) => Err(ApiError::unavailable(format!(
+            "the order for this Idempotency-Key lives on {owner}, which is unreachable; nothing new was recorded, retry later"
+        ))),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_call(e)),
     }

@@ -37,6 +37,8 @@ pub struct HttpMetrics {
     pub confirmed: AtomicU64,
     pub pending: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Keyed orders whose home took the key without its successor's witness (successor down).
+    pub unwitnessed: AtomicU64,
 }
 
 /// What the handlers need.

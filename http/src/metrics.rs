@@ -36,6 +36,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
             ("{outcome=\"cancelled\"}".into(), m.cancelled.load(Relaxed)),
         ],
     );
+    line(
+        "bulkhead_orders_unwitnessed_total",
+        "keyed orders sent to their home without the successor's witness (it was unreachable)",
+        "counter",
+        vec![(String::new(), m.unwitnessed.load(Relaxed))],
+    );
     let c = st.cluster.metrics();
     line(
         "bulkhead_cluster_calls_total",

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bulkhead_cluster::wire::{child_traceparent, trace_id};
+use bulkhead_cluster::wire::{child_traceparent, new_traceparent, trace_id};
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use bulkhead_storage::{now_ms, Batch, IdemRecord, Idempotency, Record, Table};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -29,6 +29,33 @@ pub const ORDERS: Table<Uuid, OrderRecord> = Table::new(1, "orders");
 /// Index of unfinished orders: what to resume after a restart without scanning every order.
 pub const UNFINISHED: Table<Uuid, Unfinished> = Table::new(2, "unfinished");
 pub const IDEMPOTENCY: Idempotency = Idempotency::new(5, 6);
+/// Keys whose home is another orders node, witnessed here before that node took them.
+///
+/// Why: with an Idempotency-Key a request must meet the one store that may already hold the key,
+/// its home. When the home is down, its successor (the next orders node in the list) may place the
+/// order instead, but only if the home never took the key, or one key could end up as two orders
+/// (two charges). So the front asks the successor to witness every key before the home takes it;
+/// the successor then refuses (`Elsewhere`, 503) exactly the keys the dead home may hold, and
+/// places the others itself. A key the successor placed itself answers `OwnedHere` to a later
+/// witness request, so the front sends the retry there. Safe against any single fault; a key taken
+/// by its home while the successor was also unreachable is not witnessed (counted, logged).
+pub const WITNESSES: Table<String, WitnessRecord> = Table::new(8, "witnesses");
+/// Witnesses are kept as long as idempotency records.
+const WITNESS_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Keys this node took without its successor's witness, still to be witnessed there (retried
+/// every second while the successor is reachable).
+pub const UNWITNESSED: Table<String, Unfinished> = Table::new(9, "unwitnessed");
+/// Most witness requests in flight from one repair round.
+const REPAIR_BATCH: usize = 256;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WitnessRecord {
+    pub owner: String,
+    pub at_ms: u64,
+}
+impl Record for WitnessRecord {
+    const VERSION: u8 = 1;
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Unfinished {
@@ -66,6 +93,16 @@ pub enum OrdersMsg {
     /// The orders store could not flush: the worker fails, and its restart resumes from the store.
     FlushFailed(String),
     Sweep,
+    /// Time to get the keys in `UNWITNESSED` witnessed by the successor.
+    WitnessRepair,
+    /// The successor answered a repair request for `key`: `duplicate` when it had placed an order
+    /// under that key itself.
+    RepairDone {
+        key: String,
+        duplicate: bool,
+    },
+    /// A repair round ended (the next may start).
+    RepairRoundOver,
 }
 
 pub struct OrdersWorker;
@@ -76,6 +113,8 @@ pub struct OrdersState {
     sagas: HashMap<Uuid, OrderRecord>,
     waiters: HashMap<Uuid, Vec<(u64, RpcReplyPort<OrdersReply>)>>,
     next_waiter: u64,
+    /// A witness repair round is in flight (one at a time).
+    repairing: bool,
 }
 
 impl OrdersState {
@@ -129,12 +168,17 @@ impl OrdersState {
         &mut self,
         myself: &ActorRef<OrdersMsg>,
         p: PlaceOrder,
+        witnessed: bool,
         traceparent: String,
         reply: RpcReplyPort<OrdersReply>,
     ) -> Result<(), ActorProcessingErr> {
         let mut id = new_order_id(self.home_index);
         let now = now_ms();
         if let Some(ik) = &p.idempotency {
+            if let Some(w) = WITNESSES.get(&self.args.store, &ik.key)? {
+                reply_after_sync(&self.args.store, reply, OrdersReply::Elsewhere { owner: w.owner });
+                return Ok(());
+            }
             let claim = IdemRecord { body_hash: ik.body_hash, result: id.as_bytes().to_vec(), created_ms: now };
             if let Some(prev) = IDEMPOTENCY.claim(&self.args.store, &ik.key, &claim)? {
                 let prev_id = Uuid::from_slice(&prev.result).unwrap_or_default();
@@ -165,6 +209,9 @@ impl OrdersState {
         // In this order, so any prefix a crash leaves is safe: an `UNFINISHED` mark without its
         // order is dropped at start-up; an order is never written without its mark.
         let mut b = Batch::new();
+        if let (false, Some(ik)) = (witnessed, &p.idempotency) {
+            UNWITNESSED.put(&mut b, &ik.key, &Unfinished { since_ms: now });
+        }
         UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
         ORDERS.put(&mut b, &id, &order);
         self.args.store.apply_in_order(b)?;
@@ -183,6 +230,42 @@ impl OrdersState {
             Err(e) => {
                 let _ = me.cast(OrdersMsg::FlushFailed(e.to_string()));
             }
+        });
+        Ok(())
+    }
+
+    /// Asks the successor to witness the keys this node took alone, a batch per round.
+    fn repair_witnesses(&mut self, myself: &ActorRef<OrdersMsg>) -> Result<(), ActorProcessingErr> {
+        if self.repairing || UNWITNESSED.is_empty(&self.args.store) {
+            return Ok(());
+        }
+        let nodes = self.cluster().config().capabilities.nodes(Capability::Orders).to_vec();
+        let me = self.cluster().name().to_string();
+        let Some(succ) = nodes.iter().position(|n| *n == me).map(|i| nodes[(i + 1) % nodes.len()].clone()) else {
+            return Ok(());
+        };
+        if succ == me || !self.cluster().is_routable(Capability::Orders, &succ) {
+            return Ok(());
+        }
+        let mut keys = Vec::new();
+        for item in UNWITNESSED.iter(&self.args.store).take(REPAIR_BATCH) {
+            keys.push(item?.0);
+        }
+        self.repairing = true;
+        let (cluster, me_ref) = (self.cluster().clone(), myself.clone());
+        tokio::spawn(async move {
+            for key in keys {
+                let req = OrdersRequest::Witness { key: key.clone(), owner: me.clone() };
+                let duplicate =
+                    match cluster.call::<_, OrdersReply>(Capability::Orders, &succ, &req, &new_traceparent()).await {
+                        Ok(OrdersReply::Witnessed) => false,
+                        Ok(OrdersReply::OwnedHere) => true,
+                        // Unreachable again, or an odd answer: the next round tries again.
+                        _ => break,
+                    };
+                let _ = me_ref.cast(OrdersMsg::RepairDone { key, duplicate });
+            }
+            let _ = me_ref.cast(OrdersMsg::RepairRoundOver);
         });
         Ok(())
     }
@@ -324,8 +407,14 @@ impl Actor for OrdersWorker {
             .capabilities
             .orders_index(args.cluster.name())
             .ok_or("this node hosts orders but is not in [capabilities.orders] nodes")?;
-        let mut state =
-            OrdersState { args, home_index, sagas: HashMap::new(), waiters: HashMap::new(), next_waiter: 0 };
+        let mut state = OrdersState {
+            args,
+            home_index,
+            sagas: HashMap::new(),
+            waiters: HashMap::new(),
+            next_waiter: 0,
+            repairing: false,
+        };
         // Resume every saga that was in flight when the node (or this worker) stopped.
         let ids: Vec<Uuid> =
             UNFINISHED.iter(&state.args.store).map(|r| r.map(|(id, _)| id)).collect::<Result<_, _>>()?;
@@ -348,6 +437,7 @@ impl Actor for OrdersWorker {
             let _ = myself.cast(OrdersMsg::Saga { order_id: id, event: Event::Resume });
         }
         myself.send_interval(Duration::from_secs(600), || OrdersMsg::Sweep);
+        myself.send_interval(Duration::from_secs(1), || OrdersMsg::WitnessRepair);
         Ok(state)
     }
 
@@ -359,8 +449,23 @@ impl Actor for OrdersWorker {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OrdersMsg::Request(Inbound { req, reply, traceparent }) => match req {
-                OrdersRequest::Place(p) => state.place(&myself, p, traceparent, reply)?,
+                OrdersRequest::Place(p) => state.place(&myself, p, true, traceparent, reply)?,
+                OrdersRequest::PlaceUnwitnessed(p) => state.place(&myself, p, false, traceparent, reply)?,
                 OrdersRequest::Get { order_id } => state.answer_existing(&myself, order_id, None, reply)?,
+                OrdersRequest::Witness { key, owner } => {
+                    let store = &state.args.store;
+                    let answer = if IDEMPOTENCY.get(store, &key)?.is_some() {
+                        OrdersReply::OwnedHere
+                    } else {
+                        if WITNESSES.get(store, &key)?.is_none() {
+                            let mut b = Batch::new();
+                            WITNESSES.put(&mut b, &key, &WitnessRecord { owner, at_ms: now_ms() });
+                            store.apply_in_order(b)?;
+                        }
+                        OrdersReply::Witnessed
+                    };
+                    reply_after_sync(store, reply, answer);
+                }
                 OrdersRequest::InjectPanic => {
                     if state.args.fault_injection {
                         panic!("fault injection: orders worker panics on request");
@@ -381,10 +486,36 @@ impl Actor for OrdersWorker {
                 }
             }
             OrdersMsg::FlushFailed(why) => return Err(format!("orders store flush failed: {why}").into()),
+            OrdersMsg::WitnessRepair => state.repair_witnesses(&myself)?,
+            OrdersMsg::RepairRoundOver => state.repairing = false,
+            OrdersMsg::RepairDone { key, duplicate } => {
+                if duplicate {
+                    // Both this node and its successor placed an order under one key (each thought
+                    // the other down: a partition, or two faults in a row). Not undone here.
+                    tracing::error!(%key, "duplicate: the successor also placed an order under this Idempotency-Key");
+                }
+                let mut b = Batch::new();
+                UNWITNESSED.remove(&mut b, &key);
+                state.args.store.apply_in_order(b)?;
+            }
             OrdersMsg::Sweep => {
                 let n = IDEMPOTENCY.sweep(&state.args.store, now_ms())?;
                 if n > 0 {
                     tracing::info!(removed = n, "swept expired idempotency records");
+                }
+                let cutoff = now_ms().saturating_sub(WITNESS_TTL_MS);
+                let mut b = Batch::new();
+                let mut n = 0;
+                for item in WITNESSES.iter(&state.args.store) {
+                    let (key, w) = item?;
+                    if w.at_ms < cutoff {
+                        WITNESSES.remove(&mut b, &key);
+                        n += 1;
+                    }
+                }
+                if n > 0 {
+                    state.args.store.apply_in_order(b)?;
+                    tracing::info!(removed = n, "swept expired witnesses");
                 }
             }
         }

@@ -54,8 +54,19 @@ pub struct OrderView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrdersRequest {
     Place(PlaceOrder),
-    Get { order_id: Uuid },
+    Get {
+        order_id: Uuid,
+    },
     InjectPanic,
+    /// Sent to a key's successor before its home `owner` takes the key: "if `owner` is down and
+    /// this key comes to you, it is `owner`'s, do not place it yourself" (see `orders::actor`).
+    Witness {
+        key: String,
+        owner: String,
+    },
+    /// A `Place` whose key the successor could not witness (unreachable): the home takes it and
+    /// keeps trying to get it witnessed afterwards.
+    PlaceUnwitnessed(PlaceOrder),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +78,15 @@ pub enum OrdersReply {
         order_id: Uuid,
     },
     Refused(String),
+    /// The witness is recorded (durably).
+    Witnessed,
+    /// This node placed an order under that key itself (while its home was down): send the
+    /// request here, not to the home.
+    OwnedHere,
+    /// This node witnessed the key for its home `owner`: the order, if any, lives there.
+    Elsewhere {
+        owner: String,
+    },
 }
 
 impl Record for OrdersRequest {

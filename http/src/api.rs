@@ -16,7 +16,7 @@ use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::wire::new_traceparent;
-use bulkhead_cluster::{Capability, Status};
+use bulkhead_cluster::{BreakerState, Capability, Status};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -306,11 +306,27 @@ pub fn cluster_json(st: &AppState) -> Value {
     // `NodeView` serialises to exactly the API's node object (`reason` only when there is one).
     let nodes: Vec<&NodeView> = view.values().collect();
     let mut caps = serde_json::Map::new();
+    let breakers = st.cluster.breaker_states();
     for cap in Capability::ALL {
         let members = st.cluster.config().capabilities.nodes(cap).to_vec();
         let healthy: Vec<&String> = members.iter().filter(|m| st.cluster.is_routable(cap, m)).collect();
-        // Breakers arrive with the fault-isolation work; until then a call is always attempted.
-        caps.insert(cap.to_string(), json!({"members": members, "healthy": healthy, "breaker": "closed"}));
+        // Per member as this node's call path sees it; a member never called is closed.
+        let per_member: serde_json::Map<String, Value> = members
+            .iter()
+            .map(|m| {
+                let state = breakers.get(&(cap, m.clone())).copied().unwrap_or(BreakerState::Closed);
+                (m.clone(), json!(state.as_str()))
+            })
+            .collect();
+        let worst = members
+            .iter()
+            .filter_map(|m| breakers.get(&(cap, m.clone())).copied())
+            .max()
+            .unwrap_or(BreakerState::Closed);
+        caps.insert(
+            cap.to_string(),
+            json!({"members": members, "healthy": healthy, "breaker": worst.as_str(), "breakers": per_member}),
+        );
     }
     json!({"node": st.cluster.name(), "nodes": nodes, "capabilities": caps})
 }

@@ -62,6 +62,24 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         vec![(String::new(), c.refused_peers.load(Relaxed))],
     );
     line(
+        "bulkhead_breaker_rejected_calls_total",
+        "cross-node calls failed fast because the member's circuit breaker was open",
+        "counter",
+        vec![(String::new(), c.breaker_rejections.load(Relaxed))],
+    );
+    let breakers = st
+        .cluster
+        .breaker_states()
+        .into_iter()
+        .map(|((cap, node), state)| (format!("{{capability=\"{cap}\",node=\"{node}\"}}"), state.gauge()))
+        .collect();
+    line(
+        "bulkhead_breaker_state",
+        "circuit breaker per (capability, member) called from here: 0 closed, 1 half-open, 2 open",
+        "gauge",
+        breakers,
+    );
+    line(
         "bulkhead_wire_undecodable_total",
         "cluster messages that could not be decoded",
         "counter",

@@ -180,6 +180,26 @@ impl Default for Timing {
     }
 }
 
+/// Load-shedding bounds: past them a request is refused at once (429/503 + `Retry-After`) instead
+/// of queueing without limit in an unbounded ractor mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// `POST /v1/orders` requests this node's HTTP front handles at once; one more is answered 429.
+    pub orders_in_flight: usize,
+    /// Requests one capability gateway has handed to its local worker and not yet answered; one
+    /// more is refused as unavailable (HTTP 503; the saga and the outbox retry later).
+    pub gateway_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // Orders: a few times the concurrency at which the benchmarks saturate a 2-core node.
+        // Gateway: room for the orders fronts of several nodes plus the saga and relay traffic.
+        Self { orders_in_flight: 1024, gateway_in_flight: 4096 }
+    }
+}
+
 /// One node's configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +235,8 @@ pub struct NodeConfig {
     pub fault_injection: bool,
     #[serde(default)]
     pub timing: Timing,
+    #[serde(default)]
+    pub limits: Limits,
     /// The shard map: `[capabilities.inventory] nodes = ["n1", "n2"]`.
     pub capabilities: ShardMap,
 }
@@ -274,6 +296,9 @@ impl NodeConfig {
         }
         if t.call_timeout_ms == 0 || t.wait_budget_ms == 0 || t.reservation_ttl_ms == 0 {
             return Err("timing: call_timeout_ms, wait_budget_ms and reservation_ttl_ms must be > 0".into());
+        }
+        if self.limits.orders_in_flight == 0 || self.limits.gateway_in_flight == 0 {
+            return Err("limits: orders_in_flight and gateway_in_flight must be > 0".into());
         }
         Ok(())
     }

@@ -37,6 +37,8 @@ pub struct HttpMetrics {
     pub confirmed: AtomicU64,
     pub pending: AtomicU64,
     pub cancelled: AtomicU64,
+    /// `POST /v1/orders` refused with 429 because `limits.orders_in_flight` were already running.
+    pub shed: AtomicU64,
 }
 
 /// What the handlers need.
@@ -47,6 +49,8 @@ pub struct AppState {
     pub stores: Arc<BTreeMap<Capability, Store>>,
     pub fault_injection: bool,
     pub metrics: Arc<HttpMetrics>,
+    /// One permit per `POST /v1/orders` being handled (`limits.orders_in_flight`).
+    pub orders_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -36,6 +36,19 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
             ("{outcome=\"cancelled\"}".into(), m.cancelled.load(Relaxed)),
         ],
     );
+    line(
+        "bulkhead_orders_shed_total",
+        "POST /v1/orders refused with 429 because limits.orders_in_flight were already running",
+        "counter",
+        vec![(String::new(), m.shed.load(Relaxed))],
+    );
+    let limit = st.cluster.config().limits.orders_in_flight;
+    line(
+        "bulkhead_orders_in_flight",
+        "POST /v1/orders being handled by this node now (429 at limits.orders_in_flight)",
+        "gauge",
+        vec![(String::new(), limit.saturating_sub(st.orders_in_flight.available_permits()) as u64)],
+    );
     let c = st.cluster.metrics();
     line(
         "bulkhead_cluster_calls_total",
@@ -66,6 +79,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "cross-node calls failed fast because the member's circuit breaker was open",
         "counter",
         vec![(String::new(), c.breaker_rejections.load(Relaxed))],
+    );
+    line(
+        "bulkhead_gateway_shed_total",
+        "requests a capability gateway on this node refused because limits.gateway_in_flight were unanswered",
+        "counter",
+        vec![(String::new(), bulkhead_cluster::gateway::GATEWAY_SHED.load(Relaxed))],
     );
     let breakers = st
         .cluster

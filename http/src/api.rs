@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
-use bulkhead_actors::orders::{home_of, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+use bulkhead_actors::orders::{
+    home_of, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+};
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
@@ -304,6 +306,60 @@ pub async fn list_shipments(State(st): State<AppState>, Query(q): Query<ByOrder>
 
 pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     list_deliveries(&st, Capability::Notifications, &q, "notifications").await
+}
+
+fn dead_letter_json(node: &str, d: &DeadLetter) -> Value {
+    json!({
+        "order_id": d.order_id.to_string(), "event_id": d.event_id.to_string(), "event": d.event,
+        "destination": d.destination, "attempts": d.attempts, "last_error": d.last_error,
+        "at": rfc3339(d.at_ms), "node": node,
+    })
+}
+
+/// `GET /v1/dead-letters[?order_id=]`: what the outbox relays gave up on. With an order id, only
+/// its home orders node is asked; without, every orders node at once, and the answer lists what the
+/// reachable ones hold plus the nodes that could not be asked (503 only if none answered).
+pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+    let order_id = q.order_id.as_deref().map(parse_order_id).transpose()?;
+    let nodes: Vec<String> =
+        match order_id {
+            Some(id) => vec![home_of(&st.cluster, &id)
+                .ok_or_else(|| ApiError::not_found("no orders node is the home of this id"))?],
+            None => st.cluster.config().capabilities.nodes(Capability::Orders).to_vec(),
+        };
+    let mut calls = tokio::task::JoinSet::new();
+    for node in nodes {
+        let cluster = st.cluster.clone();
+        calls.spawn(async move {
+            let req = OrdersRequest::DeadLetters { order_id };
+            let r = cluster.call::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent()).await;
+            (node, r)
+        });
+    }
+    let (mut list, mut unreachable, mut answered) = (Vec::new(), Vec::new(), 0usize);
+    while let Some(joined) = calls.join_next().await {
+        let Ok((node, r)) = joined else { continue };
+        match r {
+            Ok(OrdersReply::DeadLetters(ds)) => {
+                answered += 1;
+                list.extend(ds.iter().map(|d| (d.order_id, d.at_ms, dead_letter_json(&node, d))));
+            }
+            Ok(other) => {
+                tracing::warn!(?other, %node, "unexpected reply listing dead letters");
+                unreachable.push(json!({"node": node, "error": "unexpected reply"}));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %node, "cannot list dead letters");
+                unreachable.push(json!({"node": node, "error": e.to_string()}));
+            }
+        }
+    }
+    if answered == 0 {
+        return Err(ApiError::unavailable("no orders node answered; retry later"));
+    }
+    list.sort_by_key(|(order, at, _)| (*order, *at));
+    let list: Vec<Value> = list.into_iter().map(|(_, _, v)| v).collect();
+    Ok(Json(json!({"dead_letters": list, "unreachable": unreachable})).into_response())
 }
 
 /// `GET /v1/cluster`: every node as this node sees it, and per capability who serves it.

@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/payments", get(api::list_payments))
         .route("/v1/shipments", get(api::list_shipments))
         .route("/v1/notifications", get(api::list_notifications))
+        .route("/v1/dead-letters", get(api::list_dead_letters))
         .route("/v1/cluster", get(api::cluster))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))

@@ -230,7 +230,8 @@ pub struct NodeConfig {
     /// `fsync` (default) or `flush`.
     #[serde(default)]
     pub durability: bulkhead_storage::Durability,
-    /// Enables `POST /admin/panic/{capability}`; never on in production.
+    /// Enables `POST /admin/panic/{capability}` and the poison customers (`poison-shipping…`,
+    /// `poison-notifications…`) the consumers fail on; never on in production.
     #[serde(default)]
     pub fault_injection: bool,
     #[serde(default)]

@@ -1,5 +1,6 @@
 //! Handlers of API v1. Each one validates, resolves which node owns the request (shard map), makes
-//! one timed cluster call, and maps the answer to HTTP. None of them touches a store directly.
+//! one timed cluster call (`/v1/dead-letters` without an order id: one per orders node, at once), and
+//! maps the answer to HTTP. None of them touches a store directly.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;

@@ -338,6 +338,26 @@ impl NodeConfig {
 
 #[cfg(test)]
 mod tests {
+
+    /// The example configs in deploy/ parse with every key they document (unknown keys are refused).
+    #[test]
+    fn the_deploy_examples_parse_and_validate() {
+        for text in [
+            include_str!("../../deploy/n1.toml"),
+            include_str!("../../deploy/n2.toml"),
+            include_str!("../../deploy/n3.toml"),
+        ] {
+            let mut cfg: NodeConfig = toml::from_str(text).unwrap();
+            cfg.cookie = Some("c".into());
+            cfg.cookie_file = None;
+            cfg.validate().unwrap();
+            assert_eq!(cfg.limits, Limits::default());
+            assert_eq!(cfg.timing, Timing::default());
+            cfg.limits.orders_in_flight = 0;
+            assert!(cfg.validate().unwrap_err().contains("limits"));
+        }
+    }
+
     use super::*;
 
     const SAMPLE: &str = r#"

@@ -41,6 +41,10 @@ async fn orders_past_the_in_flight_bound_are_answered_429_with_retry_after() {
 
     let r = tc.order(0, None, "shed-1", 1, "tok_ok").await;
     assert_eq!(r.status, 429, "{}", r.body);
+    // Shedding is not a failure of the member: its breaker stays closed.
+    let v = tc.get(0, "/v1/cluster").await.body;
+    assert_eq!(v["capabilities"]["orders"]["breaker"], "closed", "{v}");
+    assert_eq!(v["capabilities"]["orders"]["breakers"]["n1"], "closed", "{v}");
     assert_eq!(r.retry_after.as_deref(), Some("1"));
     assert_eq!(r.body["error"], "overloaded", "{}", r.body);
     assert!(r.body["message"].as_str().is_some_and(|m| m.contains("nothing was recorded")));
@@ -115,4 +119,6 @@ async fn a_poison_event_ends_in_the_dead_letters_and_does_not_block_its_destinat
     assert_eq!(none.body["dead_letters"].as_array().map(Vec::len), Some(0), "{}", none.body);
     let bad = tc.get(0, "/v1/dead-letters?order_id=nope").await;
     assert_eq!(bad.status, 400);
+    let text = tc.http.get(format!("{}/metrics", tc.url(0))).send().await.expect("metrics").text().await.expect("text");
+    assert_eq!(sample(&text, "bulkhead_dead_letters_total"), Some(1), "{text}");
 }

@@ -5,7 +5,8 @@
 //! jitter the caller passes in); half-open admits exactly one probe: its success closes the breaker,
 //! its failure opens it again with a longer cool-down. Outcomes of calls admitted before the breaker
 //! opened carry no vote once it is open or half-open: only the probe decides, so a burst of late
-//! answers from the old state cannot flap it.
+//! answers from the old state cannot flap it. Likewise, once closed again (probe or reset), only
+//! calls admitted since then count.
 //!
 //! A probe whose outcome is never reported (its caller was dropped) would wedge the breaker
 //! half-open; [`Breaker::abandon`] releases it, and a probe older than [`BreakerConfig::probe_lease_ms`]
@@ -161,7 +162,7 @@ impl Breaker {
     /// The call admitted with `t` succeeded.
     pub fn on_success(&mut self, t: Ticket) {
         match self.phase {
-            Phase::Closed { .. } => self.phase = Phase::Closed { failures: 0 },
+            Phase::Closed { .. } if t.epoch == self.epoch => self.phase = Phase::Closed { failures: 0 },
             _ if self.is_current_probe(t) => self.close(),
             // A late answer from before the trip: only the probe decides.
             _ => {}
@@ -172,7 +173,9 @@ impl Breaker {
     /// between half and all of it.
     pub fn on_failure(&mut self, t: Ticket, now_ms: u64, jitter: f64) {
         match self.phase {
-            Phase::Closed { failures } => {
+            // Only calls admitted since the breaker (re)closed vote: a reset must not be undone by
+            // the failures of calls sent before it.
+            Phase::Closed { failures } if t.epoch == self.epoch => {
                 let failures = failures + 1;
                 if failures >= self.config.failure_threshold {
                     self.open(now_ms, jitter);
@@ -316,6 +319,17 @@ mod tests {
         b.on_failure(probe2, 5_200, 1.0); // stale: ignored
         b.on_success(probe3);
         assert_eq!(b.state(5_200), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failures_of_calls_sent_before_a_reset_do_not_count() {
+        let mut b = Breaker::new(cfg());
+        let stale: Vec<Ticket> = (0..5).map(|_| call(&mut b, 0)).collect();
+        b.reset();
+        for t in stale {
+            b.on_failure(t, 0, 1.0);
+        }
+        assert_eq!(b.state(0), BreakerState::Closed);
     }
 
     #[test]

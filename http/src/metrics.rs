@@ -86,6 +86,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "counter",
         vec![(String::new(), bulkhead_cluster::gateway::GATEWAY_SHED.load(Relaxed))],
     );
+    line(
+        "bulkhead_dead_letters_total",
+        "outbox entries this node's relay moved to the dead letters since it started",
+        "counter",
+        vec![(String::new(), bulkhead_actors::orders::DEAD_LETTERED.load(Relaxed))],
+    );
     let breakers = st
         .cluster
         .breaker_states()

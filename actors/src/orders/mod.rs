@@ -18,5 +18,5 @@ pub mod protocol;
 pub mod saga;
 
 pub use actor::{home_of, new_order_id, OrdersMsg, OrdersWorker};
-pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
+pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};

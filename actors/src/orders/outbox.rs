@@ -42,6 +42,8 @@ pub const OUTBOX: Table<(Uuid, u64), OutboxEntry> = Table::new(3, "outbox");
 pub const DEAD_LETTERS: Table<(Uuid, u64), DeadLetterRecord> = Table::new(7, "dead_letters");
 /// Failure answers in a row after which an entry becomes a dead letter.
 pub const DEAD_LETTER_AFTER: u32 = 5;
+/// Entries this process moved to the dead letters since it started (for `/metrics`).
+pub static DEAD_LETTERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Most dead letters one node lists in one answer (keeps the reply small; oldest orders first).
 pub const MAX_DEAD_LETTERS_LISTED: usize = 1000;
 const ROUND_SIZE: usize = 512;
@@ -279,6 +281,7 @@ impl RelayState {
         }
         self.refusals.remove(&key);
         if let Some(letter) = move_to_dead_letters(&self.store, key, &entry, attempts, why)? {
+            DEAD_LETTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(
                 order_id = %letter.order_id, destination = %letter.destination, event = %letter.event, attempts,
                 error = %letter.last_error, "outbox entry moved to the dead letters"

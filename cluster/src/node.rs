@@ -358,6 +358,17 @@ impl Cluster {
         }
     }
 
+    /// The state of the breaker of (`cap`, `node`); closed if never called.
+    pub fn breaker_state(&self, cap: Capability, node: &str) -> BreakerState {
+        let now = self.now_ms();
+        self.inner
+            .breakers
+            .lock()
+            .ok()
+            .and_then(|b| b.get(&(cap, node.to_string())).map(|br| br.state(now)))
+            .unwrap_or(BreakerState::Closed)
+    }
+
     /// The state of every breaker this node has, by (capability, member); a pair never called is closed.
     pub fn breaker_states(&self) -> BTreeMap<(Capability, String), BreakerState> {
         let now = self.now_ms();

@@ -101,7 +101,8 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The orders node for a new order: the key's home when there is an Idempotency-Key (so one key
-/// always meets one store), else this node if it hosts orders, else any routable orders member.
+/// always meets one store), else this node if it hosts orders, else any routable orders member,
+/// preferring one whose circuit breaker is not open.
 fn pick_orders_node(st: &AppState, key: Option<&str>) -> Result<String, ApiError> {
     let cluster = &st.cluster;
     if let Some(k) = key {
@@ -117,11 +118,17 @@ fn pick_orders_node(st: &AppState, key: Option<&str>) -> Result<String, ApiError
     }
     let nodes = cluster.config().capabilities.nodes(Capability::Orders);
     let me = cluster.name().to_string();
-    std::iter::once(&me)
+    let candidates: Vec<&String> = std::iter::once(&me)
         .filter(|n| nodes.contains(n))
         .chain(nodes.iter())
-        .find(|n| cluster.is_routable(Capability::Orders, n))
-        .cloned()
+        .filter(|n| cluster.is_routable(Capability::Orders, n))
+        .collect();
+    // Prefer a member whose breaker is not open (the call would fail fast); else let the call say so.
+    candidates
+        .iter()
+        .find(|n| cluster.breaker_state(Capability::Orders, n) != BreakerState::Open)
+        .or(candidates.first())
+        .map(|n| n.to_string())
         .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
 }
 

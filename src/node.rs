@@ -29,6 +29,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         stores: Arc::new(caps.stores.clone()),
         fault_injection: cfg.fault_injection,
         metrics: Arc::new(HttpMetrics::default()),
+        orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
     };
     let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state))
         .await

@@ -81,6 +81,7 @@ pub fn cluster_configs(
             durability: Default::default(),
             fault_injection,
             timing: timing.clone(),
+            limits: Default::default(),
             capabilities: map.clone(),
         })
         .collect()

@@ -74,11 +74,13 @@ where
     let node = cluster.name().to_string();
     // Workers answer promptly or not at all; a slow charge is the longest legitimate wait.
     let worker_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms.max(1_000) * 3);
+    let max_in_flight = cluster.config().limits.gateway_in_flight;
     ChildSpec::new(format!("bulkhead.{cap}.gateway"), Gateway::<Req, Resp, M>::default, move || GatewayArgs {
         capability: cap,
         node: node.clone(),
         wrap,
         worker_timeout,
+        max_in_flight,
     })
 }
 

@@ -69,6 +69,7 @@ async fn local_gateway() -> ActorRef<WireMsg> {
         node: "b".into(),
         wrap: EchoMsg::<Reserve, Reserved>::Req,
         worker_timeout: Duration::from_secs(5),
+        max_in_flight: 1024,
     };
     Actor::spawn(None, Gateway::<Reserve, Reserved, EchoMsg<Reserve, Reserved>>::default(), args)
         .await

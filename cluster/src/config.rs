@@ -180,6 +180,26 @@ impl Default for Timing {
     }
 }
 
+/// Load-shedding bounds: past them a request is refused at once (429/503 + `Retry-After`) instead
+/// of queueing without limit in an unbounded ractor mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// `POST /v1/orders` requests this node's HTTP front handles at once; one more is answered 429.
+    pub orders_in_flight: usize,
+    /// Requests one capability gateway has handed to its local worker and not yet answered; one
+    /// more is refused as unavailable (HTTP 503; the saga and the outbox retry later).
+    pub gateway_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // Orders: a few times the concurrency at which the benchmarks saturate a 2-core node.
+        // Gateway: room for the orders fronts of several nodes plus the saga and relay traffic.
+        Self { orders_in_flight: 1024, gateway_in_flight: 4096 }
+    }
+}
+
 /// One node's configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,11 +230,14 @@ pub struct NodeConfig {
     /// `fsync` (default) or `flush`.
     #[serde(default)]
     pub durability: bulkhead_storage::Durability,
-    /// Enables `POST /admin/panic/{capability}`; never on in production.
+    /// Enables `POST /admin/panic/{capability}` and the poison customers (`poison-shipping…`,
+    /// `poison-notifications…`) the consumers fail on; never on in production.
     #[serde(default)]
     pub fault_injection: bool,
     #[serde(default)]
     pub timing: Timing,
+    #[serde(default)]
+    pub limits: Limits,
     /// The shard map: `[capabilities.inventory] nodes = ["n1", "n2"]`.
     pub capabilities: ShardMap,
 }
@@ -275,6 +298,9 @@ impl NodeConfig {
         if t.call_timeout_ms == 0 || t.wait_budget_ms == 0 || t.reservation_ttl_ms == 0 {
             return Err("timing: call_timeout_ms, wait_budget_ms and reservation_ttl_ms must be > 0".into());
         }
+        if self.limits.orders_in_flight == 0 || self.limits.gateway_in_flight == 0 {
+            return Err("limits: orders_in_flight and gateway_in_flight must be > 0".into());
+        }
         Ok(())
     }
 
@@ -312,6 +338,26 @@ impl NodeConfig {
 
 #[cfg(test)]
 mod tests {
+
+    /// The example configs in deploy/ parse with every key they document (unknown keys are refused).
+    #[test]
+    fn the_deploy_examples_parse_and_validate() {
+        for text in [
+            include_str!("../../deploy/n1.toml"),
+            include_str!("../../deploy/n2.toml"),
+            include_str!("../../deploy/n3.toml"),
+        ] {
+            let mut cfg: NodeConfig = toml::from_str(text).unwrap();
+            cfg.cookie = Some("c".into());
+            cfg.cookie_file = None;
+            cfg.validate().unwrap();
+            assert_eq!(cfg.limits, Limits::default());
+            assert_eq!(cfg.timing, Timing::default());
+            cfg.limits.orders_in_flight = 0;
+            assert!(cfg.validate().unwrap_err().contains("limits"));
+        }
+    }
+
     use super::*;
 
     const SAMPLE: &str = r#"

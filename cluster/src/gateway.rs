@@ -5,8 +5,15 @@
 //! name on every request, so a restarted worker is picked up at once). The worker's answer is sealed
 //! back into the caller's reply port. Only this actor's message type crosses nodes; workers keep
 //! local-only message types, so no stub of them is created on peers.
+//!
+//! Load shedding: the worker's mailbox is unbounded, so the gateway bounds it instead. It counts the
+//! requests it handed over and that are not answered yet; at `max_in_flight` it refuses the next one
+//! at once with an `unavailable: ` rejection (nothing handed over, so nothing applied; HTTP 503 +
+//! `Retry-After`, the saga and the relay retry later) rather than letting the queue grow.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_storage::{encode, Record};
@@ -19,6 +26,9 @@ use crate::wire::{child_traceparent, open, seal, WireMsg, WireReply};
 pub const LOST: &str = "lost: ";
 /// Prefix of a rejection sent before the request reached the worker (it was not applied).
 pub const UNAVAILABLE: &str = "unavailable: ";
+
+/// Requests refused by any gateway of this process because its worker had `max_in_flight` unanswered.
+pub static GATEWAY_SHED: AtomicU64 = AtomicU64::new(0);
 
 /// The process group of `capability`'s gateway on `node`.
 pub fn group_name(capability: Capability, node: &str) -> String {
@@ -57,10 +67,22 @@ pub struct GatewayArgs<Req, Resp, M> {
     pub wrap: fn(Inbound<Req, Resp>) -> M,
     /// Longest a worker may take before the caller is told so (callers time out sooner anyway).
     pub worker_timeout: Duration,
+    /// Requests handed to the worker and not answered yet above which new ones are refused.
+    pub max_in_flight: usize,
 }
 
 pub struct GatewayState<Req, Resp, M> {
     args: GatewayArgs<Req, Resp, M>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// One handed-over request; dropping it (answer sent, or the waiting task gone) frees its slot.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn reject(port: RpcReplyPort<Vec<u8>>, traceparent: &str, reason: String) {
@@ -83,7 +105,7 @@ where
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(group_name(args.capability, &args.node), vec![myself.get_cell()]);
-        Ok(GatewayState { args })
+        Ok(GatewayState { args, in_flight: Arc::new(AtomicUsize::new(0)) })
     }
 
     async fn handle(
@@ -110,14 +132,29 @@ where
                     reject(port, &tp, format!("{UNAVAILABLE}the {cap} worker is restarting"));
                     return Ok(());
                 };
+                // Only this actor increments, one message at a time, so load-then-add cannot overshoot.
+                let queued = state.in_flight.load(Ordering::Relaxed);
+                if queued >= state.args.max_in_flight {
+                    GATEWAY_SHED.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(capability = %cap, queued, "gateway full; request shed");
+                    reject(
+                        port,
+                        &tp,
+                        format!("{UNAVAILABLE}the {cap} worker has {queued} requests queued; shedding load"),
+                    );
+                    return Ok(());
+                }
                 let (tx, rx) = ractor::concurrency::oneshot();
                 let inbound = Inbound { req, traceparent: tp.clone(), reply: tx.into() };
                 if worker.cast((state.args.wrap)(inbound)).is_err() {
                     reject(port, &tp, format!("{UNAVAILABLE}the {cap} worker is stopping"));
                     return Ok(());
                 }
+                state.in_flight.fetch_add(1, Ordering::Relaxed);
+                let slot = Slot(state.in_flight.clone());
                 let timeout = state.args.worker_timeout;
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(timeout, rx).await {
                         Ok(Ok(resp)) => {
                             let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));

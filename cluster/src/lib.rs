@@ -7,6 +7,7 @@
 //! - [`gateway`]: the one remotable actor per capability per node; workers stay local-only.
 //! - [`link`]: the TCP links this node accepts and dials, behind a switch that can cut them all.
 //! - [`call`]: the one call path, always with a timeout, and its error type.
+//! - [`breaker`]: a pure circuit breaker per (capability, member), consulted by [`Cluster::call`].
 //!
 //! Caveats:
 //! - Discovery is by process group per (capability, node); ractor's pg membership is not re-gossiped,
@@ -17,6 +18,7 @@
 //! - Ticks from remote peers are accepted by [`membership::MembershipMsg`] (the type must be remotable
 //!   for heartbeats); a tick only makes the node look at its own clock, so it is harmless.
 
+pub mod breaker;
 pub mod call;
 pub mod config;
 pub mod detector;
@@ -26,8 +28,9 @@ pub mod membership;
 pub mod node;
 pub mod wire;
 
+pub use breaker::BreakerState;
 pub use call::CallError;
-pub use config::{Capability, NodeConfig, ShardMap, Timing};
+pub use config::{Capability, Limits, NodeConfig, ShardMap, Timing};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster};

@@ -205,7 +205,14 @@ impl MembershipState {
 
     fn apply(&mut self, t: Transition) {
         match t.to {
-            Status::Up => tracing::info!(node = %t.node, from = ?t.from, silent_ms = t.silent_ms, "peer up"),
+            Status::Up => {
+                tracing::info!(node = %t.node, from = ?t.from, silent_ms = t.silent_ms, "peer up");
+                // Back from down (a restart, a resume, a healed link): what tripped its breakers is
+                // history, and the detector is the better judge of liveness.
+                if t.from == Some(Status::Down) {
+                    self.cluster.reset_breakers(&t.node);
+                }
+            }
             Status::Suspect => tracing::warn!(node = %t.node, silent_ms = t.silent_ms, "peer suspect"),
             Status::Down => {
                 tracing::warn!(node = %t.node, silent_ms = t.silent_ms, "peer down; closing its session");

@@ -17,6 +17,7 @@ use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use serde::Serialize;
 
+use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState, Ticket};
 use crate::call::{call, CallError};
 use crate::config::{Capability, NodeConfig};
 use crate::detector::Status;
@@ -33,6 +34,8 @@ pub struct ClusterMetrics {
     pub downs: AtomicU64,
     pub refused_peers: AtomicU64,
     pub dials: AtomicU64,
+    /// Calls failed fast because the (capability, member) breaker was open.
+    pub breaker_rejections: AtomicU64,
 }
 
 /// Whether a local capability is serving.
@@ -57,6 +60,8 @@ struct Inner {
     health: RwLock<BTreeMap<Capability, CapHealth>>,
     metrics: ClusterMetrics,
     link_faults: Arc<LinkFaults>,
+    /// One breaker per (capability, member) this node has called.
+    breakers: Mutex<BTreeMap<(Capability, String), Breaker>>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -162,6 +167,7 @@ impl Cluster {
             health: RwLock::new(BTreeMap::new()),
             metrics: ClusterMetrics::default(),
             link_faults: Arc::new(LinkFaults::default()),
+            breakers: Mutex::new(BTreeMap::new()),
             shutdown,
         });
         let cluster = Cluster { inner };
@@ -326,6 +332,71 @@ impl Cluster {
             .unwrap_or(false)
     }
 
+    // ----- circuit breakers -----
+
+    /// Asks the breaker of (`cap`, `node`) whether a call may go now.
+    fn admit(&self, cap: Capability, node: &str) -> Result<Ticket, CallError> {
+        let now = self.now_ms();
+        let admit = match self.inner.breakers.lock() {
+            Ok(mut b) => {
+                b.entry((cap, node.to_string())).or_insert_with(|| Breaker::new(BreakerConfig::default())).admit(now)
+            }
+            // A poisoned lock must not stop calls: the breaker is advice, the timeout is the guard.
+            Err(_) => return Ok(Breaker::new(BreakerConfig::default()).admit(now).ticket()),
+        };
+        match admit {
+            Admit::Call(t) => Ok(t),
+            Admit::Reject { retry_in_ms } => {
+                self.inner.metrics.breaker_rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(CallError::Unreachable {
+                    capability: cap,
+                    node: node.to_string(),
+                    reason: format!("circuit breaker open after repeated failures; next try in {retry_in_ms} ms"),
+                })
+            }
+        }
+    }
+
+    fn with_breaker(&self, cap: Capability, node: &str, f: impl FnOnce(&mut Breaker)) {
+        if let Ok(mut b) = self.inner.breakers.lock() {
+            if let Some(b) = b.get_mut(&(cap, node.to_string())) {
+                f(b);
+            }
+        }
+    }
+
+    /// Closes every breaker of `node` (the detector saw it come back: start from a clean slate).
+    pub(crate) fn reset_breakers(&self, node: &str) {
+        if let Ok(mut b) = self.inner.breakers.lock() {
+            for ((_, n), br) in b.iter_mut() {
+                if n == node {
+                    br.reset();
+                }
+            }
+        }
+    }
+
+    /// The state of the breaker of (`cap`, `node`); closed if never called.
+    pub fn breaker_state(&self, cap: Capability, node: &str) -> BreakerState {
+        let now = self.now_ms();
+        self.inner
+            .breakers
+            .lock()
+            .ok()
+            .and_then(|b| b.get(&(cap, node.to_string())).map(|br| br.state(now)))
+            .unwrap_or(BreakerState::Closed)
+    }
+
+    /// The state of every breaker this node has, by (capability, member); a pair never called is closed.
+    pub fn breaker_states(&self) -> BTreeMap<(Capability, String), BreakerState> {
+        let now = self.now_ms();
+        self.inner
+            .breakers
+            .lock()
+            .map(|b| b.iter().map(|(k, br)| (k.clone(), br.state(now))).collect())
+            .unwrap_or_default()
+    }
+
     // ----- the registry and the call path -----
 
     /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs).
@@ -374,8 +445,15 @@ impl Cluster {
     ) -> Result<Resp, CallError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.inner.metrics.calls.fetch_add(1, Relaxed);
-        let result = match self.member(cap, node) {
-            Ok(actor) => call(&actor, cap, node, req, traceparent, timeout).await,
+        // A down node fails fast in `member` (nothing sent, no vote for the breaker); a member that
+        // keeps failing trips its breaker, and then calls fail fast here without being sent.
+        let result = match self.member(cap, node).and_then(|actor| Ok((actor, self.admit(cap, node)?))) {
+            Ok((actor, ticket)) => {
+                let mut pending = Outcome { cluster: self, cap, node, ticket: Some(ticket) };
+                let result = call(&actor, cap, node, req, traceparent, timeout).await;
+                pending.record(&result);
+                result
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
@@ -413,6 +491,37 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
                 tracing::warn!(error = %e, "accepting a cluster connection failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Reports a call's outcome to its breaker; if the caller's future is dropped mid-call, the drop
+/// frees the probe slot (otherwise a half-open breaker would wait for a result that never comes).
+struct Outcome<'a> {
+    cluster: &'a Cluster,
+    cap: Capability,
+    node: &'a str,
+    ticket: Option<Ticket>,
+}
+
+impl Outcome<'_> {
+    fn record<T>(&mut self, result: &Result<T, CallError>) {
+        let Some(t) = self.ticket.take() else { return };
+        let now = self.cluster.now_ms();
+        self.cluster.with_breaker(self.cap, self.node, |b| match result {
+            // `Rejected` is the member answering: it is alive, the request is what it refused.
+            Ok(_) | Err(CallError::Rejected { .. }) => b.on_success(t),
+            Err(CallError::Unreachable { .. } | CallError::TimedOut { .. } | CallError::Lost { .. }) => {
+                b.on_failure(t, now, rand::random::<f64>())
+            }
+        });
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.cluster.with_breaker(self.cap, self.node, |b| b.abandon(t));
         }
     }
 }

@@ -115,6 +115,7 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
         node: "b".into(),
         wrap: EchoMsg::<Ping, Pong>::Req,
         worker_timeout: Duration::from_secs(5),
+        max_in_flight: 1024,
     };
     Actor::spawn(None, Gateway::<Ping, Pong, EchoMsg<Ping, Pong>>::default(), args).await.unwrap();
 

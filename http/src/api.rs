@@ -1,5 +1,6 @@
 //! Handlers of API v1. Each one validates, resolves which node owns the request (shard map), makes
-//! one timed cluster call, and maps the answer to HTTP. None of them touches a store directly.
+//! one timed cluster call (`/v1/dead-letters` without an order id: one per orders node, at once), and
+//! maps the answer to HTTP. None of them touches a store directly.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -11,12 +12,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
-use bulkhead_actors::orders::{home_of, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+use bulkhead_actors::orders::{
+    home_of, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+};
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::wire::new_traceparent;
-use bulkhead_cluster::{Capability, Status};
+use bulkhead_cluster::{BreakerState, Capability, Status};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -98,16 +101,22 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The orders node for a new order without an Idempotency-Key: this node if it hosts orders,
-/// else any routable orders member.
+/// else any routable orders member, preferring one whose circuit breaker is not open.
 fn pick_orders_node(st: &AppState) -> Result<String, ApiError> {
     let cluster = &st.cluster;
     let nodes = cluster.config().capabilities.nodes(Capability::Orders);
     let me = cluster.name().to_string();
-    std::iter::once(&me)
+    let candidates: Vec<&String> = std::iter::once(&me)
         .filter(|n| nodes.contains(n))
         .chain(nodes.iter())
-        .find(|n| cluster.is_routable(Capability::Orders, n))
-        .cloned()
+        .filter(|n| cluster.is_routable(Capability::Orders, n))
+        .collect();
+    // Prefer a member whose breaker is not open (the call would fail fast); else let the call say so.
+    candidates
+        .iter()
+        .find(|n| cluster.breaker_state(Capability::Orders, n) != BreakerState::Open)
+        .or(candidates.first())
+        .map(|n| n.to_string())
         .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
 }
 
@@ -194,6 +203,12 @@ fn order_response(st: &AppState, view: OrderView) -> Response {
 }
 
 pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    // Shed before reading the body: past the bound, queueing only makes every answer late. The
+    // permit is held until the answer is built (dropped with this future if the client leaves).
+    let Ok(_permit) = st.orders_in_flight.clone().try_acquire_owned() else {
+        st.metrics.shed.fetch_add(1, Relaxed);
+        return Err(ApiError::overloaded());
+    };
     require_json(&headers)?;
     let body = body_bytes(body)?;
     let order = validate::new_order(&parse_json(&body)?)?;
@@ -351,17 +366,87 @@ pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOr
     list_deliveries(&st, Capability::Notifications, &q, "notifications").await
 }
 
+fn dead_letter_json(node: &str, d: &DeadLetter) -> Value {
+    json!({
+        "order_id": d.order_id.to_string(), "event_id": d.event_id.to_string(), "event": d.event,
+        "destination": d.destination, "attempts": d.attempts, "last_error": d.last_error,
+        "at": rfc3339(d.at_ms), "node": node,
+    })
+}
+
+/// `GET /v1/dead-letters[?order_id=]`: what the outbox relays gave up on. With an order id, only
+/// its home orders node is asked; without, every orders node at once, and the answer lists what the
+/// reachable ones hold plus the nodes that could not be asked (503 only if none answered).
+pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+    let order_id = q.order_id.as_deref().map(parse_order_id).transpose()?;
+    let nodes: Vec<String> =
+        match order_id {
+            Some(id) => vec![home_of(&st.cluster, &id)
+                .ok_or_else(|| ApiError::not_found("no orders node is the home of this id"))?],
+            None => st.cluster.config().capabilities.nodes(Capability::Orders).to_vec(),
+        };
+    let mut calls = tokio::task::JoinSet::new();
+    for node in nodes {
+        let cluster = st.cluster.clone();
+        calls.spawn(async move {
+            let req = OrdersRequest::DeadLetters { order_id };
+            let r = cluster.call::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent()).await;
+            (node, r)
+        });
+    }
+    let (mut list, mut unreachable, mut answered) = (Vec::new(), Vec::new(), 0usize);
+    while let Some(joined) = calls.join_next().await {
+        let Ok((node, r)) = joined else { continue };
+        match r {
+            Ok(OrdersReply::DeadLetters(ds)) => {
+                answered += 1;
+                list.extend(ds.iter().map(|d| (d.order_id, d.at_ms, dead_letter_json(&node, d))));
+            }
+            Ok(other) => {
+                tracing::warn!(?other, %node, "unexpected reply listing dead letters");
+                unreachable.push(json!({"node": node, "error": "unexpected reply"}));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %node, "cannot list dead letters");
+                unreachable.push(json!({"node": node, "error": e.to_string()}));
+            }
+        }
+    }
+    if answered == 0 {
+        return Err(ApiError::unavailable("no orders node answered; retry later"));
+    }
+    list.sort_by_key(|(order, at, _)| (*order, *at));
+    let list: Vec<Value> = list.into_iter().map(|(_, _, v)| v).collect();
+    Ok(Json(json!({"dead_letters": list, "unreachable": unreachable})).into_response())
+}
+
 /// `GET /v1/cluster`: every node as this node sees it, and per capability who serves it.
 pub fn cluster_json(st: &AppState) -> Value {
     let view = st.cluster.view();
     // `NodeView` serialises to exactly the API's node object (`reason` only when there is one).
     let nodes: Vec<&NodeView> = view.values().collect();
     let mut caps = serde_json::Map::new();
+    let breakers = st.cluster.breaker_states();
     for cap in Capability::ALL {
         let members = st.cluster.config().capabilities.nodes(cap).to_vec();
         let healthy: Vec<&String> = members.iter().filter(|m| st.cluster.is_routable(cap, m)).collect();
-        // Breakers arrive with the fault-isolation work; until then a call is always attempted.
-        caps.insert(cap.to_string(), json!({"members": members, "healthy": healthy, "breaker": "closed"}));
+        // Per member as this node's call path sees it; a member never called is closed.
+        let per_member: serde_json::Map<String, Value> = members
+            .iter()
+            .map(|m| {
+                let state = breakers.get(&(cap, m.clone())).copied().unwrap_or(BreakerState::Closed);
+                (m.clone(), json!(state.as_str()))
+            })
+            .collect();
+        let worst = members
+            .iter()
+            .filter_map(|m| breakers.get(&(cap, m.clone())).copied())
+            .max()
+            .unwrap_or(BreakerState::Closed);
+        caps.insert(
+            cap.to_string(),
+            json!({"members": members, "healthy": healthy, "breaker": worst.as_str(), "breakers": per_member}),
+        );
     }
     json!({"node": st.cluster.name(), "nodes": nodes, "capabilities": caps})
 }

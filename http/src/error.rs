@@ -49,6 +49,17 @@ impl ApiError {
         e
     }
 
+    /// 429: this node already handles as many orders as `limits.orders_in_flight` allows.
+    pub fn overloaded() -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            "this node is handling as many orders as it accepts at once; nothing was recorded, retry later",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
     /// Maps a failed cluster call. `Unreachable` means nothing was delivered (503, nothing recorded);
     /// `TimedOut` and `Lost` mean we do not know (504: retry with the same Idempotency-Key).
     pub fn from_call(e: CallError) -> Self {
@@ -78,7 +89,9 @@ impl ApiError {
             CallError::Rejected { capability, node, reason }
                 if reason.starts_with(bulkhead_cluster::gateway::UNAVAILABLE) =>
             {
-                Self::unavailable(format!("{capability} on node {node} is restarting; retry later"))
+                Self::unavailable(format!(
+                    "{capability} on node {node} is restarting or overloaded; nothing was recorded, retry later"
+                ))
             }
             CallError::Rejected { capability, node, .. } => Self::new(
                 StatusCode::BAD_GATEWAY,
@@ -99,10 +112,48 @@ impl IntoResponse for ApiError {
                 }
             }
         }
+        // Every 429 and 503 tells the client when to come back, even one built without it.
+        let retry_after = match self.status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(self.retry_after.unwrap_or(1)),
+            _ => self.retry_after,
+        };
         let mut resp = (self.status, Json(body)).into_response();
-        if let Some(s) = self.retry_after {
+        if let Some(s) = retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry_after(e: ApiError) -> Option<String> {
+        e.into_response().headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
+    #[test]
+    fn every_429_and_503_carries_retry_after() {
+        assert_eq!(retry_after(ApiError::overloaded()), Some("1".into()));
+        assert_eq!(retry_after(ApiError::unavailable("x")), Some("1".into()));
+        // Even one built by hand without it.
+        assert_eq!(retry_after(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "x")), Some("1".into()));
+        assert_eq!(retry_after(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "x")), Some("1".into()));
+        assert_eq!(retry_after(ApiError::bad_request("x")), None);
+        let shed = CallError::Rejected {
+            capability: bulkhead_cluster::Capability::Orders,
+            node: "n1".into(),
+            reason: format!("{}full", bulkhead_cluster::gateway::UNAVAILABLE),
+        };
+        let e = ApiError::from_call(shed);
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry_after(e), Some("1".into()));
+    }
+
+    #[test]
+    fn overloaded_has_the_shape_of_every_other_error() {
+        let e = ApiError::overloaded();
+        assert_eq!((e.status, e.code), (StatusCode::TOO_MANY_REQUESTS, "overloaded"));
     }
 }

@@ -39,6 +39,8 @@ pub struct HttpMetrics {
     pub cancelled: AtomicU64,
     /// Keyed orders whose home took the key without its successor's witness (successor down).
     pub unwitnessed: AtomicU64,
+    /// `POST /v1/orders` refused with 429 because `limits.orders_in_flight` were already running.
+    pub shed: AtomicU64,
 }
 
 /// What the handlers need.
@@ -49,6 +51,8 @@ pub struct AppState {
     pub stores: Arc<BTreeMap<Capability, Store>>,
     pub fault_injection: bool,
     pub metrics: Arc<HttpMetrics>,
+    /// One permit per `POST /v1/orders` being handled (`limits.orders_in_flight`).
+    pub orders_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -60,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/payments", get(api::list_payments))
         .route("/v1/shipments", get(api::list_shipments))
         .route("/v1/notifications", get(api::list_notifications))
+        .route("/v1/dead-letters", get(api::list_dead_letters))
         .route("/v1/cluster", get(api::cluster))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))

@@ -42,6 +42,19 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "counter",
         vec![(String::new(), m.unwitnessed.load(Relaxed))],
     );
+    line(
+        "bulkhead_orders_shed_total",
+        "POST /v1/orders refused with 429 because limits.orders_in_flight were already running",
+        "counter",
+        vec![(String::new(), m.shed.load(Relaxed))],
+    );
+    let limit = st.cluster.config().limits.orders_in_flight;
+    line(
+        "bulkhead_orders_in_flight",
+        "POST /v1/orders being handled by this node now (429 at limits.orders_in_flight)",
+        "gauge",
+        vec![(String::new(), limit.saturating_sub(st.orders_in_flight.available_permits()) as u64)],
+    );
     let c = st.cluster.metrics();
     line(
         "bulkhead_cluster_calls_total",
@@ -66,6 +79,36 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "peers refused for a different shard map",
         "counter",
         vec![(String::new(), c.refused_peers.load(Relaxed))],
+    );
+    line(
+        "bulkhead_breaker_rejected_calls_total",
+        "cross-node calls failed fast because the member's circuit breaker was open",
+        "counter",
+        vec![(String::new(), c.breaker_rejections.load(Relaxed))],
+    );
+    line(
+        "bulkhead_gateway_shed_total",
+        "requests a capability gateway on this node refused because limits.gateway_in_flight were unanswered",
+        "counter",
+        vec![(String::new(), bulkhead_cluster::gateway::GATEWAY_SHED.load(Relaxed))],
+    );
+    line(
+        "bulkhead_dead_letters_total",
+        "outbox entries this node's relay moved to the dead letters since it started",
+        "counter",
+        vec![(String::new(), bulkhead_actors::orders::DEAD_LETTERED.load(Relaxed))],
+    );
+    let breakers = st
+        .cluster
+        .breaker_states()
+        .into_iter()
+        .map(|((cap, node), state)| (format!("{{capability=\"{cap}\",node=\"{node}\"}}"), state.gauge()))
+        .collect();
+    line(
+        "bulkhead_breaker_state",
+        "circuit breaker per (capability, member) called from here: 0 closed, 1 half-open, 2 open",
+        "gauge",
+        breakers,
     );
     line(
         "bulkhead_wire_undecodable_total",

@@ -7,8 +7,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bulkhead::demo::{free_ports, LocalCluster};
-use bulkhead::topology::Ports;
-use bulkhead_cluster::Timing;
+use bulkhead::topology::{local_configs, Ports};
+use bulkhead_cluster::{NodeConfig, Timing};
 use serde_json::{json, Value};
 
 pub struct TestCluster {
@@ -31,12 +31,26 @@ pub async fn start_unready(timing: Timing, prepare: impl FnOnce(&std::path::Path
     start_opts(timing, prepare, false).await
 }
 
+/// Like [`start_with`] (fault injection on), after `edit` changed the three nodes' configs.
+pub async fn start_configured(timing: Timing, edit: impl FnOnce(&mut [NodeConfig])) -> TestCluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut configs = local_configs(dir.path(), "test-cookie", &ports(), timing, true);
+    edit(&mut configs);
+    let lc = LocalCluster::launch_configs(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), configs)
+        .expect("launch");
+    wait(lc, dir, true).await
+}
+
 async fn start_opts(timing: Timing, prepare: impl FnOnce(&std::path::Path), ready: bool) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
     let lc =
         LocalCluster::launch(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), ports(), timing, true)
             .expect("launch");
+    wait(lc, dir, ready).await
+}
+
+async fn wait(lc: LocalCluster, dir: tempfile::TempDir, ready: bool) -> TestCluster {
     let tc =
         TestCluster { lc, dir, http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap() };
     if let Err(e) = tc.lc.wait_joined(Duration::from_secs(60), ready).await {

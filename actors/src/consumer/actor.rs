@@ -48,6 +48,11 @@ pub enum ConsumerMsg {
 
 pub struct ConsumerWorker;
 
+/// With `fault_injection`, a consumer fails on the events of customers named `poison-<kind>…`.
+fn is_poison(kind: &str, ev: &OrderConfirmed) -> bool {
+    ev.customer_id.strip_prefix("poison-").is_some_and(|rest| rest.starts_with(kind))
+}
+
 fn key(order: Uuid, suffix: &str) -> String {
     format!("{}/{suffix}", order.simple())
 }
@@ -76,6 +81,14 @@ impl Actor for ConsumerWorker {
         let store = &state.worker.store;
         let m = state.making;
         match req {
+            ConsumerRequest::Deliver(ev) if state.worker.fault_injection && is_poison(m.kind, &ev) => {
+                // A consumer that fails on this event every time: what the outbox's dead letters are for.
+                tracing::warn!(kind = m.kind, order_id = %ev.order_id, "fault injection: refusing a poison event");
+                let _ = reply.send(ConsumerReply::Refused(format!(
+                    "fault injection: {} fails on events of customer `{}`",
+                    m.kind, ev.customer_id
+                )));
+            }
             ConsumerRequest::Deliver(ev) => {
                 let seen = SEEN.get(store, &ev.event_id)?.is_some();
                 let k = if m.one_per_order {
@@ -120,5 +133,31 @@ impl Actor for ConsumerWorker {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(customer: &str) -> OrderConfirmed {
+        OrderConfirmed {
+            event_id: Uuid::nil(),
+            order_id: Uuid::nil(),
+            customer_id: customer.into(),
+            lines: vec![],
+            total_cents: 0,
+            payment_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn poison_customers_name_the_capability_that_fails() {
+        assert!(is_poison("shipping", &ev("poison-shipping")));
+        assert!(is_poison("shipping", &ev("poison-shipping-42")));
+        assert!(!is_poison("notifications", &ev("poison-shipping")));
+        assert!(is_poison("notifications", &ev("poison-notifications-1")));
+        assert!(!is_poison("shipping", &ev("c-poison-shipping")));
+        assert!(!is_poison("shipping", &ev("shipping")));
     }
 }

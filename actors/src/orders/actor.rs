@@ -472,6 +472,10 @@ impl Actor for OrdersWorker {
                     }
                     let _ = reply.send(OrdersReply::Refused("fault injection is disabled on this node".into()));
                 }
+                OrdersRequest::DeadLetters { order_id } => {
+                    let list = super::outbox::dead_letters(&state.args.store, order_id)?;
+                    reply_after_sync(&state.args.store, reply, OrdersReply::DeadLetters(list));
+                }
             },
             OrdersMsg::Saga { order_id, event } => state.on_saga_event(&myself, order_id, event)?,
             OrdersMsg::WaitOver { order_id, waiter } => {

@@ -3,7 +3,8 @@
 //! - [`protocol`]: requests/replies that cross nodes (place, get).
 //! - [`saga`]: the pure saga state machine (events + time in, commands out); unit + proptest.
 //! - [`actor`]: the worker that drives every unfinished saga and answers waiting clients.
-//! - [`outbox`]: the relay that delivers finished orders' events at least once.
+//! - [`outbox`]: the relay that delivers finished orders' events at least once, and moves an entry its
+//!   destination keeps failing on to the dead-letter table.
 //!
 //! Caveats:
 //! - With an `Idempotency-Key`, the HTTP layer routes the request to the key's home orders node
@@ -17,5 +18,5 @@ pub mod protocol;
 pub mod saga;
 
 pub use actor::{home_of, new_order_id, OrdersMsg, OrdersWorker};
-pub use outbox::{OutboxRelay, RelayArgs, RELAY_NAME};
-pub use protocol::{IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
+pub use protocol::{DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};

@@ -5,18 +5,28 @@
 //! delivers each entry with a timed cluster call, and deletes it only once the destination has
 //! acknowledged (after its own flush). A destination that fails is backed off alone; the others go
 //! on. Consumers dedupe by event id, so redelivery after a lost ack is harmless.
+//!
+//! Dead letters: a destination that is unreachable (or times out, or is restarting) is retried
+//! forever. One that *answers* with a failure (a refusal, a non-transient rejection) has failed on
+//! the event itself; after [`DEAD_LETTER_AFTER`] such answers in a row the entry is moved to
+//! [`DEAD_LETTERS`] (same key) so it stops holding its destination back. The move is two ordered
+//! writes, the dead letter first, then the compare-and-swap removal of the outbox entry: a crash in
+//! between leaves the entry in the outbox as well, which is redelivered (and, should it now succeed,
+//! its dead letter is dropped). The failure count lives in the relay's memory: a restart gives a
+//! poison entry another [`DEAD_LETTER_AFTER`] tries, which is harmless.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::{Record, Store, Table};
+use bulkhead_storage::{now_ms, Batch, Record, Store, StoreError, Table};
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::protocol::DeadLetter;
 use super::saga::{Dest, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
@@ -28,6 +38,14 @@ use super::actor::UNFINISHED;
 pub const RELAY_NAME: &str = "bulkhead.orders.outbox";
 /// Outbox entries by (order id, position): deterministic, so a repeated finish overwrites.
 pub const OUTBOX: Table<(Uuid, u64), OutboxEntry> = Table::new(3, "outbox");
+/// Entries the relay gave up on, by the key they had in [`OUTBOX`].
+pub const DEAD_LETTERS: Table<(Uuid, u64), DeadLetterRecord> = Table::new(7, "dead_letters");
+/// Failure answers in a row after which an entry becomes a dead letter.
+pub const DEAD_LETTER_AFTER: u32 = 5;
+/// Entries this process moved to the dead letters since it started (for `/metrics`).
+pub static DEAD_LETTERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Most dead letters one node lists in one answer (keeps the reply small; oldest orders first).
+pub const MAX_DEAD_LETTERS_LISTED: usize = 1000;
 const ROUND_SIZE: usize = 512;
 const PARALLEL: usize = 32;
 /// At most this many entries for one destination per round, so a slow one cannot fill a round.
@@ -46,6 +64,86 @@ impl Record for OutboxEntry {
     const VERSION: u8 = 1;
 }
 
+/// A dead letter as stored: what the API lists, plus the entry itself (so it can be replayed by hand).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub letter: DeadLetter,
+    pub entry: OutboxEntry,
+}
+impl Record for DeadLetterRecord {
+    const VERSION: u8 = 1;
+}
+
+/// This store's dead letters, of one order or all, at most [`MAX_DEAD_LETTERS_LISTED`].
+pub fn dead_letters(store: &Store, order_id: Option<Uuid>) -> Result<Vec<DeadLetter>, StoreError> {
+    let mut list = Vec::new();
+    let mut push = |item: Result<((Uuid, u64), DeadLetterRecord), StoreError>| -> Result<bool, StoreError> {
+        list.push(item?.1.letter);
+        Ok(list.len() < MAX_DEAD_LETTERS_LISTED)
+    };
+    match order_id {
+        Some(id) => {
+            for item in DEAD_LETTERS.iter_prefix(store, id.as_bytes()) {
+                if !push(item)? {
+                    break;
+                }
+            }
+        }
+        None => {
+            for item in DEAD_LETTERS.iter(store) {
+                if !push(item)? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(list)
+}
+
+/// Moves `entry` (at `key` in the outbox) to the dead letters; `None` if the entry was rewritten
+/// meanwhile (a resumed finish), in which case the new entry stays and gets its own chances.
+pub fn move_to_dead_letters(
+    store: &Store,
+    key: (Uuid, u64),
+    entry: &OutboxEntry,
+    attempts: u32,
+    last_error: String,
+) -> Result<Option<DeadLetter>, StoreError> {
+    let (event, event_id) = event_label(&entry.event);
+    let letter = DeadLetter {
+        order_id: entry.order_id,
+        event_id,
+        event: event.to_string(),
+        destination: dest_label(&entry.dest),
+        attempts,
+        last_error,
+        at_ms: now_ms(),
+    };
+    // The dead letter first, then the entry's removal: a crash between them leaves both, and the
+    // entry is tried again; never an entry gone without its dead letter.
+    let mut b = Batch::new();
+    DEAD_LETTERS.put(&mut b, &key, &DeadLetterRecord { letter: letter.clone(), entry: entry.clone() });
+    store.apply_in_order(b)?;
+    if OUTBOX.remove_if_unchanged(store, &key, entry)? {
+        return Ok(Some(letter));
+    }
+    let mut b = Batch::new();
+    DEAD_LETTERS.remove(&mut b, &key);
+    store.apply_in_order(b)?;
+    Ok(None)
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Acknowledged: the entry may go.
+    Acked,
+    /// Not delivered (unreachable, timed out, lost, restarting): retry after the destination's backoff.
+    Retry,
+    /// The destination answered that it failed on this entry.
+    Failed(String),
+}
+
 #[derive(RactorMessage)]
 pub enum OutboxMsg {
     Tick,
@@ -55,6 +153,8 @@ pub enum OutboxMsg {
         delivered: Vec<((Uuid, u64), OutboxEntry)>,
         ok: Vec<Dest>,
         failed: Vec<Dest>,
+        /// Entries whose destination answered with a failure, and that failure.
+        refused: Vec<((Uuid, u64), OutboxEntry, String)>,
     },
 }
 
@@ -71,6 +171,8 @@ pub struct RelayState {
     in_flight: bool,
     again: bool,
     backoff: HashMap<Dest, (u32, Instant)>,
+    /// Failure answers in a row per entry (see the module doc on dead letters).
+    refusals: HashMap<(Uuid, u64), u32>,
 }
 
 fn dest_label(d: &Dest) -> String {
@@ -82,8 +184,27 @@ fn dest_label(d: &Dest) -> String {
     }
 }
 
-/// Delivers one entry; true once the destination acknowledged it.
-async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
+fn event_label(e: &OutboxEvent) -> (&'static str, Uuid) {
+    match e {
+        OutboxEvent::CommitReservation { order_id } => ("commit_reservation", *order_id),
+        OutboxEvent::ReleaseReservation { order_id } => ("release_reservation", *order_id),
+        OutboxEvent::Confirmed(ev) => ("order_confirmed", ev.event_id),
+        OutboxEvent::RefundPayment { order_id } => ("refund_payment", *order_id),
+    }
+}
+
+/// A failed call: retried later when the destination did not get it or may recover by itself,
+/// a failure of the entry when the destination answered that it will not handle it.
+fn on_error(e: bulkhead_cluster::CallError) -> Delivery {
+    if e.is_transient() {
+        Delivery::Retry
+    } else {
+        Delivery::Failed(e.to_string())
+    }
+}
+
+/// Delivers one entry.
+async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
     let tp = bulkhead_cluster::wire::child_traceparent(&e.traceparent);
     match (&e.dest, &e.event) {
         (Dest::Inventory { node }, OutboxEvent::CommitReservation { order_id }) => {
@@ -98,13 +219,13 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
             {
                 Ok(InventoryReply::CommitFailed { reason }) => {
                     tracing::error!(%order_id, %node, %reason, "reservation commit failed for a confirmed order");
-                    true
+                    Delivery::Acked
                 }
-                Ok(_) => true,
-                Err(_) => false,
+                Ok(_) => Delivery::Acked,
+                Err(e) => on_error(e),
             }
         }
-        (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => cluster
+        (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => match cluster
             .call::<_, InventoryReply>(
                 Capability::Inventory,
                 node,
@@ -112,35 +233,63 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> bool {
                 &tp,
             )
             .await
-            .is_ok(),
+        {
+            Ok(_) => Delivery::Acked,
+            Err(e) => on_error(e),
+        },
         (Dest::Payments, OutboxEvent::RefundPayment { order_id }) => {
-            let Some(node) = cluster.owner(Capability::Payments, order_id.as_bytes()) else { return false };
+            let Some(node) = cluster.owner(Capability::Payments, order_id.as_bytes()) else { return Delivery::Retry };
             let req = PaymentRequest::Refund { order_id: *order_id };
             match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
                 Ok(PaymentReply::Refunded) => {
                     tracing::warn!(%order_id, "charge refunded for a cancelled order");
-                    true
+                    Delivery::Acked
                 }
-                Ok(_) => true,
-                Err(_) => false,
+                Ok(_) => Delivery::Acked,
+                Err(e) => on_error(e),
             }
         }
         (Dest::Shipping | Dest::Notifications, OutboxEvent::Confirmed(ev)) => {
             let cap = if e.dest == Dest::Shipping { Capability::Shipping } else { Capability::Notifications };
-            let Some(node) = cluster.owner(cap, ev.order_id.as_bytes()) else { return false };
-            matches!(
-                cluster.call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::Deliver(ev.clone()), &tp).await,
-                Ok(ConsumerReply::Accepted { .. })
-            )
+            let Some(node) = cluster.owner(cap, ev.order_id.as_bytes()) else { return Delivery::Retry };
+            match cluster.call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::Deliver(ev.clone()), &tp).await {
+                Ok(ConsumerReply::Accepted { .. }) => Delivery::Acked,
+                Ok(ConsumerReply::Refused(why)) => Delivery::Failed(format!("{cap} on {node} refused: {why}")),
+                Ok(other) => Delivery::Failed(format!("{cap} on {node} answered {other:?}")),
+                Err(e) => on_error(e),
+            }
         }
         (dest, event) => {
             tracing::error!(dest = %dest_label(dest), ?event, "outbox entry with a mismatched destination dropped");
-            true
+            Delivery::Acked
         }
     }
 }
 
 impl RelayState {
+    /// The destination failed on `entry` again; past [`DEAD_LETTER_AFTER`] it becomes a dead letter.
+    fn on_refused(&mut self, key: (Uuid, u64), entry: OutboxEntry, why: String) -> Result<(), StoreError> {
+        let attempts = {
+            let n = self.refusals.entry(key).or_default();
+            *n += 1;
+            *n
+        };
+        let destination = dest_label(&entry.dest);
+        if attempts < DEAD_LETTER_AFTER {
+            tracing::warn!(order_id = %entry.order_id, %destination, attempts, error = %why, "outbox delivery refused; will retry");
+            return Ok(());
+        }
+        self.refusals.remove(&key);
+        if let Some(letter) = move_to_dead_letters(&self.store, key, &entry, attempts, why)? {
+            DEAD_LETTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                order_id = %letter.order_id, destination = %letter.destination, event = %letter.event, attempts,
+                error = %letter.last_error, "outbox entry moved to the dead letters"
+            );
+        }
+        Ok(())
+    }
+
     fn start_round(&mut self, myself: &ActorRef<OutboxMsg>) -> Result<(), ActorProcessingErr> {
         if self.in_flight {
             self.again = true;
@@ -179,33 +328,38 @@ impl RelayState {
         tokio::spawn(async move {
             // The scan sees applied writes; deliver nothing a crash could still take back.
             if store.sync().await.is_err() {
-                let _ = me.cast(OutboxMsg::RoundDone { delivered: vec![], ok: vec![], failed: vec![] });
+                let _ =
+                    me.cast(OutboxMsg::RoundDone { delivered: vec![], ok: vec![], failed: vec![], refused: vec![] });
                 return;
             }
-            let results: Vec<((Uuid, u64), OutboxEntry, bool)> = stream::iter(batch)
+            let results: Vec<((Uuid, u64), OutboxEntry, Delivery)> = stream::iter(batch)
                 .map(|(key, entry)| {
                     let cluster = cluster.clone();
                     async move {
-                        let ok = deliver(&cluster, &entry).await;
-                        (key, entry, ok)
+                        let outcome = deliver(&cluster, &entry).await;
+                        (key, entry, outcome)
                     }
                 })
                 .buffer_unordered(PARALLEL)
                 .collect()
                 .await;
-            let (mut delivered, mut ok_dests, mut failed) = (Vec::new(), Vec::new(), Vec::new());
-            for (key, entry, ok) in results {
+            let (mut delivered, mut ok_dests, mut failed, mut refused) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (key, entry, outcome) in results {
                 let dest = entry.dest.clone();
-                if ok {
-                    delivered.push((key, entry));
-                    if !ok_dests.contains(&dest) {
-                        ok_dests.push(dest);
-                    }
-                } else if !failed.contains(&dest) {
-                    failed.push(dest);
+                match outcome {
+                    // A destination that answered (even with a failure on one entry) is reachable.
+                    Delivery::Acked | Delivery::Failed(_) if !ok_dests.contains(&dest) => ok_dests.push(dest),
+                    Delivery::Retry if !failed.contains(&dest) => failed.push(dest),
+                    _ => {}
+                }
+                match outcome {
+                    Delivery::Acked => delivered.push((key, entry)),
+                    Delivery::Failed(why) => refused.push((key, entry, why)),
+                    Delivery::Retry => {}
                 }
             }
-            let _ = me.cast(OutboxMsg::RoundDone { delivered, ok: ok_dests, failed });
+            let _ = me.cast(OutboxMsg::RoundDone { delivered, ok: ok_dests, failed, refused });
         });
         Ok(())
     }
@@ -224,6 +378,7 @@ impl Actor for OutboxRelay {
             in_flight: false,
             again: false,
             backoff: HashMap::new(),
+            refusals: HashMap::new(),
         })
     }
 
@@ -235,12 +390,21 @@ impl Actor for OutboxRelay {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
-            OutboxMsg::RoundDone { delivered, ok, failed } => {
+            OutboxMsg::RoundDone { delivered, ok, failed, refused } => {
                 state.in_flight = false;
                 // Only what was delivered is removed: an entry rewritten meanwhile (a resumed finish)
                 // stays. Not awaited: if a deletion is lost in a crash, the entry is delivered again.
                 for (key, entry) in &delivered {
                     OUTBOX.remove_if_unchanged(&state.store, key, entry)?;
+                    // Delivered after all (a crash came between a dead letter and its outbox removal).
+                    if state.refusals.remove(key).is_some() || DEAD_LETTERS.get(&state.store, key)?.is_some() {
+                        let mut b = Batch::new();
+                        DEAD_LETTERS.remove(&mut b, key);
+                        state.store.apply_in_order(b)?;
+                    }
+                }
+                for (key, entry, why) in refused {
+                    state.on_refused(key, entry, why)?;
                 }
                 let now = Instant::now();
                 for dest in &failed {
@@ -259,5 +423,63 @@ impl Actor for OutboxRelay {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_storage::StoreOptions;
+
+    fn entry(order_id: Uuid, dest: Dest) -> OutboxEntry {
+        OutboxEntry {
+            dest,
+            event: OutboxEvent::ReleaseReservation { order_id },
+            order_id,
+            created_ms: 1,
+            traceparent: String::new(),
+        }
+    }
+
+    fn put(store: &Store, key: (Uuid, u64), e: &OutboxEntry) {
+        let mut b = Batch::new();
+        OUTBOX.put(&mut b, &key, e);
+        store.apply_in_order(b).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_replaces_its_outbox_entry_and_is_listed_by_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "orders", &StoreOptions::default()).unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let ea = entry(a, Dest::Inventory { node: "n2".into() });
+        put(&store, (a, 0), &ea);
+        put(&store, (b, 0), &entry(b, Dest::Payments));
+        let letter = move_to_dead_letters(&store, (a, 0), &ea, 5, "no".into()).unwrap().expect("moved");
+        assert_eq!(
+            (letter.order_id, letter.event_id, letter.event.as_str(), letter.destination.as_str(), letter.attempts),
+            (a, a, "release_reservation", "inventory@n2", 5)
+        );
+        assert!(OUTBOX.get(&store, &(a, 0)).unwrap().is_none(), "the entry left the outbox");
+        assert!(OUTBOX.get(&store, &(b, 0)).unwrap().is_some(), "the other order's entry stays");
+        assert_eq!(dead_letters(&store, Some(a)).unwrap(), vec![letter.clone()]);
+        assert_eq!(dead_letters(&store, Some(b)).unwrap(), vec![]);
+        assert_eq!(dead_letters(&store, None).unwrap(), vec![letter]);
+        let stored = DEAD_LETTERS.get(&store, &(a, 0)).unwrap().expect("stored");
+        assert_eq!(stored.entry, ea, "the entry is kept for a replay by hand");
+    }
+
+    #[tokio::test]
+    async fn an_entry_rewritten_meanwhile_is_not_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "orders", &StoreOptions::default()).unwrap();
+        let a = Uuid::now_v7();
+        let old = entry(a, Dest::Payments);
+        let mut new = old.clone();
+        new.created_ms = 2;
+        put(&store, (a, 0), &new);
+        assert_eq!(move_to_dead_letters(&store, (a, 0), &old, 5, "no".into()).unwrap(), None);
+        assert_eq!(OUTBOX.get(&store, &(a, 0)).unwrap(), Some(new));
+        assert!(dead_letters(&store, None).unwrap().is_empty());
     }
 }

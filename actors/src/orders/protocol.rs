@@ -67,6 +67,26 @@ pub enum OrdersRequest {
     /// A `Place` whose key the successor could not witness (unreachable): the home takes it and
     /// keeps trying to get it witnessed afterwards.
     PlaceUnwitnessed(PlaceOrder),
+    /// This node's dead letters, of one order or all (at most `MAX_DEAD_LETTERS_LISTED`).
+    DeadLetters {
+        order_id: Option<Uuid>,
+    },
+}
+
+/// An outbox entry the relay gave up on: its destination answered with a failure
+/// `DEAD_LETTER_AFTER` times in a row (unreachable destinations are retried forever instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub order_id: Uuid,
+    /// The event's id (`OrderConfirmed.event_id`; the order id for the inventory/payments commands).
+    pub event_id: Uuid,
+    /// `order_confirmed`, `commit_reservation`, `release_reservation` or `refund_payment`.
+    pub event: String,
+    /// The destination capability, e.g. `shipping` or `inventory@n2`.
+    pub destination: String,
+    pub attempts: u32,
+    pub last_error: String,
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +107,7 @@ pub enum OrdersReply {
     Elsewhere {
         owner: String,
     },
+    DeadLetters(Vec<DeadLetter>),
 }
 
 impl Record for OrdersRequest {

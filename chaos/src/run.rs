@@ -88,16 +88,24 @@ pub async fn run(opts: RunOptions) -> Result<Report, String> {
     result
 }
 
+/// Waits until the cluster is whole: every node ready, and every node sees every member of every
+/// capability as routable (readiness alone leaves a heartbeat's worth of lag in the others' views).
 async fn wait_ready(http: &reqwest::Client, urls: &[String], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut bad = Vec::new();
         for u in urls {
-            let ok = match http.get(format!("{u}/readyz")).timeout(Duration::from_secs(1)).send().await {
+            let ready = match http.get(format!("{u}/readyz")).timeout(Duration::from_secs(1)).send().await {
                 Ok(r) => r.status().is_success(),
                 Err(_) => false,
             };
-            if !ok {
+            let whole = match http.get(format!("{u}/v1/cluster")).timeout(Duration::from_secs(1)).send().await {
+                Ok(r) => r.json::<serde_json::Value>().await.ok().is_some_and(|v| {
+                    v["capabilities"].as_object().is_some_and(|caps| caps.values().all(|c| c["healthy"] == c["members"]))
+                }),
+                Err(_) => false,
+            };
+            if !(ready && whole) {
                 bad.push(u.clone());
             }
         }
@@ -223,8 +231,7 @@ async fn run_on(
             run_error = Some(format!("injecting {}: {e}", label(f)));
             break;
         }
-        tracing::info!(fault = %label(f), at_s = at, "injected");
-        pb.println(format!("  {at:>7.1}s  inject {}", label(f)));
+        say(pb, format!("{at:>7.1}s  inject {}", label(f)));
         sleep_with_progress(f.hold.0, format!("fault {}/{n}: {} (holding)", k + 1, label(f))).await;
         let healed_at = t0.elapsed().as_secs_f64();
         if let Err(e) = target.heal(f, http).await {
@@ -265,12 +272,15 @@ async fn run_on(
             down_ms: ms(down, at),
             recovered_ms: ms(recovered, healed_at),
         });
-        pb.println(format!(
-            "  {healed_at:>7.1}s  healed {}; detected {}, recovered {}",
+        say(
+            pb,
+            format!(
+                "{healed_at:>7.1}s  healed {}; detected {}, recovered {}",
             label(f),
             records.last().and_then(|r| r.detected_ms).map(|m| format!("in {m} ms")).unwrap_or("-".into()),
-            records.last().and_then(|r| r.recovered_ms).map(|m| format!("in {m} ms")).unwrap_or("NOT".into()),
-        ));
+                records.last().and_then(|r| r.recovered_ms).map(|m| format!("in {m} ms")).unwrap_or("NOT".into()),
+            ),
+        );
         if recovered.is_none() {
             run_error = Some(format!("{} did not recover within {:?}", f.node, sc.recovery_timeout.0));
             break;
@@ -321,6 +331,16 @@ async fn run_on(
     report.verdict = if report.passed() { "pass" } else { "fail" }.to_string();
     write_report(&report, report_dir)?;
     Ok(report)
+}
+
+/// One line of the run's story: above the progress bar on a terminal, else in the log (a CI job
+/// or a redirected run still shows each fault as it happens).
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        tracing::info!("{line}");
+    } else {
+        pb.println(format!("  {line}"));
+    }
 }
 
 pub fn write_report(report: &Report, dir: &Path) -> Result<(), String> {

@@ -248,9 +248,20 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
     })
     .await;
     assert!(detected < Duration::from_secs(3), "took {detected:?}");
-    let r = tc.order(0, Some(&key_homed_on("n1")), "widget-1", 1, "tok_ok").await;
+    // The majority side places keys of both orders nodes: n1's own (unwitnessed, n3 is down) and
+    // n3's (n1 is its successor and never witnessed them).
+    let mut n3_keys = keys_homed_on("n3");
+    let (k1, k3, k3_cut) = (key_homed_on("n1"), n3_keys.next().unwrap(), n3_keys.next().unwrap());
+    let r = tc.order(0, Some(&k1), "widget-1", 1, "tok_ok").await;
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["order_id"].as_str().unwrap().to_string();
+    let r = tc.order(1, Some(&k3), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id3 = r.body["order_id"].as_str().unwrap().to_string();
+    // The cut-off n3 sees no majority: it places no keyed order (the other side may be placing it).
+    let r = tc.order(2, Some(&k3_cut), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.retry_after.is_some());
 
     let heal = tc.delete(2, "/admin/partition").await;
     assert_eq!(heal.status, 202, "{}", heal.body);
@@ -258,6 +269,14 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
         (tc.status_of(0, "n3").await == "up" && tc.status_of(2, "n1").await == "up").then_some(())
     })
     .await;
+    // Healed, every front answers each key with its one order (n3 learnt k3 lives on n1).
+    for front in [0, 1, 2] {
+        for (k, want) in [(&k1, &id), (&k3, &id3)] {
+            let r = tc.order(front, Some(k), "widget-1", 1, "tok_ok").await;
+            assert_eq!((r.status, r.body["order_id"].as_str()), (201, Some(want.as_str())), "{}", r.body);
+        }
+    }
+
     eventually(Duration::from_secs(15), "the shipment delivered after the heal", || async {
         let s = tc.get(0, &format!("/v1/shipments?order_id={id}")).await;
         (s.body["shipments"].as_array().map(Vec::len) == Some(1)).then_some(())

@@ -151,8 +151,17 @@ pub fn start(spec: &Load, urls: Vec<String>, skus: Vec<String>, t0: Instant, htt
             };
             in_flight2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (ctx, give_up_rx, in_flight3) = (ctx.clone(), give_up_rx.clone(), in_flight2.clone());
+            let twice = rand::thread_rng().gen_bool(spec.parallel_share);
             tokio::spawn(async move {
-                place(&ctx, idx, seq, order, give_up_rx).await;
+                if twice {
+                    // The same key and body through two fronts at once.
+                    tokio::join!(
+                        place(&ctx, idx, seq, order.clone(), give_up_rx.clone()),
+                        place(&ctx, idx, seq + 1, order, give_up_rx)
+                    );
+                } else {
+                    place(&ctx, idx, seq, order, give_up_rx).await;
+                }
                 in_flight3.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             });
         }
@@ -214,10 +223,13 @@ async fn place(ctx: &Ctx, idx: usize, seq: u64, order: OrderRec, mut give_up: wa
                 }
                 match code {
                     201 | 202 | 402 | 409 if id.is_some() => {
-                        rec.acked_s = Some(now);
-                        rec.order_id = id;
-                        rec.acked_http = Some(code);
-                        rec.acked_status = v["status"].as_str().map(str::to_string);
+                        // With two sends of one key, the first definitive answer is the acknowledgement.
+                        if rec.acked_s.is_none() {
+                            rec.acked_s = Some(now);
+                            rec.order_id = id;
+                            rec.acked_http = Some(code);
+                            rec.acked_status = v["status"].as_str().map(str::to_string);
+                        }
                         (code.to_string(), true)
                     }
                     429 | 500..=599 => (code.to_string(), false),

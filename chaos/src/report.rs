@@ -181,7 +181,9 @@ pub fn summary(r: &Report) -> String {
         ));
     }
     if let Some(t) = r.totals.settle_s {
-        s.push_str(&format!("  every acknowledged order seen terminal {t:.1} s after the last heal (cooldown load included)\n"));
+        s.push_str(&format!(
+            "  every acknowledged order seen terminal {t:.1} s after the last heal (cooldown load included)\n"
+        ));
     }
     s
 }

@@ -101,7 +101,9 @@ async fn wait_ready(http: &reqwest::Client, urls: &[String], timeout: Duration) 
             };
             let whole = match http.get(format!("{u}/v1/cluster")).timeout(Duration::from_secs(1)).send().await {
                 Ok(r) => r.json::<serde_json::Value>().await.ok().is_some_and(|v| {
-                    v["capabilities"].as_object().is_some_and(|caps| caps.values().all(|c| c["healthy"] == c["members"]))
+                    v["capabilities"]
+                        .as_object()
+                        .is_some_and(|caps| caps.values().all(|c| c["healthy"] == c["members"]))
                 }),
                 Err(_) => false,
             };
@@ -276,8 +278,8 @@ async fn run_on(
             pb,
             format!(
                 "{healed_at:>7.1}s  healed {}; detected {}, recovered {}",
-            label(f),
-            records.last().and_then(|r| r.detected_ms).map(|m| format!("in {m} ms")).unwrap_or("-".into()),
+                label(f),
+                records.last().and_then(|r| r.detected_ms).map(|m| format!("in {m} ms")).unwrap_or("-".into()),
                 records.last().and_then(|r| r.recovered_ms).map(|m| format!("in {m} ms")).unwrap_or("NOT".into()),
             ),
         );
@@ -315,6 +317,20 @@ async fn run_on(
     let obs = obs_arc.lock().map_err(|_| "observations poisoned".to_string())?;
     let mut report = build_report(sc, target.kind(), started_at, &log, &obs, &phases, records, load_end_s, duration_s);
     report.invariants = checked.invariants;
+    let undetected: Vec<String> = report
+        .faults
+        .iter()
+        .filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition") && f.detected_ms.is_none())
+        .map(|f| format!("{} {} at {:.1}s", f.kind, f.node, f.at_s))
+        .collect();
+    let n_detectable =
+        report.faults.iter().filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition")).count();
+    report.invariants.push(crate::report::Invariant {
+        name: "every_fault_detected".into(),
+        held: undetected.is_empty(),
+        detail: format!("{n_detectable} kills, pauses and partitions; each seen not up by another node"),
+        offending: undetected,
+    });
     if let Some(e) = &run_error {
         report.invariants.push(crate::report::Invariant {
             name: "run_completed".into(),

@@ -167,6 +167,10 @@ pub struct Load {
     /// How long one HTTP attempt may take before the client gives up on it and retries.
     #[serde(default = "default_attempt_timeout")]
     pub attempt_timeout: Dur,
+    /// Share of orders whose first attempt goes to two fronts at once (same key, same body), as a
+    /// client that gave up too early and retried elsewhere would: both answers must name one order.
+    #[serde(default = "default_parallel")]
+    pub parallel_share: f64,
 }
 
 fn default_rate() -> f64 {
@@ -192,6 +196,9 @@ fn default_tokens() -> BTreeMap<String, u32> {
         ("tok_slow".to_string(), 5),
     ])
 }
+fn default_parallel() -> f64 {
+    0.1
+}
 fn default_attempt_timeout() -> Dur {
     Dur(Duration::from_secs(5))
 }
@@ -206,6 +213,7 @@ impl Default for Load {
             scarce_stock: default_scarce(),
             tokens: default_tokens(),
             attempt_timeout: default_attempt_timeout(),
+            parallel_share: default_parallel(),
         }
     }
 }
@@ -289,6 +297,12 @@ impl Scenario {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
         if !(s.load.rate > 0.0 && s.load.rate <= 10_000.0) {
             return Err(format!("load.rate must be in (0, 10000], not {}", s.load.rate));
+        }
+        if s.cooldown.0 + Duration::from_secs(5) > s.settle.0 {
+            return Err("settle must be at least cooldown + 5s: the check deadline counts from the last heal".into());
+        }
+        if !(0.0..=1.0).contains(&s.load.parallel_share) {
+            return Err("load.parallel_share must be between 0 and 1".into());
         }
         if s.load.skus == 0 || s.load.tokens.values().all(|w| *w == 0) {
             return Err("load needs at least one SKU and one token with a weight above 0".into());

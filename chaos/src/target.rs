@@ -223,11 +223,10 @@ async fn admin(http: &reqwest::Client, base: &str, method: reqwest::Method, path
 async fn run_command(template: &str, node: &str, url: &str) -> Result<(), String> {
     let host = url.split("://").nth(1).unwrap_or(url).split(['/', ':']).next().unwrap_or_default();
     let cmd = template.replace("{node}", node).replace("{host}", host);
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .output()
+    let run = tokio::process::Command::new("sh").arg("-c").arg(&cmd).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
         .await
+        .map_err(|_| format!("`{cmd}` did not finish within 120 s"))?
         .map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
     if out.status.success() {
         Ok(())

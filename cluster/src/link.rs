@@ -3,10 +3,10 @@
 //! ractor_cluster can run its own listener, but then the sockets are out of our reach. Bulkhead
 //! accepts and dials itself and hands ractor_cluster each connection as an external stream
 //! ([`LinkStream`]). Every byte of every cluster link, in both directions, therefore passes
-//! through one place where a fault can be injected: [`LinkFaults::cut`] turns all of this node's
-//! links into a black hole (writes vanish, reads never deliver, no FIN, no RST), which is what a
-//! pulled cable or a dropped VLAN looks like to the peers. It is how `bulkhead-chaos` partitions a
-//! node, through `POST /admin/partition`, which exists only when the node runs with
+//! through one place where a fault can be injected: [`LinkFaults::set_cut`] stops every link of
+//! this node at once, in both directions, with no FIN and no RST (see [`LinkFaults`]), which is what
+//! a pulled cable or a dropped VLAN looks like to the peers: silence. It is how `bulkhead-chaos`
+//! partitions a node, through `POST /admin/partition`, which exists only when the node runs with
 //! `fault_injection = true`.
 //!
 //! Why not network namespaces: they need root (CAP_NET_ADMIN) on every machine, and CI containers
@@ -18,30 +18,82 @@
 //! the chaos scenarios need; the node's HTTP port is not cut, so the partitioned node keeps
 //! answering its clients with whatever it can still do alone.
 
+use std::any::Any;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The fault switch shared by every link of one node.
-#[derive(Debug, Default)]
+///
+/// While cut, reads and writes stay pending (bytes wait in the kernel's buffers, as they would
+/// behind a real partition while TCP retransmits), and sockets that are dropped or accepted meanwhile
+/// are kept open, unread, until the heal: a peer sees silence, never a FIN or an RST. A short cut
+/// that no detector notices therefore loses nothing; a long one ends in the detectors closing the
+/// sessions on both sides.
+#[derive(Default)]
 pub struct LinkFaults {
     cut: AtomicBool,
+    /// Tasks waiting on a cut link, woken at the heal.
+    wakers: Mutex<Vec<Waker>>,
+    /// Socket halves dropped, and connections accepted, while cut: closed at the heal.
+    held: Mutex<Vec<Box<dyn Any + Send>>>,
+}
+
+impl std::fmt::Debug for LinkFaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkFaults").field("cut", &self.is_cut()).finish()
+    }
 }
 
 impl LinkFaults {
     pub fn is_cut(&self) -> bool {
-        self.cut.load(Ordering::Relaxed)
+        self.cut.load(Ordering::SeqCst)
     }
 
     /// Cuts (`true`) or heals (`false`) every link of this node, present and future.
     pub fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
+        self.cut.store(cut, Ordering::SeqCst);
+        if !cut {
+            let wakers = self.wakers.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default();
+            wakers.into_iter().for_each(Waker::wake);
+            let held = self.held.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+            drop(held);
+        }
+    }
+
+    /// Keeps `thing` (a socket or half of one) open until the heal, if the links are cut; gives it
+    /// back otherwise.
+    pub fn hold_if_cut<T: Any + Send>(&self, thing: T) -> Option<T> {
+        if !self.is_cut() {
+            return Some(thing);
+        }
+        match self.held.lock() {
+            Ok(mut h) => {
+                h.push(Box::new(thing));
+                None
+            }
+            Err(_) => Some(thing),
+        }
+    }
+
+    /// Registers `cx` to be woken at the heal. Returns whether the link is (still) cut: checked
+    /// again after registering, so a heal in between is not missed.
+    fn park(&self, cx: &Context<'_>) -> bool {
+        if !self.is_cut() {
+            return false;
+        }
+        if let Ok(mut w) = self.wakers.lock() {
+            if !w.iter().any(|k| k.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+        }
+        self.is_cut()
     }
 }
 
@@ -65,8 +117,8 @@ impl ClusterBidiStream for LinkStream {
     fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
         let (r, w) = self.tcp.into_split();
         (
-            Box::new(FaultRead { inner: r, faults: self.faults.clone() }),
-            Box::new(FaultWrite { inner: w, faults: self.faults }),
+            Box::new(FaultRead { inner: Some(r), faults: self.faults.clone() }),
+            Box::new(FaultWrite { inner: Some(w), faults: self.faults }),
         )
     }
 
@@ -75,56 +127,75 @@ impl ClusterBidiStream for LinkStream {
     }
 }
 
-struct FaultRead<R> {
-    inner: R,
+struct FaultRead<R: Any + Send> {
+    /// Always `Some` until dropped.
+    inner: Option<R>,
     faults: Arc<LinkFaults>,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for FaultRead<R> {
+impl<R: AsyncRead + Unpin + Any + Send> AsyncRead for FaultRead<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        loop {
-            if !self.faults.is_cut() {
-                return Pin::new(&mut self.inner).poll_read(cx, buf);
-            }
-            // Cut: drain and drop what arrives, so the peer sees a silent link rather than a full
-            // window. EOF or an error is not passed on either: a partition never says goodbye. The
-            // session ends when a detector declares the peer down and closes it.
-            let mut scratch = [0u8; 4096];
-            let mut sink = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut self.inner).poll_read(cx, &mut sink) {
-                Poll::Ready(Ok(())) if !sink.filled().is_empty() => continue,
-                Poll::Ready(_) => return Poll::Pending,
-                Poll::Pending => return Poll::Pending,
-            }
+        if self.faults.park(cx) {
+            return Poll::Pending;
+        }
+        match self.inner.as_mut() {
+            Some(r) => Pin::new(r).poll_read(cx, buf),
+            None => Poll::Ready(Ok(())),
         }
     }
 }
 
-struct FaultWrite<W> {
-    inner: W,
+impl<R: Any + Send> Drop for FaultRead<R> {
+    fn drop(&mut self) {
+        if let Some(r) = self.inner.take() {
+            drop(self.faults.hold_if_cut(r));
+        }
+    }
+}
+
+struct FaultWrite<W: Any + Send> {
+    inner: Option<W>,
     faults: Arc<LinkFaults>,
 }
 
-impl<W: AsyncWrite + Unpin> AsyncWrite for FaultWrite<W> {
+impl<W: AsyncWrite + Unpin + Any + Send> AsyncWrite for FaultWrite<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.faults.is_cut() {
-            return Poll::Ready(Ok(buf.len()));
+        if self.faults.park(cx) {
+            return Poll::Pending;
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match self.inner.as_mut() {
+            Some(w) => Pin::new(w).poll_write(cx, buf),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.faults.is_cut() {
-            return Poll::Ready(Ok(()));
+        if self.faults.park(cx) {
+            return Poll::Pending;
         }
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match self.inner.as_mut() {
+            Some(w) => Pin::new(w).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.faults.is_cut() {
-            return Poll::Ready(Ok(()));
+        if self.faults.park(cx) {
+            return Poll::Pending;
         }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match self.inner.as_mut() {
+            Some(w) => Pin::new(w).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<W: Any + Send> Drop for FaultWrite<W> {
+    fn drop(&mut self) {
+        // Dropping a tokio write half sends a FIN: not while cut.
+        if let Some(w) = self.inner.take() {
+            drop(self.faults.hold_if_cut(w));
+        }
     }
 }
 
@@ -144,22 +215,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn passes_bytes_until_cut_then_swallows_both_ways() {
+    async fn a_cut_holds_bytes_both_ways_without_a_fin_and_the_heal_delivers_them() {
         let faults = Arc::new(LinkFaults::default());
         let (mut r, mut w, mut peer) = pair(faults.clone()).await;
         w.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
-        peer.write_all(b"pong").await.unwrap();
-        r.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"pong");
 
         faults.set_cut(true);
-        w.write_all(b"lost").await.unwrap();
-        peer.write_all(b"gone").await.unwrap();
-        drop(peer); // even the FIN must not show
-        let read = tokio::time::timeout(std::time::Duration::from_millis(50), r.read(&mut got)).await;
-        assert!(read.is_err(), "a cut link delivered {read:?}");
+        let quiet = std::time::Duration::from_millis(50);
+        // Our writes do not leave, the peer's bytes are not delivered.
+        assert!(tokio::time::timeout(quiet, w.write_all(b"held")).await.is_err());
+        peer.write_all(b"pong").await.unwrap();
+        assert!(tokio::time::timeout(quiet, r.read_exact(&mut got)).await.is_err());
+        // Dropping our side while cut sends no FIN: the peer hears nothing.
+        drop(w);
+        assert!(tokio::time::timeout(quiet, peer.read(&mut got)).await.is_err(), "the peer saw data or a FIN");
+
+        faults.set_cut(false);
+        // The bytes that waited arrive intact, and the held write half closes only now.
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(2), peer.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
 }

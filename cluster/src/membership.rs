@@ -149,7 +149,7 @@ impl MembershipState {
             capabilities: cfg.hosted(),
             unhealthy: c.unhealthy_local(),
             shard_fingerprint: cfg.capabilities.fingerprint(),
-            peers: c.connected_addrs(),
+            peers: c.connected_advertised(),
         };
         let bytes = seal(&hb, &new_traceparent());
         for cell in ractor::pg::get_members(&MEMBERSHIP_GROUP.to_string()) {

@@ -283,6 +283,18 @@ impl Cluster {
         out
     }
 
+    /// The advertised cluster addresses of connected peers: what heartbeats gossip. Dialled
+    /// spellings (a seed written as a DNS name, say) stay local, or every node would learn an alias
+    /// it can never match to a session and dial it forever.
+    pub(crate) fn connected_advertised(&self) -> Vec<String> {
+        let view = self.inner.view.read().map(|v| v.clone()).unwrap_or_default();
+        self.connected_names()
+            .into_iter()
+            .filter_map(|n| view.get(&n).map(|v| v.addr.clone()))
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
     /// The fault switch on every cluster link of this node (used by `/admin/partition`).
     pub fn link_faults(&self) -> &LinkFaults {
         &self.inner.link_faults
@@ -479,6 +491,8 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
         };
         match accepted {
             Ok((tcp, from)) => {
+                // Cut off: the connection is held open and never answered (a black hole, not a refusal).
+                let Some(tcp) = cluster.inner.link_faults.hold_if_cut(tcp) else { continue };
                 let link = Box::new(LinkStream::new(tcp, cluster.inner.link_faults.clone(), from.to_string()));
                 let msg = NodeServerMessage::ConnectionOpenedExternal { stream: link, is_server: true };
                 if cluster.inner.server.cast(msg).is_err() {
@@ -553,6 +567,10 @@ async fn dialer(cluster: Cluster) {
                 ses.actor.stop(Some("handshake deadline".into()));
                 false
             });
+        }
+        // A cut-off node reaches nobody: dialling would only pile up held sockets.
+        if cluster.inner.link_faults.is_cut() {
+            continue;
         }
         let known: Vec<String> =
             cluster.inner.known_addrs.lock().map(|k| k.iter().cloned().collect()).unwrap_or_default();

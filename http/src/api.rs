@@ -13,7 +13,7 @@ use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{
-    home_of, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+    home_of, successor_of, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
@@ -120,24 +120,41 @@ fn pick_orders_node(st: &AppState) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
 }
 
-/// How long the front waits for a successor's witness before going on without it.
-const WITNESS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Whether this node sees more than half of the cluster's nodes (itself included) not `down`.
+/// Only then may it decide, for a key, that one orders node is gone and the other acts alone: a
+/// node cut off from the rest never does, so the two sides of a partition cannot both place a key.
+fn sees_majority(st: &AppState) -> bool {
+    let cluster = &st.cluster;
+    let mut all: std::collections::BTreeSet<&String> = std::collections::BTreeSet::new();
+    for cap in Capability::ALL {
+        all.extend(cluster.config().capabilities.nodes(cap).iter());
+    }
+    let alive = all.iter().filter(|n| cluster.status_of(n) != Status::Down).count();
+    alive * 2 > all.len()
+}
 
-/// The orders node for a request with an Idempotency-Key: its home (the key hashed over the
-/// orders nodes), once the home's successor has witnessed the key; the successor when the home is
-/// down (it refuses the keys it witnessed, which the home may hold) or when it placed the key
-/// itself earlier. See `WITNESSES` in `bulkhead_actors::orders::actor` for why.
-/// The second value says whether the key is witnessed (or needs none).
+fn no_quorum() -> ApiError {
+    ApiError::unavailable(
+        "this node cannot see most of the cluster, so it cannot tell where this Idempotency-Key belongs; nothing was recorded, retry later",
+    )
+}
+
+/// The orders node for a request with an Idempotency-Key, and whether the key is witnessed.
+///
+/// A key must meet the one store that may hold it: its home (the key hashed over the orders nodes).
+/// Before the home takes a key, the home's successor witnesses it. When the home is down the key
+/// goes to the successor, which refuses the keys it witnessed (the dead home may hold them) and
+/// places the others itself; a key it placed itself is answered `OwnedHere` to the next witness
+/// request, so retries go there. Acting without the other node (an unwitnessed home, or the
+/// successor for a down home) needs the detector to call that node down *and* a majority in view.
+/// See `WITNESSES` in `bulkhead_actors::orders::actor`.
 async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiError> {
     let cluster = &st.cluster;
-    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
     let home = cluster
         .owner(Capability::Orders, key.as_bytes())
         .ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
-    let successor =
-        nodes.iter().position(|n| *n == home).map(|i| nodes[(i + 1) % nodes.len()].clone()).filter(|s| *s != home);
     let home_up = cluster.is_routable(Capability::Orders, &home);
-    let Some(succ) = successor else {
+    let Some(succ) = successor_of(cluster, &home) else {
         return if home_up {
             Ok((home, true))
         } else {
@@ -147,32 +164,39 @@ async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiErro
         };
     };
     let succ_up = cluster.is_routable(Capability::Orders, &succ);
-    if !home_up {
-        return if succ_up {
-            // The successor places keys it has not witnessed; it needs no witness itself (its own
-            // claim answers `OwnedHere` to the home's later requests).
-            Ok((succ, true))
-        } else {
-            Err(ApiError::unavailable(
-                "no orders node for this Idempotency-Key is reachable; nothing was recorded, retry later",
-            ))
-        };
-    }
-    if succ_up {
-        let req = OrdersRequest::Witness { key: key.to_string(), owner: home.clone() };
-        match cluster
-            .call_with_timeout::<_, OrdersReply>(Capability::Orders, &succ, &req, &new_traceparent(), WITNESS_TIMEOUT)
-            .await
-        {
-            Ok(OrdersReply::Witnessed) => return Ok((home, true)),
-            Ok(OrdersReply::OwnedHere) => return Ok((succ, true)),
-            Ok(other) => tracing::warn!(?other, %succ, "unexpected answer to a witness request"),
-            Err(e) => tracing::warn!(error = %e, %succ, "no witness for an Idempotency-Key; its home takes it alone"),
+    match (home_up, succ_up) {
+        (true, true) => {
+            let req = OrdersRequest::Witness { key: key.to_string(), owner: home.clone() };
+            match cluster.call::<_, OrdersReply>(Capability::Orders, &succ, &req, &new_traceparent()).await {
+                Ok(OrdersReply::Witnessed) => Ok((home, true)),
+                Ok(OrdersReply::OwnedHere) => Ok((succ, true)),
+                // The successor is up but did not witness (overloaded, hung, an odd answer): going
+                // on without it would open a window for a second order under this key.
+                Ok(other) => {
+                    tracing::warn!(?other, %succ, "unexpected answer to a witness request");
+                    Err(ApiError::unavailable(
+                        "this Idempotency-Key could not be witnessed; nothing was recorded, retry later",
+                    ))
+                }
+                Err(e) if cluster.status_of(&succ) == Status::Down && sees_majority(st) => {
+                    tracing::debug!(error = %e, %succ, "successor went down during the witness; the home takes the key alone");
+                    st.metrics.unwitnessed.fetch_add(1, Relaxed);
+                    Ok((home, false))
+                }
+                Err(e) => Err(ApiError::from_call(e)),
+            }
         }
+        (true, false) if sees_majority(st) => {
+            // The home takes the key alone and keeps asking the successor to witness it afterwards.
+            st.metrics.unwitnessed.fetch_add(1, Relaxed);
+            Ok((home, false))
+        }
+        (false, true) if sees_majority(st) => Ok((succ, true)),
+        (false, false) => Err(ApiError::unavailable(
+            "no orders node for this Idempotency-Key is reachable; nothing was recorded, retry later",
+        )),
+        _ => Err(no_quorum()),
     }
-    // The home takes the key alone and keeps asking the successor to witness it afterwards.
-    st.metrics.unwitnessed.fetch_add(1, Relaxed);
-    Ok((home, false))
 }
 
 fn order_response(st: &AppState, view: OrderView) -> Response {

@@ -43,6 +43,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         vec![(String::new(), m.unwitnessed.load(Relaxed))],
     );
     line(
+        "bulkhead_orders_duplicate_keys_total",
+        "Idempotency-Keys found placed on both orders nodes (should stay 0)",
+        "counter",
+        vec![(String::new(), bulkhead_actors::orders::DUPLICATE_KEYS.load(Relaxed))],
+    );
+    line(
         "bulkhead_orders_shed_total",
         "POST /v1/orders refused with 429 because limits.orders_in_flight were already running",
         "counter",

@@ -17,6 +17,6 @@ pub mod outbox;
 pub mod protocol;
 pub mod saga;
 
-pub use actor::{home_of, new_order_id, OrdersMsg, OrdersWorker};
+pub use actor::{home_of, new_order_id, successor_of, OrdersMsg, OrdersWorker, DUPLICATE_KEYS};
 pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};

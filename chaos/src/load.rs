@@ -156,11 +156,11 @@ pub fn start(spec: &Load, urls: Vec<String>, skus: Vec<String>, t0: Instant, htt
                 if twice {
                     // The same key and body through two fronts at once.
                     tokio::join!(
-                        place(&ctx, idx, seq, order.clone(), give_up_rx.clone()),
-                        place(&ctx, idx, seq + 1, order, give_up_rx)
+                        place(&ctx, idx, seq, 0, order.clone(), give_up_rx.clone()),
+                        place(&ctx, idx, seq, 1, order, give_up_rx)
                     );
                 } else {
-                    place(&ctx, idx, seq, order, give_up_rx).await;
+                    place(&ctx, idx, seq, 0, order, give_up_rx).await;
                 }
                 in_flight3.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             });
@@ -177,7 +177,8 @@ struct Ctx {
     log: Arc<Mutex<LoadLog>>,
 }
 
-async fn place(ctx: &Ctx, idx: usize, seq: u64, order: OrderRec, mut give_up: watch::Receiver<bool>) {
+/// Places order `seq` (its body is the same on every attempt), starting at front `seq + front`.
+async fn place(ctx: &Ctx, idx: usize, seq: u64, front: usize, order: OrderRec, mut give_up: watch::Receiver<bool>) {
     let body = json!({
         "customer_id": format!("chaos-{seq}"),
         "items": order.items.iter().map(|(s, q)| json!({"sku": s, "quantity": q})).collect::<Vec<_>>(),
@@ -188,7 +189,7 @@ async fn place(ctx: &Ctx, idx: usize, seq: u64, order: OrderRec, mut give_up: wa
         if *give_up.borrow() {
             return;
         }
-        let url = &ctx.urls[(seq as usize + attempt as usize) % ctx.urls.len()];
+        let url = &ctx.urls[(seq as usize + front + attempt as usize) % ctx.urls.len()];
         let resp = ctx
             .http
             .post(format!("{url}/v1/orders"))

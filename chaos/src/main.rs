@@ -51,6 +51,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,bulkhead_chaos=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let Cmd::Run { scenario, report_dir, bulkhead, nodes, quiet } = Cli::parse().cmd;
     let nodes = match parse_nodes(&nodes) {

@@ -95,6 +95,20 @@ async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_af
         })
         .await;
     }
+    // n1 hands k_new (placed there while its home n3 was dead) to n3. Now n1 dies: n3, the home,
+    // must refuse k_new instead of placing it a second time.
+    eventually(Duration::from_secs(10), "n1 has handed k_new to n3", || async {
+        let m = tc.http.get(format!("{}/metrics", tc.url(0))).send().await.ok()?.text().await.ok()?;
+        m.lines().any(|l| l == "bulkhead_orders_pending_witnesses 0").then_some(())
+    })
+    .await;
+    tc.lc.kill(0);
+    eventually(Duration::from_secs(5), "n3 sees n1 down", || async {
+        (tc.status_of(2, "n1").await == "down").then_some(())
+    })
+    .await;
+    let r = tc.order(2, Some(&k_new), "widget-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 503, "k_new lives on the dead n1: {}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

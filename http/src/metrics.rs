@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use bulkhead_cluster::wire::WIRE_STATS;
-use bulkhead_cluster::Status;
+use bulkhead_cluster::{Capability, Status};
 
 use crate::AppState;
 
@@ -42,6 +42,14 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "counter",
         vec![(String::new(), m.unwitnessed.load(Relaxed))],
     );
+    if let Some(store) = st.stores.get(&Capability::Orders) {
+        line(
+            "bulkhead_orders_pending_witnesses",
+            "Idempotency-Keys this node must still get witnessed by (or hand to) the other orders node",
+            "gauge",
+            vec![(String::new(), bulkhead_actors::orders::actor::UNWITNESSED.len(store) as u64)],
+        );
+    }
     line(
         "bulkhead_orders_duplicate_keys_total",
         "Idempotency-Keys found placed on both orders nodes (should stay 0)",

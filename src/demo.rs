@@ -241,6 +241,7 @@ pub struct DemoOptions {
     pub data_dir: PathBuf,
     pub http_port: u16,
     pub cluster_port: u16,
+    pub fault_injection: bool,
 }
 
 /// The demo catalog: (sku, price in cents).
@@ -277,7 +278,7 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
         out,
         format!("starting 3 nodes (data in {}, logs in {}/logs) ...", opts.data_dir.display(), opts.data_dir.display()),
     );
-    let mut lc = LocalCluster::launch(&exe, &opts.data_dir, ports, Timing::default(), false)?;
+    let mut lc = LocalCluster::launch(&exe, &opts.data_dir, ports, Timing::default(), opts.fault_injection)?;
     let ready = lc.wait_ready(Duration::from_secs(60)).await;
     if let Err(e) = ready {
         lc.stop_all();

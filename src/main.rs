@@ -29,6 +29,10 @@ enum Cmd {
         /// Cluster port of n1 (n2 and n3 use the next two).
         #[arg(long, default_value_t = 7101)]
         cluster_port: u16,
+        /// Enable the fault-injection admin endpoints (/admin/panic, /admin/partition), e.g. for
+        /// `bulkhead-chaos run ... --nodes n1=http://127.0.0.1:8080,...`.
+        #[arg(long)]
+        fault_injection: bool,
     },
     /// Throughput and latency of POST /v1/orders on local 1- and 3-node clusters (real processes).
     Bench {
@@ -93,8 +97,8 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Cmd::Demo { data_dir, http_port, cluster_port } => {
-            let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port };
+        Cmd::Demo { data_dir, http_port, cluster_port, fault_injection } => {
+            let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port, fault_injection };
             bulkhead::demo::run(opts, &mut std::io::stdout()).await
         }
         Cmd::Bench { restart_orders: Some(orders), data_dir, json, .. } => {

@@ -335,3 +335,43 @@ async fn a_paused_payments_node_makes_orders_pending_and_they_confirm_after_it_r
     let p = tc.get(0, &format!("/v1/payments?order_id={id}")).await;
     assert_eq!(p.body["payments"].as_array().map(Vec::len), Some(1), "{}", p.body);
 }
+
+/// An unreachable inventory shard holds up only the orders for its own SKUs: with inventory on n1
+/// and n3 (payments, shipping and notifications on n2), SIGSTOP n3 makes orders for an n3 SKU
+/// `202 pending` while orders for an n1 SKU still confirm; after SIGCONT the pending one confirms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_inventory_shard_holds_up_only_its_own_skus() {
+    let tc = common::start_configured(Timing::default(), |configs| {
+        for c in configs.iter_mut() {
+            let p = |n: &[&str]| CapabilityPlacement { nodes: n.iter().map(|s| s.to_string()).collect() };
+            c.capabilities.0.insert(Capability::Orders, p(&["n1"]));
+            c.capabilities.0.insert(Capability::Inventory, p(&["n1", "n3"]));
+            c.capabilities.0.insert(Capability::Payments, p(&["n2"]));
+            c.capabilities.0.insert(Capability::Shipping, p(&["n2"]));
+            c.capabilities.0.insert(Capability::Notifications, p(&["n2"]));
+        }
+    })
+    .await;
+    let map = tc.lc.configs[0].capabilities.clone();
+    let sku_on = |node: &str| {
+        (0..).map(|i| format!("sku-{i}")).find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some(node)).unwrap()
+    };
+    let (near, far) = (sku_on("n1"), sku_on("n3"));
+    tc.stock(&near, 10, 100).await;
+    tc.stock(&far, 10, 100).await;
+    tc.lc.signal(2, libc::SIGSTOP);
+    eventually(Duration::from_secs(5), "n1 sees the paused n3 down", || async {
+        (tc.status_of(0, "n3").await == "down").then_some(())
+    })
+    .await;
+    let held = tc.order(0, None, &far, 1, "tok_ok").await;
+    let fine = tc.order(0, None, &near, 1, "tok_ok").await;
+    tc.lc.signal(2, libc::SIGCONT);
+    assert_eq!((held.status, held.body["status"].as_str()), (202, Some("pending")), "{}", held.body);
+    assert_eq!((fine.status, fine.body["status"].as_str()), (201, Some("confirmed")), "{}", fine.body);
+    let id = held.body["order_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(30), "the held order confirms after SIGCONT", || async {
+        (tc.get(0, &format!("/v1/orders/{id}")).await.body["status"] == "confirmed").then_some(())
+    })
+    .await;
+}

@@ -53,8 +53,8 @@ async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_af
     let on_n3 = on_n3.body["order_id"].as_str().unwrap().to_string();
     assert!(on_n3.ends_with("01"), "{on_n3} was not placed on its home n3 (index 1)");
     tc.lc.kill(2);
-    eventually(Duration::from_secs(5), "n1 sees n3 down", || async {
-        (tc.status_of(0, "n3").await == "down").then_some(())
+    eventually(Duration::from_secs(5), "n1 and n2 see n3 down", || async {
+        (tc.down_votes(0, "n3").await >= 2 && tc.down_votes(1, "n3").await >= 2).then_some(())
     })
     .await;
 
@@ -103,12 +103,13 @@ async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_af
     })
     .await;
     tc.lc.kill(0);
-    eventually(Duration::from_secs(5), "n3 sees n1 down", || async {
-        (tc.status_of(2, "n1").await == "down").then_some(())
+    eventually(Duration::from_secs(5), "n3 and n2 see n1 down", || async {
+        (tc.down_votes(2, "n1").await >= 2).then_some(())
     })
     .await;
     let r = tc.order(2, Some(&k_new), "widget-1", 1, "tok_ok").await;
     assert_eq!(r.status, 503, "k_new lives on the dead n1: {}", r.body);
+    assert!(r.body["message"].as_str().is_some_and(|m| m.contains("lives on n1")), "{}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,6 +226,10 @@ async fn a_paused_node_is_declared_down_and_rejoins_when_it_resumes() {
         (tc.status_of(0, "n3").await == "down").then_some(())
     })
     .await;
+    eventually(Duration::from_secs(5), "n1 knows n2 agrees", || async {
+        (tc.down_votes(0, "n3").await >= 2).then_some(())
+    })
+    .await;
     let detected = paused.elapsed();
     assert!(detected < Duration::from_secs(3), "took {detected:?}");
     let r = tc.order(0, Some(&key_homed_on("n1")), "widget-1", 1, "tok_ok").await;
@@ -262,6 +267,10 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
     })
     .await;
     assert!(detected < Duration::from_secs(3), "took {detected:?}");
+    eventually(Duration::from_secs(5), "n1 and n2 agree n3 is down", || async {
+        (tc.down_votes(0, "n3").await >= 2 && tc.down_votes(1, "n3").await >= 2).then_some(())
+    })
+    .await;
     // The majority side places keys of both orders nodes: n1's own (unwitnessed, n3 is down) and
     // n3's (n1 is its successor and never witnessed them).
     let mut n3_keys = keys_homed_on("n3");
@@ -354,7 +363,10 @@ async fn an_unreachable_inventory_shard_holds_up_only_its_own_skus() {
     .await;
     let map = tc.lc.configs[0].capabilities.clone();
     let sku_on = |node: &str| {
-        (0..).map(|i| format!("sku-{i}")).find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some(node)).unwrap()
+        (0..)
+            .map(|i| format!("sku-{i}"))
+            .find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some(node))
+            .unwrap()
     };
     let (near, far) = (sku_on("n1"), sku_on("n3"));
     tc.stock(&near, 10, 100).await;

@@ -100,8 +100,10 @@ impl Target {
     pub async fn inject(&mut self, f: &Fault, http: &reqwest::Client) -> Result<(), String> {
         let i = self.index(&f.node)?;
         match (self, f.action) {
+            // These wait for the child to exit (kill: reap; restart: up to 5 s of graceful stop):
+            // off the async workers, so the load and the observer keep their pace meanwhile.
             (Target::Local { lc, .. }, Action::Kill) => {
-                lc.kill(i);
+                tokio::task::block_in_place(|| lc.kill(i));
                 Ok(())
             }
             (Target::Local { lc, .. }, Action::Pause) => {
@@ -109,7 +111,7 @@ impl Target {
                 Ok(())
             }
             (Target::Local { lc, .. }, Action::Restart) => {
-                lc.stop(i);
+                tokio::task::block_in_place(|| lc.stop(i));
                 Ok(())
             }
             (t, Action::Partition) => match t {

@@ -322,6 +322,23 @@ impl Cluster {
         self.inner.view.read().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// Whether more than half of the cluster's nodes say `node` is down: this node (if it heard
+    /// `node` and then lost it, not merely never heard from it) and every peer it sees alive,
+    /// each by the `down` list of its last heartbeat. One node's view can be stale or one-sided (a
+    /// node just healed from a partition still has its peers down for a heartbeat); a majority of
+    /// views cannot be both "A is down" and "B is down" about two nodes that are each up, so a
+    /// decision to act without `node` taken on this is not taken on both sides at once.
+    pub fn majority_sees_down(&self, node: &str) -> bool {
+        let view = self.view();
+        let total = self.config().capabilities.all_nodes().len().max(view.len());
+        let votes = view
+            .values()
+            .filter(|v| v.name == self.name() || v.status != Status::Down)
+            .filter(|v| v.sees_down.iter().any(|d| d == node))
+            .count();
+        votes * 2 > total
+    }
+
     pub fn status_of(&self, node: &str) -> Status {
         if node == self.name() {
             return Status::Up;

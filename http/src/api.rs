@@ -120,22 +120,9 @@ fn pick_orders_node(st: &AppState) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
 }
 
-/// Whether this node sees more than half of the cluster's nodes (itself included) not `down`.
-/// Only then may it decide, for a key, that one orders node is gone and the other acts alone: a
-/// node cut off from the rest never does, so the two sides of a partition cannot both place a key.
-fn sees_majority(st: &AppState) -> bool {
-    let cluster = &st.cluster;
-    let mut all: std::collections::BTreeSet<&String> = std::collections::BTreeSet::new();
-    for cap in Capability::ALL {
-        all.extend(cluster.config().capabilities.nodes(cap).iter());
-    }
-    let alive = all.iter().filter(|n| cluster.status_of(n) != Status::Down).count();
-    alive * 2 > all.len()
-}
-
 fn no_quorum() -> ApiError {
     ApiError::unavailable(
-        "this node cannot see most of the cluster, so it cannot tell where this Idempotency-Key belongs; nothing was recorded, retry later",
+        "most of the cluster does not (yet) agree that this Idempotency-Key's other orders node is down, so neither may take it alone; nothing was recorded, retry later",
     )
 }
 
@@ -146,7 +133,9 @@ fn no_quorum() -> ApiError {
 /// goes to the successor, which refuses the keys it witnessed (the dead home may hold them) and
 /// places the others itself; a key it placed itself is answered `OwnedHere` to the next witness
 /// request, so retries go there. Acting without the other node (an unwitnessed home, or the
-/// successor for a down home) needs the detector to call that node down *and* a majority in view.
+/// successor for a down home) needs a majority of the cluster's nodes to say that node is down
+/// (`Cluster::majority_sees_down`), so the two sides of a partition, or two nodes whose views lag
+/// each other at a heal, never both act alone.
 /// See `WITNESSES` in `bulkhead_actors::orders::actor`.
 async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiError> {
     let cluster = &st.cluster;
@@ -178,7 +167,7 @@ async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiErro
                         "this Idempotency-Key could not be witnessed; nothing was recorded, retry later",
                     ))
                 }
-                Err(e) if cluster.status_of(&succ) == Status::Down && sees_majority(st) => {
+                Err(e) if cluster.majority_sees_down(&succ) => {
                     tracing::debug!(error = %e, %succ, "successor went down during the witness; the home takes the key alone");
                     st.metrics.unwitnessed.fetch_add(1, Relaxed);
                     Ok((home, false))
@@ -186,12 +175,12 @@ async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiErro
                 Err(e) => Err(ApiError::from_call(e)),
             }
         }
-        (true, false) if sees_majority(st) => {
+        (true, false) if cluster.majority_sees_down(&succ) => {
             // The home takes the key alone and keeps asking the successor to witness it afterwards.
             st.metrics.unwitnessed.fetch_add(1, Relaxed);
             Ok((home, false))
         }
-        (false, true) if sees_majority(st) => Ok((succ, true)),
+        (false, true) if cluster.majority_sees_down(&home) => Ok((succ, true)),
         (false, false) => Err(ApiError::unavailable(
             "no orders node for this Idempotency-Key is reachable; nothing was recorded, retry later",
         )),

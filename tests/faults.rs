@@ -97,9 +97,11 @@ async fn killing_the_shipping_node_leaves_orders_working_and_shipments_resume_af
     }
     // n1 hands k_new (placed there while its home n3 was dead) to n3. Now n1 dies: n3, the home,
     // must refuse k_new instead of placing it a second time.
+    // Done when n3 no longer hears n1 announce a debt (`owes` in n1's heartbeats).
     eventually(Duration::from_secs(10), "n1 has handed k_new to n3", || async {
-        let m = tc.http.get(format!("{}/metrics", tc.url(0))).send().await.ok()?.text().await.ok()?;
-        m.lines().any(|l| l == "bulkhead_orders_pending_witnesses 0").then_some(())
+        let v = tc.get(2, "/v1/cluster").await.body;
+        let n1 = v["nodes"].as_array()?.iter().find(|n| n["name"] == "n1")?.clone();
+        n1.get("owes").is_none().then_some(())
     })
     .await;
     tc.lc.kill(0);

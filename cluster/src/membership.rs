@@ -50,6 +50,8 @@ pub struct Heartbeat {
     /// Nodes this node has seen go down (heard from, then lost): its vote in
     /// [`Cluster::majority_sees_down`](crate::Cluster::majority_sees_down).
     pub down: Vec<String>,
+    /// Nodes this node still owes a hand-off of Idempotency-Keys ([`Cluster::set_owes`]).
+    pub owes: Vec<String>,
 }
 
 impl Record for Heartbeat {
@@ -154,6 +156,7 @@ impl MembershipState {
             shard_fingerprint: cfg.capabilities.fingerprint(),
             peers: c.connected_advertised(),
             down: c.view().get(&cfg.name).map(|me| me.sees_down.clone()).unwrap_or_default(),
+            owes: c.owes().into_iter().collect(),
         };
         let bytes = seal(&hb, &new_traceparent());
         for cell in ractor::pg::get_members(&MEMBERSHIP_GROUP.to_string()) {
@@ -245,6 +248,7 @@ impl MembershipState {
                     reason: None,
                     // Filled in below, once every other node's status is known.
                     sees_down: Vec::new(),
+                    owes: c.owes().into_iter().collect(),
                 }
             } else if let Some(hb) = self.last.get(&name) {
                 let refused = self.refused.get(&name).cloned();
@@ -262,6 +266,7 @@ impl MembershipState {
                     unhealthy: hb.unhealthy.clone(),
                     reason: refused,
                     sees_down: hb.down.clone(),
+                    owes: hb.owes.clone(),
                 }
             } else {
                 NodeView {
@@ -274,6 +279,7 @@ impl MembershipState {
                     unhealthy: vec![],
                     reason: Some("never heard from".into()),
                     sees_down: Vec::new(),
+                    owes: Vec::new(),
                 }
             };
             nodes.insert(name, view);
@@ -306,4 +312,7 @@ pub struct NodeView {
     /// for a peer: what its last heartbeat said).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sees_down: Vec<String>,
+    /// Nodes it still owes a hand-off of Idempotency-Keys (usually empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub owes: Vec<String>,
 }

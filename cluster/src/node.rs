@@ -58,6 +58,8 @@ struct Inner {
     known_addrs: Mutex<BTreeSet<String>>,
     view: RwLock<BTreeMap<String, NodeView>>,
     health: RwLock<BTreeMap<Capability, CapHealth>>,
+    /// Nodes this node still owes a hand-off of Idempotency-Keys (set by the orders worker).
+    owes: RwLock<BTreeSet<String>>,
     metrics: ClusterMetrics,
     link_faults: Arc<LinkFaults>,
     /// One breaker per (capability, member) this node has called.
@@ -165,6 +167,7 @@ impl Cluster {
             known_addrs: Mutex::new(BTreeSet::new()),
             view: RwLock::new(BTreeMap::new()),
             health: RwLock::new(BTreeMap::new()),
+            owes: RwLock::new(BTreeSet::new()),
             metrics: ClusterMetrics::default(),
             link_faults: Arc::new(LinkFaults::default()),
             breakers: Mutex::new(BTreeMap::new()),
@@ -240,6 +243,18 @@ impl Cluster {
         if let Ok(mut h) = self.inner.health.write() {
             h.insert(cap, CapHealth { ready, detail: detail.to_string() });
         }
+    }
+
+    /// The nodes this node must still tell about Idempotency-Keys (see `orders::actor::UNWITNESSED`);
+    /// travels in heartbeats, so that nobody acts alone on keys this node may be the only one to know.
+    pub fn set_owes(&self, nodes: BTreeSet<String>) {
+        if let Ok(mut o) = self.inner.owes.write() {
+            *o = nodes;
+        }
+    }
+
+    pub fn owes(&self) -> BTreeSet<String> {
+        self.inner.owes.read().map(|o| o.clone()).unwrap_or_default()
     }
 
     pub fn local_health(&self) -> BTreeMap<Capability, CapHealth> {
@@ -337,6 +352,20 @@ impl Cluster {
             .filter(|v| v.sees_down.iter().any(|d| d == node))
             .count();
         votes * 2 > total
+    }
+
+    /// Whether `node`, by its last heartbeat, still owes `other` a hand-off of keys (so acting on
+    /// `node`'s keys without it, or on `other`'s, could miss a key only `node` knows about).
+    pub fn owes_handoff(&self, node: &str, other: &str) -> bool {
+        if node == self.name() {
+            return self.owes().contains(other);
+        }
+        self.inner
+            .view
+            .read()
+            .ok()
+            .and_then(|v| v.get(node).map(|n| n.owes.iter().any(|o| o == other)))
+            .unwrap_or(false)
     }
 
     pub fn status_of(&self, node: &str) -> Status {

@@ -120,6 +120,20 @@ fn pick_orders_node(st: &AppState) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
 }
 
+/// Whether keys may be placed without `gone` (the other orders node): a majority must call it down,
+/// and it must not have gone while still owing `other` a hand-off of keys only it knew.
+fn may_act_without(cluster: &bulkhead_cluster::Cluster, gone: &str, other: &str) -> Result<(), ApiError> {
+    if !cluster.majority_sees_down(gone) {
+        return Err(no_quorum());
+    }
+    if cluster.owes_handoff(gone, other) {
+        return Err(ApiError::unavailable(format!(
+            "{gone} went down before handing its Idempotency-Keys to {other}; nothing was recorded, retry when it is back"
+        )));
+    }
+    Ok(())
+}
+
 fn no_quorum() -> ApiError {
     ApiError::unavailable(
         "most of the cluster does not (yet) agree that this Idempotency-Key's other orders node is down, so neither may take it alone; nothing was recorded, retry later",
@@ -135,7 +149,9 @@ fn no_quorum() -> ApiError {
 /// request, so retries go there. Acting without the other node (an unwitnessed home, or the
 /// successor for a down home) needs a majority of the cluster's nodes to say that node is down
 /// (`Cluster::majority_sees_down`), so the two sides of a partition, or two nodes whose views lag
-/// each other at a heal, never both act alone.
+/// each other at a heal, never both act alone; and the down node must not have owed the other one
+/// a hand-off of keys when it went (`Cluster::owes_handoff`), or a key only it knew could be placed
+/// twice after a second fault.
 /// See `WITNESSES` in `bulkhead_actors::orders::actor`.
 async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiError> {
     let cluster = &st.cluster;
@@ -167,7 +183,7 @@ async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiErro
                         "this Idempotency-Key could not be witnessed; nothing was recorded, retry later",
                     ))
                 }
-                Err(e) if cluster.majority_sees_down(&succ) => {
+                Err(e) if may_act_without(cluster, &succ, &home).is_ok() => {
                     tracing::debug!(error = %e, %succ, "successor went down during the witness; the home takes the key alone");
                     st.metrics.unwitnessed.fetch_add(1, Relaxed);
                     Ok((home, false))
@@ -175,16 +191,19 @@ async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiErro
                 Err(e) => Err(ApiError::from_call(e)),
             }
         }
-        (true, false) if cluster.majority_sees_down(&succ) => {
+        (true, false) => {
+            may_act_without(cluster, &succ, &home)?;
             // The home takes the key alone and keeps asking the successor to witness it afterwards.
             st.metrics.unwitnessed.fetch_add(1, Relaxed);
             Ok((home, false))
         }
-        (false, true) if cluster.majority_sees_down(&home) => Ok((succ, true)),
+        (false, true) => {
+            may_act_without(cluster, &home, &succ)?;
+            Ok((succ, true))
+        }
         (false, false) => Err(ApiError::unavailable(
             "no orders node for this Idempotency-Key is reachable; nothing was recorded, retry later",
         )),
-        _ => Err(no_quorum()),
     }
 }
 

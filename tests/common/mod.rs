@@ -57,6 +57,23 @@ async fn wait(lc: LocalCluster, dir: tempfile::TempDir, ready: bool) -> TestClus
         tc.dump_logs();
         panic!("{e}");
     }
+    if ready {
+        // Readiness says each node serves; routing also needs each node to have heard the others'
+        // health (one heartbeat later): wait until every node sees every member routable.
+        eventually(Duration::from_secs(10), "every node sees every capability's members routable", || async {
+            for i in 0..tc.lc.configs.len() {
+                let v = tc.get(i, "/v1/cluster").await.body;
+                let whole = v["capabilities"]
+                    .as_object()
+                    .is_some_and(|caps| caps.values().all(|c| c["healthy"] == c["members"]));
+                if !whole {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
     tc
 }
 

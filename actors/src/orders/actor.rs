@@ -247,6 +247,10 @@ impl OrdersState {
                 None
             };
             if let Some(node) = tell {
+                // Announced before anything is acknowledged: heartbeats carry it from now on.
+                let mut owes = self.cluster().owes();
+                owes.insert(node.clone());
+                self.cluster().set_owes(owes);
                 UNWITNESSED.put(&mut b, &ik.key, &PendingWitness { since_ms: now, node });
             }
         }
@@ -275,7 +279,16 @@ impl OrdersState {
     /// Gets the keys in `UNWITNESSED` witnessed where they must be, a batch per round, only while
     /// that node is reachable.
     fn repair_witnesses(&mut self, myself: &ActorRef<OrdersMsg>) -> Result<(), ActorProcessingErr> {
-        if self.repairing || UNWITNESSED.is_empty(&self.args.store) {
+        if self.repairing {
+            return Ok(());
+        }
+        // Who is still owed a hand-off, from the table itself (also right after a restart).
+        let mut owes = std::collections::BTreeSet::new();
+        for item in UNWITNESSED.iter(&self.args.store) {
+            owes.insert(item?.1.node);
+        }
+        self.cluster().set_owes(owes);
+        if UNWITNESSED.is_empty(&self.args.store) {
             return Ok(());
         }
         let mut batch = Vec::new();
@@ -540,7 +553,16 @@ impl Actor for OrdersWorker {
             }
             OrdersMsg::FlushFailed(why) => return Err(format!("orders store flush failed: {why}").into()),
             OrdersMsg::WitnessRepair => state.repair_witnesses(&myself)?,
-            OrdersMsg::RepairRoundOver => state.repairing = false,
+            OrdersMsg::RepairRoundOver => {
+                state.repairing = false;
+                // What is still owed, at once: a node that has just handed everything over must
+                // stop announcing a debt (others refuse to act alone while it does).
+                let mut owes = std::collections::BTreeSet::new();
+                for item in UNWITNESSED.iter(&state.args.store) {
+                    owes.insert(item?.1.node);
+                }
+                state.args.cluster.set_owes(owes);
+            }
             OrdersMsg::RepairDone { key, duplicate } => {
                 if duplicate {
                     // Both orders nodes placed an order under one key (two faults in a row, e.g. the

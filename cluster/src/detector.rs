@@ -12,7 +12,9 @@
 //! - heartbeat from a peer ⇒ `Up` (from any state: a returning node rejoins);
 //! - silent longer than `suspect_after` ⇒ `Suspect` (still routed to, flagged);
 //! - silent longer than `down_after` ⇒ `Down` (the shell then closes its session);
-//! - the session closed (socket EOF: a killed process) ⇒ `Down` at once.
+//! - the session closed (socket EOF: a killed process) ⇒ `Down` at once;
+//! - this node itself stalled (two ticks more than [`STALL_MS`] apart: starved of CPU, paused) ⇒
+//!   the stall is forgiven, silence is counted around it, never through it.
 
 use std::collections::BTreeMap;
 
@@ -41,16 +43,21 @@ struct Peer {
     status: Status,
 }
 
+/// A gap between two ticks longer than this means this node itself did not run (starved of CPU,
+/// paused, or its runtime blocked): the peers' silence during it is not evidence against them.
+pub const STALL_MS: u64 = 200;
+
 #[derive(Debug, Clone)]
 pub struct Detector {
     suspect_after: u64,
     down_after: u64,
     peers: BTreeMap<String, Peer>,
+    last_tick: Option<u64>,
 }
 
 impl Detector {
     pub fn new(suspect_after_ms: u64, down_after_ms: u64) -> Self {
-        Self { suspect_after: suspect_after_ms, down_after: down_after_ms, peers: BTreeMap::new() }
+        Self { suspect_after: suspect_after_ms, down_after: down_after_ms, peers: BTreeMap::new(), last_tick: None }
     }
 
     /// A heartbeat from `node` arrived at `now`.
@@ -95,7 +102,20 @@ impl Detector {
     }
 
     /// Advances time; returns every peer whose status changed.
+    ///
+    /// Ticks come every few tens of milliseconds; when one comes much later than the previous
+    /// ([`STALL_MS`]), this node was not running in between, so the gap is forgiven: every peer's
+    /// silence is counted from the end of the stall. A loaded or resumed node then does not declare
+    /// its healthy peers down for heartbeats it was not there to receive.
     pub fn tick(&mut self, now: u64) -> Vec<Transition> {
+        if let Some(prev) = self.last_tick.replace(now) {
+            let gap = now.saturating_sub(prev);
+            if gap > STALL_MS {
+                for p in self.peers.values_mut().filter(|p| p.status != Status::Down) {
+                    p.last_heard = (p.last_heard + gap).min(now);
+                }
+            }
+        }
         let mut out = Vec::new();
         for (name, p) in self.peers.iter_mut() {
             let silent = now.saturating_sub(p.last_heard);
@@ -130,15 +150,46 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_stall_of_this_node_is_not_held_against_its_peers() {
+        let mut d = Detector::new(400, 800);
+        d.heartbeat("n2", 0);
+        for t in (25..=100).step_by(25) {
+            assert!(d.tick(t).is_empty());
+        }
+        // This node did not run from 100 to 1 000 ms: no verdict on that silence.
+        assert!(d.tick(1_000).is_empty(), "declared a peer down for our own stall");
+        assert_eq!(d.status("n2"), Some(Status::Up));
+        // Silence outside the stall still counts (0-100 ms before it, then after it).
+        let mut t = 1_000;
+        let mut seen = Vec::new();
+        while t < 2_000 {
+            t += 25;
+            seen.extend(d.tick(t).into_iter().map(|x| (t, x.to)));
+        }
+        assert_eq!(seen, vec![(1_300, Status::Suspect), (1_700, Status::Down)], "{seen:?}");
+    }
+
+    #[test]
     fn silence_goes_suspect_then_down_and_a_heartbeat_brings_it_back() {
         let mut d = Detector::new(400, 1000);
         assert_eq!(d.heartbeat("n2", 0).unwrap().to, Status::Up);
-        assert!(d.tick(399).is_empty());
-        assert_eq!(d.tick(400)[0].to, Status::Suspect);
-        assert!(d.tick(999).is_empty());
-        let t = d.tick(1000);
+        // Ticks come every 25 ms (a longer gap would be this node's own stall): advance the clock
+        // in such steps and keep what the last tick reported.
+        let mut now = 0;
+        let mut at = |d: &mut Detector, upto: u64| {
+            let mut last = Vec::new();
+            while now < upto {
+                now = (now + 25).min(upto);
+                last = d.tick(now);
+            }
+            last
+        };
+        assert!(at(&mut d, 399).is_empty());
+        assert_eq!(at(&mut d, 400)[0].to, Status::Suspect);
+        assert!(at(&mut d, 999).is_empty());
+        let t = at(&mut d, 1000);
         assert_eq!((t[0].from, t[0].to, t[0].silent_ms), (Some(Status::Suspect), Status::Down, 1000));
-        assert!(d.tick(5000).is_empty());
+        assert!(at(&mut d, 5000).is_empty());
         assert_eq!(d.heartbeat("n2", 5001).unwrap().to, Status::Up);
     }
 

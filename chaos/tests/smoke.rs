@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn smoke_scenario_passes_with_a_verdict_and_a_timeline() {
@@ -31,25 +31,27 @@ fn smoke_scenario_passes_with_a_verdict_and_a_timeline() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start bulkhead-chaos");
-    // The scenario ends on its own in about 40 s; past 5 minutes something hangs. SIGTERM makes
-    // the tool stop its cluster before it exits.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) on our own child, not yet reaped.
+    // The scenario ends on its own in about 30 s; past 5 minutes something hangs. A thread waits
+    // for the exit; on timeout SIGTERM makes the tool stop its cluster before it exits.
+    let pid = child.id();
+    let stdout = child.stdout.take();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(300)) {
+        Ok(s) => s.expect("wait"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child; the waiting thread reaps it.
             unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
+                libc::kill(pid as i32, libc::SIGTERM);
             }
-            let _ = child.wait();
+            let _ = rx.recv_timeout(Duration::from_secs(30));
             panic!("bulkhead-chaos smoke did not finish in 5 minutes");
         }
-        std::thread::sleep(Duration::from_millis(200));
     };
     let mut out = String::new();
-    if let Some(mut s) = child.stdout.take() {
+    if let Some(mut s) = stdout {
         use std::io::Read;
         let _ = s.read_to_string(&mut out);
     }

@@ -91,6 +91,29 @@ pub fn new_order_id(home_index: u8) -> Uuid {
     Uuid::from_bytes(b)
 }
 
+/// Removes idempotency records and witnesses older than a day (every 10 minutes, off the runtime).
+fn sweep(store: &bulkhead_storage::Store) -> Result<(), bulkhead_storage::StoreError> {
+    let n = IDEMPOTENCY.sweep(store, now_ms())?;
+    if n > 0 {
+        tracing::info!(removed = n, "swept expired idempotency records");
+    }
+    let cutoff = now_ms().saturating_sub(WITNESS_TTL_MS);
+    let mut b = Batch::new();
+    let mut n = 0;
+    for item in WITNESSES.iter(store) {
+        let (key, w) = item?;
+        if w.at_ms < cutoff {
+            WITNESSES.remove(&mut b, &key);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        store.apply_in_order(b)?;
+        tracing::info!(removed = n, "swept expired witnesses");
+    }
+    Ok(())
+}
+
 /// The orders node after `node` in `[capabilities.orders] nodes` (cyclic): where `node`'s keys are
 /// witnessed. `None` when orders runs on one node only.
 pub fn successor_of(cluster: &Cluster, node: &str) -> Option<String> {
@@ -575,24 +598,14 @@ impl Actor for OrdersWorker {
                 state.args.store.apply_in_order(b)?;
             }
             OrdersMsg::Sweep => {
-                let n = IDEMPOTENCY.sweep(&state.args.store, now_ms())?;
-                if n > 0 {
-                    tracing::info!(removed = n, "swept expired idempotency records");
-                }
-                let cutoff = now_ms().saturating_sub(WITNESS_TTL_MS);
-                let mut b = Batch::new();
-                let mut n = 0;
-                for item in WITNESSES.iter(&state.args.store) {
-                    let (key, w) = item?;
-                    if w.at_ms < cutoff {
-                        WITNESSES.remove(&mut b, &key);
-                        n += 1;
+                // The witness table holds a day of keys: scanning it takes long enough to starve
+                // a runtime thread (and with it heartbeats) on a loaded node. Off the runtime.
+                let store = state.args.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = sweep(&store) {
+                        tracing::warn!(error = %e, "sweeping expired idempotency records and witnesses failed");
                     }
-                }
-                if n > 0 {
-                    state.args.store.apply_in_order(b)?;
-                    tracing::info!(removed = n, "swept expired witnesses");
-                }
+                });
             }
         }
         Ok(())

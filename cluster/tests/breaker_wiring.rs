@@ -8,23 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+use support::{Ping, Pong};
+
 use bulkhead_cluster::gateway::worker_name;
 use bulkhead_cluster::{BreakerState, CallError, Capability, Cluster, Gateway, GatewayArgs, Inbound, NodeConfig};
-use bulkhead_storage::Record;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Ping(u32);
-impl Record for Ping {
-    const VERSION: u8 = 1;
-}
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-struct Pong(u32);
-impl Record for Pong {
-    const VERSION: u8 = 1;
-}
 
 #[derive(RactorMessage)]
 enum FlakyMsg {

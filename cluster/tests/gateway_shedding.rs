@@ -5,24 +5,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod support;
+use support::{Ping, Pong};
+
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{worker_name, GATEWAY_SHED, UNAVAILABLE};
 use bulkhead_cluster::{CallError, Capability, Gateway, GatewayArgs, Inbound};
-use bulkhead_storage::Record;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Ping(u32);
-impl Record for Ping {
-    const VERSION: u8 = 1;
-}
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-struct Pong(u32);
-impl Record for Pong {
-    const VERSION: u8 = 1;
-}
 
 #[derive(RactorMessage)]
 enum HoldMsg {

@@ -8,7 +8,7 @@
 mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::{Duplex, Echo, EchoMsg};
+use support::{Duplex, Echo, EchoMsg, Ping, Pong};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
@@ -20,17 +20,6 @@ use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Ping(u32);
-impl Record for Ping {
-    const VERSION: u8 = 1;
-}
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-struct Pong(u32);
-impl Record for Pong {
-    const VERSION: u8 = 1;
-}
 
 /// A request of another shape than the gateway expects.
 #[derive(Debug, Serialize, Deserialize)]

@@ -299,18 +299,24 @@ impl OrdersState {
         Ok(())
     }
 
+    /// Announces (in heartbeats) who is still owed a hand-off, read from `UNWITNESSED` itself, so
+    /// it is right after a restart too.
+    fn publish_owes(&self) -> Result<(), ActorProcessingErr> {
+        let mut owes = std::collections::BTreeSet::new();
+        for item in UNWITNESSED.iter(&self.args.store) {
+            owes.insert(item?.1.node);
+        }
+        self.cluster().set_owes(owes);
+        Ok(())
+    }
+
     /// Gets the keys in `UNWITNESSED` witnessed where they must be, a batch per round, only while
     /// that node is reachable.
     fn repair_witnesses(&mut self, myself: &ActorRef<OrdersMsg>) -> Result<(), ActorProcessingErr> {
         if self.repairing {
             return Ok(());
         }
-        // Who is still owed a hand-off, from the table itself (also right after a restart).
-        let mut owes = std::collections::BTreeSet::new();
-        for item in UNWITNESSED.iter(&self.args.store) {
-            owes.insert(item?.1.node);
-        }
-        self.cluster().set_owes(owes);
+        self.publish_owes()?;
         if UNWITNESSED.is_empty(&self.args.store) {
             return Ok(());
         }
@@ -578,13 +584,9 @@ impl Actor for OrdersWorker {
             OrdersMsg::WitnessRepair => state.repair_witnesses(&myself)?,
             OrdersMsg::RepairRoundOver => {
                 state.repairing = false;
-                // What is still owed, at once: a node that has just handed everything over must
-                // stop announcing a debt (others refuse to act alone while it does).
-                let mut owes = std::collections::BTreeSet::new();
-                for item in UNWITNESSED.iter(&state.args.store) {
-                    owes.insert(item?.1.node);
-                }
-                state.args.cluster.set_owes(owes);
+                // At once: a node that has just handed everything over must stop announcing a
+                // debt (others refuse to act alone while it does).
+                state.publish_owes()?;
             }
             OrdersMsg::RepairDone { key, duplicate } => {
                 if duplicate {

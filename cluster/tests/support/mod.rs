@@ -1,7 +1,22 @@
-//! What the in-process test and the call benchmark share: a worker that answers at once, and an
-//! in-memory stream ractor_cluster accepts as a link between two nodes.
+//! What the cluster tests and the call benchmark share: the `Ping`/`Pong` records they send, a
+//! worker that answers at once, and an in-memory stream ractor_cluster accepts as a link between
+//! two nodes. Not every includer uses every item.
+#![allow(dead_code)]
 
 use bulkhead_cluster::Inbound;
+use bulkhead_storage::Record;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ping(pub u32);
+impl Record for Ping {
+    const VERSION: u8 = 1;
+}
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pong(pub u32);
+impl Record for Pong {
+    const VERSION: u8 = 1;
+}
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, RactorMessage};
 use tokio::io::DuplexStream;

@@ -1,14 +1,15 @@
 //! The demo topology, and node configs for a local cluster (used by `demo` and the tests).
 //!
-//! Every order crosses nodes and one node's death shows isolation: payments never shares a node
-//! with orders, orders runs on two nodes so that losing one leaves order placement working, and
-//! each inventory shard lives apart from one of the orders nodes.
+//! Every order crosses nodes and one node's death shows isolation: payments is led away from
+//! orders, orders runs on two nodes so that losing one leaves order placement working, and each
+//! inventory shard lives apart from one of the orders nodes. Payments is replicated: one Raft group
+//! with a replica on every node, led by n2 whenever n2 is healthy.
 //!
-//! | node | capabilities                    |
-//! |------|---------------------------------|
-//! | n1   | orders, inventory               |
-//! | n2   | payments, inventory             |
-//! | n3   | orders, shipping, notifications |
+//! | node | capabilities                                       |
+//! |------|----------------------------------------------------|
+//! | n1   | orders, inventory, payments (replica)              |
+//! | n2   | payments (preferred leader), inventory             |
+//! | n3   | orders, shipping, notifications, payments (replica)|
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,11 +21,12 @@ use bulkhead_cluster::{Capability, NodeConfig, ShardMap, Timing};
 pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 pub fn demo_shard_map() -> ShardMap {
-    let p = |n: &[&str]| CapabilityPlacement { nodes: n.iter().map(|s| s.to_string()).collect() };
+    let p = CapabilityPlacement::on;
+    let payments = CapabilityPlacement { leaders: vec!["n2".into()], ..p(&["n1", "n2", "n3"]) };
     ShardMap(BTreeMap::from([
         (Capability::Orders, p(&["n1", "n3"])),
         (Capability::Inventory, p(&["n1", "n2"])),
-        (Capability::Payments, p(&["n2"])),
+        (Capability::Payments, payments),
         (Capability::Shipping, p(&["n3"])),
         (Capability::Notifications, p(&["n3"])),
     ]))
@@ -39,7 +41,7 @@ pub struct Ports {
 
 /// Every capability on one node `n1`: the benchmark's one-node cluster.
 pub fn single_node_shard_map() -> ShardMap {
-    let p = CapabilityPlacement { nodes: vec!["n1".to_string()] };
+    let p = CapabilityPlacement::on(&["n1"]);
     ShardMap(Capability::ALL.into_iter().map(|c| (c, p.clone())).collect())
 }
 

@@ -153,7 +153,7 @@ async fn a_node_with_another_shard_map_is_refused() {
     cfg.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], p[0].http));
     cfg.seeds = vec![tc.lc.configs[0].cluster_listen.to_string()];
     cfg.data_dir = tc.dir.path().join("n4");
-    cfg.capabilities.0.insert(Capability::Payments, CapabilityPlacement { nodes: vec!["n2".into(), "n4".into()] });
+    cfg.capabilities.0.insert(Capability::Payments, CapabilityPlacement::on(&["n2", "n4"]));
     let path = tc.dir.path().join("n4.toml");
     write_config(&cfg, &path).unwrap();
     let log = std::fs::File::create(tc.dir.path().join("n4.log")).unwrap();
@@ -354,7 +354,7 @@ async fn a_paused_payments_node_makes_orders_pending_and_they_confirm_after_it_r
 async fn an_unreachable_inventory_shard_holds_up_only_its_own_skus() {
     let tc = common::start_configured(Timing::default(), |configs| {
         for c in configs.iter_mut() {
-            let p = |n: &[&str]| CapabilityPlacement { nodes: n.iter().map(|s| s.to_string()).collect() };
+            let p = CapabilityPlacement::on;
             c.capabilities.0.insert(Capability::Orders, p(&["n1"]));
             c.capabilities.0.insert(Capability::Inventory, p(&["n1", "n3"]));
             c.capabilities.0.insert(Capability::Payments, p(&["n2"]));

@@ -31,7 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_cluster::gateway::worker_name;
-use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound};
+use bulkhead_cluster::raft::{self, GroupId, Replica};
+use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound, ShardMap};
 use bulkhead_storage::{Store, StoreOptions};
 use ractor::{Actor, ActorRef, Message};
 
@@ -49,6 +50,9 @@ pub struct WorkerArgs {
 pub struct Capabilities {
     pub supervisors: BTreeMap<Capability, ActorRef<SupervisorMsg>>,
     pub stores: BTreeMap<Capability, Store>,
+    /// This node's Raft replicas of the replicated capabilities' shards.
+    pub replicas: Vec<Replica>,
+    cluster: Cluster,
     /// Capabilities this node should host but cannot (their store would not open), with why.
     pub failed: BTreeMap<Capability, String>,
     shutting_down: Arc<AtomicBool>,
@@ -61,6 +65,9 @@ impl Capabilities {
         for sup in self.supervisors.values() {
             sup.stop_children_and_wait(None, Some(Duration::from_secs(5))).await;
             sup.stop(None);
+        }
+        for r in &self.replicas {
+            bulkhead_cluster::raft::group::stop(&self.cluster, r).await;
         }
     }
 }
@@ -100,10 +107,8 @@ fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
             ChildSpec::new(name, || inventory::InventoryWorker, move || w.clone()),
             gateway_spec(cap, &c, inventory::InventoryMsg::Request),
         ],
-        Capability::Payments => vec![
-            ChildSpec::new(name, || payments::PaymentsWorker, move || w.clone()),
-            gateway_spec(cap, &c, payments::PaymentsMsg::Request),
-        ],
+        // Replicated capabilities are started by `start_replicated`.
+        Capability::Payments => Vec::new(),
         Capability::Shipping | Capability::Notifications => {
             let making = if cap == Capability::Shipping { shipping::MAKING } else { notifications::MAKING };
             vec![
@@ -136,6 +141,46 @@ pub fn cache_bytes(cap: Capability) -> u64 {
     }
 }
 
+/// Opens one store per local shard of a replicated capability (`<data_dir>/<capability>-<shard>/`),
+/// starts its Raft replica, and returns the replicas and the capability's supervised children.
+async fn start_replicated(
+    cluster: &Cluster,
+    cap: Capability,
+    data_dir: &Path,
+    opts: &StoreOptions,
+    fault_injection: bool,
+) -> Result<(Vec<Replica>, Vec<ChildSpec>), String> {
+    let mut replicas = BTreeMap::new();
+    for placement in cluster.config().capabilities.shards(cap) {
+        if !placement.replicas.iter().any(|n| n == cluster.name()) {
+            continue;
+        }
+        let shard = placement.shard;
+        let store = Store::open(data_dir, &format!("{cap}-{shard}"), opts).map_err(|e| e.to_string())?;
+        let group = GroupId { capability: cap, shard };
+        let replica = match cap {
+            Capability::Payments => {
+                raft::group::start(cluster, group, placement, store, payments::PaymentsMachine).await?
+            }
+            other => return Err(format!("{other} is not a replicated capability")),
+        };
+        replicas.insert(shard, replica);
+    }
+    let all: Vec<Replica> = replicas.values().cloned().collect();
+    let replicas = Arc::new(replicas);
+    let children = match cap {
+        Capability::Payments => {
+            let args = payments::PaymentsArgs { cluster: cluster.clone(), replicas, fault_injection };
+            vec![
+                ChildSpec::new(worker_name(cap), || payments::PaymentsWorker, move || args.clone()),
+                gateway_spec(cap, cluster, payments::PaymentsMsg::Request),
+            ]
+        }
+        other => return Err(format!("{other} is not a replicated capability")),
+    };
+    Ok((all, children))
+}
+
 /// Opens the store of, and starts, every capability this node hosts. A store that will not open
 /// is reported (which store, which path, why) and its capability is not hosted; its files are kept.
 pub async fn start_capabilities(
@@ -147,11 +192,45 @@ pub async fn start_capabilities(
     let mut caps = Capabilities {
         supervisors: BTreeMap::new(),
         stores: BTreeMap::new(),
+        replicas: Vec::new(),
+        cluster: cluster.clone(),
         failed: BTreeMap::new(),
         shutting_down: Arc::new(AtomicBool::new(false)),
     };
     for cap in cluster.config().hosted() {
         let opts = StoreOptions { cache_bytes: cache_bytes(cap), ..opts.clone() };
+        if ShardMap::is_replicated(cap) {
+            let children = match start_replicated(cluster, cap, data_dir, &opts, fault_injection).await {
+                Ok((replicas, children)) => {
+                    caps.replicas.extend(replicas);
+                    children
+                }
+                Err(e) => {
+                    tracing::error!(capability = %cap, error = %e, "not hosting this capability");
+                    cluster.set_health(cap, false, &e);
+                    caps.failed.insert(cap, e);
+                    continue;
+                }
+            };
+            let args = SupervisorArgs {
+                capability: cap,
+                cluster: cluster.clone(),
+                children,
+                intensity: Intensity::default(),
+                shutting_down: caps.shutting_down.clone(),
+            };
+            match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
+                Ok((sup, _)) => {
+                    caps.supervisors.insert(cap, sup);
+                }
+                Err(e) => {
+                    tracing::error!(capability = %cap, error = %e, "capability failed to start");
+                    cluster.set_health(cap, false, &format!("failed to start: {e}"));
+                    caps.failed.insert(cap, e.to_string());
+                }
+            }
+            continue;
+        }
         let store = match Store::open(data_dir, cap.as_str(), &opts) {
             Ok(s) => s,
             Err(e) => {

@@ -64,6 +64,37 @@ impl FromStr for Capability {
 #[serde(deny_unknown_fields)]
 pub struct CapabilityPlacement {
     pub nodes: Vec<String>,
+    /// Replicated capabilities only: how many Raft groups the keys are hashed over (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+    /// Replicated capabilities only: replicas per shard (default 3, or every node when fewer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Replicated capabilities only: the preferred leader of each shard, in shard order (default:
+    /// the shards' first replicas, which spread over `nodes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaders: Vec<String>,
+}
+
+impl CapabilityPlacement {
+    /// Hosted on `nodes`, with the default sharding and replication.
+    pub fn on(nodes: &[&str]) -> Self {
+        Self { nodes: nodes.iter().map(|s| s.to_string()).collect(), shards: None, replicas: None, leaders: Vec::new() }
+    }
+}
+
+/// Where one shard of a replicated capability lives: its replicas' nodes, the preferred leader first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPlacement {
+    pub shard: u32,
+    pub replicas: Vec<String>,
+}
+
+impl ShardPlacement {
+    /// The node that leads this shard whenever it is healthy and caught up.
+    pub fn preferred(&self) -> &str {
+        &self.replicas[0]
+    }
 }
 
 /// Capability -> the ordered list of nodes hosting it.
@@ -95,6 +126,39 @@ impl ShardMap {
         Some(&nodes[(stable_hash(key) % nodes.len() as u64) as usize])
     }
 
+    /// Whether `cap` keeps its state in Raft groups (one per shard) rather than one copy per node.
+    /// Payments is the first capability moved onto Raft; the others follow.
+    pub fn is_replicated(cap: Capability) -> bool {
+        cap == Capability::Payments
+    }
+
+    /// The shards of a replicated capability and where each lives. Shard `s` takes `replicas`
+    /// nodes of the list, starting at its preferred leader and wrapping around.
+    pub fn shards(&self, cap: Capability) -> Vec<ShardPlacement> {
+        let Some(p) = self.0.get(&cap) else { return Vec::new() };
+        if !Self::is_replicated(cap) || p.nodes.is_empty() {
+            return Vec::new();
+        }
+        let n = p.nodes.len();
+        let replicas = (p.replicas.unwrap_or(3) as usize).clamp(1, n);
+        (0..p.shards.unwrap_or(1))
+            .map(|shard| {
+                let start = p
+                    .leaders
+                    .get(shard as usize)
+                    .and_then(|l| p.nodes.iter().position(|x| x == l))
+                    .unwrap_or(shard as usize % n);
+                ShardPlacement { shard, replicas: (0..replicas).map(|i| p.nodes[(start + i) % n].clone()).collect() }
+            })
+            .collect()
+    }
+
+    /// The shard of a replicated capability that owns `key`.
+    pub fn shard_for(&self, cap: Capability, key: &[u8]) -> u32 {
+        let shards = self.0.get(&cap).and_then(|p| p.shards).unwrap_or(1).max(1);
+        (stable_hash(key) % u64::from(shards)) as u32
+    }
+
     /// The capabilities `node` hosts.
     pub fn hosted_by(&self, node: &str) -> Vec<Capability> {
         self.0.iter().filter(|(_, p)| p.nodes.iter().any(|n| n == node)).map(|(c, _)| *c).collect()
@@ -115,6 +179,15 @@ impl ShardMap {
             canon.push_str(cap.as_str());
             canon.push('=');
             canon.push_str(&p.nodes.join(","));
+            if let Some(s) = p.shards {
+                canon.push_str(&format!("/shards={s}"));
+            }
+            if let Some(r) = p.replicas {
+                canon.push_str(&format!("/replicas={r}"));
+            }
+            if !p.leaders.is_empty() {
+                canon.push_str(&format!("/leaders={}", p.leaders.join(",")));
+            }
             canon.push(';');
         }
         stable_hash(canon.as_bytes())
@@ -129,6 +202,20 @@ impl ShardMap {
         for (cap, p) in &self.0 {
             if p.nodes.is_empty() {
                 return Err(format!("[capabilities.{cap}] nodes is empty: list at least one node"));
+            }
+            if !Self::is_replicated(*cap) && (p.shards.is_some() || p.replicas.is_some() || !p.leaders.is_empty()) {
+                return Err(format!(
+                    "[capabilities.{cap}] shards/replicas/leaders: {cap} is not replicated yet (only payments is)"
+                ));
+            }
+            if p.shards == Some(0) || p.replicas == Some(0) {
+                return Err(format!("[capabilities.{cap}] shards and replicas must be at least 1"));
+            }
+            if let Some(l) = p.leaders.iter().find(|l| !p.nodes.contains(l)) {
+                return Err(format!("[capabilities.{cap}] leaders names `{l}`, which is not in its nodes"));
+            }
+            if p.leaders.len() > p.shards.unwrap_or(1) as usize {
+                return Err(format!("[capabilities.{cap}] lists more leaders than it has shards"));
             }
             let mut seen = std::collections::HashSet::new();
             for n in &p.nodes {
@@ -165,6 +252,13 @@ pub struct Timing {
     pub wait_budget_ms: u64,
     /// Inventory reservation time-to-live.
     pub reservation_ttl_ms: u64,
+    /// Interval between a Raft leader's heartbeats to its followers.
+    pub raft_heartbeat_ms: u64,
+    /// A follower that hears no leader for this long (plus the leader's lease, 1.5 × this) calls an
+    /// election; a leader whose node the failure detector sees down is replaced sooner.
+    pub election_timeout_ms: u64,
+    /// A replica builds a snapshot (and may purge its log) every this many applied entries.
+    pub snapshot_every_entries: u64,
 }
 
 impl Default for Timing {
@@ -176,6 +270,9 @@ impl Default for Timing {
             call_timeout_ms: 2_000,
             wait_budget_ms: 2_000,
             reservation_ttl_ms: 15 * 60 * 1000,
+            raft_heartbeat_ms: 100,
+            election_timeout_ms: 500,
+            snapshot_every_entries: 50_000,
         }
     }
 }

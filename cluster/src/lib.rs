@@ -26,6 +26,7 @@ pub mod gateway;
 pub mod link;
 pub mod membership;
 pub mod node;
+pub mod raft;
 pub mod wire;
 
 pub use breaker::BreakerState;
@@ -33,4 +34,4 @@ pub use call::CallError;
 pub use config::{Capability, Limits, NodeConfig, ShardMap, Timing};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
-pub use node::{CapHealth, Cluster};
+pub use node::{CapHealth, Cluster, LeaderReply};

@@ -64,6 +64,10 @@ struct Inner {
     link_faults: Arc<LinkFaults>,
     /// One breaker per (capability, member) this node has called.
     breakers: Mutex<BTreeMap<(Capability, String), Breaker>>,
+    /// This node's Raft replicas (shared with the Raft router).
+    raft: crate::raft::Registry,
+    /// The last leader another node named for a shard this node has no replica of.
+    leader_hints: RwLock<BTreeMap<(Capability, u32), String>>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -155,6 +159,7 @@ impl Cluster {
         let (server_ref, _) =
             Actor::spawn(None, server, ()).await.map_err(|e| format!("cannot start the cluster node server: {e}"))?;
         let incarnation = bulkhead_storage::now_ms();
+        let config_name = config.name.clone();
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner {
             config,
@@ -171,6 +176,8 @@ impl Cluster {
             metrics: ClusterMetrics::default(),
             link_faults: Arc::new(LinkFaults::default()),
             breakers: Mutex::new(BTreeMap::new()),
+            raft: crate::raft::Registry::new(&config_name),
+            leader_hints: RwLock::new(BTreeMap::new()),
             shutdown,
         });
         let cluster = Cluster { inner };
@@ -189,6 +196,9 @@ impl Cluster {
         if let Ok(mut m) = cluster.inner.membership.lock() {
             *m = Some(membership);
         }
+        Actor::spawn(Some("bulkhead.raft.router".into()), crate::raft::RaftRouter, cluster.inner.raft.clone())
+            .await
+            .map_err(|e| format!("cannot start the raft router: {e}"))?;
         for seed in &cluster.config().seeds {
             cluster.learn_addr(seed);
         }
@@ -521,10 +531,102 @@ impl Cluster {
         result
     }
 
+    // ----- Raft groups -----
+
+    /// This node's Raft replicas.
+    pub fn raft(&self) -> &crate::raft::Registry {
+        &self.inner.raft
+    }
+
+    /// Sends one Raft RPC to the raft router on `node` (the cluster call path, no breaker: Raft
+    /// backs off on its own). `cap` only labels errors.
+    pub async fn raft_call(
+        &self,
+        node: &str,
+        cap: Capability,
+        rpc: &crate::raft::RaftRpc,
+        timeout: Duration,
+    ) -> Result<crate::raft::RaftRpcReply, CallError> {
+        let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
+        if node != self.name() && self.status_of(node) == Status::Down {
+            return Err(unreachable("node is down".into()));
+        }
+        let actor = ractor::pg::get_members(&crate::raft::network::router_group(node))
+            .into_iter()
+            .next()
+            .map(ActorRef::<WireMsg>::from)
+            .ok_or_else(|| unreachable(format!("no raft router is registered on {node}")))?;
+        call(&actor, cap, node, rpc, "", timeout).await
+    }
+
+    /// The shard of a replicated capability that owns `key`.
+    pub fn shard_of(&self, cap: Capability, key: &[u8]) -> u32 {
+        self.config().capabilities.shard_for(cap, key)
+    }
+
+    /// Where to send a request for a shard: the leader this node's own replica knows, else the
+    /// last leader another node named, else the shard's preferred node (which answers with the
+    /// leader if it is not it). `None`: this node's replica knows there is no leader right now.
+    pub fn leader_of(&self, cap: Capability, shard: u32) -> Option<String> {
+        let group = crate::raft::GroupId { capability: cap, shard };
+        if let Some(r) = self.inner.raft.get(group) {
+            return r.leader();
+        }
+        if let Some(hint) = self.inner.leader_hints.read().ok().and_then(|h| h.get(&(cap, shard)).cloned()) {
+            if self.status_of(&hint) != Status::Down {
+                return Some(hint);
+            }
+        }
+        let shards = self.config().capabilities.shards(cap);
+        shards
+            .iter()
+            .find(|p| p.shard == shard)
+            .map(|p| p.replicas.iter().find(|n| self.status_of(n) != Status::Down).unwrap_or(&p.replicas[0]).clone())
+    }
+
+    /// Calls the leader of `shard` of `cap`; a member that answers "not the leader, X is"
+    /// ([`LeaderReply`]) is followed once. No known leader: `Unreachable` at once (nothing sent).
+    pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(
+        &self,
+        cap: Capability,
+        shard: u32,
+        req: &Req,
+        traceparent: &str,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let no_leader = |node: &str| CallError::Unreachable {
+            capability: cap,
+            node: node.to_string(),
+            reason: format!("shard {shard} has no leader right now"),
+        };
+        let Some(target) = self.leader_of(cap, shard) else { return Err(no_leader(self.name())) };
+        let resp: Resp = self.call_with_timeout(cap, &target, req, traceparent, timeout).await?;
+        match resp.not_leader() {
+            None => Ok(resp),
+            Some(Some(leader)) if leader != target => {
+                if let Ok(mut h) = self.inner.leader_hints.write() {
+                    h.insert((cap, shard), leader.clone());
+                }
+                let resp: Resp = self.call_with_timeout(cap, &leader, req, traceparent, timeout).await?;
+                match resp.not_leader() {
+                    None => Ok(resp),
+                    Some(_) => Err(no_leader(&leader)),
+                }
+            }
+            Some(_) => Err(no_leader(&target)),
+        }
+    }
+
     /// The node owning `key` for `cap` under the shard map.
     pub fn owner(&self, cap: Capability, key: &[u8]) -> Option<String> {
         self.config().capabilities.node_for(cap, key).map(str::to_string)
     }
+}
+
+/// A replicated capability's reply type says when it was answered by a replica that does not
+/// lead: `Some(Some(x))` "X leads", `Some(None)` "no leader known".
+pub trait LeaderReply {
+    fn not_leader(&self) -> Option<Option<String>>;
 }
 
 /// Accepts peers' connections and hands them to the node server as links.

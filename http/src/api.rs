@@ -354,15 +354,15 @@ fn order_param(q: &ByOrder) -> Result<Uuid, ApiError> {
 
 pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let id = order_param(&q)?;
-    let node = st
-        .cluster
-        .owner(Capability::Payments, id.as_bytes())
-        .ok_or_else(|| ApiError::unavailable("no payments node is configured"))?;
-    match st.cluster.call::<_, PaymentReply>(Capability::Payments, &node, &PaymentRequest::List { order_id: id }, &new_traceparent()).await {
+    let shard = st.cluster.shard_of(Capability::Payments, id.as_bytes());
+    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
+    let req = PaymentRequest::List { order_id: id };
+    match st.cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &new_traceparent(), t).await {
         Ok(PaymentReply::Payments(list)) => Ok(Json(json!({"order_id": id.to_string(), "payments": list.iter().map(|p| json!({
             "payment_id": p.payment_id, "amount_cents": p.amount_cents, "status": p.status, "attempts": p.attempts, "at": rfc3339(p.at_ms),
         })).collect::<Vec<_>>()}))
         .into_response()),
+        Ok(PaymentReply::TransientError { reason }) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
     }
@@ -480,7 +480,27 @@ pub fn cluster_json(st: &AppState) -> Value {
             json!({"members": members, "healthy": healthy, "breaker": worst.as_str(), "breakers": per_member}),
         );
     }
-    json!({"node": st.cluster.name(), "nodes": nodes, "capabilities": caps})
+    json!({"node": st.cluster.name(), "nodes": nodes, "capabilities": caps, "shards": shards_json(st)})
+}
+
+/// One entry per shard of every replicated capability: this node's replica's view of it (role and
+/// lag of every replica are known on the leader), or only the leader this node would call.
+fn shards_json(st: &AppState) -> Vec<Value> {
+    let map = &st.cluster.config().capabilities;
+    let mut out = Vec::new();
+    for cap in Capability::ALL {
+        for p in map.shards(cap) {
+            let group = bulkhead_cluster::raft::GroupId { capability: cap, shard: p.shard };
+            match st.cluster.raft().get(group) {
+                Some(r) => out.push(json!(r.status())),
+                None => out.push(json!({
+                    "capability": cap, "shard": p.shard, "leader": st.cluster.leader_of(cap, p.shard),
+                    "term": null, "replicas": p.replicas.iter().map(|n| json!({"node": n, "role": null, "lag": null})).collect::<Vec<_>>(),
+                })),
+            }
+        }
+    }
+    out
 }
 
 pub async fn cluster(State(st): State<AppState>) -> Json<Value> {
@@ -498,6 +518,14 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     for (cap, h) in st.cluster.local_health() {
         if !h.ready {
             problems.push(format!("{cap}: {}", h.detail));
+        }
+    }
+    for r in st.cluster.raft().all() {
+        if r.leader().is_none() {
+            problems.push(format!(
+                "{}: shard {} has no leader (election under way, or no majority of its replicas is up)",
+                r.id.capability, r.id.shard
+            ));
         }
     }
     let view = st.cluster.view();

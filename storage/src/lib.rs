@@ -29,7 +29,7 @@ mod table;
 pub use codec::{decode, decode_payload, encode, CodecError, Record};
 pub use idempotency::{IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::Key;
-pub use store::{Batch, Durability, Store, StoreError, StoreOptions, StoreStats};
+pub use store::{Batch, Durability, RawRecord, Store, StoreError, StoreOptions, StoreStats};
 pub use table::Table;
 
 /// Milliseconds since the Unix epoch: the one clock every record uses.

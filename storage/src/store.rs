@@ -25,6 +25,9 @@ pub enum Durability {
     Flush,
 }
 
+/// One raw `(key, value)` pair of the store, as a snapshot carries it.
+pub type RawRecord = (Vec<u8>, Vec<u8>);
+
 /// Options for [`Store::open`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -287,6 +290,40 @@ impl Store {
             // The flusher is gone (the store is closing): tell the caller so.
             e.0.wake(Err(StoreError::FlusherGone));
         }
+    }
+
+    /// Every raw `(key, value)` of the tables whose one-byte id is below `below`, in key order: a
+    /// consistent export (sled iterators see one point in time per key range) for a Raft snapshot.
+    pub fn export_below(&self, below: u8) -> Result<Vec<RawRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.db.range(..vec![below]) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces every record of the tables below `below` with `items` and applies `extra` too, as
+    /// one atomic batch: a Raft snapshot being installed, together with its applied-state record.
+    pub fn replace_below(&self, below: u8, items: Vec<RawRecord>, extra: Batch) -> Result<(), StoreError> {
+        let mut sb = sled::Batch::default();
+        let mut n = 0u64;
+        for item in self.inner.db.range(..vec![below]).keys() {
+            sb.remove(item?);
+            n += 1;
+        }
+        for (k, v) in items.into_iter().filter(|(k, _)| k.first().is_some_and(|id| *id < below)) {
+            sb.insert(k, v);
+            n += 1;
+        }
+        for (k, v) in extra.ops {
+            match v {
+                Some(v) => sb.insert(k, v),
+                None => sb.remove(k),
+            }
+            n += 1;
+        }
+        self.write_op(n, || Ok(self.inner.db.apply_batch(sb)?))
     }
 
     /// [`Store::apply`] then [`Store::sync`]: returns once `batch` is durable.

@@ -104,6 +104,37 @@ impl<K: Key, V: Record> Table<K, V> {
         })
     }
 
+    /// Records with `from` <= key < `to` (or to the end of the table), in key order: e.g. a slice of a log.
+    pub fn iter_range<'a>(
+        &'a self,
+        store: &Store,
+        from: &K,
+        to: Option<&K>,
+    ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+        let start = self.raw_key(from);
+        let end = match to {
+            Some(to) => self.raw_key(to),
+            None => vec![self.id + 1],
+        };
+        store.tree().range(start..end).map(move |item| {
+            let (k, v) = item?;
+            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
+            Ok((key, self.decode_value(&v)?))
+        })
+    }
+
+    /// The record with the greatest key, if any.
+    pub fn last(&self, store: &Store) -> Result<Option<(K, V)>, StoreError> {
+        match store.tree().scan_prefix([self.id]).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
+                Ok(Some((key, self.decode_value(&v)?)))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn iter_from<'a>(
         &'a self,
         store: &Store,

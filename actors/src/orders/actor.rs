@@ -409,19 +409,22 @@ impl OrdersState {
                     // The charge goes out only once the state that says "a charge was asked for" is
                     // durable: a cancel after a restart must know to refund.
                     let charge = async move {
-                        let node = cluster.owner(Capability::Payments, order_id.as_bytes()).unwrap_or_default();
+                        let shard = cluster.shard_of(Capability::Payments, order_id.as_bytes());
                         let req = PaymentRequest::Charge { order_id, amount_cents, token };
-                        let outcome =
-                            match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
-                                Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
-                                Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
-                                Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
-                                Ok(PaymentReply::InProgress) => {
-                                    ChargeOutcome::Unavailable("the charge is still processing".into())
-                                }
-                                Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
-                                Err(e) => ChargeOutcome::Unavailable(e.to_string()),
-                            };
+                        let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+                        let outcome = match cluster
+                            .call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &tp, t)
+                            .await
+                        {
+                            Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
+                            Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
+                            Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
+                            Ok(PaymentReply::InProgress) => {
+                                ChargeOutcome::Unavailable("the charge is still processing".into())
+                            }
+                            Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
+                            Err(e) => ChargeOutcome::Unavailable(e.to_string()),
+                        };
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
                     };
                     let me = myself.clone();

@@ -238,13 +238,15 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
             Err(e) => on_error(e),
         },
         (Dest::Payments, OutboxEvent::RefundPayment { order_id }) => {
-            let Some(node) = cluster.owner(Capability::Payments, order_id.as_bytes()) else { return Delivery::Retry };
+            let shard = cluster.shard_of(Capability::Payments, order_id.as_bytes());
             let req = PaymentRequest::Refund { order_id: *order_id };
-            match cluster.call::<_, PaymentReply>(Capability::Payments, &node, &req, &tp).await {
+            let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+            match cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &tp, t).await {
                 Ok(PaymentReply::Refunded) => {
                     tracing::warn!(%order_id, "charge refunded for a cancelled order");
                     Delivery::Acked
                 }
+                Ok(PaymentReply::TransientError { .. }) => Delivery::Retry,
                 Ok(_) => Delivery::Acked,
                 Err(e) => on_error(e),
             }

@@ -1,158 +1,154 @@
-//! The payments worker: the ledger of one record per order, answered after the group flush.
-//! A slow charge keeps its callers waiting (up to their own timeout) and answers all of them when
-//! the provider is done; a caller that timed out gets the recorded answer on its retry.
+//! The payments worker: serves each payments shard where this node's replica leads it.
+//!
+//! A charge or refund becomes a [`PaymentCommand`] proposed to the shard's Raft group (the time
+//! and the new payment id are put in here, on the leader), and is answered with what applying it
+//! answered, once a majority has it on disk. A listing is a linearizable read: the leader confirms
+//! it still leads before reading its replica. A replica that does not lead answers
+//! [`PaymentReply::NotLeader`], naming the leader it knows; the caller follows it once.
+//!
+//! Every request runs on its own task: the worker never waits for a majority.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_cluster::Inbound;
-use bulkhead_storage::{now_ms, Batch, Table};
+use bulkhead_cluster::raft::{ProposeError, Replica};
+use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 use uuid::Uuid;
 
-use super::ledger::{self, PaymentRecord};
+use super::ledger::{self, ChargeStatus};
+use super::machine::{PaymentCommand, PaymentsMachine, PAYMENTS};
 use super::protocol::{PaymentReply, PaymentRequest};
-use crate::util::reply_after_sync;
-use crate::WorkerArgs;
-
-pub const PAYMENTS: Table<Uuid, PaymentRecord> = Table::new(1, "payments");
 
 #[derive(RactorMessage)]
 pub enum PaymentsMsg {
     Request(Inbound<PaymentRequest, PaymentReply>),
-    /// A slow charge may be ready now.
-    Wake(Uuid),
+}
+
+/// What the payments worker is started with: this node's replicas, by shard.
+#[derive(Clone)]
+pub struct PaymentsArgs {
+    pub cluster: Cluster,
+    pub replicas: Arc<BTreeMap<u32, Replica>>,
+    pub fault_injection: bool,
 }
 
 pub struct PaymentsWorker;
 
-pub struct PaymentsState {
-    args: WorkerArgs,
-    waiting: HashMap<Uuid, Vec<RpcReplyPort<PaymentReply>>>,
-}
-
-impl PaymentsState {
-    fn put(&self, rec: &PaymentRecord) -> Result<(), ActorProcessingErr> {
-        let mut b = Batch::new();
-        PAYMENTS.put(&mut b, &rec.order_id, rec);
-        Ok(self.args.store.apply(b)?)
-    }
-
-    fn charge(
-        &mut self,
-        myself: &ActorRef<PaymentsMsg>,
-        order_id: Uuid,
-        amount: u64,
-        token: &str,
-        reply: Option<RpcReplyPort<PaymentReply>>,
-    ) -> Result<(), ActorProcessingErr> {
-        let now = now_ms();
-        let existing = PAYMENTS.get(&self.args.store, &order_id)?;
-        let d = ledger::charge(existing.as_ref(), order_id, amount, token, now, Uuid::new_v4());
-        if let Some(rec) = &d.record {
-            self.put(rec)?;
-        }
-        match (d.reply, d.wake_at_ms) {
-            (PaymentReply::InProgress, Some(at)) => {
-                if let Some(r) = reply {
-                    self.waiting.entry(order_id).or_default().push(r);
-                }
-                myself.send_after(Duration::from_millis(at.saturating_sub(now)), move || PaymentsMsg::Wake(order_id));
-            }
-            (answer, _) => {
-                if let Some(r) = reply {
-                    reply_after_sync(&self.args.store, r, answer.clone());
-                }
-                for w in self.waiting.remove(&order_id).unwrap_or_default() {
-                    reply_after_sync(&self.args.store, w, answer.clone());
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Actor for PaymentsWorker {
     type Msg = PaymentsMsg;
-    type State = PaymentsState;
-    type Arguments = WorkerArgs;
+    type State = PaymentsArgs;
+    type Arguments = PaymentsArgs;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<PaymentsMsg>,
-        args: WorkerArgs,
-    ) -> Result<PaymentsState, ActorProcessingErr> {
-        // Charges that were processing when the node stopped finish now (or when due).
-        let now = now_ms();
-        for item in PAYMENTS.iter(&args.store) {
-            let (order_id, rec) = item?;
-            if let ledger::ChargeStatus::Processing { ready_ms } = rec.status {
-                myself.send_after(Duration::from_millis(ready_ms.saturating_sub(now)), move || {
-                    PaymentsMsg::Wake(order_id)
-                });
-            }
-        }
-        Ok(PaymentsState { args, waiting: HashMap::new() })
+        _: ActorRef<PaymentsMsg>,
+        args: PaymentsArgs,
+    ) -> Result<PaymentsArgs, ActorProcessingErr> {
+        Ok(args)
     }
 
     async fn handle(
         &self,
-        myself: ActorRef<PaymentsMsg>,
+        _: ActorRef<PaymentsMsg>,
         msg: PaymentsMsg,
-        state: &mut PaymentsState,
+        st: &mut PaymentsArgs,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            PaymentsMsg::Request(Inbound { req, reply, traceparent }) => {
-                tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
-                state.request(&myself, req, reply)?;
+        let PaymentsMsg::Request(Inbound { req, reply, traceparent }) = msg;
+        tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
+        if let PaymentRequest::InjectPanic = req {
+            if st.fault_injection {
+                panic!("fault injection: payments worker panics on request");
             }
-            PaymentsMsg::Wake(order_id) => {
-                if let Some(rec) = PAYMENTS.get(&state.args.store, &order_id)? {
-                    let (amount, token) = (rec.amount_cents, rec.token.clone());
-                    state.charge(&myself, order_id, amount, &token, None)?;
-                }
-            }
+            let _ = reply.send(PaymentReply::Refused("fault injection is disabled on this node".into()));
+            return Ok(());
         }
+        let order_id = match &req {
+            PaymentRequest::Charge { order_id, .. }
+            | PaymentRequest::Refund { order_id }
+            | PaymentRequest::List { order_id } => *order_id,
+            PaymentRequest::InjectPanic => return Ok(()),
+        };
+        let shard = st.cluster.shard_of(Capability::Payments, order_id.as_bytes());
+        let Some(replica) = st.replicas.get(&shard).cloned() else {
+            let leader = st.cluster.leader_of(Capability::Payments, shard).filter(|l| l != st.cluster.name());
+            let _ = reply.send(PaymentReply::NotLeader { leader });
+            return Ok(());
+        };
+        tokio::spawn(serve(replica, req, reply));
         Ok(())
     }
 }
 
-impl PaymentsState {
-    fn request(
-        &mut self,
-        myself: &ActorRef<PaymentsMsg>,
-        req: PaymentRequest,
-        reply: RpcReplyPort<PaymentReply>,
-    ) -> Result<(), ActorProcessingErr> {
-        match req {
-            PaymentRequest::Charge { order_id, amount_cents, token } => {
-                self.charge(myself, order_id, amount_cents, &token, Some(reply))?;
-            }
-            PaymentRequest::Refund { order_id } => {
-                let existing = PAYMENTS.get(&self.args.store, &order_id)?;
-                let (answer, rec) = ledger::refund(existing.as_ref(), order_id, now_ms());
-                if let Some(rec) = rec {
-                    self.put(&rec)?;
-                }
-                reply_after_sync(&self.args.store, reply, answer);
-            }
-            PaymentRequest::List { order_id } => {
-                // A voided order never had a charge: nothing to list.
-                let list = PAYMENTS
-                    .get(&self.args.store, &order_id)?
-                    .filter(|r| r.status != ledger::ChargeStatus::Voided)
-                    .map(|r| vec![r.view()])
-                    .unwrap_or_default();
-                reply_after_sync(&self.args.store, reply, PaymentReply::Payments(list));
-            }
-            PaymentRequest::InjectPanic => {
-                if self.args.fault_injection {
-                    panic!("fault injection: payments worker panics on request");
-                }
-                let _ = reply.send(PaymentReply::Refused("fault injection is disabled on this node".into()));
-            }
-        }
-        Ok(())
+fn refused(e: ProposeError) -> PaymentReply {
+    match e {
+        ProposeError::NotLeader { leader } => PaymentReply::NotLeader { leader },
+        ProposeError::NoLeader => PaymentReply::NotLeader { leader: None },
+        // A write that timed out may still commit: the caller retries with the same order id.
+        ProposeError::TimedOut(_) | ProposeError::Failed(_) => PaymentReply::TransientError { reason: e.to_string() },
     }
+}
+
+async fn serve(replica: Replica, req: PaymentRequest, reply: RpcReplyPort<PaymentReply>) {
+    let answer = match req {
+        PaymentRequest::Charge { order_id, amount_cents, token } => {
+            charge(&replica, order_id, amount_cents, token).await
+        }
+        PaymentRequest::Refund { order_id } => {
+            let cmd = PaymentCommand::Refund { order_id, now_ms: now_ms() };
+            replica.propose::<PaymentsMachine>(&cmd).await.unwrap_or_else(refused)
+        }
+        PaymentRequest::List { order_id } => match replica.read_barrier().await {
+            Err(e) => refused(e),
+            Ok(()) => match replica_store_read(&replica, order_id) {
+                Ok(list) => PaymentReply::Payments(list),
+                Err(e) => PaymentReply::TransientError { reason: e },
+            },
+        },
+        PaymentRequest::InjectPanic => return,
+    };
+    let _ = reply.send(answer);
+}
+
+/// Charges; a slow provider (`tok_slow`) keeps the caller until it is done, then the charge is
+/// proposed again with the time it finished (the caller may have given up by then: its retry
+/// gets the recorded answer).
+async fn charge(replica: &Replica, order_id: Uuid, amount_cents: u64, token: String) -> PaymentReply {
+    loop {
+        let cmd = PaymentCommand::Charge {
+            order_id,
+            amount_cents,
+            token: token.clone(),
+            now_ms: now_ms(),
+            new_id: Uuid::new_v4(),
+        };
+        match replica.propose::<PaymentsMachine>(&cmd).await {
+            Ok(PaymentReply::InProgress) => {
+                let ready = match replica_store_record(replica, order_id) {
+                    Some(ChargeStatus::Processing { ready_ms }) => ready_ms,
+                    _ => now_ms() + ledger::SLOW_MS,
+                };
+                tokio::time::sleep(Duration::from_millis(ready.saturating_sub(now_ms()).max(1))).await;
+            }
+            Ok(answer) => return answer,
+            Err(e) => return refused(e),
+        }
+    }
+}
+
+fn replica_store_record(replica: &Replica, order_id: Uuid) -> Option<ChargeStatus> {
+    PAYMENTS.get(replica.store(), &order_id).ok().flatten().map(|r| r.status)
+}
+
+fn replica_store_read(replica: &Replica, order_id: Uuid) -> Result<Vec<super::protocol::PaymentView>, String> {
+    // A voided order never had a charge: nothing to list.
+    Ok(PAYMENTS
+        .get(replica.store(), &order_id)
+        .map_err(|e| e.to_string())?
+        .filter(|r| r.status != ChargeStatus::Voided)
+        .map(|r| vec![r.view()])
+        .unwrap_or_default())
 }

@@ -41,6 +41,19 @@ pub enum PaymentReply {
     NothingToRefund,
     Payments(Vec<PaymentView>),
     Refused(String),
+    /// This replica does not lead the order's shard; `leader` is the one it knows, if any.
+    NotLeader {
+        leader: Option<String>,
+    },
+}
+
+impl bulkhead_cluster::LeaderReply for PaymentReply {
+    fn not_leader(&self) -> Option<Option<String>> {
+        match self {
+            PaymentReply::NotLeader { leader } => Some(leader.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// One recorded charge, as the API lists it.

@@ -1,0 +1,488 @@
+//! One replica of one group on this node, the registry of this node's replicas, and the driver
+//! that looks after a replica: bootstrap, noticing a member that came back with a new store,
+//! handing leadership back to the preferred node, and a quick election when the failure
+//! detector sees the leader's node go down.
+//!
+//! Nothing here decides anything two nodes must agree on: the driver only *asks* Raft
+//! (`initialize` on one node, membership changes on the leader, an election), and Raft decides.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bulkhead_storage::{decode, encode, now_ms, Batch, Store, StoreError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::Serialize;
+
+use super::log_store::LogStore;
+use super::network::{Network, RaftRpc, RaftRpcReply};
+use super::state_machine::{Machine, StateMachineStore};
+use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, IDENTITY};
+use crate::config::ShardPlacement;
+use crate::detector::Status;
+use crate::node::Cluster;
+
+/// Why a proposal or a linearizable read was not served here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Another member leads (or this one is a follower that knows no leader: `None`).
+    #[error("not the leader of this shard (leader: {leader:?})")]
+    NotLeader { leader: Option<String> },
+    /// The group has no leader right now (an election, a hand-over, no majority).
+    #[error("the shard has no leader right now")]
+    NoLeader,
+    /// The write or read did not finish within its bound (no majority answering).
+    #[error("no majority answered within {0} ms")]
+    TimedOut(u64),
+    /// The replica is shutting down or its storage failed.
+    #[error("replica failed: {0}")]
+    Failed(String),
+}
+
+/// One replica this node hosts.
+#[derive(Clone)]
+pub struct Replica {
+    pub id: GroupId,
+    pub member: MemberId,
+    pub raft: Raft,
+    pub placement: ShardPlacement,
+    store: Store,
+    handing_over: Arc<AtomicBool>,
+    proposal_timeout: Duration,
+}
+
+/// This node's replicas, by group; shared with the Raft router and the HTTP front.
+#[derive(Clone)]
+pub struct Registry {
+    pub node: String,
+    replicas: Arc<RwLock<HashMap<GroupId, Replica>>>,
+}
+
+impl Registry {
+    pub fn new(node: &str) -> Self {
+        Self { node: node.to_string(), replicas: Arc::default() }
+    }
+
+    pub fn get(&self, group: GroupId) -> Option<Replica> {
+        self.replicas.read().ok().and_then(|r| r.get(&group).cloned())
+    }
+
+    /// The local replica if it is the member `to` (this node's current incarnation in `group`).
+    pub fn member(&self, group: GroupId, to: MemberId) -> Result<Replica, String> {
+        match self.get(group) {
+            Some(r) if r.member == to => Ok(r),
+            Some(r) => Err(format!(
+                "{} is member {:x} of {group} now, not {to:x} (its store was replaced)",
+                self.node, r.member
+            )),
+            None => Err(format!("group {group} is not hosted on {}", self.node)),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Replica> {
+        let mut all: Vec<Replica> = self.replicas.read().map(|r| r.values().cloned().collect()).unwrap_or_default();
+        all.sort_by_key(|r| r.id);
+        all
+    }
+
+    fn insert(&self, r: Replica) {
+        if let Ok(mut m) = self.replicas.write() {
+            m.insert(r.id, r);
+        }
+    }
+
+    fn remove(&self, group: GroupId) {
+        if let Ok(mut m) = self.replicas.write() {
+            m.remove(&group);
+        }
+    }
+}
+
+/// A replica's role as `/v1/cluster` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Follower,
+    Learner,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaStatus {
+    pub node: String,
+    pub role: Role,
+    /// Entries behind the leader; known on the leader only (`null` elsewhere).
+    pub lag: Option<u64>,
+}
+
+/// One shard as this node's replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShardStatus {
+    pub capability: String,
+    pub shard: u32,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub replicas: Vec<ReplicaStatus>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+}
+
+impl Replica {
+    /// The replica's store: the capability's tables as applied so far on this node (reads that
+    /// must be linearizable go through [`Replica::read_barrier`] first).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(self.member) && m.state == ServerState::Leader
+    }
+
+    /// The node of the current leader, as this replica knows it.
+    pub fn leader(&self) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Proposes `cmd` to the group and returns what applying it answered; only the leader can.
+    pub async fn propose<M: Machine>(&self, cmd: &M::Command) -> Result<M::Reply, ProposeError> {
+        if self.handing_over.load(Ordering::Relaxed) {
+            return Err(ProposeError::NoLeader);
+        }
+        let write = self.raft.client_write(Proposal(encode(cmd)));
+        match tokio::time::timeout(self.proposal_timeout, write).await {
+            Err(_) => Err(ProposeError::TimedOut(self.proposal_timeout.as_millis() as u64)),
+            Ok(Ok(resp)) => decode::<M::Reply>(&resp.data.0).map_err(|e| ProposeError::Failed(e.to_string())),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(match f.leader_node {
+                Some(n) => ProposeError::NotLeader { leader: Some(n.addr) },
+                None => ProposeError::NoLeader,
+            }),
+            Ok(Err(e)) => Err(ProposeError::Failed(e.to_string())),
+        }
+    }
+
+    /// Waits until this replica may serve a linearizable read: it still leads (a majority
+    /// confirmed it after the read arrived) and has applied everything committed before.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let check = self.raft.ensure_linearizable();
+        match tokio::time::timeout(self.proposal_timeout, check).await {
+            Err(_) => Err(ProposeError::TimedOut(self.proposal_timeout.as_millis() as u64)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(match f.leader_node {
+                Some(n) => ProposeError::NotLeader { leader: Some(n.addr) },
+                None => ProposeError::NoLeader,
+            }),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(ProposeError::NoLeader),
+            Ok(Err(e)) => Err(ProposeError::Failed(e.to_string())),
+        }
+    }
+
+    /// This replica's view of its shard.
+    pub fn status(&self) -> ShardStatus {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let leader_id = m.current_leader;
+        let last = m.last_log_index.unwrap_or(0);
+        let lag_of = |id: &MemberId| -> Option<u64> {
+            let repl = m.replication.as_ref()?;
+            let matched = repl.get(id)?.map(|l| l.index).unwrap_or(0);
+            Some(last.saturating_sub(matched))
+        };
+        let voters: BTreeSet<MemberId> = membership.voter_ids().collect();
+        let replicas = membership
+            .nodes()
+            .map(|(id, node)| ReplicaStatus {
+                node: node.addr.clone(),
+                role: if Some(*id) == leader_id {
+                    Role::Leader
+                } else if voters.contains(id) {
+                    Role::Follower
+                } else {
+                    Role::Learner
+                },
+                lag: if Some(*id) == leader_id && m.state == ServerState::Leader { Some(0) } else { lag_of(id) },
+            })
+            .collect();
+        ShardStatus {
+            capability: self.id.capability.to_string(),
+            shard: self.id.shard,
+            leader: leader_id.and_then(|id| membership.get_node(&id)).map(|n| n.addr.clone()),
+            term: m.current_term,
+            replicas,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+        }
+    }
+}
+
+/// Raft timing for every group, from `[timing]`.
+pub fn raft_config(cluster: &Cluster, group: GroupId) -> Result<Config, String> {
+    let t = &cluster.config().timing;
+    Config {
+        cluster_name: format!("bulkhead-{group}"),
+        heartbeat_interval: t.raft_heartbeat_ms,
+        election_timeout_min: t.election_timeout_ms,
+        election_timeout_max: t.election_timeout_ms + t.election_timeout_ms / 2,
+        // A replica that fell this far behind catches up by snapshot; snapshots keep restarts short.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: 1_000,
+        install_snapshot_timeout: 2_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| format!("raft config of {group}: {e}"))
+}
+
+/// Reads this store's identity, or draws a new incarnation if the store is new (or was wiped).
+fn identity(store: &Store, node: &str, group: GroupId) -> Result<Identity, StoreError> {
+    if let Some(id) = IDENTITY.get(store, &0)? {
+        if id.node == node && id.group == group {
+            return Ok(id);
+        }
+        return Err(StoreError::Io(format!(
+            "this store belongs to {} in group {}, not to {node} in {group}: refusing to use it",
+            id.node, id.group
+        )));
+    }
+    let id = Identity { node: node.to_string(), group, incarnation: rand::random(), created_ms: now_ms() };
+    let mut b = Batch::new();
+    IDENTITY.put(&mut b, &0, &id);
+    store.apply_in_order(b)?;
+    tracing::info!(%group, incarnation = id.incarnation, "empty store: this node joins the group as a new member");
+    Ok(id)
+}
+
+/// Starts this node's replica of `group`, over `store`, applying commands with `machine`.
+pub async fn start<M: Machine>(
+    cluster: &Cluster,
+    group: GroupId,
+    placement: ShardPlacement,
+    store: Store,
+    machine: M,
+) -> Result<Replica, String> {
+    let node = cluster.name().to_string();
+    let ident = identity(&store, &node, group).map_err(|e| e.to_string())?;
+    store.sync().await.map_err(|e| e.to_string())?;
+    let member = member_id(&node, ident.incarnation);
+    let config = Arc::new(raft_config(cluster, group)?);
+    let network = Network { cluster: cluster.clone(), group };
+    let sm = StateMachineStore::new(store.clone(), Arc::new(machine));
+    let raft = Raft::new(member, config, network, LogStore::new(store.clone()), sm)
+        .await
+        .map_err(|e| format!("cannot start the raft replica of {group}: {e}"))?;
+    let proposal_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+    let replica = Replica { id: group, member, raft, placement, store, handing_over: Arc::default(), proposal_timeout };
+    cluster.raft().insert(replica.clone());
+    tokio::spawn(drive(cluster.clone(), replica.clone()));
+    tracing::info!(%group, member = format_args!("{member:x}"), "raft replica started");
+    Ok(replica)
+}
+
+/// Stops a replica (node shutdown).
+pub async fn stop(cluster: &Cluster, replica: &Replica) {
+    cluster.raft().remove(replica.id);
+    if let Err(e) = replica.raft.shutdown().await {
+        tracing::warn!(group = %replica.id, error = %e, "raft replica did not shut down cleanly");
+    }
+}
+
+/// The replica's housekeeping loop; ends when the replica shuts down.
+async fn drive(cluster: Cluster, r: Replica) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_bootstrap = None::<Instant>;
+    let mut last_reconcile = None::<Instant>;
+    let mut last_elect = None::<Instant>;
+    let due = |last: &mut Option<Instant>, every: Duration| {
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= every) {
+            *last = Some(now);
+            true
+        } else {
+            false
+        }
+    };
+    loop {
+        tick.tick().await;
+        if cluster.raft().get(r.id).is_none_or(|cur| cur.member != r.member) {
+            return;
+        }
+        let (state, leader, is_voter) = {
+            let m = r.raft.metrics();
+            let m = m.borrow();
+            if m.running_state.is_err() {
+                tracing::error!(group = %r.id, "raft replica stopped: {:?}", m.running_state);
+                return;
+            }
+            (m.state, m.current_leader, m.membership_config.membership().voter_ids().any(|v| v == r.member))
+        };
+        if !r.is_initialized() {
+            if r.placement.preferred() == cluster.name() && due(&mut last_bootstrap, Duration::from_millis(500)) {
+                bootstrap(&cluster, &r).await;
+            }
+            continue;
+        }
+        if state == ServerState::Leader {
+            if due(&mut last_reconcile, Duration::from_secs(1)) {
+                reconcile(&cluster, &r).await;
+            }
+            continue;
+        }
+        // A follower: if the leader's node is down by the failure detector, the first live voter
+        // in preference order calls an election at once rather than waiting out its timer. Raft
+        // still decides: the others grant their votes once the dead leader's lease has lapsed.
+        let leader_node = leader.and_then(|id| {
+            r.raft.metrics().borrow().membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+        });
+        let leader_down = leader_node.as_deref().is_none_or(|n| cluster.status_of(n) == Status::Down);
+        if is_voter && leader_down && first_live(&cluster, &r) && due(&mut last_elect, Duration::from_millis(150)) {
+            tracing::info!(group = %r.id, leader = ?leader_node, "the leader's node is down: calling an election");
+            let _ = r.raft.trigger().elect().await;
+        }
+    }
+}
+
+/// Whether this node is the first replica, in preference order, that the failure detector sees up.
+fn first_live(cluster: &Cluster, r: &Replica) -> bool {
+    r.placement.replicas.iter().find(|n| cluster.status_of(n) != Status::Down).is_some_and(|n| n == cluster.name())
+}
+
+/// The preferred node of a new group asks every replica who it is; once all answered and none
+/// is initialized, it initializes the group with all of them. Only the preferred node does this,
+/// so two different first memberships cannot exist.
+async fn bootstrap(cluster: &Cluster, r: &Replica) {
+    let mut members = std::collections::BTreeMap::new();
+    for node in &r.placement.replicas {
+        if node == cluster.name() {
+            members.insert(r.member, BasicNode { addr: node.clone() });
+            continue;
+        }
+        match cluster
+            .raft_call(node, r.id.capability, &RaftRpc::Hello { group: r.id }, Duration::from_millis(500))
+            .await
+        {
+            Ok(RaftRpcReply::Hello { initialized: true, .. }) => {
+                // Someone already has the group (this node's store was wiped): wait to be added.
+                return;
+            }
+            Ok(RaftRpcReply::Hello { member, initialized: false }) => {
+                members.insert(member, BasicNode { addr: node.clone() });
+            }
+            _ => return,
+        }
+    }
+    match r.raft.initialize(members.clone()).await {
+        Ok(()) => {
+            tracing::info!(group = %r.id, members = ?members.values().map(|n| &n.addr).collect::<Vec<_>>(), "group initialized")
+        }
+        Err(e) => tracing::debug!(group = %r.id, error = %e, "initialize refused"),
+    }
+}
+
+/// On the leader: every replica node of the placement should be a voter under its current
+/// incarnation (a node whose store was wiped comes back as a new member: add it as a learner,
+/// let it catch up, then swap it in for its old self); and the preferred node, once caught up,
+/// gets the leadership back.
+async fn reconcile(cluster: &Cluster, r: &Replica) {
+    let membership = r.raft.metrics().borrow().membership_config.membership().clone();
+    for node in &r.placement.replicas {
+        if node == cluster.name() || cluster.status_of(node) == Status::Down {
+            continue;
+        }
+        let current: Vec<MemberId> = membership.nodes().filter(|(_, n)| &n.addr == node).map(|(id, _)| *id).collect();
+        let hello = RaftRpc::Hello { group: r.id };
+        let Ok(RaftRpcReply::Hello { member, .. }) =
+            cluster.raft_call(node, r.id.capability, &hello, Duration::from_millis(500)).await
+        else {
+            continue;
+        };
+        if current.contains(&member) && membership.voter_ids().any(|v| v == member) {
+            continue;
+        }
+        tracing::info!(group = %r.id, %node, new = format_args!("{member:x}"), old = ?current.iter().map(|m| format!("{m:x}")).collect::<Vec<_>>(),
+            "a replica came back with a new store: adding it as a learner, then replacing its old member");
+        let r2 = r.clone();
+        let node = node.clone();
+        // Catching up may take a while (a snapshot): not on the driver's loop.
+        tokio::spawn(async move {
+            if let Err(e) = r2.raft.add_learner(member, BasicNode { addr: node.clone() }, true).await {
+                tracing::warn!(group = %r2.id, %node, error = %e, "adding the new member as a learner failed");
+                return;
+            }
+            let mut voters: BTreeSet<MemberId> =
+                r2.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+            for old in &current {
+                voters.remove(old);
+            }
+            voters.insert(member);
+            match r2.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await {
+                Ok(_) => {
+                    tracing::info!(group = %r2.id, %node, "the new member is a voter; its old incarnation is removed")
+                }
+                Err(e) => tracing::warn!(group = %r2.id, %node, error = %e, "replacing the old member failed"),
+            }
+        });
+        return;
+    }
+    hand_over(cluster, r).await;
+}
+
+/// On a leader that is not the preferred node: once the preferred node is up, a voter, and has
+/// every entry, pause new proposals, let it call an election, and resume.
+async fn hand_over(cluster: &Cluster, r: &Replica) {
+    let preferred = r.placement.preferred();
+    if preferred == cluster.name() || cluster.status_of(preferred) != Status::Up {
+        return;
+    }
+    let target = {
+        let m = r.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let Some(id) = membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.addr == preferred))
+        else {
+            return;
+        };
+        let caught_up = m
+            .replication
+            .as_ref()
+            .and_then(|repl| repl.get(&id).copied())
+            .flatten()
+            .is_some_and(|matched| Some(matched.index) >= m.last_log_index);
+        if !caught_up {
+            return;
+        }
+        id
+    };
+    r.handing_over.store(true, Ordering::Relaxed);
+    // Let in-flight entries reach the target so its log is as long as ours when it asks for votes.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        let done = {
+            let m = r.raft.metrics();
+            let m = m.borrow();
+            m.replication.as_ref().and_then(|repl| repl.get(&target).copied()).flatten().map(|l| l.index)
+                >= m.last_log_index
+        };
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tracing::info!(group = %r.id, to = %preferred, "handing leadership back to the preferred node");
+    let rpc = RaftRpc::TakeLead { group: r.id, to: target };
+    let _ = cluster.raft_call(preferred, r.id.capability, &rpc, Duration::from_millis(500)).await;
+    let mut m = r.raft.metrics();
+    let _ = tokio::time::timeout(Duration::from_millis(1_000), m.wait_for(|m| m.state != ServerState::Leader)).await;
+    r.handing_over.store(false, Ordering::Relaxed);
+}

@@ -1,0 +1,38 @@
+//! Raft groups (openraft 0.9): every shard of a replicated capability is one group with a replica
+//! on each of its nodes.
+//!
+//! - [`types`]: the one type configuration all groups share, group and member ids, stored records.
+//! - [`log_store`]: the log and the vote in the group's sled store, made durable by group commit.
+//! - [`state_machine`]: the [`Machine`] a capability supplies, applied to its own tables; snapshots
+//!   are an export of those tables.
+//! - [`network`]: Raft RPCs over the cluster call path to the [`RaftRouter`] on each node.
+//! - [`group`]: a running [`Replica`] (propose, linearizable read, status) and its driver.
+//!
+//! Why openraft 0.9 and not the 0.10 alphas: 0.9 is the stable line, with the storage-v2 API
+//! (a log store that is told "durable" by a callback, which is exactly group commit) and
+//! multi-raft in one process. 0.10 adds leader transfer, but as an alpha its API still moves; the
+//! hand-back to a preferred leader is done here with 0.9's own means: the leader pauses proposals
+//! until the preferred member has every entry, then asks it to call an election (`TakeLead`).
+//!
+//! Caveats:
+//! - A snapshot is built and sent whole in memory (an export of the capability's tables); fine
+//!   for the table sizes of a few million records, not for much more.
+//! - Applying an entry and building a snapshot exclude each other (a mutex): a large export holds
+//!   up applies for its duration.
+//! - A group whose preferred node is down at the cluster's very first start is not initialized
+//!   until that node comes up (bootstrap needs every replica to answer once).
+
+// openraft's own error types (`StorageError`, `RaftError`) are large; the storage and network
+// traits fix them as the error type, so boxing is not ours to choose.
+#![allow(clippy::result_large_err)]
+
+pub mod group;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+pub use group::{ProposeError, Registry, Replica, ReplicaStatus, Role, ShardStatus};
+pub use network::{RaftRouter, RaftRpc, RaftRpcReply};
+pub use state_machine::Machine;
+pub use types::{member_id, GroupId, MemberId, RAFT_TABLES_FROM};

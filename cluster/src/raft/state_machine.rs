@@ -1,0 +1,183 @@
+//! The state machine side of a group: the capability's own tables in the group's store.
+//!
+//! A capability supplies a [`Machine`]: a deterministic function from (its tables, one committed
+//! command) to (a reply, the writes to make). This adapter applies each entry's writes together
+//! with the new applied log id as one atomic sled batch, so after a crash the tables and the
+//! applied id agree, and openraft re-applies exactly what came after. The tables need no flush of
+//! their own: the log is durable, and what was applied is applied again from it.
+//!
+//! Snapshots are a consistent export of every table below [`RAFT_TABLES_FROM`]; installing one
+//! replaces those tables in one batch.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use bulkhead_storage::{decode, encode, Batch, Record, Store, StoreError};
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogId, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
+};
+
+use super::types::{
+    Applied, AppliedState, MemberId, SnapshotBody, SnapshotRecord, TypeConfig, APPLIED, RAFT_TABLES_FROM, SNAPSHOT,
+};
+
+type Result<T> = std::result::Result<T, StorageError<MemberId>>;
+
+/// A capability's replicated state machine. `apply` must be deterministic: the same tables and
+/// the same command give the same reply and writes on every replica. Time, ids and randomness come
+/// in the command (the leader puts them there), never from a clock or a generator inside `apply`.
+pub trait Machine: Send + Sync + 'static {
+    type Command: Record + Send;
+    type Reply: Record + Send;
+
+    /// Applies one committed command: reads the tables in `store` (every earlier entry's writes
+    /// are visible), queues this one's writes in `batch`.
+    fn apply(
+        &self,
+        store: &Store,
+        batch: &mut Batch,
+        cmd: Self::Command,
+    ) -> std::result::Result<Self::Reply, StoreError>;
+
+    /// The reply for a command that this build cannot decode (a newer node proposed it).
+    fn undecodable(&self, why: String) -> Self::Reply;
+}
+
+/// Object-safe form of a [`Machine`] over raw bytes, so one adapter type serves every capability.
+pub trait RawMachine: Send + Sync + 'static {
+    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<Vec<u8>, StoreError>;
+}
+
+impl<M: Machine> RawMachine for M {
+    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<Vec<u8>, StoreError> {
+        let reply = match decode::<M::Command>(cmd) {
+            Ok(cmd) => self.apply(store, batch, cmd)?,
+            Err(e) => {
+                tracing::error!(error = %e, "a committed command does not decode on this node");
+                self.undecodable(e.to_string())
+            }
+        };
+        Ok(encode(&reply))
+    }
+}
+
+/// The openraft state machine of one group.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    store: Store,
+    machine: Arc<dyn RawMachine>,
+    /// Held while entries are applied and while a snapshot exports the tables, so an export and
+    /// the applied id it is labelled with always agree (openraft builds snapshots concurrently).
+    gate: Arc<std::sync::Mutex<()>>,
+}
+
+impl StateMachineStore {
+    pub fn new(store: Store, machine: Arc<dyn RawMachine>) -> Self {
+        Self { store, machine, gate: Arc::default() }
+    }
+
+    fn applied(&self) -> std::result::Result<AppliedState, StoreError> {
+        Ok(APPLIED.get(&self.store, &0)?.unwrap_or_default())
+    }
+}
+
+fn sm_read(e: StoreError) -> StorageError<MemberId> {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn sm_write(e: StoreError) -> StorageError<MemberId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        let (state, records) = {
+            let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            (self.applied().map_err(sm_read)?, self.store.export_below(RAFT_TABLES_FROM).map_err(sm_read)?)
+        };
+        let data = encode(&SnapshotBody { records });
+        let snapshot_id = match state.last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership, snapshot_id };
+        let mut b = Batch::new();
+        SNAPSHOT.put(&mut b, &0, &SnapshotRecord { meta: meta.clone(), data: data.clone() });
+        self.store.apply_in_order(b).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<MemberId>>, StoredMembership<MemberId, BasicNode>)> {
+        let s = self.applied().map_err(sm_read)?;
+        Ok((s.last_applied, s.membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.applied().map_err(sm_read)?;
+        let mut replies = Vec::new();
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            let mut b = Batch::new();
+            let reply = match entry.payload {
+                EntryPayload::Blank => Applied::default(),
+                EntryPayload::Normal(p) => Applied(
+                    self.machine.apply_raw(&self.store, &mut b, &p.0).map_err(|e| StorageIOError::apply(log_id, &e))?,
+                ),
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(log_id), m);
+                    Applied::default()
+                }
+            };
+            state.last_applied = Some(log_id);
+            APPLIED.put(&mut b, &0, &state);
+            self.store.apply(b).map_err(sm_write)?;
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<MemberId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<()> {
+        let data = snapshot.into_inner();
+        let body: SnapshotBody =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let n = body.records.len();
+        let mut extra = Batch::new();
+        let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        APPLIED.put(&mut extra, &0, &state);
+        SNAPSHOT.put(&mut extra, &0, &SnapshotRecord { meta: meta.clone(), data });
+        self.store
+            .replace_below(RAFT_TABLES_FROM, body.records, extra)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, records = n, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+        let rec = SNAPSHOT.get(&self.store, &0).map_err(sm_read)?;
+        Ok(rec.map(|r| Snapshot { meta: r.meta, snapshot: Box::new(Cursor::new(r.data)) }))
+    }
+}

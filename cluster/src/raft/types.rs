@@ -1,0 +1,141 @@
+//! The one Raft type configuration every group shares, group and member identities, and the
+//! records the groups keep in a capability's store.
+//!
+//! Every group carries opaque bytes: a capability encodes its own commands and replies with its
+//! versioned [`Record`] codec, so one log store, one network and one router serve every group.
+
+use std::fmt;
+use std::io::Cursor;
+
+use bulkhead_storage::{Record, Table};
+use openraft::{Entry, LogId, SnapshotMeta, StoredMembership, Vote};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{stable_hash, Capability};
+
+/// A capability's command, encoded by the capability (a versioned [`Record`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal(pub Vec<u8>);
+
+/// What applying a [`Proposal`] answered, encoded by the capability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Applied(pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// Raft types of every Bulkhead group: member ids are `u64` ([`member_id`]), a member's node
+    /// info is its node name (`BasicNode::addr`), snapshots are byte buffers.
+    pub TypeConfig:
+        D = Proposal,
+        R = Applied,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type MemberId = u64;
+
+/// One Raft group: a (capability, shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupId {
+    pub capability: Capability,
+    pub shard: u32,
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.capability, self.shard)
+    }
+}
+
+/// A member of a group is a node *in one incarnation of its store*: the high 32 bits name the
+/// node, the low 32 bits are the incarnation its store drew when it was created empty. A node
+/// whose disk was wiped therefore comes back as a different member and can never vote again
+/// under the identity it had (Raft's safety assumes stable storage).
+pub fn member_id(node: &str, incarnation: u32) -> MemberId {
+    ((stable_hash(node.as_bytes()) as u32 as u64) << 32) | u64::from(incarnation)
+}
+
+/// Tables of a group's store at and above this id belong to Raft; the capability's own tables
+/// (below it) are the state machine, and exactly what a snapshot carries.
+pub const RAFT_TABLES_FROM: u8 = 0xF0;
+
+/// One log entry, versioned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogRecord(pub Entry<TypeConfig>);
+impl Record for LogRecord {
+    const VERSION: u8 = 1;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VoteRecord(pub Vote<MemberId>);
+impl Record for VoteRecord {
+    const VERSION: u8 = 1;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogIdRecord(pub Option<LogId<MemberId>>);
+impl Record for LogIdRecord {
+    const VERSION: u8 = 1;
+}
+
+/// The last entry applied to the capability's tables and the membership in force then; written
+/// in the same atomic batch as the entry's effects.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId<MemberId>>,
+    pub membership: StoredMembership<MemberId, openraft::BasicNode>,
+}
+impl Record for AppliedState {
+    const VERSION: u8 = 1;
+}
+
+/// The latest snapshot this replica built or installed: its meta and the exported tables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub meta: SnapshotMeta<MemberId, openraft::BasicNode>,
+    pub data: Vec<u8>,
+}
+impl Record for SnapshotRecord {
+    const VERSION: u8 = 1;
+}
+
+/// What a snapshot's bytes hold: every raw record of the capability's tables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotBody {
+    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+}
+impl Record for SnapshotBody {
+    const VERSION: u8 = 1;
+}
+
+/// Who this store belongs to: drawn once when the store is created empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub node: String,
+    pub group: GroupId,
+    pub incarnation: u32,
+    pub created_ms: u64,
+}
+impl Record for Identity {
+    const VERSION: u8 = 1;
+}
+
+pub const LOG: Table<u64, LogRecord> = Table::new(0xF0, "raft_log");
+pub const VOTE: Table<u64, VoteRecord> = Table::new(0xF1, "raft_vote");
+/// Key 0: the last purged log id; key 1: the last committed log id.
+pub const LOG_IDS: Table<u64, LogIdRecord> = Table::new(0xF2, "raft_log_ids");
+pub const APPLIED: Table<u64, AppliedState> = Table::new(0xF3, "raft_applied");
+pub const SNAPSHOT: Table<u64, SnapshotRecord> = Table::new(0xF4, "raft_snapshot");
+pub const IDENTITY: Table<u64, Identity> = Table::new(0xF5, "raft_identity");
+pub const PURGED_KEY: u64 = 0;
+pub const COMMITTED_KEY: u64 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_ids_differ_by_node_and_by_incarnation() {
+        assert_ne!(member_id("n1", 7), member_id("n2", 7));
+        assert_ne!(member_id("n1", 7), member_id("n1", 8));
+        assert_eq!(member_id("n1", 7) >> 32, member_id("n1", 8) >> 32);
+    }
+}

@@ -6,12 +6,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use bulkhead_cluster::Capability;
 use common::{eventually, start, TestCluster};
 use serde_json::Value;
 
-/// The payments shard as `from` reports it in `/v1/cluster`.
+/// A SKU of the inventory shard on n1: inventory is not replicated yet, and these tests take n2 away.
+fn sku_on_n1() -> String {
+    let map = bulkhead::topology::demo_shard_map();
+    (0..).map(|i| format!("sku-{i}")).find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some("n1")).unwrap()
+}
+
+/// The payments shard as `from` reports it in `/v1/cluster` (`Null` while `from` is not answering).
 async fn payments_shard(tc: &TestCluster, from: usize) -> Value {
-    let v = tc.get(from, "/v1/cluster").await.body;
+    let Ok(resp) = tc.http.get(format!("{}/v1/cluster", tc.url(from))).send().await else { return Value::Null };
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
     v["shards"]
         .as_array()
         .and_then(|s| s.iter().find(|s| s["capability"] == "payments").cloned())
@@ -40,9 +48,10 @@ async fn charges(tc: &TestCluster, from: usize, id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_payments_leader_fails_over_and_orders_keep_confirming() {
     let mut tc = start().await;
-    tc.stock("widget-1", 100, 100).await;
+    let sku = sku_on_n1();
+    tc.stock(&sku, 100, 100).await;
     settled_leader(&tc, "n2").await;
-    let before = tc.order(0, Some("before-kill"), "widget-1", 1, "tok_ok").await;
+    let before = tc.order(0, Some("before-kill"), &sku, 1, "tok_ok").await;
     assert_eq!(before.status, 201, "{}", before.body);
     let before = before.body["order_id"].as_str().unwrap().to_string();
 
@@ -53,9 +62,9 @@ async fn killing_the_payments_leader_fails_over_and_orders_keep_confirming() {
     let first = eventually(Duration::from_secs(10), "an order confirms after the leader's death", || {
         n += 1;
         let key = format!("after-kill-{n}");
-        let tc = &tc;
+        let (tc, sku) = (&tc, &sku);
         async move {
-            let r = tc.order(0, Some(&key), "widget-1", 1, "tok_ok").await;
+            let r = tc.order(0, Some(&key), sku, 1, "tok_ok").await;
             (r.status == 201).then(|| r.body["order_id"].as_str().unwrap_or_default().to_string())
         }
     })
@@ -79,13 +88,14 @@ async fn killing_the_payments_leader_fails_over_and_orders_keep_confirming() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_payments_replica_comes_back_as_a_new_member_and_loses_nothing() {
     let mut tc = start().await;
-    tc.stock("widget-1", 100, 100).await;
+    let sku = sku_on_n1();
+    tc.stock(&sku, 100, 100).await;
     settled_leader(&tc, "n2").await;
     let member_of_n2 =
         |s: &Value| s["replicas"].as_array().map(|r| r.iter().any(|r| r["node"] == "n2")).unwrap_or(false);
     let mut ids = Vec::new();
     for i in 0..5 {
-        let r = tc.order(i % 2 * 2, Some(&format!("wipe-{i}")), "widget-1", 1, "tok_ok").await;
+        let r = tc.order(i % 2 * 2, Some(&format!("wipe-{i}")), &sku, 1, "tok_ok").await;
         assert_eq!(r.status, 201, "{}", r.body);
         ids.push(r.body["order_id"].as_str().unwrap().to_string());
     }

@@ -91,6 +91,35 @@ fn sm_write(e: StoreError) -> StorageError<MemberId> {
     StorageIOError::write_state_machine(&e).into()
 }
 
+impl StateMachineStore {
+    /// Applies committed entries in order: each entry's writes and the new applied id as one
+    /// atomic batch, so after a crash the tables and the applied id agree.
+    fn apply_blocking(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Applied>> {
+        let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.applied().map_err(sm_read)?;
+        let mut replies = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            let mut b = Batch::new();
+            let reply = match entry.payload {
+                EntryPayload::Blank => Applied::default(),
+                EntryPayload::Normal(p) => Applied(
+                    self.machine.apply_raw(&self.store, &mut b, &p.0).map_err(|e| StorageIOError::apply(log_id, &e))?,
+                ),
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(log_id), m);
+                    Applied::default()
+                }
+            };
+            state.last_applied = Some(log_id);
+            APPLIED.put(&mut b, &0, &state);
+            self.store.apply(b).map_err(sm_write)?;
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
         let (state, records) = {
@@ -124,28 +153,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-        let mut state = self.applied().map_err(sm_read)?;
-        let mut replies = Vec::new();
-        for entry in entries {
-            let log_id = *entry.get_log_id();
-            let mut b = Batch::new();
-            let reply = match entry.payload {
-                EntryPayload::Blank => Applied::default(),
-                EntryPayload::Normal(p) => Applied(
-                    self.machine.apply_raw(&self.store, &mut b, &p.0).map_err(|e| StorageIOError::apply(log_id, &e))?,
-                ),
-                EntryPayload::Membership(m) => {
-                    state.membership = StoredMembership::new(Some(log_id), m);
-                    Applied::default()
-                }
-            };
-            state.last_applied = Some(log_id);
-            APPLIED.put(&mut b, &0, &state);
-            self.store.apply(b).map_err(sm_write)?;
-            replies.push(reply);
-        }
-        Ok(replies)
+        // sled's atomic batch seals its log buffer (a pwrite + sync_file_range) per entry: that is
+        // blocking I/O, so it runs on the blocking pool, never on a runtime thread that also
+        // carries heartbeats.
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.apply_blocking(entries))
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(&e))?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -39,6 +39,15 @@ async fn settled_leader(tc: &TestCluster, want: &str) {
     .await;
 }
 
+/// The demo cluster with stock for a SKU of n1's inventory shard, once n2 leads payments.
+async fn started_with_n2_leading() -> (TestCluster, String) {
+    let tc = start().await;
+    let sku = sku_on_n1();
+    tc.stock(&sku, 100, 100).await;
+    settled_leader(&tc, "n2").await;
+    (tc, sku)
+}
+
 async fn charges(tc: &TestCluster, from: usize, id: &str) -> usize {
     let p = tc.get(from, &format!("/v1/payments?order_id={id}")).await;
     assert_eq!(p.status, 200, "{}", p.body);
@@ -47,10 +56,7 @@ async fn charges(tc: &TestCluster, from: usize, id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_payments_leader_fails_over_and_orders_keep_confirming() {
-    let mut tc = start().await;
-    let sku = sku_on_n1();
-    tc.stock(&sku, 100, 100).await;
-    settled_leader(&tc, "n2").await;
+    let (mut tc, sku) = started_with_n2_leading().await;
     let before = tc.order(0, Some("before-kill"), &sku, 1, "tok_ok").await;
     assert_eq!(before.status, 201, "{}", before.body);
     let before = before.body["order_id"].as_str().unwrap().to_string();
@@ -87,10 +93,7 @@ async fn killing_the_payments_leader_fails_over_and_orders_keep_confirming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_payments_replica_comes_back_as_a_new_member_and_loses_nothing() {
-    let mut tc = start().await;
-    let sku = sku_on_n1();
-    tc.stock(&sku, 100, 100).await;
-    settled_leader(&tc, "n2").await;
+    let (mut tc, sku) = started_with_n2_leading().await;
     let member_of_n2 =
         |s: &Value| s["replicas"].as_array().map(|r| r.iter().any(|r| r["node"] == "n2")).unwrap_or(false);
     let mut ids = Vec::new();

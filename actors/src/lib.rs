@@ -60,6 +60,29 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// Stops every capability (children first, so nothing restarts).
+    /// Starts `cap`'s supervisor over `children`; a failure is logged and marked unhealthy.
+    async fn supervise(&mut self, cap: Capability, children: Vec<ChildSpec>) -> bool {
+        let args = SupervisorArgs {
+            capability: cap,
+            cluster: self.cluster.clone(),
+            children,
+            intensity: Intensity::default(),
+            shutting_down: self.shutting_down.clone(),
+        };
+        match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
+            Ok((sup, _)) => {
+                self.supervisors.insert(cap, sup);
+                true
+            }
+            Err(e) => {
+                tracing::error!(capability = %cap, error = %e, "capability failed to start");
+                self.cluster.set_health(cap, false, &format!("failed to start: {e}"));
+                self.failed.insert(cap, e.to_string());
+                false
+            }
+        }
+    }
+
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
         for sup in self.supervisors.values() {
@@ -212,23 +235,7 @@ pub async fn start_capabilities(
                     continue;
                 }
             };
-            let args = SupervisorArgs {
-                capability: cap,
-                cluster: cluster.clone(),
-                children,
-                intensity: Intensity::default(),
-                shutting_down: caps.shutting_down.clone(),
-            };
-            match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
-                Ok((sup, _)) => {
-                    caps.supervisors.insert(cap, sup);
-                }
-                Err(e) => {
-                    tracing::error!(capability = %cap, error = %e, "capability failed to start");
-                    cluster.set_health(cap, false, &format!("failed to start: {e}"));
-                    caps.failed.insert(cap, e.to_string());
-                }
-            }
+            caps.supervise(cap, children).await;
             continue;
         }
         let store = match Store::open(data_dir, cap.as_str(), &opts) {
@@ -241,23 +248,8 @@ pub async fn start_capabilities(
             }
         };
         let w = WorkerArgs { cluster: cluster.clone(), store: store.clone(), fault_injection };
-        let args = SupervisorArgs {
-            capability: cap,
-            cluster: cluster.clone(),
-            children: children(cap, w),
-            intensity: Intensity::default(),
-            shutting_down: caps.shutting_down.clone(),
-        };
-        match Actor::spawn(Some(format!("bulkhead.{cap}.supervisor")), Supervisor, args).await {
-            Ok((sup, _)) => {
-                caps.supervisors.insert(cap, sup);
-                caps.stores.insert(cap, store);
-            }
-            Err(e) => {
-                tracing::error!(capability = %cap, error = %e, "capability failed to start");
-                cluster.set_health(cap, false, &format!("failed to start: {e}"));
-                caps.failed.insert(cap, e.to_string());
-            }
+        if caps.supervise(cap, children(cap, w)).await {
+            caps.stores.insert(cap, store);
         }
     }
     caps

@@ -469,6 +469,18 @@ impl Cluster {
 
     /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs).
     pub fn member(&self, cap: Capability, node: &str) -> Result<ActorRef<WireMsg>, CallError> {
+        self.remotable(&group_name(cap, node), cap, node, &format!("no {cap} member is registered on {node}"))
+    }
+
+    /// The first member of pg group `group` on `node`, unless the view has `node` down (fail fast,
+    /// nothing sent). `cap` labels the error; `absent` says what is missing when nothing is registered.
+    fn remotable(
+        &self,
+        group: &str,
+        cap: Capability,
+        node: &str,
+        absent: &str,
+    ) -> Result<ActorRef<WireMsg>, CallError> {
         let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
         if node != self.name() {
             // One read of the view for both the status and the reason (this is the fail-fast path).
@@ -484,11 +496,11 @@ impl Cluster {
                 return Err(unreachable(reason));
             }
         }
-        ractor::pg::get_members(&group_name(cap, node))
+        ractor::pg::get_members(&group.to_string())
             .into_iter()
             .next()
             .map(ActorRef::from)
-            .ok_or_else(|| unreachable(format!("no {cap} member is registered on {node}")))
+            .ok_or_else(|| unreachable(absent.to_string()))
     }
 
     /// Calls `cap` on `node` with the default call timeout.
@@ -547,15 +559,8 @@ impl Cluster {
         rpc: &crate::raft::RaftRpc,
         timeout: Duration,
     ) -> Result<crate::raft::RaftRpcReply, CallError> {
-        let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
-        if node != self.name() && self.status_of(node) == Status::Down {
-            return Err(unreachable("node is down".into()));
-        }
-        let actor = ractor::pg::get_members(&crate::raft::network::router_group(node))
-            .into_iter()
-            .next()
-            .map(ActorRef::<WireMsg>::from)
-            .ok_or_else(|| unreachable(format!("no raft router is registered on {node}")))?;
+        let group = crate::raft::network::router_group(node);
+        let actor = self.remotable(&group, cap, node, &format!("no raft router is registered on {node}"))?;
         call(&actor, cap, node, rpc, "", timeout).await
     }
 

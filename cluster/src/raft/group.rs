@@ -140,12 +140,6 @@ impl Replica {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some()
     }
 
-    pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        m.current_leader == Some(self.member) && m.state == ServerState::Leader
-    }
-
     /// The node of the current leader, as this replica knows it.
     pub fn leader(&self) -> Option<String> {
         let m = self.raft.metrics();
@@ -318,14 +312,16 @@ async fn drive(cluster: Cluster, r: Replica) {
         if cluster.raft().get(r.id).is_none_or(|cur| cur.member != r.member) {
             return;
         }
-        let (state, leader, is_voter) = {
+        let (state, leader_node, is_voter) = {
             let m = r.raft.metrics();
             let m = m.borrow();
             if m.running_state.is_err() {
                 tracing::error!(group = %r.id, "raft replica stopped: {:?}", m.running_state);
                 return;
             }
-            (m.state, m.current_leader, m.membership_config.membership().voter_ids().any(|v| v == r.member))
+            let membership = m.membership_config.membership();
+            let leader_node = m.current_leader.and_then(|id| membership.get_node(&id)).map(|n| n.addr.clone());
+            (m.state, leader_node, membership.voter_ids().any(|v| v == r.member))
         };
         if !r.is_initialized() {
             if r.placement.preferred() == cluster.name() && due(&mut last_bootstrap, Duration::from_millis(500)) {
@@ -342,9 +338,6 @@ async fn drive(cluster: Cluster, r: Replica) {
         // A follower: if the leader's node is down by the failure detector, the first live voter
         // in preference order calls an election at once rather than waiting out its timer. Raft
         // still decides: the others grant their votes once the dead leader's lease has lapsed.
-        let leader_node = leader.and_then(|id| {
-            r.raft.metrics().borrow().membership_config.membership().get_node(&id).map(|n| n.addr.clone())
-        });
         let leader_down = leader_node.as_deref().is_none_or(|n| cluster.status_of(n) == Status::Down);
         if is_voter && leader_down && first_live(&cluster, &r) && due(&mut last_elect, Duration::from_millis(150)) {
             tracing::info!(group = %r.id, leader = ?leader_node, "the leader's node is down: calling an election");

@@ -2,14 +2,15 @@
 //!
 //! Every order crosses nodes and one node's death shows isolation: payments is led away from
 //! orders, orders runs on two nodes so that losing one leaves order placement working, and each
-//! inventory shard lives apart from one of the orders nodes. Payments is replicated: one Raft group
-//! with a replica on every node, led by n2 whenever n2 is healthy.
+//! inventory shard lives apart from one of the orders nodes. Payments, shipping and notifications
+//! are replicated: one Raft group each with a replica on every node, led by n2 (payments) and n3
+//! (shipping, notifications) whenever that node is healthy.
 //!
-//! | node | capabilities                                       |
-//! |------|----------------------------------------------------|
-//! | n1   | orders, inventory, payments (replica)              |
-//! | n2   | payments (preferred leader), inventory             |
-//! | n3   | orders, shipping, notifications, payments (replica)|
+//! | node | leads                           | also holds replicas of            |
+//! |------|---------------------------------|-----------------------------------|
+//! | n1   | orders, inventory shard 1       | payments, shipping, notifications |
+//! | n2   | payments, inventory shard 2     | shipping, notifications           |
+//! | n3   | orders, shipping, notifications | payments                          |
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,13 +23,15 @@ pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 pub fn demo_shard_map() -> ShardMap {
     let p = CapabilityPlacement::on;
-    let payments = CapabilityPlacement { leaders: vec!["n2".into()], ..p(&["n1", "n2", "n3"]) };
+    // Replicated capabilities: a replica on every node, led where the topology puts them.
+    let led_by = |n: &str| CapabilityPlacement { leaders: vec![n.into()], ..p(&["n1", "n2", "n3"]) };
+    let payments = led_by("n2");
     ShardMap(BTreeMap::from([
         (Capability::Orders, p(&["n1", "n3"])),
         (Capability::Inventory, p(&["n1", "n2"])),
         (Capability::Payments, payments),
-        (Capability::Shipping, p(&["n3"])),
-        (Capability::Notifications, p(&["n3"])),
+        (Capability::Shipping, led_by("n3")),
+        (Capability::Notifications, led_by("n3")),
     ]))
 }
 

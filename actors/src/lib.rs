@@ -131,18 +131,16 @@ fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
             gateway_spec(cap, &c, inventory::InventoryMsg::Request),
         ],
         // Replicated capabilities are started by `start_replicated`.
-        Capability::Payments => Vec::new(),
-        Capability::Shipping | Capability::Notifications => {
-            let making = if cap == Capability::Shipping { shipping::MAKING } else { notifications::MAKING };
-            vec![
-                ChildSpec::new(
-                    name,
-                    || consumer::ConsumerWorker,
-                    move || consumer::ConsumerArgs { worker: w.clone(), making },
-                ),
-                gateway_spec(cap, &c, consumer::ConsumerMsg::Request),
-            ]
-        }
+        Capability::Payments | Capability::Shipping | Capability::Notifications => Vec::new(),
+    }
+}
+
+/// What shipping or notifications makes of a confirmed order.
+fn making(cap: Capability) -> consumer::Making {
+    if cap == Capability::Shipping {
+        shipping::MAKING
+    } else {
+        notifications::MAKING
     }
 }
 
@@ -185,6 +183,10 @@ async fn start_replicated(
             Capability::Payments => {
                 raft::group::start(cluster, group, placement, store, payments::PaymentsMachine).await?
             }
+            Capability::Shipping | Capability::Notifications => {
+                let machine = consumer::ConsumerMachine { making: making(cap) };
+                raft::group::start(cluster, group, placement, store, machine).await?
+            }
             other => return Err(format!("{other} is not a replicated capability")),
         };
         replicas.insert(shard, replica);
@@ -197,6 +199,14 @@ async fn start_replicated(
             vec![
                 ChildSpec::new(worker_name(cap), || payments::PaymentsWorker, move || args.clone()),
                 gateway_spec(cap, cluster, payments::PaymentsMsg::Request),
+            ]
+        }
+        Capability::Shipping | Capability::Notifications => {
+            let args =
+                consumer::ConsumerArgs { cluster: cluster.clone(), replicas, fault_injection, making: making(cap) };
+            vec![
+                ChildSpec::new(worker_name(cap), || consumer::ConsumerWorker, move || args.clone()),
+                gateway_spec(cap, cluster, consumer::ConsumerMsg::Request),
             ]
         }
         other => return Err(format!("{other} is not a replicated capability")),

@@ -1,5 +1,9 @@
 //! Small pieces every worker shares.
 
+use std::collections::BTreeMap;
+
+use bulkhead_cluster::raft::{ProposeError, Replica};
+use bulkhead_cluster::{Capability, Cluster};
 use bulkhead_storage::Store;
 use ractor::RpcReplyPort;
 
@@ -15,6 +19,41 @@ pub fn reply_after_sync<T: Send + 'static>(store: &Store, reply: RpcReplyPort<T>
         // Dropping the port tells the caller "no answer": it retries, and every handler is idempotent.
         Err(e) => tracing::error!(%capability, error = %e, "flush failed; request left unanswered"),
     });
+}
+
+/// Why a replicated capability's worker did not serve a request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unserved {
+    /// Another replica leads (or none is known: `None`); the caller follows it once.
+    NotLeader(Option<String>),
+    /// This replica leads but could not finish (no majority in time, storage failure).
+    Unavailable(String),
+}
+
+impl From<ProposeError> for Unserved {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader { leader } => Unserved::NotLeader(leader),
+            ProposeError::NoLeader => Unserved::NotLeader(None),
+            // A write that timed out may still commit: the caller retries with the same ids.
+            ProposeError::TimedOut(_) | ProposeError::Failed(_) => Unserved::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// This node's replica of the shard of `cap` that owns `key`, or (no replica here) the leader
+/// this node would send the request to instead.
+pub fn local_replica(
+    cluster: &Cluster,
+    replicas: &BTreeMap<u32, Replica>,
+    cap: Capability,
+    key: &[u8],
+) -> Result<Replica, Unserved> {
+    let shard = cluster.shard_of(cap, key);
+    replicas
+        .get(&shard)
+        .cloned()
+        .ok_or_else(|| Unserved::NotLeader(cluster.leader_of(cap, shard).filter(|l| l != cluster.name())))
 }
 
 /// Exponential backoff with jitter: `base * 2^attempt`, capped, scaled by `jitter` in [0.5, 1.0].

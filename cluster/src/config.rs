@@ -127,9 +127,9 @@ impl ShardMap {
     }
 
     /// Whether `cap` keeps its state in Raft groups (one per shard) rather than one copy per node.
-    /// Payments is the first capability moved onto Raft; the others follow.
+    /// Payments, shipping and notifications are on Raft; inventory and orders follow.
     pub fn is_replicated(cap: Capability) -> bool {
-        cap == Capability::Payments
+        matches!(cap, Capability::Payments | Capability::Shipping | Capability::Notifications)
     }
 
     /// The shards of a replicated capability and where each lives. Shard `s` takes `replicas`
@@ -205,7 +205,7 @@ impl ShardMap {
             }
             if !Self::is_replicated(*cap) && (p.shards.is_some() || p.replicas.is_some() || !p.leaders.is_empty()) {
                 return Err(format!(
-                    "[capabilities.{cap}] shards/replicas/leaders: {cap} is not replicated yet (only payments is)"
+                    "[capabilities.{cap}] shards/replicas/leaders: {cap} is not replicated yet (payments, shipping and notifications are)"
                 ));
             }
             if p.shards == Some(0) || p.replicas == Some(0) {

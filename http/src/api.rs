@@ -370,21 +370,17 @@ pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>)
 
 async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder, field: &str) -> Result<Response, ApiError> {
     let id = order_param(q)?;
-    let node = st
-        .cluster
-        .owner(cap, id.as_bytes())
-        .ok_or_else(|| ApiError::unavailable(format!("no {cap} node is configured")))?;
-    match st
-        .cluster
-        .call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::List { order_id: id }, &new_traceparent())
-        .await
-    {
+    let shard = st.cluster.shard_of(cap, id.as_bytes());
+    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
+    let req = ConsumerRequest::List { order_id: id };
+    match st.cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &new_traceparent(), t).await {
         Ok(ConsumerReply::Listed(list)) => {
             Ok(Json(json!({"order_id": id.to_string(), field: list.iter().map(|d| json!({
             "id": d.id, "event_id": d.event_id.to_string(), "detail": d.detail, "at": rfc3339(d.created_ms),
         })).collect::<Vec<_>>()}))
             .into_response())
         }
+        Ok(ConsumerReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
     }

@@ -1,29 +1,21 @@
-//! The consumer worker: dedupe by event id, record what the capability makes of the event,
-//! answer after the flush (so an acknowledged delivery is never lost and the outbox may forget it).
+//! The consumer worker: serves each shard of shipping (or notifications) where this node's
+//! replica leads it. A delivery is a [`ConsumerCommand`] proposed to the shard's Raft group and
+//! acknowledged once a majority has it (so the outbox may forget it); a listing is a linearizable
+//! read. A replica that does not lead answers `NotLeader`.
 
-use bulkhead_storage::{now_ms, Batch, Record, Table};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bulkhead_cluster::raft::Replica;
+use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_storage::now_ms;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::protocol::{ConsumerReply, ConsumerRequest, Delivery, OrderConfirmed};
-use crate::util::reply_after_sync;
-use crate::WorkerArgs;
-use bulkhead_cluster::Inbound;
-
-/// Event ids already handled.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Seen {
-    pub at_ms: u64,
-}
-impl Record for Seen {
-    const VERSION: u8 = 1;
-}
-
-pub const SEEN: Table<Uuid, Seen> = Table::new(1, "seen_events");
-/// Deliveries by `(order id, delivery id)`: one prefix scan lists an order's deliveries.
-pub const DELIVERIES: Table<String, Delivery> = Table::new(2, "deliveries");
+use super::machine::{ConsumerCommand, ConsumerMachine, DELIVERIES};
+use super::protocol::{ConsumerReply, ConsumerRequest, OrderConfirmed};
+use crate::util::{local_replica, Unserved};
 
 /// What a capability makes of a confirmed order.
 #[derive(Clone, Copy)]
@@ -35,9 +27,21 @@ pub struct Making {
     pub detail: fn(&OrderConfirmed) -> String,
 }
 
+impl Making {
+    pub fn capability(&self) -> Capability {
+        if self.kind == "shipping" {
+            Capability::Shipping
+        } else {
+            Capability::Notifications
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ConsumerArgs {
-    pub worker: WorkerArgs,
+    pub cluster: Cluster,
+    pub replicas: Arc<BTreeMap<u32, Replica>>,
+    pub fault_injection: bool,
     pub making: Making,
 }
 
@@ -53,10 +57,6 @@ fn is_poison(kind: &str, ev: &OrderConfirmed) -> bool {
     ev.customer_id.strip_prefix("poison-").is_some_and(|rest| rest.starts_with(kind))
 }
 
-fn key(order: Uuid, suffix: &str) -> String {
-    format!("{}/{suffix}", order.simple())
-}
-
 impl Actor for ConsumerWorker {
     type Msg = ConsumerMsg;
     type State = ConsumerArgs;
@@ -64,7 +64,7 @@ impl Actor for ConsumerWorker {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ConsumerMsg>,
+        _: ActorRef<ConsumerMsg>,
         args: ConsumerArgs,
     ) -> Result<ConsumerArgs, ActorProcessingErr> {
         Ok(args)
@@ -72,68 +72,72 @@ impl Actor for ConsumerWorker {
 
     async fn handle(
         &self,
-        _myself: ActorRef<ConsumerMsg>,
+        _: ActorRef<ConsumerMsg>,
         msg: ConsumerMsg,
-        state: &mut ConsumerArgs,
+        st: &mut ConsumerArgs,
     ) -> Result<(), ActorProcessingErr> {
         let ConsumerMsg::Request(Inbound { req, reply, traceparent }) = msg;
         tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
-        let store = &state.worker.store;
-        let m = state.making;
-        match req {
-            ConsumerRequest::Deliver(ev) if state.worker.fault_injection && is_poison(m.kind, &ev) => {
+        let m = st.making;
+        let order_id = match &req {
+            ConsumerRequest::Deliver(ev) if st.fault_injection && is_poison(m.kind, ev) => {
                 // A consumer that fails on this event every time: what the outbox's dead letters are for.
                 tracing::warn!(kind = m.kind, order_id = %ev.order_id, "fault injection: refusing a poison event");
                 let _ = reply.send(ConsumerReply::Refused(format!(
                     "fault injection: {} fails on events of customer `{}`",
                     m.kind, ev.customer_id
                 )));
+                return Ok(());
             }
-            ConsumerRequest::Deliver(ev) => {
-                let seen = SEEN.get(store, &ev.event_id)?.is_some();
-                let k = if m.one_per_order {
-                    key(ev.order_id, m.kind)
-                } else {
-                    key(ev.order_id, &ev.event_id.simple().to_string())
-                };
-                let duplicate = seen || DELIVERIES.get(store, &k)?.is_some();
-                // The delivery before the seen-mark: a crash between them leaves a delivery whose
-                // redelivery is recognised by its key, never a mark without its delivery.
-                let mut b = Batch::new();
-                if !duplicate {
-                    let prefix = if m.kind == "shipping" { "shp" } else { "ntf" };
-                    let d = Delivery {
-                        id: format!("{prefix}_{}", Uuid::now_v7().simple()),
-                        order_id: ev.order_id,
-                        event_id: ev.event_id,
-                        kind: m.kind.to_string(),
-                        detail: (m.detail)(&ev),
-                        created_ms: now_ms(),
-                    };
-                    DELIVERIES.put(&mut b, &k, &d);
-                    tracing::debug!(kind = m.kind, order_id = %ev.order_id, id = %d.id, "recorded");
-                }
-                SEEN.put(&mut b, &ev.event_id, &Seen { at_ms: now_ms() });
-                store.apply_in_order(b)?;
-                reply_after_sync(store, reply, ConsumerReply::Accepted { duplicate });
-            }
-            ConsumerRequest::List { order_id } => {
-                let prefix = format!("{}/", order_id.simple());
-                let mut list = Vec::new();
-                for item in DELIVERIES.iter_prefix(store, prefix.as_bytes()) {
-                    list.push(item?.1);
-                }
-                reply_after_sync(store, reply, ConsumerReply::Listed(list));
-            }
+            ConsumerRequest::Deliver(ev) => ev.order_id,
+            ConsumerRequest::List { order_id } => *order_id,
             ConsumerRequest::InjectPanic => {
-                if state.worker.fault_injection {
+                if st.fault_injection {
                     panic!("fault injection: {} worker panics on request", m.kind);
                 }
                 let _ = reply.send(ConsumerReply::Refused("fault injection is disabled on this node".into()));
+                return Ok(());
+            }
+        };
+        match local_replica(&st.cluster, &st.replicas, m.capability(), order_id.as_bytes()) {
+            Ok(replica) => {
+                tokio::spawn(serve(replica, m, req, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(unserved(e));
             }
         }
         Ok(())
     }
+}
+
+fn unserved(e: Unserved) -> ConsumerReply {
+    match e {
+        Unserved::NotLeader(leader) => ConsumerReply::NotLeader { leader },
+        Unserved::Unavailable(why) => ConsumerReply::Unavailable(why),
+    }
+}
+
+async fn serve(replica: Replica, making: Making, req: ConsumerRequest, reply: RpcReplyPort<ConsumerReply>) {
+    let answer = match req {
+        ConsumerRequest::Deliver(event) => {
+            let cmd = ConsumerCommand::Deliver { event, now_ms: now_ms(), delivery_id: Uuid::now_v7() };
+            replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()))
+        }
+        ConsumerRequest::List { order_id } => match replica.read_barrier().await {
+            Err(e) => unserved(e.into()),
+            Ok(()) => {
+                let prefix = format!("{}/", order_id.simple());
+                match DELIVERIES.iter_prefix(replica.store(), prefix.as_bytes()).map(|r| r.map(|(_, d)| d)).collect() {
+                    Ok(list) => ConsumerReply::Listed(list),
+                    Err(e) => ConsumerReply::Unavailable(e.to_string()),
+                }
+            }
+        },
+        ConsumerRequest::InjectPanic => return,
+    };
+    tracing::debug!(kind = making.kind, ?answer, "answered");
+    let _ = reply.send(answer);
 }
 
 #[cfg(test)]

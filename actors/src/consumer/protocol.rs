@@ -47,6 +47,21 @@ pub enum ConsumerReply {
     },
     Listed(Vec<Delivery>),
     Refused(String),
+    /// This replica does not lead the order's shard; `leader` is the one it knows, if any.
+    NotLeader {
+        leader: Option<String>,
+    },
+    /// Could not be served right now (no majority answered in time); try again later.
+    Unavailable(String),
+}
+
+impl bulkhead_cluster::LeaderReply for ConsumerReply {
+    fn not_leader(&self) -> Option<Option<String>> {
+        match self {
+            ConsumerReply::NotLeader { leader } => Some(leader.clone()),
+            _ => None,
+        }
+    }
 }
 
 impl Record for ConsumerRequest {

@@ -253,11 +253,14 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
         }
         (Dest::Shipping | Dest::Notifications, OutboxEvent::Confirmed(ev)) => {
             let cap = if e.dest == Dest::Shipping { Capability::Shipping } else { Capability::Notifications };
-            let Some(node) = cluster.owner(cap, ev.order_id.as_bytes()) else { return Delivery::Retry };
-            match cluster.call::<_, ConsumerReply>(cap, &node, &ConsumerRequest::Deliver(ev.clone()), &tp).await {
+            let shard = cluster.shard_of(cap, ev.order_id.as_bytes());
+            let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+            let req = ConsumerRequest::Deliver(ev.clone());
+            match cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &tp, t).await {
                 Ok(ConsumerReply::Accepted { .. }) => Delivery::Acked,
-                Ok(ConsumerReply::Refused(why)) => Delivery::Failed(format!("{cap} on {node} refused: {why}")),
-                Ok(other) => Delivery::Failed(format!("{cap} on {node} answered {other:?}")),
+                Ok(ConsumerReply::Unavailable(_)) => Delivery::Retry,
+                Ok(ConsumerReply::Refused(why)) => Delivery::Failed(format!("{cap} shard {shard} refused: {why}")),
+                Ok(other) => Delivery::Failed(format!("{cap} shard {shard} answered {other:?}")),
                 Err(e) => on_error(e),
             }
         }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_cluster::raft::{ProposeError, Replica};
+use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -22,6 +22,7 @@ use uuid::Uuid;
 use super::ledger::{self, ChargeStatus};
 use super::machine::{PaymentCommand, PaymentsMachine, PAYMENTS};
 use super::protocol::{PaymentReply, PaymentRequest};
+use crate::util::{local_replica, Unserved};
 
 #[derive(RactorMessage)]
 pub enum PaymentsMsg {
@@ -72,23 +73,23 @@ impl Actor for PaymentsWorker {
             | PaymentRequest::List { order_id } => *order_id,
             PaymentRequest::InjectPanic => return Ok(()),
         };
-        let shard = st.cluster.shard_of(Capability::Payments, order_id.as_bytes());
-        let Some(replica) = st.replicas.get(&shard).cloned() else {
-            let leader = st.cluster.leader_of(Capability::Payments, shard).filter(|l| l != st.cluster.name());
-            let _ = reply.send(PaymentReply::NotLeader { leader });
-            return Ok(());
-        };
-        tokio::spawn(serve(replica, req, reply));
+        match local_replica(&st.cluster, &st.replicas, Capability::Payments, order_id.as_bytes()) {
+            Ok(replica) => {
+                tokio::spawn(serve(replica, req, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(refused(e));
+            }
+        }
         Ok(())
     }
 }
 
-fn refused(e: ProposeError) -> PaymentReply {
-    match e {
-        ProposeError::NotLeader { leader } => PaymentReply::NotLeader { leader },
-        ProposeError::NoLeader => PaymentReply::NotLeader { leader: None },
+fn refused(e: impl Into<Unserved>) -> PaymentReply {
+    match e.into() {
+        Unserved::NotLeader(leader) => PaymentReply::NotLeader { leader },
         // A write that timed out may still commit: the caller retries with the same order id.
-        ProposeError::TimedOut(_) | ProposeError::Failed(_) => PaymentReply::TransientError { reason: e.to_string() },
+        Unserved::Unavailable(reason) => PaymentReply::TransientError { reason },
     }
 }
 

@@ -28,7 +28,10 @@ pub fn demo_shard_map() -> ShardMap {
     let payments = led_by("n2");
     ShardMap(BTreeMap::from([
         (Capability::Orders, p(&["n1", "n3"])),
-        (Capability::Inventory, p(&["n1", "n2"])),
+        (
+            Capability::Inventory,
+            CapabilityPlacement { shards: Some(2), leaders: vec!["n1".into(), "n2".into()], ..p(&["n1", "n2", "n3"]) },
+        ),
         (Capability::Payments, payments),
         (Capability::Shipping, led_by("n3")),
         (Capability::Notifications, led_by("n3")),

@@ -17,6 +17,14 @@ fn keys_homed_on(node: &str) -> impl Iterator<Item = String> + '_ {
     (0..).map(|i| format!("key-{i}")).filter(move |k| map.node_for(Capability::Orders, k.as_bytes()) == Some(node))
 }
 
+/// Shard `shard` of `cap` in a `/v1/cluster` answer.
+fn shard<'a>(v: &'a serde_json::Value, cap: &str, shard: u64) -> &'a serde_json::Value {
+    v["shards"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["capability"] == cap && s["shard"] == shard))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 fn key_homed_on(node: &str) -> String {
     keys_homed_on(node).next().unwrap()
 }
@@ -217,11 +225,16 @@ async fn a_store_that_will_not_open_is_reported_and_kept() {
     assert_eq!(std::fs::read(tc.dir.path().join("n2").join("payments-0")).unwrap(), b"precious bytes");
     // The rest of the cluster works; orders wait for payments instead of failing. (A new group is
     // initialized by its preferred node, n2, so payments has no leader until n2's store opens.)
+    eventually(Duration::from_secs(20), "both inventory shards have a leader", || async {
+        let v = tc.get(0, "/v1/cluster").await.body;
+        (!shard(&v, "inventory", 0)["leader"].is_null() && !shard(&v, "inventory", 1)["leader"].is_null()).then_some(())
+    })
+    .await;
     tc.stock("widget-1", 10, 100).await;
     let r = tc.order(0, None, "widget-1", 1, "tok_ok").await;
     assert_eq!((r.status, r.body["status"].as_str()), (202, Some("pending")), "{}", r.body);
     let v = tc.get(0, "/v1/cluster").await.body;
-    assert_eq!(v["shards"][0]["leader"], serde_json::Value::Null, "{v}");
+    assert_eq!(shard(&v, "payments", 0)["leader"], serde_json::Value::Null, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +345,7 @@ async fn a_paused_payments_leader_is_replaced_and_orders_confirm_meanwhile() {
     tc.stock(&sku, 100, 250).await;
     eventually(Duration::from_secs(20), "n2 leads payments", || async {
         let v = tc.get(0, "/v1/cluster").await.body;
-        (v["shards"][0]["leader"] == "n2").then_some(())
+        (shard(&v, "payments", 0)["leader"] == "n2").then_some(())
     })
     .await;
     tc.lc.signal(1, libc::SIGSTOP);
@@ -355,7 +368,7 @@ async fn a_paused_payments_leader_is_replaced_and_orders_confirm_meanwhile() {
     assert!(confirmed < Duration::from_secs(6), "first 201 only after {confirmed:?}");
     eventually(Duration::from_secs(20), "n2 leads payments again after SIGCONT", || async {
         let v = tc.get(0, "/v1/cluster").await.body;
-        (v["shards"][0]["leader"] == "n2").then_some(())
+        (shard(&v, "payments", 0)["leader"] == "n2").then_some(())
     })
     .await;
     let p = tc.get(1, &format!("/v1/payments?order_id={first}")).await;
@@ -371,7 +384,14 @@ async fn an_unreachable_inventory_shard_holds_up_only_its_own_skus() {
         for c in configs.iter_mut() {
             let p = CapabilityPlacement::on;
             c.capabilities.0.insert(Capability::Orders, p(&["n1"]));
-            c.capabilities.0.insert(Capability::Inventory, p(&["n1", "n3"]));
+            // One copy per shard (replicas = 1): shard 1 lives on n1 only, shard 2 on n3 only.
+            let inventory = CapabilityPlacement {
+                shards: Some(2),
+                replicas: Some(1),
+                leaders: vec!["n1".into(), "n3".into()],
+                ..p(&["n1", "n3"])
+            };
+            c.capabilities.0.insert(Capability::Inventory, inventory);
             c.capabilities.0.insert(Capability::Payments, p(&["n2"]));
             c.capabilities.0.insert(Capability::Shipping, p(&["n2"]));
             c.capabilities.0.insert(Capability::Notifications, p(&["n2"]));

@@ -126,12 +126,8 @@ fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
                 gateway_spec(cap, &c, orders::OrdersMsg::Request),
             ]
         }
-        Capability::Inventory => vec![
-            ChildSpec::new(name, || inventory::InventoryWorker, move || w.clone()),
-            gateway_spec(cap, &c, inventory::InventoryMsg::Request),
-        ],
         // Replicated capabilities are started by `start_replicated`.
-        Capability::Payments | Capability::Shipping | Capability::Notifications => Vec::new(),
+        Capability::Inventory | Capability::Payments | Capability::Shipping | Capability::Notifications => Vec::new(),
     }
 }
 
@@ -187,6 +183,9 @@ async fn start_replicated(
                 let machine = consumer::ConsumerMachine { making: making(cap) };
                 raft::group::start(cluster, group, placement, store, machine).await?
             }
+            Capability::Inventory => {
+                raft::group::start(cluster, group, placement, store, inventory::InventoryMachine).await?
+            }
             other => return Err(format!("{other} is not a replicated capability")),
         };
         replicas.insert(shard, replica);
@@ -199,6 +198,13 @@ async fn start_replicated(
             vec![
                 ChildSpec::new(worker_name(cap), || payments::PaymentsWorker, move || args.clone()),
                 gateway_spec(cap, cluster, payments::PaymentsMsg::Request),
+            ]
+        }
+        Capability::Inventory => {
+            let args = inventory::InventoryArgs { cluster: cluster.clone(), replicas, fault_injection };
+            vec![
+                ChildSpec::new(worker_name(cap), || inventory::InventoryWorker, move || args.clone()),
+                gateway_spec(cap, cluster, inventory::InventoryMsg::Request),
             ]
         }
         Capability::Shipping | Capability::Notifications => {

@@ -41,15 +41,14 @@ impl From<ProposeError> for Unserved {
     }
 }
 
-/// This node's replica of the shard of `cap` that owns `key`, or (no replica here) the leader
-/// this node would send the request to instead.
+/// This node's replica of `shard` of `cap`, or (no replica here) the leader this node would send
+/// the request to instead.
 pub fn local_replica(
     cluster: &Cluster,
     replicas: &BTreeMap<u32, Replica>,
     cap: Capability,
-    key: &[u8],
+    shard: u32,
 ) -> Result<Replica, Unserved> {
-    let shard = cluster.shard_of(cap, key);
     replicas
         .get(&shard)
         .cloned()

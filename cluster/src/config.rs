@@ -118,7 +118,16 @@ impl ShardMap {
     }
 
     /// The member that owns `key` for `cap`: the key hashed over the capability's node list.
+    /// For a replicated capability: the preferred leader of the key's shard (where it is served
+    /// while that node is healthy).
     pub fn node_for(&self, cap: Capability, key: &[u8]) -> Option<&str> {
+        if Self::is_replicated(cap) {
+            let shard = self.shard_for(cap, key);
+            let p = self.0.get(&cap)?;
+            let n = p.nodes.len().max(1);
+            let leader = p.leaders.get(shard as usize).map(String::as_str);
+            return leader.or_else(|| p.nodes.get(shard as usize % n).map(String::as_str));
+        }
         let nodes = self.nodes(cap);
         if nodes.is_empty() {
             return None;
@@ -127,9 +136,9 @@ impl ShardMap {
     }
 
     /// Whether `cap` keeps its state in Raft groups (one per shard) rather than one copy per node.
-    /// Payments, shipping and notifications are on Raft; inventory and orders follow.
+    /// Every capability but orders is on Raft; orders follows.
     pub fn is_replicated(cap: Capability) -> bool {
-        matches!(cap, Capability::Payments | Capability::Shipping | Capability::Notifications)
+        cap != Capability::Orders
     }
 
     /// The shards of a replicated capability and where each lives. Shard `s` takes `replicas`
@@ -205,7 +214,7 @@ impl ShardMap {
             }
             if !Self::is_replicated(*cap) && (p.shards.is_some() || p.replicas.is_some() || !p.leaders.is_empty()) {
                 return Err(format!(
-                    "[capabilities.{cap}] shards/replicas/leaders: {cap} is not replicated yet (payments, shipping and notifications are)"
+                    "[capabilities.{cap}] shards/replicas/leaders: {cap} is not replicated yet (every other capability is)"
                 ));
             }
             if p.shards == Some(0) || p.replicas == Some(0) {
@@ -469,6 +478,7 @@ http_listen = "127.0.0.1:8080"
 nodes = ["n1"]
 [capabilities.inventory]
 nodes = ["n1", "n2"]
+shards = 2
 [capabilities.payments]
 nodes = ["n2"]
 [capabilities.shipping]

@@ -310,13 +310,12 @@ pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Re
 }
 
 async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
-    let node = st
-        .cluster
-        .owner(Capability::Inventory, sku.as_bytes())
-        .ok_or_else(|| ApiError::unavailable("no inventory node is configured"))?;
-    match st.cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &new_traceparent()).await {
+    let shard = st.cluster.shard_of(Capability::Inventory, sku.as_bytes());
+    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
+    match st.cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &new_traceparent(), t).await {
         Ok(InventoryReply::Stock(s)) => Ok(Json(s).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
+        Ok(InventoryReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
     }

@@ -99,7 +99,12 @@ impl Actor for ConsumerWorker {
                 return Ok(());
             }
         };
-        match local_replica(&st.cluster, &st.replicas, m.capability(), order_id.as_bytes()) {
+        match local_replica(
+            &st.cluster,
+            &st.replicas,
+            m.capability(),
+            st.cluster.shard_of(m.capability(), order_id.as_bytes()),
+        ) {
             Ok(replica) => {
                 tokio::spawn(serve(replica, m, req, reply));
             }

@@ -1,58 +1,24 @@
-//! The inventory worker: applies requests to the [`Inventory`] model one at a time, writes what
-//! changed in one batch, and answers after the group flush. A reaper tick releases expired
-//! reservations, including those that expired while the node was down (it runs on start).
+//! The inventory worker: serves each inventory shard where this node's replica leads it.
+//! Reserve, commit, release and set become [`InventoryCommand`]s proposed to the shard's Raft
+//! group (the leader puts the time in); reads of a SKU's stock are linearizable. The leader's
+//! reaper proposes the release of holds whose TTL has passed, read from the expiry index.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_cluster::Inbound;
-use bulkhead_storage::{now_ms, Batch, Store, Table};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use bulkhead_cluster::raft::Replica;
+use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_storage::now_ms;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
-use uuid::Uuid;
 
+use super::machine::{self, InventoryCommand, InventoryMachine};
 use super::protocol::{InventoryReply, InventoryRequest};
-use super::stock::{Changes, HoldState, Inventory, Reservation, Stock};
-use crate::util::reply_after_sync;
-use crate::WorkerArgs;
+use crate::util::{local_replica, Unserved};
 
-pub const STOCK: Table<String, Stock> = Table::new(1, "stock");
-pub const RESERVATIONS: Table<Uuid, Reservation> = Table::new(2, "reservations");
-/// Operations in progress: at most one survives a crash, and is completed at start-up.
-pub const INTENTS: Table<Uuid, Intent> = Table::new(3, "intents");
-
-/// The records one operation writes, as they are after it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Intent {
-    pub stock: Vec<(String, Stock)>,
-    pub reservations: Vec<(Uuid, Reservation)>,
-}
-
-impl bulkhead_storage::Record for Intent {
-    const VERSION: u8 = 1;
-}
-
-impl Intent {
-    fn write(&self, b: &mut Batch) {
-        for (sku, s) in &self.stock {
-            STOCK.put(b, sku, s);
-        }
-        for (id, r) in &self.reservations {
-            RESERVATIONS.put(b, id, r);
-        }
-    }
-}
-
-/// Completes any operation a crash cut short (see `InventoryState::persist`).
-pub fn recover(store: &bulkhead_storage::Store) -> Result<usize, bulkhead_storage::StoreError> {
-    let intents: Vec<(Uuid, Intent)> = INTENTS.iter(store).collect::<Result<_, _>>()?;
-    for (key, intent) in &intents {
-        let mut b = Batch::new();
-        intent.write(&mut b);
-        INTENTS.remove(&mut b, key);
-        store.apply_in_order(b)?;
-    }
-    Ok(intents.len())
-}
+/// Most holds one reaper round releases per shard (one proposal).
+const REAP_BATCH: usize = 512;
 
 #[derive(RactorMessage)]
 pub enum InventoryMsg {
@@ -60,151 +26,72 @@ pub enum InventoryMsg {
     Reap,
 }
 
+/// What the inventory worker is started with: this node's replicas, by shard.
+#[derive(Clone)]
+pub struct InventoryArgs {
+    pub cluster: Cluster,
+    pub replicas: Arc<BTreeMap<u32, Replica>>,
+    pub fault_injection: bool,
+}
+
 pub struct InventoryWorker;
-
-pub struct InventoryState {
-    args: WorkerArgs,
-    model: Inventory,
-}
-
-impl InventoryState {
-    fn store(&self) -> &Store {
-        &self.args.store
-    }
-
-    /// Loads a finished reservation from disk into the model if the model does not know the order.
-    fn ensure_loaded(&mut self, order: Uuid) -> Result<(), ActorProcessingErr> {
-        if !self.model.reservations.contains_key(&order) {
-            if let Some(r) = RESERVATIONS.get(self.store(), &order)? {
-                self.model.reservations.insert(order, r);
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes what an operation changed, crash-safe without an atomic batch (which would cost a
-    /// log write of its own in sled). The worker applies one operation at a time, so a crash can cut
-    /// short at most the last one: first an intent holding the *new* records, then the records,
-    /// then the intent's removal. At start-up a surviving intent is re-applied (its records are
-    /// absolute values, so applying them again is harmless), which completes the operation.
-    fn persist(&mut self, changes: &Changes) -> Result<(), ActorProcessingErr> {
-        let mut intent = Intent::default();
-        for sku in &changes.stock {
-            if let Some(s) = self.model.stock.get(sku) {
-                intent.stock.push((sku.clone(), s.clone()));
-            }
-        }
-        for id in &changes.reservations {
-            if let Some(r) = self.model.reservations.get(id) {
-                intent.reservations.push((*id, r.clone()));
-            }
-        }
-        if intent.stock.len() + intent.reservations.len() <= 1 {
-            // One record is atomic by itself.
-            let mut b = Batch::new();
-            intent.write(&mut b);
-            self.args.store.apply_in_order(b)?;
-        } else {
-            let key = Uuid::now_v7();
-            let mut b = Batch::new();
-            INTENTS.put(&mut b, &key, &intent);
-            intent.write(&mut b);
-            INTENTS.remove(&mut b, &key);
-            self.args.store.apply_in_order(b)?;
-        }
-        // Finished reservations live on disk only; memory keeps what may still change.
-        for id in &changes.reservations {
-            if self.model.reservations.get(id).is_some_and(|r| r.state != HoldState::Held) {
-                self.model.reservations.remove(id);
-            }
-        }
-        Ok(())
-    }
-
-    fn handle_request(&mut self, req: InventoryRequest) -> Result<InventoryReply, ActorProcessingErr> {
-        let now = now_ms();
-        let (reply, changes) = match req {
-            InventoryRequest::Reserve { order_id, items, ttl_ms } => {
-                self.ensure_loaded(order_id)?;
-                self.model.reserve(order_id, &items, now, ttl_ms)
-            }
-            InventoryRequest::Commit { order_id } => {
-                self.ensure_loaded(order_id)?;
-                self.model.commit(order_id)
-            }
-            InventoryRequest::Release { order_id } => {
-                self.ensure_loaded(order_id)?;
-                self.model.release(order_id, now)
-            }
-            InventoryRequest::Get { sku } => {
-                let reply = self.model.view(&sku).map(InventoryReply::Stock).unwrap_or(InventoryReply::NotFound);
-                (reply, Changes::default())
-            }
-            InventoryRequest::Set { sku, available, price_cents } => {
-                let changes = self.model.set(&sku, available, price_cents);
-                let view = self.model.view(&sku).map(InventoryReply::Stock).unwrap_or(InventoryReply::NotFound);
-                (view, changes)
-            }
-            InventoryRequest::InjectPanic => {
-                if self.args.fault_injection {
-                    panic!("fault injection: inventory worker panics on request");
-                }
-                (InventoryReply::Refused("fault injection is disabled on this node".into()), Changes::default())
-            }
-        };
-        self.persist(&changes)?;
-        Ok(reply)
-    }
-}
 
 impl Actor for InventoryWorker {
     type Msg = InventoryMsg;
-    type State = InventoryState;
-    type Arguments = WorkerArgs;
+    type State = InventoryArgs;
+    type Arguments = InventoryArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<InventoryMsg>,
-        args: WorkerArgs,
-    ) -> Result<InventoryState, ActorProcessingErr> {
-        let completed = recover(&args.store)?;
-        if completed > 0 {
-            tracing::warn!(completed, "completed inventory operations interrupted by a crash");
-        }
-        let mut model = Inventory::default();
-        for item in STOCK.iter(&args.store) {
-            let (sku, s) = item?;
-            model.stock.insert(sku, s);
-        }
-        for item in RESERVATIONS.iter(&args.store) {
-            let (id, r) = item?;
-            if r.state == HoldState::Held {
-                model.reservations.insert(id, r);
-            }
-        }
-        tracing::info!(skus = model.stock.len(), reservations = model.reservations.len(), "inventory loaded");
+        args: InventoryArgs,
+    ) -> Result<InventoryArgs, ActorProcessingErr> {
         myself.send_interval(Duration::from_secs(1), || InventoryMsg::Reap);
-        let _ = myself.cast(InventoryMsg::Reap);
-        Ok(InventoryState { args, model })
+        Ok(args)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<InventoryMsg>,
+        _: ActorRef<InventoryMsg>,
         msg: InventoryMsg,
-        state: &mut InventoryState,
+        st: &mut InventoryArgs,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             InventoryMsg::Request(Inbound { req, reply, traceparent }) => {
                 tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
-                let answer = state.handle_request(req)?;
-                reply_after_sync(state.store(), reply, answer);
+                let shard_of = |sku: &str| st.cluster.shard_of(Capability::Inventory, sku.as_bytes());
+                let shard = match &req {
+                    InventoryRequest::Reserve { items, .. } => {
+                        shard_of(items.first().map(|i| i.sku.as_str()).unwrap_or(""))
+                    }
+                    InventoryRequest::Get { sku } | InventoryRequest::Set { sku, .. } => shard_of(sku),
+                    InventoryRequest::CommitOn { shard, .. } | InventoryRequest::ReleaseOn { shard, .. } => *shard,
+                    InventoryRequest::Commit { .. } | InventoryRequest::Release { .. } => {
+                        // They carry no SKU: which shard holds the reservation is the caller's to say.
+                        let _ = reply.send(InventoryReply::Refused("name the shard: use CommitOn / ReleaseOn".into()));
+                        return Ok(());
+                    }
+                    InventoryRequest::InjectPanic => {
+                        if st.fault_injection {
+                            panic!("fault injection: inventory worker panics on request");
+                        }
+                        let _ = reply.send(InventoryReply::Refused("fault injection is disabled on this node".into()));
+                        return Ok(());
+                    }
+                };
+                let replica = local_replica(&st.cluster, &st.replicas, Capability::Inventory, shard);
+                match replica {
+                    Ok(r) => {
+                        tokio::spawn(serve(r, req, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(unserved(e));
+                    }
+                }
             }
             InventoryMsg::Reap => {
-                let (expired, changes) = state.model.expire(now_ms());
-                if !expired.is_empty() {
-                    tracing::info!(count = expired.len(), "released expired reservations");
-                    state.persist(&changes)?;
+                for r in st.replicas.values().filter(|r| r.is_leader()).cloned() {
+                    tokio::spawn(reap(r));
                 }
             }
         }
@@ -212,37 +99,48 @@ impl Actor for InventoryWorker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::inventory::protocol::PricedLine;
-    use bulkhead_storage::{Store, StoreOptions};
+fn unserved(e: impl Into<Unserved>) -> InventoryReply {
+    match e.into() {
+        Unserved::NotLeader(leader) => InventoryReply::NotLeader { leader },
+        Unserved::Unavailable(why) => InventoryReply::Unavailable(why),
+    }
+}
 
-    /// A crash after the intent and part of its records: recovery completes the operation.
-    #[tokio::test]
-    async fn an_interrupted_operation_is_completed_at_start_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "inventory", &StoreOptions::default()).unwrap();
-        let order = Uuid::from_u128(7);
-        let before = Stock { available: 5, reserved: 0, sold: 0, price_cents: 10 };
-        let after = Stock { available: 3, reserved: 2, sold: 0, price_cents: 10 };
-        let hold = Reservation {
-            lines: vec![PricedLine { sku: "a".into(), quantity: 2, unit_price_cents: 10 }],
-            expires_ms: 99,
-            state: HoldState::Held,
-        };
-        let mut b = Batch::new();
-        STOCK.put(&mut b, &"a".to_string(), &before);
-        let intent = Intent { stock: vec![("a".into(), after.clone())], reservations: vec![(order, hold.clone())] };
-        INTENTS.put(&mut b, &Uuid::from_u128(1), &intent);
-        // ... the crash came before the stock and reservation writes.
-        store.commit(b).await.unwrap();
-        assert_eq!(recover(&store).unwrap(), 1);
-        assert_eq!(STOCK.get(&store, &"a".to_string()).unwrap(), Some(after.clone()));
-        assert_eq!(RESERVATIONS.get(&store, &order).unwrap(), Some(hold));
-        assert!(INTENTS.is_empty(&store));
-        // Running it again changes nothing.
-        assert_eq!(recover(&store).unwrap(), 0);
-        assert_eq!(STOCK.get(&store, &"a".to_string()).unwrap(), Some(after));
+async fn serve(replica: Replica, req: InventoryRequest, reply: RpcReplyPort<InventoryReply>) {
+    let cmd = match req {
+        InventoryRequest::Reserve { order_id, items, ttl_ms } => {
+            InventoryCommand::Reserve { order_id, items, ttl_ms, now_ms: now_ms() }
+        }
+        InventoryRequest::CommitOn { order_id, .. } => InventoryCommand::Commit { order_id },
+        InventoryRequest::ReleaseOn { order_id, .. } => InventoryCommand::Release { order_id, now_ms: now_ms() },
+        InventoryRequest::Set { sku, available, price_cents } => InventoryCommand::Set { sku, available, price_cents },
+        InventoryRequest::Get { sku } => {
+            let answer = match replica.read_barrier().await {
+                Err(e) => unserved(e),
+                Ok(()) => {
+                    machine::view(replica.store(), &sku).unwrap_or_else(|e| InventoryReply::Unavailable(e.to_string()))
+                }
+            };
+            let _ = reply.send(answer);
+            return;
+        }
+        InventoryRequest::Commit { .. } | InventoryRequest::Release { .. } | InventoryRequest::InjectPanic => return,
+    };
+    let _ = reply.send(replica.propose::<InventoryMachine>(&cmd).await.unwrap_or_else(unserved));
+}
+
+/// One reaper round on a leader: release the holds the expiry index says have lapsed.
+async fn reap(replica: Replica) {
+    let now = now_ms();
+    match machine::expired(replica.store(), now, REAP_BATCH) {
+        Ok(order_ids) if !order_ids.is_empty() => {
+            if let Err(e) =
+                replica.propose::<InventoryMachine>(&InventoryCommand::Expire { order_ids, now_ms: now }).await
+            {
+                tracing::debug!(group = %replica.id, error = %e, "reaper round not applied; the next one retries");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(group = %replica.id, error = %e, "reading the expiry index failed"),
     }
 }

@@ -59,6 +59,17 @@ pub enum InventoryRequest {
     },
     /// Fault injection: the worker panics (only when the node enables fault injection).
     InjectPanic,
+    /// `Commit` on the shard that holds the reservation (shards are Raft groups; an order id does
+    /// not name its inventory shard, the saga remembers it).
+    CommitOn {
+        shard: u32,
+        order_id: Uuid,
+    },
+    /// `Release` on the shard that holds (or will hold) the reservation.
+    ReleaseOn {
+        shard: u32,
+        order_id: Uuid,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +94,21 @@ pub enum InventoryReply {
     Stock(StockView),
     NotFound,
     Refused(String),
+    /// This replica does not lead the shard; `leader` is the one it knows, if any.
+    NotLeader {
+        leader: Option<String>,
+    },
+    /// Could not be served right now (no majority answered in time); try again later.
+    Unavailable(String),
+}
+
+impl bulkhead_cluster::LeaderReply for InventoryReply {
+    fn not_leader(&self) -> Option<Option<String>> {
+        match self {
+            InventoryReply::NotLeader { leader } => Some(leader.clone()),
+            _ => None,
+        }
+    }
 }
 
 impl Record for InventoryRequest {

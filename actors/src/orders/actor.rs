@@ -244,10 +244,11 @@ impl OrdersState {
                 id = prev_id;
             }
         }
-        // Split the items over the inventory shards that own their SKUs.
+        // Split the items over the inventory shards that own their SKUs. The saga's `node` of a
+        // shard step is the shard's label ([`inventory_shard_label`]): a Raft group, led wherever.
         let mut shards: Vec<(String, Vec<Item>)> = Vec::new();
         for it in &p.items {
-            let node = self.cluster().owner(Capability::Inventory, it.sku.as_bytes()).unwrap_or_default();
+            let node = inventory_shard_label(self.cluster().shard_of(Capability::Inventory, it.sku.as_bytes()));
             match shards.iter_mut().find(|(n, _)| *n == node) {
                 Some((_, items)) => items.push(it.clone()),
                 None => shards.push((node, vec![it.clone()])),
@@ -392,16 +393,24 @@ impl OrdersState {
                 Command::Reserve { node, items } => {
                     tokio::spawn(async move {
                         let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
-                        let outcome =
-                            match cluster.call::<_, InventoryReply>(Capability::Inventory, &node, &req, &tp).await {
-                                Ok(InventoryReply::Reserved { lines, expires_ms }) => {
-                                    ReserveOutcome::Reserved { lines, expires_ms }
-                                }
-                                Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
-                                Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
-                                Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
-                                Err(e) => ReserveOutcome::Unavailable(e.to_string()),
-                            };
+                        let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+                        let reply = match parse_inventory_shard(&node) {
+                            Some(shard) => {
+                                cluster
+                                    .call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t)
+                                    .await
+                            }
+                            None => Ok(InventoryReply::Unavailable(format!("`{node}` is not an inventory shard"))),
+                        };
+                        let outcome = match reply {
+                            Ok(InventoryReply::Reserved { lines, expires_ms }) => {
+                                ReserveOutcome::Reserved { lines, expires_ms }
+                            }
+                            Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
+                            Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
+                            Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
+                            Err(e) => ReserveOutcome::Unavailable(e.to_string()),
+                        };
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Reserve { node, outcome } });
                     });
                 }
@@ -615,4 +624,14 @@ impl Actor for OrdersWorker {
         }
         Ok(())
     }
+}
+
+/// How a saga names an inventory shard in its records (`ShardStep::node`, `Dest::Inventory`).
+pub fn inventory_shard_label(shard: u32) -> String {
+    format!("inventory/{shard}")
+}
+
+/// The shard a label of [`inventory_shard_label`] names.
+pub fn parse_inventory_shard(label: &str) -> Option<u32> {
+    label.strip_prefix("inventory/")?.parse().ok()
 }

@@ -33,7 +33,7 @@ use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{backoff_ms, jitter};
 
-use super::actor::UNFINISHED;
+use super::actor::{parse_inventory_shard, UNFINISHED};
 
 pub const RELAY_NAME: &str = "bulkhead.orders.outbox";
 /// Outbox entries by (order id, position): deterministic, so a repeated finish overwrites.
@@ -208,35 +208,33 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
     let tp = bulkhead_cluster::wire::child_traceparent(&e.traceparent);
     match (&e.dest, &e.event) {
         (Dest::Inventory { node }, OutboxEvent::CommitReservation { order_id }) => {
-            match cluster
-                .call::<_, InventoryReply>(
-                    Capability::Inventory,
-                    node,
-                    &InventoryRequest::Commit { order_id: *order_id },
-                    &tp,
-                )
-                .await
-            {
+            let Some(shard) = parse_inventory_shard(node) else {
+                return Delivery::Failed(format!("`{node}` is not an inventory shard"));
+            };
+            let req = InventoryRequest::CommitOn { shard, order_id: *order_id };
+            let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+            match cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t).await {
                 Ok(InventoryReply::CommitFailed { reason }) => {
                     tracing::error!(%order_id, %node, %reason, "reservation commit failed for a confirmed order");
                     Delivery::Acked
                 }
+                Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
                 Ok(_) => Delivery::Acked,
                 Err(e) => on_error(e),
             }
         }
-        (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => match cluster
-            .call::<_, InventoryReply>(
-                Capability::Inventory,
-                node,
-                &InventoryRequest::Release { order_id: *order_id },
-                &tp,
-            )
-            .await
-        {
-            Ok(_) => Delivery::Acked,
-            Err(e) => on_error(e),
-        },
+        (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => {
+            let Some(shard) = parse_inventory_shard(node) else {
+                return Delivery::Failed(format!("`{node}` is not an inventory shard"));
+            };
+            let req = InventoryRequest::ReleaseOn { shard, order_id: *order_id };
+            let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+            match cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t).await {
+                Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
+                Ok(_) => Delivery::Acked,
+                Err(e) => on_error(e),
+            }
+        }
         (Dest::Payments, OutboxEvent::RefundPayment { order_id }) => {
             let shard = cluster.shard_of(Capability::Payments, order_id.as_bytes());
             let req = PaymentRequest::Refund { order_id: *order_id };

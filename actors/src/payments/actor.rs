@@ -73,7 +73,12 @@ impl Actor for PaymentsWorker {
             | PaymentRequest::List { order_id } => *order_id,
             PaymentRequest::InjectPanic => return Ok(()),
         };
-        match local_replica(&st.cluster, &st.replicas, Capability::Payments, order_id.as_bytes()) {
+        match local_replica(
+            &st.cluster,
+            &st.replicas,
+            Capability::Payments,
+            st.cluster.shard_of(Capability::Payments, order_id.as_bytes()),
+        ) {
             Ok(replica) => {
                 tokio::spawn(serve(replica, req, reply));
             }

@@ -140,6 +140,13 @@ impl Replica {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some()
     }
 
+    /// Whether this replica leads its group now (leader-only work: a reaper, a saga driver).
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(self.member) && m.state == ServerState::Leader
+    }
+
     /// The node of the current leader, as this replica knows it.
     pub fn leader(&self) -> Option<String> {
         let m = self.raft.metrics();

@@ -25,6 +25,7 @@ use tokio::sync::Mutex;
 
 use crate::demo::{free_ports, LocalCluster};
 use crate::topology::{cluster_configs, demo_shard_map, single_node_shard_map, Ports, NODES};
+use bulkhead_cluster::ShardMap;
 
 /// SKUs the benchmark spreads its orders over.
 pub const BENCH_SKUS: usize = 64;
@@ -32,6 +33,9 @@ pub const BENCH_SKUS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub nodes: Vec<usize>,
+    /// Replicas per shard of the replicated capabilities, each run in turn on the 3-node cluster
+    /// (a 1-node cluster always has 1).
+    pub replicas: Vec<u32>,
     pub duration: Duration,
     pub warmup: Duration,
     pub concurrency: usize,
@@ -51,6 +55,8 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
     pub nodes: usize,
+    /// Replicas per shard of the replicated capabilities.
+    pub replicas: u32,
     pub orders_per_sec: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -73,6 +79,9 @@ pub struct RunResult {
     /// Peers declared down during the run, summed over the nodes' `/metrics` (without
     /// --kill-shipping, every one is a false down: no node was harmed).
     pub peer_downs: u64,
+    /// Raft elections during the run: per group, how far its term moved from the start of the
+    /// warm-up to the end (the highest term any node reports), summed over the groups.
+    pub elections: u64,
 }
 
 #[derive(Serialize)]
@@ -232,14 +241,49 @@ async fn open_loop(client: &reqwest::Client, urls: &[String], run: &str, rate: f
     shared
 }
 
+/// The samples of metric `name` in a Prometheus text page: (labels, value).
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+    text.lines().filter_map(move |l| {
+        let rest = l.strip_prefix(name)?;
+        let (labels, value) = rest.rsplit_once(' ')?;
+        (labels.is_empty() || labels.starts_with('{')).then_some((labels, value.parse().ok()?))
+    })
+}
+
+/// The `/metrics` page of every node in `urls` (a node that does not answer gives an empty page).
+async fn metric_pages(client: &reqwest::Client, urls: &[String]) -> Vec<String> {
+    let mut pages = Vec::new();
+    for u in urls {
+        let page = match client.get(format!("{u}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        pages.push(page);
+    }
+    pages
+}
+
+/// The highest term any node reports, per group.
+fn max_terms(pages: &[String]) -> std::collections::BTreeMap<String, u64> {
+    let mut terms = std::collections::BTreeMap::new();
+    for page in pages {
+        for (group, term) in samples(page, "bulkhead_raft_term") {
+            let t = terms.entry(group.to_string()).or_insert(0);
+            *t = (*t).max(term);
+        }
+    }
+    terms
+}
+
 async fn bench_one(
     exe: &std::path::Path,
     opts: &BenchOptions,
     n: usize,
+    replicas: u32,
     out: &mut dyn Write,
 ) -> Result<RunResult, String> {
     let base = opts.data_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("bulkhead-bench-{}-{n}n", std::process::id()));
+    let dir = base.join(format!("bulkhead-bench-{}-{n}n-{replicas}r", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let p = free_ports(2 * n)?;
     let ports: Vec<Ports> = (0..n).map(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] }).collect();
@@ -248,14 +292,22 @@ async fn bench_one(
         3 => (NODES.to_vec(), demo_shard_map()),
         _ => return Err(format!("--nodes: {n} is not a benchmarked cluster size (1 or 3)")),
     };
+    let mut map = map;
+    for (cap, p) in map.0.iter_mut() {
+        if ShardMap::is_replicated(*cap) {
+            p.replicas = Some(replicas);
+        }
+    }
     let cookie = format!("{:032x}", rand::random::<u128>());
     let mut configs = cluster_configs(&names, map, &dir, &cookie, &ports, Timing::default(), false);
     for c in configs.iter_mut() {
         c.durability = opts.durability;
     }
     let mut lc = LocalCluster::launch_configs(exe, &dir, configs)?;
-    let _ = writeln!(out, "{n}-node cluster starting (data in {}) ...", dir.display());
+    let _ =
+        writeln!(out, "{n}-node cluster, {replicas} replica(s) per shard, starting (data in {}) ...", dir.display());
     lc.wait_ready(Duration::from_secs(60)).await?;
+    let all_urls: Vec<String> = (0..n).map(|i| lc.url(i)).collect();
     let fronts = if opts.single_front { 1 } else { n };
     let shipping = names.iter().position(|x| *x == "n3");
     // Clients use every node's API; with --kill-shipping, only those of the nodes that stay up
@@ -279,6 +331,7 @@ async fn bench_one(
             return Err(format!("seeding failed: {}", r.status()));
         }
     }
+    let terms_before = max_terms(&metric_pages(&client, &all_urls).await);
     let run = format!("b{:x}", rand::random::<u64>());
     let _ = closed_loop(&client, &urls, &format!("{run}w"), opts.concurrency, opts.warmup, "warm-up", |_, _| {}).await;
 
@@ -318,24 +371,23 @@ async fn bench_one(
     let rate = (orders_per_sec * 0.7).max(1.0);
     let open = open_loop(&client, &urls, &format!("{run}o"), rate, opts.duration).await;
     let ho = open.hist.lock().await.clone();
-    let mut peer_downs = 0;
-    for u in &urls {
-        if let Ok(r) = client.get(format!("{u}/metrics")).send().await {
-            let text = r.text().await.unwrap_or_default();
-            peer_downs += text
-                .lines()
-                .filter(|l| l.starts_with("bulkhead_cluster_peer_downs_total"))
-                .filter_map(|l| l.split_whitespace().last().and_then(|v| v.parse::<u64>().ok()))
-                .sum::<u64>();
-        }
-    }
+    let pages = metric_pages(&client, &urls).await;
+    let peer_downs: u64 =
+        pages.iter().flat_map(|p| samples(p, "bulkhead_cluster_peer_downs_total")).map(|(_, v)| v).sum();
+    let terms_after = max_terms(&metric_pages(&client, &all_urls).await);
+    let elections: u64 =
+        terms_after.iter().map(|(g, t)| t.saturating_sub(terms_before.get(g).copied().unwrap_or(*t))).sum();
     if peer_downs > 0 && killed.is_none() {
         let _ = writeln!(out, "WARNING: {peer_downs} peers declared down under load with no fault injected");
+    }
+    if elections > 0 && killed.is_none() {
+        let _ = writeln!(out, "WARNING: {elections} Raft election(s) under load with no fault injected");
     }
     lc.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(RunResult {
         nodes: n,
+        replicas,
         orders_per_sec,
         p50_ms: ms(&h, 0.5),
         p90_ms: ms(&h, 0.9),
@@ -352,6 +404,7 @@ async fn bench_one(
         orders_per_sec_before_kill: before_kill,
         orders_per_sec_after_kill: after_kill,
         peer_downs,
+        elections,
     })
 }
 
@@ -360,12 +413,18 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let mut results = Vec::new();
     for &n in &opts.nodes {
-        results.push(bench_one(&exe, &opts, n, out).await?);
+        // A one-node cluster has one replica of everything, whatever --replicas says.
+        let mut counts: Vec<u32> = opts.replicas.iter().map(|r| if n == 1 { 1 } else { *r }).collect();
+        counts.dedup();
+        for r in counts {
+            results.push(bench_one(&exe, &opts, n, r, out).await?);
+        }
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} | {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6}",
+        "\n{:>5} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} | {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6} {:>5}",
         "nodes",
+        "repl",
         "orders/s",
         "p50 ms",
         "p90 ms",
@@ -377,13 +436,15 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
         "p99 ms",
         "errors",
         "gen CPU",
-        "downs"
+        "downs",
+        "elect"
     );
     for r in &results {
         let _ = writeln!(
             out,
-            "{:>5} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} | {:>9.0} {:>8.2} {:>8.2} {:>7} | {:>7.0}% {:>6}",
+            "{:>5} {:>4} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} | {:>9.0} {:>8.2} {:>8.2} {:>7} | {:>7.0}% {:>6} {:>5}",
             r.nodes,
+            r.replicas,
             r.orders_per_sec,
             r.p50_ms,
             r.p90_ms,
@@ -395,12 +456,13 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
             r.p99_ms_at_70pct,
             r.errors_at_70pct,
             r.loadgen_cpu_pct,
-            r.peer_downs
+            r.peer_downs,
+            r.elections
         );
     }
     let _ = writeln!(
         out,
-        "(closed loop: {} clients for {:?}; open loop at 70 % of it, latency from the intended send time; gen CPU = the load generator's own CPU, % of one core; downs = peers declared down during the run, false alarms unless a node was killed)",
+        "(closed loop: {} clients for {:?}; open loop at 70 % of it, latency from the intended send time; gen CPU = the load generator's own CPU, % of one core; downs = peers declared down during the run, elect = Raft elections; both false alarms unless a node was killed)",
         opts.concurrency, opts.duration
     );
     if let Some(path) = &opts.json {

@@ -39,6 +39,10 @@ enum Cmd {
         /// Cluster sizes to run, in order (1 = every capability on one node; 3 = the demo topology).
         #[arg(long, default_value = "1,3", value_delimiter = ',')]
         nodes: Vec<usize>,
+        /// Replicas per shard of the replicated capabilities, each run in turn on the 3-node
+        /// cluster (e.g. 1,3 to compare; a 1-node cluster always has 1).
+        #[arg(long, default_value = "3", value_delimiter = ',')]
+        replicas: Vec<u32>,
         /// Length of the closed loop and of the open loop, each (e.g. 15s).
         #[arg(long, default_value = "15s", value_parser = bulkhead::bench::parse_duration)]
         duration: std::time::Duration,
@@ -115,6 +119,7 @@ async fn main() -> ExitCode {
         }
         Cmd::Bench {
             nodes,
+            replicas,
             duration,
             warmup,
             concurrency,
@@ -127,6 +132,7 @@ async fn main() -> ExitCode {
         } => {
             let opts = bulkhead::bench::BenchOptions {
                 nodes,
+                replicas,
                 duration,
                 warmup,
                 concurrency,

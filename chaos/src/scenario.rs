@@ -65,6 +65,9 @@ pub enum Action {
     Restart,
     /// Make one capability's worker on the node panic (its supervisor restarts it).
     Panic,
+    /// SIGKILL the node, delete its data dir, hold, start it again with empty stores: its Raft
+    /// replicas come back as new members and catch up from the others.
+    Wipe,
 }
 
 impl Action {
@@ -75,12 +78,13 @@ impl Action {
             Action::Partition => "partition",
             Action::Restart => "restart",
             Action::Panic => "panic",
+            Action::Wipe => "wipe",
         }
     }
 
     /// Whether the node stops being reachable by its peers (so detection is measured).
     pub fn is_detectable(self) -> bool {
-        matches!(self, Action::Kill | Action::Pause | Action::Partition)
+        matches!(self, Action::Kill | Action::Pause | Action::Partition | Action::Wipe)
     }
 }
 
@@ -240,6 +244,8 @@ pub struct Commands {
     pub resume: Option<String>,
     pub partition: Option<String>,
     pub heal: Option<String>,
+    /// For `wipe`: delete the node's data dir (run after `kill`, before `start`).
+    pub wipe: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -110,6 +110,11 @@ impl Target {
                 lc.signal(i, libc::SIGSTOP);
                 Ok(())
             }
+            (Target::Local { lc, .. }, Action::Wipe) => {
+                tokio::task::block_in_place(|| lc.kill(i));
+                let dir = lc.configs[i].data_dir.clone();
+                std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot wipe {}: {e}", dir.display()))
+            }
             (Target::Local { lc, .. }, Action::Restart) => {
                 tokio::task::block_in_place(|| lc.stop(i));
                 Ok(())
@@ -123,6 +128,11 @@ impl Target {
             (t, Action::Panic) => {
                 let cap = f.capability.as_deref().unwrap_or_default();
                 admin(http, &t.urls()[i], reqwest::Method::POST, &format!("/admin/panic/{cap}")).await
+            }
+            (Target::Remote { nodes, commands }, Action::Wipe) => {
+                let missing = || "the scenario has no [cluster.commands] `kill` and `wipe` for a wipe".to_string();
+                run_command(commands.kill.as_ref().ok_or_else(missing)?, &nodes[i].0, &nodes[i].1).await?;
+                run_command(commands.wipe.as_ref().ok_or_else(missing)?, &nodes[i].0, &nodes[i].1).await
             }
             (Target::Remote { nodes, commands }, action) => {
                 let cmd = match action {
@@ -142,7 +152,7 @@ impl Target {
         let i = self.index(&f.node)?;
         match (self, f.action) {
             (_, Action::Panic) => Ok(()),
-            (Target::Local { lc, .. }, Action::Kill | Action::Restart) => lc.start(i),
+            (Target::Local { lc, .. }, Action::Kill | Action::Restart | Action::Wipe) => lc.start(i),
             (Target::Local { lc, .. }, Action::Pause) => {
                 lc.signal(i, libc::SIGCONT);
                 Ok(())
@@ -173,6 +183,7 @@ impl Target {
                 Action::Kill => &[("kill", &commands.kill), ("start", &commands.start)],
                 Action::Pause => &[("pause", &commands.pause), ("resume", &commands.resume)],
                 Action::Restart => &[("stop", &commands.stop), ("start", &commands.start)],
+                Action::Wipe => &[("kill", &commands.kill), ("wipe", &commands.wipe), ("start", &commands.start)],
                 Action::Partition | Action::Panic => &[],
             };
             for (name, cmd) in need {

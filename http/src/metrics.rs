@@ -11,6 +11,71 @@ use bulkhead_cluster::{Capability, Status};
 
 use crate::AppState;
 
+/// Per Raft group this node holds a replica of: term, leader, indexes, lag, proposals.
+fn raft_metrics(st: &AppState, line: &mut impl FnMut(&str, &str, &str, Vec<(String, u64)>)) {
+    let replicas = st.cluster.raft().all();
+    let per = |f: &dyn Fn(&bulkhead_cluster::raft::Replica, &bulkhead_cluster::raft::ShardStatus) -> u64| {
+        replicas.iter().map(|r| (format!("{{group=\"{}\"}}", r.id), f(r, &r.status()))).collect::<Vec<_>>()
+    };
+    line("bulkhead_raft_term", "current Raft term of the group as this replica sees it", "gauge", per(&|_, s| s.term));
+    line(
+        "bulkhead_raft_is_leader",
+        "1 if this node's replica leads the group",
+        "gauge",
+        per(&|r, _| u64::from(r.is_leader())),
+    );
+    line(
+        "bulkhead_raft_leader_changes_total",
+        "leader changes this replica saw (elections, hand-overs)",
+        "counter",
+        per(&|r, _| r.stats.leader_changes.load(Relaxed)),
+    );
+    line(
+        "bulkhead_raft_last_log_index",
+        "index of the last entry in this replica's log",
+        "gauge",
+        per(&|_, s| s.last_log_index.unwrap_or(0)),
+    );
+    line(
+        "bulkhead_raft_applied_index",
+        "index of the last entry applied to this replica's tables",
+        "gauge",
+        per(&|_, s| s.applied_index.unwrap_or(0)),
+    );
+    line(
+        "bulkhead_raft_proposals_total",
+        "commands this replica proposed as leader and saw applied",
+        "counter",
+        per(&|r, _| r.stats.proposals.load(Relaxed)),
+    );
+    line(
+        "bulkhead_raft_proposal_micros_total",
+        "total time from proposal to applied, in microseconds (divide by bulkhead_raft_proposals_total)",
+        "counter",
+        per(&|r, _| r.stats.proposal_micros.load(Relaxed)),
+    );
+    line(
+        "bulkhead_raft_proposal_failures_total",
+        "proposals that did not commit here (not the leader, no majority in time)",
+        "counter",
+        per(&|r, _| r.stats.proposal_failures.load(Relaxed)),
+    );
+    let mut lag = Vec::new();
+    for r in replicas.iter().filter(|r| r.is_leader()) {
+        for rep in r.status().replicas {
+            if let Some(l) = rep.lag {
+                lag.push((format!("{{group=\"{}\",node=\"{}\"}}", r.id, rep.node), l));
+            }
+        }
+    }
+    line(
+        "bulkhead_raft_replication_lag",
+        "entries a replica is behind its leader (reported by the leader)",
+        "gauge",
+        lag,
+    );
+}
+
 pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     let mut out = String::new();
     let mut line = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
@@ -155,5 +220,6 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     }
     line("bulkhead_store_writes_total", "records written per store", "counter", writes);
     line("bulkhead_store_flushes_total", "group flushes per store", "counter", flushes);
+    raft_metrics(&st, &mut line);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -92,6 +92,10 @@ impl Batch {
     pub fn len(&self) -> usize {
         self.ops.len()
     }
+    /// The value the batch will leave at `key`, if the batch writes it: `Some(None)` for a removal.
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.ops.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_deref())
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -167,6 +171,10 @@ impl Store {
             )),
             Durability::Flush => None,
         };
+        let completed = complete_intent(&db).map_err(|e| open_err(format!("completing an interrupted batch: {e}")))?;
+        if completed > 0 {
+            tracing::warn!(capability, writes = completed, "completed a batch a crash had interrupted");
+        }
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(StoreStats::default());
         tracing::info!(capability, path = %path.display(), durability = ?opts.durability, "store opened");
@@ -241,6 +249,23 @@ impl Store {
             }
         }
         self.write_op(n, || Ok(self.inner.db.apply_batch(sb)?))
+    }
+
+    /// Applies `batch` so that a crash leaves all of it or none of it, without `apply_batch`'s
+    /// sealed log buffer: the batch is first written whole as an *intent* record, then its writes
+    /// one by one, then the intent is removed, all in order ([`Store::apply_in_order`]'s prefix
+    /// guarantee). A store opened with an intent left over applies it again (its writes are
+    /// absolute values) before anything reads. One writer at a time: the caller serialises.
+    pub fn apply_atomic(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.ops.len() <= 1 {
+            return self.apply_in_order(batch);
+        }
+        let intent = crate::codec::encode(&Intent { ops: batch.ops.clone() });
+        let mut logged = Batch::new();
+        logged.insert(INTENT_KEY.to_vec(), intent);
+        logged.ops.extend(batch.ops);
+        logged.remove(INTENT_KEY.to_vec());
+        self.apply_in_order(logged)
     }
 
     /// Applies the writes of `batch` one by one, in order, without sealing the log: they reach the
@@ -333,6 +358,34 @@ impl Store {
     }
 }
 
+/// The key of the intent of [`Store::apply_atomic`]: above every table id.
+const INTENT_KEY: &[u8] = &[0xFF, b'i'];
+
+/// A batch written whole before its writes, so a crash in between can be completed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Intent {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+impl crate::codec::Record for Intent {
+    const VERSION: u8 = 1;
+}
+
+/// Applies an intent a crash left behind, then removes it; returns how many writes it held.
+fn complete_intent(db: &sled::Db) -> Result<usize, String> {
+    let Some(raw) = db.get(INTENT_KEY).map_err(|e| e.to_string())? else { return Ok(0) };
+    let intent: Intent = crate::codec::decode(&raw).map_err(|e| e.to_string())?;
+    for (k, v) in &intent.ops {
+        match v {
+            Some(v) => db.insert(k.as_slice(), v.as_slice()).map(|_| ()),
+            None => db.remove(k.as_slice()).map(|_| ()),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    db.remove(INTENT_KEY).map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    Ok(intent.ops.len())
+}
+
 async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
     let mut waiters = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -404,6 +457,37 @@ mod tests {
     }
     const T: Table<u64, Rec> = Table::new(1, "t");
     const U: Table<u64, Rec> = Table::new(2, "u");
+
+    /// A crash after the intent and the first of its writes: the next open completes the batch;
+    /// a batch that finished leaves no intent behind.
+    #[tokio::test]
+    async fn an_interrupted_atomic_batch_is_completed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            let mut b = Batch::new();
+            T.put(&mut b, &1, &Rec(1));
+            T.put(&mut b, &2, &Rec(2));
+            s.apply_atomic(b).unwrap();
+            assert_eq!(s.tree().get(INTENT_KEY).unwrap(), None);
+            // What a crash could leave of the next batch: its intent and its first write only.
+            let mut b = Batch::new();
+            T.put(&mut b, &1, &Rec(10));
+            T.remove(&mut b, &2);
+            U.put(&mut b, &3, &Rec(30));
+            let intent = crate::codec::encode(&Intent { ops: b.ops.clone() });
+            s.tree().insert(INTENT_KEY, intent).unwrap();
+            let (k, v) = b.ops[0].clone();
+            s.tree().insert(k, v.unwrap()).unwrap();
+            s.sync().await.unwrap();
+            s.tree().flush().unwrap();
+        }
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        assert_eq!(T.get(&s, &1).unwrap(), Some(Rec(10)));
+        assert_eq!(T.get(&s, &2).unwrap(), None);
+        assert_eq!(U.get(&s, &3).unwrap(), Some(Rec(30)));
+        assert_eq!(s.tree().get(INTENT_KEY).unwrap(), None);
+    }
 
     #[tokio::test]
     async fn commit_is_visible_and_survives_reopen() {

@@ -48,6 +48,18 @@ impl<K: Key, V: Record> Table<K, V> {
         }
     }
 
+    /// Reads one record as it will be once `batch` is applied: the batch's own write of `key` if it
+    /// has one, else the store's. For a replicated state machine that applies many entries in one
+    /// atomic batch, each entry seeing the ones before it.
+    pub fn get_through(&self, store: &Store, batch: &Batch, key: &K) -> Result<Option<V>, StoreError> {
+        let raw = self.raw_key(key);
+        match batch.lookup(&raw) {
+            Some(Some(value)) => Ok(Some(self.decode_value(value)?)),
+            Some(None) => Ok(None),
+            None => self.get(store, key),
+        }
+    }
+
     /// Queues an insert/overwrite in `batch`.
     pub fn put(&self, batch: &mut Batch, key: &K, value: &V) {
         batch.insert(self.raw_key(key), encode(value));

@@ -51,7 +51,8 @@ impl Machine for ConsumerMachine {
         let ConsumerCommand::Deliver { event: ev, now_ms, delivery_id } = cmd;
         let m = &self.making;
         let k = delivery_key(m, &ev);
-        let duplicate = SEEN.get(store, &ev.event_id)?.is_some() || DELIVERIES.get(store, &k)?.is_some();
+        let duplicate = SEEN.get_through(store, batch, &ev.event_id)?.is_some()
+            || DELIVERIES.get_through(store, batch, &k)?.is_some();
         if !duplicate {
             let prefix = if m.kind == "shipping" { "shp" } else { "ntf" };
             let d = Delivery {

@@ -57,11 +57,12 @@ impl Record for InventoryCommand {
 /// Applies [`InventoryCommand`]s with the rules of [`Inventory`].
 pub struct InventoryMachine;
 
-/// The records a command reads, loaded into a model of just those.
-fn load(store: &Store, skus: &[String], orders: &[Uuid]) -> Result<Inventory, StoreError> {
+/// The records a command reads (through the writes `batch` already holds), loaded into a model
+/// of just those.
+fn load(store: &Store, batch: &Batch, skus: &[String], orders: &[Uuid]) -> Result<Inventory, StoreError> {
     let mut model = Inventory::default();
     for order in orders {
-        if let Some(r) = RESERVATIONS.get(store, order)? {
+        if let Some(r) = RESERVATIONS.get_through(store, batch, order)? {
             model.reservations.insert(*order, r);
         }
     }
@@ -69,7 +70,7 @@ fn load(store: &Store, skus: &[String], orders: &[Uuid]) -> Result<Inventory, St
         model.reservations.values().flat_map(|r| r.lines.iter().map(|l| l.sku.clone())).collect();
     for sku in skus.iter().cloned().chain(held_skus) {
         if let std::collections::btree_map::Entry::Vacant(slot) = model.stock.entry(sku) {
-            if let Some(s) = STOCK.get(store, slot.key())? {
+            if let Some(s) = STOCK.get_through(store, batch, slot.key())? {
                 slot.insert(s);
             }
         }
@@ -86,7 +87,7 @@ fn write(store: &Store, batch: &mut Batch, model: &Inventory, changes: &Changes)
     }
     for id in &changes.reservations {
         let Some(after) = model.reservations.get(id) else { continue };
-        if let Some(before) = RESERVATIONS.get(store, id)?.filter(|r| r.state == HoldState::Held) {
+        if let Some(before) = RESERVATIONS.get_through(store, batch, id)?.filter(|r| r.state == HoldState::Held) {
             HELD_UNTIL.remove(batch, &(before.expires_ms, *id));
         }
         if after.state == HoldState::Held {
@@ -105,28 +106,28 @@ impl Machine for InventoryMachine {
         let (model, reply, changes) = match cmd {
             InventoryCommand::Reserve { order_id, items, ttl_ms, now_ms } => {
                 let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
-                let mut m = load(store, &skus, &[order_id])?;
+                let mut m = load(store, batch, &skus, &[order_id])?;
                 let (reply, changes) = m.reserve(order_id, &items, now_ms, ttl_ms);
                 (m, reply, changes)
             }
             InventoryCommand::Commit { order_id } => {
-                let mut m = load(store, &[], &[order_id])?;
+                let mut m = load(store, batch, &[], &[order_id])?;
                 let (reply, changes) = m.commit(order_id);
                 (m, reply, changes)
             }
             InventoryCommand::Release { order_id, now_ms } => {
-                let mut m = load(store, &[], &[order_id])?;
+                let mut m = load(store, batch, &[], &[order_id])?;
                 let (reply, changes) = m.release(order_id, now_ms);
                 (m, reply, changes)
             }
             InventoryCommand::Set { sku, available, price_cents } => {
-                let mut m = load(store, std::slice::from_ref(&sku), &[])?;
+                let mut m = load(store, batch, std::slice::from_ref(&sku), &[])?;
                 let changes = m.set(&sku, available, price_cents);
                 let reply = m.view(&sku).map(InventoryReply::Stock).unwrap_or(InventoryReply::NotFound);
                 (m, reply, changes)
             }
             InventoryCommand::Expire { order_ids, now_ms } => {
-                let mut m = load(store, &[], &order_ids)?;
+                let mut m = load(store, batch, &[], &order_ids)?;
                 let (expired, changes) = m.expire(now_ms);
                 if !expired.is_empty() {
                     tracing::info!(count = expired.len(), "released expired reservations");
@@ -145,7 +146,7 @@ impl Machine for InventoryMachine {
 
 /// The stock of `sku` as this replica has applied it.
 pub fn view(store: &Store, sku: &str) -> Result<InventoryReply, StoreError> {
-    let m = load(store, &[sku.to_string()], &[])?;
+    let m = load(store, &Batch::new(), &[sku.to_string()], &[])?;
     Ok(m.view(sku).map(InventoryReply::Stock).unwrap_or(InventoryReply::NotFound))
 }
 
@@ -188,25 +189,35 @@ mod tests {
         ]
     }
 
-    fn replay(dir: &std::path::Path, name: &str) -> (Vec<InventoryReply>, Vec<(String, Stock)>, Vec<Uuid>) {
+    /// Applies the log one batch per entry, or (`one_batch`) every entry in one batch, as the
+    /// Raft adapter does with the entries of one apply call.
+    fn replay(
+        dir: &std::path::Path,
+        name: &str,
+        one_batch: bool,
+    ) -> (Vec<InventoryReply>, Vec<(String, Stock)>, Vec<Uuid>) {
         let store = Store::open(dir, name, &StoreOptions::default()).unwrap();
         let mut replies = vec![];
+        let mut b = Batch::new();
         for c in cmds() {
-            let mut b = Batch::new();
             replies.push(InventoryMachine.apply(&store, &mut b, c).unwrap());
-            store.apply(b).unwrap();
+            if !one_batch {
+                store.apply(std::mem::take(&mut b)).unwrap();
+            }
         }
+        store.apply(b).unwrap();
         let stock = STOCK.iter(&store).collect::<Result<Vec<_>, _>>().unwrap();
         (replies, stock, expired(&store, u64::MAX, 100).unwrap())
     }
 
-    /// Replicas replaying one log agree; stock is conserved; the expiry index holds exactly the
+    /// Replicas replaying one log agree, however the entries are batched; stock is conserved; the expiry index holds exactly the
     /// reservations still held.
     #[tokio::test]
     async fn replicas_replaying_one_log_agree() {
         let dir = tempfile::tempdir().unwrap();
-        let a = replay(dir.path(), "a");
-        assert_eq!(a, replay(dir.path(), "b"));
+        let a = replay(dir.path(), "a", false);
+        assert_eq!(a, replay(dir.path(), "b", false));
+        assert_eq!(a, replay(dir.path(), "c", true), "one batch for the whole log reads through its own writes");
         let (replies, stock, held) = a;
         assert!(matches!(replies[3], InventoryReply::OutOfStock { .. }), "b has one unit, taken by order 1");
         assert_eq!(replies[7], InventoryReply::AlreadyReleased, "a release tombstone refuses the late reserve");

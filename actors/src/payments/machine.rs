@@ -34,7 +34,7 @@ impl Machine for PaymentsMachine {
     fn apply(&self, store: &Store, batch: &mut Batch, cmd: PaymentCommand) -> Result<PaymentReply, StoreError> {
         match cmd {
             PaymentCommand::Charge { order_id, amount_cents, token, now_ms, new_id } => {
-                let existing = PAYMENTS.get(store, &order_id)?;
+                let existing = PAYMENTS.get_through(store, batch, &order_id)?;
                 let d = ledger::charge(existing.as_ref(), order_id, amount_cents, &token, now_ms, new_id);
                 if let Some(rec) = &d.record {
                     PAYMENTS.put(batch, &order_id, rec);
@@ -42,7 +42,7 @@ impl Machine for PaymentsMachine {
                 Ok(d.reply)
             }
             PaymentCommand::Refund { order_id, now_ms } => {
-                let existing = PAYMENTS.get(store, &order_id)?;
+                let existing = PAYMENTS.get_through(store, batch, &order_id)?;
                 let (reply, rec) = ledger::refund(existing.as_ref(), order_id, now_ms);
                 if let Some(rec) = &rec {
                     PAYMENTS.put(batch, &order_id, rec);

@@ -7,7 +7,7 @@
 //! (`initialize` on one node, membership changes on the leader, an election), and Raft decides.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,29 @@ pub enum ProposeError {
     Failed(String),
 }
 
+/// Counters of one replica, for `/metrics` (in memory: a restart starts them at 0).
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    /// Times this replica saw the group's leader change (an election, a hand-over).
+    pub leader_changes: AtomicU64,
+    /// Proposals this replica made as leader, and their total time until applied.
+    pub proposals: AtomicU64,
+    pub proposal_micros: AtomicU64,
+    /// Proposals that did not commit (not the leader, no majority in time, failure).
+    pub proposal_failures: AtomicU64,
+}
+
+impl ReplicaStats {
+    fn record(&self, started: Instant, committed: bool) {
+        if committed {
+            self.proposals.fetch_add(1, Ordering::Relaxed);
+            self.proposal_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        } else {
+            self.proposal_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// One replica this node hosts.
 #[derive(Clone)]
 pub struct Replica {
@@ -49,6 +72,7 @@ pub struct Replica {
     pub raft: Raft,
     pub placement: ShardPlacement,
     store: Store,
+    pub stats: Arc<ReplicaStats>,
     handing_over: Arc<AtomicBool>,
     proposal_timeout: Duration,
 }
@@ -160,6 +184,13 @@ impl Replica {
         if self.handing_over.load(Ordering::Relaxed) {
             return Err(ProposeError::NoLeader);
         }
+        let started = Instant::now();
+        let result = self.write::<M>(cmd).await;
+        self.stats.record(started, result.is_ok());
+        result
+    }
+
+    async fn write<M: Machine>(&self, cmd: &M::Command) -> Result<M::Reply, ProposeError> {
         let write = self.raft.client_write(Proposal(encode(cmd)));
         match tokio::time::timeout(self.proposal_timeout, write).await {
             Err(_) => Err(ProposeError::TimedOut(self.proposal_timeout.as_millis() as u64)),
@@ -283,9 +314,19 @@ pub async fn start<M: Machine>(
         .await
         .map_err(|e| format!("cannot start the raft replica of {group}: {e}"))?;
     let proposal_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-    let replica = Replica { id: group, member, raft, placement, store, handing_over: Arc::default(), proposal_timeout };
+    let replica = Replica {
+        id: group,
+        member,
+        raft,
+        placement,
+        store,
+        stats: Arc::default(),
+        handing_over: Arc::default(),
+        proposal_timeout,
+    };
     cluster.raft().insert(replica.clone());
     tokio::spawn(drive(cluster.clone(), replica.clone()));
+    tokio::spawn(count_leader_changes(replica.clone()));
     tracing::info!(%group, member = format_args!("{member:x}"), "raft replica started");
     Ok(replica)
 }
@@ -305,6 +346,8 @@ async fn drive(cluster: Cluster, r: Replica) {
     let mut last_bootstrap = None::<Instant>;
     let mut last_reconcile = None::<Instant>;
     let mut last_elect = None::<Instant>;
+    let mut leader_down_since = None::<Instant>;
+    let window = Duration::from_millis(cluster.config().timing.election_timeout_ms * 3);
     let due = |last: &mut Option<Instant>, every: Duration| {
         let now = Instant::now();
         if last.is_none_or(|t| now.duration_since(t) >= every) {
@@ -342,14 +385,96 @@ async fn drive(cluster: Cluster, r: Replica) {
             }
             continue;
         }
-        // A follower: if the leader's node is down by the failure detector, the first live voter
-        // in preference order calls an election at once rather than waiting out its timer. Raft
-        // still decides: the others grant their votes once the dead leader's lease has lapsed.
+        // A follower whose leader's node the failure detector sees down may call an election at
+        // once rather than wait out its timer (see `fast_election`). Raft still decides: the others
+        // grant their votes once the dead leader's lease has lapsed, and only to an up-to-date log.
         let leader_down = leader_node.as_deref().is_none_or(|n| cluster.status_of(n) == Status::Down);
-        if is_voter && leader_down && first_live(&cluster, &r) && due(&mut last_elect, Duration::from_millis(150)) {
+        let since = match (leader_down, leader_down_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, Some(t)) => Some(t),
+        };
+        leader_down_since = since;
+        let live = r.placement.replicas.iter().filter(|n| cluster.status_of(n) != Status::Down).count();
+        let facts = ElectionFacts {
+            is_voter,
+            leader_down_for: since.map(|t| t.elapsed()),
+            live_replicas: live,
+            replicas: r.placement.replicas.len(),
+            first_live: first_live(&cluster, &r),
+        };
+        if fast_election(&facts, window) && due(&mut last_elect, Duration::from_millis(150)) {
             tracing::info!(group = %r.id, leader = ?leader_node, "the leader's node is down: calling an election");
             let _ = r.raft.trigger().elect().await;
         }
+    }
+}
+
+/// What a follower knows when deciding whether to call an election before its timer would.
+#[derive(Debug, Clone, Copy)]
+struct ElectionFacts {
+    is_voter: bool,
+    /// How long the failure detector has seen the leader's node down (`None`: it is up).
+    leader_down_for: Option<Duration>,
+    /// Replica nodes (this one included) the failure detector does not see down.
+    live_replicas: usize,
+    replicas: usize,
+    /// This node is the first of those, in preference order.
+    first_live: bool,
+}
+
+/// The fast path is only for the clear case: a voter that sees a majority of the replicas up (a
+/// node cut off from the others must not inflate terms it will disrupt the group with at the
+/// heal), the first of them in preference order (one candidate, no split vote), and only for a
+/// `window` after the leader went down. Past it (its log may be too short to win, say), openraft's
+/// own randomized timers take over.
+fn fast_election(f: &ElectionFacts, window: Duration) -> bool {
+    f.is_voter && f.first_live && f.live_replicas * 2 > f.replicas && f.leader_down_for.is_some_and(|d| d <= window)
+}
+
+/// Counts every change of leader this replica sees (openraft's metrics watch wakes on each).
+async fn count_leader_changes(r: Replica) {
+    let mut rx = r.raft.metrics();
+    let mut last = rx.borrow().current_leader;
+    while rx.changed().await.is_ok() {
+        let now = rx.borrow().current_leader;
+        if now != last {
+            if now.is_some() {
+                r.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            last = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> ElectionFacts {
+        ElectionFacts {
+            is_voter: true,
+            leader_down_for: Some(Duration::from_millis(10)),
+            live_replicas: 2,
+            replicas: 3,
+            first_live: true,
+        }
+    }
+
+    #[test]
+    fn the_first_live_voter_of_a_majority_calls_an_election_soon_after_the_leader_died() {
+        let w = Duration::from_millis(1500);
+        assert!(fast_election(&facts(), w));
+        assert!(!fast_election(&ElectionFacts { first_live: false, ..facts() }, w));
+        assert!(!fast_election(&ElectionFacts { is_voter: false, ..facts() }, w));
+        assert!(!fast_election(&ElectionFacts { leader_down_for: None, ..facts() }, w));
+    }
+
+    #[test]
+    fn a_node_cut_off_from_the_majority_or_past_the_window_leaves_it_to_the_timers() {
+        let w = Duration::from_millis(1500);
+        assert!(!fast_election(&ElectionFacts { live_replicas: 1, ..facts() }, w), "sees only itself");
+        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_secs(2)), ..facts() }, w));
     }
 }
 

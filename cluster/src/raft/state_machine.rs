@@ -1,9 +1,10 @@
 //! The state machine side of a group: the capability's own tables in the group's store.
 //!
 //! A capability supplies a [`Machine`]: a deterministic function from (its tables, one committed
-//! command) to (a reply, the writes to make). This adapter applies each entry's writes together
-//! with the new applied log id as one atomic sled batch, so after a crash the tables and the
-//! applied id agree, and openraft re-applies exactly what came after. The tables need no flush of
+//! command) to (a reply, the writes to make). This adapter applies the entries of one call and the
+//! new applied log id as one all-or-nothing batch (`Store::apply_atomic`: an intent record, the
+//! writes, the intent's removal), so after a crash the tables and the applied id agree, and
+//! openraft re-applies exactly what came after. The tables need no flush of
 //! their own: the log is durable, and what was applied is applied again from it.
 //!
 //! Snapshots are a consistent export of every table below [`RAFT_TABLES_FROM`]; installing one
@@ -32,8 +33,8 @@ pub trait Machine: Send + Sync + 'static {
     type Command: Record + Send;
     type Reply: Record + Send;
 
-    /// Applies one committed command: reads the tables in `store` (every earlier entry's writes
-    /// are visible), queues this one's writes in `batch`.
+    /// Applies one committed command: reads the tables through `batch` (`Table::get_through`:
+    /// earlier entries of the same batch are not in the store yet), queues this one's writes there.
     fn apply(
         &self,
         store: &Store,
@@ -92,15 +93,18 @@ fn sm_write(e: StoreError) -> StorageError<MemberId> {
 }
 
 impl StateMachineStore {
-    /// Applies committed entries in order: each entry's writes and the new applied id as one
-    /// atomic batch, so after a crash the tables and the applied id agree.
+    /// Applies committed entries in order; their writes and the new applied id go in one atomic
+    /// batch, so after a crash the tables and the applied id agree.
     fn apply_blocking(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Applied>> {
         let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.applied().map_err(sm_read)?;
         let mut replies = Vec::with_capacity(entries.len());
+        // One batch for every entry of this call: each entry reads through the writes of the ones
+        // before it (`Table::get_through`); `apply_atomic` makes it all-or-nothing across a crash
+        // without sled's sealed `apply_batch` (a `sync_file_range` that waits on the disk).
+        let mut b = Batch::new();
         for entry in entries {
             let log_id = *entry.get_log_id();
-            let mut b = Batch::new();
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied::default(),
                 EntryPayload::Normal(p) => Applied(
@@ -112,10 +116,10 @@ impl StateMachineStore {
                 }
             };
             state.last_applied = Some(log_id);
-            APPLIED.put(&mut b, &0, &state);
-            self.store.apply(b).map_err(sm_write)?;
             replies.push(reply);
         }
+        APPLIED.put(&mut b, &0, &state);
+        self.store.apply_atomic(b).map_err(sm_write)?;
         Ok(replies)
     }
 }
@@ -153,9 +157,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // sled's atomic batch seals its log buffer (a pwrite + sync_file_range) per entry: that is
-        // blocking I/O, so it runs on the blocking pool, never on a runtime thread that also
-        // carries heartbeats.
+        // sled work of many entries (and, rarely, the log writes of a full buffer) is blocking, so
+        // it runs on the blocking pool, never on a runtime thread that also carries heartbeats.
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.apply_blocking(entries))

@@ -77,7 +77,7 @@ impl Record for LogIdRecord {
 }
 
 /// The last entry applied to the capability's tables and the membership in force then; written
-/// in the same atomic batch as the entry's effects.
+/// in the same all-or-nothing batch as the applied entries' effects.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AppliedState {
     pub last_applied: Option<LogId<MemberId>>,

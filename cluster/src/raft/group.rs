@@ -447,37 +447,6 @@ async fn count_leader_changes(r: Replica) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn facts() -> ElectionFacts {
-        ElectionFacts {
-            is_voter: true,
-            leader_down_for: Some(Duration::from_millis(10)),
-            live_replicas: 2,
-            replicas: 3,
-            first_live: true,
-        }
-    }
-
-    #[test]
-    fn the_first_live_voter_of_a_majority_calls_an_election_soon_after_the_leader_died() {
-        let w = Duration::from_millis(1500);
-        assert!(fast_election(&facts(), w));
-        assert!(!fast_election(&ElectionFacts { first_live: false, ..facts() }, w));
-        assert!(!fast_election(&ElectionFacts { is_voter: false, ..facts() }, w));
-        assert!(!fast_election(&ElectionFacts { leader_down_for: None, ..facts() }, w));
-    }
-
-    #[test]
-    fn a_node_cut_off_from_the_majority_or_past_the_window_leaves_it_to_the_timers() {
-        let w = Duration::from_millis(1500);
-        assert!(!fast_election(&ElectionFacts { live_replicas: 1, ..facts() }, w), "sees only itself");
-        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_secs(2)), ..facts() }, w));
-    }
-}
-
 /// Whether this node is the first replica, in preference order, that the failure detector sees up.
 fn first_live(cluster: &Cluster, r: &Replica) -> bool {
     r.placement.replicas.iter().find(|n| cluster.status_of(n) != Status::Down).is_some_and(|n| n == cluster.name())
@@ -610,4 +579,35 @@ async fn hand_over(cluster: &Cluster, r: &Replica) {
     let mut m = r.raft.metrics();
     let _ = tokio::time::timeout(Duration::from_millis(1_000), m.wait_for(|m| m.state != ServerState::Leader)).await;
     r.handing_over.store(false, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> ElectionFacts {
+        ElectionFacts {
+            is_voter: true,
+            leader_down_for: Some(Duration::from_millis(10)),
+            live_replicas: 2,
+            replicas: 3,
+            first_live: true,
+        }
+    }
+
+    #[test]
+    fn the_first_live_voter_of_a_majority_calls_an_election_soon_after_the_leader_died() {
+        let w = Duration::from_millis(1500);
+        assert!(fast_election(&facts(), w));
+        assert!(!fast_election(&ElectionFacts { first_live: false, ..facts() }, w));
+        assert!(!fast_election(&ElectionFacts { is_voter: false, ..facts() }, w));
+        assert!(!fast_election(&ElectionFacts { leader_down_for: None, ..facts() }, w));
+    }
+
+    #[test]
+    fn a_node_cut_off_from_the_majority_or_past_the_window_leaves_it_to_the_timers() {
+        let w = Duration::from_millis(1500);
+        assert!(!fast_election(&ElectionFacts { live_replicas: 1, ..facts() }, w), "sees only itself");
+        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_secs(2)), ..facts() }, w));
+    }
 }

@@ -203,36 +203,43 @@ fn on_error(e: bulkhead_cluster::CallError) -> Delivery {
     }
 }
 
+/// Calls the leader of the inventory shard a saga labelled `label` with the request `make` builds
+/// for it; an error is already the delivery's outcome.
+async fn call_inventory_shard(
+    cluster: &Cluster,
+    label: &str,
+    make: impl FnOnce(u32) -> InventoryRequest,
+    tp: &str,
+) -> Result<InventoryReply, Delivery> {
+    let Some(shard) = parse_inventory_shard(label) else {
+        return Err(Delivery::Failed(format!("`{label}` is not an inventory shard")));
+    };
+    let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+    cluster.call_leader(Capability::Inventory, shard, &make(shard), tp, t).await.map_err(on_error)
+}
+
 /// Delivers one entry.
 async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
     let tp = bulkhead_cluster::wire::child_traceparent(&e.traceparent);
     match (&e.dest, &e.event) {
         (Dest::Inventory { node }, OutboxEvent::CommitReservation { order_id }) => {
-            let Some(shard) = parse_inventory_shard(node) else {
-                return Delivery::Failed(format!("`{node}` is not an inventory shard"));
-            };
-            let req = InventoryRequest::CommitOn { shard, order_id: *order_id };
-            let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-            match cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t).await {
+            let commit = |shard| InventoryRequest::CommitOn { shard, order_id: *order_id };
+            match call_inventory_shard(cluster, node, commit, &tp).await {
                 Ok(InventoryReply::CommitFailed { reason }) => {
                     tracing::error!(%order_id, %node, %reason, "reservation commit failed for a confirmed order");
                     Delivery::Acked
                 }
                 Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
                 Ok(_) => Delivery::Acked,
-                Err(e) => on_error(e),
+                Err(d) => d,
             }
         }
         (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => {
-            let Some(shard) = parse_inventory_shard(node) else {
-                return Delivery::Failed(format!("`{node}` is not an inventory shard"));
-            };
-            let req = InventoryRequest::ReleaseOn { shard, order_id: *order_id };
-            let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-            match cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t).await {
+            let release = |shard| InventoryRequest::ReleaseOn { shard, order_id: *order_id };
+            match call_inventory_shard(cluster, node, release, &tp).await {
                 Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
                 Ok(_) => Delivery::Acked,
-                Err(e) => on_error(e),
+                Err(d) => d,
             }
         }
         (Dest::Payments, OutboxEvent::RefundPayment { order_id }) => {

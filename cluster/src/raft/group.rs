@@ -74,6 +74,8 @@ pub struct Replica {
     store: Store,
     pub stats: Arc<ReplicaStats>,
     handing_over: Arc<AtomicBool>,
+    /// A membership change (a new member catching up, then swapped in) is under way.
+    reconfiguring: Arc<AtomicBool>,
     proposal_timeout: Duration,
 }
 
@@ -322,6 +324,7 @@ pub async fn start<M: Machine>(
         store,
         stats: Arc::default(),
         handing_over: Arc::default(),
+        reconfiguring: Arc::default(),
         proposal_timeout,
     };
     cluster.raft().insert(replica.clone());
@@ -508,28 +511,36 @@ async fn reconcile(cluster: &Cluster, r: &Replica) {
             "a replica came back with a new store: adding it as a learner, then replacing its old member");
         let r2 = r.clone();
         let node = node.clone();
-        // Catching up may take a while (a snapshot): not on the driver's loop.
+        // Catching up may take a while (a snapshot): not on the driver's loop, and one at a time
+        // (the next round would otherwise start the same change again meanwhile).
+        if r.reconfiguring.swap(true, Ordering::SeqCst) {
+            return;
+        }
         tokio::spawn(async move {
-            if let Err(e) = r2.raft.add_learner(member, BasicNode { addr: node.clone() }, true).await {
-                tracing::warn!(group = %r2.id, %node, error = %e, "adding the new member as a learner failed");
-                return;
-            }
-            let mut voters: BTreeSet<MemberId> =
-                r2.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-            for old in &current {
-                voters.remove(old);
-            }
-            voters.insert(member);
-            match r2.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await {
-                Ok(_) => {
-                    tracing::info!(group = %r2.id, %node, "the new member is a voter; its old incarnation is removed")
-                }
-                Err(e) => tracing::warn!(group = %r2.id, %node, error = %e, "replacing the old member failed"),
-            }
+            swap_in(&r2, member, node, current).await;
+            r2.reconfiguring.store(false, Ordering::SeqCst);
         });
         return;
     }
     hand_over(cluster, r).await;
+}
+
+/// Adds `member` (on `node`) as a learner, waits until it has caught up, then makes it a voter in
+/// place of `old` (the node's earlier incarnations).
+async fn swap_in(r: &Replica, member: MemberId, node: String, old: Vec<MemberId>) {
+    if let Err(e) = r.raft.add_learner(member, BasicNode { addr: node.clone() }, true).await {
+        tracing::warn!(group = %r.id, %node, error = %e, "adding the new member as a learner failed");
+        return;
+    }
+    let mut voters: BTreeSet<MemberId> = r.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    for id in &old {
+        voters.remove(id);
+    }
+    voters.insert(member);
+    match r.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await {
+        Ok(_) => tracing::info!(group = %r.id, %node, "the new member is a voter; its old incarnation is removed"),
+        Err(e) => tracing::warn!(group = %r.id, %node, error = %e, "replacing the old member failed"),
+    }
 }
 
 /// On a leader that is not the preferred node: once the preferred node is up, a voter, and has

@@ -25,7 +25,6 @@ use tokio::sync::Mutex;
 
 use crate::demo::{free_ports, LocalCluster};
 use crate::topology::{cluster_configs, demo_shard_map, single_node_shard_map, Ports, NODES};
-use bulkhead_cluster::ShardMap;
 
 /// SKUs the benchmark spreads its orders over.
 pub const BENCH_SKUS: usize = 64;
@@ -293,10 +292,8 @@ async fn bench_one(
         _ => return Err(format!("--nodes: {n} is not a benchmarked cluster size (1 or 3)")),
     };
     let mut map = map;
-    for (cap, p) in map.0.iter_mut() {
-        if ShardMap::is_replicated(*cap) {
-            p.replicas = Some(replicas);
-        }
+    for p in map.0.values_mut() {
+        p.replicas = Some(replicas);
     }
     let cookie = format!("{:032x}", rand::random::<u128>());
     let mut configs = cluster_configs(&names, map, &dir, &cookie, &ports, Timing::default(), false);
@@ -529,11 +526,12 @@ fn dir_bytes(path: &std::path::Path) -> u64 {
     total
 }
 
-/// Fills a one-node cluster's orders store with `n` confirmed orders (written directly with the
-/// orders tables, as the worker would have), then measures start-up to ready, memory, and a
+/// Fills a one-node cluster's orders shard store with `n` confirmed orders (written directly into
+/// the state machine's tables, as applying them would have; the Raft log stays short, as after a
+/// snapshot), then measures start-up to ready, memory, and a
 /// supervised restart of the orders worker.
 pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<RestartResult, String> {
-    use bulkhead_actors::orders::actor::ORDERS;
+    use bulkhead_actors::orders::machine::ORDERS;
     use bulkhead_actors::orders::saga::new_order;
     use bulkhead_actors::orders::{new_order_id, OrderStatus};
     use bulkhead_storage::{Batch, Store, StoreOptions};
@@ -554,11 +552,12 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
         true,
     );
 
-    let _ = writeln!(out, "writing {} confirmed orders into {} ...", opts.orders, dir.join("n1/orders").display());
+    let _ = writeln!(out, "writing {} confirmed orders into {} ...", opts.orders, dir.join("n1/orders-0").display());
     let filled = Instant::now();
     let mut last_id = None;
     {
-        let store = Store::open(&configs[0].data_dir, "orders", &StoreOptions::default()).map_err(|e| e.to_string())?;
+        let store =
+            Store::open(&configs[0].data_dir, "orders-0", &StoreOptions::default()).map_err(|e| e.to_string())?;
         let pb = indicatif::ProgressBar::new(opts.orders);
         let mut written = 0;
         while written < opts.orders {
@@ -582,7 +581,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
         pb.finish_and_clear();
     }
     let fill_secs = filled.elapsed().as_secs_f64();
-    let store_bytes = dir_bytes(&configs[0].data_dir.join("orders"));
+    let store_bytes = dir_bytes(&configs[0].data_dir.join("orders-0"));
 
     let started = Instant::now();
     let mut lc = LocalCluster::launch_configs(&exe, &dir, configs)?;

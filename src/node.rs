@@ -26,7 +26,6 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection).await;
     let state = AppState {
         cluster: cluster.clone(),
-        stores: Arc::new(caps.stores.clone()),
         fault_injection: cfg.fault_injection,
         metrics: Arc::new(HttpMetrics::default()),
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),

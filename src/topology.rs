@@ -1,16 +1,16 @@
 //! The demo topology, and node configs for a local cluster (used by `demo` and the tests).
 //!
-//! Every order crosses nodes and one node's death shows isolation: payments is led away from
-//! orders, orders runs on two nodes so that losing one leaves order placement working, and each
-//! inventory shard lives apart from one of the orders nodes. Payments, shipping and notifications
-//! are replicated: one Raft group each with a replica on every node, led by n2 (payments) and n3
-//! (shipping, notifications) whenever that node is healthy.
+//! Every shard of every capability is a Raft group with a replica on each of the three nodes;
+//! preferred leaders spread the work so that every order crosses nodes and one node's death shows
+//! isolation: payments is led away from orders, orders has a shard led on n1 and one on n3, and
+//! each inventory shard is led apart from one of the orders shards. When a preferred node is
+//! healthy and caught up again, leadership moves back to it.
 //!
-//! | node | leads                           | also holds replicas of            |
-//! |------|---------------------------------|-----------------------------------|
-//! | n1   | orders, inventory shard 1       | payments, shipping, notifications |
-//! | n2   | payments, inventory shard 2     | shipping, notifications           |
-//! | n3   | orders, shipping, notifications | payments                          |
+//! | node | leads                                      | also holds replicas of |
+//! |------|--------------------------------------------|------------------------|
+//! | n1   | orders shard 0, inventory shard 0          | every other shard      |
+//! | n2   | payments, inventory shard 1                | every other shard      |
+//! | n3   | orders shard 1, shipping, notifications    | every other shard      |
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,7 +27,10 @@ pub fn demo_shard_map() -> ShardMap {
     let led_by = |n: &str| CapabilityPlacement { leaders: vec![n.into()], ..p(&["n1", "n2", "n3"]) };
     let payments = led_by("n2");
     ShardMap(BTreeMap::from([
-        (Capability::Orders, p(&["n1", "n3"])),
+        (
+            Capability::Orders,
+            CapabilityPlacement { shards: Some(2), leaders: vec!["n1".into(), "n3".into()], ..p(&["n1", "n2", "n3"]) },
+        ),
         (
             Capability::Inventory,
             CapabilityPlacement { shards: Some(2), leaders: vec!["n1".into(), "n2".into()], ..p(&["n1", "n2", "n3"]) },

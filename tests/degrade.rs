@@ -108,7 +108,7 @@ async fn a_poison_event_ends_in_the_dead_letters_and_does_not_block_its_destinat
     })
     .await;
 
-    // The unfiltered list, from a node that hosts no orders, has exactly the poison letter.
+    // The unfiltered list, asked of every orders shard from another node, has exactly the poison letter.
     let all = tc.get(2, "/v1/dead-letters").await;
     assert_eq!(all.status, 200, "{}", all.body);
     let all_list = all.body["dead_letters"].as_array().expect("list");

@@ -21,7 +21,7 @@ async fn order_crosses_nodes_replays_by_key_and_ships() {
     assert_eq!(r.body["total_cents"], 1500);
     let id = r.body["order_id"].as_str().unwrap().to_string();
 
-    // Readable from every node (orders lives on n1 only).
+    // Readable from every node (a linearizable read on the shard's leader).
     for node in [1, 2] {
         let g = tc.get(node, &format!("/v1/orders/{id}")).await;
         assert_eq!((g.status, g.body["status"].as_str()), (200, Some("confirmed")), "{}", g.body);
@@ -59,6 +59,23 @@ async fn order_crosses_nodes_replays_by_key_and_ships() {
         (s["available"] == 8 && s["reserved"] == 0 && s["sold"] == 2).then_some(())
     })
     .await;
+
+    // The customer's orders, newest first, from every shard; paged with `limit` and `before`.
+    let second = tc.post(1, "/v1/orders", None, body.clone()).await;
+    assert_eq!(second.status, 201, "{}", second.body);
+    let second = second.body["order_id"].as_str().unwrap().to_string();
+    let all = tc.get(2, "/v1/orders?customer_id=c1").await;
+    let ids: Vec<&str> = all.body["orders"].as_array().unwrap().iter().filter_map(|o| o["order_id"].as_str()).collect();
+    assert_eq!(ids, vec![second.as_str(), id.as_str()], "{}", all.body);
+    assert_eq!(all.body["next_before"], serde_json::Value::Null);
+    let page = tc.get(0, "/v1/orders?customer_id=c1&limit=1").await;
+    assert_eq!(page.body["orders"][0]["order_id"], second.as_str(), "{}", page.body);
+    assert_eq!(page.body["next_before"], second.as_str(), "{}", page.body);
+    let page = tc.get(0, &format!("/v1/orders?customer_id=c1&limit=1&before={second}")).await;
+    assert_eq!(page.body["orders"][0]["order_id"], id.as_str(), "{}", page.body);
+    assert_eq!(page.body["next_before"], serde_json::Value::Null, "{}", page.body);
+    let none = tc.get(0, "/v1/orders?customer_id=nobody").await;
+    assert_eq!((none.status, none.body["orders"].as_array().map(Vec::len)), (200, Some(0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,6 +149,10 @@ async fn bad_input_gets_clear_errors_and_records_nothing() {
     assert_eq!(tc.get(0, "/v1/orders/not-a-uuid").await.status, 400);
     assert_eq!(tc.get(0, "/v1/orders/01a1fc98-e0d3-70e1-a368-0dfcb0e88900").await.status, 404);
     assert_eq!(tc.get(0, "/v1/payments").await.status, 400);
+    assert_eq!(tc.get(0, "/v1/orders").await.status, 400, "customer_id is required");
+    assert_eq!(tc.get(0, "/v1/orders?customer_id=c&limit=0").await.status, 400);
+    assert_eq!(tc.get(0, "/v1/orders?customer_id=c&limit=many").await.status, 400);
+    assert_eq!(tc.get(0, "/v1/orders?customer_id=c&before=yesterday").await.status, 400);
     assert_eq!(tc.get(0, "/v1/inventory/bad%20sku").await.status, 400);
     // Nothing was reserved by any of that.
     let s = tc.get(0, "/v1/inventory/widget-3").await.body;

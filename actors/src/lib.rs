@@ -32,24 +32,15 @@ use std::time::Duration;
 
 use bulkhead_cluster::gateway::worker_name;
 use bulkhead_cluster::raft::{self, GroupId, Replica};
-use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound, ShardMap};
+use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound};
 use bulkhead_storage::{Store, StoreOptions};
 use ractor::{Actor, ActorRef, Message};
 
 use supervisor::{ChildSpec, Intensity, Supervisor, SupervisorArgs, SupervisorMsg};
 
-/// What every worker is started with.
-#[derive(Clone)]
-pub struct WorkerArgs {
-    pub cluster: Cluster,
-    pub store: Store,
-    pub fault_injection: bool,
-}
-
 /// The capabilities running on this node.
 pub struct Capabilities {
     pub supervisors: BTreeMap<Capability, ActorRef<SupervisorMsg>>,
-    pub stores: BTreeMap<Capability, Store>,
     /// This node's Raft replicas of the replicated capabilities' shards.
     pub replicas: Vec<Replica>,
     cluster: Cluster,
@@ -114,36 +105,12 @@ where
     })
 }
 
-fn children(cap: Capability, w: WorkerArgs) -> Vec<ChildSpec> {
-    let c = w.cluster.clone();
-    let name = worker_name(cap);
-    match cap {
-        Capability::Orders => {
-            let relay = RelayArgsFactory(w.clone());
-            vec![
-                ChildSpec::new(name, || orders::OrdersWorker, move || w.clone()),
-                ChildSpec::new(orders::RELAY_NAME.to_string(), || orders::OutboxRelay, move || relay.make()),
-                gateway_spec(cap, &c, orders::OrdersMsg::Request),
-            ]
-        }
-        // Replicated capabilities are started by `start_replicated`.
-        Capability::Inventory | Capability::Payments | Capability::Shipping | Capability::Notifications => Vec::new(),
-    }
-}
-
 /// What shipping or notifications makes of a confirmed order.
 fn making(cap: Capability) -> consumer::Making {
     if cap == Capability::Shipping {
         shipping::MAKING
     } else {
         notifications::MAKING
-    }
-}
-
-struct RelayArgsFactory(WorkerArgs);
-impl RelayArgsFactory {
-    fn make(&self) -> orders::RelayArgs {
-        orders::RelayArgs { cluster: self.0.cluster.clone(), store: self.0.store.clone() }
     }
 }
 
@@ -186,7 +153,7 @@ async fn start_replicated(
             Capability::Inventory => {
                 raft::group::start(cluster, group, placement, store, inventory::InventoryMachine).await?
             }
-            other => return Err(format!("{other} is not a replicated capability")),
+            Capability::Orders => raft::group::start(cluster, group, placement, store, orders::OrdersMachine).await?,
         };
         replicas.insert(shard, replica);
     }
@@ -215,7 +182,19 @@ async fn start_replicated(
                 gateway_spec(cap, cluster, consumer::ConsumerMsg::Request),
             ]
         }
-        other => return Err(format!("{other} is not a replicated capability")),
+        Capability::Orders => {
+            let relay = orders::RelayArgs { cluster: cluster.clone(), replicas: replicas.clone() };
+            let args = orders::OrdersArgs { cluster: cluster.clone(), replicas, fault_injection };
+            vec![
+                ChildSpec::new(worker_name(cap), || orders::OrdersWorker, move || args.clone()),
+                ChildSpec::new(
+                    orders::RELAY_NAME.to_string(),
+                    || orders::OutboxRelay,
+                    move || orders::RelayArgs { cluster: relay.cluster.clone(), replicas: relay.replicas.clone() },
+                ),
+                gateway_spec(cap, cluster, orders::OrdersMsg::Request),
+            ]
+        }
     };
     Ok((all, children))
 }
@@ -230,7 +209,6 @@ pub async fn start_capabilities(
 ) -> Capabilities {
     let mut caps = Capabilities {
         supervisors: BTreeMap::new(),
-        stores: BTreeMap::new(),
         replicas: Vec::new(),
         cluster: cluster.clone(),
         failed: BTreeMap::new(),
@@ -238,35 +216,19 @@ pub async fn start_capabilities(
     };
     for cap in cluster.config().hosted() {
         let opts = StoreOptions { cache_bytes: cache_bytes(cap), ..opts.clone() };
-        if ShardMap::is_replicated(cap) {
-            let children = match start_replicated(cluster, cap, data_dir, &opts, fault_injection).await {
-                Ok((replicas, children)) => {
-                    caps.replicas.extend(replicas);
-                    children
-                }
-                Err(e) => {
-                    tracing::error!(capability = %cap, error = %e, "not hosting this capability");
-                    cluster.set_health(cap, false, &e);
-                    caps.failed.insert(cap, e);
-                    continue;
-                }
-            };
-            caps.supervise(cap, children).await;
-            continue;
-        }
-        let store = match Store::open(data_dir, cap.as_str(), &opts) {
-            Ok(s) => s,
+        let children = match start_replicated(cluster, cap, data_dir, &opts, fault_injection).await {
+            Ok((replicas, children)) => {
+                caps.replicas.extend(replicas);
+                children
+            }
             Err(e) => {
                 tracing::error!(capability = %cap, error = %e, "not hosting this capability");
-                cluster.set_health(cap, false, &e.to_string());
-                caps.failed.insert(cap, e.to_string());
+                cluster.set_health(cap, false, &e);
+                caps.failed.insert(cap, e);
                 continue;
             }
         };
-        let w = WorkerArgs { cluster: cluster.clone(), store: store.clone(), fault_injection };
-        if caps.supervise(cap, children(cap, w)).await {
-            caps.stores.insert(cap, store);
-        }
+        caps.supervise(cap, children).await;
     }
     caps
 }

@@ -1,9 +1,10 @@
 //! Node configuration (TOML) and the static shard map every node must agree on.
 //!
 //! A node hosts capability X exactly when its name is listed in `[capabilities.X] nodes`, so the
-//! hosted set and the shard map cannot disagree with each other. Which member owns a key is a pure
-//! function of the map ([`ShardMap::node_for`]); the map's [`ShardMap::fingerprint`] travels in every
-//! heartbeat, and a peer whose fingerprint differs is refused.
+//! hosted set and the shard map cannot disagree with each other. Every capability is sharded into
+//! Raft groups; which shard owns a key, and which nodes hold its replicas, are pure functions of
+//! the map ([`ShardMap::shard_for`], [`ShardMap::shards`]); the map's [`ShardMap::fingerprint`]
+//! travels in every heartbeat, and a peer whose fingerprint differs is refused.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -64,13 +65,13 @@ impl FromStr for Capability {
 #[serde(deny_unknown_fields)]
 pub struct CapabilityPlacement {
     pub nodes: Vec<String>,
-    /// Replicated capabilities only: how many Raft groups the keys are hashed over (default 1).
+    /// How many Raft groups the keys are hashed over (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<u32>,
-    /// Replicated capabilities only: replicas per shard (default 3, or every node when fewer).
+    /// Replicas per shard (default 3, or every node when fewer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
-    /// Replicated capabilities only: the preferred leader of each shard, in shard order (default:
+    /// The preferred leader of each shard, in shard order (default:
     /// the shards' first replicas, which spread over `nodes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub leaders: Vec<String>,
@@ -83,7 +84,7 @@ impl CapabilityPlacement {
     }
 }
 
-/// Where one shard of a replicated capability lives: its replicas' nodes, the preferred leader first.
+/// Where one shard of a capability lives: its replicas' nodes, the preferred leader first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardPlacement {
     pub shard: u32,
@@ -117,35 +118,21 @@ impl ShardMap {
         self.0.get(&cap).map(|p| p.nodes.as_slice()).unwrap_or(&[])
     }
 
-    /// The member that owns `key` for `cap`: the key hashed over the capability's node list.
-    /// For a replicated capability: the preferred leader of the key's shard (where it is served
-    /// while that node is healthy).
+    /// The preferred leader of the shard that owns `key` for `cap`: where it is served while that
+    /// node is healthy.
     pub fn node_for(&self, cap: Capability, key: &[u8]) -> Option<&str> {
-        if Self::is_replicated(cap) {
-            let shard = self.shard_for(cap, key);
-            let p = self.0.get(&cap)?;
-            let n = p.nodes.len().max(1);
-            let leader = p.leaders.get(shard as usize).map(String::as_str);
-            return leader.or_else(|| p.nodes.get(shard as usize % n).map(String::as_str));
-        }
-        let nodes = self.nodes(cap);
-        if nodes.is_empty() {
-            return None;
-        }
-        Some(&nodes[(stable_hash(key) % nodes.len() as u64) as usize])
+        let shard = self.shard_for(cap, key);
+        let p = self.0.get(&cap)?;
+        let n = p.nodes.len().max(1);
+        let leader = p.leaders.get(shard as usize).map(String::as_str);
+        leader.or_else(|| p.nodes.get(shard as usize % n).map(String::as_str))
     }
 
-    /// Whether `cap` keeps its state in Raft groups (one per shard) rather than one copy per node.
-    /// Every capability but orders is on Raft; orders follows.
-    pub fn is_replicated(cap: Capability) -> bool {
-        cap != Capability::Orders
-    }
-
-    /// The shards of a replicated capability and where each lives. Shard `s` takes `replicas`
-    /// nodes of the list, starting at its preferred leader and wrapping around.
+    /// The shards of a capability (each one Raft group) and where each lives. Shard `s` takes
+    /// `replicas` nodes of the list, starting at its preferred leader and wrapping around.
     pub fn shards(&self, cap: Capability) -> Vec<ShardPlacement> {
         let Some(p) = self.0.get(&cap) else { return Vec::new() };
-        if !Self::is_replicated(cap) || p.nodes.is_empty() {
+        if p.nodes.is_empty() {
             return Vec::new();
         }
         let n = p.nodes.len();
@@ -162,7 +149,7 @@ impl ShardMap {
             .collect()
     }
 
-    /// The shard of a replicated capability that owns `key`.
+    /// The shard of a capability that owns `key`.
     pub fn shard_for(&self, cap: Capability, key: &[u8]) -> u32 {
         let shards = self.0.get(&cap).and_then(|p| p.shards).unwrap_or(1).max(1);
         (stable_hash(key) % u64::from(shards)) as u32
@@ -202,20 +189,10 @@ impl ShardMap {
         stable_hash(canon.as_bytes())
     }
 
-    /// The position of `node` in the orders list: what an order id carries to name its home.
-    pub fn orders_index(&self, node: &str) -> Option<u8> {
-        self.nodes(Capability::Orders).iter().position(|n| n == node).map(|i| i as u8)
-    }
-
     fn validate(&self) -> Result<(), String> {
         for (cap, p) in &self.0 {
             if p.nodes.is_empty() {
                 return Err(format!("[capabilities.{cap}] nodes is empty: list at least one node"));
-            }
-            if !Self::is_replicated(*cap) && (p.shards.is_some() || p.replicas.is_some() || !p.leaders.is_empty()) {
-                return Err(format!(
-                    "[capabilities.{cap}] shards/replicas/leaders: {cap} is not replicated yet (every other capability is)"
-                ));
             }
             if p.shards == Some(0) || p.replicas == Some(0) {
                 return Err(format!("[capabilities.{cap}] shards and replicas must be at least 1"));
@@ -232,8 +209,9 @@ impl ShardMap {
                     return Err(format!("[capabilities.{cap}] lists node `{n}` twice"));
                 }
             }
-            if *cap == Capability::Orders && p.nodes.len() > 255 {
-                return Err("[capabilities.orders] may list at most 255 nodes".into());
+            // An order id's last byte names its shard.
+            if *cap == Capability::Orders && p.shards.unwrap_or(1) > 256 {
+                return Err("[capabilities.orders] may have at most 256 shards".into());
             }
         }
         for cap in Capability::ALL {
@@ -493,7 +471,6 @@ nodes = ["n3"]
         cfg.validate().unwrap();
         assert_eq!(cfg.hosted(), vec![Capability::Orders, Capability::Inventory]);
         assert_eq!(cfg.capabilities.all_nodes(), vec!["n1", "n2", "n3"]);
-        assert_eq!(cfg.capabilities.orders_index("n1"), Some(0));
     }
 
     #[test]

@@ -47,15 +47,11 @@ pub struct Heartbeat {
     pub shard_fingerprint: u64,
     /// Cluster addresses of the nodes this node is connected to: how the mesh spreads.
     pub peers: Vec<String>,
-    /// Nodes this node has seen go down (heard from, then lost): its vote in
-    /// [`Cluster::majority_sees_down`](crate::Cluster::majority_sees_down).
-    pub down: Vec<String>,
-    /// Nodes this node still owes a hand-off of Idempotency-Keys ([`Cluster::set_owes`]).
-    pub owes: Vec<String>,
 }
 
+// Version 3: the witness protocol's `down` and `owes` lists are gone.
 impl Record for Heartbeat {
-    const VERSION: u8 = 2;
+    const VERSION: u8 = 3;
 }
 
 pub struct Membership;
@@ -155,8 +151,6 @@ impl MembershipState {
             unhealthy: c.unhealthy_local(),
             shard_fingerprint: cfg.capabilities.fingerprint(),
             peers: c.connected_advertised(),
-            down: c.view().get(&cfg.name).map(|me| me.sees_down.clone()).unwrap_or_default(),
-            owes: c.owes().into_iter().collect(),
         };
         let bytes = seal(&hb, &new_traceparent());
         for cell in ractor::pg::get_members(&MEMBERSHIP_GROUP.to_string()) {
@@ -246,9 +240,6 @@ impl MembershipState {
                     capabilities: cfg.hosted(),
                     unhealthy: c.unhealthy_local(),
                     reason: None,
-                    // Filled in below, once every other node's status is known.
-                    sees_down: Vec::new(),
-                    owes: c.owes().into_iter().collect(),
                 }
             } else if let Some(hb) = self.last.get(&name) {
                 let refused = self.refused.get(&name).cloned();
@@ -265,8 +256,6 @@ impl MembershipState {
                     capabilities: hb.capabilities.clone(),
                     unhealthy: hb.unhealthy.clone(),
                     reason: refused,
-                    sees_down: hb.down.clone(),
-                    owes: hb.owes.clone(),
                 }
             } else {
                 NodeView {
@@ -278,19 +267,9 @@ impl MembershipState {
                     capabilities: cfg.capabilities.hosted_by(&name),
                     unhealthy: vec![],
                     reason: Some("never heard from".into()),
-                    sees_down: Vec::new(),
-                    owes: Vec::new(),
                 }
             };
             nodes.insert(name, view);
-        }
-        let seen_down: Vec<String> = nodes
-            .values()
-            .filter(|v| v.name != cfg.name && v.status == Status::Down && v.reason.is_none())
-            .map(|v| v.name.clone())
-            .collect();
-        if let Some(me) = nodes.get_mut(&cfg.name) {
-            me.sees_down = seen_down;
         }
         c.set_view(nodes);
     }
@@ -308,11 +287,4 @@ pub struct NodeView {
     pub unhealthy: Vec<Capability>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The nodes this node has seen go down (for this node itself: its own detector's verdicts;
-    /// for a peer: what its last heartbeat said).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub sees_down: Vec<String>,
-    /// Nodes it still owes a hand-off of Idempotency-Keys (usually empty).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub owes: Vec<String>,
 }

@@ -58,8 +58,6 @@ struct Inner {
     known_addrs: Mutex<BTreeSet<String>>,
     view: RwLock<BTreeMap<String, NodeView>>,
     health: RwLock<BTreeMap<Capability, CapHealth>>,
-    /// Nodes this node still owes a hand-off of Idempotency-Keys (set by the orders worker).
-    owes: RwLock<BTreeSet<String>>,
     metrics: ClusterMetrics,
     link_faults: Arc<LinkFaults>,
     /// One breaker per (capability, member) this node has called.
@@ -172,7 +170,6 @@ impl Cluster {
             known_addrs: Mutex::new(BTreeSet::new()),
             view: RwLock::new(BTreeMap::new()),
             health: RwLock::new(BTreeMap::new()),
-            owes: RwLock::new(BTreeSet::new()),
             metrics: ClusterMetrics::default(),
             link_faults: Arc::new(LinkFaults::default()),
             breakers: Mutex::new(BTreeMap::new()),
@@ -255,18 +252,6 @@ impl Cluster {
         }
     }
 
-    /// The nodes this node must still tell about Idempotency-Keys (see `orders::actor::UNWITNESSED`);
-    /// travels in heartbeats, so that nobody acts alone on keys this node may be the only one to know.
-    pub fn set_owes(&self, nodes: BTreeSet<String>) {
-        if let Ok(mut o) = self.inner.owes.write() {
-            *o = nodes;
-        }
-    }
-
-    pub fn owes(&self) -> BTreeSet<String> {
-        self.inner.owes.read().map(|o| o.clone()).unwrap_or_default()
-    }
-
     pub fn local_health(&self) -> BTreeMap<Capability, CapHealth> {
         self.inner.health.read().map(|h| h.clone()).unwrap_or_default()
     }
@@ -347,37 +332,7 @@ impl Cluster {
         self.inner.view.read().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Whether more than half of the cluster's nodes say `node` is down: this node (if it heard
-    /// `node` and then lost it, not merely never heard from it) and every peer it sees alive,
-    /// each by the `down` list of its last heartbeat. One node's view can be stale or one-sided (a
-    /// node just healed from a partition still has its peers down for a heartbeat); a majority of
-    /// views cannot be both "A is down" and "B is down" about two nodes that are each up, so a
-    /// decision to act without `node` taken on this is not taken on both sides at once.
-    pub fn majority_sees_down(&self, node: &str) -> bool {
-        let view = self.view();
-        let total = self.config().capabilities.all_nodes().len().max(view.len());
-        let votes = view
-            .values()
-            .filter(|v| v.name == self.name() || v.status != Status::Down)
-            .filter(|v| v.sees_down.iter().any(|d| d == node))
-            .count();
-        votes * 2 > total
-    }
-
-    /// Whether `node`, by its last heartbeat, still owes `other` a hand-off of keys (so acting on
-    /// `node`'s keys without it, or on `other`'s, could miss a key only `node` knows about).
-    pub fn owes_handoff(&self, node: &str, other: &str) -> bool {
-        if node == self.name() {
-            return self.owes().contains(other);
-        }
-        self.inner
-            .view
-            .read()
-            .ok()
-            .and_then(|v| v.get(node).map(|n| n.owes.iter().any(|o| o == other)))
-            .unwrap_or(false)
-    }
-
+    /// This node's verdict on `node` (itself is always up; a node never heard from is down).
     pub fn status_of(&self, node: &str) -> Status {
         if node == self.name() {
             return Status::Up;
@@ -620,11 +575,6 @@ impl Cluster {
             }
             Some(_) => Err(no_leader(&target)),
         }
-    }
-
-    /// The node owning `key` for `cap` under the shard map.
-    pub fn owner(&self, cap: Capability, key: &[u8]) -> Option<String> {
-        self.config().capabilities.node_for(cap, key).map(str::to_string)
     }
 }
 

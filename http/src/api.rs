@@ -1,6 +1,6 @@
-//! Handlers of API v1. Each one validates, resolves which node owns the request (shard map), makes
-//! one timed cluster call (`/v1/dead-letters` without an order id: one per orders node, at once), and
-//! maps the answer to HTTP. None of them touches a store directly.
+//! Handlers of API v1. Each one validates, resolves which shard owns the request (shard map), makes
+//! one timed call to that shard's leader (listing a customer's orders, or every dead letter: one per
+//! orders shard, at once), and maps the answer to HTTP. None of them touches a store directly.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -13,7 +13,8 @@ use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{
-    home_of, successor_of, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+    shard_of_order, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+    MAX_ORDERS_LISTED,
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
@@ -100,111 +101,21 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// The orders node for a new order without an Idempotency-Key: this node if it hosts orders,
-/// else any routable orders member, preferring one whose circuit breaker is not open.
-fn pick_orders_node(st: &AppState) -> Result<String, ApiError> {
+/// The orders shard for a new order without an Idempotency-Key: one this node leads if any (no
+/// extra hop), else one with a known leader, spread by the order's own randomness.
+fn pick_orders_shard(st: &AppState) -> u32 {
     let cluster = &st.cluster;
-    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
-    let me = cluster.name().to_string();
-    let candidates: Vec<&String> = std::iter::once(&me)
-        .filter(|n| nodes.contains(n))
-        .chain(nodes.iter())
-        .filter(|n| cluster.is_routable(Capability::Orders, n))
-        .collect();
-    // Prefer a member whose breaker is not open (the call would fail fast); else let the call say so.
-    candidates
+    let shards: Vec<u32> = cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect();
+    let led_here: Vec<u32> = shards
         .iter()
-        .find(|n| cluster.breaker_state(Capability::Orders, n) != BreakerState::Open)
-        .or(candidates.first())
-        .map(|n| n.to_string())
-        .ok_or_else(|| ApiError::unavailable("no orders node is reachable; nothing was recorded, retry later"))
-}
-
-/// Whether keys may be placed without `gone` (the other orders node): a majority must call it down,
-/// and it must not have gone while still owing `other` a hand-off of keys only it knew.
-fn may_act_without(cluster: &bulkhead_cluster::Cluster, gone: &str, other: &str) -> Result<(), ApiError> {
-    if !cluster.majority_sees_down(gone) {
-        return Err(no_quorum());
-    }
-    if cluster.owes_handoff(gone, other) {
-        return Err(ApiError::unavailable(format!(
-            "{gone} went down before handing its Idempotency-Keys to {other}; nothing was recorded, retry when it is back"
-        )));
-    }
-    Ok(())
-}
-
-fn no_quorum() -> ApiError {
-    ApiError::unavailable(
-        "most of the cluster does not (yet) agree that this Idempotency-Key's other orders node is down, so neither may take it alone; nothing was recorded, retry later",
-    )
-}
-
-/// The orders node for a request with an Idempotency-Key, and whether the key is witnessed.
-///
-/// A key must meet the one store that may hold it: its home (the key hashed over the orders nodes).
-/// Before the home takes a key, the home's successor witnesses it. When the home is down the key
-/// goes to the successor, which refuses the keys it witnessed (the dead home may hold them) and
-/// places the others itself; a key it placed itself is answered `OwnedHere` to the next witness
-/// request, so retries go there. Acting without the other node (an unwitnessed home, or the
-/// successor for a down home) needs a majority of the cluster's nodes to say that node is down
-/// (`Cluster::majority_sees_down`), so the two sides of a partition, or two nodes whose views lag
-/// each other at a heal, never both act alone; and the down node must not have owed the other one
-/// a hand-off of keys when it went (`Cluster::owes_handoff`), or a key only it knew could be placed
-/// twice after a second fault.
-/// See `WITNESSES` in `bulkhead_actors::orders::actor`.
-async fn route_keyed(st: &AppState, key: &str) -> Result<(String, bool), ApiError> {
-    let cluster = &st.cluster;
-    let home = cluster
-        .owner(Capability::Orders, key.as_bytes())
-        .ok_or_else(|| ApiError::unavailable("no orders node is configured"))?;
-    let home_up = cluster.is_routable(Capability::Orders, &home);
-    let Some(succ) = successor_of(cluster, &home) else {
-        return if home_up {
-            Ok((home, true))
-        } else {
-            Err(ApiError::unavailable(format!(
-                "the orders node for this Idempotency-Key ({home}) is unreachable; nothing was recorded, retry later"
-            )))
-        };
-    };
-    let succ_up = cluster.is_routable(Capability::Orders, &succ);
-    match (home_up, succ_up) {
-        (true, true) => {
-            let req = OrdersRequest::Witness { key: key.to_string(), owner: home.clone() };
-            match cluster.call::<_, OrdersReply>(Capability::Orders, &succ, &req, &new_traceparent()).await {
-                Ok(OrdersReply::Witnessed) => Ok((home, true)),
-                Ok(OrdersReply::OwnedHere) => Ok((succ, true)),
-                // The successor is up but did not witness (overloaded, hung, an odd answer): going
-                // on without it would open a window for a second order under this key.
-                Ok(other) => {
-                    tracing::warn!(?other, %succ, "unexpected answer to a witness request");
-                    Err(ApiError::unavailable(
-                        "this Idempotency-Key could not be witnessed; nothing was recorded, retry later",
-                    ))
-                }
-                Err(e) if may_act_without(cluster, &succ, &home).is_ok() => {
-                    tracing::debug!(error = %e, %succ, "successor went down during the witness; the home takes the key alone");
-                    st.metrics.unwitnessed.fetch_add(1, Relaxed);
-                    Ok((home, false))
-                }
-                Err(e) => Err(ApiError::from_call(e)),
-            }
-        }
-        (true, false) => {
-            may_act_without(cluster, &succ, &home)?;
-            // The home takes the key alone and keeps asking the successor to witness it afterwards.
-            st.metrics.unwitnessed.fetch_add(1, Relaxed);
-            Ok((home, false))
-        }
-        (false, true) => {
-            may_act_without(cluster, &home, &succ)?;
-            Ok((succ, true))
-        }
-        (false, false) => Err(ApiError::unavailable(
-            "no orders node for this Idempotency-Key is reachable; nothing was recorded, retry later",
-        )),
-    }
+        .copied()
+        .filter(|s| cluster.leader_of(Capability::Orders, *s).as_deref() == Some(cluster.name()))
+        .collect();
+    let led: Vec<u32> =
+        shards.iter().copied().filter(|s| cluster.leader_of(Capability::Orders, *s).is_some()).collect();
+    let pool = [led_here, led, shards].into_iter().find(|p| !p.is_empty()).unwrap_or_else(|| vec![0]);
+    let spread = Uuid::new_v4().as_u128() as usize;
+    pool[spread % pool.len()]
 }
 
 fn order_response(st: &AppState, view: OrderView) -> Response {
@@ -248,26 +159,24 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
         Some(v) => Some(validate::idempotency_key(v.as_bytes())?),
         None => None,
     };
-    let (node, witnessed) = match key.as_deref() {
-        Some(k) => route_keyed(&st, k).await?,
-        None => (pick_orders_node(&st)?, true),
+    // One key, one shard: the key's claim is a write in that shard's Raft group.
+    let shard = match key.as_deref() {
+        Some(k) => st.cluster.shard_of(Capability::Orders, k.as_bytes()),
+        None => pick_orders_shard(&st),
     };
     let body_hash = stable_hash(&serde_json::to_vec(&order).unwrap_or_default());
     let wait_ms = st.cluster.config().timing.wait_budget_ms;
     let place = PlaceOrder {
+        shard,
         customer_id: order.customer_id,
         items: order.items,
         payment_token: order.payment_token,
         idempotency: key.map(|key| IdemKey { key, body_hash }),
         wait_ms,
     };
-    let req = if witnessed { OrdersRequest::Place(place) } else { OrdersRequest::PlaceUnwitnessed(place) };
     let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
-    match st
-        .cluster
-        .call_with_timeout::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent(), timeout)
-        .await
-    {
+    let req = OrdersRequest::Place(place);
+    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &new_traceparent(), timeout).await {
         Ok(OrdersReply::Order(view)) => {
             st.metrics.placed.fetch_add(1, Relaxed);
             Ok(order_response(&st, view))
@@ -281,8 +190,8 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
             e.extra = Some(json!({"order_id": order_id.to_string()}));
             Err(e)
         }
-        Ok(OrdersReply::Elsewhere { owner }) => Err(ApiError::unavailable(format!(
-            "the order for this Idempotency-Key lives on {owner}, which is unreachable; nothing new was recorded, retry later"
+        Ok(OrdersReply::Unavailable(reason)) => Err(ApiError::unavailable(format!(
+            "orders shard {shard} could not answer ({reason}); retry, with the same Idempotency-Key if you sent one"
         ))),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_call(e)),
@@ -294,19 +203,94 @@ fn unexpected<T: std::fmt::Debug>(reply: T) -> ApiError {
     ApiError::unavailable("the capability is not ready to answer; retry later")
 }
 
+/// One timed call to the leader of an orders shard.
+async fn orders_call(
+    st: &AppState,
+    shard: u32,
+    req: &OrdersRequest,
+) -> Result<OrdersReply, bulkhead_cluster::CallError> {
+    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
+    st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, req, &new_traceparent(), t).await
+}
+
+/// The orders shards, as the shard map lists them.
+fn orders_shards(st: &AppState) -> Vec<u32> {
+    st.cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect()
+}
+
+/// The shard an order id names, if the shard map has it (ids are not guessed at otherwise).
+fn shard_of_id(st: &AppState, id: &Uuid) -> Option<u32> {
+    let shard = shard_of_order(id);
+    orders_shards(st).contains(&shard).then_some(shard)
+}
+
 pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let node = home_of(&st.cluster, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
-    match st
-        .cluster
-        .call::<_, OrdersReply>(Capability::Orders, &node, &OrdersRequest::Get { order_id: id }, &new_traceparent())
-        .await
-    {
+    let shard = shard_of_id(&st, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
+    match orders_call(&st, shard, &OrdersRequest::Get { order_id: id }).await {
         Ok(OrdersReply::Order(view)) => Ok(Json(order_json(&view)).into_response()),
         Ok(OrdersReply::NotFound) => Err(ApiError::not_found(format!("no order {id}"))),
+        Ok(OrdersReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
     }
+}
+
+#[derive(Deserialize)]
+pub struct ByCustomer {
+    customer_id: Option<String>,
+    limit: Option<String>,
+    before: Option<String>,
+}
+
+/// `GET /v1/orders?customer_id=[&limit=][&before=]`: a customer's orders, newest first. Every
+/// orders shard's leader is asked at once (a linearizable read each) and the answers merged; a
+/// shard that cannot answer makes the whole answer 503, never a silently shorter list. `next_before`
+/// is the id to pass as `before` for the next page (`null` on the last page).
+pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>) -> Result<Response, ApiError> {
+    let customer_id = validate::customer_id(q.customer_id.as_deref())?;
+    let limit = match q.limit.as_deref() {
+        None => 50,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n) if (1..=MAX_ORDERS_LISTED).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`limit` must be a whole number from 1 to {MAX_ORDERS_LISTED}"
+                )))
+            }
+        },
+    };
+    let before = q.before.as_deref().map(parse_order_id).transpose()?;
+    let mut calls = tokio::task::JoinSet::new();
+    for shard in orders_shards(&st) {
+        let (st, customer_id) = (st.clone(), customer_id.clone());
+        calls.spawn(async move {
+            let req = OrdersRequest::ByCustomer { shard, customer_id, before, limit: limit + 1 };
+            (shard, orders_call(&st, shard, &req).await)
+        });
+    }
+    let mut orders = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        let Ok((shard, r)) = joined else { return Err(ApiError::unavailable("a shard lookup failed; retry later")) };
+        match r {
+            Ok(OrdersReply::Orders(list)) => orders.extend(list),
+            Ok(OrdersReply::Unavailable(reason)) => {
+                return Err(ApiError::unavailable(format!("orders shard {shard}: {reason}; retry later")))
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(ApiError::from_read(e)),
+        }
+    }
+    orders.sort_by_key(|o| std::cmp::Reverse(o.order_id));
+    let more = orders.len() > limit as usize;
+    orders.truncate(limit as usize);
+    let next = if more { orders.last().map(|o| json!(o.order_id.to_string())) } else { None };
+    Ok(Json(json!({
+        "customer_id": customer_id,
+        "orders": orders.iter().map(order_json).collect::<Vec<_>>(),
+        "next_before": next.unwrap_or(Value::Null),
+    }))
+    .into_response())
 }
 
 async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
@@ -393,54 +377,50 @@ pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOr
     list_deliveries(&st, Capability::Notifications, &q, "notifications").await
 }
 
-fn dead_letter_json(node: &str, d: &DeadLetter) -> Value {
+fn dead_letter_json(shard: u32, d: &DeadLetter) -> Value {
     json!({
         "order_id": d.order_id.to_string(), "event_id": d.event_id.to_string(), "event": d.event,
         "destination": d.destination, "attempts": d.attempts, "last_error": d.last_error,
-        "at": rfc3339(d.at_ms), "node": node,
+        "at": rfc3339(d.at_ms), "shard": shard,
     })
 }
 
 /// `GET /v1/dead-letters[?order_id=]`: what the outbox relays gave up on. With an order id, only
-/// its home orders node is asked; without, every orders node at once, and the answer lists what the
-/// reachable ones hold plus the nodes that could not be asked (503 only if none answered).
+/// its shard's leader is asked; without, every orders shard's leader at once, and the answer lists
+/// what the reachable ones hold plus the shards that could not be asked (503 only if none answered).
 pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let order_id = q.order_id.as_deref().map(parse_order_id).transpose()?;
-    let nodes: Vec<String> =
-        match order_id {
-            Some(id) => vec![home_of(&st.cluster, &id)
-                .ok_or_else(|| ApiError::not_found("no orders node is the home of this id"))?],
-            None => st.cluster.config().capabilities.nodes(Capability::Orders).to_vec(),
-        };
+    let shards: Vec<u32> = match order_id {
+        Some(id) => vec![shard_of_id(&st, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?],
+        None => orders_shards(&st),
+    };
     let mut calls = tokio::task::JoinSet::new();
-    for node in nodes {
-        let cluster = st.cluster.clone();
-        calls.spawn(async move {
-            let req = OrdersRequest::DeadLetters { order_id };
-            let r = cluster.call::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent()).await;
-            (node, r)
-        });
+    for shard in shards {
+        let st = st.clone();
+        calls.spawn(
+            async move { (shard, orders_call(&st, shard, &OrdersRequest::DeadLetters { shard, order_id }).await) },
+        );
     }
     let (mut list, mut unreachable, mut answered) = (Vec::new(), Vec::new(), 0usize);
     while let Some(joined) = calls.join_next().await {
-        let Ok((node, r)) = joined else { continue };
+        let Ok((shard, r)) = joined else { continue };
         match r {
             Ok(OrdersReply::DeadLetters(ds)) => {
                 answered += 1;
-                list.extend(ds.iter().map(|d| (d.order_id, d.at_ms, dead_letter_json(&node, d))));
+                list.extend(ds.iter().map(|d| (d.order_id, d.at_ms, dead_letter_json(shard, d))));
             }
             Ok(other) => {
-                tracing::warn!(?other, %node, "unexpected reply listing dead letters");
-                unreachable.push(json!({"node": node, "error": "unexpected reply"}));
+                tracing::warn!(?other, shard, "unexpected reply listing dead letters");
+                unreachable.push(json!({"shard": shard, "error": format!("{other:?}")}));
             }
             Err(e) => {
-                tracing::warn!(error = %e, %node, "cannot list dead letters");
-                unreachable.push(json!({"node": node, "error": e.to_string()}));
+                tracing::warn!(error = %e, shard, "cannot list dead letters");
+                unreachable.push(json!({"shard": shard, "error": e.to_string()}));
             }
         }
     }
     if answered == 0 {
-        return Err(ApiError::unavailable("no orders node answered; retry later"));
+        return Err(ApiError::unavailable("no orders shard answered; retry later"));
     }
     list.sort_by_key(|(order, at, _)| (*order, *at));
     let list: Vec<Value> = list.into_iter().map(|(_, _, v)| v).collect();

@@ -13,7 +13,6 @@ pub mod error;
 pub mod metrics;
 pub mod validate;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -22,8 +21,7 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::routing::{get, post};
 use axum::Router;
-use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::Store;
+use bulkhead_cluster::Cluster;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use tokio::net::TcpListener;
@@ -37,8 +35,6 @@ pub struct HttpMetrics {
     pub confirmed: AtomicU64,
     pub pending: AtomicU64,
     pub cancelled: AtomicU64,
-    /// Keyed orders whose home took the key without its successor's witness (successor down).
-    pub unwitnessed: AtomicU64,
     /// `POST /v1/orders` refused with 429 because `limits.orders_in_flight` were already running.
     pub shed: AtomicU64,
 }
@@ -47,8 +43,6 @@ pub struct HttpMetrics {
 #[derive(Clone)]
 pub struct AppState {
     pub cluster: Cluster,
-    /// This node's stores, for `/metrics`.
-    pub stores: Arc<BTreeMap<Capability, Store>>,
     pub fault_injection: bool,
     pub metrics: Arc<HttpMetrics>,
     /// One permit per `POST /v1/orders` being handled (`limits.orders_in_flight`).
@@ -58,7 +52,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let admin = state.fault_injection;
     let mut r = Router::new()
-        .route("/v1/orders", post(api::place_order))
+        .route("/v1/orders", post(api::place_order).get(api::list_orders))
         .route("/v1/orders/{id}", get(api::get_order))
         .route("/v1/inventory/{sku}", get(api::get_stock).put(api::put_stock))
         .route("/v1/payments", get(api::list_payments))

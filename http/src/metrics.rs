@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use bulkhead_cluster::wire::WIRE_STATS;
-use bulkhead_cluster::{Capability, Status};
+use bulkhead_cluster::Status;
 
 use crate::AppState;
 
@@ -102,26 +102,6 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         ],
     );
     line(
-        "bulkhead_orders_unwitnessed_total",
-        "keyed orders sent to their home without the successor's witness (it was unreachable)",
-        "counter",
-        vec![(String::new(), m.unwitnessed.load(Relaxed))],
-    );
-    if let Some(store) = st.stores.get(&Capability::Orders) {
-        line(
-            "bulkhead_orders_pending_witnesses",
-            "Idempotency-Keys this node must still get witnessed by (or hand to) the other orders node",
-            "gauge",
-            vec![(String::new(), bulkhead_actors::orders::actor::UNWITNESSED.len(store) as u64)],
-        );
-    }
-    line(
-        "bulkhead_orders_duplicate_keys_total",
-        "Idempotency-Keys found placed on both orders nodes (should stay 0)",
-        "counter",
-        vec![(String::new(), bulkhead_actors::orders::DUPLICATE_KEYS.load(Relaxed))],
-    );
-    line(
         "bulkhead_orders_shed_total",
         "POST /v1/orders refused with 429 because limits.orders_in_flight were already running",
         "counter",
@@ -214,11 +194,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     line("bulkhead_node_status", "peer status as seen from here: 2 up, 1 suspect, 0 down", "gauge", status);
     let mut writes = vec![];
     let mut flushes = vec![];
-    for (cap, s) in st.stores.iter() {
-        writes.push((format!("{{capability=\"{cap}\"}}"), s.stats().writes.load(Relaxed)));
-        flushes.push((format!("{{capability=\"{cap}\"}}"), s.stats().flushes.load(Relaxed)));
+    for r in st.cluster.raft().all() {
+        let labels = format!("{{capability=\"{}\",shard=\"{}\"}}", r.id.capability, r.id.shard);
+        writes.push((labels.clone(), r.store().stats().writes.load(Relaxed)));
+        flushes.push((labels, r.store().stats().flushes.load(Relaxed)));
     }
-    line("bulkhead_store_writes_total", "records written per store", "counter", writes);
+    line("bulkhead_store_writes_total", "records written per store (one per local shard replica)", "counter", writes);
     line("bulkhead_store_flushes_total", "group flushes per store", "counter", flushes);
     raft_metrics(&st, &mut line);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

@@ -49,6 +49,20 @@ fn integer(obj: &Map<String, Value>, field: &str, min: u64, max: u64) -> Result<
     }
 }
 
+/// The `customer_id` query parameter of `GET /v1/orders`: required, with the rules of the order
+/// body's `customer_id` (a string of at most 128 characters, no control characters).
+pub fn customer_id(raw: Option<&str>) -> Result<String, ApiError> {
+    let mut obj = Map::new();
+    if let Some(v) = raw {
+        obj.insert("customer_id".into(), Value::String(v.to_string()));
+    }
+    let id = string(&obj, "customer_id", 128)?;
+    if id.is_empty() {
+        return Err(ApiError::bad_request("`customer_id` must not be empty"));
+    }
+    Ok(id)
+}
+
 /// A SKU: 1-64 characters of letters, digits, `-`, `_`, `.`.
 pub fn sku(s: &str) -> Result<String, ApiError> {
     if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {

@@ -67,6 +67,31 @@ impl Key for (Uuid, u64) {
     }
 }
 
+/// `(name, id)`: several ids per name, in id order (e.g. a customer's orders). The name is
+/// length-prefixed (u16, big-endian), so one name's keys form one contiguous prefix
+/// ([`name_prefix`]) whatever bytes names hold.
+impl Key for (String, Uuid) {
+    fn encode_key(&self) -> Vec<u8> {
+        let mut k = name_prefix(&self.0);
+        k.extend_from_slice(self.1.as_bytes());
+        k
+    }
+    fn decode_key(bytes: &[u8]) -> Option<Self> {
+        let len = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
+        let name = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?.to_string();
+        let id = Uuid::from_slice(bytes.get(2 + len..)?).ok()?;
+        Some((name, id))
+    }
+}
+
+/// The encoded prefix every `(name, _)` key shares. Names longer than `u16::MAX` bytes are cut.
+pub fn name_prefix(name: &str) -> Vec<u8> {
+    let bytes = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+    let mut k = (bytes.len() as u16).to_be_bytes().to_vec();
+    k.extend_from_slice(bytes);
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +102,18 @@ mod tests {
         fn u64_keys_sort_like_numbers(a: u64, b: u64) {
             prop_assert_eq!(a.cmp(&b), a.encode_key().cmp(&b.encode_key()));
             prop_assert_eq!(u64::decode_key(&a.encode_key()), Some(a));
+        }
+
+        #[test]
+        fn name_id_keys_round_trip_and_group_by_name(a in ".{0,20}", b in ".{0,20}", x: u128, y: u128) {
+            let (ka, kb) = ((a.clone(), Uuid::from_u128(x)), (b.clone(), Uuid::from_u128(y)));
+            prop_assert_eq!(<(String, Uuid)>::decode_key(&ka.encode_key()), Some(ka.clone()));
+            prop_assert!(ka.encode_key().starts_with(&name_prefix(&a)));
+            if a != b {
+                prop_assert!(!kb.encode_key().starts_with(&name_prefix(&a)));
+            } else {
+                prop_assert_eq!(ka.1.cmp(&kb.1), ka.encode_key().cmp(&kb.encode_key()));
+            }
         }
 
         #[test]

@@ -27,8 +27,8 @@ mod store;
 mod table;
 
 pub use codec::{decode, decode_payload, encode, CodecError, Record};
-pub use idempotency::{IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
-pub use key::Key;
+pub use idempotency::{IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
+pub use key::{name_prefix, Key};
 pub use store::{Batch, Durability, RawRecord, Store, StoreError, StoreOptions, StoreStats};
 pub use table::Table;
 

@@ -135,6 +135,20 @@ impl<K: Key, V: Record> Table<K, V> {
         })
     }
 
+    /// Records with `from` <= key < `to`, greatest key first (e.g. newest first by a UUIDv7 id).
+    pub fn iter_range_rev<'a>(
+        &'a self,
+        store: &Store,
+        from: &K,
+        to: &K,
+    ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
+        store.tree().range(self.raw_key(from)..self.raw_key(to)).rev().map(move |item| {
+            let (k, v) = item?;
+            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
+            Ok((key, self.decode_value(&v)?))
+        })
+    }
+
     /// The record with the greatest key, if any.
     pub fn last(&self, store: &Store) -> Result<Option<(K, V)>, StoreError> {
         match store.tree().scan_prefix([self.id]).next_back() {

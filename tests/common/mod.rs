@@ -148,20 +148,6 @@ impl TestCluster {
         assert_eq!(r.status, 200, "{}", r.body);
     }
 
-    /// How many nodes, by `from`'s
-    /// `/v1/cluster` (its own verdict and its live peers' `sees_down`), say `name` is down. Keyed
-    /// orders act without a node only once a majority says so.
-    pub async fn down_votes(&self, from: usize, name: &str) -> usize {
-        let v = self.get(from, "/v1/cluster").await.body;
-        v["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|n| n["name"] == v["node"] || n["status"] != "down")
-            .filter(|n| n["sees_down"].as_array().is_some_and(|d| d.iter().any(|x| x == name)))
-            .count()
-    }
-
     /// Status of `name` as node `from` sees it.
     pub async fn status_of(&self, from: usize, name: &str) -> String {
         let v = self.get(from, "/v1/cluster").await.body;

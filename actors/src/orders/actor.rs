@@ -1,169 +1,152 @@
-//! The orders worker: places orders, drives every unfinished saga, answers waiting clients.
+//! The orders worker: serves each orders shard where this node's replica leads it, and drives the
+//! sagas of exactly those shards.
 //!
-//! The worker is a thin shell around [`saga::step`]: it turns requests and call results into saga
-//! events, persists the order after every step (saga state lives in the store, not in memory), and
-//! carries out the commands (cross-node calls run in their own tasks and come back as messages, so
-//! the worker never waits on a peer). Clients are answered once the saga is terminal or the wait
-//! budget is spent (then `pending`), always after the flush covering the answer.
+//! The worker is a thin shell around [`saga::step`]. An event for an order steps its record in
+//! memory; a step that changed the record is proposed to the shard's Raft group
+//! ([`OrdersCommand::Step`], or [`OrdersCommand::Finish`] with the outbox), and the commands the step
+//! produced (reserve, charge, retry) are carried out only once it has committed. One proposal per
+//! order is in flight at a time; events that arrive meanwhile wait their turn, so the log holds an
+//! order's steps in the order they were taken. Cross-node calls run in their own tasks and come
+//! back as messages: the worker never waits on a peer or a majority.
+//!
+//! Leadership: every 100 ms the worker compares which shards its replicas lead (and in which term)
+//! with the shards it drives. A shard it starts leading is loaded after a read barrier (everything
+//! committed before is applied), and its unfinished sagas resume; every step is idempotent by order
+//! id, so a step the old leader had taken is repeated with one effect. A shard it stops leading is
+//! dropped from memory at once; its waiting clients get the order as last committed (`202 pending`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_cluster::wire::{child_traceparent, new_traceparent, trace_id};
+use bulkhead_cluster::raft::Replica;
+use bulkhead_cluster::wire::{child_traceparent, trace_id};
 use bulkhead_cluster::{Capability, Cluster, Inbound};
-use bulkhead_storage::{now_ms, Batch, IdemRecord, Idempotency, Record, Table};
+use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::outbox::{OutboxEntry, OutboxMsg, OUTBOX, RELAY_NAME};
-use super::protocol::{OrderStatus, OrdersReply, OrdersRequest, PlaceOrder};
+use super::machine::{self, OrdersApplied, OrdersCommand, OrdersMachine, IDEMPOTENCY, ORDERS};
+use super::outbox::{OutboxMsg, RELAY_NAME};
+use super::protocol::{OrdersReply, OrdersRequest, PlaceOrder};
 use super::saga::{self, ChargeOutcome, Command, Event, OrderRecord, ReserveOutcome};
+use super::MAX_DEAD_LETTERS_LISTED;
 use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
-use crate::util::{jitter, reply_after_sync};
-use crate::WorkerArgs;
+use crate::util::{jitter, local_replica, Unserved};
 
-pub const ORDERS: Table<Uuid, OrderRecord> = Table::new(1, "orders");
-/// Index of unfinished orders: what to resume after a restart without scanning every order.
-pub const UNFINISHED: Table<Uuid, Unfinished> = Table::new(2, "unfinished");
-pub const IDEMPOTENCY: Idempotency = Idempotency::new(5, 6);
-/// Keys whose home is another orders node, witnessed here before that node took them.
-///
-/// Why: with an Idempotency-Key a request must meet the one store that may already hold the key,
-/// its home. When the home is down, its successor (the next orders node in the list) may place the
-/// order instead, but only if the home never took the key, or one key could end up as two orders
-/// (two charges). So the front asks the successor to witness every key before the home takes it;
-/// the successor then refuses (`Elsewhere`, 503) exactly the keys the dead home may hold, and
-/// places the others itself. A key the successor placed itself answers `OwnedHere` to a later
-/// witness request, so the front sends the retry there. Safe against any single fault; a key taken
-/// by its home while the successor was also unreachable is not witnessed (counted, logged).
-pub const WITNESSES: Table<String, WitnessRecord> = Table::new(8, "witnesses");
-/// Witnesses are kept as long as idempotency records.
-const WITNESS_TTL_MS: u64 = 24 * 3600 * 1000;
-/// Keys the other orders node must still be told about: keys this node took as their home without
-/// the successor's witness (`node` = the successor), and keys it placed as successor while their
-/// home was down (`node` = the home, which then refuses them with `Elsewhere`). Retried every second
-/// while `node` is reachable.
-pub const UNWITNESSED: Table<String, PendingWitness> = Table::new(9, "unwitnessed");
+/// Idempotency keys forgotten per sweep proposal, and how often a leader sweeps.
+const SWEEP_MAX: usize = 20_000;
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// Most orders one `ByCustomer` answer lists.
+pub const MAX_ORDERS_LISTED: u32 = 500;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PendingWitness {
-    pub since_ms: u64,
-    /// Where the witness must be recorded.
-    pub node: String,
-}
-impl Record for PendingWitness {
-    const VERSION: u8 = 1;
-}
-
-/// Keys found placed on both orders nodes (by the repair): should stay 0. `/metrics` shows it and
-/// the chaos checker reads it.
-pub static DUPLICATE_KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Keys per repair round, and witness requests in flight at once within it.
-const REPAIR_BATCH: usize = 512;
-const REPAIR_CONCURRENCY: usize = 32;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WitnessRecord {
-    pub owner: String,
-    pub at_ms: u64,
-}
-impl Record for WitnessRecord {
-    const VERSION: u8 = 1;
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Unfinished {
-    pub since_ms: u64,
-}
-impl Record for Unfinished {
-    const VERSION: u8 = 1;
-}
-
-/// A new order id: a UUIDv7 (time-ordered keys) whose last byte names the home orders node
-/// (its index in `[capabilities.orders] nodes`), so any node can route a lookup by id alone.
-pub fn new_order_id(home_index: u8) -> Uuid {
+/// A new order id: a UUIDv7 (time-ordered keys) whose last byte names its orders shard, so any
+/// node can route a lookup by id alone.
+pub fn new_order_id(shard: u32) -> Uuid {
     let mut b = *Uuid::now_v7().as_bytes();
-    b[15] = home_index;
+    b[15] = shard as u8;
     Uuid::from_bytes(b)
 }
 
-/// Removes idempotency records and witnesses older than a day (every 10 minutes, off the runtime).
-fn sweep(store: &bulkhead_storage::Store) -> Result<(), bulkhead_storage::StoreError> {
-    let n = IDEMPOTENCY.sweep(store, now_ms())?;
-    if n > 0 {
-        tracing::info!(removed = n, "swept expired idempotency records");
-    }
-    let cutoff = now_ms().saturating_sub(WITNESS_TTL_MS);
-    let mut b = Batch::new();
-    let mut n = 0;
-    for item in WITNESSES.iter(store) {
-        let (key, w) = item?;
-        if w.at_ms < cutoff {
-            WITNESSES.remove(&mut b, &key);
-            n += 1;
-        }
-    }
-    if n > 0 {
-        store.apply_in_order(b)?;
-        tracing::info!(removed = n, "swept expired witnesses");
-    }
-    Ok(())
+/// The orders shard an order id names (see [`new_order_id`]).
+pub fn shard_of_order(id: &Uuid) -> u32 {
+    u32::from(id.as_bytes()[15])
 }
 
-/// The orders node after `node` in `[capabilities.orders] nodes` (cyclic): where `node`'s keys are
-/// witnessed. `None` when orders runs on one node only.
-pub fn successor_of(cluster: &Cluster, node: &str) -> Option<String> {
-    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
-    let i = nodes.iter().position(|n| n == node)?;
-    Some(nodes[(i + 1) % nodes.len()].clone()).filter(|s| s != node)
-}
-
-/// The home orders node of an order id, under `cluster`'s shard map.
-pub fn home_of(cluster: &Cluster, id: &Uuid) -> Option<String> {
-    let nodes = cluster.config().capabilities.nodes(Capability::Orders);
-    nodes.get(id.as_bytes()[15] as usize).cloned()
+/// What the orders worker is started with: this node's replicas, by shard.
+#[derive(Clone)]
+pub struct OrdersArgs {
+    pub cluster: Cluster,
+    pub replicas: Arc<BTreeMap<u32, Replica>>,
+    pub fault_injection: bool,
 }
 
 #[derive(RactorMessage)]
 pub enum OrdersMsg {
     Request(Inbound<OrdersRequest, OrdersReply>),
+    /// A `Place` came back.
+    Placed(Box<Placed>),
     Saga {
         order_id: Uuid,
         event: Event,
+    },
+    /// The proposal of an order's step came back; `then` are the step's commands.
+    Committed {
+        order_id: Uuid,
+        then: Vec<Command>,
+        applied: Result<OrdersApplied, Unserved>,
     },
     WaitOver {
         order_id: Uuid,
         waiter: u64,
     },
-    /// The orders store could not flush: the worker fails, and its restart resumes from the store.
-    FlushFailed(String),
-    Sweep,
-    /// Time to get the keys in `UNWITNESSED` witnessed by the successor.
-    WitnessRepair,
-    /// The successor answered a repair request for `key`: `duplicate` when it had placed an order
-    /// under that key itself.
-    RepairDone {
-        key: String,
-        duplicate: bool,
+    /// Time to compare the shards this node leads with the shards it drives.
+    Lead,
+    /// A shard this node leads in `term` was read after a barrier: its unfinished orders.
+    Loaded {
+        shard: u32,
+        term: u64,
+        orders: Result<Vec<OrderRecord>, String>,
     },
-    /// A repair round ended (the next may start).
-    RepairRoundOver,
+    Sweep,
+}
+
+/// A `Place` proposed in `term`, and what applying it answered: a new order, or the key's earlier one.
+pub struct Placed {
+    shard: u32,
+    term: u64,
+    order: OrderRecord,
+    applied: Result<OrdersApplied, Unserved>,
+    wait_ms: u64,
+    reply: RpcReplyPort<OrdersReply>,
+}
+
+/// One saga this worker drives.
+struct Saga {
+    shard: u32,
+    /// The record as stepped, ahead of `committed` by at most the step in flight.
+    order: OrderRecord,
+    committed: OrderRecord,
+    in_flight: bool,
+    queued: VecDeque<Event>,
+    waiters: Vec<(u64, RpcReplyPort<OrdersReply>)>,
+}
+
+/// Whether a `Place` may go ahead (see `OrdersState::admit`).
+enum Admit {
+    Go(Replica, u64),
+    Wait,
+}
+
+/// A `Place` waiting for its shard to be loaded.
+type Parked = (PlaceOrder, String, RpcReplyPort<OrdersReply>);
+
+/// A shard this worker drives, in the term its replica leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driving {
+    /// Waiting for the read barrier and the unfinished orders.
+    Loading(u64),
+    Ready(u64),
 }
 
 pub struct OrdersWorker;
 
 pub struct OrdersState {
-    args: WorkerArgs,
-    home_index: u8,
-    sagas: HashMap<Uuid, OrderRecord>,
-    waiters: HashMap<Uuid, Vec<(u64, RpcReplyPort<OrdersReply>)>>,
+    args: OrdersArgs,
+    driving: BTreeMap<u32, Driving>,
+    sagas: HashMap<Uuid, Saga>,
+    /// Places that arrived while their shard was loading, by shard.
+    parked: BTreeMap<u32, Vec<Parked>>,
     next_waiter: u64,
-    /// A witness repair round is in flight (one at a time).
-    repairing: bool,
+}
+
+fn unserved(e: impl Into<Unserved>) -> OrdersReply {
+    match e.into() {
+        Unserved::NotLeader(leader) => OrdersReply::NotLeader { leader },
+        Unserved::Unavailable(why) => OrdersReply::Unavailable(why),
+    }
 }
 
 impl OrdersState {
@@ -171,10 +154,27 @@ impl OrdersState {
         &self.args.cluster
     }
 
-    fn put_order(&self, o: &OrderRecord) -> Result<(), ActorProcessingErr> {
-        let mut b = Batch::new();
-        ORDERS.put(&mut b, &o.id, o);
-        Ok(self.args.store.apply(b)?)
+    fn replica(&self, shard: u32) -> Result<Replica, Unserved> {
+        local_replica(&self.args.cluster, &self.args.replicas, Capability::Orders, shard)
+    }
+
+    /// Whether this worker may place an order in `shard` now: it drives the shard in the term its
+    /// replica leads (`Go`), or it leads and is still loading the shard's sagas (`Wait`: the order
+    /// is placed once loaded, so a new leader never turns a client away for that).
+    fn admit(&mut self, myself: &ActorRef<OrdersMsg>, shard: u32) -> Result<Admit, Unserved> {
+        let replica = self.replica(shard)?;
+        let Some(term) = replica.leading_term() else {
+            return Err(Unserved::NotLeader(replica.leader().filter(|l| l != self.cluster().name())));
+        };
+        match self.driving.get(&shard) {
+            Some(Driving::Ready(t)) if *t == term => Ok(Admit::Go(replica, term)),
+            Some(Driving::Loading(t)) if *t == term => Ok(Admit::Wait),
+            // Leading since the last check: start loading now rather than at the next tick.
+            _ => {
+                self.lead(myself);
+                Ok(Admit::Wait)
+            }
+        }
     }
 
     fn wait_for(
@@ -184,66 +184,36 @@ impl OrdersState {
         wait_ms: u64,
         reply: RpcReplyPort<OrdersReply>,
     ) {
+        let Some(s) = self.sagas.get_mut(&order_id) else {
+            let _ = reply.send(OrdersReply::Unavailable("the order left this leader".into()));
+            return;
+        };
         let w = self.next_waiter;
         self.next_waiter += 1;
-        self.waiters.entry(order_id).or_default().push((w, reply));
+        s.waiters.push((w, reply));
         myself.send_after(Duration::from_millis(wait_ms), move || OrdersMsg::WaitOver { order_id, waiter: w });
-    }
-
-    /// Answers for an order that already exists (an idempotent replay, or a lookup).
-    fn answer_existing(
-        &mut self,
-        myself: &ActorRef<OrdersMsg>,
-        order_id: Uuid,
-        wait_ms: Option<u64>,
-        reply: RpcReplyPort<OrdersReply>,
-    ) -> Result<(), ActorProcessingErr> {
-        if self.sagas.contains_key(&order_id) {
-            match wait_ms {
-                Some(ms) => self.wait_for(myself, order_id, ms, reply),
-                None => reply_after_sync(&self.args.store, reply, OrdersReply::Order(self.sagas[&order_id].view())),
-            }
-            return Ok(());
-        }
-        let answer = match ORDERS.get(&self.args.store, &order_id)? {
-            Some(o) => OrdersReply::Order(o.view()),
-            None => OrdersReply::NotFound,
-        };
-        reply_after_sync(&self.args.store, reply, answer);
-        Ok(())
     }
 
     fn place(
         &mut self,
         myself: &ActorRef<OrdersMsg>,
         p: PlaceOrder,
-        witnessed: bool,
         traceparent: String,
         reply: RpcReplyPort<OrdersReply>,
-    ) -> Result<(), ActorProcessingErr> {
-        let mut id = new_order_id(self.home_index);
+    ) {
+        let (replica, term) = match self.admit(myself, p.shard) {
+            Ok(Admit::Go(replica, term)) => (replica, term),
+            Ok(Admit::Wait) => {
+                self.parked.entry(p.shard).or_default().push((p, traceparent, reply));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(unserved(e));
+                return;
+            }
+        };
         let now = now_ms();
-        if let Some(ik) = &p.idempotency {
-            if let Some(w) = WITNESSES.get(&self.args.store, &ik.key)? {
-                reply_after_sync(&self.args.store, reply, OrdersReply::Elsewhere { owner: w.owner });
-                return Ok(());
-            }
-            let claim = IdemRecord { body_hash: ik.body_hash, result: id.as_bytes().to_vec(), created_ms: now };
-            if let Some(prev) = IDEMPOTENCY.claim(&self.args.store, &ik.key, &claim)? {
-                let prev_id = Uuid::from_slice(&prev.result).unwrap_or_default();
-                if prev.body_hash != ik.body_hash {
-                    reply_after_sync(&self.args.store, reply, OrdersReply::IdempotencyConflict { order_id: prev_id });
-                    return Ok(());
-                }
-                if self.sagas.contains_key(&prev_id) || ORDERS.get(&self.args.store, &prev_id)?.is_some() {
-                    return self.answer_existing(myself, prev_id, Some(p.wait_ms), reply);
-                }
-                // The key was claimed but the node stopped before the order was written (the claim
-                // and the order are two writes): place the order now, under the id the key promised.
-                tracing::warn!(order_id = %prev_id, "idempotency key claimed without its order; placing it now");
-                id = prev_id;
-            }
-        }
+        let id = new_order_id(p.shard);
         // Split the items over the inventory shards that own their SKUs. The saga's `node` of a
         // shard step is the shard's label ([`inventory_shard_label`]): a Raft group, led wherever.
         let mut shards: Vec<(String, Vec<Item>)> = Vec::new();
@@ -256,194 +226,160 @@ impl OrdersState {
         }
         let mut order = saga::new_order(id, p.customer_id, p.items, p.payment_token, shards, now);
         order.traceparent = traceparent;
-        // In this order, so any prefix a crash leaves is safe: an `UNFINISHED` mark without its
-        // order is dropped at start-up; an order is never written without its mark.
-        let mut b = Batch::new();
-        if let Some(ik) = &p.idempotency {
-            let me = self.cluster().name().to_string();
-            let home = self.cluster().owner(Capability::Orders, ik.key.as_bytes()).unwrap_or_else(|| me.clone());
-            let tell = if home != me {
-                // Placed as the successor while the home was down: the home must learn the key is here.
-                Some(home)
-            } else if !witnessed {
-                successor_of(self.cluster(), &me)
-            } else {
-                None
-            };
-            if let Some(node) = tell {
-                // Announced before anything is acknowledged: heartbeats carry it from now on.
-                let mut owes = self.cluster().owes();
-                owes.insert(node.clone());
-                self.cluster().set_owes(owes);
-                UNWITNESSED.put(&mut b, &ik.key, &PendingWitness { since_ms: now, node });
-            }
-        }
-        UNFINISHED.put(&mut b, &id, &Unfinished { since_ms: now });
-        ORDERS.put(&mut b, &id, &order);
-        self.args.store.apply_in_order(b)?;
-        tracing::debug!(order_id = %id, trace = trace_id(&order.traceparent), "order created");
-        self.sagas.insert(id, order);
-        self.wait_for(myself, id, p.wait_ms, reply);
-        // No peer hears of the order (no reservation, no charge) before it is durable here:
-        // otherwise a crash could leave a charge for an order that does not exist.
-        let me = myself.clone();
-        self.args.store.after_sync(move |result| match result {
-            Ok(()) => {
-                let _ = me.cast(OrdersMsg::Saga { order_id: id, event: Event::Start });
-            }
-            // The saga resumes from the store after a restart, if the write made it at all.
-            // Fail the worker: its restart resumes every saga from what the store really holds.
-            Err(e) => {
-                let _ = me.cast(OrdersMsg::FlushFailed(e.to_string()));
-            }
-        });
-        Ok(())
-    }
-
-    /// Announces (in heartbeats) who is still owed a hand-off, read from `UNWITNESSED` itself, so
-    /// it is right after a restart too.
-    fn publish_owes(&self) -> Result<(), ActorProcessingErr> {
-        let mut owes = std::collections::BTreeSet::new();
-        for item in UNWITNESSED.iter(&self.args.store) {
-            owes.insert(item?.1.node);
-        }
-        self.cluster().set_owes(owes);
-        Ok(())
-    }
-
-    /// Gets the keys in `UNWITNESSED` witnessed where they must be, a batch per round, only while
-    /// that node is reachable.
-    fn repair_witnesses(&mut self, myself: &ActorRef<OrdersMsg>) -> Result<(), ActorProcessingErr> {
-        if self.repairing {
-            return Ok(());
-        }
-        self.publish_owes()?;
-        if UNWITNESSED.is_empty(&self.args.store) {
-            return Ok(());
-        }
-        let mut batch = Vec::new();
-        for item in UNWITNESSED.iter(&self.args.store).take(REPAIR_BATCH) {
-            let (key, pending) = item?;
-            if self.cluster().is_routable(Capability::Orders, &pending.node) {
-                batch.push((key, pending.node));
-            }
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.repairing = true;
-        let me = self.cluster().name().to_string();
-        let (cluster, me_ref) = (self.cluster().clone(), myself.clone());
+        let (shard, wait_ms, me) = (p.shard, p.wait_ms, myself.clone());
+        let cmd = OrdersCommand::Place { order: order.clone(), idempotency: p.idempotency, now_ms: now };
         tokio::spawn(async move {
-            use futures::StreamExt;
-            let answers = futures::stream::iter(batch)
-                .map(|(key, node)| {
-                    let (cluster, me) = (cluster.clone(), me.clone());
-                    async move {
-                        let req = OrdersRequest::Witness { key: key.clone(), owner: me };
-                        let r =
-                            cluster.call::<_, OrdersReply>(Capability::Orders, &node, &req, &new_traceparent()).await;
-                        (key, r)
-                    }
-                })
-                .buffer_unordered(REPAIR_CONCURRENCY);
-            futures::pin_mut!(answers);
-            while let Some((key, r)) = answers.next().await {
-                let duplicate = match r {
-                    Ok(OrdersReply::Witnessed) => false,
-                    Ok(OrdersReply::OwnedHere) => true,
-                    // Unreachable again, or an odd answer: a later round tries again.
-                    _ => continue,
-                };
-                let _ = me_ref.cast(OrdersMsg::RepairDone { key, duplicate });
-            }
-            let _ = me_ref.cast(OrdersMsg::RepairRoundOver);
+            let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
+            let _ = me.cast(OrdersMsg::Placed(Box::new(Placed { shard, term, order, applied, wait_ms, reply })));
         });
-        Ok(())
     }
 
-    fn on_saga_event(
-        &mut self,
-        myself: &ActorRef<OrdersMsg>,
-        order_id: Uuid,
-        event: Event,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some(order) = self.sagas.get_mut(&order_id) else { return Ok(()) };
-        let before = order.clone();
-        let cmds = saga::step(order, event, now_ms(), jitter());
-        if *order != before && !cmds.contains(&Command::Finish) {
-            let o = order.clone();
-            self.put_order(&o)?;
+    fn on_placed(&mut self, myself: &ActorRef<OrdersMsg>, placed: Placed) {
+        let Placed { shard, term, order, applied, wait_ms, reply } = placed;
+        match applied {
+            Ok(OrdersApplied::Placed) => {
+                tracing::debug!(order_id = %order.id, shard, trace = trace_id(&order.traceparent), "order placed");
+                if self.driving.get(&shard) != Some(&Driving::Ready(term)) {
+                    // Leadership moved while the place committed: the new leader resumes it.
+                    let _ = reply.send(OrdersReply::Order(order.view()));
+                    return;
+                }
+                let id = order.id;
+                if self.sagas.contains_key(&id) {
+                    // A reload of the shard found it first.
+                    return self.wait_for(myself, id, wait_ms, reply);
+                }
+                self.sagas.insert(
+                    id,
+                    Saga {
+                        shard,
+                        order: order.clone(),
+                        committed: order,
+                        in_flight: false,
+                        queued: VecDeque::new(),
+                        waiters: Vec::new(),
+                    },
+                );
+                self.wait_for(myself, id, wait_ms, reply);
+                self.on_saga_event(myself, id, Event::Start);
+            }
+            Ok(OrdersApplied::Existing { order_id, same_body: false }) => {
+                let _ = reply.send(OrdersReply::IdempotencyConflict { order_id });
+            }
+            Ok(OrdersApplied::Existing { order_id, same_body: true }) => {
+                if self.sagas.contains_key(&order_id) {
+                    self.wait_for(myself, order_id, wait_ms, reply);
+                    return;
+                }
+                // Applied on this replica before the `Place` that found it: a plain read will do.
+                let answer = match self.replica(shard).map(|r| ORDERS.get(r.store(), &order_id)) {
+                    Ok(Ok(Some(o))) => OrdersReply::Order(o.view()),
+                    Ok(Ok(None)) => OrdersReply::Unavailable("the key's order is not readable here yet".into()),
+                    Ok(Err(e)) => OrdersReply::Unavailable(e.to_string()),
+                    Err(e) => unserved(e),
+                };
+                let _ = reply.send(answer);
+            }
+            Ok(other) => {
+                tracing::error!(?other, "unexpected answer to placing an order");
+                let _ = reply.send(OrdersReply::Unavailable(format!("placing the order answered {other:?}")));
+            }
+            Err(e) => {
+                let _ = reply.send(unserved(e));
+            }
         }
-        self.execute(myself, order_id, cmds)
     }
 
-    fn execute(
+    fn on_saga_event(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, event: Event) {
+        let Some(s) = self.sagas.get_mut(&order_id) else { return };
+        if s.in_flight {
+            s.queued.push_back(event);
+            return;
+        }
+        let before = s.order.clone();
+        let cmds = saga::step(&mut s.order, event, now_ms(), jitter());
+        if s.order == before {
+            return self.execute(myself, order_id, cmds);
+        }
+        // Nothing is done on a step before it is committed: a new leader must find, for instance,
+        // that a charge was asked for, so that a cancel refunds it.
+        let cmd = if cmds.contains(&Command::Finish) {
+            OrdersCommand::Finish { order: s.order.clone(), now_ms: now_ms() }
+        } else {
+            OrdersCommand::Step { order: s.order.clone() }
+        };
+        s.in_flight = true;
+        let shard = s.shard;
+        let replica = match self.replica(shard) {
+            Ok(r) => r,
+            Err(e) => return self.on_committed(myself, order_id, cmds, Err(e)),
+        };
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
+            let _ = me.cast(OrdersMsg::Committed { order_id, then: cmds, applied });
+        });
+    }
+
+    fn on_committed(
         &mut self,
         myself: &ActorRef<OrdersMsg>,
         order_id: Uuid,
-        cmds: Vec<Command>,
-    ) -> Result<(), ActorProcessingErr> {
+        then: Vec<Command>,
+        applied: Result<OrdersApplied, Unserved>,
+    ) {
+        let Some(s) = self.sagas.get_mut(&order_id) else { return };
+        match applied {
+            Ok(OrdersApplied::Done) => {
+                s.in_flight = false;
+                s.committed = s.order.clone();
+                self.execute(myself, order_id, then);
+                while let Some(s) = self.sagas.get_mut(&order_id) {
+                    if s.in_flight {
+                        break;
+                    }
+                    let Some(ev) = s.queued.pop_front() else { break };
+                    self.on_saga_event(myself, order_id, ev);
+                }
+            }
+            other => {
+                // Not committed (this replica lost the lead, no majority in time), or the order is
+                // already terminal. The shard is dropped from memory and, if this replica still
+                // leads, loaded again from what is committed: every step is idempotent, so going on
+                // from the committed records loses nothing.
+                let shard = s.shard;
+                tracing::info!(%order_id, shard, outcome = ?other, "saga step not committed; the shard is reloaded");
+                self.release(shard);
+            }
+        }
+    }
+
+    /// Forgets a saga; its waiters get the order as last committed.
+    fn drop_saga(&mut self, order_id: Uuid) {
+        if let Some(s) = self.sagas.remove(&order_id) {
+            for (_, w) in s.waiters {
+                let _ = w.send(OrdersReply::Order(s.committed.view()));
+            }
+        }
+    }
+
+    fn execute(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, cmds: Vec<Command>) {
         let ttl_ms = self.cluster().config().timing.reservation_ttl_ms;
-        let parent = self.sagas.get(&order_id).map(|o| o.traceparent.clone()).unwrap_or_default();
+        let parent = self.sagas.get(&order_id).map(|s| s.order.traceparent.clone()).unwrap_or_default();
         for cmd in cmds {
             let (cluster, me) = (self.cluster().clone(), myself.clone());
             let tp = child_traceparent(&parent);
             match cmd {
                 Command::Reserve { node, items } => {
                     tokio::spawn(async move {
-                        let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
-                        let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-                        let reply = match parse_inventory_shard(&node) {
-                            Some(shard) => {
-                                cluster
-                                    .call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t)
-                                    .await
-                            }
-                            None => Ok(InventoryReply::Unavailable(format!("`{node}` is not an inventory shard"))),
-                        };
-                        let outcome = match reply {
-                            Ok(InventoryReply::Reserved { lines, expires_ms }) => {
-                                ReserveOutcome::Reserved { lines, expires_ms }
-                            }
-                            Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
-                            Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
-                            Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
-                            Err(e) => ReserveOutcome::Unavailable(e.to_string()),
-                        };
+                        let outcome = reserve(&cluster, order_id, &node, items, ttl_ms, &tp).await;
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Reserve { node, outcome } });
                     });
                 }
                 Command::Charge { amount_cents, token } => {
-                    // The charge goes out only once the state that says "a charge was asked for" is
-                    // durable: a cancel after a restart must know to refund.
-                    let charge = async move {
-                        let shard = cluster.shard_of(Capability::Payments, order_id.as_bytes());
-                        let req = PaymentRequest::Charge { order_id, amount_cents, token };
-                        let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-                        let outcome = match cluster
-                            .call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &tp, t)
-                            .await
-                        {
-                            Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
-                            Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
-                            Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
-                            Ok(PaymentReply::InProgress) => {
-                                ChargeOutcome::Unavailable("the charge is still processing".into())
-                            }
-                            Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
-                            Err(e) => ChargeOutcome::Unavailable(e.to_string()),
-                        };
+                    tokio::spawn(async move {
+                        let outcome = charge(&cluster, order_id, amount_cents, token, &tp).await;
                         let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
-                    };
-                    let me = myself.clone();
-                    self.args.store.after_sync(move |result| match result {
-                        Ok(()) => {
-                            tokio::spawn(charge);
-                        }
-                        Err(e) => {
-                            let _ = me.cast(OrdersMsg::FlushFailed(e.to_string()));
-                        }
                     });
                 }
                 Command::RetryIn(ms) => {
@@ -452,96 +388,260 @@ impl OrdersState {
                         event: Event::RetryDue,
                     });
                 }
-                Command::Finish => self.finish(order_id)?,
+                Command::Finish => self.finish(order_id),
             }
         }
-        Ok(())
     }
 
-    /// Persists a terminal order with its outbox entries, then answers its waiters.
-    ///
-    /// The writes go in an order that makes any crash-prefix safe, instead of one atomic batch
-    /// (which would cost a log write of its own in sled): first the outbox entries (keyed by order
-    /// and position, so writing them again overwrites), then the terminal order, and last the removal
-    /// of its `UNFINISHED` mark, which is the commit point. The relay delivers nothing for an order
-    /// that is still marked unfinished; after a crash before the mark goes, the saga resumes and
-    /// finishes again with the same outcome (every step it took is idempotent).
-    fn finish(&mut self, order_id: Uuid) -> Result<(), ActorProcessingErr> {
-        let Some(order) = self.sagas.remove(&order_id) else { return Ok(()) };
-        let now = now_ms();
-        let mut b = Batch::new();
-        // Entries an interrupted earlier finish left behind go first: the outcome may differ now.
-        for item in OUTBOX.iter_prefix(&self.args.store, order_id.as_bytes()) {
-            OUTBOX.remove(&mut b, &item?.0);
+    /// The terminal state (and its outbox) is committed: answer the waiters, wake the relay.
+    fn finish(&mut self, order_id: Uuid) {
+        let Some(s) = self.sagas.remove(&order_id) else { return };
+        let o = &s.committed;
+        tracing::debug!(%order_id, trace = trace_id(&o.traceparent), status = ?o.status, reason = ?o.reason, "order finished");
+        let view = o.view();
+        for (_, w) in s.waiters {
+            let _ = w.send(OrdersReply::Order(view.clone()));
         }
-        for (i, (dest, event)) in saga::outbox(&order).into_iter().enumerate() {
-            let entry = OutboxEntry { dest, event, order_id, created_ms: now, traceparent: order.traceparent.clone() };
-            OUTBOX.put(&mut b, &(order_id, i as u64), &entry);
-        }
-        ORDERS.put(&mut b, &order_id, &order);
-        UNFINISHED.remove(&mut b, &order_id);
-        self.args.store.apply_in_order(b)?;
-        tracing::debug!(%order_id, trace = trace_id(&order.traceparent), status = ?order.status, reason = ?order.reason, "order finished");
-        let view = order.view();
-        for (_, w) in self.waiters.remove(&order_id).unwrap_or_default() {
-            reply_after_sync(&self.args.store, w, OrdersReply::Order(view.clone()));
-        }
-        // The relay syncs before it delivers anything, so it can be told at once.
         if let Some(relay) = ActorRef::<OutboxMsg>::where_is(RELAY_NAME) {
             let _ = relay.cast(OutboxMsg::Kick);
         }
-        Ok(())
+    }
+
+    /// Compares the shards this node's replicas lead with the shards it drives: starts loading a
+    /// shard it leads in a new term, drops one it no longer leads.
+    fn lead(&mut self, myself: &ActorRef<OrdersMsg>) {
+        let replicas = self.args.replicas.clone();
+        for (shard, replica) in replicas.iter() {
+            let shard = *shard;
+            let leading = replica.leading_term();
+            let driving = self.driving.get(&shard).copied();
+            let term_of = |d: Driving| match d {
+                Driving::Loading(t) | Driving::Ready(t) => t,
+            };
+            if leading.is_some() && driving.map(term_of) == leading {
+                continue;
+            }
+            if driving.is_some() {
+                self.release(shard);
+            }
+            let Some(term) = leading else { continue };
+            self.driving.insert(shard, Driving::Loading(term));
+            let (replica, me) = (replica.clone(), myself.clone());
+            tokio::spawn(async move {
+                let orders = match replica.read_barrier().await {
+                    Ok(()) => {
+                        let store = replica.store().clone();
+                        tokio::task::spawn_blocking(move || machine::unfinished(&store))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = me.cast(OrdersMsg::Loaded { shard, term, orders });
+            });
+        }
+    }
+
+    /// Stops driving `shard`: its sagas leave memory (their waiters get the committed order).
+    fn release(&mut self, shard: u32) {
+        if self.driving.remove(&shard).is_some() {
+            tracing::info!(
+                shard,
+                "not driving this orders shard's sagas any more (leadership moved, or a step failed)"
+            );
+        }
+        let ids: Vec<Uuid> = self.sagas.iter().filter(|(_, s)| s.shard == shard).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.drop_saga(id);
+        }
+        let leader = self.replica(shard).ok().and_then(|r| r.leader()).filter(|l| l != self.cluster().name());
+        for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
+            // Nothing was proposed for these: the caller follows the leader, or retries.
+            let _ = reply.send(OrdersReply::NotLeader { leader: leader.clone() });
+        }
+    }
+
+    fn on_loaded(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        shard: u32,
+        term: u64,
+        orders: Result<Vec<OrderRecord>, String>,
+    ) {
+        if self.driving.get(&shard) != Some(&Driving::Loading(term)) {
+            return;
+        }
+        let orders = match orders {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(shard, term, error = %e, "cannot load this orders shard's unfinished sagas yet");
+                // The next leadership check tries again; the parked places are not kept waiting.
+                self.driving.remove(&shard);
+                for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
+                    let _ = reply.send(OrdersReply::Unavailable(format!("shard {shard} is not loaded yet: {e}")));
+                }
+                return;
+            }
+        };
+        self.driving.insert(shard, Driving::Ready(term));
+        tracing::info!(
+            shard,
+            term,
+            resuming = orders.len(),
+            "leading this orders shard: its unfinished sagas resume here"
+        );
+        for o in orders {
+            let id = o.id;
+            if self.sagas.contains_key(&id) {
+                continue;
+            }
+            self.sagas.insert(
+                id,
+                Saga {
+                    shard,
+                    order: o.clone(),
+                    committed: o,
+                    in_flight: false,
+                    queued: VecDeque::new(),
+                    waiters: Vec::new(),
+                },
+            );
+            let _ = myself.cast(OrdersMsg::Saga { order_id: id, event: Event::Resume });
+        }
+        for (p, traceparent, reply) in self.parked.remove(&shard).unwrap_or_default() {
+            self.place(myself, p, traceparent, reply);
+        }
+    }
+
+    /// Reads served by the leader after a read barrier: never a stale answer from an old leader.
+    fn read(&self, req: OrdersRequest, reply: RpcReplyPort<OrdersReply>) {
+        let shard = match &req {
+            OrdersRequest::Get { order_id } => shard_of_order(order_id),
+            OrdersRequest::DeadLetters { shard, .. } | OrdersRequest::ByCustomer { shard, .. } => *shard,
+            OrdersRequest::Place(_) | OrdersRequest::InjectPanic => return,
+        };
+        let replica = match self.replica(shard) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(unserved(e));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = replica.read_barrier().await {
+                let _ = reply.send(unserved(e));
+                return;
+            }
+            let store = replica.store().clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                let result = match req {
+                    OrdersRequest::Get { order_id } => ORDERS
+                        .get(&store, &order_id)
+                        .map(|o| o.map_or(OrdersReply::NotFound, |o| OrdersReply::Order(o.view()))),
+                    OrdersRequest::DeadLetters { order_id, .. } => {
+                        machine::dead_letters(&store, order_id, MAX_DEAD_LETTERS_LISTED).map(OrdersReply::DeadLetters)
+                    }
+                    OrdersRequest::ByCustomer { customer_id, before, limit, .. } => {
+                        let limit = limit.clamp(1, MAX_ORDERS_LISTED) as usize;
+                        machine::by_customer(&store, &customer_id, before, limit).map(OrdersReply::Orders)
+                    }
+                    OrdersRequest::Place(_) | OrdersRequest::InjectPanic => {
+                        Ok(OrdersReply::Refused("not a read".into()))
+                    }
+                };
+                result.unwrap_or_else(|e| OrdersReply::Unavailable(e.to_string()))
+            })
+            .await
+            .unwrap_or_else(|e| OrdersReply::Unavailable(e.to_string()));
+            let _ = reply.send(answer);
+        });
+    }
+
+    fn sweep(&self) {
+        for (shard, d) in &self.driving {
+            let (Driving::Ready(_), Ok(replica)) = (d, self.replica(*shard)) else { continue };
+            tokio::spawn(async move {
+                let now = now_ms();
+                let store = replica.store().clone();
+                let entries = match tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX))
+                    .await
+                {
+                    Ok(Ok(e)) if !e.is_empty() => e,
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => {
+                        return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
+                    }
+                    Err(e) => {
+                        return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
+                    }
+                };
+                let cmd = OrdersCommand::Sweep { entries, now_ms: now };
+                if let Err(e) = replica.propose::<OrdersMachine>(&cmd).await {
+                    tracing::debug!(group = %replica.id, error = %e, "idempotency sweep not applied; the next one retries");
+                }
+            });
+        }
+    }
+}
+
+async fn reserve(
+    cluster: &Cluster,
+    order_id: Uuid,
+    node: &str,
+    items: Vec<Item>,
+    ttl_ms: u64,
+    tp: &str,
+) -> ReserveOutcome {
+    let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
+    let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+    let reply = match parse_inventory_shard(node) {
+        Some(shard) => cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, tp, t).await,
+        None => Ok(InventoryReply::Unavailable(format!("`{node}` is not an inventory shard"))),
+    };
+    match reply {
+        Ok(InventoryReply::Reserved { lines, expires_ms }) => ReserveOutcome::Reserved { lines, expires_ms },
+        Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
+        Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,
+        Ok(other) => ReserveOutcome::Unavailable(format!("unexpected reply {other:?}")),
+        Err(e) => ReserveOutcome::Unavailable(e.to_string()),
+    }
+}
+
+async fn charge(cluster: &Cluster, order_id: Uuid, amount_cents: u64, token: String, tp: &str) -> ChargeOutcome {
+    let shard = cluster.shard_of(Capability::Payments, order_id.as_bytes());
+    let req = PaymentRequest::Charge { order_id, amount_cents, token };
+    let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+    match cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, tp, t).await {
+        Ok(PaymentReply::Charged { payment_id }) => ChargeOutcome::Charged { payment_id },
+        Ok(PaymentReply::Declined { reason }) => ChargeOutcome::Declined { reason },
+        Ok(PaymentReply::TransientError { reason }) => ChargeOutcome::Unavailable(reason),
+        Ok(PaymentReply::InProgress) => ChargeOutcome::Unavailable("the charge is still processing".into()),
+        Ok(other) => ChargeOutcome::Unavailable(format!("unexpected reply {other:?}")),
+        Err(e) => ChargeOutcome::Unavailable(e.to_string()),
     }
 }
 
 impl Actor for OrdersWorker {
     type Msg = OrdersMsg;
     type State = OrdersState;
-    type Arguments = WorkerArgs;
+    type Arguments = OrdersArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<OrdersMsg>,
-        args: WorkerArgs,
+        args: OrdersArgs,
     ) -> Result<OrdersState, ActorProcessingErr> {
-        let home_index = args
-            .cluster
-            .config()
-            .capabilities
-            .orders_index(args.cluster.name())
-            .ok_or("this node hosts orders but is not in [capabilities.orders] nodes")?;
-        let mut state = OrdersState {
+        myself.send_interval(Duration::from_millis(100), || OrdersMsg::Lead);
+        myself.send_interval(SWEEP_EVERY, || OrdersMsg::Sweep);
+        let _ = myself.cast(OrdersMsg::Lead);
+        Ok(OrdersState {
             args,
-            home_index,
+            driving: BTreeMap::new(),
             sagas: HashMap::new(),
-            waiters: HashMap::new(),
+            parked: BTreeMap::new(),
             next_waiter: 0,
-            repairing: false,
-        };
-        // Resume every saga that was in flight when the node (or this worker) stopped.
-        let ids: Vec<Uuid> =
-            UNFINISHED.iter(&state.args.store).map(|r| r.map(|(id, _)| id)).collect::<Result<_, _>>()?;
-        let mut orphans = Batch::new();
-        for id in &ids {
-            match ORDERS.get(&state.args.store, id)? {
-                Some(o) if o.status == OrderStatus::Pending => {
-                    state.sagas.insert(*id, o);
-                }
-                // A crash between the mark and the order (nothing was sent anywhere yet), or after a
-                // terminal write but before the mark went: either way, nothing left to drive.
-                _ => UNFINISHED.remove(&mut orphans, id),
-            }
-        }
-        state.args.store.apply_in_order(orphans)?;
-        if !ids.is_empty() {
-            tracing::info!(count = state.sagas.len(), "resuming unfinished sagas");
-        }
-        for id in ids {
-            let _ = myself.cast(OrdersMsg::Saga { order_id: id, event: Event::Resume });
-        }
-        myself.send_interval(Duration::from_secs(600), || OrdersMsg::Sweep);
-        myself.send_interval(Duration::from_secs(1), || OrdersMsg::WitnessRepair);
-        Ok(state)
+        })
     }
 
     async fn handle(
@@ -552,75 +652,29 @@ impl Actor for OrdersWorker {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OrdersMsg::Request(Inbound { req, reply, traceparent }) => match req {
-                OrdersRequest::Place(p) => state.place(&myself, p, true, traceparent, reply)?,
-                OrdersRequest::PlaceUnwitnessed(p) => state.place(&myself, p, false, traceparent, reply)?,
-                OrdersRequest::Get { order_id } => state.answer_existing(&myself, order_id, None, reply)?,
-                OrdersRequest::Witness { key, owner } => {
-                    let store = &state.args.store;
-                    let answer = if IDEMPOTENCY.get(store, &key)?.is_some() {
-                        OrdersReply::OwnedHere
-                    } else {
-                        if WITNESSES.get(store, &key)?.is_none() {
-                            let mut b = Batch::new();
-                            WITNESSES.put(&mut b, &key, &WitnessRecord { owner, at_ms: now_ms() });
-                            store.apply_in_order(b)?;
-                        }
-                        OrdersReply::Witnessed
-                    };
-                    reply_after_sync(store, reply, answer);
-                }
+                OrdersRequest::Place(p) => state.place(&myself, p, traceparent, reply),
                 OrdersRequest::InjectPanic => {
                     if state.args.fault_injection {
                         panic!("fault injection: orders worker panics on request");
                     }
                     let _ = reply.send(OrdersReply::Refused("fault injection is disabled on this node".into()));
                 }
-                OrdersRequest::DeadLetters { order_id } => {
-                    let list = super::outbox::dead_letters(&state.args.store, order_id)?;
-                    reply_after_sync(&state.args.store, reply, OrdersReply::DeadLetters(list));
-                }
+                read => state.read(read, reply),
             },
-            OrdersMsg::Saga { order_id, event } => state.on_saga_event(&myself, order_id, event)?,
+            OrdersMsg::Placed(placed) => state.on_placed(&myself, *placed),
+            OrdersMsg::Saga { order_id, event } => state.on_saga_event(&myself, order_id, event),
+            OrdersMsg::Committed { order_id, then, applied } => state.on_committed(&myself, order_id, then, applied),
             OrdersMsg::WaitOver { order_id, waiter } => {
-                let mut answered = None;
-                if let Some(ws) = state.waiters.get_mut(&order_id) {
-                    if let Some(pos) = ws.iter().position(|(w, _)| *w == waiter) {
-                        answered = Some(ws.swap_remove(pos).1);
+                if let Some(s) = state.sagas.get_mut(&order_id) {
+                    if let Some(pos) = s.waiters.iter().position(|(w, _)| *w == waiter) {
+                        let (_, port) = s.waiters.swap_remove(pos);
+                        let _ = port.send(OrdersReply::Order(s.committed.view()));
                     }
                 }
-                if let (Some(port), Some(o)) = (answered, state.sagas.get(&order_id)) {
-                    reply_after_sync(&state.args.store, port, OrdersReply::Order(o.view()));
-                }
             }
-            OrdersMsg::FlushFailed(why) => return Err(format!("orders store flush failed: {why}").into()),
-            OrdersMsg::WitnessRepair => state.repair_witnesses(&myself)?,
-            OrdersMsg::RepairRoundOver => {
-                state.repairing = false;
-                // At once: a node that has just handed everything over must stop announcing a
-                // debt (others refuse to act alone while it does).
-                state.publish_owes()?;
-            }
-            OrdersMsg::RepairDone { key, duplicate } => {
-                if duplicate {
-                    // Both orders nodes placed an order under one key (two faults in a row, e.g. the
-                    // successor down and then the home). Counted and logged; not undone here.
-                    DUPLICATE_KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(%key, "duplicate: the other orders node also placed an order under this Idempotency-Key");
-                }
-                let mut b = Batch::new();
-                UNWITNESSED.remove(&mut b, &key);
-                state.args.store.apply_in_order(b)?;
-            }
-            OrdersMsg::Sweep => {
-                // The witness table holds a day of keys: scanning it takes long enough to starve
-                // a runtime thread (and with it heartbeats) on a loaded node. Off the runtime.
-                let store = state.args.store.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = sweep(&store) {
-                        tracing::warn!(error = %e, "sweeping expired idempotency records and witnesses failed");
-                    }
-                });
-            }
+            OrdersMsg::Lead => state.lead(&myself),
+            OrdersMsg::Loaded { shard, term, orders } => state.on_loaded(&myself, shard, term, orders),
+            OrdersMsg::Sweep => state.sweep(),
         }
         Ok(())
     }

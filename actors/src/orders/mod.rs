@@ -1,22 +1,31 @@
-//! Orders: the order saga's orchestrator, its store, its outbox.
+//! Orders: the order saga's orchestrator, its replicated tables, its outbox.
 //!
-//! - [`protocol`]: requests/replies that cross nodes (place, get).
+//! Orders are sharded by Raft group: an order with an Idempotency-Key lives in the shard the key
+//! hashes to (so a key meets one group, whose committed claim makes one order per key), an order
+//! without one in any shard (the front prefers one its node leads). The order id's last byte
+//! names its shard, so a lookup by id goes straight to the shard's leader.
+//!
+//! - [`protocol`]: requests/replies that cross nodes (place, get, list, dead letters).
 //! - [`saga`]: the pure saga state machine (events + time in, commands out); unit + proptest.
-//! - [`actor`]: the worker that drives every unfinished saga and answers waiting clients.
-//! - [`outbox`]: the relay that delivers finished orders' events at least once, and moves an entry its
-//!   destination keeps failing on to the dead-letter table.
+//! - [`machine`]: the replicated state machine: orders, idempotency claims, outbox, indexes.
+//! - [`actor`]: the worker, which drives the sagas of the shards this node leads.
+//! - [`outbox`]: the relay that delivers finished orders' events at least once from the shards
+//!   this node leads, and moves an entry its destination keeps failing on to the dead letters.
 //!
 //! Caveats:
-//! - With an `Idempotency-Key`, the HTTP layer routes the request to the key's home orders node
-//!   (the key hashed over the orders nodes), so one key always meets one store; if that node is
-//!   down the request is refused (503) rather than risking a second order under the same key.
-//! - Only unfinished sagas are kept in memory; finished orders are read from the store.
+//! - Every saga step is one Raft write (a place, each reservation answer, the charge request, the
+//!   finish): four or five per order, each a round trip to a majority.
+//! - Sagas live in the leader's memory; a new leader resumes them from the committed records, so a
+//!   step in flight at a failover is taken again (each is idempotent by order id).
+//! - Listing a customer's orders asks every shard's leader and merges the answers.
 
 pub mod actor;
+pub mod machine;
 pub mod outbox;
 pub mod protocol;
 pub mod saga;
 
-pub use actor::{home_of, new_order_id, successor_of, OrdersMsg, OrdersWorker, DUPLICATE_KEYS};
+pub use actor::{new_order_id, shard_of_order, OrdersArgs, OrdersMsg, OrdersWorker, MAX_ORDERS_LISTED};
+pub use machine::{OrdersCommand, OrdersMachine};
 pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};

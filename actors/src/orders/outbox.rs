@@ -1,50 +1,46 @@
-//! The outbox relay: delivers what finished orders wrote to the outbox, at least once.
+//! The outbox relay: delivers what finished orders queued in the outbox, at least once.
 //!
-//! Entries are written in the same batch as the order's terminal state, so a confirmed order
-//! always has its deliveries queued, even if the node dies right after. The relay scans the outbox,
-//! delivers each entry with a timed cluster call, and deletes it only once the destination has
-//! acknowledged (after its own flush). A destination that fails is backed off alone; the others go
-//! on. Consumers dedupe by event id, so redelivery after a lost ack is harmless.
+//! A finished order's outbox entries are written by the same committed command as its terminal
+//! state ([`super::machine::OrdersCommand::Finish`]), so a confirmed order always has its
+//! deliveries queued, on every replica. The relay runs on every node but works only the shards
+//! this node leads: it scans their outbox, delivers each entry with a timed cluster call, and once
+//! destinations have acknowledged (after their own commit) proposes the entries' removal
+//! ([`OrdersCommand::Delivered`]). A new leader's relay simply finds what is left. Consumers dedupe
+//! by event id, so a redelivery (a lost ack, a removal that did not commit) is harmless.
 //!
-//! Dead letters: a destination that is unreachable (or times out, or is restarting) is retried
-//! forever. One that *answers* with a failure (a refusal, a non-transient rejection) has failed on
-//! the event itself; after [`DEAD_LETTER_AFTER`] such answers in a row the entry is moved to
-//! [`DEAD_LETTERS`] (same key) so it stops holding its destination back. The move is two ordered
-//! writes, the dead letter first, then the compare-and-swap removal of the outbox entry: a crash in
-//! between leaves the entry in the outbox as well, which is redelivered (and, should it now succeed,
-//! its dead letter is dropped). The failure count lives in the relay's memory: a restart gives a
-//! poison entry another [`DEAD_LETTER_AFTER`] tries, which is harmless.
+//! Dead letters: a destination that is unreachable (or times out, or has no leader) is retried
+//! forever. One that *answers* with a failure has failed on the event itself; after
+//! [`DEAD_LETTER_AFTER`] such answers in a row the entry moves to the dead letters, by one
+//! committed command. The failure count lives in the relay's memory: a restart or a new leader
+//! gives a poison entry another [`DEAD_LETTER_AFTER`] tries, which is harmless.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::{now_ms, Batch, Record, Store, StoreError, Table};
+use bulkhead_storage::{now_ms, Record, StoreError};
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::protocol::DeadLetter;
+use super::actor::{parse_inventory_shard, shard_of_order};
+use super::machine::{OrdersApplied, OrdersCommand, OrdersMachine, OUTBOX};
 use super::saga::{Dest, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{backoff_ms, jitter};
 
-use super::actor::{parse_inventory_shard, UNFINISHED};
-
 pub const RELAY_NAME: &str = "bulkhead.orders.outbox";
-/// Outbox entries by (order id, position): deterministic, so a repeated finish overwrites.
-pub const OUTBOX: Table<(Uuid, u64), OutboxEntry> = Table::new(3, "outbox");
-/// Entries the relay gave up on, by the key they had in [`OUTBOX`].
-pub const DEAD_LETTERS: Table<(Uuid, u64), DeadLetterRecord> = Table::new(7, "dead_letters");
 /// Failure answers in a row after which an entry becomes a dead letter.
 pub const DEAD_LETTER_AFTER: u32 = 5;
 /// Entries this process moved to the dead letters since it started (for `/metrics`).
 pub static DEAD_LETTERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// Most dead letters one node lists in one answer (keeps the reply small; oldest orders first).
+/// Most dead letters one shard lists in one answer (keeps the reply small; oldest orders first).
 pub const MAX_DEAD_LETTERS_LISTED: usize = 1000;
 const ROUND_SIZE: usize = 512;
 const PARALLEL: usize = 32;
@@ -64,75 +60,6 @@ impl Record for OutboxEntry {
     const VERSION: u8 = 1;
 }
 
-/// A dead letter as stored: what the API lists, plus the entry itself (so it can be replayed by hand).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetterRecord {
-    pub letter: DeadLetter,
-    pub entry: OutboxEntry,
-}
-impl Record for DeadLetterRecord {
-    const VERSION: u8 = 1;
-}
-
-/// This store's dead letters, of one order or all, at most [`MAX_DEAD_LETTERS_LISTED`].
-pub fn dead_letters(store: &Store, order_id: Option<Uuid>) -> Result<Vec<DeadLetter>, StoreError> {
-    let mut list = Vec::new();
-    let mut push = |item: Result<((Uuid, u64), DeadLetterRecord), StoreError>| -> Result<bool, StoreError> {
-        list.push(item?.1.letter);
-        Ok(list.len() < MAX_DEAD_LETTERS_LISTED)
-    };
-    match order_id {
-        Some(id) => {
-            for item in DEAD_LETTERS.iter_prefix(store, id.as_bytes()) {
-                if !push(item)? {
-                    break;
-                }
-            }
-        }
-        None => {
-            for item in DEAD_LETTERS.iter(store) {
-                if !push(item)? {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(list)
-}
-
-/// Moves `entry` (at `key` in the outbox) to the dead letters; `None` if the entry was rewritten
-/// meanwhile (a resumed finish), in which case the new entry stays and gets its own chances.
-pub fn move_to_dead_letters(
-    store: &Store,
-    key: (Uuid, u64),
-    entry: &OutboxEntry,
-    attempts: u32,
-    last_error: String,
-) -> Result<Option<DeadLetter>, StoreError> {
-    let (event, event_id) = event_label(&entry.event);
-    let letter = DeadLetter {
-        order_id: entry.order_id,
-        event_id,
-        event: event.to_string(),
-        destination: dest_label(&entry.dest),
-        attempts,
-        last_error,
-        at_ms: now_ms(),
-    };
-    // The dead letter first, then the entry's removal: a crash between them leaves both, and the
-    // entry is tried again; never an entry gone without its dead letter.
-    let mut b = Batch::new();
-    DEAD_LETTERS.put(&mut b, &key, &DeadLetterRecord { letter: letter.clone(), entry: entry.clone() });
-    store.apply_in_order(b)?;
-    if OUTBOX.remove_if_unchanged(store, &key, entry)? {
-        return Ok(Some(letter));
-    }
-    let mut b = Batch::new();
-    DEAD_LETTERS.remove(&mut b, &key);
-    store.apply_in_order(b)?;
-    Ok(None)
-}
-
 /// How one delivery attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
@@ -150,7 +77,8 @@ pub enum OutboxMsg {
     /// New entries were written: look now rather than at the next tick.
     Kick,
     RoundDone {
-        delivered: Vec<((Uuid, u64), OutboxEntry)>,
+        /// Delivered entries whose removal committed.
+        removed: usize,
         ok: Vec<Dest>,
         failed: Vec<Dest>,
         /// Entries whose destination answered with a failure, and that failure.
@@ -160,14 +88,18 @@ pub enum OutboxMsg {
 
 pub struct OutboxRelay;
 
+/// An outbox entry with its key.
+type Keyed = ((Uuid, u64), OutboxEntry);
+
 pub struct RelayArgs {
     pub cluster: Cluster,
-    pub store: Store,
+    /// This node's orders replicas, by shard.
+    pub replicas: Arc<BTreeMap<u32, Replica>>,
 }
 
 pub struct RelayState {
     cluster: Cluster,
-    store: Store,
+    replicas: Arc<BTreeMap<u32, Replica>>,
     in_flight: bool,
     again: bool,
     backoff: HashMap<Dest, (u32, Instant)>,
@@ -175,16 +107,17 @@ pub struct RelayState {
     refusals: HashMap<(Uuid, u64), u32>,
 }
 
-fn dest_label(d: &Dest) -> String {
+/// The destination as a dead letter names it: `inventory/1`, `payments`, `shipping`, ...
+pub(crate) fn dest_label(d: &Dest) -> String {
     match d {
-        Dest::Inventory { node } => format!("inventory@{node}"),
+        Dest::Inventory { node } => node.clone(),
         Dest::Payments => "payments".into(),
         Dest::Shipping => "shipping".into(),
         Dest::Notifications => "notifications".into(),
     }
 }
 
-fn event_label(e: &OutboxEvent) -> (&'static str, Uuid) {
+pub(crate) fn event_label(e: &OutboxEvent) -> (&'static str, Uuid) {
     match e {
         OutboxEvent::CommitReservation { order_id } => ("commit_reservation", *order_id),
         OutboxEvent::ReleaseReservation { order_id } => ("release_reservation", *order_id),
@@ -278,7 +211,7 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
 
 impl RelayState {
     /// The destination failed on `entry` again; past [`DEAD_LETTER_AFTER`] it becomes a dead letter.
-    fn on_refused(&mut self, key: (Uuid, u64), entry: OutboxEntry, why: String) -> Result<(), StoreError> {
+    fn on_refused(&mut self, key: (Uuid, u64), entry: OutboxEntry, why: String) {
         let attempts = {
             let n = self.refusals.entry(key).or_default();
             *n += 1;
@@ -287,17 +220,51 @@ impl RelayState {
         let destination = dest_label(&entry.dest);
         if attempts < DEAD_LETTER_AFTER {
             tracing::warn!(order_id = %entry.order_id, %destination, attempts, error = %why, "outbox delivery refused; will retry");
-            return Ok(());
+            return;
         }
         self.refusals.remove(&key);
-        if let Some(letter) = move_to_dead_letters(&self.store, key, &entry, attempts, why)? {
-            DEAD_LETTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!(
-                order_id = %letter.order_id, destination = %letter.destination, event = %letter.event, attempts,
-                error = %letter.last_error, "outbox entry moved to the dead letters"
-            );
+        let Some(replica) = self.replicas.get(&shard_of_order(&key.0)).cloned() else { return };
+        tokio::spawn(async move {
+            let cmd = OrdersCommand::DeadLetter { key, attempts, last_error: why.clone(), now_ms: now_ms() };
+            match replica.propose::<OrdersMachine>(&cmd).await {
+                Ok(OrdersApplied::Done) => {
+                    DEAD_LETTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        order_id = %entry.order_id, %destination, attempts, error = %why,
+                        "outbox entry moved to the dead letters"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(order_id = %entry.order_id, error = %e, "moving an entry to the dead letters did not commit; it stays in the outbox")
+                }
+            }
+        });
+    }
+
+    /// Up to [`ROUND_SIZE`] entries of the shards this node leads, skipping backed-off destinations.
+    fn collect(&self) -> Result<Vec<Keyed>, StoreError> {
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let mut per_dest: HashMap<Dest, usize> = HashMap::new();
+        for replica in self.replicas.values().filter(|r| r.is_leader()) {
+            for item in OUTBOX.iter(replica.store()) {
+                let (key, entry) = item?;
+                if self.backoff.get(&entry.dest).is_some_and(|(_, until)| *until > now) {
+                    continue;
+                }
+                let n = per_dest.entry(entry.dest.clone()).or_default();
+                if *n >= PER_DEST {
+                    continue;
+                }
+                *n += 1;
+                batch.push((key, entry));
+                if batch.len() >= ROUND_SIZE {
+                    return Ok(batch);
+                }
+            }
         }
-        Ok(())
+        Ok(batch)
     }
 
     fn start_round(&mut self, myself: &ActorRef<OutboxMsg>) -> Result<(), ActorProcessingErr> {
@@ -305,43 +272,13 @@ impl RelayState {
             self.again = true;
             return Ok(());
         }
-        let now = Instant::now();
-        let mut batch = Vec::new();
-        let mut per_dest: HashMap<Dest, usize> = HashMap::new();
-        for item in OUTBOX.iter(&self.store) {
-            let (key, entry) = item?;
-            if self.backoff.get(&entry.dest).is_some_and(|(_, until)| *until > now) {
-                continue;
-            }
-            // Not committed yet (the finish is mid-way, or a crash interrupted it): not ours to send.
-            if UNFINISHED.get(&self.store, &entry.order_id)?.is_some() {
-                continue;
-            }
-            // Read it again now that its order is known to be committed: the scan may hand out a
-            // value from before a resumed finish rewrote this key.
-            let Some(entry) = OUTBOX.get(&self.store, &key)? else { continue };
-            let n = per_dest.entry(entry.dest.clone()).or_default();
-            if *n >= PER_DEST {
-                continue;
-            }
-            *n += 1;
-            batch.push((key, entry));
-            if batch.len() >= ROUND_SIZE {
-                break;
-            }
-        }
+        let batch = self.collect()?;
         if batch.is_empty() {
             return Ok(());
         }
         self.in_flight = true;
-        let (cluster, me, store) = (self.cluster.clone(), myself.clone(), self.store.clone());
+        let (cluster, me, replicas) = (self.cluster.clone(), myself.clone(), self.replicas.clone());
         tokio::spawn(async move {
-            // The scan sees applied writes; deliver nothing a crash could still take back.
-            if store.sync().await.is_err() {
-                let _ =
-                    me.cast(OutboxMsg::RoundDone { delivered: vec![], ok: vec![], failed: vec![], refused: vec![] });
-                return;
-            }
             let results: Vec<((Uuid, u64), OutboxEntry, Delivery)> = stream::iter(batch)
                 .map(|(key, entry)| {
                     let cluster = cluster.clone();
@@ -354,7 +291,7 @@ impl RelayState {
                 .collect()
                 .await;
             let (mut delivered, mut ok_dests, mut failed, mut refused) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                (BTreeMap::<u32, Vec<(Uuid, u64)>>::new(), Vec::new(), Vec::new(), Vec::new());
             for (key, entry, outcome) in results {
                 let dest = entry.dest.clone();
                 match outcome {
@@ -364,12 +301,23 @@ impl RelayState {
                     _ => {}
                 }
                 match outcome {
-                    Delivery::Acked => delivered.push((key, entry)),
+                    Delivery::Acked => delivered.entry(shard_of_order(&key.0)).or_default().push(key),
                     Delivery::Failed(why) => refused.push((key, entry, why)),
                     Delivery::Retry => {}
                 }
             }
-            let _ = me.cast(OutboxMsg::RoundDone { delivered, ok: ok_dests, failed, refused });
+            // Removed before the next round scans again, so nothing is sent twice for want of
+            // waiting; a removal that does not commit means a harmless redelivery.
+            let mut removed = 0;
+            for (shard, keys) in delivered {
+                let Some(replica) = replicas.get(&shard) else { continue };
+                let n = keys.len();
+                match replica.propose::<OrdersMachine>(&OrdersCommand::Delivered { keys }).await {
+                    Ok(_) => removed += n,
+                    Err(e) => tracing::debug!(shard, error = %e, "removing delivered outbox entries did not commit"),
+                }
+            }
+            let _ = me.cast(OutboxMsg::RoundDone { removed, ok: ok_dests, failed, refused });
         });
         Ok(())
     }
@@ -384,7 +332,7 @@ impl Actor for OutboxRelay {
         myself.send_interval(Duration::from_millis(200), || OutboxMsg::Tick);
         Ok(RelayState {
             cluster: args.cluster,
-            store: args.store,
+            replicas: args.replicas,
             in_flight: false,
             again: false,
             backoff: HashMap::new(),
@@ -400,21 +348,10 @@ impl Actor for OutboxRelay {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
-            OutboxMsg::RoundDone { delivered, ok, failed, refused } => {
+            OutboxMsg::RoundDone { removed, ok, failed, refused } => {
                 state.in_flight = false;
-                // Only what was delivered is removed: an entry rewritten meanwhile (a resumed finish)
-                // stays. Not awaited: if a deletion is lost in a crash, the entry is delivered again.
-                for (key, entry) in &delivered {
-                    OUTBOX.remove_if_unchanged(&state.store, key, entry)?;
-                    // Delivered after all (a crash came between a dead letter and its outbox removal).
-                    if state.refusals.remove(key).is_some() || DEAD_LETTERS.get(&state.store, key)?.is_some() {
-                        let mut b = Batch::new();
-                        DEAD_LETTERS.remove(&mut b, key);
-                        state.store.apply_in_order(b)?;
-                    }
-                }
                 for (key, entry, why) in refused {
-                    state.on_refused(key, entry, why)?;
+                    state.on_refused(key, entry, why);
                 }
                 let now = Instant::now();
                 for dest in &failed {
@@ -427,69 +364,11 @@ impl Actor for OutboxRelay {
                 for dest in ok.iter().filter(|d| !failed.contains(d)) {
                     state.backoff.remove(dest);
                 }
-                if std::mem::take(&mut state.again) || (!delivered.is_empty() && failed.is_empty()) {
+                if std::mem::take(&mut state.again) || (removed > 0 && failed.is_empty()) {
                     state.start_round(&myself)?;
                 }
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bulkhead_storage::StoreOptions;
-
-    fn entry(order_id: Uuid, dest: Dest) -> OutboxEntry {
-        OutboxEntry {
-            dest,
-            event: OutboxEvent::ReleaseReservation { order_id },
-            order_id,
-            created_ms: 1,
-            traceparent: String::new(),
-        }
-    }
-
-    fn put(store: &Store, key: (Uuid, u64), e: &OutboxEntry) {
-        let mut b = Batch::new();
-        OUTBOX.put(&mut b, &key, e);
-        store.apply_in_order(b).unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_dead_letter_replaces_its_outbox_entry_and_is_listed_by_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "orders", &StoreOptions::default()).unwrap();
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let ea = entry(a, Dest::Inventory { node: "n2".into() });
-        put(&store, (a, 0), &ea);
-        put(&store, (b, 0), &entry(b, Dest::Payments));
-        let letter = move_to_dead_letters(&store, (a, 0), &ea, 5, "no".into()).unwrap().expect("moved");
-        assert_eq!(
-            (letter.order_id, letter.event_id, letter.event.as_str(), letter.destination.as_str(), letter.attempts),
-            (a, a, "release_reservation", "inventory@n2", 5)
-        );
-        assert!(OUTBOX.get(&store, &(a, 0)).unwrap().is_none(), "the entry left the outbox");
-        assert!(OUTBOX.get(&store, &(b, 0)).unwrap().is_some(), "the other order's entry stays");
-        assert_eq!(dead_letters(&store, Some(a)).unwrap(), vec![letter.clone()]);
-        assert_eq!(dead_letters(&store, Some(b)).unwrap(), vec![]);
-        assert_eq!(dead_letters(&store, None).unwrap(), vec![letter]);
-        let stored = DEAD_LETTERS.get(&store, &(a, 0)).unwrap().expect("stored");
-        assert_eq!(stored.entry, ea, "the entry is kept for a replay by hand");
-    }
-
-    #[tokio::test]
-    async fn an_entry_rewritten_meanwhile_is_not_dead_lettered() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "orders", &StoreOptions::default()).unwrap();
-        let a = Uuid::now_v7();
-        let old = entry(a, Dest::Payments);
-        let mut new = old.clone();
-        new.created_ms = 2;
-        put(&store, (a, 0), &new);
-        assert_eq!(move_to_dead_letters(&store, (a, 0), &old, 5, "no".into()).unwrap(), None);
-        assert_eq!(OUTBOX.get(&store, &(a, 0)).unwrap(), Some(new));
-        assert!(dead_letters(&store, None).unwrap().is_empty());
     }
 }

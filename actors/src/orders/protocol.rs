@@ -15,6 +15,9 @@ pub struct IdemKey {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlaceOrder {
+    /// The orders shard to place it in: the key's shard with an Idempotency-Key (one key, one
+    /// shard, one order), else any (the front prefers one this node leads).
+    pub shard: u32,
     pub customer_id: String,
     pub items: Vec<Item>,
     pub payment_token: String,
@@ -54,22 +57,22 @@ pub struct OrderView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrdersRequest {
     Place(PlaceOrder),
+    /// One order, read linearizably on its shard's leader (the shard is the id's last byte).
     Get {
         order_id: Uuid,
     },
     InjectPanic,
-    /// Sent to a key's successor before its home `owner` takes the key: "if `owner` is down and
-    /// this key comes to you, it is `owner`'s, do not place it yourself" (see `orders::actor`).
-    Witness {
-        key: String,
-        owner: String,
-    },
-    /// A `Place` whose key the successor could not witness (unreachable): the home takes it and
-    /// keeps trying to get it witnessed afterwards.
-    PlaceUnwitnessed(PlaceOrder),
-    /// This node's dead letters, of one order or all (at most `MAX_DEAD_LETTERS_LISTED`).
+    /// A shard's dead letters, of one order or all (at most `MAX_DEAD_LETTERS_LISTED`).
     DeadLetters {
+        shard: u32,
         order_id: Option<Uuid>,
+    },
+    /// A customer's orders in one shard, newest first, older than `before` if given.
+    ByCustomer {
+        shard: u32,
+        customer_id: String,
+        before: Option<Uuid>,
+        limit: u32,
     },
 }
 
@@ -98,21 +101,29 @@ pub enum OrdersReply {
         order_id: Uuid,
     },
     Refused(String),
-    /// The witness is recorded (durably).
-    Witnessed,
-    /// This node placed an order under that key itself (while its home was down): send the
-    /// request here, not to the home.
-    OwnedHere,
-    /// This node witnessed the key for its home `owner`: the order, if any, lives there.
-    Elsewhere {
-        owner: String,
-    },
     DeadLetters(Vec<DeadLetter>),
+    /// This replica does not lead the shard; `leader` does (if known). The caller follows it once.
+    NotLeader {
+        leader: Option<String>,
+    },
+    /// The leader could not finish (no majority in time, storage failure); nothing is promised.
+    Unavailable(String),
+    Orders(Vec<OrderView>),
 }
 
+// Version 2: orders on Raft groups (the witness requests and replies are gone).
 impl Record for OrdersRequest {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
 }
 impl Record for OrdersReply {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
+}
+
+impl bulkhead_cluster::LeaderReply for OrdersReply {
+    fn not_leader(&self) -> Option<Option<String>> {
+        match self {
+            OrdersReply::NotLeader { leader } => Some(leader.clone()),
+            _ => None,
+        }
+    }
 }

@@ -173,6 +173,15 @@ impl Replica {
         m.current_leader == Some(self.member) && m.state == ServerState::Leader
     }
 
+    /// The term in which this replica leads, if it leads and is not handing the lead over: what a
+    /// leader-only driver (the orders saga) follows, reloading its state when the term changes.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let leads = m.current_leader == Some(self.member) && m.state == ServerState::Leader;
+        (leads && !self.handing_over.load(Ordering::Relaxed)).then_some(m.current_term)
+    }
+
     /// The node of the current leader, as this replica knows it.
     pub fn leader(&self) -> Option<String> {
         let m = self.raft.metrics();

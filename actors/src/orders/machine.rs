@@ -1,0 +1,391 @@
+//! Orders as a Raft group applies it: every table of an orders shard, and the commands that change
+//! them, alike on every replica.
+//!
+//! The saga itself runs on the leader ([`super::actor`]); what it decides reaches the tables only
+//! as a committed command: a new order (with its Idempotency-Key's claim, in the same apply, so a
+//! key can never be claimed without its order), each step of the saga (the whole record), the
+//! terminal state with its outbox entries (one apply: a finished order always has its deliveries
+//! queued), and the relay's deliveries and dead letters. The leader puts the time into each
+//! command; `apply` reads no clock and draws no randomness.
+//!
+//! One key, one order, cluster-wide: a key is claimed only in the shard its hash names, and there a
+//! claim is a committed write that every later `Place` of that key reads.
+
+use bulkhead_cluster::raft::Machine;
+use bulkhead_storage::{Batch, IdemIndexEntry, IdemRecord, Idempotency, Record, Store, StoreError, Table};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::outbox::OutboxEntry;
+use super::protocol::{DeadLetter, IdemKey, OrderStatus, OrderView};
+use super::saga::{self, OrderRecord, Phase};
+
+/// Every order of the shard, by id.
+pub const ORDERS: Table<Uuid, OrderRecord> = Table::new(1, "orders");
+/// Index of unfinished orders: what a new leader resumes, without scanning every order.
+pub const UNFINISHED: Table<Uuid, Unfinished> = Table::new(2, "unfinished");
+/// Outbox entries by (order id, position): written with the order's terminal state.
+pub const OUTBOX: Table<(Uuid, u64), OutboxEntry> = Table::new(3, "outbox");
+pub const IDEMPOTENCY: Idempotency = Idempotency::new(5, 6);
+/// Entries the relay gave up on, by the key they had in [`OUTBOX`].
+pub const DEAD_LETTERS: Table<(Uuid, u64), DeadLetterRecord> = Table::new(7, "dead_letters");
+/// Orders by (customer, order id): `GET /v1/orders?customer_id=` reads it newest first.
+pub const BY_CUSTOMER: Table<(String, Uuid), Listed> = Table::new(8, "by_customer");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unfinished {
+    pub since_ms: u64,
+}
+impl Record for Unfinished {
+    const VERSION: u8 = 1;
+}
+
+/// A marker of the customer index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed;
+impl Record for Listed {
+    const VERSION: u8 = 1;
+}
+
+/// A dead letter as stored: what the API lists, plus the entry itself (so it can be replayed by hand).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub letter: DeadLetter,
+    pub entry: OutboxEntry,
+}
+impl Record for DeadLetterRecord {
+    const VERSION: u8 = 1;
+}
+
+/// A change to an orders shard (replicated, versioned; append variants at the end only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdersCommand {
+    /// A new pending order, and the claim of its Idempotency-Key if it has one.
+    Place { order: OrderRecord, idempotency: Option<IdemKey>, now_ms: u64 },
+    /// The saga moved on without finishing: the whole record.
+    Step { order: OrderRecord },
+    /// The saga finished: the terminal record and the outbox entries it produces.
+    Finish { order: OrderRecord, now_ms: u64 },
+    /// The relay delivered these outbox entries.
+    Delivered { keys: Vec<(Uuid, u64)> },
+    /// The relay gave up on this outbox entry: it moves to the dead letters.
+    DeadLetter { key: (Uuid, u64), attempts: u32, last_error: String, now_ms: u64 },
+    /// Forget these idempotency keys (read from the time index by the leader) if they are older
+    /// than the retention at `now_ms`.
+    Sweep { entries: Vec<IdemIndexEntry>, now_ms: u64 },
+}
+impl Record for OrdersCommand {
+    const VERSION: u8 = 1;
+}
+
+/// What applying an [`OrdersCommand`] answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdersApplied {
+    Placed,
+    /// The Idempotency-Key already names an order, placed with the same body or with another.
+    Existing {
+        order_id: Uuid,
+        same_body: bool,
+    },
+    Done,
+    /// Nothing to do: the order is unknown or already terminal (a step of a driver that was
+    /// superseded), or the outbox entry is gone.
+    Stale,
+    Undecodable(String),
+}
+impl Record for OrdersApplied {
+    const VERSION: u8 = 1;
+}
+
+/// Applies [`OrdersCommand`]s.
+pub struct OrdersMachine;
+
+impl Machine for OrdersMachine {
+    type Command = OrdersCommand;
+    type Reply = OrdersApplied;
+
+    fn apply(&self, store: &Store, batch: &mut Batch, cmd: OrdersCommand) -> Result<OrdersApplied, StoreError> {
+        match cmd {
+            OrdersCommand::Place { order, idempotency, now_ms } => {
+                if ORDERS.get_through(store, batch, &order.id)?.is_some() {
+                    return Ok(OrdersApplied::Stale);
+                }
+                if let Some(ik) = &idempotency {
+                    let claim = IdemRecord {
+                        body_hash: ik.body_hash,
+                        result: order.id.as_bytes().to_vec(),
+                        created_ms: now_ms,
+                    };
+                    if let Some(prev) = IDEMPOTENCY.claim_in(store, batch, &ik.key, &claim, order.id)? {
+                        let order_id = Uuid::from_slice(&prev.result).unwrap_or_default();
+                        return Ok(OrdersApplied::Existing { order_id, same_body: prev.body_hash == ik.body_hash });
+                    }
+                }
+                ORDERS.put(batch, &order.id, &order);
+                UNFINISHED.put(batch, &order.id, &Unfinished { since_ms: now_ms });
+                BY_CUSTOMER.put(batch, &(order.customer_id.clone(), order.id), &Listed);
+                Ok(OrdersApplied::Placed)
+            }
+            OrdersCommand::Step { order } => {
+                if !is_live(store, batch, &order.id)? || order.phase == Phase::Done {
+                    return Ok(OrdersApplied::Stale);
+                }
+                ORDERS.put(batch, &order.id, &order);
+                Ok(OrdersApplied::Done)
+            }
+            OrdersCommand::Finish { order, now_ms } => {
+                if !is_live(store, batch, &order.id)? || order.status == OrderStatus::Pending {
+                    return Ok(OrdersApplied::Stale);
+                }
+                for (i, (dest, event)) in saga::outbox(&order).into_iter().enumerate() {
+                    let entry = OutboxEntry {
+                        dest,
+                        event,
+                        order_id: order.id,
+                        created_ms: now_ms,
+                        traceparent: order.traceparent.clone(),
+                    };
+                    OUTBOX.put(batch, &(order.id, i as u64), &entry);
+                }
+                ORDERS.put(batch, &order.id, &order);
+                UNFINISHED.remove(batch, &order.id);
+                Ok(OrdersApplied::Done)
+            }
+            OrdersCommand::Delivered { keys } => {
+                for key in &keys {
+                    OUTBOX.remove(batch, key);
+                }
+                Ok(OrdersApplied::Done)
+            }
+            OrdersCommand::DeadLetter { key, attempts, last_error, now_ms } => {
+                let Some(entry) = OUTBOX.get_through(store, batch, &key)? else { return Ok(OrdersApplied::Stale) };
+                let (event, event_id) = super::outbox::event_label(&entry.event);
+                let letter = DeadLetter {
+                    order_id: entry.order_id,
+                    event_id,
+                    event: event.to_string(),
+                    destination: super::outbox::dest_label(&entry.dest),
+                    attempts,
+                    last_error,
+                    at_ms: now_ms,
+                };
+                DEAD_LETTERS.put(batch, &key, &DeadLetterRecord { letter, entry });
+                OUTBOX.remove(batch, &key);
+                Ok(OrdersApplied::Done)
+            }
+            OrdersCommand::Sweep { entries, now_ms } => {
+                IDEMPOTENCY.forget_in(store, batch, &entries, now_ms)?;
+                Ok(OrdersApplied::Done)
+            }
+        }
+    }
+
+    fn undecodable(&self, why: String) -> OrdersApplied {
+        OrdersApplied::Undecodable(why)
+    }
+}
+
+/// Whether the order exists and is not terminal yet (as of the writes in `batch`).
+fn is_live(store: &Store, batch: &Batch, id: &Uuid) -> Result<bool, StoreError> {
+    Ok(ORDERS.get_through(store, batch, id)?.is_some_and(|o| o.phase != Phase::Done))
+}
+
+/// The unfinished orders of a shard, as its replica has applied them: what a new leader resumes.
+pub fn unfinished(store: &Store) -> Result<Vec<OrderRecord>, StoreError> {
+    let mut out = Vec::new();
+    for item in UNFINISHED.iter(store) {
+        let (id, _) = item?;
+        if let Some(o) = ORDERS.get(store, &id)? {
+            out.push(o);
+        }
+    }
+    Ok(out)
+}
+
+/// A customer's orders in this shard, newest first, older than `before` if given, at most `limit`.
+pub fn by_customer(
+    store: &Store,
+    customer_id: &str,
+    before: Option<Uuid>,
+    limit: usize,
+) -> Result<Vec<OrderView>, StoreError> {
+    let from = (customer_id.to_string(), Uuid::nil());
+    let to = (customer_id.to_string(), before.unwrap_or(Uuid::max()));
+    let mut out = Vec::new();
+    for item in BY_CUSTOMER.iter_range_rev(store, &from, &to).take(limit) {
+        let ((_, id), Listed) = item?;
+        if let Some(o) = ORDERS.get(store, &id)? {
+            out.push(o.view());
+        }
+    }
+    Ok(out)
+}
+
+/// This shard's dead letters, of one order or all, at most `max`.
+pub fn dead_letters(store: &Store, order_id: Option<Uuid>, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    type Rows<'a> = Box<dyn Iterator<Item = Result<((Uuid, u64), DeadLetterRecord), StoreError>> + 'a>;
+    let rows: Rows = match order_id {
+        Some(id) => Box::new(DEAD_LETTERS.iter_prefix(store, id.as_bytes())),
+        None => Box::new(DEAD_LETTERS.iter(store)),
+    };
+    rows.take(max).map(|r| r.map(|(_, d)| d.letter)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::OrderConfirmed;
+    use crate::inventory::{Item, PricedLine};
+    use crate::orders::saga::{new_order, Dest, OutboxEvent};
+    use bulkhead_storage::StoreOptions;
+
+    fn order(n: u128, customer: &str) -> OrderRecord {
+        let item = Item { sku: "a".into(), quantity: 1 };
+        new_order(
+            Uuid::from_u128(n),
+            customer.into(),
+            vec![item.clone()],
+            "tok_ok".into(),
+            vec![("inventory/0".into(), vec![item])],
+            n as u64,
+        )
+    }
+
+    fn confirmed(mut o: OrderRecord) -> OrderRecord {
+        o.status = OrderStatus::Confirmed;
+        o.phase = Phase::Done;
+        o.lines = vec![PricedLine { sku: "a".into(), quantity: 1, unit_price_cents: 5 }];
+        o.payment_id = Some("pay".into());
+        o
+    }
+
+    fn key(k: &str, body_hash: u64) -> Option<IdemKey> {
+        Some(IdemKey { key: k.into(), body_hash })
+    }
+
+    fn cmds() -> Vec<OrdersCommand> {
+        let (a, b, c) = (order(1, "alice"), order(2, "alice"), order(3, "bob"));
+        let mut a_step = a.clone();
+        a_step.phase = Phase::Charging;
+        vec![
+            OrdersCommand::Place { order: a.clone(), idempotency: key("k1", 7), now_ms: 10 },
+            // Same key, same body, another id (a retry that reached a new leader): not placed.
+            OrdersCommand::Place { order: b.clone(), idempotency: key("k1", 7), now_ms: 11 },
+            OrdersCommand::Place { order: b.clone(), idempotency: None, now_ms: 12 },
+            OrdersCommand::Place { order: c.clone(), idempotency: key("k2", 1), now_ms: 13 },
+            OrdersCommand::Step { order: a_step },
+            OrdersCommand::Finish { order: confirmed(a.clone()), now_ms: 20 },
+            // A superseded driver's step, after the finish: ignored.
+            OrdersCommand::Step { order: a.clone() },
+            OrdersCommand::Delivered { keys: vec![(a.id, 0)] },
+            OrdersCommand::DeadLetter { key: (a.id, 1), attempts: 5, last_error: "no".into(), now_ms: 30 },
+            OrdersCommand::Sweep {
+                entries: vec![((10, a.id), "k1".into()), ((13, c.id), "k2".into())],
+                now_ms: 11 + bulkhead_storage::IDEMPOTENCY_RETENTION_MS,
+            },
+        ]
+    }
+
+    fn apply_all(store: &Store, cmds: &[OrdersCommand], per_batch: usize) -> Vec<OrdersApplied> {
+        let mut replies = Vec::new();
+        for chunk in cmds.chunks(per_batch) {
+            let mut b = Batch::new();
+            for c in chunk {
+                replies.push(OrdersMachine.apply(store, &mut b, c.clone()).unwrap());
+            }
+            store.apply_atomic(b).unwrap();
+        }
+        replies
+    }
+
+    fn dump(store: &Store) -> Vec<bulkhead_storage::RawRecord> {
+        store.export_below(bulkhead_cluster::raft::RAFT_TABLES_FROM).unwrap()
+    }
+
+    #[tokio::test]
+    async fn replaying_the_log_gives_the_same_tables_whatever_the_batching() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s1 = Store::open(d1.path(), "orders", &StoreOptions::default()).unwrap();
+        let s2 = Store::open(d2.path(), "orders", &StoreOptions::default()).unwrap();
+        let r1 = apply_all(&s1, &cmds(), 1);
+        let r2 = apply_all(&s2, &cmds(), 64);
+        assert_eq!(r1, r2);
+        assert_eq!(dump(&s1), dump(&s2));
+        let a = Uuid::from_u128(1);
+        assert_eq!(
+            r1[..6],
+            [
+                OrdersApplied::Placed,
+                OrdersApplied::Existing { order_id: a, same_body: true },
+                OrdersApplied::Placed,
+                OrdersApplied::Placed,
+                OrdersApplied::Done,
+                OrdersApplied::Done,
+            ]
+        );
+        assert_eq!(r1[6], OrdersApplied::Stale, "a step after the finish does not undo it");
+        assert_eq!(ORDERS.get(&s1, &a).unwrap().unwrap().status, OrderStatus::Confirmed);
+        // Confirmed: commit on one shard, shipping, notifications; one delivered, one dead-lettered.
+        assert_eq!(OUTBOX.iter(&s1).count(), 1);
+        assert_eq!(dead_letters(&s1, Some(a), 10).unwrap().len(), 1);
+        assert_eq!(unfinished(&s1).unwrap().iter().map(|o| o.id.as_u128()).collect::<Vec<_>>(), vec![2, 3]);
+        // k1 was claimed at 10: swept at 10 + retention; k2 (13) stays.
+        assert_eq!(IDEMPOTENCY.get(&s1, "k1").unwrap(), None);
+        assert!(IDEMPOTENCY.get(&s1, "k2").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_key_with_another_body_names_the_first_order() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
+        let r = apply_all(
+            &s,
+            &[
+                OrdersCommand::Place { order: order(1, "c"), idempotency: key("k", 1), now_ms: 1 },
+                OrdersCommand::Place { order: order(2, "c"), idempotency: key("k", 2), now_ms: 2 },
+            ],
+            2,
+        );
+        assert_eq!(r[1], OrdersApplied::Existing { order_id: Uuid::from_u128(1), same_body: false });
+        assert!(ORDERS.get(&s, &Uuid::from_u128(2)).unwrap().is_none(), "nothing placed for the reused key");
+    }
+
+    #[tokio::test]
+    async fn a_finish_queues_the_outbox_of_its_outcome_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
+        let o = order(1, "c");
+        let r = apply_all(
+            &s,
+            &[
+                OrdersCommand::Place { order: o.clone(), idempotency: None, now_ms: 1 },
+                OrdersCommand::Finish { order: confirmed(o.clone()), now_ms: 2 },
+                OrdersCommand::Finish { order: confirmed(o.clone()), now_ms: 3 },
+            ],
+            1,
+        );
+        assert_eq!(r[2], OrdersApplied::Stale, "a second finish queues nothing more");
+        let dests: Vec<Dest> = OUTBOX.iter(&s).map(|e| e.unwrap().1.dest).collect();
+        assert_eq!(dests, vec![Dest::Inventory { node: "inventory/0".into() }, Dest::Shipping, Dest::Notifications]);
+        let shipped = OUTBOX.get(&s, &(o.id, 1)).unwrap().unwrap();
+        assert!(matches!(shipped.event, OutboxEvent::Confirmed(OrderConfirmed { order_id, .. }) if order_id == o.id));
+        assert!(UNFINISHED.get(&s, &o.id).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn customers_list_newest_first_and_page_by_id() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
+        let places: Vec<OrdersCommand> = [(1, "al"), (2, "alice"), (3, "al"), (4, "al")]
+            .into_iter()
+            .map(|(n, c)| OrdersCommand::Place { order: order(n, c), idempotency: None, now_ms: n as u64 })
+            .collect();
+        apply_all(&s, &places, 4);
+        let ids = |v: Vec<OrderView>| v.into_iter().map(|o| o.order_id.as_u128()).collect::<Vec<_>>();
+        assert_eq!(ids(by_customer(&s, "al", None, 10).unwrap()), vec![4, 3, 1]);
+        assert_eq!(ids(by_customer(&s, "al", None, 2).unwrap()), vec![4, 3]);
+        assert_eq!(ids(by_customer(&s, "al", Some(Uuid::from_u128(3)), 2).unwrap()), vec![1]);
+        assert_eq!(ids(by_customer(&s, "alice", None, 10).unwrap()), vec![2]);
+        assert_eq!(ids(by_customer(&s, "nobody", None, 10).unwrap()), Vec::<u128>::new());
+    }
+}

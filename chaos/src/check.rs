@@ -59,11 +59,14 @@ async fn get(http: &reqwest::Client, urls: &[String], path: &str, deadline: Inst
     }
 }
 
-fn invariant(name: &str, offending: Vec<String>, detail: String) -> Invariant {
+/// An invariant that held when nothing offends it; `judged` says whether there was anything to
+/// judge (a check over no orders holds vacuously, and the report says so).
+fn invariant(name: &str, offending: Vec<String>, judged: bool, detail: String) -> Invariant {
     let held = offending.is_empty();
     let mut offending = offending;
     offending.truncate(MAX_OFFENDING);
-    Invariant { name: name.to_string(), held, detail, offending }
+    let detail = if judged { detail } else { format!("not judged: nothing to check ({detail})") };
+    Invariant { name: name.to_string(), held, judged, detail, offending }
 }
 
 pub async fn check(
@@ -152,16 +155,47 @@ pub async fn check(
     let mut inv = Vec::new();
     let n_lost = lost.len() + changed.len();
     lost.extend(changed);
-    if acked.is_empty() {
-        // Every other invariant would hold vacuously: a run that judged nothing must not pass.
-        lost.push("nothing was acknowledged: the run has nothing to judge".to_string());
-    }
     inv.push(invariant(
         "no_acknowledged_order_lost",
         lost,
+        !acked.is_empty(),
         format!("{} acknowledged orders read back; {n_lost} missing or with a changed outcome", acked.len()),
     ));
 
+    let mut idem_listing: Vec<String> = Vec::new();
+    // One order per key as the cluster itself records it: every key is its own customer, so the
+    // customer's list shows a second order for the key even if no client answer named it.
+    let listed: Vec<(&OrderRec, Option<(u16, Value)>)> = futures::stream::iter(orders)
+        .map(|o| async move { (o, get(http, urls, &format!("/v1/orders?customer_id={}", o.key), deadline).await) })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut customer_orders: Vec<(String, Vec<String>)> = Vec::new();
+    for (o, r) in listed {
+        let ids: Vec<String> = match r {
+            Some((200, v)) => v["orders"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x["order_id"].as_str().map(str::to_string))
+                .collect(),
+            _ => {
+                idem_listing.push(format!("key {}: its orders could not be listed", o.key));
+                continue;
+            }
+        };
+        match (&o.order_id, ids.as_slice()) {
+            (_, [_, _, ..]) => idem_listing.push(format!("key {} has {} orders: {ids:?}", o.key, ids.len())),
+            (Some(acked), [listed]) if listed != acked => {
+                idem_listing.push(format!("key {} was answered with {acked} but its order is {listed}", o.key))
+            }
+            (Some(acked), []) => {
+                idem_listing.push(format!("key {} was answered with {acked}, which is not listed", o.key))
+            }
+            _ => {}
+        }
+        customer_orders.push((o.key.clone(), ids));
+    }
     // 2 + 4: payments of every answered order; deliveries of every confirmed one (asynchronous,
     // so polled until they show up or the deadline passes).
     let ids: Vec<(String, bool)> = acked
@@ -177,6 +211,12 @@ pub async fn check(
         .map(|(id, conf)| async move {
             let pay = get(http, urls, &format!("/v1/payments?order_id={id}"), deadline).await.map(|r| r.1);
             let mut deliveries = None;
+            if !conf {
+                // A cancelled order must never be shipped.
+                let s = get(http, urls, &format!("/v1/shipments?order_id={id}"), deadline).await;
+                let shipped = s.as_ref().and_then(|r| r.1["shipments"].as_array().map(Vec::len)).unwrap_or(0);
+                deliveries = Some((shipped, 0));
+            }
             if conf {
                 loop {
                     let s = get(http, urls, &format!("/v1/shipments?order_id={id}"), deadline).await;
@@ -236,16 +276,58 @@ pub async fn check(
         } else if !*conf && charged != 0 {
             money.push(format!("{id} (cancelled but still charged)"));
         }
-        if let Some((s, n)) = deliveries {
-            if *s != 1 || *n < 1 {
-                shipping.push(format!("{id} ({s} shipments, {n} notifications)"));
+        match deliveries {
+            Some((s, n)) if *conf && (*s != 1 || *n < 1) => {
+                shipping.push(format!("{id} (confirmed: {s} shipments, {n} notifications)"))
             }
+            Some((s, _)) if !*conf && *s != 0 => shipping.push(format!("{id} (cancelled, but {s} shipments)")),
+            _ => {}
         }
     }
+    // Charges per key, from the payments API, over every order the key's customer has (a key
+    // placed twice would be charged twice under two order ids, each looking fine on its own).
+    let charged_in = |v: &Value| {
+        v["payments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("charged")))
+            .count()
+    };
+    let known: BTreeMap<&str, usize> =
+        per_order.iter().filter_map(|(id, _, pay, _)| pay.as_ref().map(|p| (id.as_str(), charged_in(p)))).collect();
+    let per_key: Vec<(String, usize)> = futures::stream::iter(customer_orders.iter())
+        .map(|(key, ids)| {
+            let known = &known;
+            async move {
+                let mut n = 0;
+                for id in ids {
+                    n += match known.get(id.as_str()) {
+                        Some(c) => *c,
+                        None => get(http, urls, &format!("/v1/payments?order_id={id}"), deadline)
+                            .await
+                            .map(|r| charged_in(&r.1))
+                            .unwrap_or(0),
+                    };
+                }
+                (key.clone(), n)
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    money.extend(
+        per_key.iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("key {k} (charged {n} times over its orders)")),
+    );
     inv.push(invariant(
         "at_most_one_charge_per_order",
         money,
-        format!("payments read for {} orders: confirmed ones charged once, cancelled ones not at all", per_order.len()),
+        !per_order.is_empty(),
+        format!(
+            "payments read for {} orders and {} keys: confirmed orders charged once, cancelled ones not at all, no key charged twice",
+            per_order.len(),
+            per_key.len()
+        ),
     ));
 
     // 3: stock.
@@ -258,10 +340,23 @@ pub async fn check(
     }
     let mut stock_bad = Vec::new();
     for (sku, (total, sold_before)) in baseline {
-        match get(http, urls, &format!("/v1/inventory/{sku}"), deadline).await {
+        // Every hold is committed or released once the sagas are done (asynchronously, through
+        // the outbox): poll until nothing is reserved, or the deadline.
+        let mut read = get(http, urls, &format!("/v1/inventory/{sku}"), deadline).await;
+        while let Some((200, v)) = &read {
+            if v["reserved"].as_u64() == Some(0) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            read = get(http, urls, &format!("/v1/inventory/{sku}"), deadline).await;
+        }
+        match read {
             Some((200, v)) => {
                 let f = |k: &str| v[k].as_u64().unwrap_or(0);
                 let (a, r, s) = (f("available"), f("reserved"), f("sold"));
+                if r != 0 {
+                    stock_bad.push(format!("{sku} ({r} still reserved after the settle)"));
+                }
                 if a + r + s != *total {
                     stock_bad.push(format!("{sku} (started with {total}, now {a} + {r} + {s} = {})", a + r + s));
                 } else if unanswered == 0
@@ -285,17 +380,24 @@ pub async fn check(
     inv.push(invariant(
         "stock_conserved",
         stock_bad,
-        format!("{} SKUs: initial = available + reserved + sold {sold_note}", baseline.len()),
+        !baseline.is_empty(),
+        format!("{} SKUs: initial = available + reserved + sold, nothing left reserved, {sold_note}", baseline.len()),
     ));
     inv.push(invariant(
         "one_shipment_per_confirmed_order",
         shipping,
-        format!("{} confirmed orders: exactly one shipment and at least one notification each", confirmed.len()),
+        !confirmed.is_empty(),
+        format!(
+            "{} confirmed orders: exactly one shipment and at least one notification each; {} cancelled: no shipment",
+            confirmed.len(),
+            per_order.len() - confirmed.len().min(per_order.len())
+        ),
     ));
     let n_nt = not_terminal.len();
     inv.push(invariant(
         "all_orders_terminal_after_heal",
         not_terminal,
+        !acked.is_empty(),
         format!("{} acknowledged orders; {n_nt} not confirmed or cancelled by the deadline", acked.len()),
     ));
     let mut idem: Vec<String> = orders
@@ -309,38 +411,11 @@ pub async fn check(
             }
         })
         .collect();
-    // One order per key as the cluster itself records it: every key is its own customer, so the
-    // customer's list shows a second order for the key even if no client answer named it.
-    let listed: Vec<(&OrderRec, Option<(u16, Value)>)> = futures::stream::iter(orders)
-        .map(|o| async move { (o, get(http, urls, &format!("/v1/orders?customer_id={}", o.key), deadline).await) })
-        .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
-    for (o, r) in listed {
-        let ids: Vec<String> = match r {
-            Some((200, v)) => v["orders"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x["order_id"].as_str().map(str::to_string))
-                .collect(),
-            _ => {
-                idem.push(format!("key {}: its orders could not be listed", o.key));
-                continue;
-            }
-        };
-        match (&o.order_id, ids.as_slice()) {
-            (_, [_, _, ..]) => idem.push(format!("key {} has {} orders: {ids:?}", o.key, ids.len())),
-            (Some(acked), [listed]) if listed != acked => {
-                idem.push(format!("key {} was answered with {acked} but its order is {listed}", o.key))
-            }
-            (Some(acked), []) => idem.push(format!("key {} was answered with {acked}, which is not listed", o.key)),
-            _ => {}
-        }
-    }
+    idem.extend(idem_listing);
     inv.push(invariant(
         "retries_idempotent",
         idem,
+        !orders.is_empty(),
         format!(
             "{} keys: one order id per key (in the client's answers and in each key's customer listing), no well-formed request refused",
             orders.len()

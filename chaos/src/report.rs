@@ -16,9 +16,12 @@ pub struct Report {
     pub started_at: String,
     /// Seconds from t = 0 to the end of the check.
     pub duration_s: f64,
-    /// `pass` when every invariant held, else `fail`.
+    /// `pass` when every invariant held and every main check was judged, else `fail`.
     pub verdict: String,
     pub invariants: Vec<Invariant>,
+    /// The checks this scenario is about: each must have had something to judge, or the run fails.
+    #[serde(default)]
+    pub main_checks: Vec<String>,
     pub faults: Vec<FaultRecord>,
     /// Detection times by fault kind (`kill`, `pause`, `partition`), in milliseconds.
     pub detection: BTreeMap<String, Detection>,
@@ -32,6 +35,10 @@ pub struct Report {
 pub struct Invariant {
     pub name: String,
     pub held: bool,
+    /// Whether there was anything to judge: a check that saw nothing (no order confirmed, no key
+    /// answered) holds vacuously and says so here instead of passing silently.
+    #[serde(default = "judged_by_default")]
+    pub judged: bool,
     /// What was checked, in a sentence with the counts.
     pub detail: String,
     /// Order ids (or SKUs) that violate it; empty when it held. Capped at 100.
@@ -59,6 +66,10 @@ pub struct FaultRecord {
     pub down_ms: Option<u64>,
     /// Milliseconds from the heal until every other node showed it `up` again.
     pub recovered_ms: Option<u64>,
+    /// Milliseconds from injection until the first `201 confirmed` of an order first sent after
+    /// it (so its charge, too, was made after the fault): how long the fault stopped business.
+    #[serde(default)]
+    pub first_201_ms: Option<u64>,
 }
 
 /// Summary of detection times for one fault kind.
@@ -139,9 +150,25 @@ pub struct StatusChange {
     pub status: String,
 }
 
+fn judged_by_default() -> bool {
+    true
+}
+
 impl Report {
     pub fn passed(&self) -> bool {
-        self.invariants.iter().all(|i| i.held)
+        self.failures().is_empty()
+    }
+
+    /// Why the run fails: each broken invariant, and each main check that judged nothing.
+    pub fn failures(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.invariants.iter().filter(|i| !i.held).map(|i| i.name.clone()).collect();
+        for name in &self.main_checks {
+            match self.invariants.iter().find(|i| &i.name == name) {
+                Some(i) if i.judged => {}
+                _ => out.push(format!("{name} (not judged)")),
+            }
+        }
+        out
     }
 }
 
@@ -169,7 +196,12 @@ pub fn summary(r: &Report) -> String {
         r.totals.errors
     );
     for i in &r.invariants {
-        s.push_str(&format!("  [{}] {}: {}\n", if i.held { "held" } else { "VIOLATED" }, i.name, i.detail));
+        let mark = match (i.held, i.judged) {
+            (false, _) => "VIOLATED",
+            (true, true) => "held",
+            (true, false) => "not judged",
+        };
+        s.push_str(&format!("  [{mark}] {}: {}\n", i.name, i.detail));
         for o in i.offending.iter().take(5) {
             s.push_str(&format!("        {o}\n"));
         }
@@ -179,6 +211,14 @@ pub fn summary(r: &Report) -> String {
             "  detection {kind}: {} faults, median {} ms, max {} ms\n",
             d.count, d.median_ms, d.max_ms
         ));
+    }
+    for f in r.faults.iter().filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe")) {
+        if let Some(ms) = f.first_201_ms {
+            s.push_str(&format!(
+                "  {} {} at {:.1} s: first 201 of an order sent after it {ms} ms later\n",
+                f.kind, f.node, f.at_s
+            ));
+        }
     }
     if let Some(t) = r.totals.settle_s {
         s.push_str(&format!(
@@ -191,6 +231,26 @@ pub fn summary(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inv(name: &str, held: bool, judged: bool) -> Invariant {
+        Invariant { name: name.into(), held, judged, ..Default::default() }
+    }
+
+    #[test]
+    fn a_main_check_that_judged_nothing_fails_the_run() {
+        let mut r = Report {
+            invariants: vec![inv("a", true, true), inv("b", true, false)],
+            main_checks: vec!["a".into()],
+            ..Default::default()
+        };
+        assert!(r.passed(), "b is not a main check: reported, not failed");
+        r.main_checks.push("b".into());
+        assert_eq!(r.failures(), vec!["b (not judged)".to_string()]);
+        r.main_checks.push("missing".into());
+        assert_eq!(r.failures().len(), 2, "a main check that never ran is not judged either");
+        r.invariants[0].held = false;
+        assert_eq!(r.failures()[0], "a");
+    }
 
     #[test]
     fn percentile_is_nearest_rank() {

@@ -273,6 +273,8 @@ async fn run_on(
             detected_ms: ms(detected, at),
             down_ms: ms(down, at),
             recovered_ms: ms(recovered, healed_at),
+            // From the load log, once the run is over (`build_report`).
+            first_201_ms: None,
         });
         say(
             pb,
@@ -328,6 +330,7 @@ async fn run_on(
     report.invariants.push(crate::report::Invariant {
         name: "every_fault_detected".into(),
         held: undetected.is_empty(),
+        judged: n_detectable > 0,
         detail: format!("{n_detectable} kills, pauses and partitions; each seen not up by another node"),
         offending: undetected,
     });
@@ -335,6 +338,7 @@ async fn run_on(
         report.invariants.push(crate::report::Invariant {
             name: "run_completed".into(),
             held: false,
+            judged: true,
             detail: e.clone(),
             offending: Vec::new(),
         });
@@ -371,6 +375,16 @@ fn bulkhead_http_time() -> String {
     bulkhead_http::api::rfc3339(ms.unwrap_or(0))
 }
 
+/// Milliseconds from `at_s` to the first `201` of an order first sent at or after it.
+fn first_201_after(log: &LoadLog, at_s: f64) -> Option<u64> {
+    log.orders
+        .iter()
+        .filter(|o| o.sent_s >= at_s && o.acked_http == Some(201))
+        .filter_map(|o| o.acked_s)
+        .min_by(f64::total_cmp)
+        .map(|t| ((t - at_s).max(0.0) * 1000.0).round() as u64)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_report(
     sc: &Scenario,
@@ -383,6 +397,10 @@ fn build_report(
     load_end_s: f64,
     duration_s: f64,
 ) -> Report {
+    let mut faults = faults;
+    for f in faults.iter_mut() {
+        f.first_201_ms = first_201_after(log, f.at_s);
+    }
     let latency = |o: &crate::load::OrderRec| o.acked_s.map(|a| (a - o.sent_s) * 1000.0);
     let phase_stats = |name: &str, from: f64, to: f64| {
         let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
@@ -453,6 +471,7 @@ fn build_report(
         duration_s,
         verdict: String::new(),
         invariants: Vec::new(),
+        main_checks: sc.main_checks.clone(),
         faults,
         detection,
         phases,

@@ -283,6 +283,10 @@ pub struct Scenario {
     #[serde(default)]
     pub faults: Vec<Fault>,
     pub random: Option<Random>,
+    /// The checks this scenario is about (invariant names): the run fails if one of them had
+    /// nothing to judge. Default: the five order invariants.
+    #[serde(default = "default_main_checks")]
+    pub main_checks: Vec<String>,
 }
 
 fn default_warmup() -> Dur {
@@ -290,6 +294,17 @@ fn default_warmup() -> Dur {
 }
 fn default_cooldown() -> Dur {
     Dur(Duration::from_secs(5))
+}
+fn default_main_checks() -> Vec<String> {
+    [
+        "no_acknowledged_order_lost",
+        "at_most_one_charge_per_order",
+        "stock_conserved",
+        "one_shipment_per_confirmed_order",
+        "retries_idempotent",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_settle() -> Dur {
     Dur(Duration::from_secs(30))

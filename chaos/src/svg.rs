@@ -283,7 +283,7 @@ fn header(s: &mut String, report: &Report) {
         ),
     );
     // The reason for a FAIL belongs next to it: the names of the broken invariants.
-    let broken: Vec<&str> = report.invariants.iter().filter(|i| !i.held).map(|i| i.name.as_str()).collect();
+    let broken = report.failures();
     if !broken.is_empty() {
         w(
             s,
@@ -917,6 +917,7 @@ mod tests {
             detected_ms: Some(700),
             down_ms: Some(2100),
             recovered_ms: healed_s.map(|_| 900),
+            first_201_ms: Some(950),
             ..Default::default()
         }
     }
@@ -953,7 +954,13 @@ mod tests {
             started_at: "2024-05-01T10:00:00Z".into(),
             duration_s: 58.0,
             verdict: "pass".into(),
-            invariants: vec![Invariant { name: "no lost orders".into(), held: true, ..Default::default() }],
+            invariants: vec![Invariant {
+                name: "no lost orders".into(),
+                held: true,
+                judged: true,
+                ..Default::default()
+            }],
+            main_checks: vec!["no lost orders".into()],
             faults: vec![fault("kill", "n2", 20.0, Some(30.0)), panic],
             detection,
             phases: Vec::new(),

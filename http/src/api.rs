@@ -191,8 +191,17 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
             Err(e)
         }
         Ok(OrdersReply::Unavailable(reason)) => Err(ApiError::unavailable(format!(
-            "orders shard {shard} could not answer ({reason}); retry, with the same Idempotency-Key if you sent one"
+            "orders shard {shard} could not take the order ({reason}); nothing was recorded, retry later"
         ))),
+        Ok(OrdersReply::Uncertain(reason)) => {
+            let mut e = ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("orders shard {shard} did not confirm the order in time ({reason}); it may have been recorded: retry with the same Idempotency-Key"),
+            );
+            e.retry_after = Some(1);
+            Err(e)
+        }
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_call(e)),
     }

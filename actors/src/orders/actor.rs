@@ -72,9 +72,11 @@ pub enum OrdersMsg {
         order_id: Uuid,
         event: Event,
     },
-    /// The proposal of an order's step came back; `then` are the step's commands.
+    /// The proposal of an order's step came back; `then` are the step's commands. `epoch` names
+    /// the saga instance that proposed it: a reply to an instance since dropped is ignored.
     Committed {
         order_id: Uuid,
+        epoch: u64,
         then: Vec<Command>,
         applied: Result<OrdersApplied, Unserved>,
     },
@@ -88,7 +90,7 @@ pub enum OrdersMsg {
     Loaded {
         shard: u32,
         term: u64,
-        orders: Result<Vec<OrderRecord>, String>,
+        orders: Result<Vec<(OrderRecord, u64)>, String>,
     },
     Sweep,
 }
@@ -106,9 +108,14 @@ pub struct Placed {
 /// One saga this worker drives.
 struct Saga {
     shard: u32,
+    /// Which instance this is (a worker-wide counter): a saga dropped and loaded again is a new
+    /// instance, and replies to the old one's proposals are ignored.
+    epoch: u64,
     /// The record as stepped, ahead of `committed` by at most the step in flight.
     order: OrderRecord,
     committed: OrderRecord,
+    /// Steps committed for this order: the next proposal is step `steps + 1`.
+    steps: u64,
     in_flight: bool,
     queued: VecDeque<Event>,
     waiters: Vec<(u64, RpcReplyPort<OrdersReply>)>,
@@ -139,7 +146,10 @@ pub struct OrdersState {
     sagas: HashMap<Uuid, Saga>,
     /// Places that arrived while their shard was loading, by shard.
     parked: BTreeMap<u32, Vec<Parked>>,
+    /// Places committed while their shard was loading (the load may not have seen them), by shard.
+    placed_while_loading: BTreeMap<u32, Vec<Placed>>,
     next_waiter: u64,
+    next_epoch: u64,
 }
 
 fn unserved(e: impl Into<Unserved>) -> OrdersReply {
@@ -172,7 +182,10 @@ impl OrdersState {
             // Leading since the last check: start loading now rather than at the next tick.
             _ => {
                 self.lead(myself);
-                Ok(Admit::Wait)
+                match self.driving.get(&shard) {
+                    Some(Driving::Loading(_)) => Ok(Admit::Wait),
+                    _ => Err(Unserved::NotLeader(replica.leader().filter(|l| l != self.cluster().name()))),
+                }
             }
         }
     }
@@ -239,29 +252,28 @@ impl OrdersState {
         match applied {
             Ok(OrdersApplied::Placed) => {
                 tracing::debug!(order_id = %order.id, shard, trace = trace_id(&order.traceparent), "order placed");
-                if self.driving.get(&shard) != Some(&Driving::Ready(term)) {
-                    // Leadership moved while the place committed: the new leader resumes it.
-                    let _ = reply.send(OrdersReply::Order(order.view()));
-                    return;
+                match self.driving.get(&shard) {
+                    Some(Driving::Ready(t)) if *t == term => {}
+                    Some(Driving::Loading(t)) if *t == term => {
+                        // The load's read may have come before this place: decide once it is in.
+                        let placed = Placed { shard, term, order, applied: Ok(OrdersApplied::Placed), wait_ms, reply };
+                        self.placed_while_loading.entry(shard).or_default().push(placed);
+                        return;
+                    }
+                    // Leadership moved while the place committed: whoever leads now loads it
+                    // (it was committed before their read barrier).
+                    _ => {
+                        let _ = reply.send(OrdersReply::Order(order.view()));
+                        return;
+                    }
                 }
                 let id = order.id;
                 if self.sagas.contains_key(&id) {
                     // A reload of the shard found it first.
                     return self.wait_for(myself, id, wait_ms, reply);
                 }
-                self.sagas.insert(
-                    id,
-                    Saga {
-                        shard,
-                        order: order.clone(),
-                        committed: order,
-                        in_flight: false,
-                        queued: VecDeque::new(),
-                        waiters: Vec::new(),
-                    },
-                );
+                self.insert_saga(myself, shard, order, 0, Event::Start);
                 self.wait_for(myself, id, wait_ms, reply);
-                self.on_saga_event(myself, id, Event::Start);
             }
             Ok(OrdersApplied::Existing { order_id, same_body: false }) => {
                 let _ = reply.send(OrdersReply::IdempotencyConflict { order_id });
@@ -284,10 +296,34 @@ impl OrdersState {
                 tracing::error!(?other, "unexpected answer to placing an order");
                 let _ = reply.send(OrdersReply::Unavailable(format!("placing the order answered {other:?}")));
             }
+            Err(Unserved::Unavailable(why)) => {
+                // Timed out or failed: the place may still commit. Reload the shard so that, if it
+                // does, the order is driven; tell the client it may exist (retry with its key).
+                self.release(shard);
+                let _ = reply.send(OrdersReply::Uncertain(why));
+            }
             Err(e) => {
                 let _ = reply.send(unserved(e));
             }
         }
+    }
+
+    /// Takes a saga into memory (a new order, or one loaded from the shard) and steps `first`.
+    fn insert_saga(&mut self, myself: &ActorRef<OrdersMsg>, shard: u32, order: OrderRecord, steps: u64, first: Event) {
+        let (id, epoch) = (order.id, self.next_epoch);
+        self.next_epoch += 1;
+        let saga = Saga {
+            shard,
+            epoch,
+            order: order.clone(),
+            committed: order,
+            steps,
+            in_flight: false,
+            queued: VecDeque::new(),
+            waiters: Vec::new(),
+        };
+        self.sagas.insert(id, saga);
+        self.on_saga_event(myself, id, first);
     }
 
     fn on_saga_event(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, event: Event) {
@@ -303,21 +339,22 @@ impl OrdersState {
         }
         // Nothing is done on a step before it is committed: a new leader must find, for instance,
         // that a charge was asked for, so that a cancel refunds it.
+        let step = s.steps + 1;
         let cmd = if cmds.contains(&Command::Finish) {
-            OrdersCommand::Finish { order: s.order.clone(), now_ms: now_ms() }
+            OrdersCommand::Finish { order: s.order.clone(), step, now_ms: now_ms() }
         } else {
-            OrdersCommand::Step { order: s.order.clone() }
+            OrdersCommand::Step { order: s.order.clone(), step }
         };
         s.in_flight = true;
-        let shard = s.shard;
+        let (shard, epoch) = (s.shard, s.epoch);
         let replica = match self.replica(shard) {
             Ok(r) => r,
-            Err(e) => return self.on_committed(myself, order_id, cmds, Err(e)),
+            Err(e) => return self.on_committed(myself, order_id, epoch, cmds, Err(e)),
         };
         let me = myself.clone();
         tokio::spawn(async move {
             let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
-            let _ = me.cast(OrdersMsg::Committed { order_id, then: cmds, applied });
+            let _ = me.cast(OrdersMsg::Committed { order_id, epoch, then: cmds, applied });
         });
     }
 
@@ -325,13 +362,19 @@ impl OrdersState {
         &mut self,
         myself: &ActorRef<OrdersMsg>,
         order_id: Uuid,
+        epoch: u64,
         then: Vec<Command>,
         applied: Result<OrdersApplied, Unserved>,
     ) {
         let Some(s) = self.sagas.get_mut(&order_id) else { return };
+        if s.epoch != epoch {
+            // A reply to a dropped instance: this one works from the committed record it loaded.
+            return;
+        }
         match applied {
             Ok(OrdersApplied::Done) => {
                 s.in_flight = false;
+                s.steps += 1;
                 s.committed = s.order.clone();
                 self.execute(myself, order_id, then);
                 while let Some(s) = self.sagas.get_mut(&order_id) {
@@ -424,7 +467,14 @@ impl OrdersState {
             if driving.is_some() {
                 self.release(shard);
             }
-            let Some(term) = leading else { continue };
+            let Some(term) = leading else {
+                // Nothing was proposed for these: the caller follows the leader, or retries.
+                let leader = replica.leader().filter(|l| l != self.cluster().name());
+                for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
+                    let _ = reply.send(OrdersReply::NotLeader { leader: leader.clone() });
+                }
+                continue;
+            };
             self.driving.insert(shard, Driving::Loading(term));
             let (replica, me) = (replica.clone(), myself.clone());
             tokio::spawn(async move {
@@ -455,10 +505,9 @@ impl OrdersState {
         for id in ids {
             self.drop_saga(id);
         }
-        let leader = self.replica(shard).ok().and_then(|r| r.leader()).filter(|l| l != self.cluster().name());
-        for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
-            // Nothing was proposed for these: the caller follows the leader, or retries.
-            let _ = reply.send(OrdersReply::NotLeader { leader: leader.clone() });
+        // Committed places the load had not settled: whoever loads the shard next finds them.
+        for p in self.placed_while_loading.remove(&shard).unwrap_or_default() {
+            let _ = p.reply.send(OrdersReply::Order(p.order.view()));
         }
     }
 
@@ -467,7 +516,7 @@ impl OrdersState {
         myself: &ActorRef<OrdersMsg>,
         shard: u32,
         term: u64,
-        orders: Result<Vec<OrderRecord>, String>,
+        orders: Result<Vec<(OrderRecord, u64)>, String>,
     ) {
         if self.driving.get(&shard) != Some(&Driving::Loading(term)) {
             return;
@@ -481,6 +530,9 @@ impl OrdersState {
                 for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
                     let _ = reply.send(OrdersReply::Unavailable(format!("shard {shard} is not loaded yet: {e}")));
                 }
+                for p in self.placed_while_loading.remove(&shard).unwrap_or_default() {
+                    let _ = p.reply.send(OrdersReply::Order(p.order.view()));
+                }
                 return;
             }
         };
@@ -491,23 +543,13 @@ impl OrdersState {
             resuming = orders.len(),
             "leading this orders shard: its unfinished sagas resume here"
         );
-        for o in orders {
-            let id = o.id;
-            if self.sagas.contains_key(&id) {
-                continue;
+        for (o, steps) in orders {
+            if !self.sagas.contains_key(&o.id) {
+                self.insert_saga(myself, shard, o, steps, Event::Resume);
             }
-            self.sagas.insert(
-                id,
-                Saga {
-                    shard,
-                    order: o.clone(),
-                    committed: o,
-                    in_flight: false,
-                    queued: VecDeque::new(),
-                    waiters: Vec::new(),
-                },
-            );
-            let _ = myself.cast(OrdersMsg::Saga { order_id: id, event: Event::Resume });
+        }
+        for p in self.placed_while_loading.remove(&shard).unwrap_or_default() {
+            self.on_placed(myself, p);
         }
         for (p, traceparent, reply) in self.parked.remove(&shard).unwrap_or_default() {
             self.place(myself, p, traceparent, reply);
@@ -640,7 +682,9 @@ impl Actor for OrdersWorker {
             driving: BTreeMap::new(),
             sagas: HashMap::new(),
             parked: BTreeMap::new(),
+            placed_while_loading: BTreeMap::new(),
             next_waiter: 0,
+            next_epoch: 0,
         })
     }
 
@@ -663,7 +707,9 @@ impl Actor for OrdersWorker {
             },
             OrdersMsg::Placed(placed) => state.on_placed(&myself, *placed),
             OrdersMsg::Saga { order_id, event } => state.on_saga_event(&myself, order_id, event),
-            OrdersMsg::Committed { order_id, then, applied } => state.on_committed(&myself, order_id, then, applied),
+            OrdersMsg::Committed { order_id, epoch, then, applied } => {
+                state.on_committed(&myself, order_id, epoch, then, applied)
+            }
             OrdersMsg::WaitOver { order_id, waiter } => {
                 if let Some(s) = state.sagas.get_mut(&order_id) {
                     if let Some(pos) = s.waiters.iter().position(|(w, _)| *w == waiter) {

@@ -32,9 +32,13 @@ pub const DEAD_LETTERS: Table<(Uuid, u64), DeadLetterRecord> = Table::new(7, "de
 /// Orders by (customer, order id): `GET /v1/orders?customer_id=` reads it newest first.
 pub const BY_CUSTOMER: Table<(String, Uuid), Listed> = Table::new(8, "by_customer");
 
+/// An unfinished order's mark: since when, and how many saga steps have been committed for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unfinished {
     pub since_ms: u64,
+    /// Steps committed so far: a `Step`/`Finish` must name the next one (compare-and-set), so a
+    /// driver that worked from an older record can never overwrite a newer one.
+    pub steps: u64,
 }
 impl Record for Unfinished {
     const VERSION: u8 = 1;
@@ -62,10 +66,11 @@ impl Record for DeadLetterRecord {
 pub enum OrdersCommand {
     /// A new pending order, and the claim of its Idempotency-Key if it has one.
     Place { order: OrderRecord, idempotency: Option<IdemKey>, now_ms: u64 },
-    /// The saga moved on without finishing: the whole record.
-    Step { order: OrderRecord },
-    /// The saga finished: the terminal record and the outbox entries it produces.
-    Finish { order: OrderRecord, now_ms: u64 },
+    /// The saga moved on without finishing: the whole record, as step number `step` (the
+    /// committed count + 1; any other number is `Stale`).
+    Step { order: OrderRecord, step: u64 },
+    /// The saga finished: the terminal record and the outbox entries it produces, as step `step`.
+    Finish { order: OrderRecord, step: u64, now_ms: u64 },
     /// The relay delivered these outbox entries.
     Delivered { keys: Vec<(Uuid, u64)> },
     /// The relay gave up on this outbox entry: it moves to the dead letters.
@@ -88,8 +93,8 @@ pub enum OrdersApplied {
         same_body: bool,
     },
     Done,
-    /// Nothing to do: the order is unknown or already terminal (a step of a driver that was
-    /// superseded), or the outbox entry is gone.
+    /// Nothing done: the order is unknown or already terminal, the step was taken from an older
+    /// record than the committed one (a driver that was superseded), or the outbox entry is gone.
     Stale,
     Undecodable(String),
 }
@@ -122,19 +127,21 @@ impl Machine for OrdersMachine {
                     }
                 }
                 ORDERS.put(batch, &order.id, &order);
-                UNFINISHED.put(batch, &order.id, &Unfinished { since_ms: now_ms });
+                UNFINISHED.put(batch, &order.id, &Unfinished { since_ms: now_ms, steps: 0 });
                 BY_CUSTOMER.put(batch, &(order.customer_id.clone(), order.id), &Listed);
                 Ok(OrdersApplied::Placed)
             }
-            OrdersCommand::Step { order } => {
-                if !is_live(store, batch, &order.id)? || order.phase == Phase::Done {
+            OrdersCommand::Step { order, step } => {
+                let Some(mark) = next_step(store, batch, &order.id, step)? else { return Ok(OrdersApplied::Stale) };
+                if order.phase == Phase::Done {
                     return Ok(OrdersApplied::Stale);
                 }
                 ORDERS.put(batch, &order.id, &order);
+                UNFINISHED.put(batch, &order.id, &Unfinished { steps: step, ..mark });
                 Ok(OrdersApplied::Done)
             }
-            OrdersCommand::Finish { order, now_ms } => {
-                if !is_live(store, batch, &order.id)? || order.status == OrderStatus::Pending {
+            OrdersCommand::Finish { order, step, now_ms } => {
+                if next_step(store, batch, &order.id, step)?.is_none() || order.status == OrderStatus::Pending {
                     return Ok(OrdersApplied::Stale);
                 }
                 for (i, (dest, event)) in saga::outbox(&order).into_iter().enumerate() {
@@ -185,18 +192,20 @@ impl Machine for OrdersMachine {
     }
 }
 
-/// Whether the order exists and is not terminal yet (as of the writes in `batch`).
-fn is_live(store: &Store, batch: &Batch, id: &Uuid) -> Result<bool, StoreError> {
-    Ok(ORDERS.get_through(store, batch, id)?.is_some_and(|o| o.phase != Phase::Done))
+/// The order's unfinished mark if `step` is its next step (as of the writes in `batch`): the
+/// order is unfinished and exactly `step - 1` steps were committed before.
+fn next_step(store: &Store, batch: &Batch, id: &Uuid, step: u64) -> Result<Option<Unfinished>, StoreError> {
+    Ok(UNFINISHED.get_through(store, batch, id)?.filter(|m| m.steps.checked_add(1) == Some(step)))
 }
 
-/// The unfinished orders of a shard, as its replica has applied them: what a new leader resumes.
-pub fn unfinished(store: &Store) -> Result<Vec<OrderRecord>, StoreError> {
+/// The unfinished orders of a shard with their committed step counts, as its replica has applied
+/// them: what a new leader resumes.
+pub fn unfinished(store: &Store) -> Result<Vec<(OrderRecord, u64)>, StoreError> {
     let mut out = Vec::new();
     for item in UNFINISHED.iter(store) {
-        let (id, _) = item?;
+        let (id, mark) = item?;
         if let Some(o) = ORDERS.get(store, &id)? {
-            out.push(o);
+            out.push((o, mark.steps));
         }
     }
     Ok(out)
@@ -273,10 +282,12 @@ mod tests {
             OrdersCommand::Place { order: b.clone(), idempotency: key("k1", 7), now_ms: 11 },
             OrdersCommand::Place { order: b.clone(), idempotency: None, now_ms: 12 },
             OrdersCommand::Place { order: c.clone(), idempotency: key("k2", 1), now_ms: 13 },
-            OrdersCommand::Step { order: a_step },
-            OrdersCommand::Finish { order: confirmed(a.clone()), now_ms: 20 },
-            // A superseded driver's step, after the finish: ignored.
-            OrdersCommand::Step { order: a.clone() },
+            OrdersCommand::Step { order: a_step.clone(), step: 1 },
+            // A superseded driver's step, taken from the record before step 1: ignored.
+            OrdersCommand::Step { order: a_step, step: 1 },
+            OrdersCommand::Finish { order: confirmed(a.clone()), step: 2, now_ms: 20 },
+            // A step after the finish: ignored.
+            OrdersCommand::Step { order: a.clone(), step: 3 },
             OrdersCommand::Delivered { keys: vec![(a.id, 0)] },
             OrdersCommand::DeadLetter { key: (a.id, 1), attempts: 5, last_error: "no".into(), now_ms: 30 },
             OrdersCommand::Sweep {
@@ -313,22 +324,26 @@ mod tests {
         assert_eq!(dump(&s1), dump(&s2));
         let a = Uuid::from_u128(1);
         assert_eq!(
-            r1[..6],
+            r1[..8],
             [
                 OrdersApplied::Placed,
                 OrdersApplied::Existing { order_id: a, same_body: true },
                 OrdersApplied::Placed,
                 OrdersApplied::Placed,
                 OrdersApplied::Done,
+                OrdersApplied::Stale,
                 OrdersApplied::Done,
+                OrdersApplied::Stale,
             ]
         );
-        assert_eq!(r1[6], OrdersApplied::Stale, "a step after the finish does not undo it");
         assert_eq!(ORDERS.get(&s1, &a).unwrap().unwrap().status, OrderStatus::Confirmed);
         // Confirmed: commit on one shard, shipping, notifications; one delivered, one dead-lettered.
         assert_eq!(OUTBOX.iter(&s1).count(), 1);
         assert_eq!(dead_letters(&s1, Some(a), 10).unwrap().len(), 1);
-        assert_eq!(unfinished(&s1).unwrap().iter().map(|o| o.id.as_u128()).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            unfinished(&s1).unwrap().iter().map(|(o, n)| (o.id.as_u128(), *n)).collect::<Vec<_>>(),
+            vec![(2, 0), (3, 0)]
+        );
         // k1 was claimed at 10: swept at 10 + retention; k2 (13) stays.
         assert_eq!(IDEMPOTENCY.get(&s1, "k1").unwrap(), None);
         assert!(IDEMPOTENCY.get(&s1, "k2").unwrap().is_some());
@@ -359,8 +374,8 @@ mod tests {
             &s,
             &[
                 OrdersCommand::Place { order: o.clone(), idempotency: None, now_ms: 1 },
-                OrdersCommand::Finish { order: confirmed(o.clone()), now_ms: 2 },
-                OrdersCommand::Finish { order: confirmed(o.clone()), now_ms: 3 },
+                OrdersCommand::Finish { order: confirmed(o.clone()), step: 1, now_ms: 2 },
+                OrdersCommand::Finish { order: confirmed(o.clone()), step: 2, now_ms: 3 },
             ],
             1,
         );

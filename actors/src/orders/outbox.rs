@@ -79,6 +79,8 @@ pub enum OutboxMsg {
     RoundDone {
         /// Delivered entries whose removal committed.
         removed: usize,
+        /// Every entry acknowledged this round (its failure count starts again).
+        acked: Vec<(Uuid, u64)>,
         ok: Vec<Dest>,
         failed: Vec<Dest>,
         /// Entries whose destination answered with a failure, and that failure.
@@ -292,6 +294,7 @@ impl RelayState {
                 .await;
             let (mut delivered, mut ok_dests, mut failed, mut refused) =
                 (BTreeMap::<u32, Vec<(Uuid, u64)>>::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut acked = Vec::new();
             for (key, entry, outcome) in results {
                 let dest = entry.dest.clone();
                 match outcome {
@@ -301,7 +304,10 @@ impl RelayState {
                     _ => {}
                 }
                 match outcome {
-                    Delivery::Acked => delivered.entry(shard_of_order(&key.0)).or_default().push(key),
+                    Delivery::Acked => {
+                        acked.push(key);
+                        delivered.entry(shard_of_order(&key.0)).or_default().push(key)
+                    }
                     Delivery::Failed(why) => refused.push((key, entry, why)),
                     Delivery::Retry => {}
                 }
@@ -317,7 +323,7 @@ impl RelayState {
                     Err(e) => tracing::debug!(shard, error = %e, "removing delivered outbox entries did not commit"),
                 }
             }
-            let _ = me.cast(OutboxMsg::RoundDone { removed, ok: ok_dests, failed, refused });
+            let _ = me.cast(OutboxMsg::RoundDone { removed, acked, ok: ok_dests, failed, refused });
         });
         Ok(())
     }
@@ -348,8 +354,11 @@ impl Actor for OutboxRelay {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
-            OutboxMsg::RoundDone { removed, ok, failed, refused } => {
+            OutboxMsg::RoundDone { removed, acked, ok, failed, refused } => {
                 state.in_flight = false;
+                for key in &acked {
+                    state.refusals.remove(key);
+                }
                 for (key, entry, why) in refused {
                     state.on_refused(key, entry, why);
                 }

@@ -109,6 +109,9 @@ pub enum OrdersReply {
     /// The leader could not finish (no majority in time, storage failure); nothing is promised.
     Unavailable(String),
     Orders(Vec<OrderView>),
+    /// The write may or may not have committed (no majority answered in time): retry with the same
+    /// Idempotency-Key to learn which.
+    Uncertain(String),
 }
 
 // Version 2: orders on Raft groups (the witness requests and replies are gone).

@@ -90,6 +90,24 @@ pub async fn run(opts: RunOptions) -> Result<Report, String> {
 
 /// Waits until the cluster is whole: every node ready, and every node sees every member of every
 /// capability as routable (readiness alone leaves a heartbeat's worth of lag in the others' views).
+/// Whether every shard in a `/v1/cluster` answer has a leader and only voters, one per node (a
+/// wiped node's new replica is a learner, next to its old member, until it has caught up and been
+/// swapped in: until then the group has less redundancy than it should, and another fault could
+/// take its majority).
+pub fn shards_whole(cluster: &serde_json::Value) -> bool {
+    cluster["shards"].as_array().is_some_and(|shards| {
+        shards.iter().all(|s| {
+            let replicas = s["replicas"].as_array().cloned().unwrap_or_default();
+            let mut nodes: Vec<&str> = replicas.iter().filter_map(|r| r["node"].as_str()).collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            !s["leader"].is_null()
+                && replicas.iter().all(|r| r["role"] != "learner")
+                && nodes.len() == replicas.len()
+        })
+    })
+}
+
 async fn wait_ready(http: &reqwest::Client, urls: &[String], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -104,6 +122,7 @@ async fn wait_ready(http: &reqwest::Client, urls: &[String], timeout: Duration) 
                     v["capabilities"]
                         .as_object()
                         .is_some_and(|caps| caps.values().all(|c| c["healthy"] == c["members"]))
+                        && shards_whole(&v)
                 }),
                 Err(_) => false,
             };
@@ -222,73 +241,105 @@ async fn run_on(
     let mut records = Vec::new();
     let mut run_error = None;
     let n = faults.len();
-    for (k, f) in faults.iter().enumerate() {
+    // Faults run in groups: one fault, plus the ones marked `overlaps` after it, which are
+    // injected while it still holds (on other nodes). A group is healed fault by fault, each at
+    // the end of its own hold, and the next group waits until the whole cluster has recovered.
+    let mut k = 0;
+    'groups: while k < n {
+        let mut group = vec![k];
+        while group.len() + k < n && faults[k + group.len()].overlaps {
+            group.push(k + group.len());
+        }
         let gap_from = t0.elapsed().as_secs_f64();
-        sleep_with_progress(f.after.0, format!("fault {}/{n} next: {}", k + 1, label(f))).await;
-        let at = t0.elapsed().as_secs_f64();
-        if at - gap_from > 0.05 {
-            phases.push(("steady".into(), gap_from, at));
+        let mut injected: Vec<(usize, f64, Instant)> = Vec::new();
+        for (pos, &i) in group.iter().enumerate() {
+            let f = &faults[i];
+            sleep_with_progress(f.after.0, format!("fault {}/{n} next: {}", i + 1, label(f))).await;
+            let at = t0.elapsed().as_secs_f64();
+            if pos == 0 && at - gap_from > 0.05 {
+                phases.push(("steady".into(), gap_from, at));
+            }
+            if let Err(e) = target.inject(f, http).await {
+                run_error = Some(format!("injecting {}: {e}", label(f)));
+                break 'groups;
+            }
+            let overlap = if pos > 0 { " (overlapping the previous fault)" } else { "" };
+            say(pb, format!("{at:>7.1}s  inject {}{overlap}", label(f)));
+            injected.push((i, at, Instant::now() + f.hold.0));
         }
-        if let Err(e) = target.inject(f, http).await {
-            run_error = Some(format!("injecting {}: {e}", label(f)));
-            break;
+        injected.sort_by_key(|(_, _, until)| *until);
+        let mut healed: Vec<(usize, f64, f64)> = Vec::new();
+        for (i, at, until) in injected {
+            let f = &faults[i];
+            let wait = until.saturating_duration_since(Instant::now());
+            sleep_with_progress(wait, format!("fault {}/{n}: {} (holding)", i + 1, label(f))).await;
+            let healed_at = t0.elapsed().as_secs_f64();
+            if let Err(e) = target.heal(f, http).await {
+                run_error = Some(format!("healing {}: {e}", label(f)));
+                break 'groups;
+            }
+            healed.push((i, at, healed_at));
         }
-        say(pb, format!("{at:>7.1}s  inject {}", label(f)));
-        sleep_with_progress(f.hold.0, format!("fault {}/{n}: {} (holding)", k + 1, label(f))).await;
-        let healed_at = t0.elapsed().as_secs_f64();
-        if let Err(e) = target.heal(f, http).await {
-            run_error = Some(format!("healing {}: {e}", label(f)));
-            break;
-        }
-        // Recovered = every other node sees it up again, and it is ready itself.
+        // Recovered = every other node sees each faulted node up again, every node is ready and
+        // every shard is whole (a leader, every replica a voter).
         let recover_deadline = Instant::now() + sc.recovery_timeout.0;
-        let recovered = loop {
-            progress(&format!("fault {}/{n}: {} (recovering)", k + 1, label(f)));
-            let all_up = observer.obs.lock().map(|o| o.all_up_after(&f.node, healed_at, &names)).ok().flatten();
-            if let Some(t) = all_up {
-                if wait_ready(http, &urls, Duration::from_millis(1)).await.is_ok() {
-                    break Some(t);
-                }
+        let first = &faults[group[0]];
+        let recovered: Vec<Option<f64>> = loop {
+            progress(&format!("fault {}/{n}: {} (recovering)", group[0] + 1, label(first)));
+            let ups: Vec<Option<f64>> = healed
+                .iter()
+                .map(|(i, _, healed_at)| {
+                    observer.obs.lock().ok().and_then(|o| o.all_up_after(&faults[*i].node, *healed_at, &names))
+                })
+                .collect();
+            if ups.iter().all(Option::is_some) && wait_ready(http, &urls, Duration::from_millis(1)).await.is_ok() {
+                break ups;
             }
             if Instant::now() >= recover_deadline {
-                break None;
+                break ups.iter().map(|_| None).collect();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let end = t0.elapsed().as_secs_f64();
-        phases.push((format!("fault {}: {}", k + 1, label(f)), at, end));
-        let (detected, down) = if f.action.is_detectable() {
-            let o = observer.obs.lock().map_err(|_| "observer poisoned".to_string())?;
-            (o.first_after(&f.node, at, |s| s != "up"), o.first_after(&f.node, at, |s| s == "down"))
-        } else {
-            (None, None)
-        };
-        let ms = |t: Option<f64>, from: f64| t.map(|t| ((t - from).max(0.0) * 1000.0).round() as u64);
-        records.push(FaultRecord {
-            kind: f.action.as_str().to_string(),
-            node: f.node.clone(),
-            capability: f.capability.clone(),
-            at_s: at,
-            healed_s: (f.action != crate::scenario::Action::Panic).then_some(healed_at),
-            detected_ms: ms(detected, at),
-            down_ms: ms(down, at),
-            recovered_ms: ms(recovered, healed_at),
-            // From the load log, once the run is over (`build_report`).
-            first_201_ms: None,
-        });
-        say(
-            pb,
-            format!(
-                "{healed_at:>7.1}s  healed {}; detected {}, recovered {}",
-                label(f),
-                records.last().and_then(|r| r.detected_ms).map(|m| format!("in {m} ms")).unwrap_or("-".into()),
-                records.last().and_then(|r| r.recovered_ms).map(|m| format!("in {m} ms")).unwrap_or("NOT".into()),
-            ),
-        );
-        if recovered.is_none() {
-            run_error = Some(format!("{} did not recover within {:?}", f.node, sc.recovery_timeout.0));
+        for ((i, at, healed_at), recovered) in healed.iter().zip(&recovered) {
+            let f = &faults[*i];
+            phases.push((format!("fault {}: {}", i + 1, label(f)), *at, end));
+            let (detected, down) = if f.action.is_detectable() {
+                let o = observer.obs.lock().map_err(|_| "observer poisoned".to_string())?;
+                (o.first_after(&f.node, *at, |s| s != "up"), o.first_after(&f.node, *at, |s| s == "down"))
+            } else {
+                (None, None)
+            };
+            let ms = |t: Option<f64>, from: f64| t.map(|t| ((t - from).max(0.0) * 1000.0).round() as u64);
+            records.push(FaultRecord {
+                kind: f.action.as_str().to_string(),
+                node: f.node.clone(),
+                capability: f.capability.clone(),
+                at_s: *at,
+                healed_s: (f.action != crate::scenario::Action::Panic).then_some(*healed_at),
+                detected_ms: ms(detected, *at),
+                down_ms: ms(down, *at),
+                recovered_ms: ms(*recovered, *healed_at),
+                // From the load log, once the run is over (`build_report`).
+                first_201_ms: None,
+            });
+            say(
+                pb,
+                format!(
+                    "{healed_at:>7.1}s  healed {}; detected {}, recovered {}",
+                    label(f),
+                    records.last().and_then(|r| r.detected_ms).map(|m| format!("in {m} ms")).unwrap_or("-".into()),
+                    records.last().and_then(|r| r.recovered_ms).map(|m| format!("in {m} ms")).unwrap_or("NOT".into()),
+                ),
+            );
+            if recovered.is_none() {
+                run_error = Some(format!("{} did not recover within {:?}", f.node, sc.recovery_timeout.0));
+            }
+        }
+        if run_error.is_some() {
             break;
         }
+        k += group.len();
     }
     let heal_s = t0.elapsed().as_secs_f64();
     let heal_at = Instant::now();
@@ -485,5 +536,25 @@ fn build_report(
             ..Default::default()
         },
         timeline: Timeline { seconds, nodes: obs.lanes.clone(), load_end_s },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_shard_is_whole_with_a_leader_and_one_voter_per_node() {
+        let shard = |leader: serde_json::Value, replicas: &[(&str, &str)]| {
+            json!({"shards": [{"leader": leader, "replicas": replicas.iter().map(|(n, r)| json!({"node": n, "role": r})).collect::<Vec<_>>()}]})
+        };
+        let whole = [("n1", "leader"), ("n2", "follower"), ("n3", "follower")];
+        assert!(shards_whole(&shard(json!("n1"), &whole)));
+        assert!(!shards_whole(&shard(json!(null), &whole)), "no leader");
+        // A wiped n2: its old member and its new learner, until the swap.
+        let wiped = [("n1", "leader"), ("n2", "follower"), ("n2", "learner"), ("n3", "follower")];
+        assert!(!shards_whole(&shard(json!("n1"), &wiped)));
+        assert!(!shards_whole(&json!({})), "no shards listed: not whole");
     }
 }

@@ -1,8 +1,11 @@
 //! Scenario files (TOML): the cluster to run against, the load, and the fault schedule.
 //!
 //! Faults run one after another: wait `after`, inject, hold for `hold`, heal, and wait until every
-//! node sees every other node `up` again before the next fault, so each detection and recovery is
-//! measured on its own. A `[random]` table expands, with a seed, into such a list.
+//! node sees every other node `up` again (and every shard is whole) before the next fault, so each
+//! detection and recovery is measured on its own. A fault marked `overlaps = true` is instead
+//! injected `after` the previous one while that one still holds, on another node: two faults at
+//! once, which can take a majority of a group away for a while. A `[random]` table expands, with
+//! a seed, into such a list.
 //!
 //! ```toml
 //! name = "pause-inventory"
@@ -101,6 +104,10 @@ pub struct Fault {
     /// How long the fault lasts before it is healed.
     #[serde(default = "default_hold")]
     pub hold: Dur,
+    /// Injected while the previous fault still holds (`after` counts from its injection), before
+    /// it heals; the next fault waits until both have healed and the cluster has recovered.
+    #[serde(default)]
+    pub overlaps: bool,
 }
 
 fn default_after() -> Dur {
@@ -130,6 +137,10 @@ pub struct Random {
     pub hold_min: Dur,
     #[serde(default = "default_hold_max")]
     pub hold_max: Dur,
+    /// Share of faults (0-1) that overlap the one before them, on another node. Two wipes never
+    /// overlap (losing two of three replicas' disks at once is a disaster, not a fault).
+    #[serde(default)]
+    pub overlap_share: f64,
 }
 
 fn all_actions() -> Vec<Action> {
@@ -332,10 +343,24 @@ impl Scenario {
             if r.actions.is_empty() || r.gap_min.0 > r.gap_max.0 || r.hold_min.0 > r.hold_max.0 {
                 return Err("random: actions must not be empty, and each *_min must be ≤ its *_max".into());
             }
+            if !(0.0..=1.0).contains(&r.overlap_share) {
+                return Err("random: overlap_share must be between 0 and 1".into());
+            }
         }
-        for f in &s.faults {
+        for (i, f) in s.faults.iter().enumerate() {
             if f.action == Action::Panic && f.capability.is_none() {
                 return Err(format!("a panic fault on {} needs `capability`", f.node));
+            }
+            if f.overlaps {
+                let Some(prev) = i.checked_sub(1).map(|p| &s.faults[p]) else {
+                    return Err("the first fault cannot overlap a previous one".into());
+                };
+                if prev.node == f.node {
+                    return Err(format!("an overlapping fault must be on another node than the one before it ({})", f.node));
+                }
+                if prev.action == Action::Wipe && f.action == Action::Wipe {
+                    return Err("two wipes must not overlap: losing two of three disks at once is a disaster, not a fault".into());
+                }
             }
         }
         Ok(s)
@@ -379,10 +404,23 @@ pub fn expand_random(r: &Random, hosts: &BTreeMap<String, Vec<String>>) -> Resul
         let (lo, hi) = (lo.as_millis() as u64, hi.as_millis() as u64);
         Dur(Duration::from_millis(rng.gen_range(lo..=hi)))
     };
-    let mut out = Vec::with_capacity(r.faults);
+    let mut out: Vec<Fault> = Vec::with_capacity(r.faults);
     for _ in 0..r.faults {
-        let action = r.actions[rng.gen_range(0..r.actions.len())];
-        let node = nodes[rng.gen_range(0..nodes.len())].clone();
+        let mut action = r.actions[rng.gen_range(0..r.actions.len())];
+        let mut node = nodes[rng.gen_range(0..nodes.len())].clone();
+        // Overlap the previous fault (not itself overlapping: at most two at once) on another node.
+        let overlaps = nodes.len() > 1
+            && rng.gen_bool(r.overlap_share)
+            && out.last().is_some_and(|p| !p.overlaps && p.action != Action::Panic)
+            && action != Action::Panic;
+        if let (true, Some(prev)) = (overlaps, out.last()) {
+            while node == prev.node {
+                node = nodes[rng.gen_range(0..nodes.len())].clone();
+            }
+            if prev.action == Action::Wipe && action == Action::Wipe {
+                action = Action::Kill;
+            }
+        }
         let capability = if action == Action::Panic {
             let caps =
                 hosts.get(&node).filter(|c| !c.is_empty()).ok_or(format!("random: node {node} hosts nothing"))?;
@@ -390,9 +428,13 @@ pub fn expand_random(r: &Random, hosts: &BTreeMap<String, Vec<String>>) -> Resul
         } else {
             None
         };
-        let after = pick(&mut rng, r.gap_min.0, r.gap_max.0);
         let hold = pick(&mut rng, r.hold_min.0, r.hold_max.0);
-        out.push(Fault { action, node, capability, after, hold });
+        // An overlapping fault comes within the previous one's hold.
+        let after = match out.last() {
+            Some(p) if overlaps => pick(&mut rng, Duration::ZERO, p.hold.0 / 2),
+            _ => pick(&mut rng, r.gap_min.0, r.gap_max.0),
+        };
+        out.push(Fault { action, node, capability, after, hold, overlaps });
     }
     Ok(out)
 }
@@ -461,5 +503,40 @@ mod tests {
         for act in all_actions() {
             assert!(a.iter().any(|f| f.action == act), "{act:?} never drawn");
         }
+    }
+
+    #[test]
+    fn overlapping_faults_are_on_other_nodes_two_at_most_and_never_two_wipes() {
+        let r: Random = toml::from_str(
+            "faults = 400\nseed = 11\noverlap_share = 0.5\nactions = [\"kill\", \"wipe\", \"pause\", \"partition\"]\n",
+        )
+        .unwrap();
+        let a = expand_random(&r, &hosts()).unwrap();
+        let overlapping = a.iter().filter(|f| f.overlaps).count();
+        assert!(overlapping > 50, "only {overlapping} of 400 overlap");
+        assert!(!a[0].overlaps);
+        for w in a.windows(2) {
+            if w[1].overlaps {
+                assert_ne!(w[0].node, w[1].node);
+                assert!(!w[0].overlaps, "three faults at once");
+                assert!(!(w[0].action == Action::Wipe && w[1].action == Action::Wipe));
+                assert!(w[1].after.0 <= w[0].hold.0, "an overlapping fault comes within the hold");
+            }
+        }
+        assert!(a.iter().any(|f| f.action == Action::Wipe && f.overlaps));
+    }
+
+    #[test]
+    fn listed_overlaps_are_checked() {
+        let two = |a: &str, b: &str, node_b: &str| {
+            format!(
+                "name = \"x\"\n[[faults]]\naction = \"{a}\"\nnode = \"n1\"\n[[faults]]\naction = \"{b}\"\nnode = \"{node_b}\"\noverlaps = true\n"
+            )
+        };
+        assert!(Scenario::parse(&two("kill", "pause", "n2")).is_ok());
+        assert!(Scenario::parse(&two("kill", "pause", "n1")).unwrap_err().contains("another node"));
+        assert!(Scenario::parse(&two("wipe", "wipe", "n2")).unwrap_err().contains("two wipes"));
+        let first = "name = \"x\"\n[[faults]]\naction = \"kill\"\nnode = \"n1\"\noverlaps = true\n";
+        assert!(Scenario::parse(first).unwrap_err().contains("first fault"));
     }
 }

@@ -248,6 +248,13 @@ pub struct Timing {
     pub snapshot_every_entries: u64,
 }
 
+impl Timing {
+    /// A digest of every timing knob; equal tables give equal fingerprints on every node.
+    pub fn fingerprint(&self) -> u64 {
+        stable_hash(toml::to_string(self).unwrap_or_default().as_bytes())
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Self {
@@ -480,6 +487,9 @@ nodes = ["n3"]
             toml::from_str(&SAMPLE.replace(r#"nodes = ["n1", "n2"]"#, r#"nodes = ["n2", "n1"]"#)).unwrap();
         assert_eq!(a.capabilities.fingerprint(), a.clone().capabilities.fingerprint());
         assert_ne!(a.capabilities.fingerprint(), b.capabilities.fingerprint());
+        let slower = Timing { election_timeout_ms: a.timing.election_timeout_ms + 1, ..a.timing.clone() };
+        assert_eq!(a.timing.fingerprint(), a.timing.clone().fingerprint());
+        assert_ne!(a.timing.fingerprint(), slower.fingerprint());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! acts on its transitions: a node going `down` has its session force-closed, so calls to it fail
 //! fast instead of queueing into a dead link (ractor_cluster has no deadline of its own). Heartbeats
 //! also carry each node's addresses, pid, capabilities and health, which is what `GET /v1/cluster`
-//! shows, and the shard-map fingerprint: a peer whose map differs is refused (never routed to).
+//! shows, and the shard-map and timing fingerprints: a peer whose map or `[timing]` differs is refused (never routed to).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -45,6 +45,9 @@ pub struct Heartbeat {
     /// Capabilities that are hosted here but not ready (starting, or escalated after a crash loop).
     pub unhealthy: Vec<Capability>,
     pub shard_fingerprint: u64,
+    /// A digest of the node's `[timing]`: nodes whose failure detector, Raft timeouts or
+    /// reservation TTL differ would disagree about who is down and when a hold lapses.
+    pub timing_fingerprint: u64,
     /// Cluster addresses of the nodes this node is connected to: how the mesh spreads.
     pub peers: Vec<String>,
 }
@@ -150,6 +153,7 @@ impl MembershipState {
             capabilities: cfg.hosted(),
             unhealthy: c.unhealthy_local(),
             shard_fingerprint: cfg.capabilities.fingerprint(),
+            timing_fingerprint: cfg.timing.fingerprint(),
             peers: c.connected_advertised(),
         };
         let bytes = seal(&hb, &new_traceparent());
@@ -170,12 +174,22 @@ impl MembershipState {
         for addr in std::iter::once(&hb.cluster_addr).chain(hb.peers.iter()) {
             self.cluster.learn_addr(addr);
         }
-        let ours = cfg.capabilities.fingerprint();
-        if hb.shard_fingerprint != ours {
-            let reason = format!(
-                "refused: node {} has a different shard map (fingerprint {:016x}, ours {:016x}); every node must use the same [capabilities] tables",
-                hb.name, hb.shard_fingerprint, ours
-            );
+        let (ours, our_timing) = (cfg.capabilities.fingerprint(), cfg.timing.fingerprint());
+        let mismatch = if hb.shard_fingerprint != ours {
+            Some(format!(
+                "a different shard map (fingerprint {:016x}, ours {ours:016x}); every node must use the same [capabilities] tables",
+                hb.shard_fingerprint
+            ))
+        } else if hb.timing_fingerprint != our_timing {
+            Some(format!(
+                "a different [timing] (fingerprint {:016x}, ours {our_timing:016x}); every node must use the same [timing] table",
+                hb.timing_fingerprint
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            let reason = format!("refused: node {} has {why}", hb.name);
             if self.refused.insert(hb.name.clone(), reason.clone()).is_none() {
                 tracing::error!(node = %hb.name, "{reason}");
                 self.cluster.metrics().refused_peers.fetch_add(1, Ordering::Relaxed);
@@ -185,7 +199,7 @@ impl MembershipState {
             return;
         }
         if self.refused.remove(&hb.name).is_some() {
-            tracing::info!(node = %hb.name, "shard maps agree again");
+            tracing::info!(node = %hb.name, "shard maps and timing agree again");
         }
         if let Some(prev) = self.last.get(&hb.name) {
             if prev.incarnation != hb.incarnation {

@@ -20,6 +20,7 @@ use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::wire::new_traceparent;
+use bulkhead_cluster::raft::ShardHealth;
 use bulkhead_cluster::{BreakerState, Capability, Status};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -505,11 +506,18 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         }
     }
     for r in st.cluster.raft().all() {
-        if r.leader().is_none() {
-            problems.push(format!(
-                "{}: shard {} has no leader (election under way, or no majority of its replicas is up)",
+        match r.health(&st.cluster) {
+            ShardHealth::Led => {}
+            ShardHealth::Electing => problems.push(format!(
+                "{}: shard {} has no leader yet (an election is under way)",
                 r.id.capability, r.id.shard
-            ));
+            )),
+            ShardHealth::MajorityLost { down } => problems.push(format!(
+                "DISASTER {}: shard {}: a majority of its replicas is down ({}); it serves nothing until they return, or until it is restored from a backup (docs/operations.md, \"Losing a majority\")",
+                r.id.capability,
+                r.id.shard,
+                down.join(", ")
+            )),
         }
     }
     let view = st.cluster.view();

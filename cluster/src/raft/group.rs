@@ -359,6 +359,7 @@ async fn drive(cluster: Cluster, r: Replica) {
     let mut last_reconcile = None::<Instant>;
     let mut last_elect = None::<Instant>;
     let mut leader_down_since = None::<Instant>;
+    let mut majority_lost = false;
     let window = Duration::from_millis(cluster.config().timing.election_timeout_ms * 3);
     let due = |last: &mut Option<Instant>, every: Duration| {
         let now = Instant::now();
@@ -385,6 +386,18 @@ async fn drive(cluster: Cluster, r: Replica) {
             let leader_node = m.current_leader.and_then(|id| membership.get_node(&id)).map(|n| n.addr.clone());
             (m.state, leader_node, membership.voter_ids().any(|v| v == r.member))
         };
+        let lost = matches!(r.health(&cluster), ShardHealth::MajorityLost { .. });
+        if lost != majority_lost {
+            majority_lost = lost;
+            if let ShardHealth::MajorityLost { down } = r.health(&cluster) {
+                tracing::error!(
+                    group = %r.id, ?down,
+                    "DISASTER: a majority of this shard's replicas is down; it cannot serve until they return, or until it is restored from a backup (docs/operations.md, \"Losing a majority\")"
+                );
+            } else {
+                tracing::info!(group = %r.id, "a majority of this shard's replicas is back");
+            }
+        }
         if !r.is_initialized() {
             if r.placement.preferred() == cluster.name() && due(&mut last_bootstrap, Duration::from_millis(500)) {
                 bootstrap(&cluster, &r).await;
@@ -442,6 +455,42 @@ struct ElectionFacts {
 /// own randomized timers take over.
 fn fast_election(f: &ElectionFacts, window: Duration) -> bool {
     f.is_voter && f.first_live && f.live_replicas * 2 > f.replicas && f.leader_down_for.is_some_and(|d| d <= window)
+}
+
+/// How a shard stands, as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardHealth {
+    /// A leader is known.
+    Led,
+    /// No leader, but a majority of the replicas is up: an election is under way.
+    Electing,
+    /// No leader, and a majority of the replicas' nodes is down: a disaster, not a fault. The
+    /// shard cannot serve until they return (or it is restored from a backup).
+    MajorityLost { down: Vec<String> },
+}
+
+/// Judges a shard from facts: whether a leader is known, its replicas' nodes, and which of those
+/// the failure detector sees down.
+pub fn shard_health(has_leader: bool, replicas: &[String], down: &[String]) -> ShardHealth {
+    if has_leader {
+        return ShardHealth::Led;
+    }
+    let lost: Vec<String> = replicas.iter().filter(|n| down.contains(n)).cloned().collect();
+    // No majority left alive: the live replicas are at most half of them.
+    if !replicas.is_empty() && (replicas.len() - lost.len()) * 2 <= replicas.len() {
+        ShardHealth::MajorityLost { down: lost }
+    } else {
+        ShardHealth::Electing
+    }
+}
+
+impl Replica {
+    /// This shard's health as this node sees it (its replica's leader, the failure detector).
+    pub fn health(&self, cluster: &Cluster) -> ShardHealth {
+        let down: Vec<String> =
+            self.placement.replicas.iter().filter(|n| cluster.status_of(n) == Status::Down).cloned().collect();
+        shard_health(self.leader().is_some(), &self.placement.replicas, &down)
+    }
 }
 
 /// Counts every change of leader this replica sees (openraft's metrics watch wakes on each).
@@ -604,6 +653,22 @@ async fn hand_over(cluster: &Cluster, r: &Replica) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_without_a_leader_is_electing_until_a_majority_of_its_replicas_is_down() {
+        let r: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();
+        let down = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(shard_health(true, &r, &down(&["n2", "n3"])), ShardHealth::Led);
+        assert_eq!(shard_health(false, &r, &down(&[])), ShardHealth::Electing);
+        assert_eq!(shard_health(false, &r, &down(&["n2"])), ShardHealth::Electing);
+        assert_eq!(
+            shard_health(false, &r, &down(&["n2", "n3"])),
+            ShardHealth::MajorityLost { down: down(&["n2", "n3"]) }
+        );
+        // One replica of one: its node down is a lost majority; of two, one down is too.
+        assert!(matches!(shard_health(false, &r[..1], &down(&["n1"])), ShardHealth::MajorityLost { .. }));
+        assert!(matches!(shard_health(false, &r[..2], &down(&["n1"])), ShardHealth::MajorityLost { .. }));
+    }
 
     fn facts() -> ElectionFacts {
         ElectionFacts {

@@ -32,7 +32,7 @@ pub mod network;
 pub mod state_machine;
 pub mod types;
 
-pub use group::{ProposeError, Registry, Replica, ReplicaStatus, Role, ShardStatus};
+pub use group::{shard_health, ProposeError, Registry, Replica, ReplicaStatus, Role, ShardHealth, ShardStatus};
 pub use network::{RaftRouter, RaftRpc, RaftRpcReply};
 pub use state_machine::Machine;
 pub use types::{member_id, GroupId, MemberId, RAFT_TABLES_FROM};

@@ -1,241 +1,14 @@
-//! A local cluster of real node processes: what `bulkhead demo` runs, and what the tests drive.
-//!
-//! [`LocalCluster`] writes a config per node, starts `bulkhead node --config ...` for each (logs to
-//! `<data_dir>/logs/<node>.log`), waits on readiness (never a fixed sleep), and can kill, pause,
-//! resume and restart nodes. Dropping it stops and reaps every child, even when a test panics.
+//! `bulkhead demo`: a local three-node cluster of real processes ([`LocalCluster`], from the
+//! `bulkhead-launch` crate), a seeded catalog, and what to try.
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use bulkhead_cluster::{NodeConfig, Timing};
-use serde_json::Value;
-
-use crate::topology::{local_configs, write_config, Ports};
-
-/// Asks the OS for `n` distinct free TCP ports on 127.0.0.1.
-pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}")))
-        .collect::<Result<_, _>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
-}
-
-pub struct LocalCluster {
-    pub configs: Vec<NodeConfig>,
-    config_paths: Vec<PathBuf>,
-    children: Vec<Option<Child>>,
-    exe: PathBuf,
-    log_dir: PathBuf,
-    http: reqwest::Client,
-}
-
-impl LocalCluster {
-    /// Writes the configs and starts the three demo nodes (does not wait for readiness).
-    pub fn launch(
-        exe: &Path,
-        data_dir: &Path,
-        ports: [Ports; 3],
-        timing: Timing,
-        fault_injection: bool,
-    ) -> Result<LocalCluster, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-        let cookie = cookie(data_dir)?;
-        let configs = local_configs(data_dir, &cookie, &ports, timing, fault_injection);
-        Self::launch_configs(exe, data_dir, configs)
-    }
-
-    /// Writes `configs` under `data_dir` and starts one node per config.
-    pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-        let mut config_paths = Vec::new();
-        for cfg in &configs {
-            let path = data_dir.join(format!("{}.toml", cfg.name));
-            write_config(cfg, &path)?;
-            config_paths.push(path);
-        }
-        let log_dir = data_dir.join("logs");
-        std::fs::create_dir_all(&log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        let mut lc =
-            LocalCluster { configs, config_paths, children: Vec::new(), exe: exe.to_path_buf(), log_dir, http };
-        lc.children = lc.configs.iter().map(|_| None).collect();
-        for i in 0..lc.configs.len() {
-            lc.start(i)?;
-        }
-        Ok(lc)
-    }
-
-    /// Starts node `i` (again).
-    pub fn start(&mut self, i: usize) -> Result<(), String> {
-        let log_path = self.log_path(i);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(&self.exe)
-            .arg("node")
-            .arg("--config")
-            .arg(&self.config_paths[i])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))?;
-        self.children[i] = Some(child);
-        Ok(())
-    }
-
-    pub fn pid(&self, i: usize) -> Option<u32> {
-        self.children[i].as_ref().map(Child::id)
-    }
-
-    /// `http://127.0.0.1:<port>` of node `i`.
-    pub fn url(&self, i: usize) -> String {
-        format!("http://{}", self.configs[i].http_listen)
-    }
-
-    pub fn log_path(&self, i: usize) -> PathBuf {
-        self.log_dir.join(format!("{}.log", self.configs[i].name))
-    }
-
-    /// Sends `sig` (e.g. `libc::SIGSTOP`) to node `i`.
-    pub fn signal(&self, i: usize, sig: i32) {
-        if let Some(pid) = self.pid(i) {
-            // SAFETY: kill(2) on a pid we spawned and have not yet reaped.
-            unsafe {
-                libc::kill(pid as i32, sig);
-            }
-        }
-    }
-
-    /// SIGKILLs node `i` and reaps it.
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, up to 5 s to exit, then SIGKILL; reaps.
-    pub fn stop(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            // SAFETY: as in `signal`.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGCONT);
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn stop_all(&mut self) {
-        for i in 0..self.children.len() {
-            self.stop(i);
-        }
-    }
-
-    /// A node that exited on its own, with how.
-    pub fn exited(&mut self) -> Option<(usize, String)> {
-        for (i, c) in self.children.iter_mut().enumerate() {
-            if let Some(child) = c {
-                if let Ok(Some(status)) = child.try_wait() {
-                    *c = None;
-                    return Some((i, status.to_string()));
-                }
-            }
-        }
-        None
-    }
-
-    pub async fn get_json(&self, i: usize, path: &str) -> Result<(u16, Value), String> {
-        let resp = self.http.get(format!("{}{path}", self.url(i))).send().await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-        Ok((status, body))
-    }
-
-    /// Waits until every running node answers `/readyz` and sees every running node `up`.
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
-        self.wait_joined(timeout, true).await
-    }
-
-    /// Waits until every running node sees every running node `up` (and, if `ready`, answers
-    /// `/readyz` with 200; a node that cannot host a capability never does).
-    pub async fn wait_joined(&self, timeout: Duration, ready: bool) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let running: Vec<usize> = (0..self.children.len()).filter(|i| self.children[*i].is_some()).collect();
-        let name = |i: usize| self.configs[i].name.as_str();
-        let mut poll = tokio::time::interval(Duration::from_millis(100));
-        poll.tick().await;
-        loop {
-            let mut missing = Vec::new();
-            for &i in &running {
-                match self.get_json(i, "/readyz").await {
-                    Ok((200, _)) => {}
-                    Ok(_) if !ready => {}
-                    Ok((_, body)) => missing.push(format!("{}: {}", name(i), body["problems"])),
-                    Err(e) => missing.push(format!("{}: {e}", name(i))),
-                }
-                if let Ok((200, view)) = self.get_json(i, "/v1/cluster").await {
-                    for &j in &running {
-                        let up = view["nodes"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|n| n["name"] == name(j) && n["status"] == "up");
-                        if !up {
-                            missing.push(format!("{} does not see {} up yet", name(i), name(j)));
-                        }
-                    }
-                }
-            }
-            if missing.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("cluster not ready after {timeout:?}: {}", missing.join("; ")));
-            }
-            poll.tick().await;
-        }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut() {
-            if let Some(mut child) = c.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-/// The cluster cookie kept in `<data_dir>/cookie`, created on first use.
-fn cookie(data_dir: &Path) -> Result<String, String> {
-    let path = data_dir.join("cookie");
-    if let Ok(c) = std::fs::read_to_string(&path) {
-        if !c.trim().is_empty() {
-            return Ok(c.trim().to_string());
-        }
-    }
-    let c = format!("{:032x}", rand::random::<u128>());
-    std::fs::write(&path, &c).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(c)
-}
+use bulkhead_cluster::Timing;
+use bulkhead_launch::topology::Ports;
+pub use bulkhead_launch::{free_ports, LocalCluster};
 
 pub struct DemoOptions {
     pub data_dir: PathBuf,
@@ -288,15 +61,9 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
     for (sku, price) in catalog() {
         if let Ok((404, _)) = lc.get_json(0, &format!("/v1/inventory/{sku}")).await {
             let body = serde_json::json!({"available": DEMO_STOCK, "price_cents": price});
-            let r = lc
-                .http
-                .put(format!("{}/v1/inventory/{sku}", lc.url(0)))
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !r.status().is_success() {
-                return Err(format!("seeding {sku} failed: {}", r.status()));
+            let (status, _) = lc.put_json(0, &format!("/v1/inventory/{sku}"), &body).await?;
+            if !(200..300).contains(&status) {
+                return Err(format!("seeding {sku} failed: {status}"));
             }
             seeded += 1;
         }
@@ -309,9 +76,10 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
             r#"
 Bulkhead is up: 3 node processes on 127.0.0.1 ({seeded} SKUs seeded, {DEMO_STOCK} units each).
 
-  n1  {base}   orders + inventory        pid {}
-  n2  {n2}   payments + inventory      pid {}
-  n3  {n3}   orders + shipping + notifications  pid {}
+  n1  {base}   leads orders/0, inventory/0                 pid {}
+  n2  {n2}   leads payments, inventory/1                 pid {}
+  n3  {n3}   leads orders/1, shipping, notifications     pid {}
+  (every shard has a replica on each node: kill any one node and its shards fail over)
 
 Dashboard: {base}/
 
@@ -326,7 +94,9 @@ Try:
   curl -si -X POST {base}/v1/orders -H 'content-type: application/json' \
        -d '{{"customer_id":"c2","items":[{{"sku":"widget-2","quantity":1}}],"payment_token":"tok_decline"}}'
   curl -s {base}/v1/inventory/widget-2
-  # who is up, and who hosts what
+  # a customer's orders, newest first
+  curl -s '{base}/v1/orders?customer_id=c1'
+  # who is up, and each shard's leader, term, replicas and lag
   curl -s {base}/v1/cluster
 
 Press Ctrl-C to stop all three nodes."#,

@@ -1,9 +1,10 @@
-//! The `bulkhead` binary's pieces: running one node ([`node`]), launching a local three-node
-//! cluster of real processes ([`demo`]) on the [`topology`] the docs describe, and benchmarking
-//! local clusters ([`bench`]). `main.rs` only parses
+//! The `bulkhead` binary's pieces: running one node ([`node`]), the demo ([`demo`]: a local
+//! three-node cluster of real processes on the [`topology`] the docs describe, launched with the
+//! `bulkhead-launch` crate), and benchmarking local clusters ([`bench`]). `main.rs` only parses
 //! arguments and calls these.
 
 pub mod bench;
 pub mod demo;
 pub mod node;
-pub mod topology;
+
+pub use bulkhead_launch::topology;

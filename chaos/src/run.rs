@@ -101,9 +101,7 @@ pub fn shards_whole(cluster: &serde_json::Value) -> bool {
             let mut nodes: Vec<&str> = replicas.iter().filter_map(|r| r["node"].as_str()).collect();
             nodes.sort_unstable();
             nodes.dedup();
-            !s["leader"].is_null()
-                && replicas.iter().all(|r| r["role"] != "learner")
-                && nodes.len() == replicas.len()
+            !s["leader"].is_null() && replicas.iter().all(|r| r["role"] != "learner") && nodes.len() == replicas.len()
         })
     })
 }
@@ -423,7 +421,7 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<(), String> {
 
 fn bulkhead_http_time() -> String {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64);
-    bulkhead_http::api::rfc3339(ms.unwrap_or(0))
+    bulkhead_storage::rfc3339(ms.unwrap_or(0))
 }
 
 /// Milliseconds from `at_s` to the first `201` of an order first sent at or after it.
@@ -546,9 +544,7 @@ mod tests {
 
     #[test]
     fn a_shard_is_whole_with_a_leader_and_one_voter_per_node() {
-        let shard = |leader: serde_json::Value, replicas: &[(&str, &str)]| {
-            json!({"shards": [{"leader": leader, "replicas": replicas.iter().map(|(n, r)| json!({"node": n, "role": r})).collect::<Vec<_>>()}]})
-        };
+        let shard = |leader: serde_json::Value, replicas: &[(&str, &str)]| json!({"shards": [{"leader": leader, "replicas": replicas.iter().map(|(n, r)| json!({"node": n, "role": r})).collect::<Vec<_>>()}]});
         let whole = [("n1", "leader"), ("n2", "follower"), ("n3", "follower")];
         assert!(shards_whole(&shard(json!("n1"), &whole)));
         assert!(!shards_whole(&shard(json!(null), &whole)), "no leader");

@@ -356,10 +356,16 @@ impl Scenario {
                     return Err("the first fault cannot overlap a previous one".into());
                 };
                 if prev.node == f.node {
-                    return Err(format!("an overlapping fault must be on another node than the one before it ({})", f.node));
+                    return Err(format!(
+                        "an overlapping fault must be on another node than the one before it ({})",
+                        f.node
+                    ));
                 }
                 if prev.action == Action::Wipe && f.action == Action::Wipe {
-                    return Err("two wipes must not overlap: losing two of three disks at once is a disaster, not a fault".into());
+                    return Err(
+                        "two wipes must not overlap: losing two of three disks at once is a disaster, not a fault"
+                            .into(),
+                    );
                 }
             }
         }

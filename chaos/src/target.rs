@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use bulkhead::demo::{free_ports, LocalCluster};
-use bulkhead::topology::{demo_shard_map, Ports, NODES};
 use bulkhead_cluster::Timing;
+use bulkhead_launch::topology::{demo_shard_map, Ports, NODES};
+use bulkhead_launch::{free_ports, LocalCluster};
 
 use crate::scenario::{Action, ClusterSpec, Commands, Fault};
 

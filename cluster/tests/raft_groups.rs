@@ -180,7 +180,8 @@ impl Group {
         for id in ids {
             g.add_member(*id).await;
         }
-        let voters: BTreeMap<MemberId, BasicNode> = ids.iter().map(|id| (*id, BasicNode::new(id.to_string()))).collect();
+        let voters: BTreeMap<MemberId, BasicNode> =
+            ids.iter().map(|id| (*id, BasicNode::new(id.to_string()))).collect();
         g.members[&ids[0]].raft.initialize(voters).await.expect("initialize");
         g
     }
@@ -188,9 +189,10 @@ impl Group {
     async fn add_member(&mut self, id: MemberId) {
         let store = Store::open(self.dir.path(), &format!("member-{id}"), &StoreOptions::default()).unwrap();
         let sm = StateMachineStore::new(store.clone(), Arc::new(Adder));
-        let raft = Raft::new(id, config(), Factory { net: self.net.clone(), from: id }, LogStore::new(store.clone()), sm)
-            .await
-            .expect("start raft");
+        let raft =
+            Raft::new(id, config(), Factory { net: self.net.clone(), from: id }, LogStore::new(store.clone()), sm)
+                .await
+                .expect("start raft");
         self.net.rafts.lock().unwrap().insert(id, raft.clone());
         self.members.insert(id, Member { raft, store });
     }
@@ -234,10 +236,8 @@ impl Group {
     /// each one's capability tables (everything below the Raft tables).
     async fn settled_tables(&self, ids: &[MemberId]) -> Vec<Vec<RawRecord>> {
         wait_for(Duration::from_secs(10), "every replica applied the same log", || {
-            let applied: BTreeSet<Option<u64>> = ids
-                .iter()
-                .map(|id| self.members[id].raft.metrics().borrow().last_applied.map(|l| l.index))
-                .collect();
+            let applied: BTreeSet<Option<u64>> =
+                ids.iter().map(|id| self.members[id].raft.metrics().borrow().last_applied.map(|l| l.index)).collect();
             let last = self.members[&ids[0]].raft.metrics().borrow().last_log_index;
             (applied.len() == 1 && applied.first().copied().flatten() == last).then_some(())
         })

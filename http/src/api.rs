@@ -19,33 +19,18 @@ use bulkhead_actors::orders::{
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
-use bulkhead_cluster::wire::new_traceparent;
 use bulkhead_cluster::raft::ShardHealth;
+use bulkhead_cluster::wire::new_traceparent;
 use bulkhead_cluster::{BreakerState, Capability, Status};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+pub use bulkhead_storage::rfc3339;
+
 use crate::error::ApiError;
 use crate::validate;
 use crate::AppState;
-
-/// Milliseconds since the epoch as RFC 3339 UTC (`2026-11-21T05:19:29.123Z`).
-pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
-}
 
 pub fn order_json(o: &OrderView) -> Value {
     let mut v = json!({
@@ -601,16 +586,4 @@ fn set_partition(st: &AppState, cut: bool) -> Result<Response, ApiError> {
     tracing::warn!(cut, "fault injected: cluster links {}", if cut { "cut" } else { "healed" });
     let node = st.cluster.name();
     Ok((StatusCode::ACCEPTED, Json(json!({"injected": "partition", "cut": cut, "node": node}))).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_795_238_369_000), "2026-11-21T05:19:29.000Z");
-    }
 }

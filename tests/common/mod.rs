@@ -6,9 +6,9 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use bulkhead::demo::{free_ports, LocalCluster};
-use bulkhead::topology::{local_configs, Ports};
 use bulkhead_cluster::{NodeConfig, Timing};
+use bulkhead_launch::topology::{local_configs, Ports};
+use bulkhead_launch::{free_ports, LocalCluster};
 use serde_json::{json, Value};
 
 pub struct TestCluster {

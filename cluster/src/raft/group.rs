@@ -77,6 +77,16 @@ pub struct Replica {
     /// A membership change (a new member catching up, then swapped in) is under way.
     reconfiguring: Arc<AtomicBool>,
     proposal_timeout: Duration,
+    /// Reads waiting for the next read barrier (see [`Replica::read_barrier`]).
+    reads: Arc<std::sync::Mutex<ReadBatch>>,
+}
+
+/// Linearizable reads that share one read barrier: `running` while a barrier task is at work,
+/// `waiting` the reads that arrived since its current barrier started.
+#[derive(Default)]
+struct ReadBatch {
+    running: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), ProposeError>>>,
 }
 
 /// This node's replicas, by group; shared with the Raft router and the HTTP front.
@@ -216,7 +226,59 @@ impl Replica {
 
     /// Waits until this replica may serve a linearizable read: it still leads (a majority
     /// confirmed it after the read arrived) and has applied everything committed before.
+    ///
+    /// Reads share barriers: a read waits for the next barrier that *starts* after it arrived (so
+    /// the guarantee holds), and every read that arrived meanwhile rides on that same barrier.
+    /// Under load that is one heartbeat round per round trip, not one per read.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = match self.reads.lock() {
+            Ok(mut b) => {
+                b.waiting.push(tx);
+                !std::mem::replace(&mut b.running, true)
+            }
+            Err(_) => return Err(ProposeError::Failed("read batch poisoned".into())),
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_read_barriers().await });
+        }
+        rx.await.unwrap_or_else(|_| Err(ProposeError::Failed("the read barrier task stopped".into())))
+    }
+
+    /// Runs barriers until no read is waiting: each serves the reads that arrived before it began.
+    async fn run_read_barriers(&self) {
+        // Should this task end any other way (a panic, the runtime shutting down), the reads
+        // queued are failed and the next read starts a new task: none waits forever.
+        struct Reset(Arc<std::sync::Mutex<ReadBatch>>);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                if let Ok(mut b) = self.0.lock() {
+                    b.running = false;
+                    for tx in b.waiting.drain(..) {
+                        let _ = tx.send(Err(ProposeError::Failed("the read barrier task stopped".into())));
+                    }
+                }
+            }
+        }
+        let _reset = Reset(self.reads.clone());
+        loop {
+            let batch = match self.reads.lock() {
+                Ok(mut b) if b.waiting.is_empty() => {
+                    b.running = false;
+                    return;
+                }
+                Ok(mut b) => std::mem::take(&mut b.waiting),
+                Err(_) => return,
+            };
+            let result = self.one_read_barrier().await;
+            for tx in batch {
+                let _ = tx.send(result.clone());
+            }
+        }
+    }
+
+    async fn one_read_barrier(&self) -> Result<(), ProposeError> {
         let check = self.raft.ensure_linearizable();
         match tokio::time::timeout(self.proposal_timeout, check).await {
             Err(_) => Err(ProposeError::TimedOut(self.proposal_timeout.as_millis() as u64)),
@@ -335,6 +397,7 @@ pub async fn start<M: Machine>(
         handing_over: Arc::default(),
         reconfiguring: Arc::default(),
         proposal_timeout,
+        reads: Arc::default(),
     };
     cluster.raft().insert(replica.clone());
     tokio::spawn(drive(cluster.clone(), replica.clone()));
@@ -360,6 +423,7 @@ async fn drive(cluster: Cluster, r: Replica) {
     let mut last_elect = None::<Instant>;
     let mut leader_down_since = None::<Instant>;
     let mut majority_lost = false;
+    let (mut hand_over_failures, mut hand_over_after) = (0u32, None::<Instant>);
     let window = Duration::from_millis(cluster.config().timing.election_timeout_ms * 3);
     let due = |last: &mut Option<Instant>, every: Duration| {
         let now = Instant::now();
@@ -406,14 +470,29 @@ async fn drive(cluster: Cluster, r: Replica) {
         }
         if state == ServerState::Leader {
             if due(&mut last_reconcile, Duration::from_secs(1)) {
-                reconcile(&cluster, &r).await;
+                let may_hand_over = hand_over_after.is_none_or(|t| Instant::now() >= t);
+                match reconcile(&cluster, &r, may_hand_over).await {
+                    Some(true) => (hand_over_failures, hand_over_after) = (0, None),
+                    Some(false) => {
+                        // Each failed hand-over costs the group a pause and a term: back off.
+                        hand_over_failures += 1;
+                        let wait = Duration::from_secs(1 << hand_over_failures.min(6));
+                        hand_over_after = Some(Instant::now() + wait);
+                        tracing::info!(group = %r.id, failures = hand_over_failures, next_in = ?wait,
+                            "the preferred node did not take the lead; trying again later");
+                    }
+                    None => {}
+                }
             }
             continue;
         }
         // A follower whose leader's node the failure detector sees down may call an election at
         // once rather than wait out its timer (see `fast_election`). Raft still decides: the others
         // grant their votes once the dead leader's lease has lapsed, and only to an up-to-date log.
-        let leader_down = leader_node.as_deref().is_none_or(|n| cluster.status_of(n) == Status::Down);
+        // Only a known leader on a node seen down: with no leader known (an election under way,
+        // a hand-over), calling one more would restart that election at a higher term, again and
+        // again when votes are slow; openraft's own timers handle that case.
+        let leader_down = leader_node.as_deref().is_some_and(|n| cluster.status_of(n) == Status::Down);
         let since = match (leader_down, leader_down_since) {
             (false, _) => None,
             (true, None) => Some(Instant::now()),
@@ -428,7 +507,11 @@ async fn drive(cluster: Cluster, r: Replica) {
             replicas: r.placement.replicas.len(),
             first_live: first_live(&cluster, &r),
         };
-        if fast_election(&facts, window) && due(&mut last_elect, Duration::from_millis(150)) {
+        // One call per election timeout at most, and never while this replica is already a
+        // candidate: each call starts a new term, and a vote round slower than the interval would
+        // otherwise never finish.
+        let patience = Duration::from_millis(cluster.config().timing.election_timeout_ms);
+        if state != ServerState::Candidate && fast_election(&facts, window) && due(&mut last_elect, patience) {
             tracing::info!(group = %r.id, leader = ?leader_node, "the leader's node is down: calling an election");
             let _ = r.raft.trigger().elect().await;
         }
@@ -487,8 +570,20 @@ pub fn shard_health(has_leader: bool, replicas: &[String], down: &[String]) -> S
 impl Replica {
     /// This shard's health as this node sees it (its replica's leader, the failure detector).
     pub fn health(&self, cluster: &Cluster) -> ShardHealth {
-        let down: Vec<String> =
-            self.placement.replicas.iter().filter(|n| cluster.status_of(n) == Status::Down).cloned().collect();
+        // Right after start-up every peer is "down" because none has been heard from yet: a node
+        // counts as lost once it was heard from and then lost, or once this process has been up
+        // long enough (10 detector deadlines) to have heard from it.
+        let view = cluster.view();
+        let uptime = bulkhead_storage::now_ms().saturating_sub(cluster.incarnation());
+        let settled = uptime > cluster.config().timing.down_after_ms.saturating_mul(10);
+        let down: Vec<String> = self
+            .placement
+            .replicas
+            .iter()
+            .filter(|n| cluster.status_of(n) == Status::Down)
+            .filter(|n| settled || view.get(n.as_str()).is_some_and(|v| v.pid.is_some()))
+            .cloned()
+            .collect();
         shard_health(self.leader().is_some(), &self.placement.replicas, &down)
     }
 }
@@ -549,8 +644,34 @@ async fn bootstrap(cluster: &Cluster, r: &Replica) {
 /// incarnation (a node whose store was wiped comes back as a new member: add it as a learner,
 /// let it catch up, then swap it in for its old self); and the preferred node, once caught up,
 /// gets the leadership back.
-async fn reconcile(cluster: &Cluster, r: &Replica) {
+/// A leader's round of upkeep: finish or start a membership change, else hand the lead back to
+/// the preferred node (if `may_hand_over`). Returns whether a hand-over was tried and took.
+async fn reconcile(cluster: &Cluster, r: &Replica, may_hand_over: bool) -> Option<bool> {
+    // A membership change is under way (this replica's own, on its task): nothing else until it
+    // is done, a hand-over least of all (a new leader mid-change would leave it half made).
+    if r.reconfiguring.load(Ordering::SeqCst) {
+        return None;
+    }
     let membership = r.raft.metrics().borrow().membership_config.membership().clone();
+    // A change a previous leader began and could not finish (it lost the lead between the joint
+    // configuration and the final one): finish it, to the configuration it was heading for.
+    if membership.get_joint_config().len() > 1 {
+        let target: BTreeSet<MemberId> =
+            membership.get_joint_config().last().map(|c| c.iter().copied().collect()).unwrap_or_default();
+        if r.reconfiguring.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        tracing::info!(group = %r.id, voters = ?target.iter().map(|m| format!("{m:x}")).collect::<Vec<_>>(),
+            "finishing a membership change an earlier leader began");
+        let r2 = r.clone();
+        tokio::spawn(async move {
+            if let Err(e) = r2.raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false).await {
+                tracing::warn!(group = %r2.id, error = %e, "finishing the membership change failed; the next round retries");
+            }
+            r2.reconfiguring.store(false, Ordering::SeqCst);
+        });
+        return None;
+    }
     for node in &r.placement.replicas {
         if node == cluster.name() || cluster.status_of(node) == Status::Down {
             continue;
@@ -572,15 +693,18 @@ async fn reconcile(cluster: &Cluster, r: &Replica) {
         // Catching up may take a while (a snapshot): not on the driver's loop, and one at a time
         // (the next round would otherwise start the same change again meanwhile).
         if r.reconfiguring.swap(true, Ordering::SeqCst) {
-            return;
+            return None;
         }
         tokio::spawn(async move {
             swap_in(&r2, member, node, current).await;
             r2.reconfiguring.store(false, Ordering::SeqCst);
         });
-        return;
+        return None;
     }
-    hand_over(cluster, r).await;
+    if !may_hand_over {
+        return None;
+    }
+    hand_over(cluster, r).await
 }
 
 /// Adds `member` (on `node`) as a learner, waits until it has caught up, then makes it a voter in
@@ -603,19 +727,16 @@ async fn swap_in(r: &Replica, member: MemberId, node: String, old: Vec<MemberId>
 
 /// On a leader that is not the preferred node: once the preferred node is up, a voter, and has
 /// every entry, pause new proposals, let it call an election, and resume.
-async fn hand_over(cluster: &Cluster, r: &Replica) {
+async fn hand_over(cluster: &Cluster, r: &Replica) -> Option<bool> {
     let preferred = r.placement.preferred();
     if preferred == cluster.name() || cluster.status_of(preferred) != Status::Up {
-        return;
+        return None;
     }
     let target = {
         let m = r.raft.metrics();
         let m = m.borrow();
         let membership = m.membership_config.membership();
-        let Some(id) = membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.addr == preferred))
-        else {
-            return;
-        };
+        let id = membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.addr == preferred))?;
         let caught_up = m
             .replication
             .as_ref()
@@ -623,7 +744,7 @@ async fn hand_over(cluster: &Cluster, r: &Replica) {
             .flatten()
             .is_some_and(|matched| Some(matched.index) >= m.last_log_index);
         if !caught_up {
-            return;
+            return None;
         }
         id
     };
@@ -646,8 +767,11 @@ async fn hand_over(cluster: &Cluster, r: &Replica) {
     let rpc = RaftRpc::TakeLead { group: r.id, to: target };
     let _ = cluster.raft_call(preferred, r.id.capability, &rpc, Duration::from_millis(500)).await;
     let mut m = r.raft.metrics();
-    let _ = tokio::time::timeout(Duration::from_millis(1_000), m.wait_for(|m| m.state != ServerState::Leader)).await;
+    let took = tokio::time::timeout(Duration::from_millis(1_500), m.wait_for(|m| m.current_leader == Some(target)))
+        .await
+        .is_ok_and(|r| r.is_ok());
     r.handing_over.store(false, Ordering::Relaxed);
+    Some(took)
 }
 
 #[cfg(test)]

@@ -267,6 +267,11 @@ pub struct ClusterSpec {
     pub nodes: Vec<RemoteNode>,
     #[serde(default)]
     pub commands: Commands,
+    /// A launched local cluster's `[timing]` (default: the node defaults). CI's smoke run uses a
+    /// slower Raft heartbeat: openraft gives every AppendEntries one heartbeat interval to answer,
+    /// and unoptimised debug builds of three nodes on two cores miss 100 ms under load.
+    #[serde(default)]
+    pub timing: Option<bulkhead_cluster::Timing>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

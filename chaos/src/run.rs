@@ -73,7 +73,7 @@ pub async fn run(opts: RunOptions) -> Result<Report, String> {
         let data = opts.report_dir.join("cluster");
         let _ = std::fs::remove_dir_all(&data);
         pb.set_message(format!("launching a local 3-node cluster ({})", exe.display()));
-        Target::launch_local(&exe, &data, sc.cluster.timing.clone().unwrap_or_default())?
+        Target::launch_local(&exe, &data, sc.cluster.timing.clone().unwrap_or_default(), sc.cluster.durability)?
     } else {
         Target::remote(&sc.cluster)
     };

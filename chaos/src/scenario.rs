@@ -272,6 +272,11 @@ pub struct ClusterSpec {
     /// and unoptimised debug builds of three nodes on two cores miss 100 ms under load.
     #[serde(default)]
     pub timing: Option<bulkhead_cluster::Timing>,
+    /// A launched local cluster's `durability` (default `fsync`). `flush` still survives every
+    /// fault the tool injects (a killed process loses nothing sled has flushed), only not a power
+    /// loss; CI's smoke run uses it so that a build's disk writeback does not stall every commit.
+    #[serde(default)]
+    pub durability: Option<bulkhead_storage::Durability>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

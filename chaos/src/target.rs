@@ -19,14 +19,23 @@ pub enum Target {
 
 impl Target {
     /// Launches the three-node demo topology under `data_dir`, fault injection on.
-    pub fn launch_local(exe: &Path, data_dir: &Path, timing: Timing) -> Result<Target, String> {
+    pub fn launch_local(
+        exe: &Path,
+        data_dir: &Path,
+        timing: Timing,
+        durability: Option<bulkhead_storage::Durability>,
+    ) -> Result<Target, String> {
         let p = free_ports(6)?;
         let ports = [
             Ports { cluster: p[0], http: p[1] },
             Ports { cluster: p[2], http: p[3] },
             Ports { cluster: p[4], http: p[5] },
         ];
-        let lc = LocalCluster::launch(exe, data_dir, ports, timing, true)?;
+        let lc = LocalCluster::launch_edited(exe, data_dir, ports, timing, true, |c| {
+            if let Some(d) = durability {
+                c.durability = d;
+            }
+        })?;
         Ok(Target::Local { lc, names: NODES.iter().map(|s| s.to_string()).collect() })
     }
 

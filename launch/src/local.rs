@@ -47,6 +47,22 @@ impl LocalCluster {
         Self::launch_configs(exe, data_dir, configs)
     }
 
+    /// As [`LocalCluster::launch`], with every node's config passed through `edit` first.
+    pub fn launch_edited(
+        exe: &Path,
+        data_dir: &Path,
+        ports: [Ports; 3],
+        timing: Timing,
+        fault_injection: bool,
+        edit: impl Fn(&mut NodeConfig),
+    ) -> Result<LocalCluster, String> {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        let cookie = cookie(data_dir)?;
+        let mut configs = local_configs(data_dir, &cookie, &ports, timing, fault_injection);
+        configs.iter_mut().for_each(edit);
+        Self::launch_configs(exe, data_dir, configs)
+    }
+
     /// Writes `configs` under `data_dir` and starts one node per config.
     pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, String> {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;

@@ -198,9 +198,10 @@ async fn a_store_that_will_not_open_is_reported_and_kept() {
     assert_eq!(std::fs::read(tc.dir.path().join("n2").join("payments-0")).unwrap(), b"precious bytes");
     // The rest of the cluster works; orders wait for payments instead of failing. (A new group is
     // initialized by its preferred node, n2, so payments has no leader until n2's store opens.)
-    eventually(Duration::from_secs(20), "both inventory shards have a leader", || async {
+    eventually(Duration::from_secs(20), "every inventory and orders shard has a leader", || async {
         let v = tc.get(0, "/v1/cluster").await.body;
-        (!shard(&v, "inventory", 0)["leader"].is_null() && !shard(&v, "inventory", 1)["leader"].is_null()).then_some(())
+        let led = |cap, n| !shard(&v, cap, n)["leader"].is_null();
+        (led("inventory", 0) && led("inventory", 1) && led("orders", 0) && led("orders", 1)).then_some(())
     })
     .await;
     tc.stock("widget-1", 10, 100).await;

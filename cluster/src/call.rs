@@ -2,8 +2,8 @@
 //!
 //! There is no untimed call anywhere: a paused peer would otherwise hang the caller forever
 //! (ractor_cluster keeps queueing into a session nobody reads). The error says which of the three
-//! things went wrong, because callers treat them differently: `Unreachable` and `TimedOut` are
-//! retried (the saga's backoff), `Rejected` is an answer.
+//! things went wrong, because callers treat them differently: `Unreachable`, `NoLeader`, `Busy`,
+//! `Lost` and `TimedOut` are retried (the saga's backoff), `Rejected` is an answer.
 
 use std::time::Duration;
 
@@ -13,15 +13,22 @@ use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Capability;
-use crate::gateway::{LOST, UNAVAILABLE};
-use crate::wire::{open, seal, WireMsg, WireReply};
+use crate::wire::{open, seal, Refusal, WireMsg, WireReply};
 
 /// Why a cross-node call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CallError {
-    /// No live member to send to, or the link/member went away before answering.
+    /// No live member to send to: nothing was sent.
     #[error("{capability} on {node} is unreachable: {reason}")]
     Unreachable { capability: Capability, node: String, reason: String },
+    /// The shard has no leader right now (an election is under way, or a majority is down):
+    /// nothing was recorded. `node` is the node whose replica said so.
+    #[error("{capability} shard {shard} has no leader right now (as seen by {node})")]
+    NoLeader { capability: Capability, shard: u32, node: String },
+    /// The member refused before its worker saw the request (restarting, stopping, shedding load):
+    /// nothing was recorded.
+    #[error("{capability} on {node} is busy: {reason}")]
+    Busy { capability: Capability, node: String, reason: String },
     /// Sent, but the member or its link went away before answering: it may have been applied.
     #[error("{capability} on {node} went away before answering: {reason}")]
     Lost { capability: Capability, node: String, reason: String },
@@ -37,10 +44,18 @@ impl CallError {
     /// Worth retrying later (as opposed to a definite answer).
     pub fn is_transient(&self) -> bool {
         match self {
-            CallError::Unreachable { .. } | CallError::TimedOut { .. } | CallError::Lost { .. } => true,
-            // A rejection for "not ready" (worker restarting) is transient too.
-            CallError::Rejected { reason, .. } => reason.starts_with(UNAVAILABLE),
+            CallError::Unreachable { .. }
+            | CallError::NoLeader { .. }
+            | CallError::Busy { .. }
+            | CallError::TimedOut { .. }
+            | CallError::Lost { .. } => true,
+            CallError::Rejected { .. } => false,
         }
+    }
+
+    /// Nothing was recorded: the request never reached a worker, so a retry cannot duplicate it.
+    pub fn nothing_recorded(&self) -> bool {
+        matches!(self, CallError::Unreachable { .. } | CallError::NoLeader { .. } | CallError::Busy { .. })
     }
 }
 
@@ -71,10 +86,11 @@ pub async fn call<Req: Record, Resp: Record>(
             Ok((_, WireReply::Ok(payload))) => {
                 decode::<Resp>(&payload).map_err(|e| rejected(format!("undecodable reply: {e}")))
             }
-            Ok((_, WireReply::Rejected(reason))) => match reason.strip_prefix(LOST) {
-                Some(r) => Err(CallError::Lost { capability, node: node.to_string(), reason: r.to_string() }),
-                None => Err(rejected(reason)),
-            },
+            Ok((_, WireReply::Refused { kind, reason })) => Err(match kind {
+                Refusal::Busy => CallError::Busy { capability, node: node.to_string(), reason },
+                Refusal::Lost => CallError::Lost { capability, node: node.to_string(), reason },
+                Refusal::Rejected => rejected(reason),
+            }),
             Err(e) => Err(rejected(format!("undecodable reply envelope: {e}"))),
         },
         Ok(CallResult::Timeout) => Err(timed_out()),

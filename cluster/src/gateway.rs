@@ -20,12 +20,7 @@ use bulkhead_storage::{encode, Record};
 use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 
 use crate::config::Capability;
-use crate::wire::{child_traceparent, open, seal, WireMsg, WireReply};
-
-/// Prefix of a rejection sent after the request was handed to the worker (it may have been applied).
-pub const LOST: &str = "lost: ";
-/// Prefix of a rejection sent before the request reached the worker (it was not applied).
-pub const UNAVAILABLE: &str = "unavailable: ";
+use crate::wire::{child_traceparent, open, seal, Refusal, WireMsg, WireReply};
 
 /// Requests refused by any gateway of this process because its worker had `max_in_flight` unanswered.
 pub static GATEWAY_SHED: AtomicU64 = AtomicU64::new(0);
@@ -85,8 +80,8 @@ impl Drop for Slot {
     }
 }
 
-fn reject(port: RpcReplyPort<Vec<u8>>, traceparent: &str, reason: String) {
-    let _ = port.send(seal(&WireReply::Rejected(reason), traceparent));
+fn reject(port: RpcReplyPort<Vec<u8>>, traceparent: &str, kind: Refusal, reason: String) {
+    let _ = port.send(seal(&WireReply::Refused { kind, reason }, traceparent));
 }
 
 impl<Req, Resp, M> Actor for Gateway<Req, Resp, M>
@@ -123,13 +118,13 @@ where
                 let (env, req) = match open::<Req>(&bytes, cap.as_str()) {
                     Ok(x) => x,
                     Err(e) => {
-                        reject(port, "", format!("undecodable request: {e}"));
+                        reject(port, "", Refusal::Rejected, format!("undecodable request: {e}"));
                         return Ok(());
                     }
                 };
                 let tp = child_traceparent(&env.traceparent);
                 let Some(worker) = ActorRef::<M>::where_is(worker_name(cap)) else {
-                    reject(port, &tp, format!("{UNAVAILABLE}the {cap} worker is restarting"));
+                    reject(port, &tp, Refusal::Busy, format!("the {cap} worker is restarting"));
                     return Ok(());
                 };
                 // Only this actor increments, one message at a time, so load-then-add cannot overshoot.
@@ -140,14 +135,15 @@ where
                     reject(
                         port,
                         &tp,
-                        format!("{UNAVAILABLE}the {cap} worker has {queued} requests queued; shedding load"),
+                        Refusal::Busy,
+                        format!("the {cap} worker has {queued} requests queued; shedding load"),
                     );
                     return Ok(());
                 }
                 let (tx, rx) = ractor::concurrency::oneshot();
                 let inbound = Inbound { req, traceparent: tp.clone(), reply: tx.into() };
                 if worker.cast((state.args.wrap)(inbound)).is_err() {
-                    reject(port, &tp, format!("{UNAVAILABLE}the {cap} worker is stopping"));
+                    reject(port, &tp, Refusal::Busy, format!("the {cap} worker is stopping"));
                     return Ok(());
                 }
                 state.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -160,8 +156,10 @@ where
                             let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));
                         }
                         // Handed over, then no answer: the outcome is unknown, never "not delivered".
-                        Ok(Err(_)) => reject(port, &tp, format!("{LOST}the {cap} worker stopped before answering")),
-                        Err(_) => reject(port, &tp, format!("{LOST}the {cap} worker did not answer in time")),
+                        Ok(Err(_)) => {
+                            reject(port, &tp, Refusal::Lost, format!("the {cap} worker stopped before answering"))
+                        }
+                        Err(_) => reject(port, &tp, Refusal::Lost, format!("the {cap} worker did not answer in time")),
                     }
                 });
             }

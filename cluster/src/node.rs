@@ -545,7 +545,7 @@ impl Cluster {
     }
 
     /// Calls the leader of `shard` of `cap`; a member that answers "not the leader, X is"
-    /// ([`LeaderReply`]) is followed once. No known leader: `Unreachable` at once (nothing sent).
+    /// ([`LeaderReply`]) is followed once. No known leader: `NoLeader` at once (nothing sent).
     pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(
         &self,
         cap: Capability,
@@ -554,11 +554,7 @@ impl Cluster {
         traceparent: &str,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let no_leader = |node: &str| CallError::Unreachable {
-            capability: cap,
-            node: node.to_string(),
-            reason: format!("shard {shard} has no leader right now"),
-        };
+        let no_leader = |node: &str| CallError::NoLeader { capability: cap, shard, node: node.to_string() };
         let Some(target) = self.leader_of(cap, shard) else { return Err(no_leader(self.name())) };
         let resp: Resp = self.call_with_timeout(cap, &target, req, traceparent, timeout).await?;
         match resp.not_leader() {
@@ -626,8 +622,10 @@ impl Outcome<'_> {
         let Some(t) = self.ticket.take() else { return };
         let now = self.cluster.now_ms();
         self.cluster.with_breaker(self.cap, self.node, |b| match result {
-            // `Rejected` is the member answering: it is alive, the request is what it refused.
-            Ok(_) | Err(CallError::Rejected { .. }) => b.on_success(t),
+            // A refusal is the member answering: it is alive, the request is what it refused.
+            Ok(_) | Err(CallError::Rejected { .. } | CallError::Busy { .. } | CallError::NoLeader { .. }) => {
+                b.on_success(t)
+            }
             Err(CallError::Unreachable { .. } | CallError::TimedOut { .. } | CallError::Lost { .. }) => {
                 b.on_failure(t, now, rand::random::<f64>())
             }

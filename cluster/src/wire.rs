@@ -4,7 +4,7 @@
 //! a payload that does not decode would be dropped silently. So the one remotable message type,
 //! [`WireMsg`], carries plain bytes, and *we* decode them: an [`Envelope`] (version byte, message id,
 //! W3C traceparent, payload) whose payload is a capability's versioned request. Anything that does
-//! not decode is counted in [`WIRE_STATS`] and logged at warn, and a call gets a `Rejected` answer.
+//! not decode is counted in [`WIRE_STATS`] and logged at warn, and a call gets a `Refused` answer.
 //!
 //! The variant names of [`WireMsg`] are ractor_cluster's wire tags: never rename them.
 
@@ -47,11 +47,28 @@ impl Record for Envelope {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireReply {
     Ok(Vec<u8>),
-    Rejected(String),
+    /// Not answered by the handler: `kind` says what the caller may conclude, `reason` is for people.
+    Refused {
+        kind: Refusal,
+        reason: String,
+    },
+}
+
+/// What a refusal means for the request: the caller decides retry or give up on this, never on
+/// the text of the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Refused before it reached the worker (restarting, stopping, shedding load): not applied.
+    Busy,
+    /// Handed to the worker, which stopped or did not answer in time: it may have been applied.
+    Lost,
+    /// The member will not handle this request (it does not decode, or is not for it).
+    Rejected,
 }
 
 impl Record for WireReply {
-    const VERSION: u8 = 1;
+    /// 2: `Refused` with a typed kind replaced `Rejected(String)` with a text prefix.
+    const VERSION: u8 = 2;
 }
 
 /// Counters of what arrived and could not be understood.
@@ -157,5 +174,14 @@ mod tests {
         let fixture = [1u8, 1, 1, b't', 2, 1, 5];
         let env: Envelope = decode(&fixture).unwrap();
         assert_eq!(env, Envelope { msg_id: 1, traceparent: "t".into(), payload: vec![1, 5] });
+    }
+
+    #[test]
+    fn reply_fixture_decodes() {
+        // Checked-in bytes of a reply v2 Refused {kind: Lost, reason: "x"}.
+        let fixture = [2u8, 1, 1, 1, b'x'];
+        let reply: WireReply = decode(&fixture).unwrap();
+        assert_eq!(reply, WireReply::Refused { kind: Refusal::Lost, reason: "x".into() });
+        assert_eq!(encode(&reply), fixture);
     }
 }

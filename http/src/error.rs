@@ -32,13 +32,7 @@ impl ApiError {
     pub fn from_read(e: CallError) -> Self {
         if e.is_transient() {
             tracing::warn!(error = %e, "cluster call failed for a read");
-            let what = match &e {
-                CallError::Unreachable { capability, node, .. }
-                | CallError::TimedOut { capability, node, .. }
-                | CallError::Lost { capability, node, .. }
-                | CallError::Rejected { capability, node, .. } => format!("{capability} on node {node}"),
-            };
-            return Self::unavailable(format!("{what} is unavailable; retry later"));
+            return Self::unavailable(format!("{e}; retry later"));
         }
         Self::from_call(e)
     }
@@ -66,8 +60,14 @@ impl ApiError {
         tracing::warn!(error = %e, "cluster call failed for an API request");
         match e {
             CallError::Unreachable { capability, node, .. } => {
-                Self::unavailable(format!("{capability} on node {node} is unreachable; retry later"))
+                Self::unavailable(format!("{capability} on node {node} is unreachable; nothing was recorded, retry later"))
             }
+            CallError::NoLeader { capability, shard, .. } => Self::unavailable(format!(
+                "{capability} shard {shard} has no leader right now (an election is under way or a majority of its replicas is down); nothing was recorded, retry later"
+            )),
+            CallError::Busy { capability, node, .. } => Self::unavailable(format!(
+                "{capability} on node {node} is restarting or overloaded; nothing was recorded, retry later"
+            )),
             CallError::TimedOut { capability, node, .. } => {
                 let mut e = Self::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -85,13 +85,6 @@ impl ApiError {
                 );
                 e.retry_after = Some(1);
                 e
-            }
-            CallError::Rejected { capability, node, reason }
-                if reason.starts_with(bulkhead_cluster::gateway::UNAVAILABLE) =>
-            {
-                Self::unavailable(format!(
-                    "{capability} on node {node} is restarting or overloaded; nothing was recorded, retry later"
-                ))
             }
             CallError::Rejected { capability, node, .. } => Self::new(
                 StatusCode::BAD_GATEWAY,
@@ -141,14 +134,21 @@ mod tests {
         assert_eq!(retry_after(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "x")), Some("1".into()));
         assert_eq!(retry_after(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "x")), Some("1".into()));
         assert_eq!(retry_after(ApiError::bad_request("x")), None);
-        let shed = CallError::Rejected {
+        let shed = CallError::Busy {
             capability: bulkhead_cluster::Capability::Orders,
             node: "n1".into(),
-            reason: format!("{}full", bulkhead_cluster::gateway::UNAVAILABLE),
+            reason: "full".into(),
         };
         let e = ApiError::from_call(shed);
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(retry_after(e), Some("1".into()));
+        let e = ApiError::from_call(CallError::NoLeader {
+            capability: bulkhead_cluster::Capability::Payments,
+            shard: 0,
+            node: "n1".into(),
+        });
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("payments shard 0 has no leader"), "{}", e.message);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::group::Registry;
 use super::types::{GroupId, MemberId, TypeConfig};
 use crate::call::CallError;
 use crate::node::Cluster;
-use crate::wire::{open, seal, WireMsg, WireReply};
+use crate::wire::{open, seal, Refusal, WireMsg, WireReply};
 
 /// A Raft RPC for one member of one group (remote, versioned; append variants at the end only).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,7 +108,10 @@ impl Actor for RaftRouter {
         let (env, rpc) = match open::<RaftRpc>(&bytes, "raft rpc") {
             Ok(x) => x,
             Err(e) => {
-                let _ = port.send(seal(&WireReply::Rejected(format!("undecodable raft rpc: {e}")), ""));
+                let _ = port.send(seal(
+                    &WireReply::Refused { kind: Refusal::Rejected, reason: format!("undecodable raft rpc: {e}") },
+                    "",
+                ));
                 return Ok(());
             }
         };

@@ -464,6 +464,9 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
     );
     if let Some(path) = &opts.json {
         let text = serde_json::to_string_pretty(&Report { runs: &results }).map_err(|e| e.to_string())?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(results)

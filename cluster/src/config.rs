@@ -237,8 +237,6 @@ pub struct Timing {
     pub call_timeout_ms: u64,
     /// How long `POST /v1/orders` waits for the saga before answering 202 pending.
     pub wait_budget_ms: u64,
-    /// Inventory reservation time-to-live.
-    pub reservation_ttl_ms: u64,
     /// Interval between a Raft leader's heartbeats to its followers.
     pub raft_heartbeat_ms: u64,
     /// A follower that hears no leader for this long (plus the leader's lease, 1.5 × this) calls an
@@ -263,7 +261,6 @@ impl Default for Timing {
             down_after_ms: 800,
             call_timeout_ms: 2_000,
             wait_budget_ms: 2_000,
-            reservation_ttl_ms: 15 * 60 * 1000,
             raft_heartbeat_ms: 100,
             election_timeout_ms: 500,
             snapshot_every_entries: 50_000,
@@ -386,8 +383,8 @@ impl NodeConfig {
         if t.heartbeat_ms == 0 || t.suspect_after_ms <= t.heartbeat_ms || t.down_after_ms <= t.suspect_after_ms {
             return Err("timing: need 0 < heartbeat_ms < suspect_after_ms < down_after_ms".into());
         }
-        if t.call_timeout_ms == 0 || t.wait_budget_ms == 0 || t.reservation_ttl_ms == 0 {
-            return Err("timing: call_timeout_ms, wait_budget_ms and reservation_ttl_ms must be > 0".into());
+        if t.call_timeout_ms == 0 || t.wait_budget_ms == 0 {
+            return Err("timing: call_timeout_ms and wait_budget_ms must be > 0".into());
         }
         if self.limits.orders_in_flight == 0 || self.limits.gateway_in_flight == 0 {
             return Err("limits: orders_in_flight and gateway_in_flight must be > 0".into());

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bulkhead_cluster::raft::log_store::LogStore;
 use bulkhead_cluster::raft::state_machine::{Machine, StateMachineStore};
 use bulkhead_cluster::raft::types::{MemberId, Proposal, Raft, TypeConfig};
-use bulkhead_cluster::raft::RAFT_TABLES_FROM;
+use bulkhead_cluster::raft::{GROUP_TIME, RAFT_TABLES_FROM};
 use bulkhead_storage::{decode, encode, Batch, RawRecord, Record, Store, StoreError, StoreOptions, Table};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -37,6 +37,8 @@ use serde::{Deserialize, Serialize};
 struct Add {
     key: String,
     n: u64,
+    /// The time the leader put in: the group's time follows it (`Machine::time_of`).
+    at_ms: u64,
 }
 impl Record for Add {
     const VERSION: u8 = 1;
@@ -65,7 +67,14 @@ impl Machine for Adder {
     fn undecodable(&self, _: String) -> Total {
         Total(u64::MAX)
     }
+
+    fn time_of(&self, cmd: &Add) -> Option<u64> {
+        Some(cmd.at_ms)
+    }
 }
+
+/// Times the tests' proposals carry: increasing, like a leader's clock.
+static NEXT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
 
 // ----- the switchboard: every member's Raft, and the members whose links are cut -----
 
@@ -223,7 +232,8 @@ impl Group {
     }
 
     async fn add(&self, via: MemberId, key: &str, n: u64) -> Result<u64, String> {
-        let cmd = Proposal(encode(&Add { key: key.into(), n }));
+        let at_ms = NEXT_MS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cmd = Proposal(encode(&Add { key: key.into(), n, at_ms }));
         let write = self.members[&via].raft.client_write(cmd);
         match tokio::time::timeout(Duration::from_secs(2), write).await {
             Ok(Ok(resp)) => decode::<Total>(&resp.data.0).map(|t| t.0).map_err(|e| e.to_string()),
@@ -337,4 +347,9 @@ async fn a_wiped_member_rejoins_as_a_new_member_and_catches_up_by_snapshot() {
     let tables = g.settled_tables(&ids).await;
     assert!(tables.windows(2).all(|w| w[0] == w[1]), "the new member holds the same tables");
     assert_eq!([g.total(fresh, "k0"), g.total(fresh, "k1"), g.total(fresh, "k2")], [21, 20, 20]);
+    // The group's time came along (it is state-machine state): were the new member to lead, its
+    // clock would start from it, not from its own wall clock.
+    let time = |id: MemberId| GROUP_TIME.get(&g.members[&id].store, &0).unwrap().map(|t| t.0);
+    assert!(time(leader).is_some_and(|t| t > 1_000), "{:?}", time(leader));
+    assert_eq!(time(fresh), time(leader));
 }

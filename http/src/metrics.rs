@@ -151,6 +151,20 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "counter",
         vec![(String::new(), bulkhead_cluster::gateway::GATEWAY_SHED.load(Relaxed))],
     );
+    let sweeps: Vec<(u32, bulkhead_actors::orders::SweepCounts)> =
+        bulkhead_actors::orders::SWEEPS.lock().map(|m| m.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
+    line(
+        "bulkhead_idempotency_sweeps_total",
+        "idempotency sweeps this node finished as an orders shard's leader (taking a shard over runs one)",
+        "counter",
+        sweeps.iter().map(|(s, c)| (format!("{{shard=\"{s}\"}}"), c.sweeps)).collect(),
+    );
+    line(
+        "bulkhead_idempotency_keys_forgotten_total",
+        "idempotency keys those sweeps forgot because the group's time passed their retention",
+        "counter",
+        sweeps.iter().map(|(s, c)| (format!("{{shard=\"{s}\"}}"), c.keys_forgotten)).collect(),
+    );
     line(
         "bulkhead_dead_letters_total",
         "outbox entries this node's relay moved to the dead letters since it started",

@@ -27,6 +27,8 @@ pub struct LocalCluster {
     pub configs: Vec<NodeConfig>,
     config_paths: Vec<PathBuf>,
     children: Vec<Option<Child>>,
+    /// Extra environment of each node's next start (e.g. libfaketime for a clock test).
+    envs: Vec<Vec<(String, String)>>,
     exe: PathBuf,
     log_dir: PathBuf,
     http: reqwest::Client,
@@ -75,13 +77,26 @@ impl LocalCluster {
         let log_dir = data_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        let mut lc =
-            LocalCluster { configs, config_paths, children: Vec::new(), exe: exe.to_path_buf(), log_dir, http };
+        let mut lc = LocalCluster {
+            configs,
+            config_paths,
+            children: Vec::new(),
+            envs: Vec::new(),
+            exe: exe.to_path_buf(),
+            log_dir,
+            http,
+        };
         lc.children = lc.configs.iter().map(|_| None).collect();
+        lc.envs = lc.configs.iter().map(|_| Vec::new()).collect();
         for i in 0..lc.configs.len() {
             lc.start(i)?;
         }
         Ok(lc)
+    }
+
+    /// Sets the extra environment node `i` gets from its next start on (replacing any earlier).
+    pub fn set_env(&mut self, i: usize, vars: &[(&str, &str)]) {
+        self.envs[i] = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     }
 
     /// Starts node `i` (again).
@@ -97,6 +112,7 @@ impl LocalCluster {
             .arg("node")
             .arg("--config")
             .arg(&self.config_paths[i])
+            .envs(self.envs[i].iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

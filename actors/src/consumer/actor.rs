@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
-use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 use uuid::Uuid;
@@ -126,7 +125,7 @@ fn unserved(e: Unserved) -> ConsumerReply {
 async fn serve(replica: Replica, making: Making, req: ConsumerRequest, reply: RpcReplyPort<ConsumerReply>) {
     let answer = match req {
         ConsumerRequest::Deliver(event) => {
-            let cmd = ConsumerCommand::Deliver { event, now_ms: now_ms(), delivery_id: Uuid::now_v7() };
+            let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
             replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()))
         }
         ConsumerRequest::List { order_id } => match replica.read_barrier().await {

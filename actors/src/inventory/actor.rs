@@ -1,15 +1,16 @@
 //! The inventory worker: serves each inventory shard where this node's replica leads it.
 //! Reserve, commit, release and set become [`InventoryCommand`]s proposed to the shard's Raft
-//! group (the leader puts the time in); reads of a SKU's stock are linearizable. The leader's
-//! reaper proposes the release of holds whose TTL has passed, read from the expiry index.
+//! group (the leader puts the group's time in); reads of a SKU's stock are linearizable.
+//!
+//! There is no reaper: a hold ends when its order's saga commits or releases it. The saga is
+//! replicated (orders is a Raft group too), so it always ends; a hold that expired on a clock
+//! instead could lapse under an order that was already charged.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
-use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
@@ -17,13 +18,9 @@ use super::machine::{self, InventoryCommand, InventoryMachine};
 use super::protocol::{InventoryReply, InventoryRequest};
 use crate::util::{local_replica, Unserved};
 
-/// Most holds one reaper round releases per shard (one proposal).
-const REAP_BATCH: usize = 512;
-
 #[derive(RactorMessage)]
 pub enum InventoryMsg {
     Request(Inbound<InventoryRequest, InventoryReply>),
-    Reap,
 }
 
 /// What the inventory worker is started with: this node's replicas, by shard.
@@ -43,10 +40,9 @@ impl Actor for InventoryWorker {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<InventoryMsg>,
+        _: ActorRef<InventoryMsg>,
         args: InventoryArgs,
     ) -> Result<InventoryArgs, ActorProcessingErr> {
-        myself.send_interval(Duration::from_secs(1), || InventoryMsg::Reap);
         Ok(args)
     }
 
@@ -89,11 +85,6 @@ impl Actor for InventoryWorker {
                     }
                 }
             }
-            InventoryMsg::Reap => {
-                for r in st.replicas.values().filter(|r| r.is_leader()).cloned() {
-                    tokio::spawn(reap(r));
-                }
-            }
         }
         Ok(())
     }
@@ -109,10 +100,12 @@ fn unserved(e: impl Into<Unserved>) -> InventoryReply {
 async fn serve(replica: Replica, req: InventoryRequest, reply: RpcReplyPort<InventoryReply>) {
     let cmd = match req {
         InventoryRequest::Reserve { order_id, items, ttl_ms } => {
-            InventoryCommand::Reserve { order_id, items, ttl_ms, now_ms: now_ms() }
+            InventoryCommand::Reserve { order_id, items, ttl_ms, now_ms: replica.now_ms() }
         }
         InventoryRequest::CommitOn { order_id, .. } => InventoryCommand::Commit { order_id },
-        InventoryRequest::ReleaseOn { order_id, .. } => InventoryCommand::Release { order_id, now_ms: now_ms() },
+        InventoryRequest::ReleaseOn { order_id, .. } => {
+            InventoryCommand::Release { order_id, now_ms: replica.now_ms() }
+        }
         InventoryRequest::Set { sku, available, price_cents } => InventoryCommand::Set { sku, available, price_cents },
         InventoryRequest::Get { sku } => {
             let answer = match replica.read_barrier().await {
@@ -127,20 +120,4 @@ async fn serve(replica: Replica, req: InventoryRequest, reply: RpcReplyPort<Inve
         InventoryRequest::Commit { .. } | InventoryRequest::Release { .. } | InventoryRequest::InjectPanic => return,
     };
     let _ = reply.send(replica.propose::<InventoryMachine>(&cmd).await.unwrap_or_else(unserved));
-}
-
-/// One reaper round on a leader: release the holds the expiry index says have lapsed.
-async fn reap(replica: Replica) {
-    let now = now_ms();
-    match machine::expired(replica.store(), now, REAP_BATCH) {
-        Ok(order_ids) if !order_ids.is_empty() => {
-            if let Err(e) =
-                replica.propose::<InventoryMachine>(&InventoryCommand::Expire { order_ids, now_ms: now }).await
-            {
-                tracing::debug!(group = %replica.id, error = %e, "reaper round not applied; the next one retries");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(group = %replica.id, error = %e, "reading the expiry index failed"),
-    }
 }

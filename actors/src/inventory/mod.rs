@@ -4,10 +4,11 @@
 //! - [`protocol`]: requests/replies that cross nodes.
 //! - [`stock`]: the pure model (never oversells; stock conserved); proptested.
 //! - [`machine`]: the replicated state machine: commands applied with the model's rules.
-//! - [`actor`]: the worker, which proposes commands on the leader; the leader's reaper.
+//! - [`actor`]: the worker, which proposes commands on the leader.
 //!
-//! Caveat: a reservation that expires before its order's confirmation reaches inventory (15 min by
-//! default) is re-taken on commit if the stock is still there; otherwise the commit fails and is logged.
+//! A hold lasts until its order's saga commits or releases it: no clock ends it (see [`actor`]).
+//! Caveat: stock held by orders whose saga waits on a long outage (payments down for an hour)
+//! stays held for that hour; those orders are still pending and will be confirmed or cancelled.
 
 pub mod actor;
 pub mod machine;

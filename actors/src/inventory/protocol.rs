@@ -30,10 +30,13 @@ pub struct StockView {
     pub price_cents: u64,
 }
 
+/// A hold's `ttl_ms` for "until committed or released": nothing expires it.
+pub const UNTIL_RELEASED: u64 = u64::MAX;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryRequest {
-    /// Reserve every item for `order_id` (all or nothing), held for `ttl_ms`. Idempotent per order;
-    /// repeating it for a held reservation extends the hold (the saga's "touch" before charging).
+    /// Reserve every item for `order_id` (all or nothing), held for `ttl_ms` ([`UNTIL_RELEASED`]:
+    /// until committed or released, what the orders saga asks). Idempotent per order.
     Reserve {
         order_id: Uuid,
         items: Vec<Item>,

@@ -39,6 +39,24 @@ use crate::util::{jitter, local_replica, Unserved};
 /// Idempotency keys forgotten per sweep proposal, and how often a leader sweeps.
 const SWEEP_MAX: usize = 20_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Per orders shard: idempotency sweeps this node finished as its leader (empty ones too), and
+/// the keys they forgot (their retention had passed). For `/metrics`.
+pub static SWEEPS: std::sync::Mutex<BTreeMap<u32, SweepCounts>> = std::sync::Mutex::new(BTreeMap::new());
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SweepCounts {
+    pub sweeps: u64,
+    pub keys_forgotten: u64,
+}
+
+fn count_sweep(shard: u32, keys_forgotten: u64) {
+    if let Ok(mut m) = SWEEPS.lock() {
+        let c = m.entry(shard).or_default();
+        c.sweeps += 1;
+        c.keys_forgotten += keys_forgotten;
+    }
+}
 /// Most orders one `ByCustomer` answer lists.
 pub const MAX_ORDERS_LISTED: u32 = 500;
 
@@ -225,7 +243,7 @@ impl OrdersState {
                 return;
             }
         };
-        let now = now_ms();
+        let now = replica.now_ms();
         let id = new_order_id(p.shard);
         // Split the items over the inventory shards that own their SKUs. The saga's `node` of a
         // shard step is the shard's label ([`inventory_shard_label`]): a Raft group, led wherever.
@@ -327,13 +345,16 @@ impl OrdersState {
     }
 
     fn on_saga_event(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, event: Event) {
+        let Some(shard) = self.sagas.get(&order_id).map(|s| s.shard) else { return };
+        // The group's time, as every time this worker puts into a command (see `raft::clock`).
+        let now = self.replica(shard).map(|r| r.now_ms()).unwrap_or_else(|_| now_ms());
         let Some(s) = self.sagas.get_mut(&order_id) else { return };
         if s.in_flight {
             s.queued.push_back(event);
             return;
         }
         let before = s.order.clone();
-        let cmds = saga::step(&mut s.order, event, now_ms(), jitter());
+        let cmds = saga::step(&mut s.order, event, now, jitter());
         if s.order == before {
             return self.execute(myself, order_id, cmds);
         }
@@ -341,7 +362,7 @@ impl OrdersState {
         // that a charge was asked for, so that a cancel refunds it.
         let step = s.steps + 1;
         let cmd = if cmds.contains(&Command::Finish) {
-            OrdersCommand::Finish { order: s.order.clone(), step, now_ms: now_ms() }
+            OrdersCommand::Finish { order: s.order.clone(), step, now_ms: now }
         } else {
             OrdersCommand::Step { order: s.order.clone(), step }
         };
@@ -407,7 +428,8 @@ impl OrdersState {
     }
 
     fn execute(&mut self, myself: &ActorRef<OrdersMsg>, order_id: Uuid, cmds: Vec<Command>) {
-        let ttl_ms = self.cluster().config().timing.reservation_ttl_ms;
+        // Holds end with the saga (commit or release), never on a clock.
+        let ttl_ms = crate::inventory::protocol::UNTIL_RELEASED;
         let parent = self.sagas.get(&order_id).map(|s| s.order.traceparent.clone()).unwrap_or_default();
         for cmd in cmds {
             let (cluster, me) = (self.cluster().clone(), myself.clone());
@@ -537,6 +559,7 @@ impl OrdersState {
             }
         };
         self.driving.insert(shard, Driving::Ready(term));
+        self.sweep_shard(shard);
         tracing::info!(
             shard,
             term,
@@ -602,28 +625,44 @@ impl OrdersState {
 
     fn sweep(&self) {
         for (shard, d) in &self.driving {
-            let (Driving::Ready(_), Ok(replica)) = (d, self.replica(*shard)) else { continue };
-            tokio::spawn(async move {
-                let now = now_ms();
-                let store = replica.store().clone();
-                let entries = match tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX))
-                    .await
-                {
-                    Ok(Ok(e)) if !e.is_empty() => e,
-                    Ok(Ok(_)) => return,
-                    Ok(Err(e)) => {
-                        return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
-                    }
-                    Err(e) => {
-                        return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
-                    }
-                };
-                let cmd = OrdersCommand::Sweep { entries, now_ms: now };
-                if let Err(e) = replica.propose::<OrdersMachine>(&cmd).await {
-                    tracing::debug!(group = %replica.id, error = %e, "idempotency sweep not applied; the next one retries");
-                }
-            });
+            if let Driving::Ready(_) = d {
+                self.sweep_shard(*shard);
+            }
         }
+    }
+
+    /// One idempotency sweep of a shard this node leads: forget the keys older than the retention
+    /// at the group's time (not this node's wall clock: a clock a day ahead must not forget a day
+    /// of keys, see `raft::clock`). Also run once when a shard is taken over.
+    fn sweep_shard(&self, shard: u32) {
+        let Ok(replica) = self.replica(shard) else { return };
+        tokio::spawn(async move {
+            let now = replica.now_ms();
+            let store = replica.store().clone();
+            let entries = match tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX)).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
+                }
+                Err(e) => {
+                    return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
+                }
+            };
+            if entries.is_empty() {
+                return count_sweep(shard, 0);
+            }
+            let n = entries.len() as u64;
+            let cmd = OrdersCommand::Sweep { entries, now_ms: now };
+            match replica.propose::<OrdersMachine>(&cmd).await {
+                Ok(_) => {
+                    count_sweep(shard, n);
+                    tracing::info!(group = %replica.id, keys = n, "idempotency keys past their retention forgotten");
+                }
+                Err(e) => {
+                    tracing::debug!(group = %replica.id, error = %e, "idempotency sweep not applied; the next one retries")
+                }
+            }
+        });
     }
 }
 

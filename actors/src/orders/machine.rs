@@ -190,6 +190,16 @@ impl Machine for OrdersMachine {
     fn undecodable(&self, why: String) -> OrdersApplied {
         OrdersApplied::Undecodable(why)
     }
+
+    fn time_of(&self, cmd: &OrdersCommand) -> Option<u64> {
+        match cmd {
+            OrdersCommand::Place { now_ms, .. }
+            | OrdersCommand::Finish { now_ms, .. }
+            | OrdersCommand::DeadLetter { now_ms, .. }
+            | OrdersCommand::Sweep { now_ms, .. } => Some(*now_ms),
+            OrdersCommand::Step { .. } | OrdersCommand::Delivered { .. } => None,
+        }
+    }
 }
 
 /// The order's unfinished mark if `step` is its next step (as of the writes in `batch`): the

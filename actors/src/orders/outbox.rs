@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::{now_ms, Record, StoreError};
+use bulkhead_storage::{Record, StoreError};
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -227,7 +227,7 @@ impl RelayState {
         self.refusals.remove(&key);
         let Some(replica) = self.replicas.get(&shard_of_order(&key.0)).cloned() else { return };
         tokio::spawn(async move {
-            let cmd = OrdersCommand::DeadLetter { key, attempts, last_error: why.clone(), now_ms: now_ms() };
+            let cmd = OrdersCommand::DeadLetter { key, attempts, last_error: why.clone(), now_ms: replica.now_ms() };
             match replica.propose::<OrdersMachine>(&cmd).await {
                 Ok(OrdersApplied::Done) => {
                     DEAD_LETTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -63,8 +63,9 @@ pub struct OrderRecord {
     pub shards: Vec<ShardStep>,
     pub attempts: u32,
     pub retry_scheduled: bool,
-    /// The earliest expiry of this order's holds, and how close to it the saga stops charging and
-    /// touches (re-reserves, extending) the holds first.
+    /// The earliest expiry of this order's holds (as inventory answered; `u64::MAX`: until the
+    /// saga ends them). Shown, never decided on: comparing it with this leader's time would compare
+    /// two groups' clocks. `hold_margin_ms` is no longer used (kept for the record's layout).
     pub hold_until_ms: u64,
     pub hold_margin_ms: u64,
     /// A charge was requested at least once: cancelling now must refund (the charge may have landed).
@@ -186,19 +187,7 @@ fn note(o: &mut OrderRecord, now_ms: u64, event: impl Into<String>) {
     o.history.push(HistoryEntry { at_ms: now_ms, event: event.into() });
 }
 
-/// Longest margin before a hold's expiry at which the saga re-touches holds instead of charging.
-pub const HOLD_MARGIN_MS: u64 = 60_000;
-
-fn outstanding(o: &mut OrderRecord, now_ms: u64) -> Vec<Command> {
-    if o.phase == Phase::Charging && now_ms.saturating_add(o.hold_margin_ms) >= o.hold_until_ms {
-        // The holds may lapse before the charge lands: extend them first (a repeated Reserve), so
-        // a confirmed order never rests on an expired reservation.
-        note(o, now_ms, "reservations near expiry: touching them before charging");
-        o.phase = Phase::Reserving;
-        for s in o.shards.iter_mut() {
-            s.state = ShardState::Pending;
-        }
-    }
+fn outstanding(o: &mut OrderRecord) -> Vec<Command> {
     if o.phase == Phase::Charging {
         o.charge_attempted = true;
     }
@@ -248,11 +237,11 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
         return vec![];
     }
     match event {
-        Event::Start => outstanding(o, now_ms),
+        Event::Start => outstanding(o),
         // A retry timer does not survive a restart: a resumed saga starts with none scheduled.
         Event::Resume | Event::RetryDue => {
             o.retry_scheduled = false;
-            outstanding(o, now_ms)
+            outstanding(o)
         }
         Event::Reserve { node, outcome } => {
             if o.phase != Phase::Reserving {
@@ -282,13 +271,12 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                             })
                             .min()
                             .unwrap_or(u64::MAX);
-                        o.hold_margin_ms = (o.hold_until_ms.saturating_sub(now_ms) / 4).min(HOLD_MARGIN_MS);
                         o.total_cents = o.lines.iter().map(|l| l.quantity.saturating_mul(l.unit_price_cents)).sum();
                         o.phase = Phase::Charging;
                         o.attempts = 0;
                         o.last_wait = None;
                         note(o, now_ms, format!("reserved: {} line(s), total {} cents", o.lines.len(), o.total_cents));
-                        return outstanding(o, now_ms);
+                        return outstanding(o);
                     }
                     vec![]
                 }
@@ -480,23 +468,22 @@ mod tests {
     }
 
     #[test]
-    fn holds_near_expiry_are_touched_before_charging_and_a_lapsed_one_cancels_with_a_refund() {
+    fn a_shard_that_already_released_the_order_cancels_it_with_a_refund_if_a_charge_was_tried() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 0, 1.0);
-        let held = |n: &str, l| Event::Reserve {
-            node: n.into(),
-            outcome: ReserveOutcome::Reserved { lines: vec![l], expires_ms: 1_000 },
-        };
-        step(&mut o, held("n1", line("a", 1, 1)), 0, 1.0);
-        let c = step(&mut o, held("n2", line("b", 2, 1)), 0, 1.0);
+        step(&mut o, reserved("n1", line("a", 1, 1)), 0, 1.0);
+        let c = step(&mut o, reserved("n2", line("b", 2, 1)), 0, 1.0);
         assert!(matches!(c[..], [Command::Charge { .. }]));
-        assert_eq!((o.hold_until_ms, o.hold_margin_ms), (1_000, 250));
-        // Payments is down for a while; by the retry the holds are close to expiring.
+        // However long payments is down, the saga keeps its holds and retries the charge: holds end
+        // with the saga, never on a clock (comparing two groups' clocks could loop or lapse).
         step(&mut o, Event::Charge(ChargeOutcome::Unavailable("down".into())), 100, 1.0);
-        let c = step(&mut o, Event::RetryDue, 800, 1.0);
-        assert_eq!(c.len(), 2, "{c:?}");
-        assert!(c.iter().all(|c| matches!(c, Command::Reserve { .. })));
-        // One shard already let its hold go: the order is cancelled, and the charge refunded.
+        let c = step(&mut o, Event::RetryDue, 86_400_000 * 2, 1.0);
+        assert!(matches!(c[..], [Command::Charge { .. }]), "{c:?}");
+        assert!(o.charge_attempted);
+        // A shard answering "already released" (a stale tombstone) to a repeated reserve cancels.
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 0, 1.0);
+        o.charge_attempted = true;
         let c = step(&mut o, Event::Reserve { node: "n1".into(), outcome: ReserveOutcome::AlreadyReleased }, 801, 1.0);
         assert_eq!(c, vec![Command::Finish]);
         assert_eq!(o.reason.as_deref(), Some("reservation_expired"));

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
-use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 use uuid::Uuid;
@@ -104,7 +103,7 @@ async fn serve(replica: Replica, req: PaymentRequest, reply: RpcReplyPort<Paymen
             charge(&replica, order_id, amount_cents, token).await
         }
         PaymentRequest::Refund { order_id } => {
-            let cmd = PaymentCommand::Refund { order_id, now_ms: now_ms() };
+            let cmd = PaymentCommand::Refund { order_id, now_ms: replica.now_ms() };
             replica.propose::<PaymentsMachine>(&cmd).await.unwrap_or_else(refused)
         }
         PaymentRequest::List { order_id } => match replica.read_barrier().await {
@@ -128,16 +127,17 @@ async fn charge(replica: &Replica, order_id: Uuid, amount_cents: u64, token: Str
             order_id,
             amount_cents,
             token: token.clone(),
-            now_ms: now_ms(),
+            now_ms: replica.now_ms(),
             new_id: Uuid::new_v4(),
         };
         match replica.propose::<PaymentsMachine>(&cmd).await {
             Ok(PaymentReply::InProgress) => {
                 let ready = match replica_store_record(replica, order_id) {
                     Some(ChargeStatus::Processing { ready_ms }) => ready_ms,
-                    _ => now_ms() + ledger::SLOW_MS,
+                    _ => replica.now_ms() + ledger::SLOW_MS,
                 };
-                tokio::time::sleep(Duration::from_millis(ready.saturating_sub(now_ms()).max(1))).await;
+                // `ready_ms` is in the group's time (whoever led when it was set), so is the wait.
+                tokio::time::sleep(Duration::from_millis(ready.saturating_sub(replica.now_ms()).max(1))).await;
             }
             Ok(answer) => return answer,
             Err(e) => return refused(e),

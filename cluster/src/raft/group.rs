@@ -16,10 +16,11 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::Serialize;
 
+use super::clock::LeaderClock;
 use super::log_store::LogStore;
 use super::network::{Network, RaftRpc, RaftRpcReply};
 use super::state_machine::{Machine, StateMachineStore};
-use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, IDENTITY};
+use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, GROUP_TIME, IDENTITY};
 use crate::config::ShardPlacement;
 use crate::detector::Status;
 use crate::node::Cluster;
@@ -79,6 +80,8 @@ pub struct Replica {
     proposal_timeout: Duration,
     /// Reads waiting for the next read barrier (see [`Replica::read_barrier`]).
     reads: Arc<std::sync::Mutex<ReadBatch>>,
+    /// This replica's clock while it leads (see [`super::clock`]).
+    clock: Arc<std::sync::Mutex<Option<LeaderClock>>>,
 }
 
 /// Linearizable reads that share one read barrier: `running` while a barrier task is at work,
@@ -198,6 +201,16 @@ impl Replica {
         let m = m.borrow();
         let id = m.current_leader?;
         m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// The time to put into a command proposed now: the group's time, advanced by this leader's
+    /// monotonic clock since it began leading (see [`super::clock`]). Never this node's wall
+    /// clock, except for a group that has no time yet.
+    pub fn now_ms(&self) -> u64 {
+        let term = self.raft.metrics().borrow().current_term;
+        let group_ms = || GROUP_TIME.get(&self.store, &0).ok().flatten().map_or(0, |t| t.0);
+        let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        LeaderClock::now_ms(&mut clock, term, group_ms, now_ms(), Instant::now())
     }
 
     /// Proposes `cmd` to the group and returns what applying it answered; only the leader can.
@@ -398,6 +411,7 @@ pub async fn start<M: Machine>(
         reconfiguring: Arc::default(),
         proposal_timeout,
         reads: Arc::default(),
+        clock: Arc::default(),
     };
     cluster.raft().insert(replica.clone());
     tokio::spawn(drive(cluster.clone(), replica.clone()));

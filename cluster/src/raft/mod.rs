@@ -7,6 +7,7 @@
 //!   are an export of those tables.
 //! - [`network`]: Raft RPCs over the cluster call path to the [`RaftRouter`] on each node.
 //! - [`group`]: a running [`Replica`] (propose, linearizable read, status) and its driver.
+//! - [`clock`]: the time a leader puts into commands: the group's time, not its wall clock.
 //!
 //! Why openraft 0.9 and not the 0.10 alphas: 0.9 is the stable line, with the storage-v2 API
 //! (a log store that is told "durable" by a callback, which is exactly group commit) and
@@ -26,6 +27,7 @@
 // traits fix them as the error type, so boxing is not ours to choose.
 #![allow(clippy::result_large_err)]
 
+pub mod clock;
 pub mod group;
 pub mod log_store;
 pub mod network;
@@ -35,4 +37,4 @@ pub mod types;
 pub use group::{shard_health, ProposeError, Registry, Replica, ReplicaStatus, Role, ShardHealth, ShardStatus};
 pub use network::{RaftRouter, RaftRpc, RaftRpcReply};
 pub use state_machine::Machine;
-pub use types::{member_id, GroupId, MemberId, RAFT_TABLES_FROM};
+pub use types::{member_id, GroupId, MemberId, GROUP_TIME, RAFT_TABLES_FROM};

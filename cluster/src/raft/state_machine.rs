@@ -21,7 +21,8 @@ use openraft::{
 };
 
 use super::types::{
-    Applied, AppliedState, MemberId, SnapshotBody, SnapshotRecord, TypeConfig, APPLIED, RAFT_TABLES_FROM, SNAPSHOT,
+    Applied, AppliedState, GroupTime, MemberId, SnapshotBody, SnapshotRecord, TypeConfig, APPLIED, GROUP_TIME,
+    RAFT_TABLES_FROM, SNAPSHOT,
 };
 
 type Result<T> = std::result::Result<T, StorageError<MemberId>>;
@@ -44,23 +45,38 @@ pub trait Machine: Send + Sync + 'static {
 
     /// The reply for a command that this build cannot decode (a newer node proposed it).
     fn undecodable(&self, why: String) -> Self::Reply;
+
+    /// The time the leader put into `cmd`, if it carries one: the group's time follows the latest
+    /// (see [`super::clock`]).
+    fn time_of(&self, _cmd: &Self::Command) -> Option<u64> {
+        None
+    }
+}
+
+/// What applying raw command bytes gave: the encoded reply and the time the command carried.
+pub struct RawApplied {
+    pub reply: Vec<u8>,
+    pub time_ms: Option<u64>,
 }
 
 /// Object-safe form of a [`Machine`] over raw bytes, so one adapter type serves every capability.
 pub trait RawMachine: Send + Sync + 'static {
-    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<Vec<u8>, StoreError>;
+    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, StoreError>;
 }
 
 impl<M: Machine> RawMachine for M {
-    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<Vec<u8>, StoreError> {
-        let reply = match decode::<M::Command>(cmd) {
-            Ok(cmd) => self.apply(store, batch, cmd)?,
+    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, StoreError> {
+        let (reply, time_ms) = match decode::<M::Command>(cmd) {
+            Ok(cmd) => {
+                let time_ms = self.time_of(&cmd);
+                (self.apply(store, batch, cmd)?, time_ms)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "a committed command does not decode on this node");
-                self.undecodable(e.to_string())
+                (self.undecodable(e.to_string()), None)
             }
         };
-        Ok(encode(&reply))
+        Ok(RawApplied { reply: encode(&reply), time_ms })
     }
 }
 
@@ -103,13 +119,20 @@ impl StateMachineStore {
         // before it (`Table::get_through`); `apply_atomic` makes it all-or-nothing across a crash
         // without sled's sealed `apply_batch` (a `sync_file_range` that waits on the disk).
         let mut b = Batch::new();
+        let stored_time = GROUP_TIME.get(&self.store, &0).map_err(sm_read)?.map_or(0, |t| t.0);
+        let mut time = stored_time;
         for entry in entries {
             let log_id = *entry.get_log_id();
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied::default(),
-                EntryPayload::Normal(p) => Applied(
-                    self.machine.apply_raw(&self.store, &mut b, &p.0).map_err(|e| StorageIOError::apply(log_id, &e))?,
-                ),
+                EntryPayload::Normal(p) => {
+                    let applied = self
+                        .machine
+                        .apply_raw(&self.store, &mut b, &p.0)
+                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                    time = time.max(applied.time_ms.unwrap_or(0));
+                    Applied(applied.reply)
+                }
                 EntryPayload::Membership(m) => {
                     state.membership = StoredMembership::new(Some(log_id), m);
                     Applied::default()
@@ -117,6 +140,9 @@ impl StateMachineStore {
             };
             state.last_applied = Some(log_id);
             replies.push(reply);
+        }
+        if time > stored_time {
+            GROUP_TIME.put(&mut b, &0, &GroupTime(time));
         }
         APPLIED.put(&mut b, &0, &state);
         self.store.apply_atomic(b).map_err(sm_write)?;

@@ -118,6 +118,18 @@ impl Record for Identity {
     const VERSION: u8 = 1;
 }
 
+/// The group's time: the latest time any applied command carried ([`super::Machine::time_of`]).
+/// A leader's clock starts from it (see [`super::clock`]), so no node's wall clock decides an
+/// outcome. Below [`RAFT_TABLES_FROM`] on purpose: it is state-machine state and travels in
+/// snapshots, so a replica rebuilt from one knows it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupTime(pub u64);
+impl Record for GroupTime {
+    const VERSION: u8 = 1;
+}
+
+pub const GROUP_TIME: Table<u64, GroupTime> = Table::new(0xEF, "raft_group_time");
+
 pub const LOG: Table<u64, LogRecord> = Table::new(0xF0, "raft_log");
 pub const VOTE: Table<u64, VoteRecord> = Table::new(0xF1, "raft_vote");
 /// Key 0: the last purged log id; key 1: the last committed log id.

@@ -19,6 +19,12 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a new, empty host in place of a node whose host is gone for good: the config names the
+    /// dead node and gives this host's addresses; every group moves that node's replicas here.
+    Replace {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Start a local 3-node cluster on 127.0.0.1 with a seeded catalog; Ctrl-C stops it.
     Demo {
         #[arg(long, default_value = "./bulkhead-data")]
@@ -98,6 +104,13 @@ async fn main() -> ExitCode {
             init_logging();
             match bulkhead_cluster::NodeConfig::load(&config) {
                 Ok(cfg) => bulkhead::node::run(cfg).await,
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Replace { config } => {
+            init_logging();
+            match bulkhead_cluster::NodeConfig::load(&config) {
+                Ok(cfg) => bulkhead::node::replace(cfg).await,
                 Err(e) => Err(e),
             }
         }

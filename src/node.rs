@@ -10,6 +10,40 @@ use bulkhead_storage::StoreOptions;
 use ractor::Actor;
 use tokio::net::TcpListener;
 
+/// `bulkhead replace`: runs a *new, empty* host in place of a node whose host is gone for good.
+///
+/// The new host takes the node's name (the shard map names nodes, so nothing else changes) with
+/// its own addresses, and joins through its seeds, which learn its address from it. Its stores
+/// are new, so each of its replicas is a new member (a new incarnation): every group adds it as a
+/// learner, catches it up (by snapshot when the log was purged), then makes it a voter in place of
+/// the old host's member, which can never vote again. Refuses a data dir that holds anything, so
+/// that a node with its data is never started as a replacement by mistake.
+pub async fn replace(cfg: NodeConfig) -> Result<(), String> {
+    check_new_host(&cfg.data_dir)?;
+    tracing::info!(
+        node = %cfg.name, cluster = %cfg.advertised_cluster_addr(),
+        "replacing the host of {}: this host starts empty; every group moves {}'s replicas here and drops the old host's members",
+        cfg.name, cfg.name
+    );
+    run(cfg).await
+}
+
+/// A replacement host must start with nothing of the node's data: a missing or empty data dir.
+fn check_new_host(data_dir: &std::path::Path) -> Result<(), String> {
+    match std::fs::read_dir(data_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot read data_dir {}: {e}", data_dir.display())),
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(_) => Err(format!(
+            "data_dir {} is not empty: `bulkhead replace` brings a new, empty host in for a node that is gone for good. \
+             To restart this node with its data, run `bulkhead node --config ...`; to replace it anyway, move the data dir away first",
+            data_dir.display()
+            )),
+        },
+    }
+}
+
 /// Runs the node until a termination signal.
 pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     for w in cfg.warnings() {
@@ -57,5 +91,20 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_new_host;
+
+    #[test]
+    fn a_replacement_starts_only_on_an_empty_or_missing_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(check_new_host(&dir.path().join("absent")).is_ok());
+        assert!(check_new_host(dir.path()).is_ok());
+        std::fs::create_dir(dir.path().join("payments-0")).expect("mkdir");
+        let e = check_new_host(dir.path()).expect_err("a data dir with a store");
+        assert!(e.contains("not empty") && e.contains("bulkhead node"), "{e}");
     }
 }

@@ -116,3 +116,72 @@ async fn a_wiped_payments_replica_comes_back_as_a_new_member_and_loses_nothing()
         assert_eq!(charges(&tc, 1, id).await, 1, "order {id}");
     }
 }
+
+/// Every shard as node `from` reports it (empty while `from` is not answering).
+async fn shards(tc: &TestCluster, from: usize) -> Vec<Value> {
+    let Ok(resp) = tc.http.get(format!("{}/v1/cluster", tc.url(from))).send().await else { return Vec::new() };
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    v["shards"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_host_takes_over_every_replica_of_its_node_and_nothing_is_lost() {
+    let (mut tc, sku) = started_with_n2_leading().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let r = tc.order(i % 2 * 2, Some(&format!("replace-{i}")), &sku, 1, "tok_ok").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        ids.push(r.body["order_id"].as_str().unwrap().to_string());
+    }
+    let old_http = tc.url(1);
+    // n2's host is gone for good (its disk with it); a new host takes the name n2 on new ports.
+    let p = common::ports()[0];
+    tc.lc.replace(1, p).expect("replace n2");
+    assert_ne!(tc.url(1), old_http);
+    // Every shard ends with three voters, n2's being the new host's, all caught up on the leader;
+    // the shards n2 prefers are led by it again.
+    eventually(Duration::from_secs(60), "every shard whole again, with the new n2", || async {
+        let all = shards(&tc, 0).await;
+        if all.is_empty() {
+            return None;
+        }
+        for s in &all {
+            let leader = s["leader"].as_str()?;
+            let i = ["n1", "n2", "n3"].iter().position(|n| *n == leader)?;
+            let seen = shards(&tc, i)
+                .await
+                .into_iter()
+                .find(|x| x["capability"] == s["capability"] && x["shard"] == s["shard"])?;
+            let replicas = seen["replicas"].as_array()?;
+            let voters = replicas.iter().filter(|r| r["role"] != "learner").count();
+            let n2 = replicas.iter().filter(|r| r["node"] == "n2").count();
+            if replicas.len() != 3 || voters != 3 || n2 != 1 || !replicas.iter().all(|r| r["lag"] == 0) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    settled_leader(&tc, "n2").await;
+    let log = std::fs::read_to_string(tc.lc.log_path(1)).unwrap();
+    assert!(log.contains("replacing the host of n2"), "n2 was not started as a replacement");
+    // Everything acknowledged before is there, read through the new host; one charge each.
+    for id in &ids {
+        let o = tc.get(1, &format!("/v1/orders/{id}")).await;
+        assert_eq!((o.status, o.body["status"].as_str()), (200, Some("confirmed")), "{}", o.body);
+        assert_eq!(charges(&tc, 1, id).await, 1, "order {id}");
+    }
+    // And the new host serves orders: its front, its payments leadership.
+    let r = tc.order(1, Some("after-replace"), &sku, 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Starting a replacement over a data dir that holds a node's data is refused, files kept.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["replace", "--config"])
+        .arg(tc.dir.path().join("n2.toml"))
+        .output()
+        .expect("run bulkhead replace");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not empty"), "{err}");
+    assert!(tc.lc.configs[1].data_dir.join("payments-0").exists());
+}

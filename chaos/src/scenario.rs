@@ -71,6 +71,10 @@ pub enum Action {
     /// SIGKILL the node, delete its data dir, hold, start it again with empty stores: its Raft
     /// replicas come back as new members and catch up from the others.
     Wipe,
+    /// The node's host is gone for good (SIGKILL, its disk deleted); heal = a new host takes the
+    /// node's name with `bulkhead replace` on a new cluster address, and every group moves the
+    /// node's replicas to it.
+    Replace,
 }
 
 impl Action {
@@ -82,12 +86,18 @@ impl Action {
             Action::Restart => "restart",
             Action::Panic => "panic",
             Action::Wipe => "wipe",
+            Action::Replace => "replace",
         }
+    }
+
+    /// Whether the node's disk is lost: two such faults at once would lose two of three copies.
+    pub fn loses_disk(self) -> bool {
+        matches!(self, Action::Wipe | Action::Replace)
     }
 
     /// Whether the node stops being reachable by its peers (so detection is measured).
     pub fn is_detectable(self) -> bool {
-        matches!(self, Action::Kill | Action::Pause | Action::Partition | Action::Wipe)
+        matches!(self, Action::Kill | Action::Pause | Action::Partition | Action::Wipe | Action::Replace)
     }
 }
 
@@ -257,6 +267,10 @@ pub struct Commands {
     pub heal: Option<String>,
     /// For `wipe`: delete the node's data dir (run after `kill`, before `start`).
     pub wipe: Option<String>,
+    /// For `replace`'s heal: bring a new host in under the node's name (`bulkhead replace
+    /// --config ...` there; its HTTP URL must stay the one the scenario names, e.g. behind a
+    /// load balancer or a moved DNS name).
+    pub replace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -371,9 +385,9 @@ impl Scenario {
                         f.node
                     ));
                 }
-                if prev.action == Action::Wipe && f.action == Action::Wipe {
+                if prev.action.loses_disk() && f.action.loses_disk() {
                     return Err(
-                        "two wipes must not overlap: losing two of three disks at once is a disaster, not a fault"
+                        "two wipes or replacements must not overlap: losing two of three disks at once is a disaster, not a fault"
                             .into(),
                     );
                 }
@@ -433,7 +447,7 @@ pub fn expand_random(r: &Random, hosts: &BTreeMap<String, Vec<String>>) -> Resul
             while node == prev.node {
                 node = nodes[rng.gen_range(0..nodes.len())].clone();
             }
-            if prev.action == Action::Wipe && action == Action::Wipe {
+            if prev.action.loses_disk() && action.loses_disk() {
                 action = Action::Kill;
             }
         }
@@ -524,7 +538,7 @@ mod tests {
     #[test]
     fn overlapping_faults_are_on_other_nodes_two_at_most_and_never_two_wipes() {
         let r: Random = toml::from_str(
-            "faults = 400\nseed = 11\noverlap_share = 0.5\nactions = [\"kill\", \"wipe\", \"pause\", \"partition\"]\n",
+            "faults = 400\nseed = 11\noverlap_share = 0.5\nactions = [\"kill\", \"wipe\", \"replace\", \"pause\", \"partition\"]\n",
         )
         .unwrap();
         let a = expand_random(&r, &hosts()).unwrap();
@@ -535,7 +549,7 @@ mod tests {
             if w[1].overlaps {
                 assert_ne!(w[0].node, w[1].node);
                 assert!(!w[0].overlaps, "three faults at once");
-                assert!(!(w[0].action == Action::Wipe && w[1].action == Action::Wipe));
+                assert!(!(w[0].action.loses_disk() && w[1].action.loses_disk()), "two disks lost at once");
                 assert!(w[1].after.0 <= w[0].hold.0, "an overlapping fault comes within the hold");
             }
         }
@@ -552,6 +566,7 @@ mod tests {
         assert!(Scenario::parse(&two("kill", "pause", "n2")).is_ok());
         assert!(Scenario::parse(&two("kill", "pause", "n1")).unwrap_err().contains("another node"));
         assert!(Scenario::parse(&two("wipe", "wipe", "n2")).unwrap_err().contains("two wipes"));
+        assert!(Scenario::parse(&two("replace", "wipe", "n2")).unwrap_err().contains("two wipes or replacements"));
         let first = "name = \"x\"\n[[faults]]\naction = \"kill\"\nnode = \"n1\"\noverlaps = true\n";
         assert!(Scenario::parse(first).unwrap_err().contains("first fault"));
     }

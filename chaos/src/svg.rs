@@ -326,6 +326,8 @@ fn fault_colour(kind: &str) -> &'static str {
         "partition" => "#d6339a",
         "restart" => "#138496",
         "panic" => "#b8860b",
+        "wipe" => "#5a189a",
+        "replace" => "#0b5394",
         _ => "#666666",
     }
 }

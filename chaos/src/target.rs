@@ -119,7 +119,7 @@ impl Target {
                 lc.signal(i, libc::SIGSTOP);
                 Ok(())
             }
-            (Target::Local { lc, .. }, Action::Wipe) => {
+            (Target::Local { lc, .. }, Action::Wipe | Action::Replace) => {
                 tokio::task::block_in_place(|| lc.kill(i));
                 let dir = lc.configs[i].data_dir.clone();
                 std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot wipe {}: {e}", dir.display()))
@@ -137,6 +137,10 @@ impl Target {
             (t, Action::Panic) => {
                 let cap = f.capability.as_deref().unwrap_or_default();
                 admin(http, &t.urls()[i], reqwest::Method::POST, &format!("/admin/panic/{cap}")).await
+            }
+            (Target::Remote { nodes, commands }, Action::Replace) => {
+                let missing = || "the scenario has no [cluster.commands] `kill` for a replace".to_string();
+                run_command(commands.kill.as_ref().ok_or_else(missing)?, &nodes[i].0, &nodes[i].1).await
             }
             (Target::Remote { nodes, commands }, Action::Wipe) => {
                 let missing = || "the scenario has no [cluster.commands] `kill` and `wipe` for a wipe".to_string();
@@ -162,6 +166,13 @@ impl Target {
         match (self, f.action) {
             (_, Action::Panic) => Ok(()),
             (Target::Local { lc, .. }, Action::Kill | Action::Restart | Action::Wipe) => lc.start(i),
+            // A new host: a new cluster address (what the others must learn); the same HTTP port,
+            // as clients reach a replaced node through a load balancer or a moved DNS name.
+            (Target::Local { lc, .. }, Action::Replace) => {
+                let cluster = free_ports(1)?[0];
+                let http = lc.configs[i].http_listen.port();
+                tokio::task::block_in_place(|| lc.replace(i, Ports { cluster, http }))
+            }
             (Target::Local { lc, .. }, Action::Pause) => {
                 lc.signal(i, libc::SIGCONT);
                 Ok(())
@@ -173,11 +184,11 @@ impl Target {
                 _ => admin(http, &t.urls()[i], reqwest::Method::DELETE, "/admin/partition").await,
             },
             (Target::Remote { nodes, commands }, action) => {
-                let cmd = match action {
-                    Action::Pause => &commands.resume,
-                    _ => &commands.start,
+                let (cmd, what) = match action {
+                    Action::Pause => (&commands.resume, "resume"),
+                    Action::Replace => (&commands.replace, "replace"),
+                    _ => (&commands.start, "start"),
                 };
-                let what = if action == Action::Pause { "resume" } else { "start" };
                 let cmd = cmd.as_ref().ok_or(format!("the scenario has no [cluster.commands] `{what}`"))?;
                 run_command(cmd, &nodes[i].0, &nodes[i].1).await
             }
@@ -193,6 +204,7 @@ impl Target {
                 Action::Pause => &[("pause", &commands.pause), ("resume", &commands.resume)],
                 Action::Restart => &[("stop", &commands.stop), ("start", &commands.start)],
                 Action::Wipe => &[("kill", &commands.kill), ("wipe", &commands.wipe), ("start", &commands.start)],
+                Action::Replace => &[("kill", &commands.kill), ("replace", &commands.replace)],
                 Action::Partition | Action::Panic => &[],
             };
             for (name, cmd) in need {

@@ -101,6 +101,29 @@ impl LocalCluster {
 
     /// Starts node `i` (again).
     pub fn start(&mut self, i: usize) -> Result<(), String> {
+        self.spawn(i, "node")
+    }
+
+    /// Replaces the host of node `i` for good, as `bulkhead replace` does on a new machine: the
+    /// old process is SIGKILLed and its data dir deleted (that disk is gone), and a new host
+    /// under the same name starts empty on `ports`, seeded with the other nodes (which learn its
+    /// new address from it). Every group then moves the node's replicas to the new host.
+    pub fn replace(&mut self, i: usize, ports: Ports) -> Result<(), String> {
+        self.kill(i);
+        let cfg = &mut self.configs[i];
+        match std::fs::remove_dir_all(&cfg.data_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot delete {}: {e}", cfg.data_dir.display())),
+        }
+        cfg.cluster_listen = std::net::SocketAddr::from(([127, 0, 0, 1], ports.cluster));
+        cfg.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], ports.http));
+        write_config(cfg, &self.config_paths[i])?;
+        self.spawn(i, "replace")
+    }
+
+    /// Starts node `i` with `bulkhead <subcommand> --config <its config>`.
+    fn spawn(&mut self, i: usize, subcommand: &str) -> Result<(), String> {
         let log_path = self.log_path(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -109,7 +132,7 @@ impl LocalCluster {
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(&self.exe)
-            .arg("node")
+            .arg(subcommand)
             .arg("--config")
             .arg(&self.config_paths[i])
             .envs(self.envs[i].iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -371,16 +371,23 @@ async fn run_on(
     let undetected: Vec<String> = report
         .faults
         .iter()
-        .filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace") && f.detected_ms.is_none())
+        .filter(|f| {
+            matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace") && f.detected_ms.is_none()
+        })
         .map(|f| format!("{} {} at {:.1}s", f.kind, f.node, f.at_s))
         .collect();
-    let n_detectable =
-        report.faults.iter().filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace")).count();
+    let n_detectable = report
+        .faults
+        .iter()
+        .filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace"))
+        .count();
     report.invariants.push(crate::report::Invariant {
         name: "every_fault_detected".into(),
         held: undetected.is_empty(),
         judged: n_detectable > 0,
-        detail: format!("{n_detectable} kills, pauses, partitions, wipes and replacements; each seen not up by another node"),
+        detail: format!(
+            "{n_detectable} kills, pauses, partitions, wipes and replacements; each seen not up by another node"
+        ),
         offending: undetected,
     });
     if let Some(e) = &run_error {

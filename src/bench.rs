@@ -48,6 +48,10 @@ pub struct BenchOptions {
     /// Send every order to the first node's API only (to compare with an external tool aimed at one
     /// address); by default clients are spread over every node's API.
     pub single_front: bool,
+    /// `[timing] raft_heartbeat_ms` of the clusters (default: the node default, 100). openraft 0.9
+    /// gives each AppendEntries one heartbeat interval to be answered, so this is also the
+    /// replication timeout: worth comparing under load.
+    pub raft_heartbeat_ms: Option<u64>,
 }
 
 /// One cluster size's figures.
@@ -56,6 +60,8 @@ pub struct RunResult {
     pub nodes: usize,
     /// Replicas per shard of the replicated capabilities.
     pub replicas: u32,
+    /// The clusters' `[timing] raft_heartbeat_ms` (openraft's AppendEntries timeout too).
+    pub raft_heartbeat_ms: u64,
     pub orders_per_sec: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -296,7 +302,11 @@ async fn bench_one(
         p.replicas = Some(replicas);
     }
     let cookie = format!("{:032x}", rand::random::<u128>());
-    let mut configs = cluster_configs(&names, map, &dir, &cookie, &ports, Timing::default(), false);
+    let mut timing = Timing::default();
+    if let Some(ms) = opts.raft_heartbeat_ms {
+        timing.raft_heartbeat_ms = ms;
+    }
+    let mut configs = cluster_configs(&names, map, &dir, &cookie, &ports, timing, false);
     for c in configs.iter_mut() {
         c.durability = opts.durability;
     }
@@ -385,6 +395,7 @@ async fn bench_one(
     Ok(RunResult {
         nodes: n,
         replicas,
+        raft_heartbeat_ms: opts.raft_heartbeat_ms.unwrap_or(Timing::default().raft_heartbeat_ms),
         orders_per_sec,
         p50_ms: ms(&h, 0.5),
         p90_ms: ms(&h, 0.9),

@@ -73,6 +73,10 @@ enum Cmd {
         /// Send all orders to the first node's API (default: spread over every node's API).
         #[arg(long)]
         single_front: bool,
+        /// The clusters' `[timing] raft_heartbeat_ms` (default 100): openraft's AppendEntries
+        /// timeout too, worth comparing under load.
+        #[arg(long)]
+        raft_heartbeat_ms: Option<u64>,
         /// Instead: fill a one-node store with this many orders, then measure restart-to-ready,
         /// memory and a supervised worker restart.
         #[arg(long)]
@@ -142,6 +146,7 @@ async fn main() -> ExitCode {
             durability,
             restart_orders: None,
             single_front,
+            raft_heartbeat_ms,
         } => {
             let opts = bulkhead::bench::BenchOptions {
                 nodes,
@@ -154,6 +159,7 @@ async fn main() -> ExitCode {
                 data_dir,
                 durability,
                 single_front,
+                raft_heartbeat_ms,
             };
             bulkhead::bench::run(opts, &mut std::io::stdout()).await.map(|_| ())
         }

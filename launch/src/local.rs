@@ -106,8 +106,9 @@ impl LocalCluster {
 
     /// Replaces the host of node `i` for good, as `bulkhead replace` does on a new machine: the
     /// old process is SIGKILLed and its data dir deleted (that disk is gone), and a new host
-    /// under the same name starts empty on `ports`, seeded with the other nodes (which learn its
-    /// new address from it). Every group then moves the node's replicas to the new host.
+    /// under the same name starts empty on `ports`, seeded with the other nodes' current addresses
+    /// (they learn its new address from it, and every config's seeds are brought up to date for
+    /// the next start). Every group then moves the node's replicas to the new host.
     pub fn replace(&mut self, i: usize, ports: Ports) -> Result<(), String> {
         self.kill(i);
         let cfg = &mut self.configs[i];
@@ -118,7 +119,13 @@ impl LocalCluster {
         }
         cfg.cluster_listen = std::net::SocketAddr::from(([127, 0, 0, 1], ports.cluster));
         cfg.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], ports.http));
-        write_config(cfg, &self.config_paths[i])?;
+        // As the runbook says: every config's seeds name the nodes' current addresses (the others
+        // read theirs at their next start; a node whose seeds are all gone finds nobody).
+        let addrs: Vec<String> = self.configs.iter().map(|c| c.cluster_listen.to_string()).collect();
+        for (j, c) in self.configs.iter_mut().enumerate() {
+            c.seeds = addrs.iter().enumerate().filter(|(k, _)| *k != j).map(|(_, a)| a.clone()).collect();
+            write_config(c, &self.config_paths[j])?;
+        }
         self.spawn(i, "replace")
     }
 

@@ -46,7 +46,7 @@ pub struct Heartbeat {
     pub unhealthy: Vec<Capability>,
     pub shard_fingerprint: u64,
     /// A digest of the node's `[timing]`: nodes whose failure detector, Raft timeouts or
-    /// reservation TTL differ would disagree about who is down and when a hold lapses.
+    /// snapshot policy differ would disagree about who is down and when to call an election.
     pub timing_fingerprint: u64,
     /// Cluster addresses of the nodes this node is connected to: how the mesh spreads.
     pub peers: Vec<String>,

@@ -1,7 +1,8 @@
 //! Inventory as a Raft group applies it: each committed command loads the records it touches
 //! into the pure [`Inventory`] model, runs the model, and writes back what changed, alike on every
-//! replica. The leader puts the time into the command; expiry is a command too (the leader's
-//! reaper proposes it), so a hold is released at the same log position on every replica.
+//! replica. The leader puts the group's time into the command. Holds no longer expire on a clock
+//! (they end with their saga); `Expire` and the expiry index are kept so that logs written before
+//! still apply the same on every replica.
 
 use bulkhead_cluster::raft::Machine;
 use bulkhead_storage::{Batch, Record, Store, StoreError, Table};
@@ -13,7 +14,8 @@ use super::stock::{Changes, HoldState, Inventory, Reservation, Stock};
 
 pub const STOCK: Table<String, Stock> = Table::new(1, "stock");
 pub const RESERVATIONS: Table<Uuid, Reservation> = Table::new(2, "reservations");
-/// Held reservations by `(expires_ms, order)`: what the reaper reads, without scanning them all.
+/// Held reservations by `(expires_ms, order)`: the expiry index the reaper used to read; still
+/// maintained by apply (removing it would change what old log entries write), read by nobody.
 pub const HELD_UNTIL: Table<(u64, Uuid), Held> = Table::new(4, "held_until");
 
 /// A marker of the expiry index.

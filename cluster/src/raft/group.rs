@@ -179,7 +179,7 @@ impl Replica {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some()
     }
 
-    /// Whether this replica leads its group now (leader-only work: a reaper, a saga driver).
+    /// Whether this replica leads its group now (leader-only work: a saga driver, a sweep).
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();

@@ -252,19 +252,31 @@ impl Store {
     }
 
     /// Applies `batch` so that a crash leaves all of it or none of it, without `apply_batch`'s
-    /// sealed log buffer: the batch is first written whole as an *intent* record, then its writes
-    /// one by one, then the intent is removed, all in order ([`Store::apply_in_order`]'s prefix
+    /// sealed log buffer: the batch is first written whole as an *intent*, then its writes one by
+    /// one, then the intent is removed, all in order ([`Store::apply_in_order`]'s prefix
     /// guarantee). A store opened with an intent left over applies it again (its writes are
     /// absolute values) before anything reads. One writer at a time: the caller serialises.
+    ///
+    /// The intent is written in parts of [`INTENT_PART`] bytes, its header last: a value much
+    /// larger than that would become a sled *blob* file, and sled 0.34 does not delete blob files
+    /// of values that were removed (sled#786), so a whole-batch intent leaked its size on disk at
+    /// every apply (gigabytes in minutes under load).
     pub fn apply_atomic(&self, batch: Batch) -> Result<(), StoreError> {
         if batch.ops.len() <= 1 {
             return self.apply_in_order(batch);
         }
         let intent = crate::codec::encode(&Intent { ops: batch.ops.clone() });
+        let parts: Vec<&[u8]> = intent.chunks(INTENT_PART).collect();
         let mut logged = Batch::new();
-        logged.insert(INTENT_KEY.to_vec(), intent);
+        for (i, part) in parts.iter().enumerate() {
+            logged.insert(intent_part_key(i as u32), part.to_vec());
+        }
+        logged.insert(INTENT_HEADER_KEY.to_vec(), (parts.len() as u32).to_be_bytes().to_vec());
         logged.ops.extend(batch.ops);
-        logged.remove(INTENT_KEY.to_vec());
+        logged.remove(INTENT_HEADER_KEY.to_vec());
+        for i in 0..parts.len() {
+            logged.remove(intent_part_key(i as u32));
+        }
         self.apply_in_order(logged)
     }
 
@@ -358,8 +370,20 @@ impl Store {
     }
 }
 
-/// The key of the intent of [`Store::apply_atomic`]: above every table id.
+/// The key of a whole-batch intent as builds before 2026-12-01 wrote it (still completed at open).
 const INTENT_KEY: &[u8] = &[0xFF, b'i'];
+/// The header of a parted intent (its number of parts, u32 big-endian), written after the parts.
+const INTENT_HEADER_KEY: &[u8] = &[0xFF, b'j'];
+/// Parts of an intent: `[0xFF, b'k', index (u32 big-endian)]`.
+const INTENT_PART_PREFIX: &[u8] = &[0xFF, b'k'];
+/// Bytes per intent part: well under sled's blob threshold (a quarter of its 512 KiB segment).
+pub const INTENT_PART: usize = 8 * 1024;
+
+fn intent_part_key(i: u32) -> Vec<u8> {
+    let mut k = INTENT_PART_PREFIX.to_vec();
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
 
 /// A batch written whole before its writes, so a crash in between can be completed.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -370,11 +394,33 @@ impl crate::codec::Record for Intent {
     const VERSION: u8 = 1;
 }
 
-/// Applies an intent a crash left behind, then removes it; returns how many writes it held.
+/// Reads the intent a crash left behind, if a whole one is there: the old single record, or the
+/// parts a header says are complete (the header is written after its parts). Parts without a
+/// header are an intent whose writes never began: nothing to complete.
+fn leftover_intent(db: &sled::Db) -> Result<Option<Intent>, String> {
+    if let Some(raw) = db.get(INTENT_KEY).map_err(|e| e.to_string())? {
+        return crate::codec::decode(&raw).map(Some).map_err(|e| e.to_string());
+    }
+    let Some(header) = db.get(INTENT_HEADER_KEY).map_err(|e| e.to_string())? else { return Ok(None) };
+    let n =
+        u32::from_be_bytes(header.as_ref().try_into().map_err(|_| "an intent header of the wrong size".to_string())?);
+    let mut bytes = Vec::new();
+    for i in 0..n {
+        let part = db
+            .get(intent_part_key(i))
+            .map_err(|e| e.to_string())?
+            .ok_or(format!("intent part {i} of {n} is missing"))?;
+        bytes.extend_from_slice(&part);
+    }
+    crate::codec::decode(&bytes).map(Some).map_err(|e| e.to_string())
+}
+
+/// Applies an intent a crash left behind, then removes it (and any parts without a header);
+/// returns how many writes it held.
 fn complete_intent(db: &sled::Db) -> Result<usize, String> {
-    let Some(raw) = db.get(INTENT_KEY).map_err(|e| e.to_string())? else { return Ok(0) };
-    let intent: Intent = crate::codec::decode(&raw).map_err(|e| e.to_string())?;
-    for (k, v) in &intent.ops {
+    let intent = leftover_intent(db)?;
+    let n = intent.as_ref().map_or(0, |i| i.ops.len());
+    for (k, v) in intent.map(|i| i.ops).unwrap_or_default() {
         match v {
             Some(v) => db.insert(k.as_slice(), v.as_slice()).map(|_| ()),
             None => db.remove(k.as_slice()).map(|_| ()),
@@ -382,8 +428,12 @@ fn complete_intent(db: &sled::Db) -> Result<usize, String> {
         .map_err(|e| e.to_string())?;
     }
     db.remove(INTENT_KEY).map_err(|e| e.to_string())?;
+    db.remove(INTENT_HEADER_KEY).map_err(|e| e.to_string())?;
+    for part in db.scan_prefix(INTENT_PART_PREFIX).keys() {
+        db.remove(part.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
     db.flush().map_err(|e| e.to_string())?;
-    Ok(intent.ops.len())
+    Ok(n)
 }
 
 async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
@@ -569,6 +619,73 @@ mod tests {
         assert_eq!(T.insert_if_absent(&s, &5, &Rec(1)).unwrap(), None);
         assert_eq!(T.insert_if_absent(&s, &5, &Rec(2)).unwrap(), Some(Rec(1)));
         assert_eq!(T.get(&s, &5).unwrap(), Some(Rec(1)));
+    }
+
+    fn raw(i: u64) -> Vec<u8> {
+        let mut k = vec![1u8];
+        k.extend_from_slice(&i.to_be_bytes());
+        k
+    }
+
+    /// Bytes in the store's sled `blobs` folder: what sled never gives back (sled#786).
+    fn blob_bytes(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir.join("cap").join("blobs"))
+            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Big atomic batches (what an apply of many Raft entries is) leave no sled blob behind.
+    #[tokio::test]
+    async fn big_atomic_batches_write_no_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        for round in 0..20u64 {
+            let mut b = Batch::new();
+            for i in 0..400u64 {
+                // ~1 MB per batch: 400 records of 2.5 KB.
+                b.insert(raw(round * 1000 + i), vec![7u8; 2_500]);
+            }
+            s.apply_atomic(b).unwrap();
+        }
+        s.sync().await.unwrap();
+        assert_eq!(blob_bytes(dir.path()), 0, "sled wrote blob files");
+        assert!(s.tree().scan_prefix(INTENT_PART_PREFIX).next().is_none());
+        assert_eq!(s.tree().get(INTENT_HEADER_KEY).unwrap(), None);
+    }
+
+    /// A crash after a parted intent's header and its first write: the next open completes it;
+    /// parts without a header (the crash came before the header) are dropped, nothing applied.
+    #[tokio::test]
+    async fn an_interrupted_parted_intent_is_completed_and_a_headless_one_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![1u8; INTENT_PART * 2];
+        {
+            let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            let mut b = Batch::new();
+            b.insert(raw(1), big.clone());
+            b.insert(raw(2), big.clone());
+            let intent = crate::codec::encode(&Intent { ops: b.ops.clone() });
+            let parts: Vec<&[u8]> = intent.chunks(INTENT_PART).collect();
+            assert!(parts.len() > 2);
+            for (i, p) in parts.iter().enumerate() {
+                s.tree().insert(intent_part_key(i as u32), *p).unwrap();
+            }
+            s.tree().insert(INTENT_HEADER_KEY, &(parts.len() as u32).to_be_bytes()).unwrap();
+            let (k, v) = b.ops[0].clone();
+            s.tree().insert(k, v.unwrap()).unwrap();
+            s.tree().flush().unwrap();
+        }
+        {
+            let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            assert_eq!(s.tree().get(raw(2)).unwrap().map(|v| v.to_vec()), Some(big.clone()));
+            assert!(s.tree().scan_prefix(INTENT_PART_PREFIX).next().is_none());
+            // Now parts of a next batch, but no header: its writes never began.
+            s.tree().insert(intent_part_key(0), &[9u8; 10][..]).unwrap();
+            s.tree().flush().unwrap();
+        }
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        assert!(s.tree().scan_prefix(INTENT_PART_PREFIX).next().is_none());
+        assert_eq!(s.tree().get(raw(2)).unwrap().map(|v| v.to_vec()), Some(big));
     }
 
     #[tokio::test]

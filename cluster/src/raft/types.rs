@@ -87,14 +87,54 @@ impl Record for AppliedState {
     const VERSION: u8 = 1;
 }
 
-/// The latest snapshot this replica built or installed: its meta and the exported tables.
+/// The latest snapshot this replica built or installed: its meta, and where its bytes are.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotRecord {
     pub meta: SnapshotMeta<MemberId, openraft::BasicNode>,
-    pub data: Vec<u8>,
+    pub data: SnapshotData,
 }
-impl Record for SnapshotRecord {
+
+/// Where a snapshot's bytes are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SnapshotData {
+    /// In the record itself: how version 1 kept them. A large value becomes a sled blob file that
+    /// sled 0.34 never deletes once the value is replaced (sled#786): every snapshot leaked its
+    /// size on disk. Only read now.
+    Inline(Vec<u8>),
+    /// In [`SNAPSHOT_PARTS`]: `parts` records of at most [`SNAPSHOT_PART`] bytes under generation
+    /// `generation` (keys `generation << 32 | part`), written before this record.
+    Parts { generation: u32, parts: u32 },
+}
+
+/// Bytes per snapshot part: far under sled's blob threshold.
+pub const SNAPSHOT_PART: usize = 8 * 1024;
+
+/// One part of a snapshot's bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotPart(pub Vec<u8>);
+impl Record for SnapshotPart {
     const VERSION: u8 = 1;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotRecordV1 {
+    meta: SnapshotMeta<MemberId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+impl Record for SnapshotRecord {
+    /// 2: the bytes moved out of the record, into parts.
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, bulkhead_storage::CodecError> {
+        match version {
+            1 => {
+                let v1: SnapshotRecordV1 = bulkhead_storage::decode_payload(payload)?;
+                Ok(SnapshotRecord { meta: v1.meta, data: SnapshotData::Inline(v1.data) })
+            }
+            _ => bulkhead_storage::decode_payload(payload),
+        }
+    }
 }
 
 /// What a snapshot's bytes hold: every raw record of the capability's tables.
@@ -137,6 +177,8 @@ pub const LOG_IDS: Table<u64, LogIdRecord> = Table::new(0xF2, "raft_log_ids");
 pub const APPLIED: Table<u64, AppliedState> = Table::new(0xF3, "raft_applied");
 pub const SNAPSHOT: Table<u64, SnapshotRecord> = Table::new(0xF4, "raft_snapshot");
 pub const IDENTITY: Table<u64, Identity> = Table::new(0xF5, "raft_identity");
+/// The parts of the current snapshot's bytes (see [`SnapshotData::Parts`]).
+pub const SNAPSHOT_PARTS: Table<u64, SnapshotPart> = Table::new(0xF6, "raft_snapshot_parts");
 pub const PURGED_KEY: u64 = 0;
 pub const COMMITTED_KEY: u64 = 1;
 

@@ -18,12 +18,7 @@ fn sku_on_n1() -> String {
 
 /// The payments shard as `from` reports it in `/v1/cluster` (`Null` while `from` is not answering).
 async fn payments_shard(tc: &TestCluster, from: usize) -> Value {
-    let Ok(resp) = tc.http.get(format!("{}/v1/cluster", tc.url(from))).send().await else { return Value::Null };
-    let v: Value = resp.json().await.unwrap_or(Value::Null);
-    v["shards"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["capability"] == "payments").cloned())
-        .unwrap_or(Value::Null)
+    tc.shards(from).await.into_iter().find(|s| s["capability"] == "payments").unwrap_or(Value::Null)
 }
 
 /// Waits until `want` leads payments and reports (lag is known on the leader) all three replicas
@@ -117,13 +112,6 @@ async fn a_wiped_payments_replica_comes_back_as_a_new_member_and_loses_nothing()
     }
 }
 
-/// Every shard as node `from` reports it (empty while `from` is not answering).
-async fn shards(tc: &TestCluster, from: usize) -> Vec<Value> {
-    let Ok(resp) = tc.http.get(format!("{}/v1/cluster", tc.url(from))).send().await else { return Vec::new() };
-    let v: Value = resp.json().await.unwrap_or(Value::Null);
-    v["shards"].as_array().cloned().unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_host_takes_over_every_replica_of_its_node_and_nothing_is_lost() {
     let (mut tc, sku) = started_with_n2_leading().await;
@@ -141,14 +129,15 @@ async fn a_replaced_host_takes_over_every_replica_of_its_node_and_nothing_is_los
     // Every shard ends with three voters, n2's being the new host's, all caught up on the leader;
     // the shards n2 prefers are led by it again.
     eventually(Duration::from_secs(60), "every shard whole again, with the new n2", || async {
-        let all = shards(&tc, 0).await;
+        let all = tc.shards(0).await;
         if all.is_empty() {
             return None;
         }
         for s in &all {
             let leader = s["leader"].as_str()?;
             let i = ["n1", "n2", "n3"].iter().position(|n| *n == leader)?;
-            let seen = shards(&tc, i)
+            let seen = tc
+                .shards(i)
                 .await
                 .into_iter()
                 .find(|x| x["capability"] == s["capability"] && x["shard"] == s["shard"])?;

@@ -212,8 +212,7 @@ pub fn summary(r: &Report) -> String {
             d.count, d.median_ms, d.max_ms
         ));
     }
-    for f in r.faults.iter().filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace"))
-    {
+    for f in r.faults.iter().filter(|f| crate::scenario::Action::is_detectable_kind(&f.kind)) {
         if let Some(ms) = f.first_201_ms {
             s.push_str(&format!(
                 "  {} {} at {:.1} s: first 201 of an order sent after it {ms} ms later\n",

@@ -12,7 +12,7 @@ use crate::check::{check, StockBaseline};
 use crate::load::{self, LoadLog};
 use crate::observe::{Observations, Observer};
 use crate::report::{percentile, Detection, FaultRecord, Phase, Report, Second, Timeline, Totals};
-use crate::scenario::{Fault, RemoteNode, Scenario};
+use crate::scenario::{Action, Fault, RemoteNode, Scenario};
 use crate::target::Target;
 
 pub struct RunOptions {
@@ -371,16 +371,10 @@ async fn run_on(
     let undetected: Vec<String> = report
         .faults
         .iter()
-        .filter(|f| {
-            matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace") && f.detected_ms.is_none()
-        })
+        .filter(|f| Action::is_detectable_kind(&f.kind) && f.detected_ms.is_none())
         .map(|f| format!("{} {} at {:.1}s", f.kind, f.node, f.at_s))
         .collect();
-    let n_detectable = report
-        .faults
-        .iter()
-        .filter(|f| matches!(f.kind.as_str(), "kill" | "pause" | "partition" | "wipe" | "replace"))
-        .count();
+    let n_detectable = report.faults.iter().filter(|f| Action::is_detectable_kind(&f.kind)).count();
     report.invariants.push(crate::report::Invariant {
         name: "every_fault_detected".into(),
         held: undetected.is_empty(),

@@ -95,6 +95,18 @@ impl Action {
         matches!(self, Action::Wipe | Action::Replace)
     }
 
+    /// The action a report's fault `kind` names (`as_str` backwards).
+    pub fn from_kind(kind: &str) -> Option<Action> {
+        [Action::Kill, Action::Pause, Action::Partition, Action::Restart, Action::Panic, Action::Wipe, Action::Replace]
+            .into_iter()
+            .find(|a| a.as_str() == kind)
+    }
+
+    /// Whether a report's fault `kind` is one whose detection is measured.
+    pub fn is_detectable_kind(kind: &str) -> bool {
+        Action::from_kind(kind).is_some_and(Action::is_detectable)
+    }
+
     /// Whether the node stops being reachable by its peers (so detection is measured).
     pub fn is_detectable(self) -> bool {
         matches!(self, Action::Kill | Action::Pause | Action::Partition | Action::Wipe | Action::Replace)

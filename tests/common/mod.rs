@@ -148,6 +148,13 @@ impl TestCluster {
         assert_eq!(r.status, 200, "{}", r.body);
     }
 
+    /// Every shard as node `from` reports it in `/v1/cluster` (empty while `from` is not answering).
+    pub async fn shards(&self, from: usize) -> Vec<Value> {
+        let Ok(resp) = self.http.get(format!("{}/v1/cluster", self.url(from))).send().await else { return Vec::new() };
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        v["shards"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Status of `name` as node `from` sees it.
     pub async fn status_of(&self, from: usize, name: &str) -> String {
         let v = self.get(from, "/v1/cluster").await.body;

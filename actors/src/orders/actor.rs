@@ -639,11 +639,9 @@ impl OrdersState {
         tokio::spawn(async move {
             let now = replica.now_ms();
             let store = replica.store().clone();
-            let entries = match tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX)).await {
-                Ok(Ok(e)) => e,
-                Ok(Err(e)) => {
-                    return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
-                }
+            let read = tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX)).await;
+            let entries = match read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(e) => e,
                 Err(e) => {
                     return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
                 }

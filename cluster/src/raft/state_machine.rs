@@ -87,7 +87,9 @@ pub struct StateMachineStore {
     machine: Arc<dyn RawMachine>,
     /// Held while entries are applied and while a snapshot exports the tables, so an export and
     /// the applied id it is labelled with always agree (openraft builds snapshots concurrently).
-    gate: Arc<std::sync::Mutex<()>>,
+    /// It guards the group's time as applied so far, so applies need not read it from the store;
+    /// `None` until first needed (read then), and again after a snapshot replaced the tables.
+    gate: Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 impl StateMachineStore {
@@ -112,14 +114,17 @@ impl StateMachineStore {
     /// Applies committed entries in order; their writes and the new applied id go in one atomic
     /// batch, so after a crash the tables and the applied id agree.
     fn apply_blocking(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Applied>> {
-        let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.applied().map_err(sm_read)?;
         let mut replies = Vec::with_capacity(entries.len());
         // One batch for every entry of this call: each entry reads through the writes of the ones
         // before it (`Table::get_through`); `apply_atomic` makes it all-or-nothing across a crash
         // without sled's sealed `apply_batch` (a `sync_file_range` that waits on the disk).
         let mut b = Batch::new();
-        let stored_time = GROUP_TIME.get(&self.store, &0).map_err(sm_read)?.map_or(0, |t| t.0);
+        let stored_time = match *gate {
+            Some(t) => t,
+            None => GROUP_TIME.get(&self.store, &0).map_err(sm_read)?.map_or(0, |t| t.0),
+        };
         let mut time = stored_time;
         for entry in entries {
             let log_id = *entry.get_log_id();
@@ -146,6 +151,7 @@ impl StateMachineStore {
         }
         APPLIED.put(&mut b, &0, &state);
         self.store.apply_atomic(b).map_err(sm_write)?;
+        *gate = Some(time);
         Ok(replies)
     }
 }
@@ -251,9 +257,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         APPLIED.put(&mut extra, &0, &state);
         self.keep_snapshot(&mut extra, meta, &data)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         self.store
             .replace_below(RAFT_TABLES_FROM, body.records, extra)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        // The group's time came with the tables: read it again at the next apply.
+        *gate = None;
+        drop(gate);
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, records = n, "snapshot installed");
         Ok(())
     }
@@ -301,12 +311,6 @@ mod tests {
 
     const BIG: Table<u64, SnapshotPart> = Table::new(1, "big");
 
-    fn blob_bytes(path: &std::path::Path) -> u64 {
-        std::fs::read_dir(path.join("blobs"))
-            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0)
-    }
-
     /// Snapshots of a few MB, built again and again (a snapshot every N entries, a new member
     /// caught up), leave no sled blob file behind and read back whole.
     #[tokio::test]
@@ -326,7 +330,7 @@ mod tests {
         }
         assert!(last.len() > 3_000_000, "{}", last.len());
         store.sync().await.unwrap();
-        assert_eq!(blob_bytes(&dir.path().join("cap")), 0, "sled wrote blob files");
+        assert_eq!(store.blob_bytes(), 0, "sled wrote blob files");
         let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
         assert_eq!(current.snapshot.into_inner(), last);
         // Only the last generation's parts are kept.

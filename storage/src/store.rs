@@ -649,7 +649,9 @@ mod tests {
             s.apply_atomic(b).unwrap();
         }
         s.sync().await.unwrap();
-        assert_eq!(s.blob_bytes(), 0, "sled wrote blob files");
+        // With whole intents this was over 20 MB (one blob per batch). sled may still write the odd
+        // large tree page as a blob (about 137 KB seen here): far below, and not per batch.
+        assert!(s.blob_bytes() < 1_000_000, "sled wrote {} bytes of blob files", s.blob_bytes());
         assert!(s.tree().scan_prefix(INTENT_PART_PREFIX).next().is_none());
         assert_eq!(s.tree().get(INTENT_HEADER_KEY).unwrap(), None);
     }

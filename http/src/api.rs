@@ -3,7 +3,7 @@
 //! orders shard, at once), and maps the answer to HTTP. None of them touches a store directly.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -162,9 +162,15 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
     };
     let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
     let req = OrdersRequest::Place(place);
+    let started = Instant::now();
     match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &new_traceparent(), timeout).await {
         Ok(OrdersReply::Order(view)) => {
             st.metrics.placed.fetch_add(1, Relaxed);
+            let left = Duration::from_millis(wait_ms).saturating_sub(started.elapsed());
+            let view = match view.status {
+                OrderStatus::Pending if left > AWAIT_AGAIN_FROM => await_order(&st, shard, view, left).await,
+                _ => view,
+            };
             Ok(order_response(&st, view))
         }
         Ok(OrdersReply::IdempotencyConflict { order_id }) => {
@@ -190,6 +196,21 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
         }
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_call(e)),
+    }
+}
+
+/// Below this much of its wait left, a pending order is answered `202` as it is.
+const AWAIT_AGAIN_FROM: Duration = Duration::from_millis(20);
+
+/// A `Place` answered pending before its wait was over: the shard's leadership moved mid-saga
+/// (a hand-over, a failover). Waits out the rest on the shard's leader now; any failure keeps the
+/// pending view (the order is recorded; `202` with its location is still the truth).
+async fn await_order(st: &AppState, shard: u32, view: OrderView, left: Duration) -> OrderView {
+    let req = OrdersRequest::Await { order_id: view.order_id, wait_ms: left.as_millis() as u64 };
+    let timeout = left + Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
+    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &new_traceparent(), timeout).await {
+        Ok(OrdersReply::Order(now)) if now.order_id == view.order_id => now,
+        _ => view,
     }
 }
 

@@ -145,8 +145,19 @@ enum Admit {
     Wait,
 }
 
-/// A `Place` waiting for its shard to be loaded.
-type Parked = (PlaceOrder, String, RpcReplyPort<OrdersReply>);
+/// A request waiting for its shard to be loaded.
+enum Parked {
+    Place(PlaceOrder, String, RpcReplyPort<OrdersReply>),
+    Await { order_id: Uuid, wait_ms: u64, reply: RpcReplyPort<OrdersReply> },
+}
+
+impl Parked {
+    fn reply(self) -> RpcReplyPort<OrdersReply> {
+        match self {
+            Parked::Place(_, _, reply) | Parked::Await { reply, .. } => reply,
+        }
+    }
+}
 
 /// A shard this worker drives, in the term its replica leads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +173,7 @@ pub struct OrdersState {
     args: OrdersArgs,
     driving: BTreeMap<u32, Driving>,
     sagas: HashMap<Uuid, Saga>,
-    /// Places that arrived while their shard was loading, by shard.
+    /// Places and awaits that arrived while their shard was loading, by shard.
     parked: BTreeMap<u32, Vec<Parked>>,
     /// Places committed while their shard was loading (the load may not have seen them), by shard.
     placed_while_loading: BTreeMap<u32, Vec<Placed>>,
@@ -235,7 +246,7 @@ impl OrdersState {
         let (replica, term) = match self.admit(myself, p.shard) {
             Ok(Admit::Go(replica, term)) => (replica, term),
             Ok(Admit::Wait) => {
-                self.parked.entry(p.shard).or_default().push((p, traceparent, reply));
+                self.parked.entry(p.shard).or_default().push(Parked::Place(p, traceparent, reply));
                 return;
             }
             Err(e) => {
@@ -492,8 +503,8 @@ impl OrdersState {
             let Some(term) = leading else {
                 // Nothing was proposed for these: the caller follows the leader, or retries.
                 let leader = replica.leader().filter(|l| l != self.cluster().name());
-                for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
-                    let _ = reply.send(OrdersReply::NotLeader { leader: leader.clone() });
+                for parked in self.parked.remove(&shard).unwrap_or_default() {
+                    let _ = parked.reply().send(OrdersReply::NotLeader { leader: leader.clone() });
                 }
                 continue;
             };
@@ -549,8 +560,9 @@ impl OrdersState {
                 tracing::warn!(shard, term, error = %e, "cannot load this orders shard's unfinished sagas yet");
                 // The next leadership check tries again; the parked places are not kept waiting.
                 self.driving.remove(&shard);
-                for (_, _, reply) in self.parked.remove(&shard).unwrap_or_default() {
-                    let _ = reply.send(OrdersReply::Unavailable(format!("shard {shard} is not loaded yet: {e}")));
+                for parked in self.parked.remove(&shard).unwrap_or_default() {
+                    let _ =
+                        parked.reply().send(OrdersReply::Unavailable(format!("shard {shard} is not loaded yet: {e}")));
                 }
                 for p in self.placed_while_loading.remove(&shard).unwrap_or_default() {
                     let _ = p.reply.send(OrdersReply::Order(p.order.view()));
@@ -574,8 +586,32 @@ impl OrdersState {
         for p in self.placed_while_loading.remove(&shard).unwrap_or_default() {
             self.on_placed(myself, p);
         }
-        for (p, traceparent, reply) in self.parked.remove(&shard).unwrap_or_default() {
-            self.place(myself, p, traceparent, reply);
+        for parked in self.parked.remove(&shard).unwrap_or_default() {
+            match parked {
+                Parked::Place(p, traceparent, reply) => self.place(myself, p, traceparent, reply),
+                Parked::Await { order_id, wait_ms, reply } => self.await_order(myself, order_id, wait_ms, reply),
+            }
+        }
+    }
+
+    /// Waits for an order whose client is still waiting (`OrdersRequest::Await`): on the leader
+    /// that drives its shard now. An order not in flight here is finished (or was never placed):
+    /// a linearizable read answers at once.
+    fn await_order(
+        &mut self,
+        myself: &ActorRef<OrdersMsg>,
+        order_id: Uuid,
+        wait_ms: u64,
+        reply: RpcReplyPort<OrdersReply>,
+    ) {
+        let shard = shard_of_order(&order_id);
+        match self.admit(myself, shard) {
+            Err(e) => {
+                let _ = reply.send(unserved(e));
+            }
+            Ok(Admit::Wait) => self.parked.entry(shard).or_default().push(Parked::Await { order_id, wait_ms, reply }),
+            Ok(Admit::Go(..)) if self.sagas.contains_key(&order_id) => self.wait_for(myself, order_id, wait_ms, reply),
+            Ok(Admit::Go(..)) => self.read(OrdersRequest::Get { order_id }, reply),
         }
     }
 
@@ -584,7 +620,7 @@ impl OrdersState {
         let shard = match &req {
             OrdersRequest::Get { order_id } => shard_of_order(order_id),
             OrdersRequest::DeadLetters { shard, .. } | OrdersRequest::ByCustomer { shard, .. } => *shard,
-            OrdersRequest::Place(_) | OrdersRequest::InjectPanic => return,
+            OrdersRequest::Place(_) | OrdersRequest::InjectPanic | OrdersRequest::Await { .. } => return,
         };
         let replica = match self.replica(shard) {
             Ok(r) => r,
@@ -611,7 +647,7 @@ impl OrdersState {
                         let limit = limit.clamp(1, MAX_ORDERS_LISTED) as usize;
                         machine::by_customer(&store, &customer_id, before, limit).map(OrdersReply::Orders)
                     }
-                    OrdersRequest::Place(_) | OrdersRequest::InjectPanic => {
+                    OrdersRequest::Place(_) | OrdersRequest::InjectPanic | OrdersRequest::Await { .. } => {
                         Ok(OrdersReply::Refused("not a read".into()))
                     }
                 };
@@ -734,6 +770,7 @@ impl Actor for OrdersWorker {
         match msg {
             OrdersMsg::Request(Inbound { req, reply, traceparent }) => match req {
                 OrdersRequest::Place(p) => state.place(&myself, p, traceparent, reply),
+                OrdersRequest::Await { order_id, wait_ms } => state.await_order(&myself, order_id, wait_ms, reply),
                 OrdersRequest::InjectPanic => {
                     if state.args.fault_injection {
                         panic!("fault injection: orders worker panics on request");

@@ -74,6 +74,13 @@ pub enum OrdersRequest {
         before: Option<Uuid>,
         limit: u32,
     },
+    /// Waits up to `wait_ms` for an order's saga to finish, on its shard's leader, and answers
+    /// with the order as it then is. The front asks this when a `Place` came back pending before
+    /// its wait was over: the shard's leadership moved mid-saga, and the new leader drives it now.
+    Await {
+        order_id: Uuid,
+        wait_ms: u64,
+    },
 }
 
 /// An outbox entry the relay gave up on: its destination answered with a failure

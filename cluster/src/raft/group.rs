@@ -203,6 +203,22 @@ impl Replica {
         m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
+    /// Waits up to `bound` until this replica knows a leader (on another node than `old`): the way
+    /// through a hand-over or an election that is already under way. `None` if none came.
+    pub async fn wait_for_leader_other_than(&self, old: Option<&str>, bound: Duration) -> Option<String> {
+        let mut m = self.raft.metrics();
+        let other = |m: &openraft::RaftMetrics<MemberId, BasicNode>| {
+            let id = m.current_leader?;
+            let node = m.membership_config.membership().get_node(&id)?;
+            (Some(node.addr.as_str()) != old).then(|| node.addr.clone())
+        };
+        let waited = tokio::time::timeout(bound, m.wait_for(|m| other(m).is_some())).await;
+        match waited {
+            Ok(Ok(m)) => other(&m),
+            _ => None,
+        }
+    }
+
     /// The time to put into a command proposed now: the group's time, advanced by this leader's
     /// monotonic clock since it began leading (see [`super::clock`]). Never this node's wall
     /// clock, except for a group that has no time yet.
@@ -739,41 +755,43 @@ async fn swap_in(r: &Replica, member: MemberId, node: String, old: Vec<MemberId>
     }
 }
 
-/// On a leader that is not the preferred node: once the preferred node is up, a voter, and has
-/// every entry, pause new proposals, let it call an election, and resume.
+/// How far behind the preferred node may be for a hand-over to begin: the pause that follows lets
+/// it take the rest. Under steady load a follower is always a few entries behind, so waiting for
+/// a lag of exactly 0 would never hand anything back.
+const HAND_OVER_MAX_LAG: u64 = 256;
+
+/// How long a hand-over pauses new proposals for the preferred node to take every entry.
+const HAND_OVER_DRAIN: Duration = Duration::from_millis(300);
+
+/// On a leader that is not the preferred node: once the preferred node is up, a voter, and nearly
+/// caught up, pause new proposals until it has every entry, let it call an election, and resume.
 async fn hand_over(cluster: &Cluster, r: &Replica) -> Option<bool> {
     let preferred = r.placement.preferred();
     if preferred == cluster.name() || cluster.status_of(preferred) != Status::Up {
         return None;
     }
-    let target = {
+    // The preferred node's member and how many entries it lacks (`None`: not a voter here, or
+    // its progress is not known yet).
+    let lag_of_target = |r: &Replica| {
         let m = r.raft.metrics();
         let m = m.borrow();
         let membership = m.membership_config.membership();
         let id = membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.addr == preferred))?;
-        let caught_up = m
-            .replication
-            .as_ref()
-            .and_then(|repl| repl.get(&id).copied())
-            .flatten()
-            .is_some_and(|matched| Some(matched.index) >= m.last_log_index);
-        if !caught_up {
-            return None;
-        }
-        id
+        let matched = m.replication.as_ref()?.get(&id).copied().flatten()?.index;
+        Some((id, m.last_log_index.unwrap_or(0).saturating_sub(matched)))
     };
+    let (target, lag) = lag_of_target(r)?;
+    if lag > HAND_OVER_MAX_LAG {
+        return None;
+    }
     r.handing_over.store(true, Ordering::Relaxed);
     // Let in-flight entries reach the target so its log is as long as ours when it asks for votes.
-    let deadline = Instant::now() + Duration::from_millis(300);
-    loop {
-        let done = {
-            let m = r.raft.metrics();
-            let m = m.borrow();
-            m.replication.as_ref().and_then(|repl| repl.get(&target).copied()).flatten().map(|l| l.index)
-                >= m.last_log_index
-        };
-        if done || Instant::now() > deadline {
-            break;
+    let deadline = Instant::now() + HAND_OVER_DRAIN;
+    while lag_of_target(r).is_none_or(|(_, lag)| lag > 0) {
+        if Instant::now() > deadline {
+            r.handing_over.store(false, Ordering::Relaxed);
+            tracing::info!(group = %r.id, to = %preferred, "the preferred node did not catch up in time; keeping the lead");
+            return Some(false);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

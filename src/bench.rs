@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::Timing;
+use bulkhead_cluster::{Capability, Timing};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -52,6 +52,8 @@ pub struct BenchOptions {
     /// gives each AppendEntries one heartbeat interval to be answered, so this is also the
     /// replication timeout: worth comparing under load.
     pub raft_heartbeat_ms: Option<u64>,
+    /// Copy each node's log out of the run's folder before it is deleted (to read after a soak).
+    pub keep_logs: bool,
 }
 
 /// One cluster size's figures.
@@ -391,6 +393,16 @@ async fn bench_one(
         let _ = writeln!(out, "WARNING: {elections} Raft election(s) under load with no fault injected");
     }
     lc.stop_all();
+    if opts.keep_logs {
+        let logs = dir.with_file_name(format!("{}-logs", dir.file_name().unwrap_or_default().to_string_lossy()));
+        let _ = std::fs::create_dir_all(&logs);
+        for (i, name) in names.iter().enumerate() {
+            if let Err(e) = std::fs::copy(lc.log_path(i), logs.join(format!("{name}.log"))) {
+                let _ = writeln!(out, "cannot keep {name}'s log: {e}");
+            }
+        }
+        let _ = writeln!(out, "node logs kept in {}", logs.display());
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(RunResult {
         nodes: n,
@@ -502,13 +514,21 @@ mod tests {
 pub struct RestartOptions {
     pub orders: u64,
     pub data_dir: Option<PathBuf>,
+    /// 1: every capability on one node; 3: the demo topology, where n1 is restarted while the
+    /// other two keep running.
+    pub nodes: usize,
+    /// Replicas per shard on the 3-node cluster (every replica of an orders shard is filled).
+    pub replicas: u32,
 }
 
 /// What the restart benchmark measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestartResult {
+    pub nodes: usize,
+    pub replicas: u32,
     pub orders_in_store: u64,
     pub fill_secs: f64,
+    /// n1's orders stores on disk.
     pub store_bytes: u64,
     pub start_to_ready_ms: f64,
     pub rss_ready_mb: f64,
@@ -540,10 +560,26 @@ fn dir_bytes(path: &std::path::Path) -> u64 {
     total
 }
 
-/// Fills a one-node cluster's orders shard store with `n` confirmed orders (written directly into
-/// the state machine's tables, as applying them would have; the Raft log stays short, as after a
-/// snapshot), then measures start-up to ready, memory, and a
-/// supervised restart of the orders worker.
+/// Polls `url`'s `/readyz` until it answers 200; how long that took from `since`.
+async fn ready_after(client: &reqwest::Client, url: &str, since: Instant) -> Result<f64, String> {
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        poll.tick().await;
+        if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+            if r.status().as_u16() == 200 {
+                return Ok(since.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        if since.elapsed() > Duration::from_secs(120) {
+            return Err(format!("{url} did not become ready within 120 s"));
+        }
+    }
+}
+
+/// Fills every replica of the orders shards with `n` confirmed orders in all (written directly
+/// into the state machine's tables, identically on each replica, as applying them would have; the
+/// Raft log stays short, as after a snapshot), then measures start-up to ready (on three nodes: of
+/// n1, restarted while the others run), memory, and a supervised restart of the orders worker.
 pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<RestartResult, String> {
     use bulkhead_actors::orders::machine::ORDERS;
     use bulkhead_actors::orders::saga::new_order;
@@ -552,68 +588,92 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
 
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let base = opts.data_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("bulkhead-restart-{}", std::process::id()));
+    let dir = base.join(format!("bulkhead-restart-{}-{}n", std::process::id(), opts.nodes));
     let _ = std::fs::remove_dir_all(&dir);
-    let p = free_ports(2)?;
+    let (names, mut map) = match opts.nodes {
+        1 => (vec!["n1"], single_node_shard_map()),
+        3 => (NODES.to_vec(), demo_shard_map()),
+        n => return Err(format!("--nodes: {n} is not a benchmarked cluster size (1 or 3)")),
+    };
+    for p in map.0.values_mut() {
+        p.replicas = Some(opts.replicas);
+    }
+    let p = free_ports(2 * names.len())?;
+    let ports: Vec<Ports> = (0..names.len()).map(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] }).collect();
     let cookie = format!("{:032x}", rand::random::<u128>());
-    let configs = cluster_configs(
-        &["n1"],
-        single_node_shard_map(),
-        &dir,
-        &cookie,
-        &[Ports { cluster: p[0], http: p[1] }],
-        Timing::default(),
-        true,
-    );
+    let shards = map.shards(Capability::Orders);
+    let configs = cluster_configs(&names, map, &dir, &cookie, &ports, Timing::default(), true);
+    let replicas = shards.first().map_or(1, |s| s.replicas.len()) as u32;
 
-    let _ = writeln!(out, "writing {} confirmed orders into {} ...", opts.orders, dir.join("n1/orders-0").display());
+    let _ = writeln!(
+        out,
+        "writing {} confirmed orders into {} orders shard(s), {replicas} replica(s) each, under {} ...",
+        opts.orders,
+        shards.len(),
+        dir.display()
+    );
     let filled = Instant::now();
     let mut last_id = None;
-    {
-        let store =
-            Store::open(&configs[0].data_dir, "orders-0", &StoreOptions::default()).map_err(|e| e.to_string())?;
-        let pb = indicatif::ProgressBar::new(opts.orders);
+    let pb = indicatif::ProgressBar::new(opts.orders * u64::from(replicas));
+    for (i, shard) in shards.iter().enumerate() {
+        // This shard's share of the orders, the same records on each of its replicas.
+        let share = opts.orders / shards.len() as u64 + u64::from((i as u64) < opts.orders % shards.len() as u64);
+        let stores: Vec<Store> = shard
+            .replicas
+            .iter()
+            .map(|node| {
+                let c = configs.iter().find(|c| &c.name == node).ok_or(format!("no config for {node}"))?;
+                Store::open(&c.data_dir, &format!("orders-{}", shard.shard), &StoreOptions::default())
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, String>>()?;
         let mut written = 0;
-        while written < opts.orders {
-            let mut b = Batch::new();
-            let n = (opts.orders - written).min(10_000);
+        while written < share {
+            let n = (share - written).min(10_000);
+            let mut orders = Vec::with_capacity(n as usize);
             for i in 0..n {
-                let id = new_order_id(0);
+                let id = new_order_id(shard.shard);
                 let item = bulkhead_actors::inventory::Item { sku: format!("bench-{}", i % 64), quantity: 1 };
                 let mut o = new_order(id, "bench".into(), vec![item.clone()], "tok_ok".into(), vec![], 0);
                 o.status = OrderStatus::Confirmed;
                 o.total_cents = 100;
                 o.payment_id = Some(format!("pay_{}", id.simple()));
-                ORDERS.put(&mut b, &id, &o);
+                orders.push((id, o));
                 last_id = Some(id);
             }
-            store.apply_in_order(b).map_err(|e| e.to_string())?;
+            for store in &stores {
+                let mut b = Batch::new();
+                for (id, o) in &orders {
+                    ORDERS.put(&mut b, id, o);
+                }
+                store.apply_in_order(b).map_err(|e| e.to_string())?;
+                pb.inc(n);
+            }
             written += n;
-            pb.set_position(written);
         }
-        store.sync().await.map_err(|e| e.to_string())?;
-        pb.finish_and_clear();
+        for store in &stores {
+            store.sync().await.map_err(|e| e.to_string())?;
+        }
     }
+    pb.finish_and_clear();
     let fill_secs = filled.elapsed().as_secs_f64();
-    let store_bytes = dir_bytes(&configs[0].data_dir.join("orders-0"));
+    let store_bytes: u64 =
+        shards.iter().map(|s| dir_bytes(&configs[0].data_dir.join(format!("orders-{}", s.shard)))).sum();
 
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut lc = LocalCluster::launch_configs(&exe, &dir, configs)?;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let url = lc.url(0);
-    let mut poll = tokio::time::interval(Duration::from_millis(5));
-    loop {
-        poll.tick().await;
-        if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
-            if r.status().as_u16() == 200 {
-                break;
-            }
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            return Err("the node did not become ready within 120 s".into());
-        }
+    let mut start_to_ready_ms = ready_after(&client, &url, started).await?;
+    if names.len() > 1 {
+        // The figure that matters on a cluster: one node restarted while the others run.
+        lc.wait_ready(Duration::from_secs(60)).await?;
+        let _ = writeln!(out, "first start of all nodes to n1 ready: {start_to_ready_ms:.0} ms; restarting n1 ...");
+        lc.kill(0);
+        let started = Instant::now();
+        lc.start(0)?;
+        start_to_ready_ms = ready_after(&client, &url, started).await?;
     }
-    let start_to_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     let pid = lc.pid(0).unwrap_or(0);
     let rss_ready_mb = rss_mb(pid);
     if let Some(id) = last_id {
@@ -689,6 +749,8 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     let _ = std::fs::remove_dir_all(&dir);
 
     let r = RestartResult {
+        nodes: names.len(),
+        replicas,
         orders_in_store: opts.orders,
         fill_secs,
         store_bytes,
@@ -701,7 +763,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     };
     let _ = writeln!(
         out,
-        "orders in store: {}  (store {:.0} MB on disk, filled in {:.1} s)\nstart to ready: {:.0} ms\nRSS: {:.1} MB when ready, {:.1} MB after 5 s of load ({:.0} orders/s)\nsupervised restart of the orders worker: {:.1} ms until the API answers again (respawn itself: {} µs)",
+        "orders in store: {}  (n1's orders stores {:.0} MB on disk, filled in {:.1} s)\nstart to ready: {:.0} ms\nRSS: {:.1} MB when ready, {:.1} MB after 5 s of load ({:.0} orders/s)\nsupervised restart of the orders worker: {:.1} ms until the API answers again (respawn itself: {} µs)",
         r.orders_in_store,
         r.store_bytes as f64 / 1e6,
         r.fill_secs,

@@ -77,8 +77,12 @@ enum Cmd {
         /// timeout too, worth comparing under load.
         #[arg(long)]
         raft_heartbeat_ms: Option<u64>,
-        /// Instead: fill a one-node store with this many orders, then measure restart-to-ready,
-        /// memory and a supervised worker restart.
+        /// Keep each node's log (copied next to the run's deleted data folder) to read afterwards.
+        #[arg(long)]
+        keep_logs: bool,
+        /// Instead: fill the orders stores with this many orders, then measure restart-to-ready,
+        /// memory and a supervised worker restart, once per `--nodes` size (on three nodes, with
+        /// the first `--replicas` value, n1 is restarted while the others run).
         #[arg(long)]
         restart_orders: Option<u64>,
     },
@@ -122,16 +126,26 @@ async fn main() -> ExitCode {
             let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port, fault_injection };
             bulkhead::demo::run(opts, &mut std::io::stdout()).await
         }
-        Cmd::Bench { restart_orders: Some(orders), data_dir, json, .. } => {
-            let opts = bulkhead::bench::RestartOptions { orders, data_dir };
-            match bulkhead::bench::restart(opts, &mut std::io::stdout()).await {
-                Ok(r) => match json {
-                    Some(path) => serde_json::to_string_pretty(&r)
-                        .map_err(|e| e.to_string())
-                        .and_then(|t| std::fs::write(&path, t).map_err(|e| format!("{}: {e}", path.display()))),
-                    None => Ok(()),
-                },
-                Err(e) => Err(e),
+        Cmd::Bench { restart_orders: Some(orders), data_dir, json, nodes, replicas, .. } => {
+            let mut results = Vec::new();
+            let mut failed = None;
+            for n in nodes {
+                let replicas = if n == 1 { 1 } else { replicas.first().copied().unwrap_or(3) };
+                let opts = bulkhead::bench::RestartOptions { orders, data_dir: data_dir.clone(), nodes: n, replicas };
+                match bulkhead::bench::restart(opts, &mut std::io::stdout()).await {
+                    Ok(r) => results.push(r),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match (failed, json) {
+                (Some(e), _) => Err(e),
+                (None, Some(path)) => serde_json::to_string_pretty(&results)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| std::fs::write(&path, t).map_err(|e| format!("{}: {e}", path.display()))),
+                (None, None) => Ok(()),
             }
         }
         Cmd::Bench {
@@ -147,6 +161,7 @@ async fn main() -> ExitCode {
             restart_orders: None,
             single_front,
             raft_heartbeat_ms,
+            keep_logs,
         } => {
             let opts = bulkhead::bench::BenchOptions {
                 nodes,
@@ -160,6 +175,7 @@ async fn main() -> ExitCode {
                 durability,
                 single_front,
                 raft_heartbeat_ms,
+                keep_logs,
             };
             bulkhead::bench::run(opts, &mut std::io::stdout()).await.map(|_| ())
         }

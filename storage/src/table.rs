@@ -29,7 +29,7 @@ impl<K: Key, V: Record> Table<K, V> {
         self.name
     }
 
-    fn raw_key(&self, key: &K) -> Vec<u8> {
+    pub(crate) fn raw_key(&self, key: &K) -> Vec<u8> {
         let mut raw = Vec::with_capacity(17);
         raw.push(self.id);
         raw.extend_from_slice(&key.encode_key());
@@ -132,6 +132,25 @@ impl<K: Key, V: Record> Table<K, V> {
             let (k, v) = item?;
             let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
             Ok((key, self.decode_value(&v)?))
+        })
+    }
+
+    /// Keys with `from` <= key < `to` (or to the end of the table), in key order, without reading
+    /// or decoding the values: e.g. the entries of a log to purge.
+    pub fn keys_range<'a>(
+        &'a self,
+        store: &Store,
+        from: &K,
+        to: Option<&K>,
+    ) -> impl Iterator<Item = Result<K, StoreError>> + 'a {
+        let start = self.raw_key(from);
+        let end = match to {
+            Some(to) => self.raw_key(to),
+            None => vec![self.id + 1],
+        };
+        store.tree().range(start..end).keys().map(move |k| {
+            let k = k?;
+            K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })
         })
     }
 

@@ -82,6 +82,8 @@ pub struct Replica {
     reads: Arc<std::sync::Mutex<ReadBatch>>,
     /// This replica's clock while it leads (see [`super::clock`]).
     clock: Arc<std::sync::Mutex<Option<LeaderClock>>>,
+    /// Records in the last snapshot built or installed here (the state machine's size).
+    state_records: Arc<AtomicU64>,
 }
 
 /// Linearizable reads that share one read barrier: `running` while a barrier task is at work,
@@ -368,8 +370,9 @@ pub fn raft_config(cluster: &Cluster, group: GroupId) -> Result<Config, String> 
         heartbeat_interval: t.raft_heartbeat_ms,
         election_timeout_min: t.election_timeout_ms,
         election_timeout_max: t.election_timeout_ms + t.election_timeout_ms / 2,
-        // A replica that fell this far behind catches up by snapshot; snapshots keep restarts short.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+        // Snapshots are taken by the driver (`snapshot_due`), not at a fixed count that every
+        // replica of every group reaches at the same moment.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 1_000,
         install_snapshot_timeout: 2_000,
         ..Default::default()
@@ -412,6 +415,7 @@ pub async fn start<M: Machine>(
     let config = Arc::new(raft_config(cluster, group)?);
     let network = Network { cluster: cluster.clone(), group };
     let sm = StateMachineStore::new(store.clone(), Arc::new(machine));
+    let state_records = sm.state_records();
     let raft = Raft::new(member, config, network, LogStore::new(store.clone()), sm)
         .await
         .map_err(|e| format!("cannot start the raft replica of {group}: {e}"))?;
@@ -428,6 +432,7 @@ pub async fn start<M: Machine>(
         proposal_timeout,
         reads: Arc::default(),
         clock: Arc::default(),
+        state_records,
     };
     cluster.raft().insert(replica.clone());
     tokio::spawn(drive(cluster.clone(), replica.clone()));
@@ -451,6 +456,7 @@ async fn drive(cluster: Cluster, r: Replica) {
     let mut last_bootstrap = None::<Instant>;
     let mut last_reconcile = None::<Instant>;
     let mut last_elect = None::<Instant>;
+    let mut last_snapshot_check = None::<Instant>;
     let mut leader_down_since = None::<Instant>;
     let mut majority_lost = false;
     let (mut hand_over_failures, mut hand_over_after) = (0u32, None::<Instant>);
@@ -497,6 +503,9 @@ async fn drive(cluster: Cluster, r: Replica) {
                 bootstrap(&cluster, &r).await;
             }
             continue;
+        }
+        if due(&mut last_snapshot_check, Duration::from_secs(1)) {
+            maybe_snapshot(&cluster, &r, state == ServerState::Leader).await;
         }
         if state == ServerState::Leader {
             if due(&mut last_reconcile, Duration::from_secs(1)) {
@@ -545,6 +554,29 @@ async fn drive(cluster: Cluster, r: Replica) {
             tracing::info!(group = %r.id, leader = ?leader_node, "the leader's node is down: calling an election");
             let _ = r.raft.trigger().elect().await;
         }
+    }
+}
+
+/// Gathers the facts of [`snapshot_due`] and, if due, asks openraft to build a snapshot (it
+/// ignores the request while one is being built; the log is purged once it is done).
+async fn maybe_snapshot(cluster: &Cluster, r: &Replica, leading: bool) {
+    let since_last = {
+        let m = r.raft.metrics();
+        let m = m.borrow();
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let snapshot = m.snapshot.map_or(0, |l| l.index);
+        applied.saturating_sub(snapshot)
+    };
+    let facts = SnapshotFacts {
+        since_last,
+        state_records: r.state_records.load(Ordering::Relaxed),
+        position: r.placement.replicas.iter().position(|n| n == cluster.name()).unwrap_or(0),
+        replicas: r.placement.replicas.len(),
+        leading,
+    };
+    if snapshot_due(&facts, cluster.config().timing.snapshot_every_entries) {
+        tracing::debug!(group = %r.id, ?facts, "building a snapshot");
+        let _ = r.raft.trigger().snapshot().await;
     }
 }
 
@@ -631,6 +663,34 @@ async fn count_leader_changes(r: Replica) {
             last = now;
         }
     }
+}
+
+/// What decides whether a replica builds a snapshot now.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotFacts {
+    /// Entries applied since the last snapshot.
+    pub since_last: u64,
+    /// Records in the last snapshot (0 before the first): what the next one will cost.
+    pub state_records: u64,
+    /// This node's place in the shard's replica list (0 = preferred leader).
+    pub position: usize,
+    pub replicas: usize,
+    pub leading: bool,
+}
+
+/// Whether to build a snapshot now. A snapshot exports the whole state, so it is taken once the
+/// log since the last one is as long as the state is large (at least `every` entries): its cost
+/// per entry stays bounded as the state grows, where a fixed count would export a growing state
+/// ever more often. Each replica waits a different multiple (by its place in the replica list,
+/// the leader longest, since the leader's applies are what clients wait for): with a fixed count,
+/// every replica of every group exported and purged at the same moment, and on a loaded machine
+/// that burst stalled heartbeats into elections (BENCHMARKS.md, the soak).
+pub fn snapshot_due(f: &SnapshotFacts, every: u64) -> bool {
+    let base = every.max(f.state_records);
+    let step = if f.leading { f.replicas } else { f.position.min(f.replicas) };
+    // base × (1 + step / 4), in integers.
+    let threshold = base.saturating_mul(4 + step as u64) / 4;
+    f.since_last > 0 && f.since_last >= threshold
 }
 
 /// Whether this node is the first replica, in preference order, that the failure detector sees up.
@@ -824,6 +884,32 @@ mod tests {
         // One replica of one: its node down is a lost majority; of two, one down is too.
         assert!(matches!(shard_health(false, &r[..1], &down(&["n1"])), ShardHealth::MajorityLost { .. }));
         assert!(matches!(shard_health(false, &r[..2], &down(&["n1"])), ShardHealth::MajorityLost { .. }));
+    }
+
+    #[test]
+    fn snapshots_wait_as_long_as_the_state_is_large_and_replicas_take_turns() {
+        let f = |since_last, state_records, position, leading| SnapshotFacts {
+            since_last,
+            state_records,
+            position,
+            replicas: 3,
+            leading,
+        };
+        // A small state: every `every` entries on the preferred node when it does not lead…
+        assert!(!snapshot_due(&f(49_999, 10, 0, false), 50_000));
+        assert!(snapshot_due(&f(50_000, 10, 0, false), 50_000));
+        // …a quarter later per place in the list, and the leader last of all.
+        assert!(!snapshot_due(&f(62_499, 10, 1, false), 50_000));
+        assert!(snapshot_due(&f(62_500, 10, 1, false), 50_000));
+        assert!(!snapshot_due(&f(74_999, 10, 2, false), 50_000));
+        assert!(!snapshot_due(&f(87_499, 10, 0, true), 50_000));
+        assert!(snapshot_due(&f(87_500, 10, 0, true), 50_000));
+        // A state of 400,000 records is exported once per 400,000 entries at the earliest.
+        assert!(!snapshot_due(&f(399_999, 400_000, 0, false), 50_000));
+        assert!(snapshot_due(&f(400_000, 400_000, 0, false), 50_000));
+        assert!(!snapshot_due(&f(600_000, 400_000, 0, true), 50_000));
+        // Nothing applied since the last one: never, whatever the sizes.
+        assert!(!snapshot_due(&f(0, 0, 0, false), 0));
     }
 
     fn facts() -> ElectionFacts {

@@ -112,23 +112,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<MemberId>) -> Result<()> {
         // Conflicting entries from `log_id.index` on are gone before the leader's replace them.
         let mut b = Batch::new();
-        for item in LOG.iter_range(&self.store, &log_id.index, None) {
-            let (index, _) = item.map_err(read_err)?;
-            LOG.remove(&mut b, &index);
+        for index in LOG.keys_range(&self.store, &log_id.index, None) {
+            LOG.remove(&mut b, &index.map_err(read_err)?);
         }
         let done = self.store.commit(b).await;
         done.map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<MemberId>) -> Result<()> {
-        // The purged id first: after a crash, a prefix of these writes leaves a log that still
-        // starts right after what it claims to have purged (removing the rest again is harmless).
-        let mut b = Batch::new();
-        LOG_IDS.put(&mut b, &PURGED_KEY, &LogIdRecord(Some(log_id)));
-        for item in LOG.iter_range(&self.store, &0, Some(&(log_id.index + 1))) {
-            let (index, _) = item.map_err(read_err)?;
-            LOG.remove(&mut b, &index);
-        }
-        self.store.apply_in_order(b).map_err(write_err)
+        // openraft calls this on the group's core task: a purge after a snapshot removes tens of
+        // thousands of entries, which must not hold up the core (its heartbeats) or a runtime
+        // thread (every other group's, and the failure detector's). Keys only: no value is read.
+        let store = self.store.clone();
+        let purge = move || {
+            let started = std::time::Instant::now();
+            // The purged id first: after a crash, a prefix of these writes leaves a log that still
+            // starts right after what it claims to have purged (removing the rest again is harmless).
+            let mut b = Batch::new();
+            LOG_IDS.put(&mut b, &PURGED_KEY, &LogIdRecord(Some(log_id)));
+            for index in LOG.keys_range(&store, &0, Some(&(log_id.index + 1))) {
+                LOG.remove(&mut b, &index.map_err(read_err)?);
+            }
+            let n = b.len().saturating_sub(1);
+            store.apply_in_order(b).map_err(write_err)?;
+            tracing::info!(store = %store.capability(), upto = log_id.index, entries = n,
+                ms = started.elapsed().as_millis() as u64, "raft log purged");
+            Ok(())
+        };
+        tokio::task::spawn_blocking(purge).await.map_err(|e| write_err(StoreError::Io(e.to_string())))?
     }
 }

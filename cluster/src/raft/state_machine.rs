@@ -11,6 +11,7 @@
 //! replaces those tables in one batch.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bulkhead_storage::{decode, encode, Batch, Record, Store, StoreError};
@@ -90,11 +91,19 @@ pub struct StateMachineStore {
     /// It guards the group's time as applied so far, so applies need not read it from the store;
     /// `None` until first needed (read then), and again after a snapshot replaced the tables.
     gate: Arc<std::sync::Mutex<Option<u64>>>,
+    /// Records in the last snapshot this replica built or installed: the size of its state, which
+    /// is what the next snapshot will cost (see `raft::group::snapshot_due`).
+    state_records: Arc<AtomicU64>,
 }
 
 impl StateMachineStore {
     pub fn new(store: Store, machine: Arc<dyn RawMachine>) -> Self {
-        Self { store, machine, gate: Arc::default() }
+        Self { store, machine, gate: Arc::default(), state_records: Arc::default() }
+    }
+
+    /// The records of the last snapshot built or installed here, shared with the replica's driver.
+    pub fn state_records(&self) -> Arc<AtomicU64> {
+        self.state_records.clone()
     }
 
     fn applied(&self) -> std::result::Result<AppliedState, StoreError> {
@@ -194,10 +203,26 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        // The export, its encoding and its writes are blocking sled work of the size of the whole
+        // state: on the blocking pool, never on a runtime thread that carries heartbeats.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.build_snapshot_blocking())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
+    }
+}
+
+impl StateMachineStore {
+    fn build_snapshot_blocking(&self) -> Result<Snapshot<TypeConfig>> {
+        let started = std::time::Instant::now();
         let (state, records) = {
             let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
             (self.applied().map_err(sm_read)?, self.store.export_below(RAFT_TABLES_FROM).map_err(sm_read)?)
         };
+        // Applies wait while the gate is held.
+        let exported_ms = started.elapsed().as_millis() as u64;
+        let n_records = records.len();
+        self.state_records.store(n_records as u64, Ordering::Relaxed);
         let data = encode(&SnapshotBody { records });
         let snapshot_id = match state.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, data.len()),
@@ -208,7 +233,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         self.keep_snapshot(&mut b, &meta, &data)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.store.apply_in_order(b).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, bytes = data.len(),
+            records = n_records, exported_ms, ms = started.elapsed().as_millis() as u64, "snapshot built");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -248,7 +274,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta<MemberId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
-        let data = snapshot.into_inner();
+        // Decoding and replacing the whole state is blocking work: on the blocking pool.
+        let (this, meta) = (self.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || this.install_snapshot_blocking(&meta, snapshot.into_inner()))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.current_snapshot_blocking())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+    }
+}
+
+impl StateMachineStore {
+    fn install_snapshot_blocking(&self, meta: &SnapshotMeta<MemberId, BasicNode>, data: Vec<u8>) -> Result<()> {
         let body: SnapshotBody =
             decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let n = body.records.len();
@@ -264,11 +306,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // The group's time came with the tables: read it again at the next apply.
         *gate = None;
         drop(gate);
+        self.state_records.store(n as u64, Ordering::Relaxed);
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, records = n, "snapshot installed");
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+    fn current_snapshot_blocking(&self) -> Result<Option<Snapshot<TypeConfig>>> {
         let Some(rec) = SNAPSHOT.get(&self.store, &0).map_err(sm_read)? else { return Ok(None) };
         let data = match rec.data {
             SnapshotData::Inline(data) => data,

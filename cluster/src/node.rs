@@ -604,7 +604,7 @@ impl Cluster {
             return None;
         }
         let bound = Duration::from_millis(2 * self.config().timing.election_timeout_ms).min(timeout);
-        replica.wait_for_leader_other_than(old, bound).await
+        replica.wait_for_new_leader(old, bound).await
     }
 }
 

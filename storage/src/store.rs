@@ -99,6 +99,10 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    /// The raw keys the batch writes or removes, in order (a key may repeat).
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.ops.iter().map(|(k, _)| k.as_slice())
+    }
 }
 
 /// Someone waiting for the next flush: a task, or a callback the flusher runs itself (no task
@@ -337,8 +341,15 @@ impl Store {
         }
     }
 
-    /// Every raw `(key, value)` of the tables whose one-byte id is below `below`, in key order: a
-    /// consistent export (sled iterators see one point in time per key range) for a Raft snapshot.
+    /// The raw value at a raw key (a whole key, table id first), as it is now.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Every raw `(key, value)` of the tables whose one-byte id is below `below`, in key order, for
+    /// a Raft snapshot. Not a point-in-time view by itself (a sled iterator sees writes made while
+    /// it runs): a caller that needs one keeps writers out meanwhile, or records what they change
+    /// (`raft::state_machine` does the latter).
     pub fn export_below(&self, below: u8) -> Result<Vec<RawRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.inner.db.range(..vec![below]) {

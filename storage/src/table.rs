@@ -135,8 +135,8 @@ impl<K: Key, V: Record> Table<K, V> {
         })
     }
 
-    /// Keys with `from` <= key < `to` (or to the end of the table), in key order, without reading
-    /// or decoding the values: e.g. the entries of a log to purge.
+    /// Keys with `from` <= key < `to` (or to the end of the table), in key order, without decoding
+    /// the values (sled still reads them): e.g. the entries of a log to purge.
     pub fn keys_range<'a>(
         &'a self,
         store: &Store,

@@ -84,6 +84,9 @@ pub struct Replica {
     clock: Arc<std::sync::Mutex<Option<LeaderClock>>>,
     /// Records in the last snapshot built or installed here (the state machine's size).
     state_records: Arc<AtomicU64>,
+    /// The applied index when the driver last asked for a snapshot: openraft's metrics show the
+    /// new snapshot only a while after, and one request per threshold is enough.
+    snapshot_asked_at: Arc<AtomicU64>,
 }
 
 /// Linearizable reads that share one read barrier: `running` while a barrier task is at work,
@@ -205,14 +208,16 @@ impl Replica {
         m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
-    /// Waits up to `bound` until this replica knows a leader (on another node than `old`): the way
-    /// through a hand-over or an election that is already under way. `None` if none came.
-    pub async fn wait_for_leader_other_than(&self, old: Option<&str>, bound: Duration) -> Option<String> {
+    /// Waits up to `bound` until this replica knows a new leader: on another node than `old`, or
+    /// elected in a later term than the one seen now (`old` itself may win the election). The
+    /// way through a hand-over or an election that is already under way. `None` if none came.
+    pub async fn wait_for_new_leader(&self, old: Option<&str>, bound: Duration) -> Option<String> {
         let mut m = self.raft.metrics();
+        let term_now = m.borrow().current_term;
         let other = |m: &openraft::RaftMetrics<MemberId, BasicNode>| {
             let id = m.current_leader?;
             let node = m.membership_config.membership().get_node(&id)?;
-            (Some(node.addr.as_str()) != old).then(|| node.addr.clone())
+            (Some(node.addr.as_str()) != old || m.current_term > term_now).then(|| node.addr.clone())
         };
         let waited = tokio::time::timeout(bound, m.wait_for(|m| other(m).is_some())).await;
         match waited {
@@ -433,6 +438,7 @@ pub async fn start<M: Machine>(
         reads: Arc::default(),
         clock: Arc::default(),
         state_records,
+        snapshot_asked_at: Arc::default(),
     };
     cluster.raft().insert(replica.clone());
     tokio::spawn(drive(cluster.clone(), replica.clone()));
@@ -513,7 +519,10 @@ async fn drive(cluster: Cluster, r: Replica) {
                 match reconcile(&cluster, &r, may_hand_over).await {
                     Some(true) => (hand_over_failures, hand_over_after) = (0, None),
                     Some(false) => {
-                        // Each failed hand-over costs the group a pause and a term: back off.
+                        // Each failed hand-over costs the group a pause of its proposals (and a
+                        // term, if the preferred node called an election that did not take;
+                        // callers that met the pause wait up to two election timeouts for a
+                        // leader that does not come, then answer 503): back off.
                         hand_over_failures += 1;
                         let wait = Duration::from_secs(1 << hand_over_failures.min(6));
                         hand_over_after = Some(Instant::now() + wait);
@@ -560,12 +569,12 @@ async fn drive(cluster: Cluster, r: Replica) {
 /// Gathers the facts of [`snapshot_due`] and, if due, asks openraft to build a snapshot (it
 /// ignores the request while one is being built; the log is purged once it is done).
 async fn maybe_snapshot(cluster: &Cluster, r: &Replica, leading: bool) {
-    let since_last = {
+    let (applied, since_last) = {
         let m = r.raft.metrics();
         let m = m.borrow();
         let applied = m.last_applied.map_or(0, |l| l.index);
-        let snapshot = m.snapshot.map_or(0, |l| l.index);
-        applied.saturating_sub(snapshot)
+        let snapshot = m.snapshot.map_or(0, |l| l.index).max(r.snapshot_asked_at.load(Ordering::Relaxed));
+        (applied, applied.saturating_sub(snapshot))
     };
     let facts = SnapshotFacts {
         since_last,
@@ -576,6 +585,7 @@ async fn maybe_snapshot(cluster: &Cluster, r: &Replica, leading: bool) {
     };
     if snapshot_due(&facts, cluster.config().timing.snapshot_every_entries) {
         tracing::debug!(group = %r.id, ?facts, "building a snapshot");
+        r.snapshot_asked_at.store(applied, Ordering::Relaxed);
         let _ = r.raft.trigger().snapshot().await;
     }
 }

@@ -58,6 +58,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+/// Removes the log entries up to `upto` (inclusive), in chunks; how many there were. Keys only:
+/// the values are not decoded.
+fn remove_entries_upto(store: &Store, upto: u64) -> std::result::Result<usize, StoreError> {
+    const CHUNK: usize = 4_096;
+    let mut removed = 0;
+    let mut b = Batch::new();
+    for index in LOG.keys_range(store, &0, Some(&(upto + 1))) {
+        LOG.remove(&mut b, &index?);
+        if b.len() == CHUNK {
+            removed += b.len();
+            store.apply_in_order(std::mem::take(&mut b))?;
+        }
+    }
+    removed += b.len();
+    store.apply_in_order(b)?;
+    Ok(removed)
+}
+
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
@@ -120,25 +138,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<MemberId>) -> Result<()> {
-        // openraft calls this on the group's core task: a purge after a snapshot removes tens of
-        // thousands of entries, which must not hold up the core (its heartbeats) or a runtime
-        // thread (every other group's, and the failure detector's). Keys only: no value is read.
+        // openraft awaits this on the group's core task, which also sends its heartbeats, and a
+        // purge after a snapshot removes tens of thousands of entries (seconds on a loaded
+        // machine). So only the purged id is written here; the entries are removed afterwards on
+        // the blocking pool. Nothing reads them meanwhile (openraft reads above the purged id, a
+        // truncation or an append touches higher indexes only), and after a crash the next purge
+        // removes whatever is left (it starts from 0).
+        let mut b = Batch::new();
+        LOG_IDS.put(&mut b, &PURGED_KEY, &LogIdRecord(Some(log_id)));
+        self.store.apply_in_order(b).map_err(write_err)?;
         let store = self.store.clone();
-        let purge = move || {
+        tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            // The purged id first: after a crash, a prefix of these writes leaves a log that still
-            // starts right after what it claims to have purged (removing the rest again is harmless).
-            let mut b = Batch::new();
-            LOG_IDS.put(&mut b, &PURGED_KEY, &LogIdRecord(Some(log_id)));
-            for index in LOG.keys_range(&store, &0, Some(&(log_id.index + 1))) {
-                LOG.remove(&mut b, &index.map_err(read_err)?);
+            match remove_entries_upto(&store, log_id.index) {
+                Ok(n) => tracing::info!(store = %store.capability(), upto = log_id.index, entries = n,
+                    ms = started.elapsed().as_millis() as u64, "raft log purged"),
+                Err(e) => tracing::warn!(store = %store.capability(), upto = log_id.index, error = %e,
+                    "purging the raft log failed; the next purge removes these entries"),
             }
-            let n = b.len().saturating_sub(1);
-            store.apply_in_order(b).map_err(write_err)?;
-            tracing::info!(store = %store.capability(), upto = log_id.index, entries = n,
-                ms = started.elapsed().as_millis() as u64, "raft log purged");
-            Ok(())
-        };
-        tokio::task::spawn_blocking(purge).await.map_err(|e| write_err(StoreError::Io(e.to_string())))?
+        });
+        Ok(())
     }
 }

@@ -10,11 +10,12 @@
 //! Snapshots are a consistent export of every table below [`RAFT_TABLES_FROM`]; installing one
 //! replaces those tables in one batch.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bulkhead_storage::{decode, encode, Batch, Record, Store, StoreError};
+use bulkhead_storage::{decode, encode, Batch, RawRecord, Record, Store, StoreError};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogId, SnapshotMeta, StorageError, StorageIOError,
@@ -81,24 +82,39 @@ impl<M: Machine> RawMachine for M {
     }
 }
 
+/// What applies and snapshot exports share, under one lock.
+#[derive(Default)]
+struct Gate {
+    /// The group's time as applied so far, so applies need not read it from the store; `None`
+    /// until first needed (read then), and again after a snapshot replaced the tables.
+    time: Option<u64>,
+    /// While a snapshot is exported: for each state-machine key an apply changed since the export
+    /// began, the value it had then (`None`: absent), recorded before the change is written. The
+    /// export runs without holding the gate (applies go on) and is corrected with these values
+    /// afterwards, so it is exactly the state at the applied id it is labelled with.
+    before: Option<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// Snapshots installed so far: an install during an export makes that export worthless.
+    installs: u64,
+}
+
 /// The openraft state machine of one group.
 #[derive(Clone)]
 pub struct StateMachineStore {
     store: Store,
     machine: Arc<dyn RawMachine>,
-    /// Held while entries are applied and while a snapshot exports the tables, so an export and
-    /// the applied id it is labelled with always agree (openraft builds snapshots concurrently).
-    /// It guards the group's time as applied so far, so applies need not read it from the store;
-    /// `None` until first needed (read then), and again after a snapshot replaced the tables.
-    gate: Arc<std::sync::Mutex<Option<u64>>>,
+    /// Held while entries are applied (see [`Gate`]).
+    gate: Arc<std::sync::Mutex<Gate>>,
     /// Records in the last snapshot this replica built or installed: the size of its state, which
     /// is what the next snapshot will cost (see `raft::group::snapshot_due`).
     state_records: Arc<AtomicU64>,
+    /// Held while the kept snapshot (its record and parts) is written or read: openraft builds a
+    /// snapshot on a task of its own, beside installs and reads of the current one.
+    kept: Arc<std::sync::Mutex<()>>,
 }
 
 impl StateMachineStore {
     pub fn new(store: Store, machine: Arc<dyn RawMachine>) -> Self {
-        Self { store, machine, gate: Arc::default(), state_records: Arc::default() }
+        Self { store, machine, gate: Arc::default(), state_records: Arc::default(), kept: Arc::default() }
     }
 
     /// The records of the last snapshot built or installed here, shared with the replica's driver.
@@ -130,7 +146,7 @@ impl StateMachineStore {
         // before it (`Table::get_through`); `apply_atomic` makes it all-or-nothing across a crash
         // without sled's sealed `apply_batch` (a `sync_file_range` that waits on the disk).
         let mut b = Batch::new();
-        let stored_time = match *gate {
+        let stored_time = match gate.time {
             Some(t) => t,
             None => GROUP_TIME.get(&self.store, &0).map_err(sm_read)?.map_or(0, |t| t.0),
         };
@@ -159,10 +175,35 @@ impl StateMachineStore {
             GROUP_TIME.put(&mut b, &0, &GroupTime(time));
         }
         APPLIED.put(&mut b, &0, &state);
+        if let Some(before) = gate.before.as_mut() {
+            for key in b.keys().filter(|k| k.first().is_some_and(|id| *id < RAFT_TABLES_FROM)) {
+                if !before.contains_key(key) {
+                    before.insert(key.to_vec(), self.store.get_raw(key).map_err(sm_read)?);
+                }
+            }
+        }
         self.store.apply_atomic(b).map_err(sm_write)?;
-        *gate = Some(time);
+        gate.time = Some(time);
         Ok(replies)
     }
+}
+
+/// Corrects an export made while applies went on: every key an apply changed since the export
+/// began takes back the value it had then (or goes, if it had none). Pure, for tests.
+fn as_of(exported: Vec<RawRecord>, mut before: HashMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<RawRecord> {
+    let mut out: Vec<RawRecord> = Vec::with_capacity(exported.len());
+    for (k, v) in exported {
+        match before.remove(&k) {
+            None => out.push((k, v)),
+            Some(Some(old)) => out.push((k, old)),
+            // Created during the export: not part of the state it stands for.
+            Some(None) => {}
+        }
+    }
+    // Removed during the export (so the export did not see them), present at its start.
+    out.extend(before.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 fn part_key(generation: u32, part: u32) -> u64 {
@@ -213,13 +254,51 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 }
 
 impl StateMachineStore {
+    /// The state-machine tables exactly as they were at the applied id returned with them, without
+    /// stopping applies for the length of the export: the gate is held only to mark the start
+    /// (applies then record what they change, see [`Gate::before`]) and the end.
+    fn export(&self) -> Result<(AppliedState, Vec<RawRecord>)> {
+        // An install during the export replaces the tables under it: start again (rare; bounded).
+        for _ in 0..3 {
+            let (state, installs) = self.begin_export()?;
+            // Whatever happens, the export ends (applies stop recording what they change).
+            let (exported, failed) = match self.store.export_below(RAFT_TABLES_FROM) {
+                Ok(records) => (records, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            let finished = self.finish_export(exported, installs);
+            if let Some(e) = failed {
+                return Err(sm_read(e));
+            }
+            if let Some(records) = finished {
+                return Ok((state, records));
+            }
+        }
+        Err(sm_read(StoreError::Io("snapshots kept being installed during the export".into())))
+    }
+
+    /// Marks the start of an export: the applied state it stands for, and the installs so far.
+    fn begin_export(&self) -> Result<(AppliedState, u64)> {
+        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.applied().map_err(sm_read)?;
+        debug_assert!(gate.before.is_none(), "two snapshot exports at once");
+        gate.before = Some(HashMap::new());
+        Ok((state, gate.installs))
+    }
+
+    /// Ends an export: the records as they were at its start, or `None` if a snapshot was
+    /// installed meanwhile.
+    fn finish_export(&self, exported: Vec<RawRecord>, installs: u64) -> Option<Vec<RawRecord>> {
+        let (before, installed) = {
+            let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            (gate.before.take().unwrap_or_default(), gate.installs != installs)
+        };
+        (!installed).then(|| as_of(exported, before))
+    }
+
     fn build_snapshot_blocking(&self) -> Result<Snapshot<TypeConfig>> {
         let started = std::time::Instant::now();
-        let (state, records) = {
-            let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-            (self.applied().map_err(sm_read)?, self.store.export_below(RAFT_TABLES_FROM).map_err(sm_read)?)
-        };
-        // Applies wait while the gate is held.
+        let (state, records) = self.export()?;
         let exported_ms = started.elapsed().as_millis() as u64;
         let n_records = records.len();
         self.state_records.store(n_records as u64, Ordering::Relaxed);
@@ -229,10 +308,20 @@ impl StateMachineStore {
             None => format!("empty-{}", data.len()),
         };
         let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership, snapshot_id };
-        let mut b = Batch::new();
-        self.keep_snapshot(&mut b, &meta, &data)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.store.apply_in_order(b).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        {
+            let _kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            // A snapshot installed since the export began is newer: keep it, not this one.
+            let kept = SNAPSHOT.get(&self.store, &0).map_err(sm_read)?;
+            if kept.is_some_and(|k| k.meta.last_log_id >= meta.last_log_id) {
+                tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id,
+                    "a newer snapshot was installed meanwhile; this one is not kept");
+                return Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) });
+            }
+            let mut b = Batch::new();
+            self.keep_snapshot(&mut b, &meta, &data)
+                .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+            self.store.apply_in_order(b).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        }
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, bytes = data.len(),
             records = n_records, exported_ms, ms = started.elapsed().as_millis() as u64, "snapshot built");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
@@ -297,6 +386,7 @@ impl StateMachineStore {
         let mut extra = Batch::new();
         let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         APPLIED.put(&mut extra, &0, &state);
+        let _kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         self.keep_snapshot(&mut extra, meta, &data)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -304,7 +394,8 @@ impl StateMachineStore {
             .replace_below(RAFT_TABLES_FROM, body.records, extra)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         // The group's time came with the tables: read it again at the next apply.
-        *gate = None;
+        gate.time = None;
+        gate.installs += 1;
         drop(gate);
         self.state_records.store(n as u64, Ordering::Relaxed);
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, records = n, "snapshot installed");
@@ -312,6 +403,7 @@ impl StateMachineStore {
     }
 
     fn current_snapshot_blocking(&self) -> Result<Option<Snapshot<TypeConfig>>> {
+        let _kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         let Some(rec) = SNAPSHOT.get(&self.store, &0).map_err(sm_read)? else { return Ok(None) };
         let data = match rec.data {
             SnapshotData::Inline(data) => data,
@@ -353,6 +445,126 @@ mod tests {
     }
 
     const BIG: Table<u64, SnapshotPart> = Table::new(1, "big");
+
+    /// Sets (`Some`) or removes (`None`) counters of table 2, in one command.
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Set(Vec<(u64, Option<u64>)>);
+    impl Record for Set {
+        const VERSION: u8 = 1;
+    }
+    const COUNTERS: Table<u64, Set> = Table::new(2, "counters");
+    struct Setter;
+    impl Machine for Setter {
+        type Command = Set;
+        type Reply = Set;
+        fn apply(&self, _: &Store, b: &mut Batch, cmd: Set) -> std::result::Result<Set, StoreError> {
+            for (k, v) in &cmd.0 {
+                match v {
+                    Some(v) => COUNTERS.put(b, k, &Set(vec![(*k, Some(*v))])),
+                    None => COUNTERS.remove(b, k),
+                }
+            }
+            Ok(cmd)
+        }
+        fn undecodable(&self, _: String) -> Set {
+            Set(Vec::new())
+        }
+    }
+
+    fn entry(index: u64, cmd: &Set) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(super::super::types::Proposal(encode(cmd))),
+        }
+    }
+
+    /// Applies go on while a snapshot exports (they no longer wait for it): a key changed, a key
+    /// removed, a key created meanwhile, some twice. The export is still exactly the tables at the
+    /// applied id it is labelled with; an install meanwhile voids it.
+    #[tokio::test]
+    async fn an_export_during_applies_is_the_state_at_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
+        sm.apply_blocking(vec![entry(1, &Set(vec![(1, Some(10)), (2, Some(20)), (3, Some(30))]))]).unwrap();
+        let at_start = store.export_below(RAFT_TABLES_FROM).unwrap();
+
+        let (state, installs) = sm.begin_export().unwrap();
+        assert_eq!(state.last_applied.map(|l| l.index), Some(1));
+        sm.apply_blocking(vec![
+            entry(2, &Set(vec![(1, Some(11)), (2, None), (4, Some(40))])),
+            entry(3, &Set(vec![(1, Some(12)), (5, Some(50)), (5, None)])),
+        ])
+        .unwrap();
+        let exported = store.export_below(RAFT_TABLES_FROM).unwrap();
+        assert_ne!(exported, at_start, "the applies changed the tables under the export");
+        assert_eq!(sm.finish_export(exported, installs), Some(at_start.clone()));
+        // The export is over: later applies record nothing.
+        sm.apply_blocking(vec![entry(4, &Set(vec![(6, Some(60))]))]).unwrap();
+        assert!(sm.gate.lock().unwrap().before.is_none());
+
+        let (_, installs) = sm.begin_export().unwrap();
+        sm.gate.lock().unwrap().installs += 1;
+        assert_eq!(sm.finish_export(at_start, installs), None);
+    }
+
+    /// The same with a real race: one thread applies entries without pause while a snapshot
+    /// exports the tables. The export equals the tables of a replay of the log up to the id it is
+    /// labelled with, on a fresh store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_export_racing_applies_equals_a_replay_up_to_its_label() {
+        // Changes, removes and creates keys, deterministically by index.
+        let cmd = |i: u64| {
+            Set(vec![
+                (i * 7 % 500, Some(i)),
+                (i * 13 % 500, (!i.is_multiple_of(3)).then_some(i + 1)),
+                (1_000 + i, Some(i)),
+            ])
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
+        for chunk in (1..=5_000u64).collect::<Vec<_>>().chunks(100) {
+            sm.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applier = {
+            let (sm, stop) = (sm.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 5_001;
+                while !stop.load(Ordering::Relaxed) {
+                    sm.apply_blocking(vec![entry(i, &cmd(i))]).unwrap();
+                    i += 1;
+                }
+            })
+        };
+        let (state, records) = sm.export().unwrap();
+        let applied_after = sm.applied().unwrap().last_applied.map_or(0, |l| l.index);
+        stop.store(true, Ordering::Relaxed);
+        applier.join().unwrap();
+        let label = state.last_applied.map_or(0, |l| l.index);
+        assert!(applied_after > label, "no apply ran beside the export ({label})");
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let replay = Store::open(dir2.path(), "cap", &StoreOptions::default()).unwrap();
+        let sm2 = StateMachineStore::new(replay.clone(), Arc::new(Setter));
+        for chunk in (1..=label).collect::<Vec<_>>().chunks(100) {
+            sm2.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
+        }
+        assert_eq!(records, replay.export_below(RAFT_TABLES_FROM).unwrap());
+    }
+
+    #[test]
+    fn as_of_puts_back_what_changed_and_drops_what_was_created() {
+        let rec = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());
+        let exported = vec![rec(b"a", b"1"), rec(b"b", b"new"), rec(b"d", b"created")];
+        let before = HashMap::from([
+            (b"b".to_vec(), Some(b"old".to_vec())),
+            (b"c".to_vec(), Some(b"removed".to_vec())),
+            (b"d".to_vec(), None),
+        ]);
+        assert_eq!(as_of(exported, before), vec![rec(b"a", b"1"), rec(b"b", b"old"), rec(b"c", b"removed")]);
+    }
 
     /// Snapshots of a few MB, built again and again (a snapshot every N entries, a new member
     /// caught up), leave no sled blob file behind and read back whole.

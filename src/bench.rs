@@ -340,7 +340,12 @@ async fn bench_one(
             return Err(format!("seeding failed: {}", r.status()));
         }
     }
-    let terms_before = max_terms(&metric_pages(&client, &all_urls).await);
+    let pages_before = metric_pages(&client, &all_urls).await;
+    let terms_before = max_terms(&pages_before);
+    // Downs while the cluster formed (two nodes dialling each other at once, one session closed)
+    // are not load's doing: count from here.
+    let downs_before: u64 =
+        pages_before.iter().flat_map(|p| samples(p, "bulkhead_cluster_peer_downs_total")).map(|(_, v)| v).sum();
     let run = format!("b{:x}", rand::random::<u64>());
     let _ = closed_loop(&client, &urls, &format!("{run}w"), opts.concurrency, opts.warmup, "warm-up", |_, _| {}).await;
 
@@ -381,8 +386,12 @@ async fn bench_one(
     let open = open_loop(&client, &urls, &format!("{run}o"), rate, opts.duration).await;
     let ho = open.hist.lock().await.clone();
     let pages = metric_pages(&client, &urls).await;
-    let peer_downs: u64 =
-        pages.iter().flat_map(|p| samples(p, "bulkhead_cluster_peer_downs_total")).map(|(_, v)| v).sum();
+    let peer_downs: u64 = pages
+        .iter()
+        .flat_map(|p| samples(p, "bulkhead_cluster_peer_downs_total"))
+        .map(|(_, v)| v)
+        .sum::<u64>()
+        .saturating_sub(downs_before);
     let terms_after = max_terms(&metric_pages(&client, &all_urls).await);
     let elections: u64 =
         terms_after.iter().map(|(g, t)| t.saturating_sub(terms_before.get(g).copied().unwrap_or(*t))).sum();

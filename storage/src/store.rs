@@ -99,6 +99,12 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    /// The batch cut into batches of at most `n` writes, in order: applied one after the other
+    /// with [`Store::apply_in_order`], they keep its prefix guarantee.
+    pub fn split(self, n: usize) -> Vec<Batch> {
+        self.ops.chunks(n.max(1)).map(|c| Batch { ops: c.to_vec() }).collect()
+    }
+
     /// The raw keys the batch writes or removes, in order (a key may repeat).
     pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
         self.ops.iter().map(|(k, _)| k.as_slice())

@@ -58,10 +58,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-/// Removes the log entries up to `upto` (inclusive), in chunks; how many there were. Keys only:
-/// the values are not decoded.
+/// Removes the log entries up to `upto` (inclusive); how many there were. Keys only: the values
+/// are not decoded. In small chunks with a breath between them: the group's core appends to the
+/// same sled store, and a burst of tens of thousands of removals fills sled's write buffers and
+/// holds those appends up (a follower held up so misses heartbeats, then calls an election).
 fn remove_entries_upto(store: &Store, upto: u64) -> std::result::Result<usize, StoreError> {
-    const CHUNK: usize = 4_096;
+    const CHUNK: usize = 1_024;
     let mut removed = 0;
     let mut b = Batch::new();
     for index in LOG.keys_range(store, &0, Some(&(upto + 1))) {
@@ -69,6 +71,7 @@ fn remove_entries_upto(store: &Store, upto: u64) -> std::result::Result<usize, S
         if b.len() == CHUNK {
             removed += b.len();
             store.apply_in_order(std::mem::take(&mut b))?;
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
     removed += b.len();

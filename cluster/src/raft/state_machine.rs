@@ -320,7 +320,14 @@ impl StateMachineStore {
             let mut b = Batch::new();
             self.keep_snapshot(&mut b, &meta, &data)
                 .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-            self.store.apply_in_order(b).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+            // In order, as one batch would be, but in slices with a breath between them: the
+            // group's core appends to this store too (see `log_store::remove_entries_upto`).
+            for slice in b.split(256) {
+                self.store
+                    .apply_in_order(slice)
+                    .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
         }
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, bytes = data.len(),
             records = n_records, exported_ms, ms = started.elapsed().as_millis() as u64, "snapshot built");

@@ -496,12 +496,17 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
     );
     if let Some(path) = &opts.json {
         let text = serde_json::to_string_pretty(&Report { runs: &results }).map_err(|e| e.to_string())?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        write_json(path, &text)?;
     }
     Ok(results)
+}
+
+/// Writes a benchmark's JSON to `path`, creating its folder if needed.
+pub fn write_json(path: &std::path::Path, text: &str) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -144,7 +144,7 @@ async fn main() -> ExitCode {
                 (Some(e), _) => Err(e),
                 (None, Some(path)) => serde_json::to_string_pretty(&results)
                     .map_err(|e| e.to_string())
-                    .and_then(|t| std::fs::write(&path, t).map_err(|e| format!("{}: {e}", path.display()))),
+                    .and_then(|t| bulkhead::bench::write_json(&path, &t)),
                 (None, None) => Ok(()),
             }
         }

@@ -188,7 +188,7 @@ impl Replica {
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
-        m.current_leader == Some(self.member) && m.state == ServerState::Leader
+        known_leader(&m) == Some(self.member) && m.state == ServerState::Leader
     }
 
     /// The term in which this replica leads, if it leads and is not handing the lead over: what a
@@ -196,7 +196,7 @@ impl Replica {
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.raft.metrics();
         let m = m.borrow();
-        let leads = m.current_leader == Some(self.member) && m.state == ServerState::Leader;
+        let leads = known_leader(&m) == Some(self.member) && m.state == ServerState::Leader;
         (leads && !self.handing_over.load(Ordering::Relaxed)).then_some(m.current_term)
     }
 
@@ -204,7 +204,7 @@ impl Replica {
     pub fn leader(&self) -> Option<String> {
         let m = self.raft.metrics();
         let m = m.borrow();
-        let id = m.current_leader?;
+        let id = known_leader(&m)?;
         m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
@@ -215,7 +215,7 @@ impl Replica {
         let mut m = self.raft.metrics();
         let term_now = m.borrow().current_term;
         let other = |m: &openraft::RaftMetrics<MemberId, BasicNode>| {
-            let id = m.current_leader?;
+            let id = known_leader(m)?;
             let node = m.membership_config.membership().get_node(&id)?;
             (Some(node.addr.as_str()) != old || m.current_term > term_now).then(|| node.addr.clone())
         };
@@ -333,7 +333,7 @@ impl Replica {
         let m = self.raft.metrics();
         let m = m.borrow();
         let membership = m.membership_config.membership();
-        let leader_id = m.current_leader;
+        let leader_id = known_leader(&m);
         let last = m.last_log_index.unwrap_or(0);
         let lag_of = |id: &MemberId| -> Option<u64> {
             let repl = m.replication.as_ref()?;
@@ -673,6 +673,16 @@ async fn count_leader_changes(r: Replica) {
             last = now;
         }
     }
+}
+
+/// The leader a replica's metrics name, except itself before a majority has acknowledged it:
+/// openraft restarts a node that led as leader of its old term straight away (its vote was
+/// committed), though the others may have elected another since. Until its first append is
+/// acknowledged it cannot serve, so it must not say "I lead" to routing or to `/readyz`.
+fn known_leader(m: &openraft::RaftMetrics<MemberId, BasicNode>) -> Option<MemberId> {
+    let id = m.current_leader?;
+    let unconfirmed = id == m.id && m.state == ServerState::Leader && m.millis_since_quorum_ack.is_none();
+    (!unconfirmed).then_some(id)
 }
 
 /// What decides whether a replica builds a snapshot now.

@@ -18,8 +18,13 @@
 //! Caveats:
 //! - A snapshot is built and sent whole in memory (an export of the capability's tables); fine
 //!   for the table sizes of a few million records, not for much more.
-//! - Applying an entry and building a snapshot exclude each other (a mutex): a large export holds
-//!   up applies for its duration.
+//! - An export no longer holds up applies (they record what they change meanwhile), but it still
+//!   costs the whole state in CPU and memory each time, and the log purge after it competes with
+//!   the core's appends for the same sled store: the last elections of a loaded soak follow a
+//!   purge. Snapshots are taken as rarely as the state is large (`group::snapshot_due`);
+//!   incremental snapshots, or a log outside the state machine's store, are the real fix.
+//! - After a restart the replica does not know its state's size until its first snapshot, so
+//!   that one comes after `snapshot_every_entries` whatever the size.
 //! - A group whose preferred node is down at the cluster's very first start is not initialized
 //!   until that node comes up (bootstrap needs every replica to answer once).
 

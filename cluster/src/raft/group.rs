@@ -186,9 +186,7 @@ impl Replica {
 
     /// Whether this replica leads its group now (leader-only work: a saga driver, a sweep).
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        known_leader(&m) == Some(self.member) && m.state == ServerState::Leader
+        leads(&self.raft.metrics().borrow(), self.member)
     }
 
     /// The term in which this replica leads, if it leads and is not handing the lead over: what a
@@ -196,8 +194,7 @@ impl Replica {
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.raft.metrics();
         let m = m.borrow();
-        let leads = known_leader(&m) == Some(self.member) && m.state == ServerState::Leader;
-        (leads && !self.handing_over.load(Ordering::Relaxed)).then_some(m.current_term)
+        (leads(&m, self.member) && !self.handing_over.load(Ordering::Relaxed)).then_some(m.current_term)
     }
 
     /// The node of the current leader, as this replica knows it.
@@ -683,6 +680,11 @@ fn known_leader(m: &openraft::RaftMetrics<MemberId, BasicNode>) -> Option<Member
     let id = m.current_leader?;
     let unconfirmed = id == m.id && m.state == ServerState::Leader && m.millis_since_quorum_ack.is_none();
     (!unconfirmed).then_some(id)
+}
+
+/// Whether `member` (this replica) leads, as [`known_leader`] judges it.
+fn leads(m: &openraft::RaftMetrics<MemberId, BasicNode>, member: MemberId) -> bool {
+    known_leader(m) == Some(member) && m.state == ServerState::Leader
 }
 
 /// What decides whether a replica builds a snapshot now.

@@ -4,7 +4,10 @@
 //! The worker is a thin shell around [`saga::step`]. An event for an order steps its record in
 //! memory; a step that changed the record is proposed to the shard's Raft group
 //! ([`OrdersCommand::Step`], or [`OrdersCommand::Finish`] with the outbox), and the commands the step
-//! produced (reserve, charge, retry) are carried out only once it has committed. One proposal per
+//! produced (reserve, retry) are carried out only once it has committed. Two exceptions save Raft
+//! writes on the way to the `201`, both because a resumed saga would find the same again: a granted
+//! hold is not recorded on its own ([`saga::must_commit`]), and a charge goes out together with its
+//! step ([`saga::runs_before_commit`]). One proposal per
 //! order is in flight at a time; events that arrive meanwhile wait their turn, so the log holds an
 //! order's steps in the order they were taken. Cross-node calls run in their own tasks and come
 //! back as messages: the worker never waits on a peer or a majority.
@@ -364,13 +367,16 @@ impl OrdersState {
             s.queued.push_back(event);
             return;
         }
+        let record = saga::must_commit(&event);
         let before = s.order.clone();
         let cmds = saga::step(&mut s.order, event, now, jitter());
-        if s.order == before {
+        if s.order == before || !record {
+            // Nothing new, or nothing a resumed saga would not find again (a granted hold): the
+            // next recorded step carries it.
             return self.execute(myself, order_id, cmds);
         }
-        // Nothing is done on a step before it is committed: a new leader must find, for instance,
-        // that a charge was asked for, so that a cancel refunds it.
+        // A step's commands wait for its commit (a new leader must find what was asked for), but
+        // for those a resumed saga asks for again identically: they go out with the proposal.
         let step = s.steps + 1;
         let cmd = if cmds.contains(&Command::Finish) {
             OrdersCommand::Finish { order: s.order.clone(), step, now_ms: now }
@@ -383,11 +389,14 @@ impl OrdersState {
             Ok(r) => r,
             Err(e) => return self.on_committed(myself, order_id, epoch, cmds, Err(e)),
         };
+        let (now_cmds, then): (Vec<_>, Vec<_>) = cmds.into_iter().partition(saga::runs_before_commit);
         let me = myself.clone();
         tokio::spawn(async move {
             let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
-            let _ = me.cast(OrdersMsg::Committed { order_id, epoch, then: cmds, applied });
+            let _ = me.cast(OrdersMsg::Committed { order_id, epoch, then, applied });
         });
+        // Its answer waits in `queued` until the step has committed.
+        self.execute(myself, order_id, now_cmds);
     }
 
     fn on_committed(

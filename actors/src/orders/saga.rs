@@ -133,6 +133,25 @@ pub enum Command {
     Finish,
 }
 
+/// Whether the step that `event` leads to must be committed before the order goes on.
+///
+/// Not when a hold was granted. A hold ends only through this order's outbox (after a committed
+/// terminal state), never on a clock, and reserve is idempotent by order id: a leader that resumes
+/// the order from an earlier record asks the shards again and gets the same holds back, hence the
+/// same lines, total and charge (idempotent by order id on the payments side). A failover that loses
+/// the step therefore loses nothing, and not recording it saves one Raft write on the way to the
+/// `201` (two for an order over two shards). The only cancel a resumed `Reserving` order can then
+/// meet is a declined charge, which took nothing: no refund is owed that `charge_attempted` missed.
+pub fn must_commit(event: &Event) -> bool {
+    !matches!(event, Event::Reserve { outcome: ReserveOutcome::Reserved { .. }, .. })
+}
+
+/// Whether `cmd` may go out while the step that produced it is being committed: the charge, for
+/// the reason [`must_commit`] gives (a resumed saga would send the same one).
+pub fn runs_before_commit(cmd: &Command) -> bool {
+    matches!(cmd, Command::Charge { .. })
+}
+
 /// Where an outbox entry goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dest {
@@ -500,6 +519,37 @@ mod tests {
             step(&mut o.clone(), Event::Resume, 3, 1.0),
             vec![Command::Charge { amount_cents: 3, token: "tok_ok".into() }]
         );
+    }
+
+    #[test]
+    fn a_charge_sent_before_its_holds_were_recorded_is_the_charge_a_resumed_saga_sends() {
+        // The leader takes both holds and sends the charge without recording either hold; it
+        // dies. The next leader resumes the order as last committed: before any hold.
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        let committed = o.clone();
+        let (first, second) = (reserved("n1", line("a", 1, 100)), reserved("n2", line("b", 2, 50)));
+        assert!(!must_commit(&first) && !must_commit(&second));
+        assert!(step(&mut o, first.clone(), 2, 1.0).is_empty());
+        let sent = step(&mut o, second.clone(), 3, 1.0);
+        assert!(!sent.is_empty() && sent.iter().all(runs_before_commit), "{sent:?}");
+
+        let mut resumed = committed;
+        let again = step(&mut resumed, Event::Resume, 10, 1.0);
+        assert_eq!(again.len(), 2, "both shards are asked again: {again:?}");
+        assert!(!again.iter().any(runs_before_commit), "a reserve is not sent before its step commits");
+        // Reserve is idempotent by order id: each shard answers with the hold it already gave.
+        step(&mut resumed, first, 11, 1.0);
+        let charge = step(&mut resumed, second, 12, 1.0);
+        assert_eq!(charge, sent, "the same amount and token: payments sees one charge");
+        assert!(resumed.charge_attempted);
+        // Everything else is recorded before the order goes on.
+        assert!(must_commit(&Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() })));
+        assert!(must_commit(&Event::Reserve {
+            node: "n1".into(),
+            outcome: ReserveOutcome::OutOfStock { sku: "a".into() }
+        }));
+        assert!(must_commit(&Event::Charge(ChargeOutcome::Unavailable("down".into()))));
     }
 
     fn any_event() -> impl Strategy<Value = Event> {

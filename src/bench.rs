@@ -12,6 +12,7 @@
 //! touched before the answer. Anything else is an error. Every order carries a unique
 //! Idempotency-Key. The load generator reports its own CPU use, so a saturated generator is visible.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +77,12 @@ pub struct RunResult {
     pub p99_ms_at_70pct: f64,
     pub p999_ms_at_70pct: f64,
     pub errors_at_70pct: u64,
+    /// What the errors were, closed and open loop: the status (`429`, `503`, `202` a pending
+    /// order, ...) or `transport` (the request failed or timed out in the client).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_kinds: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_kinds_at_70pct: BTreeMap<String, u64>,
     /// The load generator's CPU time as a share of one core, in the closed loop.
     pub loadgen_cpu_pct: f64,
     /// With --kill-shipping: closed-loop throughput before and after the shipping node died.
@@ -122,6 +129,7 @@ struct Shared {
     hist: Mutex<Histogram<u64>>,
     confirmed: AtomicU64,
     errors: AtomicU64,
+    error_kinds: std::sync::Mutex<BTreeMap<String, u64>>,
     seq: AtomicU64,
 }
 
@@ -131,13 +139,25 @@ impl Shared {
             hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")),
             confirmed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            error_kinds: std::sync::Mutex::new(BTreeMap::new()),
             seq: AtomicU64::new(0),
         })
     }
+
+    fn count_error(&self, kind: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut k) = self.error_kinds.lock() {
+            *k.entry(kind).or_default() += 1;
+        }
+    }
+
+    fn error_kinds(&self) -> BTreeMap<String, u64> {
+        self.error_kinds.lock().map(|k| k.clone()).unwrap_or_default()
+    }
 }
 
-/// Sends one order to `base`; true if it was confirmed (201).
-async fn one_order(client: &reqwest::Client, base: &str, run: &str, seq: u64) -> bool {
+/// Sends one order to `base`: `Ok` if it was confirmed (201), else what came back instead.
+async fn one_order(client: &reqwest::Client, base: &str, run: &str, seq: u64) -> Result<(), String> {
     let sku = seq as usize % BENCH_SKUS;
     let body =
         format!(r#"{{"customer_id":"bench","items":[{{"sku":"bench-{sku}","quantity":1}}],"payment_token":"tok_ok"}}"#);
@@ -146,7 +166,11 @@ async fn one_order(client: &reqwest::Client, base: &str, run: &str, seq: u64) ->
         .header("content-type", "application/json")
         .header("idempotency-key", format!("{run}-{seq}"))
         .body(body);
-    matches!(req.send().await, Ok(r) if r.status().as_u16() == 201)
+    match req.send().await {
+        Ok(r) if r.status().as_u16() == 201 => Ok(()),
+        Ok(r) => Err(r.status().as_u16().to_string()),
+        Err(_) => Err("transport".to_string()),
+    }
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -186,11 +210,12 @@ async fn closed_loop(
             while Instant::now() < deadline {
                 let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                if one_order(&client, &base, &run, seq).await {
-                    let _ = local.record(t.elapsed().as_micros().max(1) as u64);
-                    shared.confirmed.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                match one_order(&client, &base, &run, seq).await {
+                    Ok(()) => {
+                        let _ = local.record(t.elapsed().as_micros().max(1) as u64);
+                        shared.confirmed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(kind) => shared.count_error(kind),
                 }
             }
             let _ = shared.hist.lock().await.add(&local);
@@ -231,11 +256,12 @@ async fn open_loop(client: &reqwest::Client, urls: &[String], run: &str, rate: f
         let base = urls[i as usize % urls.len()].clone();
         tasks.spawn(async move {
             let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
-            if one_order(&client, &base, &run, seq).await {
-                let _ = shared.hist.lock().await.record(intended.elapsed().as_micros().max(1) as u64);
-                shared.confirmed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                shared.errors.fetch_add(1, Ordering::Relaxed);
+            match one_order(&client, &base, &run, seq).await {
+                Ok(()) => {
+                    let _ = shared.hist.lock().await.record(intended.elapsed().as_micros().max(1) as u64);
+                    shared.confirmed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(kind) => shared.count_error(kind),
             }
         });
         if i % 256 == 0 {
@@ -398,6 +424,13 @@ async fn bench_one(
     if peer_downs > 0 && killed.is_none() {
         let _ = writeln!(out, "WARNING: {peer_downs} peers declared down under load with no fault injected");
     }
+    for (phase, shared) in [("closed loop", &closed), ("open loop (70 %)", &open)] {
+        let kinds = shared.error_kinds();
+        if !kinds.is_empty() {
+            let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} × {n}")).collect();
+            let _ = writeln!(out, "errors in the {phase}: {}", list.join(", "));
+        }
+    }
     if elections > 0 && killed.is_none() {
         let _ = writeln!(out, "WARNING: {elections} Raft election(s) under load with no fault injected");
     }
@@ -429,6 +462,8 @@ async fn bench_one(
         p99_ms_at_70pct: ms(&ho, 0.99),
         p999_ms_at_70pct: ms(&ho, 0.999),
         errors_at_70pct: open.errors.load(Ordering::Relaxed),
+        error_kinds: closed.error_kinds(),
+        error_kinds_at_70pct: open.error_kinds(),
         loadgen_cpu_pct,
         orders_per_sec_before_kill: before_kill,
         orders_per_sec_after_kill: after_kill,

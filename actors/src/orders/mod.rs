@@ -13,8 +13,11 @@
 //!   this node leads, and moves an entry its destination keeps failing on to the dead letters.
 //!
 //! Caveats:
-//! - Every saga step is one Raft write (a place, each reservation answer, the charge request, the
-//!   finish): four or five per order, each a round trip to a majority.
+//! - Every saga step that must survive a failover is one Raft write of the orders group: the place
+//!   and the finish, plus any wait (a retry's backoff). Granted holds are not recorded on their
+//!   own (`saga::must_commit`): a failover before the finish costs the new leader a re-reserve,
+//!   which answers the same. With the reserve and the charge, four writes in sequence per order,
+//!   each a round trip to a majority.
 //! - Sagas live in the leader's memory; a new leader resumes them from the committed records, so a
 //!   step in flight at a failover is taken again (each is idempotent by order id).
 //! - Listing a customer's orders asks every shard's leader and merges the answers.

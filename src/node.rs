@@ -63,6 +63,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         fault_injection: cfg.fault_injection,
         metrics: Arc::new(HttpMetrics::default()),
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
+        edge: bulkhead_http::edge::EdgeConfig::from(&cfg.http),
     };
     let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state))
         .await

@@ -288,6 +288,56 @@ impl Default for Limits {
     }
 }
 
+/// The HTTP edge's bounds (`[http]`): what a slow or greedy client can hold, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpEdge {
+    /// Open connections to the API; one more is answered `503` and closed.
+    pub max_connections: usize,
+    /// From the accept to the end of the first request's headers, and from an answer to the end of
+    /// the next request's headers: a client slower than that (one byte a second, nothing at all,
+    /// or an idle keep-alive) is disconnected.
+    pub header_timeout_ms: u64,
+    /// A whole request, body included, until its answer is ready: past it, `408`. Must leave room
+    /// for `POST /v1/orders`, which may wait `wait_budget_ms + call_timeout_ms`.
+    pub request_timeout_ms: u64,
+    /// A connection on which no byte moves either way for this long is closed (one stuck mid-request,
+    /// such as a client that stops reading its answer). Longer than `request_timeout_ms`, so it
+    /// never cuts a request that is being answered.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for HttpEdge {
+    fn default() -> Self {
+        Self { max_connections: 1024, header_timeout_ms: 10_000, request_timeout_ms: 30_000, idle_timeout_ms: 60_000 }
+    }
+}
+
+impl HttpEdge {
+    /// Checked against the order path's own budget (`timing`): a request timeout shorter than it
+    /// would answer `408` for orders that are still being placed.
+    pub fn validate(&self, timing: &Timing) -> Result<(), String> {
+        if self.max_connections == 0 || self.header_timeout_ms == 0 {
+            return Err("http: max_connections and header_timeout_ms must be > 0".into());
+        }
+        let order_path = timing.wait_budget_ms.saturating_add(timing.call_timeout_ms);
+        if self.request_timeout_ms <= order_path {
+            return Err(format!(
+                "http: request_timeout_ms ({}) must be longer than timing.wait_budget_ms + timing.call_timeout_ms ({order_path}), \
+                 the longest a POST /v1/orders may legitimately take",
+                self.request_timeout_ms
+            ));
+        }
+        if self.idle_timeout_ms <= self.request_timeout_ms {
+            return Err(format!(
+                "http: idle_timeout_ms ({}) must be longer than request_timeout_ms ({}), or it would cut requests being answered",
+                self.idle_timeout_ms, self.request_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One node's configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,6 +376,8 @@ pub struct NodeConfig {
     pub timing: Timing,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub http: HttpEdge,
     /// The shard map: `[capabilities.inventory] nodes = ["n1", "n2"]`.
     pub capabilities: ShardMap,
 }
@@ -389,6 +441,7 @@ impl NodeConfig {
         if self.limits.orders_in_flight == 0 || self.limits.gateway_in_flight == 0 {
             return Err("limits: orders_in_flight and gateway_in_flight must be > 0".into());
         }
+        self.http.validate(t)?;
         Ok(())
     }
 
@@ -443,6 +496,14 @@ mod tests {
             assert_eq!(cfg.timing, Timing::default());
             cfg.limits.orders_in_flight = 0;
             assert!(cfg.validate().unwrap_err().contains("limits"));
+            cfg.limits = Limits::default();
+            assert_eq!(cfg.http, HttpEdge::default());
+            cfg.http.request_timeout_ms = cfg.timing.wait_budget_ms + cfg.timing.call_timeout_ms;
+            assert!(cfg.validate().unwrap_err().contains("request_timeout_ms"), "would cut orders being placed");
+            cfg.http = HttpEdge { idle_timeout_ms: HttpEdge::default().request_timeout_ms, ..HttpEdge::default() };
+            assert!(cfg.validate().unwrap_err().contains("idle_timeout_ms"));
+            cfg.http = HttpEdge { max_connections: 0, ..HttpEdge::default() };
+            assert!(cfg.validate().unwrap_err().contains("max_connections"));
         }
     }
 

@@ -31,7 +31,7 @@ pub mod wire;
 
 pub use breaker::BreakerState;
 pub use call::CallError;
-pub use config::{Capability, Limits, NodeConfig, ShardMap, Timing};
+pub use config::{Capability, HttpEdge, Limits, NodeConfig, ShardMap, Timing};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster, LeaderReply};

@@ -95,16 +95,24 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The JSON body: `error` (the code), `message`, and any extra fields.
+    pub fn body_json(&self) -> serde_json::Value {
         let mut body = json!({ "error": self.code, "message": self.message });
-        if let (Some(extra), Some(obj)) = (self.extra, body.as_object_mut()) {
+        if let (Some(extra), Some(obj)) = (&self.extra, body.as_object_mut()) {
             if let Some(e) = extra.as_object() {
                 for (k, v) in e {
                     obj.insert(k.clone(), v.clone());
                 }
             }
         }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body_json();
         // Every 429 and 503 tells the client when to come back, even one built without it.
         let retry_after = match self.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(self.retry_after.unwrap_or(1)),

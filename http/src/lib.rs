@@ -6,9 +6,12 @@
 //! server and stops it gracefully when it stops.
 //!
 //! - [`api`]: the handlers; [`validate`]: strict body checks; [`error`]: the one error type.
+//! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
+//!   errors, panics).
 //! - [`metrics`]: `/metrics` in Prometheus text; `/openapi.json` and the dashboard at `/` are static.
 
 pub mod api;
+pub mod edge;
 pub mod error;
 pub mod metrics;
 pub mod validate;
@@ -37,6 +40,12 @@ pub struct HttpMetrics {
     pub cancelled: AtomicU64,
     /// `POST /v1/orders` refused with 429 because `limits.orders_in_flight` were already running.
     pub shed: AtomicU64,
+    /// Connections to the API open now, and those refused at `[http] max_connections`.
+    pub connections_open: AtomicU64,
+    pub connections_refused: AtomicU64,
+    /// Requests answered `408` (`[http] request_timeout_ms`), and `500`s (a handler panicked).
+    pub request_timeouts: AtomicU64,
+    pub internal_errors: AtomicU64,
 }
 
 /// What the handlers need.
@@ -47,6 +56,8 @@ pub struct AppState {
     pub metrics: Arc<HttpMetrics>,
     /// One permit per `POST /v1/orders` being handled (`limits.orders_in_flight`).
     pub orders_in_flight: Arc<tokio::sync::Semaphore>,
+    /// The edge's bounds (`[http]`).
+    pub edge: edge::EdgeConfig,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -70,7 +81,8 @@ pub fn router(state: AppState) -> Router {
             .route("/admin/panic/{capability}", post(api::inject_panic))
             .route("/admin/partition", post(api::partition).delete(api::heal_partition));
     }
-    r.fallback(|| async { error::ApiError::not_found("no such endpoint; see /openapi.json") })
+    let r = r
+        .fallback(|| async { error::ApiError::not_found("no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             error::ApiError::new(
                 axum::http::StatusCode::METHOD_NOT_ALLOWED,
@@ -79,7 +91,8 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+        .with_state(state.clone());
+    edge::harden(r, &state.edge, BODY_LIMIT, state.metrics.clone())
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -90,13 +103,15 @@ async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves, behind the edge's connection bounds
+/// ([`edge::serve`]).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let (edge, metrics) = (state.edge, state.metrics.clone());
+    edge::serve(listener, router(state), edge, metrics, shutdown).await
 }
 
 /// The front actor: owns one running server.

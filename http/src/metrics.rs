@@ -114,6 +114,30 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "gauge",
         vec![(String::new(), limit.saturating_sub(st.orders_in_flight.available_permits()) as u64)],
     );
+    line(
+        "bulkhead_http_connections",
+        "connections to the API open now (refused past [http] max_connections)",
+        "gauge",
+        vec![(String::new(), m.connections_open.load(Relaxed))],
+    );
+    line(
+        "bulkhead_http_connections_refused_total",
+        "connections answered 503 and closed because [http] max_connections were open",
+        "counter",
+        vec![(String::new(), m.connections_refused.load(Relaxed))],
+    );
+    line(
+        "bulkhead_http_request_timeouts_total",
+        "requests answered 408 because they took longer than [http] request_timeout_ms (a slow body included)",
+        "counter",
+        vec![(String::new(), m.request_timeouts.load(Relaxed))],
+    );
+    line(
+        "bulkhead_http_internal_errors_total",
+        "requests answered 500 (a handler panicked; the panic is logged)",
+        "counter",
+        vec![(String::new(), m.internal_errors.load(Relaxed))],
+    );
     let c = st.cluster.metrics();
     line(
         "bulkhead_cluster_calls_total",

@@ -93,6 +93,7 @@ pub fn cluster_configs(
             fault_injection,
             timing: timing.clone(),
             limits: Default::default(),
+            http: Default::default(),
             capabilities: map.clone(),
         })
         .collect()

@@ -52,6 +52,12 @@ async fn read_to_close(s: &mut TcpStream, within: Duration) -> (String, Option<D
     }
 }
 
+/// One unlabelled counter or gauge from a node's `/metrics`.
+async fn metric(tc: &TestCluster, node: usize, name: &str) -> Option<u64> {
+    let text = tc.http.get(format!("{}/metrics", tc.url(node))).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn json_body(response: &str) -> Value {
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not a JSON body ({e}): {response}"))
@@ -63,30 +69,56 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
     tc.stock("edge-1", 10, 100).await;
 
     // A body one byte every 300 ms: 408 at the request timeout, JSON.
-    let mut slow_body = connect(&tc, 0).await;
-    slow_body
+    let (mut from_server, mut to_server) = connect(&tc, 0).await.into_split();
+    to_server
         .write_all(
             b"POST /v1/orders HTTP/1.1\r\nhost: n1\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{",
         )
         .await
         .expect("write the head");
-    let trickle = tokio::spawn(async move {
-        for _ in 0..40 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if slow_body.write_all(b" ").await.is_err() {
-                break;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            // Stops once the answer is in: writing on into a closed socket could reset it.
+            while !answered.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if to_server.write_all(b" ").await.is_err() {
+                    break;
+                }
             }
-        }
-        slow_body
-    });
-    // Meanwhile n1 takes an order: the slow body holds no permit (n1 allows one at a time).
+            to_server
+        })
+    };
+    let reader = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while started.elapsed() < REQUEST_TIMEOUT * 2 {
+                match tokio::time::timeout(Duration::from_millis(200), from_server.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => {
+                        got.extend_from_slice(&buf[..n]);
+                        answered.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+            String::from_utf8_lossy(&got).into_owned()
+        })
+    };
+    // Meanwhile (the slow request well into its body) n1 takes an order: the slow body holds no
+    // permit, and n1 allows one order at a time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let r = tc.order(0, None, "edge-1", 1, "tok_ok").await;
     assert_eq!(r.status, 201, "{}", r.body);
-    let mut slow_body = trickle.await.expect("trickle task");
-    let (response, closed) = read_to_close(&mut slow_body, REQUEST_TIMEOUT * 2).await;
+    assert!(!answered.load(std::sync::atomic::Ordering::Relaxed), "the slow request was answered early");
+    let response = reader.await.expect("reader task");
+    drop(trickle.await.expect("trickle task"));
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     assert_eq!(json_body(&response)["error"], "request_timeout", "{response}");
-    assert!(closed.is_some(), "the connection was closed after the 408");
 
     // Headers one byte every 300 ms: closed at the header timeout, nothing answered.
     let mut slow_head = connect(&tc, 0).await;
@@ -126,9 +158,7 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
     let closed = closed.expect("an idle keep-alive was closed");
     assert!(closed >= HEADER_TIMEOUT / 2 && closed < IDLE_TIMEOUT, "closed after {closed:?}");
 
-    let metrics = tc.http.get(format!("{}/metrics", tc.url(0))).send().await.expect("metrics");
-    let text = metrics.text().await.expect("metrics text");
-    assert!(text.contains("bulkhead_http_request_timeouts_total 1"), "{text}");
+    assert_eq!(metric(&tc, 0, "bulkhead_http_request_timeouts_total").await, Some(1));
     // And the node serves on.
     let r = tc.order(0, None, "edge-1", 1, "tok_ok").await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -145,7 +175,7 @@ async fn connections_past_the_cap_are_refused_with_json_while_the_node_serves() 
     }
     let mut reads = tokio::task::JoinSet::new();
     for mut s in streams {
-        reads.spawn(async move { read_to_close(&mut s, Duration::from_millis(500)).await.0 });
+        reads.spawn(async move { read_to_close(&mut s, Duration::from_millis(1_500)).await.0 });
     }
     let mut refused = Vec::new();
     while let Some(r) = reads.join_next().await {
@@ -165,12 +195,8 @@ async fn connections_past_the_cap_are_refused_with_json_while_the_node_serves() 
         (tc.http.get(format!("{}/healthz", tc.url(1))).send().await.ok()?.status() == 200).then_some(())
     })
     .await;
-    let text = tc.http.get(format!("{}/metrics", tc.url(1))).send().await.expect("metrics").text().await.expect("text");
-    let refused_total = text
-        .lines()
-        .find_map(|l| l.strip_prefix("bulkhead_http_connections_refused_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    assert!(refused_total.is_some_and(|n| n >= 1), "{text}");
+    let refused_total = metric(&tc, 1, "bulkhead_http_connections_refused_total").await;
+    assert!(refused_total.is_some_and(|n| n >= refused.len() as u64), "{refused_total:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,16 +220,14 @@ async fn every_error_is_json_and_carries_a_request_id() {
     // A given request id is echoed.
     let r = tc.http.get(format!("{url}/healthz")).header("x-request-id", "trace-me-42").send().await.expect("send");
     assert_eq!(r.headers().get("x-request-id").and_then(|v| v.to_str().ok()), Some("trace-me-42"));
-    // A body over the limit, refused from its Content-Length.
-    let big = "x".repeat(100_000);
-    let r = tc
-        .http
-        .post(format!("{url}/v1/orders"))
-        .header("content-type", "application/json")
-        .body(big)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), 413);
-    assert_eq!(r.json::<Value>().await.expect("JSON")["error"], "too_large");
+    // A body over the limit, refused from its Content-Length alone: none of it is ever sent.
+    let mut s = connect(&tc, 2).await;
+    s.write_all(
+        b"POST /v1/orders HTTP/1.1\r\nhost: n3\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n",
+    )
+    .await
+    .expect("write the head");
+    let (response, _) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert_eq!(json_body(&response)["error"], "too_large", "{response}");
 }

@@ -314,11 +314,27 @@ impl Default for HttpEdge {
 }
 
 impl HttpEdge {
+    pub const MAX_CONNECTIONS: usize = 1 << 20;
+    pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
     /// Checked against the order path's own budget (`timing`): a request timeout shorter than it
     /// would answer `408` for orders that are still being placed.
     pub fn validate(&self, timing: &Timing) -> Result<(), String> {
         if self.max_connections == 0 || self.header_timeout_ms == 0 {
             return Err("http: max_connections and header_timeout_ms must be > 0".into());
+        }
+        // Upper bounds: past them a deadline overflows the clock or the connection semaphore.
+        if self.max_connections > Self::MAX_CONNECTIONS {
+            return Err(format!("http: max_connections must be at most {}", Self::MAX_CONNECTIONS));
+        }
+        for (what, ms) in [
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if ms > Self::MAX_TIMEOUT_MS {
+                return Err(format!("http: {what} must be at most {} (a day)", Self::MAX_TIMEOUT_MS));
+            }
         }
         let order_path = timing.wait_budget_ms.saturating_add(timing.call_timeout_ms);
         if self.request_timeout_ms <= order_path {
@@ -504,6 +520,12 @@ mod tests {
             assert!(cfg.validate().unwrap_err().contains("idle_timeout_ms"));
             cfg.http = HttpEdge { max_connections: 0, ..HttpEdge::default() };
             assert!(cfg.validate().unwrap_err().contains("max_connections"));
+            cfg.http = HttpEdge { idle_timeout_ms: u64::MAX, ..HttpEdge::default() };
+            assert!(cfg.validate().unwrap_err().contains("at most"), "u64::MAX would overflow a deadline");
+            cfg.http = HttpEdge { max_connections: usize::MAX, ..HttpEdge::default() };
+            assert!(cfg.validate().unwrap_err().contains("at most"));
+            cfg.http = HttpEdge::default();
+            assert!(cfg.validate().is_ok());
         }
     }
 

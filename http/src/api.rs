@@ -132,8 +132,10 @@ fn order_response(st: &AppState, view: OrderView) -> Response {
 }
 
 pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    // Shed before reading the body: past the bound, queueing only makes every answer late. The
-    // permit is held until the answer is built (dropped with this future if the client leaves).
+    // Shed before any work on the body (axum has read it, within the edge's body limit and request
+    // timeout, so a slow upload never held this permit): past the bound, queueing only makes every
+    // answer late. The permit is held until the answer is built (dropped with this future if the
+    // client leaves).
     let Ok(_permit) = st.orders_in_flight.clone().try_acquire_owned() else {
         st.metrics.shed.fetch_add(1, Relaxed);
         return Err(ApiError::overloaded());

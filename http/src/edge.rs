@@ -18,7 +18,9 @@
 //! Caveats: the idle timer is per connection, not per request, so it must stay longer than the
 //! request timeout (config validation enforces it); a refused connection costs one accept and one
 //! small write; there is no per-address cap yet (a rate limit per token and address is issue 9's
-//! next step).
+//! next step); a request head hyper cannot parse (or one over its size limit) is answered by hyper
+//! itself, `400`/`431` with no body, before any layer here runs; and the drain bounds only this
+//! server: the node does not yet wait for it before stopping its capabilities (issue 10).
 
 use std::future::Future;
 use std::io;
@@ -51,8 +53,10 @@ use crate::HttpMetrics;
 
 /// How long a shutting-down server lets open connections finish their requests.
 const DRAIN: Duration = Duration::from_secs(10);
-/// How much of a non-JSON error body is kept as the JSON error's message.
+/// How much of a non-JSON error body is kept as the JSON error's message, and how long reading it
+/// may take.
 const MESSAGE_MAX: usize = 512;
+const BODY_READ: Duration = Duration::from_secs(1);
 
 /// The edge's bounds, as durations (from the config's `[http]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,20 +161,30 @@ pub async fn json_errors(State(metrics): State<Arc<HttpMetrics>>, req: Request, 
         return res;
     }
     let (mut parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, MESSAGE_MAX * 4).await.unwrap_or_default();
+    // These bodies are short texts made by axum or tower-http, already in memory; the bound is a
+    // guard, not an expectation.
+    let text = tokio::time::timeout(BODY_READ, axum::body::to_bytes(body, MESSAGE_MAX * 4))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let text: String = String::from_utf8_lossy(&text).trim().chars().take(MESSAGE_MAX).collect();
     let message = if text.is_empty() { default_message(status) } else { text };
     let fresh = ApiError::new(status, code_for(status), message).into_response();
     let (fresh_parts, body) = fresh.into_parts();
+    // The inner response's headers stay (`Allow`, its own `Retry-After`); only the body's type
+    // and length change, and a header the JSON error adds is added only where missing.
     parts.headers.remove(header::CONTENT_LENGTH);
     for (name, value) in fresh_parts.headers.iter() {
-        parts.headers.insert(name, value.clone());
+        if name == header::CONTENT_TYPE || !parts.headers.contains_key(name) {
+            parts.headers.insert(name, value.clone());
+        }
     }
     Response::from_parts(parts, body)
 }
 
 /// Serves `router` (already [`harden`]ed) on `listener` until `shutdown` resolves, then lets open
-/// connections finish for up to 10 s.
+/// connections finish their requests for up to 10 s, and closes those still open.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -180,8 +194,10 @@ pub async fn serve(
 ) -> io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(edge.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -212,23 +228,46 @@ pub async fn serve(
             .header_read_timeout(edge.header_timeout)
             .serve_connection(io, service);
         let conn = graceful.watch(conn);
-        let metrics = metrics.clone();
-        metrics.connections_open.fetch_add(1, Relaxed);
-        tokio::spawn(async move {
+        let open = Open::new(metrics.clone(), slot);
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 // A client that went away, or one cut off by a timeout: normal at an edge.
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            metrics.connections_open.fetch_sub(1, Relaxed);
-            drop(slot);
+            drop(open);
         });
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(DRAIN) => tracing::warn!("connections still open after the drain; closing them"),
+        _ = tokio::time::sleep(DRAIN) => {
+            tracing::warn!(open = conns.len(), "connections still open after the drain; closing them");
+        }
     }
+    // Dropping a connection's task closes its socket; its slot and gauge go with `drop`s below.
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
     Ok(())
+}
+
+/// One open connection: its slot and its count in the gauge, both given back when it ends, also
+/// when its task is aborted.
+struct Open {
+    metrics: Arc<HttpMetrics>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Open {
+    fn new(metrics: Arc<HttpMetrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics.connections_open.fetch_add(1, Relaxed);
+        Self { metrics, _slot: slot }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.connections_open.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Answers a connection over the cap with a `503` and closes it (bounded: a peer that does not
@@ -397,6 +436,22 @@ mod tests {
         let req = Request::builder().method("DELETE").uri("/ok").body(Body::empty()).expect("req");
         let (status, _, body) = send(&r, req).await;
         assert_eq!((status, body["error"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    }
+
+    #[tokio::test]
+    async fn a_bare_error_keeps_its_own_headers_as_json() {
+        let metrics = Arc::new(HttpMetrics::default());
+        let r = Router::new().route(
+            "/busy",
+            get(|| async { (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "7")], "slow down") }),
+        );
+        let r = harden(r, &EdgeConfig::default(), 1024, metrics);
+        let res = r.oneshot(get_req("/busy")).await.expect("infallible");
+        assert_eq!(res.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("7"));
+        assert!(is_json(&res));
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.expect("body");
+        let body: Value = serde_json::from_slice(&bytes).expect("JSON");
+        assert_eq!((body["error"].as_str(), body["message"].as_str()), (Some("overloaded"), Some("slow down")));
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@
 //! ([`OrdersCommand::Step`], or [`OrdersCommand::Finish`] with the outbox), and the commands the step
 //! produced (reserve, retry) are carried out only once it has committed. Two exceptions save Raft
 //! writes on the way to the `201`, both because a resumed saga would find the same again: a granted
-//! hold is not recorded on its own ([`saga::must_commit`]), and a charge goes out together with its
-//! step ([`saga::runs_before_commit`]). One proposal per
+//! hold is not recorded on its own ([`saga::must_commit`]), so on the happy path the charge goes out
+//! with nothing recorded since the place; and a charge that does come with a recorded step (a retry)
+//! goes out without waiting for its commit ([`saga::runs_before_commit`]). One proposal per
 //! order is in flight at a time; events that arrive meanwhile wait their turn, so the log holds an
 //! order's steps in the order they were taken. Cross-node calls run in their own tasks and come
 //! back as messages: the worker never waits on a peer or a majority.

@@ -68,7 +68,9 @@ pub struct OrderRecord {
     /// two groups' clocks. `hold_margin_ms` is no longer used (kept for the record's layout).
     pub hold_until_ms: u64,
     pub hold_margin_ms: u64,
-    /// A charge was requested at least once: cancelling now must refund (the charge may have landed).
+    /// A charge was requested at least once, as far as this record knows. Shown only: a cancel
+    /// refunds (or voids) whatever it says, since an unrecorded charge may have landed
+    /// (`must_commit`).
     pub charge_attempted: bool,
     pub last_wait: Option<String>,
     pub history: Vec<HistoryEntry>,
@@ -141,7 +143,8 @@ pub enum Command {
 /// same lines, total and charge (idempotent by order id on the payments side). A failover that loses
 /// the step therefore loses nothing, and not recording it saves one Raft write on the way to the
 /// `201` (two for an order over two shards). The only cancel a resumed `Reserving` order can then
-/// meet is a declined charge, which took nothing: no refund is owed that `charge_attempted` missed.
+/// meet is a declined charge, which took nothing; and should a hold ever end another way, every
+/// other cancel refunds (or voids) the charge whether or not the record shows one ([`outbox`]).
 pub fn must_commit(event: &Event) -> bool {
     !matches!(event, Event::Reserve { outcome: ReserveOutcome::Reserved { .. }, .. })
 }
@@ -351,11 +354,13 @@ pub fn outbox(o: &OrderRecord) -> Vec<(Dest, OutboxEvent)> {
             out
         }
         // Release on every shard, even one that never answered: its reservation may have landed.
-        // Refund if a charge was ever requested: it may have landed too (a no-op if it did not).
+        // Refund on every cancel but a decline: a charge may have landed that no record shows (it
+        // goes out before its step is recorded, see `must_commit`). With no charge, the refund
+        // voids the order on the ledger, so a stray charge arriving later is refused, not taken.
         OrderStatus::Cancelled => {
             let mut out: Vec<_> = inventory(OutboxEvent::ReleaseReservation { order_id: o.id }).collect();
             // (A declined order was never charged, and the ledger keeps it so.)
-            if o.charge_attempted && o.reason.as_deref() != Some("payment_declined") {
+            if o.reason.as_deref() != Some("payment_declined") {
                 out.push((Dest::Payments, OutboxEvent::RefundPayment { order_id: o.id }));
             }
             out
@@ -441,8 +446,11 @@ mod tests {
         assert_eq!(c, vec![Command::Finish]);
         assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some("out_of_stock")));
         let ob = outbox(&o);
-        assert_eq!(ob.len(), 2);
-        assert!(ob.iter().all(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })));
+        assert_eq!(ob.len(), 3);
+        assert_eq!(ob.iter().filter(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })).count(), 2);
+        // No charge is recorded, yet one may have landed unrecorded: refunded, or voided if none did.
+        assert!(!o.charge_attempted);
+        assert!(ob.iter().any(|(d, e)| *d == Dest::Payments && matches!(e, OutboxEvent::RefundPayment { .. })));
     }
 
     #[test]

@@ -169,12 +169,7 @@ impl Store {
             return Err(open_err("the path exists and is not a directory".into()));
         }
         std::fs::create_dir_all(&path).map_err(|e| open_err(e.to_string()))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(opts.cache_bytes)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| open_err(e.to_string()))?;
+        let db = open_sled(&path, opts.cache_bytes).map_err(|e| open_err(e.to_string()))?;
         let sync_file = match opts.durability {
             Durability::Fsync => Some(Arc::new(
                 File::open(path.join("db")).map_err(|e| open_err(format!("opening db file for fdatasync: {e}")))?,
@@ -459,6 +454,30 @@ fn complete_intent(db: &sled::Db) -> Result<usize, String> {
     }
     db.flush().map_err(|e| e.to_string())?;
     Ok(n)
+}
+
+/// How long [`Store::open`] waits for sled's file lock. A `Store` just dropped in this process (a
+/// capability restarted by its supervisor, a test reopening a store) releases the lock only once
+/// sled's own I/O threads let go of the file, a moment later; a lock still held after this is
+/// another process's, and is refused with sled's message.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match sled::Config::new().path(path).cache_capacity(cache_bytes).flush_every_ms(None).open() {
+            // sled 0.34 reports a held lock as an `Other` I/O error with this text (the
+            // `WouldBlock` is only inside the message): there is no type to match.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
@@ -749,6 +768,18 @@ mod tests {
         let second = Store::open(dir.path(), "orders", &StoreOptions::default());
         if let Err(e) = second {
             assert!(e.to_string().contains("orders store"), "{e}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_reopened_right_after_it_was_dropped_opens() {
+        // The reopen races sled's I/O threads for the file lock (a supervised restart does the
+        // same); it must wait for them, not fail. Flaky before the wait: one CI run in many.
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20u64 {
+            let s = Store::open(dir.path(), "cap", &StoreOptions::default()).expect("reopen right after a drop");
+            s.tree().insert(raw(i), vec![0u8; 64 * 1024]).unwrap();
+            s.sync().await.unwrap();
         }
     }
 

@@ -551,9 +551,11 @@ impl Cluster {
     /// preferred node, a follower whose leader just went): an election is under way. If this node
     /// has a replica of the group, the call waits for it to name the new leader (at most two
     /// election timeouts, never longer than `timeout`) and goes there; a hand-over costs a client
-    /// some milliseconds, not a 503. `NoLeader` (nothing sent, nothing recorded) when none came
-    /// in that time, at once when a majority of the group's replicas is down or this node has no
-    /// replica of the group.
+    /// some milliseconds, not a 503. If none came while a majority is up, the member that said "no
+    /// leader" is asked once more: a hand-over called off (its target did not catch up in time)
+    /// leaves the old leader leading in the same term. `NoLeader` (nothing sent, nothing recorded)
+    /// when that fails too, at once when a majority of the group's replicas is down or this node
+    /// has no replica of the group.
     pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(
         &self,
         cap: Capability,
@@ -576,6 +578,9 @@ impl Cluster {
             Some(Some(leader)) if leader != target => leader,
             Some(_) => match self.wait_for_new_leader(cap, shard, Some(&target), timeout).await {
                 Some(leader) => leader,
+                // No new leader came. The old one may have called its hand-over off (the target
+                // did not catch up in time) and lead on in the same term: ask it once more.
+                None if self.majority_up(cap, shard) => target.clone(),
                 None => return Err(no_leader(&target)),
             },
         };
@@ -587,6 +592,15 @@ impl Cluster {
             None => Ok(resp),
             Some(_) => Err(no_leader(&next)),
         }
+    }
+
+    /// Whether this node's replica of the group sees a majority of its replicas up (an election
+    /// can end, or a hand-over be called off); false without a local replica.
+    fn majority_up(&self, cap: Capability, shard: u32) -> bool {
+        self.inner
+            .raft
+            .get(crate::raft::GroupId { capability: cap, shard })
+            .is_some_and(|r| !matches!(r.health(self), crate::raft::ShardHealth::MajorityLost { .. }))
     }
 
     /// The leader this node's replica of the group names next (other than `old`); `None` at once

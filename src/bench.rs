@@ -128,7 +128,6 @@ fn cpu_time() -> Duration {
 struct Shared {
     hist: Mutex<Histogram<u64>>,
     confirmed: AtomicU64,
-    errors: AtomicU64,
     error_kinds: std::sync::Mutex<BTreeMap<String, u64>>,
     seq: AtomicU64,
 }
@@ -138,14 +137,12 @@ impl Shared {
         Arc::new(Shared {
             hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")),
             confirmed: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
             error_kinds: std::sync::Mutex::new(BTreeMap::new()),
             seq: AtomicU64::new(0),
         })
     }
 
     fn count_error(&self, kind: String) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut k) = self.error_kinds.lock() {
             *k.entry(kind).or_default() += 1;
         }
@@ -153,6 +150,10 @@ impl Shared {
 
     fn error_kinds(&self) -> BTreeMap<String, u64> {
         self.error_kinds.lock().map(|k| k.clone()).unwrap_or_default()
+    }
+
+    fn errors(&self) -> u64 {
+        self.error_kinds.lock().map(|k| k.values().sum()).unwrap_or_default()
     }
 }
 
@@ -229,11 +230,7 @@ async fn closed_loop(
         let n = shared.confirmed.load(Ordering::Relaxed);
         during(e, n);
         pb.set_position(e.as_millis() as u64);
-        pb.set_message(format!(
-            "{:.0} orders/s, {} errors",
-            n as f64 / e.as_secs_f64(),
-            shared.errors.load(Ordering::Relaxed)
-        ));
+        pb.set_message(format!("{:.0} orders/s, {} errors", n as f64 / e.as_secs_f64(), shared.errors()));
     }
     for t in tasks {
         let _ = t.await;
@@ -455,13 +452,13 @@ async fn bench_one(
         p90_ms: ms(&h, 0.9),
         p99_ms: ms(&h, 0.99),
         p999_ms: ms(&h, 0.999),
-        errors: closed.errors.load(Ordering::Relaxed),
+        errors: closed.errors(),
         confirmed,
         open_loop_rate: rate,
         p50_ms_at_70pct: ms(&ho, 0.5),
         p99_ms_at_70pct: ms(&ho, 0.99),
         p999_ms_at_70pct: ms(&ho, 0.999),
-        errors_at_70pct: open.errors.load(Ordering::Relaxed),
+        errors_at_70pct: open.errors(),
         error_kinds: closed.error_kinds(),
         error_kinds_at_70pct: open.error_kinds(),
         loadgen_cpu_pct,

@@ -77,14 +77,20 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
         .await
         .expect("write the head");
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (in_body, body_begun) = tokio::sync::oneshot::channel();
     let trickle = {
         let answered = answered.clone();
         tokio::spawn(async move {
-            // Stops once the answer is in: writing on into a closed socket could reset it.
+            let mut in_body = Some(in_body);
+            // The pause is the slow client under test. It stops once the answer is in: writing on
+            // into a closed socket could reset it.
             while !answered.load(std::sync::atomic::Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 if to_server.write_all(b" ").await.is_err() {
                     break;
+                }
+                if let Some(tx) = in_body.take() {
+                    let _ = tx.send(());
                 }
             }
             to_server
@@ -109,9 +115,9 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
             String::from_utf8_lossy(&got).into_owned()
         })
     };
-    // Meanwhile (the slow request well into its body) n1 takes an order: the slow body holds no
+    // Meanwhile (once the slow request is into its body) n1 takes an order: the slow body holds no
     // permit, and n1 allows one order at a time.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    body_begun.await.expect("the trickle wrote into the body");
     let r = tc.order(0, None, "edge-1", 1, "tok_ok").await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(!answered.load(std::sync::atomic::Ordering::Relaxed), "the slow request was answered early");
@@ -125,6 +131,7 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
     let started = Instant::now();
     slow_head.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("write");
     let dribble = tokio::spawn(async move {
+        // The pause is the slow client under test.
         for b in b"host: n1\r\nx-slow: yes\r\n".iter() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             if slow_head.write_all(&[*b]).await.is_err() {

@@ -568,8 +568,8 @@ impl Cluster {
         let target = match self.leader_of(cap, shard) {
             Some(target) => target,
             None => match self.wait_for_new_leader(cap, shard, None, timeout).await {
-                Some(target) => target,
-                None => return Err(no_leader(self.name())),
+                NextLeader::Named(target) => target,
+                NextLeader::NoneYet | NextLeader::Hopeless => return Err(no_leader(self.name())),
             },
         };
         let resp: Resp = self.call_with_timeout(cap, &target, req, traceparent, timeout).await?;
@@ -577,11 +577,11 @@ impl Cluster {
             None => return Ok(resp),
             Some(Some(leader)) if leader != target => leader,
             Some(_) => match self.wait_for_new_leader(cap, shard, Some(&target), timeout).await {
-                Some(leader) => leader,
-                // No new leader came. The old one may have called its hand-over off (the target
-                // did not catch up in time) and lead on in the same term: ask it once more.
-                None if self.majority_up(cap, shard) => target.clone(),
-                None => return Err(no_leader(&target)),
+                NextLeader::Named(leader) => leader,
+                // The old leader may have called its hand-over off (the target did not catch up
+                // in time) and lead on in the same term: ask it once more.
+                NextLeader::NoneYet => target.clone(),
+                NextLeader::Hopeless => return Err(no_leader(&target)),
             },
         };
         if let Ok(mut h) = self.inner.leader_hints.write() {
@@ -594,32 +594,36 @@ impl Cluster {
         }
     }
 
-    /// Whether this node's replica of the group sees a majority of its replicas up (an election
-    /// can end, or a hand-over be called off); false without a local replica.
-    fn majority_up(&self, cap: Capability, shard: u32) -> bool {
-        self.inner
-            .raft
-            .get(crate::raft::GroupId { capability: cap, shard })
-            .is_some_and(|r| !matches!(r.health(self), crate::raft::ShardHealth::MajorityLost { .. }))
-    }
-
-    /// The leader this node's replica of the group names next (other than `old`); `None` at once
-    /// when this node has no replica of it or a majority of its replicas is down (no election
-    /// can end), else after the bound.
+    /// The leader this node's replica of the group names next (other than `old`), waiting at most
+    /// two election timeouts (never longer than `timeout`).
     async fn wait_for_new_leader(
         &self,
         cap: Capability,
         shard: u32,
         old: Option<&str>,
         timeout: Duration,
-    ) -> Option<String> {
-        let replica = self.inner.raft.get(crate::raft::GroupId { capability: cap, shard })?;
+    ) -> NextLeader {
+        let Some(replica) = self.inner.raft.get(crate::raft::GroupId { capability: cap, shard }) else {
+            return NextLeader::Hopeless;
+        };
         if let crate::raft::ShardHealth::MajorityLost { .. } = replica.health(self) {
-            return None;
+            return NextLeader::Hopeless;
         }
         let bound = Duration::from_millis(2 * self.config().timing.election_timeout_ms).min(timeout);
-        replica.wait_for_new_leader(old, bound).await
+        match replica.wait_for_new_leader(old, bound).await {
+            Some(leader) => NextLeader::Named(leader),
+            None => NextLeader::NoneYet,
+        }
     }
+}
+
+/// What waiting for a group's next leader found.
+enum NextLeader {
+    Named(String),
+    /// None within the bound, with a majority up: an election or a hand-over may still end.
+    NoneYet,
+    /// No local replica to ask, or a majority of the group's replicas is down: no election can end.
+    Hopeless,
 }
 
 /// A replicated capability's reply type says when it was answered by a replica that does not

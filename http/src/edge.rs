@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -370,14 +370,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
     }
 }
 
-/// The request id a response carries, for logs and tests.
-pub fn request_id(res: &Response) -> Option<&HeaderValue> {
-    res.headers().get("x-request-id")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
     use axum::routing::{get, post};
     use serde_json::Value;
 
@@ -399,6 +395,10 @@ mod tests {
             .route("/query", get(|_: axum::extract::Query<Q>| async {}))
             .route("/body", post(|b: axum::body::Bytes| async move { b.len().to_string() }));
         (harden(r, &edge, 1024, metrics.clone()), metrics)
+    }
+
+    fn request_id(res: &Response) -> Option<&HeaderValue> {
+        res.headers().get("x-request-id")
     }
 
     async fn send(r: &Router, req: Request) -> (StatusCode, Option<HeaderValue>, Value) {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -168,6 +168,12 @@ pub async fn json_errors(State(metrics): State<Arc<HttpMetrics>>, req: Request, 
             metrics.internal_errors.fetch_add(1, Relaxed);
         }
         _ => {}
+    }
+    let mut res = res;
+    if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
+        // Answered with the body (partly) unread: the connection cannot carry another request,
+        // and hyper closes it. Say so, or a client's pool reuses it and its next request fails.
+        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if !(status.is_client_error() || status.is_server_error()) || is_json(&res) {
         return res;
@@ -373,7 +379,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
     use axum::routing::{get, post};
     use serde_json::Value;
 
@@ -479,8 +484,12 @@ mod tests {
             .header("content-length", "4096")
             .body(unreadable)
             .expect("req");
-        let (status, _, body) = send(&r, req).await;
-        assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")), "{body}");
+        let res = r.clone().oneshot(req).await.expect("infallible");
+        // The unread body leaves the connection unusable: the client is told not to reuse it.
+        assert_eq!(res.headers().get(header::CONNECTION).and_then(|v| v.to_str().ok()), Some("close"));
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.expect("body");
+        let body: Value = serde_json::from_slice(&bytes).expect("JSON");
+        assert_eq!(body["error"], "too_large", "{body}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{Capability, Timing};
+use bulkhead_cluster::{Capability, RateLimit, Timing};
+use bulkhead_launch::{authorized, LocalSecrets};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -326,14 +327,17 @@ async fn bench_one(
     for p in map.0.values_mut() {
         p.replicas = Some(replicas);
     }
-    let cookie = format!("{:032x}", rand::random::<u128>());
+    let secrets = LocalSecrets::ensure(&dir)?;
     let mut timing = Timing::default();
     if let Some(ms) = opts.raft_heartbeat_ms {
         timing.raft_heartbeat_ms = ms;
     }
-    let mut configs = cluster_configs(&names, map, &dir, &cookie, &ports, timing, false);
+    let mut configs = cluster_configs(&names, map, &dir, &secrets, &ports, timing, false);
     for c in configs.iter_mut() {
         c.durability = opts.durability;
+        // The benchmark measures the cluster, not the limiter: one client address and one token
+        // carry the whole load here.
+        c.rate_limit = RateLimit { per_address: 1_000_000, per_token: 1_000_000 };
     }
     let mut lc = LocalCluster::launch_configs(exe, &dir, configs)?;
     let _ =
@@ -346,12 +350,13 @@ async fn bench_one(
     // (a client would not keep using a dead node's address).
     let urls: Vec<String> =
         (0..fronts).filter(|i| !(opts.kill_shipping && Some(*i) == shipping && n > 1)).map(|i| lc.url(i)).collect();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(opts.concurrency * 2)
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = authorized(
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(opts.concurrency * 2)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30)),
+        &secrets.admin_token()?,
+    )?;
     for s in 0..BENCH_SKUS {
         let r = client
             .put(format!("{}/v1/inventory/bench-{s}", urls[0]))
@@ -646,9 +651,9 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     }
     let p = free_ports(2 * names.len())?;
     let ports: Vec<Ports> = (0..names.len()).map(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] }).collect();
-    let cookie = format!("{:032x}", rand::random::<u128>());
+    let secrets = LocalSecrets::ensure(&dir)?;
     let shards = map.shards(Capability::Orders);
-    let configs = cluster_configs(&names, map, &dir, &cookie, &ports, Timing::default(), true);
+    let configs = cluster_configs(&names, map, &dir, &secrets, &ports, Timing::default(), true);
     let replicas = shards.first().map_or(1, |s| s.replicas.len()) as u32;
 
     let _ = writeln!(
@@ -706,7 +711,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     let store_bytes: u64 =
         shards.iter().map(|s| dir_bytes(&configs[0].data_dir.join(format!("orders-{}", s.shard)))).sum();
 
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let client = authorized(reqwest::Client::builder().timeout(Duration::from_secs(10)), &secrets.admin_token()?)?;
     let started = Instant::now();
     let mut lc = LocalCluster::launch_configs(&exe, &dir, configs)?;
     let url = lc.url(0);
@@ -733,7 +738,11 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     // make the orders worker panic, time until the orders API answers again.
     let id = last_id.map(|i| i.to_string()).unwrap_or_default();
     let t = Instant::now();
-    let _ = client.post(format!("{url}/admin/panic/orders")).send().await;
+    let _ = client
+        .post(format!("{url}/admin/panic/orders"))
+        .json(&serde_json::json!({"reason": "bench restart"}))
+        .send()
+        .await;
     loop {
         if let Ok(r) = client.get(format!("{url}/v1/orders/{id}")).send().await {
             if r.status().as_u16() == 200 {

@@ -70,6 +70,8 @@ pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> Result<(), String> {
     }
     let base = lc.url(0);
     let (n2, n3) = (lc.url(1), lc.url(2));
+    let (client_token, admin_token) =
+        (lc.secrets().client_token_file.display().to_string(), lc.secrets().admin_token_file.display().to_string());
     say(
         out,
         format!(
@@ -81,23 +83,30 @@ Bulkhead is up: 3 node processes on 127.0.0.1 ({seeded} SKUs seeded, {DEMO_STOCK
   n3  {n3}   leads orders/1, shipping, notifications     pid {}
   (every shard has a replica on each node: kill any one node and its shards fail over)
 
-Dashboard: {base}/
+API tokens (mode 0600): client {client_token}
+                       admin  {admin_token}
+Dashboard: {base}/  (paste the admin token into its token field)
 
 Try:
+  CLIENT="Authorization: Bearer $(cat {client_token})"
+  ADMIN="Authorization: Bearer $(cat {admin_token})"
   # place an order (201 confirmed); the same Idempotency-Key replays the same order
-  curl -si -X POST {base}/v1/orders -H 'content-type: application/json' -H 'Idempotency-Key: demo-1' \
+  curl -si -X POST {base}/v1/orders -H "$CLIENT" -H 'content-type: application/json' -H 'Idempotency-Key: demo-1' \
        -d '{{"customer_id":"c1","items":[{{"sku":"widget-1","quantity":2}}],"payment_token":"tok_ok"}}'
   # read it back from another node, and see its shipment
-  curl -s {n2}/v1/orders/ORDER_ID
-  curl -s {base}/v1/shipments?order_id=ORDER_ID
+  curl -s -H "$CLIENT" {n2}/v1/orders/ORDER_ID
+  curl -s -H "$CLIENT" {base}/v1/shipments?order_id=ORDER_ID
   # a declined card: 402, and the stock is released
-  curl -si -X POST {base}/v1/orders -H 'content-type: application/json' \
+  curl -si -X POST {base}/v1/orders -H "$CLIENT" -H 'content-type: application/json' \
        -d '{{"customer_id":"c2","items":[{{"sku":"widget-2","quantity":1}}],"payment_token":"tok_decline"}}'
-  curl -s {base}/v1/inventory/widget-2
+  curl -s -H "$CLIENT" {base}/v1/inventory/widget-2
   # a customer's orders, newest first
-  curl -s '{base}/v1/orders?customer_id=c1'
-  # who is up, and each shard's leader, term, replicas and lag
-  curl -s {base}/v1/cluster
+  curl -s -H "$CLIENT" '{base}/v1/orders?customer_id=c1'
+  # setting stock takes the admin token (the client token gets 403, no token 401)
+  curl -si -X PUT {base}/v1/inventory/widget-3 -H "$ADMIN" -H 'content-type: application/json' \
+       -d '{{"available":500,"price_cents":1099}}'
+  # who is up, and each shard's leader, term, replicas and lag (admin)
+  curl -s -H "$ADMIN" {base}/v1/cluster
 
 Press Ctrl-C to stop all three nodes."#,
             lc.pid(0).unwrap_or(0),

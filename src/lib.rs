@@ -1,10 +1,11 @@
 //! The `bulkhead` binary's pieces: running one node ([`node`]), the demo ([`demo`]: a local
 //! three-node cluster of real processes on the [`topology`] the docs describe, launched with the
-//! `bulkhead-launch` crate), and benchmarking local clusters ([`bench`]). `main.rs` only parses
-//! arguments and calls these.
+//! `bulkhead-launch` crate), benchmarking local clusters ([`bench`]), and making API tokens and
+//! cluster certificates ([`keys`]). `main.rs` only parses arguments and calls these.
 
 pub mod bench;
 pub mod demo;
+pub mod keys;
 pub mod node;
 
 pub use bulkhead_launch::topology;

@@ -25,6 +25,16 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make the API token files `client.token` and `admin.token` in DIR (mode 0600), or rotate one.
+    Tokens {
+        dir: PathBuf,
+        /// Put a new token first in this scope's file, keeping the previous one for the changeover.
+        #[arg(long, value_enum, conflicts_with = "retire")]
+        rotate: Option<bulkhead::keys::TokenScope>,
+        /// Drop every token of this scope's file but the first (newest).
+        #[arg(long, value_enum)]
+        retire: Option<bulkhead::keys::TokenScope>,
+    },
     /// Start a local 3-node cluster on 127.0.0.1 with a seeded catalog; Ctrl-C stops it.
     Demo {
         #[arg(long, default_value = "./bulkhead-data")]
@@ -121,6 +131,15 @@ async fn main() -> ExitCode {
                 Ok(cfg) => bulkhead::node::replace(cfg).await,
                 Err(e) => Err(e),
             }
+        }
+        Cmd::Tokens { dir, rotate, retire } => {
+            use bulkhead::keys::TokenAction;
+            let action = match (rotate, retire) {
+                (Some(s), _) => TokenAction::Rotate(s),
+                (None, Some(s)) => TokenAction::Retire(s),
+                (None, None) => TokenAction::Init,
+            };
+            bulkhead::keys::tokens(&dir, action, &mut std::io::stdout())
         }
         Cmd::Demo { data_dir, http_port, cluster_port, fault_injection } => {
             let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port, fault_injection };

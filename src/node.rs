@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use bulkhead_actors::start_capabilities;
-use bulkhead_cluster::{Cluster, NodeConfig};
+use bulkhead_cluster::{AuthMode, Cluster, NodeConfig};
+use bulkhead_http::auth::Guard;
 use bulkhead_http::{AppState, HttpFront, HttpMetrics};
 use bulkhead_storage::StoreOptions;
 use ractor::Actor;
@@ -58,10 +59,21 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     let cluster = Cluster::start(cfg.clone()).await?;
     let opts = StoreOptions { durability: cfg.durability, ..StoreOptions::default() };
     let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection).await;
+    let metrics = Arc::new(HttpMetrics::default());
+    if cfg.auth == AuthMode::Off {
+        tracing::warn!("auth = \"off\": anyone who reaches {} may do anything an admin may", cfg.http_listen);
+    }
+    // Fail closed: auth on with no tokens read would otherwise let everyone in.
+    let tokens = match (cfg.auth, &cfg.tokens) {
+        (AuthMode::Off, _) => None,
+        (AuthMode::Tokens, Some(t)) => Some(t.clone()),
+        (AuthMode::Tokens, None) => return Err("auth is on but no API tokens were read from the token files".into()),
+    };
     let state = AppState {
         cluster: cluster.clone(),
         fault_injection: cfg.fault_injection,
-        metrics: Arc::new(HttpMetrics::default()),
+        guard: Arc::new(Guard::new(tokens, cfg.rate_limit, metrics.clone())),
+        metrics,
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
         edge: bulkhead_http::edge::EdgeConfig::from(&cfg.http),
     };

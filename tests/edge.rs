@@ -70,12 +70,13 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
 
     // A body one byte every 300 ms: 408 at the request timeout, JSON.
     let (mut from_server, mut to_server) = connect(&tc, 0).await.into_split();
-    to_server
-        .write_all(
-            b"POST /v1/orders HTTP/1.1\r\nhost: n1\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{",
-        )
-        .await
-        .expect("write the head");
+    // With a valid token: the guard lets it through to the body's wait (without one it is a 401
+    // at once, body unread).
+    let token = tc.lc.secrets().client_token().expect("client token");
+    let head = format!(
+        "POST /v1/orders HTTP/1.1\r\nhost: n1\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{{"
+    );
+    to_server.write_all(head.as_bytes()).await.expect("write the head");
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (in_body, body_begun) = tokio::sync::oneshot::channel();
     let trickle = {

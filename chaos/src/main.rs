@@ -31,6 +31,9 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// With --nodes: the file holding the cluster's admin token (mode 0600).
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
     },
 }
 
@@ -53,7 +56,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Cmd::Run { scenario, report_dir, bulkhead, nodes, quiet } = Cli::parse().cmd;
+    let Cmd::Run { scenario, report_dir, bulkhead, nodes, quiet, admin_token_file } = Cli::parse().cmd;
     let nodes = match parse_nodes(&nodes) {
         Ok(n) => n,
         Err(e) => {
@@ -68,7 +71,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let opts = RunOptions { scenario, report_dir: report_dir.clone(), bulkhead, nodes, progress: !quiet };
+    let opts =
+        RunOptions { scenario, report_dir: report_dir.clone(), bulkhead, nodes, progress: !quiet, admin_token_file };
     // Ctrl-C or SIGTERM drops the run, and with it the local cluster (its nodes are killed).
     let outcome = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

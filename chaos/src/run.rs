@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub nodes: Vec<RemoteNode>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// The admin token of an attached cluster (a launched one has its own).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Finds the node binary: `--bulkhead`, `$BULKHEAD_BIN`, or next to this executable (or one
@@ -56,11 +58,6 @@ pub async fn run(opts: RunOptions) -> Result<Report, String> {
     }
     std::fs::create_dir_all(&opts.report_dir)
         .map_err(|e| format!("cannot create {}: {e}", opts.report_dir.display()))?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-
     let pb = if opts.progress { ProgressBar::new(100) } else { ProgressBar::hidden() };
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{wide_bar}] {pos:>3}% {msg}")
@@ -76,6 +73,18 @@ pub async fn run(opts: RunOptions) -> Result<Report, String> {
         Target::launch_local(&exe, &data, sc.cluster.timing.clone().unwrap_or_default(), sc.cluster.durability)?
     } else {
         Target::remote(&sc.cluster)
+    };
+    // The tool acts as the operator (it sets stock, reads /v1/cluster, injects faults): admin token.
+    let token = match (&target, &opts.admin_token_file) {
+        (Target::Local { lc, .. }, _) => Some(lc.secrets().admin_token()?),
+        (Target::Remote { .. }, Some(file)) => Some(bulkhead_cluster::secret::read_secret(file, "--admin-token-file")?),
+        // A cluster with auth = "off" needs none; one with auth on answers 401, which the run reports.
+        (Target::Remote { .. }, None) => None,
+    };
+    let builder = reqwest::Client::builder().pool_max_idle_per_host(256);
+    let http = match token {
+        Some(t) => bulkhead_launch::authorized(builder, &t)?,
+        None => builder.build().map_err(|e| format!("cannot build an HTTP client: {e}"))?,
     };
     let result = run_on(&sc, &mut target, &http, &pb, &opts.report_dir).await;
     pb.finish_and_clear();

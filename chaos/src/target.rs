@@ -243,6 +243,8 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value
 async fn admin(http: &reqwest::Client, base: &str, method: reqwest::Method, path: &str) -> Result<(), String> {
     let r = http
         .request(method, format!("{base}{path}"))
+        // Admin actions take a JSON body (a cross-site form cannot send one).
+        .json(&serde_json::json!({"reason": "bulkhead-chaos"}))
         .timeout(Duration::from_secs(3))
         .send()
         .await
@@ -250,6 +252,9 @@ async fn admin(http: &reqwest::Client, base: &str, method: reqwest::Method, path
     match r.status().as_u16() {
         200..=299 => Ok(()),
         404 => Err(format!("{base}{path}: 404 — is the node running with fault_injection = true?")),
+        401 | 403 => {
+            Err(format!("{base}{path}: HTTP {} — pass the cluster's admin token with --admin-token-file", r.status()))
+        }
         s => Err(format!("{base}{path}: HTTP {s}")),
     }
 }

@@ -354,6 +354,45 @@ impl HttpEdge {
     }
 }
 
+/// `auth`: whether the HTTP API asks for a token. On unless a config says `auth = "off"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every request but the probes, the spec and the dashboard's page needs `Authorization: Bearer`.
+    #[default]
+    Tokens,
+    /// No token asked for: anyone who reaches the port is admin. Only for a private test bench.
+    Off,
+}
+
+/// `tls`: how cluster links are protected. Mutual TLS unless a config says `tls = "off"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS 1.3 both ways, each side showing a certificate from the cluster CA that names its node.
+    #[default]
+    Mutual,
+    /// Plain TCP: anyone on the path reads and alters every message. Only on a trusted private link.
+    Off,
+}
+
+/// `[rate_limit]`: requests per second the API takes, per client address (every request, before
+/// its token is looked at) and per token; a burst of one second's worth. Past either: `429`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_address: u32,
+    pub per_token: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        // Above what one 2-core node serves (about 600 orders/s plus reads), so the limit binds
+        // on a misbehaving client, not on a healthy load balancer or benchmark.
+        Self { per_address: 2_000, per_token: 5_000 }
+    }
+}
+
 /// One node's configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -394,6 +433,30 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub http: HttpEdge,
+    /// `tokens` (default) or `off`.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Files holding the `client` and the `admin` API token (mode 0600; relative to the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// `mutual` (default) or `off`.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// The cluster CA's certificate, this node's certificate (naming this node) and its private
+    /// key (mode 0600), PEM; relative to the config. Made by `bulkhead certs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The API tokens read from the token files by [`NodeConfig::load`] (never written back).
+    #[serde(skip)]
+    pub tokens: Option<ApiTokens>,
     /// The shard map: `[capabilities.inventory] nodes = ["n1", "n2"]`.
     pub capabilities: ShardMap,
 }
@@ -407,24 +470,67 @@ impl NodeConfig {
         if cfg.cookie.is_some() && cfg.cookie_file.is_some() {
             return Err(format!("invalid config {}: give `cookie` or `cookie_file`, not both", path.display()));
         }
-        if let Some(file) = &cfg.cookie_file {
-            let file =
-                if file.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file) } else { file.clone() };
-            let cookie = std::fs::read_to_string(&file)
-                .map_err(|e| format!("cannot read cookie_file {}: {e}", file.display()))?;
-            cfg.cookie = Some(cookie.trim().to_string());
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for file in [
+            &mut cfg.cookie_file,
+            &mut cfg.client_token_file,
+            &mut cfg.admin_token_file,
+            &mut cfg.tls_ca_file,
+            &mut cfg.tls_cert_file,
+            &mut cfg.tls_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if file.is_relative() {
+                *file = dir.join(&*file);
+            }
         }
         cfg.validate().map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+        cfg.read_secrets().map_err(|e| format!("invalid config {}: {e}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// Reads the cookie and token files named by a validated config, each refused unless only its
+    /// owner may read it.
+    pub fn read_secrets(&mut self) -> Result<(), String> {
+        if let Some(file) = &self.cookie_file {
+            self.cookie = Some(crate::secret::read_secret(file, "cookie_file")?);
+        }
+        if let (AuthMode::Tokens, Some(client), Some(admin)) =
+            (self.auth, &self.client_token_file, &self.admin_token_file)
+        {
+            self.tokens = Some(ApiTokens::new(
+                crate::secret::read_secret(client, "client_token_file")?,
+                crate::secret::read_secret(admin, "admin_token_file")?,
+            )?);
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(format!("name `{}` must be non-empty ASCII letters, digits, - or _", self.name));
         }
-        match &self.cookie {
-            Some(c) if !c.is_empty() => {}
+        match (&self.cookie, &self.cookie_file) {
+            (Some(c), _) if !c.is_empty() => {}
+            (None, Some(_)) => {}
             _ => return Err("give a non-empty `cookie` or a `cookie_file`".into()),
+        }
+        if self.auth == AuthMode::Tokens && (self.client_token_file.is_none() || self.admin_token_file.is_none()) {
+            return Err("auth is on: give client_token_file and admin_token_file (`bulkhead tokens`), \
+                        or say auth = \"off\" to serve the API to anyone who reaches it"
+                .into());
+        }
+        if self.tls == TlsMode::Mutual
+            && (self.tls_ca_file.is_none() || self.tls_cert_file.is_none() || self.tls_key_file.is_none())
+        {
+            return Err("tls is on: give tls_ca_file, tls_cert_file and tls_key_file (`bulkhead certs`), \
+                        or say tls = \"off\" to run cluster links in plain TCP"
+                .into());
+        }
+        if self.rate_limit.per_address == 0 || self.rate_limit.per_token == 0 {
+            return Err("rate_limit: per_address and per_token must be > 0".into());
         }
         if self.cluster_advertise.is_none() && self.cluster_listen.ip().is_unspecified() {
             return Err(format!(
@@ -493,6 +599,50 @@ impl NodeConfig {
     }
 }
 
+/// The API tokens of the two scopes. A token file may hold several tokens, one per line (a new
+/// and an old one while rotating); any of them is accepted. `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiTokens {
+    pub client: Vec<String>,
+    pub admin: Vec<String>,
+}
+
+impl ApiTokens {
+    /// Shortest token accepted: 128 bits as hex. `bulkhead tokens` makes 256.
+    pub const MIN_LEN: usize = 32;
+
+    /// From the token files' contents: one token per non-empty line.
+    pub fn new(client: String, admin: String) -> Result<Self, String> {
+        let lines = |what: &str, text: &str| -> Result<Vec<String>, String> {
+            let tokens: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+            if tokens.is_empty() {
+                return Err(format!("the {what} token file holds no token"));
+            }
+            if let Some(bad) =
+                tokens.iter().find(|t| t.len() < Self::MIN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(format!(
+                    "a {what} token of {} characters is refused: each must be at least {} printable characters without spaces (`bulkhead tokens` makes them)",
+                    bad.len(),
+                    Self::MIN_LEN
+                ));
+            }
+            Ok(tokens)
+        };
+        let (client, admin) = (lines("client", &client)?, lines("admin", &admin)?);
+        if client.iter().any(|c| admin.contains(c)) {
+            return Err("a token is in both the client and the admin file: a client could do what an admin does".into());
+        }
+        Ok(Self { client, admin })
+    }
+}
+
+impl fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiTokens { .. }")
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -508,6 +658,15 @@ mod tests {
             cfg.cookie = Some("c".into());
             cfg.cookie_file = None;
             cfg.validate().unwrap();
+            assert_eq!(cfg.auth, AuthMode::Tokens);
+            assert_eq!(cfg.rate_limit, RateLimit::default());
+            assert_eq!(cfg.tls, TlsMode::Mutual);
+            let mut open = cfg.clone();
+            open.admin_token_file = None;
+            assert!(open.validate().unwrap_err().contains("auth = \"off\""));
+            open.tls_key_file = None;
+            open.auth = AuthMode::Off;
+            assert!(open.validate().unwrap_err().contains("tls = \"off\""));
             assert_eq!(cfg.limits, Limits::default());
             assert_eq!(cfg.timing, Timing::default());
             cfg.limits.orders_in_flight = 0;
@@ -538,6 +697,8 @@ seeds = ["127.0.0.1:7102"]
 cookie = "secret"
 data_dir = "/tmp/x"
 http_listen = "127.0.0.1:8080"
+auth = "off"
+tls = "off"
 
 [capabilities.orders]
 nodes = ["n1"]
@@ -551,6 +712,17 @@ nodes = ["n3"]
 [capabilities.notifications]
 nodes = ["n3"]
 "#;
+
+    #[test]
+    fn token_files_are_one_token_a_line_long_enough_and_never_in_both_scopes() {
+        let (a, b, c) = ("a".repeat(32), "b".repeat(40), "c".repeat(32));
+        let t = ApiTokens::new(format!("{a}\n\n {c} \n"), b.clone()).unwrap();
+        assert_eq!(t.client, vec![a.clone(), c.clone()]);
+        assert_eq!(format!("{t:?}"), "ApiTokens { .. }", "Debug shows no token");
+        assert!(ApiTokens::new("short".into(), b.clone()).unwrap_err().contains("at least 32"));
+        assert!(ApiTokens::new(format!("{a}\n"), format!("{b}\n{a}")).unwrap_err().contains("both"));
+        assert!(ApiTokens::new("\n".into(), b).unwrap_err().contains("no token"));
+    }
 
     #[test]
     fn parses_and_derives_hosted_capabilities() {

@@ -27,11 +27,12 @@ pub mod link;
 pub mod membership;
 pub mod node;
 pub mod raft;
+pub mod secret;
 pub mod wire;
 
 pub use breaker::BreakerState;
 pub use call::CallError;
-pub use config::{Capability, HttpEdge, Limits, NodeConfig, ShardMap, Timing};
+pub use config::{ApiTokens, AuthMode, Capability, HttpEdge, Limits, NodeConfig, RateLimit, ShardMap, Timing, TlsMode};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster, LeaderReply};

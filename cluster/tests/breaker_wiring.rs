@@ -51,6 +51,9 @@ fn config(dir: &std::path::Path) -> NodeConfig {
 name = "a"
 cluster_listen = "127.0.0.1:{port}"
 cookie = "test"
+# One node, no peers, no HTTP: nothing here crosses a network.
+auth = "off"
+tls = "off"
 data_dir = "{}"
 http_listen = "127.0.0.1:0"
 [capabilities.orders]

@@ -551,12 +551,34 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     }
 }
 
+/// The body every admin action takes: a JSON object (`{}` will do; a `"reason"` string is logged).
+/// Insisting on `Content-Type: application/json` is what keeps a cross-site form or a plain
+/// `<img>`/`fetch` without preflight from reaching an admin action (see [`crate::auth`]).
+fn admin_body(headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
+    require_json(headers)?;
+    let v = parse_json(&body_bytes(body)?)?;
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::bad_request("the body must be a JSON object, e.g. {} or {\"reason\": \"...\"}"));
+    };
+    match obj.get("reason") {
+        None => Ok(String::new()),
+        Some(Value::String(r)) if r.len() <= 256 => Ok(r.clone()),
+        Some(_) => Err(ApiError::bad_request("`reason` must be a string of at most 256 bytes")),
+    }
+}
+
 /// `POST /admin/panic/{capability}`: makes this node's worker of that capability panic. Exists only
 /// when the node was started with `fault_injection = true`.
-pub async fn inject_panic(State(st): State<AppState>, Path(cap): Path<String>) -> Result<Response, ApiError> {
+pub async fn inject_panic(
+    State(st): State<AppState>,
+    Path(cap): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     if !st.fault_injection {
         return Err(ApiError::not_found("fault injection is not enabled on this node"));
     }
+    let reason = admin_body(&headers, body)?;
     let cap: Capability = cap.parse().map_err(ApiError::bad_request)?;
     if !st.cluster.config().hosted().contains(&cap) {
         return Err(ApiError::not_found(format!("this node does not host {cap}")));
@@ -587,26 +609,27 @@ pub async fn inject_panic(State(st): State<AppState>, Path(cap): Path<String>) -
             .await
             .map(|_| ()),
     };
-    tracing::warn!(capability = %cap, ?result, "fault injected: worker panic");
+    tracing::warn!(capability = %cap, ?result, %reason, "fault injected: worker panic");
     Ok((StatusCode::ACCEPTED, Json(json!({"injected": "panic", "capability": cap, "node": node}))).into_response())
 }
 
 /// `POST /admin/partition`: cuts every cluster link of this node silently (see `cluster::link`);
 /// `DELETE /admin/partition` heals them. HTTP stays up. Exists only with `fault_injection = true`.
-pub async fn partition(State(st): State<AppState>) -> Result<Response, ApiError> {
-    set_partition(&st, true)
+pub async fn partition(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    set_partition(&st, true, &headers, body)
 }
 
-pub async fn heal_partition(State(st): State<AppState>) -> Result<Response, ApiError> {
-    set_partition(&st, false)
+pub async fn heal_partition(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    set_partition(&st, false, &headers, body)
 }
 
-fn set_partition(st: &AppState, cut: bool) -> Result<Response, ApiError> {
+fn set_partition(st: &AppState, cut: bool, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     if !st.fault_injection {
         return Err(ApiError::not_found("fault injection is not enabled on this node"));
     }
+    let reason = admin_body(headers, body)?;
     st.cluster.link_faults().set_cut(cut);
-    tracing::warn!(cut, "fault injected: cluster links {}", if cut { "cut" } else { "healed" });
+    tracing::warn!(cut, %reason, "fault injected: cluster links {}", if cut { "cut" } else { "healed" });
     let node = st.cluster.name();
     Ok((StatusCode::ACCEPTED, Json(json!({"injected": "partition", "cut": cut, "node": node}))).into_response())
 }

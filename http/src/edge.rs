@@ -239,7 +239,10 @@ pub async fn serve(
         let io = TokioIo::new(IdleTimeout::new(stream, edge.idle_timeout));
         let router = router.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            router.clone().oneshot(req.map(Body::new))
+            let mut req = req.map(Body::new);
+            // The rate limit keys on the client's address ([`crate::auth`]).
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            router.clone().oneshot(req)
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())

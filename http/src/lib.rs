@@ -6,11 +6,13 @@
 //! server and stops it gracefully when it stops.
 //!
 //! - [`api`]: the handlers; [`validate`]: strict body checks; [`error`]: the one error type.
+//! - [`auth`]: API tokens (client and admin scopes) and the rate limits per address and token.
 //! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
 //!   errors, panics).
 //! - [`metrics`]: `/metrics` in Prometheus text; `/openapi.json` and the dashboard at `/` are static.
 
 pub mod api;
+pub mod auth;
 pub mod edge;
 pub mod error;
 pub mod metrics;
@@ -46,6 +48,10 @@ pub struct HttpMetrics {
     /// Requests answered `408` (`[http] request_timeout_ms`), and `500`s (a handler panicked).
     pub request_timeouts: AtomicU64,
     pub internal_errors: AtomicU64,
+    /// Requests refused `401` (no or unknown token), `403` (too small a scope), `429` (a rate limit).
+    pub unauthenticated: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub rate_limited: AtomicU64,
 }
 
 /// What the handlers need.
@@ -58,6 +64,8 @@ pub struct AppState {
     pub orders_in_flight: Arc<tokio::sync::Semaphore>,
     /// The edge's bounds (`[http]`).
     pub edge: edge::EdgeConfig,
+    /// Tokens and rate limits ([`auth`]).
+    pub guard: Arc<auth::Guard>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -91,6 +99,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(state.guard.clone(), auth::guard))
         .with_state(state.clone());
     edge::harden(r, &state.edge, BODY_LIMIT, state.metrics.clone())
 }

@@ -133,6 +133,16 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         vec![(String::new(), m.request_timeouts.load(Relaxed))],
     );
     line(
+        "bulkhead_http_refused_total",
+        "requests refused before their handler: 401 (no or unknown token), 403 (token scope too small), 429 ([rate_limit])",
+        "counter",
+        vec![
+            ("{reason=\"unauthenticated\"}".into(), m.unauthenticated.load(Relaxed)),
+            ("{reason=\"forbidden\"}".into(), m.forbidden.load(Relaxed)),
+            ("{reason=\"rate_limited\"}".into(), m.rate_limited.load(Relaxed)),
+        ],
+    );
+    line(
         "bulkhead_http_internal_errors_total",
         "requests answered 500 (a handler panicked; the panic is logged)",
         "counter",

@@ -4,6 +4,8 @@
 //! code: only on the node's config types (`bulkhead-cluster`) and the node binary it starts.
 
 pub mod local;
+pub mod secrets;
 pub mod topology;
 
 pub use local::{free_ports, LocalCluster};
+pub use secrets::{authorized, LocalSecrets};

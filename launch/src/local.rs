@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bulkhead_cluster::{NodeConfig, Timing};
 use serde_json::Value;
 
+use crate::secrets::{authorized, LocalSecrets};
 use crate::topology::{local_configs, write_config, Ports};
 
 /// Asks the OS for `n` distinct free TCP ports on 127.0.0.1.
@@ -32,6 +33,7 @@ pub struct LocalCluster {
     exe: PathBuf,
     log_dir: PathBuf,
     http: reqwest::Client,
+    secrets: LocalSecrets,
 }
 
 impl LocalCluster {
@@ -43,9 +45,8 @@ impl LocalCluster {
         timing: Timing,
         fault_injection: bool,
     ) -> Result<LocalCluster, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-        let cookie = cookie(data_dir)?;
-        let configs = local_configs(data_dir, &cookie, &ports, timing, fault_injection);
+        let secrets = LocalSecrets::ensure(data_dir)?;
+        let configs = local_configs(data_dir, &secrets, &ports, timing, fault_injection);
         Self::launch_configs(exe, data_dir, configs)
     }
 
@@ -58,16 +59,16 @@ impl LocalCluster {
         fault_injection: bool,
         edit: impl Fn(&mut NodeConfig),
     ) -> Result<LocalCluster, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-        let cookie = cookie(data_dir)?;
-        let mut configs = local_configs(data_dir, &cookie, &ports, timing, fault_injection);
+        let secrets = LocalSecrets::ensure(data_dir)?;
+        let mut configs = local_configs(data_dir, &secrets, &ports, timing, fault_injection);
         configs.iter_mut().for_each(edit);
         Self::launch_configs(exe, data_dir, configs)
     }
 
-    /// Writes `configs` under `data_dir` and starts one node per config.
+    /// Writes `configs` under `data_dir` and starts one node per config. The configs use the
+    /// secrets of `data_dir` ([`LocalSecrets`]); this handle's HTTP client sends its admin token.
     pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        let secrets = LocalSecrets::ensure(data_dir)?;
         let mut config_paths = Vec::new();
         for cfg in &configs {
             let path = data_dir.join(format!("{}.toml", cfg.name));
@@ -76,8 +77,9 @@ impl LocalCluster {
         }
         let log_dir = data_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let http = authorized(reqwest::Client::builder().timeout(Duration::from_secs(10)), &secrets.admin_token()?)?;
         let mut lc = LocalCluster {
+            secrets,
             configs,
             config_paths,
             children: Vec::new(),
@@ -150,6 +152,16 @@ impl LocalCluster {
             .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))?;
         self.children[i] = Some(child);
         Ok(())
+    }
+
+    /// Where this cluster's cookie, tokens and certificates are.
+    pub fn secrets(&self) -> &LocalSecrets {
+        &self.secrets
+    }
+
+    /// An HTTP client that sends the admin token (`timeout`: per request).
+    pub fn admin_client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+        authorized(reqwest::Client::builder().timeout(timeout), &self.secrets.admin_token()?)
     }
 
     pub fn pid(&self, i: usize) -> Option<u32> {
@@ -292,17 +304,4 @@ impl Drop for LocalCluster {
             }
         }
     }
-}
-
-/// The cluster cookie kept in `<data_dir>/cookie`, created on first use.
-fn cookie(data_dir: &Path) -> Result<String, String> {
-    let path = data_dir.join("cookie");
-    if let Ok(c) = std::fs::read_to_string(&path) {
-        if !c.trim().is_empty() {
-            return Ok(c.trim().to_string());
-        }
-    }
-    let c = format!("{:032x}", rand::random::<u128>());
-    std::fs::write(&path, &c).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(c)
 }

@@ -19,6 +19,8 @@ use std::path::Path;
 use bulkhead_cluster::config::CapabilityPlacement;
 use bulkhead_cluster::{Capability, NodeConfig, ShardMap, Timing};
 
+use crate::secrets::LocalSecrets;
+
 pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 pub fn demo_shard_map() -> ShardMap {
@@ -57,12 +59,12 @@ pub fn single_node_shard_map() -> ShardMap {
 /// Configs for the three demo nodes on 127.0.0.1, all seeded with each other.
 pub fn local_configs(
     data_dir: &Path,
-    cookie: &str,
+    secrets: &LocalSecrets,
     ports: &[Ports; 3],
     timing: Timing,
     fault_injection: bool,
 ) -> Vec<NodeConfig> {
-    cluster_configs(&NODES, demo_shard_map(), data_dir, cookie, ports, timing, fault_injection)
+    cluster_configs(&NODES, demo_shard_map(), data_dir, secrets, ports, timing, fault_injection)
 }
 
 /// Configs for nodes `names` on 127.0.0.1 (node i on `ports[i]`), all seeded with each other.
@@ -70,7 +72,7 @@ pub fn cluster_configs(
     names: &[&str],
     map: ShardMap,
     data_dir: &Path,
-    cookie: &str,
+    secrets: &LocalSecrets,
     ports: &[Ports],
     timing: Timing,
     fault_injection: bool,
@@ -79,22 +81,35 @@ pub fn cluster_configs(
     names
         .iter()
         .enumerate()
-        .map(|(i, name)| NodeConfig {
-            name: name.to_string(),
-            cluster_listen: addr(ports[i].cluster),
-            cluster_advertise: None,
-            seeds: (0..names.len()).filter(|j| *j != i).map(|j| addr(ports[j].cluster).to_string()).collect(),
-            cookie: Some(cookie.to_string()),
-            cookie_file: None,
-            data_dir: data_dir.join(name),
-            http_listen: addr(ports[i].http),
-            http_advertise: None,
-            durability: Default::default(),
-            fault_injection,
-            timing: timing.clone(),
-            limits: Default::default(),
-            http: Default::default(),
-            capabilities: map.clone(),
+        .map(|(i, name)| {
+            let mut cfg = NodeConfig {
+                name: name.to_string(),
+                cluster_listen: addr(ports[i].cluster),
+                cluster_advertise: None,
+                seeds: (0..names.len()).filter(|j| *j != i).map(|j| addr(ports[j].cluster).to_string()).collect(),
+                cookie: None,
+                cookie_file: None,
+                data_dir: data_dir.join(name),
+                http_listen: addr(ports[i].http),
+                http_advertise: None,
+                durability: Default::default(),
+                fault_injection,
+                timing: timing.clone(),
+                limits: Default::default(),
+                http: Default::default(),
+                auth: Default::default(),
+                client_token_file: None,
+                admin_token_file: None,
+                rate_limit: Default::default(),
+                tls: Default::default(),
+                tls_ca_file: None,
+                tls_cert_file: None,
+                tls_key_file: None,
+                tokens: None,
+                capabilities: map.clone(),
+            };
+            secrets.apply(&mut cfg);
+            cfg
         })
         .collect()
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_cluster::{NodeConfig, Timing};
 use bulkhead_launch::topology::{local_configs, Ports};
-use bulkhead_launch::{free_ports, LocalCluster};
+use bulkhead_launch::{free_ports, LocalCluster, LocalSecrets};
 use serde_json::{json, Value};
 
 pub struct TestCluster {
@@ -34,7 +34,8 @@ pub async fn start_unready(timing: Timing, prepare: impl FnOnce(&std::path::Path
 /// Like [`start_with`] (fault injection on), after `edit` changed the three nodes' configs.
 pub async fn start_configured(timing: Timing, edit: impl FnOnce(&mut [NodeConfig])) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut configs = local_configs(dir.path(), "test-cookie", &ports(), timing, true);
+    let secrets = LocalSecrets::ensure(dir.path()).expect("secrets");
+    let mut configs = local_configs(dir.path(), &secrets, &ports(), timing, true);
     edit(&mut configs);
     let lc = LocalCluster::launch_configs(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), configs)
         .expect("launch");
@@ -51,8 +52,9 @@ async fn start_opts(timing: Timing, prepare: impl FnOnce(&std::path::Path), read
 }
 
 async fn wait(lc: LocalCluster, dir: tempfile::TempDir, ready: bool) -> TestCluster {
-    let tc =
-        TestCluster { lc, dir, http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap() };
+    // The tests act as the operator: the admin token may do everything (tests/auth.rs checks the scopes).
+    let http = lc.admin_client(Duration::from_secs(15)).expect("an HTTP client");
+    let tc = TestCluster { lc, dir, http };
     if let Err(e) = tc.lc.wait_joined(Duration::from_secs(60), ready).await {
         tc.dump_logs();
         panic!("{e}");
@@ -117,7 +119,9 @@ impl TestCluster {
     }
 
     pub async fn delete(&self, node: usize, path: &str) -> Reply {
-        Self::reply(self.http.delete(format!("{}{path}", self.url(node))).send().await.expect("DELETE")).await
+        // Admin actions take a JSON body (see `http::auth`); `{}` says nothing more.
+        let req = self.http.delete(format!("{}{path}", self.url(node))).json(&json!({}));
+        Self::reply(req.send().await.expect("DELETE")).await
     }
 
     pub async fn put(&self, node: usize, path: &str, body: Value) -> Reply {

@@ -327,7 +327,7 @@ async fn bench_one(
     for p in map.0.values_mut() {
         p.replicas = Some(replicas);
     }
-    let secrets = LocalSecrets::ensure(&dir)?;
+    let secrets = LocalSecrets::ensure(&dir, &names)?;
     let mut timing = Timing::default();
     if let Some(ms) = opts.raft_heartbeat_ms {
         timing.raft_heartbeat_ms = ms;
@@ -651,7 +651,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     }
     let p = free_ports(2 * names.len())?;
     let ports: Vec<Ports> = (0..names.len()).map(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] }).collect();
-    let secrets = LocalSecrets::ensure(&dir)?;
+    let secrets = LocalSecrets::ensure(&dir, &names)?;
     let shards = map.shards(Capability::Orders);
     let configs = cluster_configs(&names, map, &dir, &secrets, &ports, Timing::default(), true);
     let replicas = shards.first().map_or(1, |s| s.replicas.len()) as u32;

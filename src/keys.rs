@@ -86,8 +86,67 @@ pub fn tokens(dir: &Path, action: TokenAction, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
+/// `bulkhead certs init DIR`: a new cluster CA, `DIR/ca.pem` and `DIR/ca.key` (0600). Refused if
+/// either exists: a second CA would split the cluster in two.
+pub fn certs_init(dir: &Path, out: &mut dyn Write) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if cert.exists() || key.exists() {
+        return Err(format!(
+            "{} or {} exists: a cluster has one CA; issue node certificates from it with `bulkhead certs issue`",
+            cert.display(),
+            key.display()
+        ));
+    }
+    let (c, k) = bulkhead_cluster::tls::new_ca()?;
+    write_secret(&key, k.as_bytes())?;
+    std::fs::write(&cert, c).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
+    let _ = writeln!(
+        out,
+        "wrote {} (give it to every node) and {} (mode 0600: keep it off the nodes, it signs new members)",
+        cert.display(),
+        key.display()
+    );
+    Ok(())
+}
+
+/// `bulkhead certs issue DIR NODE`: `DIR/NODE.pem` and `DIR/NODE.key` (0600), signed by the CA in
+/// DIR. Re-issuing replaces both (a rotation: the node uses them from its next start).
+pub fn certs_issue(dir: &Path, node: &str, out: &mut dyn Write) -> Result<(), String> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let ca_key = dir.join("ca.key");
+    bulkhead_cluster::secret::check_private(&ca_key, "the CA key")?;
+    let (c, k) = bulkhead_cluster::tls::issue(&read(&dir.join("ca.pem"))?, &read(&ca_key)?, node)?;
+    let (cert, key) = (dir.join(format!("{node}.pem")), dir.join(format!("{node}.key")));
+    write_secret(&key, k.as_bytes())?;
+    std::fs::write(&cert, c).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
+    let _ = writeln!(
+        out,
+        "wrote {} and {} (mode 0600) for node `{node}`: install them with ca.pem on that node only \
+         (tls_cert_file, tls_key_file, tls_ca_file)",
+        cert.display(),
+        key.display()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_ca_is_made_once_and_issues_certificates_a_node_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        certs_init(dir.path(), &mut out).unwrap();
+        assert!(certs_init(dir.path(), &mut out).unwrap_err().contains("one CA"));
+        certs_issue(dir.path(), "n2", &mut out).unwrap();
+        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        assert!(
+            bulkhead_cluster::tls::TlsLinks::from_pem(&read("ca.pem"), &read("n2.pem"), &read("n2.key"), "n2").is_ok()
+        );
+        assert!(read_secret(&dir.path().join("n2.key"), "key").is_ok(), "the key is private");
+        assert!(certs_issue(dir.path(), "not_a_dns_name", &mut out).is_err());
+    }
+
     use super::*;
 
     #[test]

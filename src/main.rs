@@ -13,6 +13,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum CertsCmd {
+    /// A new cluster CA: DIR/ca.pem and DIR/ca.key (0600).
+    Init { dir: PathBuf },
+    /// A certificate for node NODE, signed by the CA in DIR: DIR/NODE.pem and DIR/NODE.key (0600).
+    Issue { dir: PathBuf, node: String },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run one node from a config file (bare metal; see deploy/).
     Node {
@@ -34,6 +42,11 @@ enum Cmd {
         /// Drop every token of this scope's file but the first (newest).
         #[arg(long, value_enum)]
         retire: Option<bulkhead::keys::TokenScope>,
+    },
+    /// Make the cluster CA, or a node's certificate signed by it (mutual TLS on cluster links).
+    Certs {
+        #[command(subcommand)]
+        action: CertsCmd,
     },
     /// Start a local 3-node cluster on 127.0.0.1 with a seeded catalog; Ctrl-C stops it.
     Demo {
@@ -140,6 +153,10 @@ async fn main() -> ExitCode {
                 (None, None) => TokenAction::Init,
             };
             bulkhead::keys::tokens(&dir, action, &mut std::io::stdout())
+        }
+        Cmd::Certs { action: CertsCmd::Init { dir } } => bulkhead::keys::certs_init(&dir, &mut std::io::stdout()),
+        Cmd::Certs { action: CertsCmd::Issue { dir, node } } => {
+            bulkhead::keys::certs_issue(&dir, &node, &mut std::io::stdout())
         }
         Cmd::Demo { data_dir, http_port, cluster_port, fault_injection } => {
             let opts = bulkhead::demo::DemoOptions { data_dir, http_port, cluster_port, fault_injection };

@@ -121,7 +121,7 @@ fn run_node(cfg: &std::path::Path) -> (bool, String) {
 fn a_node_refuses_a_token_file_others_may_read_and_says_how_to_fix_it() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = LocalSecrets::ensure(dir.path()).expect("secrets");
+    let secrets = LocalSecrets::ensure(dir.path(), &bulkhead_launch::topology::NODES).expect("secrets");
     let ports = common::ports();
     let mut cfg = bulkhead_launch::topology::local_configs(
         dir.path(),
@@ -131,7 +131,6 @@ fn a_node_refuses_a_token_file_others_may_read_and_says_how_to_fix_it() {
         false,
     )
     .remove(0);
-    cfg.tls = bulkhead_cluster::TlsMode::Off;
     let path = dir.path().join("n1.toml");
     bulkhead_launch::topology::write_config(&cfg, &path).expect("write config");
     std::fs::set_permissions(&secrets.admin_token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");

@@ -278,13 +278,19 @@ pub struct Limits {
     /// Requests one capability gateway has handed to its local worker and not yet answered; one
     /// more is refused as unavailable (HTTP 503; the saga and the outbox retry later).
     pub gateway_in_flight: usize,
+    /// Connections the cluster port keeps open at once (a peer needs one or two); one more is closed.
+    pub cluster_connections: usize,
+    /// Of those, connections still in their handshake (TLS and the node's claim); one more is
+    /// closed at once: a flood of half-open connections cannot hold every slot.
+    pub cluster_handshakes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         // Orders: a few times the concurrency at which the benchmarks saturate a 2-core node.
         // Gateway: room for the orders fronts of several nodes plus the saga and relay traffic.
-        Self { orders_in_flight: 1024, gateway_in_flight: 4096 }
+        // Cluster: two links per peer for a few dozen nodes; handshakes take milliseconds.
+        Self { orders_in_flight: 1024, gateway_in_flight: 4096, cluster_connections: 64, cluster_handshakes: 16 }
     }
 }
 
@@ -560,8 +566,12 @@ impl NodeConfig {
         if t.call_timeout_ms == 0 || t.wait_budget_ms == 0 {
             return Err("timing: call_timeout_ms and wait_budget_ms must be > 0".into());
         }
-        if self.limits.orders_in_flight == 0 || self.limits.gateway_in_flight == 0 {
-            return Err("limits: orders_in_flight and gateway_in_flight must be > 0".into());
+        let l = &self.limits;
+        if [l.orders_in_flight, l.gateway_in_flight, l.cluster_connections, l.cluster_handshakes].contains(&0) {
+            return Err("limits: every limit must be > 0".into());
+        }
+        if l.cluster_handshakes > l.cluster_connections {
+            return Err("limits: cluster_handshakes cannot exceed cluster_connections".into());
         }
         self.http.validate(t)?;
         Ok(())

@@ -22,12 +22,14 @@ pub mod breaker;
 pub mod call;
 pub mod config;
 pub mod detector;
+pub mod gate;
 pub mod gateway;
 pub mod link;
 pub mod membership;
 pub mod node;
 pub mod raft;
 pub mod secret;
+pub mod tls;
 pub mod wire;
 
 pub use breaker::BreakerState;

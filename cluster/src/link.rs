@@ -1,5 +1,9 @@
 //! Cluster links: the TCP listener and dial path this node owns, and the switch that can cut them.
 //!
+//! A link is TCP, then TLS 1.3 with certificates on both sides (`crate::tls`, unless `tls = "off"`),
+//! then the identity gate (`crate::gate`: the peer's claimed name must be the one its certificate
+//! gives), then the fault switch below, then ractor_cluster's session.
+//!
 //! ractor_cluster can run its own listener, but then the sockets are out of our reach. Bulkhead
 //! accepts and dials itself and hands ractor_cluster each connection as an external stream
 //! ([`LinkStream`]). Every byte of every cluster link, in both directions, therefore passes
@@ -28,6 +32,8 @@ use std::task::{Context, Poll, Waker};
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::gate::{Expect, GateEvents, GateRead};
 
 /// The fault switch shared by every link of one node.
 ///
@@ -97,28 +103,71 @@ impl LinkFaults {
     }
 }
 
-/// One cluster connection as ractor_cluster sees it: a TCP stream behind the fault switch.
+/// The transport under a link.
+pub enum LinkIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+type DynRead = Box<dyn AsyncRead + Send + Unpin>;
+type DynWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// One cluster connection as ractor_cluster sees it: TCP or TLS, behind the identity gate and the
+/// fault switch.
 pub struct LinkStream {
-    tcp: TcpStream,
+    io: LinkIo,
     faults: Arc<LinkFaults>,
-    /// The address dialled (outgoing) or the remote socket (incoming): what the session reports.
+    /// Unique per link: the remote socket (incoming) or the dialled address plus `#n` (outgoing).
+    /// ractor_cluster reports it as the session's `peer_addr`.
     label: String,
+    /// `None` only in tests of the switch itself: bytes pass unparsed.
+    gate: Option<(Expect, Box<dyn GateEvents>)>,
+    /// Held while the link lives (both halves): this node's connection cap.
+    slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl LinkStream {
-    pub fn new(tcp: TcpStream, faults: Arc<LinkFaults>, label: String) -> LinkStream {
+    pub fn new(
+        io: LinkIo,
+        faults: Arc<LinkFaults>,
+        label: String,
+        gate: Option<(Expect, Box<dyn GateEvents>)>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> LinkStream {
         // Small frames (heartbeats, asks) must not wait for Nagle.
+        let tcp = match &io {
+            LinkIo::Plain(t) => t,
+            LinkIo::Tls(t) => t.get_ref().0,
+        };
         let _ = tcp.set_nodelay(true);
-        LinkStream { tcp, faults, label }
+        LinkStream { io, faults, label, gate, slot: slot.map(Arc::new) }
     }
+}
+
+/// The address part of a link label (`10.0.0.12:7101#3` -> `10.0.0.12:7101`).
+pub fn label_addr(label: &str) -> &str {
+    label.split('#').next().unwrap_or(label)
 }
 
 impl ClusterBidiStream for LinkStream {
     fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
-        let (r, w) = self.tcp.into_split();
+        let (r, w): (DynRead, DynWrite) = match self.io {
+            LinkIo::Plain(t) => {
+                let (r, w) = t.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            LinkIo::Tls(t) => {
+                let (r, w) = tokio::io::split(*t);
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let r: DynRead = match self.gate {
+            Some((expect, events)) => Box::new(GateRead::new(r, expect, events)),
+            None => r,
+        };
         (
-            Box::new(FaultRead { inner: Some(r), faults: self.faults.clone() }),
-            Box::new(FaultWrite { inner: Some(w), faults: self.faults }),
+            Box::new(FaultRead { inner: Some(r), faults: self.faults.clone(), _slot: self.slot.clone() }),
+            Box::new(FaultWrite { inner: Some(w), faults: self.faults, _slot: self.slot }),
         )
     }
 
@@ -131,6 +180,7 @@ struct FaultRead<R: Any + Send> {
     /// Always `Some` until dropped.
     inner: Option<R>,
     faults: Arc<LinkFaults>,
+    _slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl<R: AsyncRead + Unpin + Any + Send> AsyncRead for FaultRead<R> {
@@ -156,6 +206,7 @@ impl<R: Any + Send> Drop for FaultRead<R> {
 struct FaultWrite<W: Any + Send> {
     inner: Option<W>,
     faults: Arc<LinkFaults>,
+    _slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl<W: AsyncWrite + Unpin + Any + Send> AsyncWrite for FaultWrite<W> {
@@ -209,7 +260,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-        let link = Box::new(LinkStream::new(a.unwrap(), faults, addr.to_string()));
+        let link = Box::new(LinkStream::new(LinkIo::Plain(a.unwrap()), faults, addr.to_string(), None, None));
         let (r, w) = link.split();
         (r, w, b.unwrap().0)
     }

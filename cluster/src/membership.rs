@@ -50,11 +50,15 @@ pub struct Heartbeat {
     pub timing_fingerprint: u64,
     /// Cluster addresses of the nodes this node is connected to: how the mesh spreads.
     pub peers: Vec<String>,
+    /// The TLS channel binding of the link this heartbeat is sent over (empty without TLS): proof
+    /// that the sender is the node at the other end of a link whose certificate names `name`.
+    pub binding: Vec<u8>,
 }
 
 // Version 3: the witness protocol's `down` and `owes` lists are gone.
+// Version 4: `binding`.
 impl Record for Heartbeat {
-    const VERSION: u8 = 3;
+    const VERSION: u8 = 4;
 }
 
 pub struct Membership;
@@ -155,20 +159,30 @@ impl MembershipState {
             shard_fingerprint: cfg.capabilities.fingerprint(),
             timing_fingerprint: cfg.timing.fingerprint(),
             peers: c.connected_advertised(),
+            binding: Vec::new(),
         };
-        let bytes = seal(&hb, &new_traceparent());
+        let traceparent = new_traceparent();
+        // One heartbeat per link: each carries the binding of the link it goes over.
+        let mut hb = hb;
         for cell in ractor::pg::get_members(&MEMBERSHIP_GROUP.to_string()) {
             if cell.get_id().is_local() {
                 continue;
             }
+            hb.binding = c.binding_for(cell.get_id());
             let peer: ActorRef<MembershipMsg> = cell.into();
-            let _ = peer.cast(MembershipMsg::Heartbeat(bytes.clone()));
+            let _ = peer.cast(MembershipMsg::Heartbeat(seal(&hb, &traceparent)));
         }
     }
 
     fn on_heartbeat(&mut self, hb: Heartbeat, now: u64) {
         let cfg = self.cluster.config();
         if hb.name == cfg.name {
+            return;
+        }
+        if !self.cluster.vouches_for(&hb.name, &hb.binding) {
+            // Another node speaking for `hb.name` (or a heartbeat from a link closing just now).
+            self.cluster.metrics().heartbeats_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(node = %hb.name, "heartbeat dropped: it did not come over a link of the node it names");
             return;
         }
         for addr in std::iter::once(&hb.cluster_addr).chain(hb.peers.iter()) {

@@ -21,9 +21,11 @@ use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState, Ticket};
 use crate::call::{call, CallError};
 use crate::config::{Capability, NodeConfig};
 use crate::detector::Status;
+use crate::gate::{Expect, GateEvents, Refusal};
 use crate::gateway::group_name;
-use crate::link::{LinkFaults, LinkStream};
+use crate::link::{LinkFaults, LinkIo, LinkStream};
 use crate::membership::{Membership, MembershipMsg, NodeView};
+use crate::tls::TlsLinks;
 use crate::wire::WireMsg;
 
 /// Counters for `/metrics`.
@@ -36,6 +38,64 @@ pub struct ClusterMetrics {
     pub dials: AtomicU64,
     /// Calls failed fast because the (capability, member) breaker was open.
     pub breaker_rejections: AtomicU64,
+    /// Cluster connections refused, by why (see [`LinkRefusal`]).
+    pub links_refused: [AtomicU64; LinkRefusal::ALL.len()],
+    /// Heartbeats dropped because they did not come over a link of the node they name.
+    pub heartbeats_refused: AtomicU64,
+}
+
+/// Why a cluster connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRefusal {
+    /// `[limits] cluster_connections` were open.
+    ConnectionCap,
+    /// `[limits] cluster_handshakes` were in their handshake.
+    HandshakeCap,
+    /// The TLS handshake failed or took too long: garbage, no certificate, or one from another CA.
+    Tls,
+    /// Past TLS (or without it), bytes that are not a cluster handshake.
+    Garbage,
+    /// The peer claimed a node its certificate does not name.
+    WrongName,
+    /// The cluster handshake did not finish: a wrong cookie, or no answer within 3 s.
+    Handshake,
+}
+
+impl LinkRefusal {
+    pub const ALL: [LinkRefusal; 6] = [
+        LinkRefusal::ConnectionCap,
+        LinkRefusal::HandshakeCap,
+        LinkRefusal::Tls,
+        LinkRefusal::Garbage,
+        LinkRefusal::WrongName,
+        LinkRefusal::Handshake,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkRefusal::ConnectionCap => "connection_cap",
+            LinkRefusal::HandshakeCap => "handshake_cap",
+            LinkRefusal::Tls => "tls",
+            LinkRefusal::Garbage => "garbage",
+            LinkRefusal::WrongName => "wrong_name",
+            LinkRefusal::Handshake => "handshake",
+        }
+    }
+}
+
+impl ClusterMetrics {
+    pub fn refused(&self, why: LinkRefusal) {
+        self.links_refused[why as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What this node knows of one link, by its label.
+#[derive(Debug, Clone, Default)]
+struct LinkInfo {
+    /// The node the peer claimed, once the gate accepted it (checked against its certificate with TLS).
+    peer: Option<String>,
+    /// The TLS channel binding (none without TLS).
+    binding: Option<[u8; 32]>,
 }
 
 /// Whether a local capability is serving.
@@ -67,6 +127,16 @@ struct Inner {
     /// The last leader another node named for a shard this node has no replica of.
     leader_hints: RwLock<BTreeMap<(Capability, u32), String>>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// TLS on the links (`None`: `tls = "off"`).
+    tls: Option<crate::tls::TlsLinks>,
+    /// Every open link by label.
+    links: Mutex<HashMap<String, LinkInfo>>,
+    /// `[limits] cluster_connections` and `cluster_handshakes`.
+    link_slots: Arc<tokio::sync::Semaphore>,
+    handshake_slots: Arc<tokio::sync::Semaphore>,
+    dial_serial: AtomicU64,
+    /// Links that passed the gate and closed before their session was ready: (peer, label, when).
+    unfinished: Mutex<Vec<(String, String, Instant)>>,
 }
 
 /// This node's handle on the cluster; cheap to clone.
@@ -107,6 +177,15 @@ impl NodeEventSubscription for Events {
             h.remove(&ses.actor.get_id());
         }
         let Some(name) = peer_node_name(&ses) else { return };
+        // The gate let this link through only with this claim; if the two ever disagreed, the
+        // session would speak for a node its link never proved.
+        let gated = inner.links.lock().ok().and_then(|l| l.get(&ses.peer_addr).and_then(|i| i.peer.clone()));
+        if gated.as_deref() != Some(name.as_str()) {
+            tracing::error!(peer = %name, gated = ?gated, addr = %ses.peer_addr, "a session names another node than its link proved; closing it");
+            inner.metrics.refused(LinkRefusal::WrongName);
+            ses.actor.stop(Some("identity mismatch".into()));
+            return;
+        }
         tracing::info!(peer = %name, addr = %ses.peer_addr, "cluster session ready");
         if let Ok(mut s) = inner.sessions.lock() {
             s.insert(name, ses);
@@ -116,8 +195,18 @@ impl NodeEventSubscription for Events {
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
         let Some(inner) = self.inner.upgrade() else { return };
-        if let Ok(mut h) = inner.handshaking.lock() {
-            h.remove(&ses.actor.get_id());
+        let never_ready =
+            inner.handshaking.lock().map(|mut h| h.remove(&ses.actor.get_id()).is_some()).unwrap_or(false);
+        let link = inner.links.lock().ok().and_then(|mut l| l.remove(&ses.peer_addr));
+        if never_ready {
+            // A claim the gate accepted, then no session: the cookie was wrong or the handshake
+            // stalled, unless it was a duplicate of a link to the same peer that ractor_cluster
+            // closed on purpose. Which one is known only a moment later: the dialer judges it.
+            if let Some(peer) = link.and_then(|l| l.peer) {
+                if let Ok(mut f) = inner.unfinished.lock() {
+                    f.push((peer, ses.peer_addr.clone(), Instant::now()));
+                }
+            }
         }
         let Some(name) = peer_node_name(&ses) else { return };
         let removed = inner.sessions.lock().map(|mut s| {
@@ -145,6 +234,15 @@ impl Cluster {
         let listener = tokio::net::TcpListener::bind(config.cluster_listen)
             .await
             .map_err(|e| format!("cannot listen for cluster peers on {}: {e}", config.cluster_listen))?;
+        let tls = match config.tls {
+            crate::config::TlsMode::Mutual => Some(crate::tls::TlsLinks::load(&config)?),
+            crate::config::TlsMode::Off => {
+                tracing::warn!(
+                    "tls = \"off\": cluster links are plain TCP; anyone on the path can read and alter them"
+                );
+                None
+            }
+        };
         let server = NodeServer::new(
             0,
             config.cookie().to_string(),
@@ -153,11 +251,13 @@ impl Cluster {
             None,
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
+        .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]))
+        .with_max_inbound_frame_size(crate::raft::MAX_FRAME);
         let (server_ref, _) =
             Actor::spawn(None, server, ()).await.map_err(|e| format!("cannot start the cluster node server: {e}"))?;
         let incarnation = bulkhead_storage::now_ms();
         let config_name = config.name.clone();
+        let config_limits = config.limits.clone();
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner {
             config,
@@ -176,6 +276,12 @@ impl Cluster {
             raft: crate::raft::Registry::new(&config_name),
             leader_hints: RwLock::new(BTreeMap::new()),
             shutdown,
+            tls,
+            links: Mutex::new(HashMap::new()),
+            link_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_connections)),
+            handshake_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_handshakes)),
+            dial_serial: AtomicU64::new(0),
+            unfinished: Mutex::new(Vec::new()),
         });
         let cluster = Cluster { inner };
         for cap in cluster.config().hosted() {
@@ -284,7 +390,7 @@ impl Cluster {
         let mut out = Vec::new();
         for (name, ses) in sessions.iter() {
             if !ses.is_server {
-                out.push(ses.peer_addr.clone());
+                out.push(crate::link::label_addr(&ses.peer_addr).to_string());
             }
             if let Some(v) = view.get(name).filter(|v| !v.addr.is_empty()) {
                 out.push(v.addr.clone());
@@ -303,6 +409,29 @@ impl Cluster {
             .filter_map(|n| view.get(&n).map(|v| v.addr.clone()))
             .filter(|a| !a.is_empty())
             .collect()
+    }
+
+    /// The channel binding of the link that `remote` (a remote actor's stub) lives on: what a
+    /// heartbeat sent to it carries (empty without TLS).
+    pub(crate) fn binding_for(&self, remote: ractor::ActorId) -> Vec<u8> {
+        let ractor::ActorId::Remote { node_id, .. } = remote else { return Vec::new() };
+        let label = self
+            .inner
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.values().find(|ses| ses.node_id == node_id).map(|ses| ses.peer_addr.clone()));
+        label
+            .and_then(|l| self.inner.links.lock().ok().and_then(|links| links.get(&l).and_then(|i| i.binding)))
+            .map(|b| b.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Whether a heartbeat that names `node` and carries `binding` came over a link of `node`.
+    pub(crate) fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
+        let links: Vec<LinkInfo> = self.inner.links.lock().map(|l| l.values().cloned().collect()).unwrap_or_default();
+        let connected = self.inner.sessions.lock().map(|s| s.contains_key(node)).unwrap_or(false);
+        vouched(self.inner.tls.is_some(), &links, connected, node, binding)
     }
 
     /// The fault switch on every cluster link of this node (used by `/admin/partition`).
@@ -617,6 +746,16 @@ impl Cluster {
     }
 }
 
+/// Judges a heartbeat's sender. With TLS: the binding must be that of a live link whose peer
+/// claimed `node` at the gate (with its certificate naming it); nobody but the two ends of that
+/// link knows it. Without TLS there is nothing to bind to: a session with `node` must exist.
+fn vouched(tls: bool, links: &[LinkInfo], connected: bool, node: &str, binding: &[u8]) -> bool {
+    if !tls {
+        return connected;
+    }
+    links.iter().any(|l| l.peer.as_deref() == Some(node) && l.binding.is_some_and(|b| b.as_slice() == binding))
+}
+
 /// What waiting for a group's next leader found.
 enum NextLeader {
     Named(String),
@@ -632,7 +771,7 @@ pub trait LeaderReply {
     fn not_leader(&self) -> Option<Option<String>>;
 }
 
-/// Accepts peers' connections and hands them to the node server as links.
+/// Accepts peers' connections and hands each to [`open_link`] (caps first).
 async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
     let mut shutdown = cluster.inner.shutdown.subscribe();
     loop {
@@ -644,12 +783,22 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
             Ok((tcp, from)) => {
                 // Cut off: the connection is held open and never answered (a black hole, not a refusal).
                 let Some(tcp) = cluster.inner.link_faults.hold_if_cut(tcp) else { continue };
-                let link = Box::new(LinkStream::new(tcp, cluster.inner.link_faults.clone(), from.to_string()));
-                let msg = NodeServerMessage::ConnectionOpenedExternal { stream: link, is_server: true };
-                if cluster.inner.server.cast(msg).is_err() {
-                    tracing::warn!("cluster node server stopped; no longer accepting peers");
-                    return;
-                }
+                let Ok(slot) = cluster.inner.link_slots.clone().try_acquire_owned() else {
+                    cluster.inner.metrics.refused(LinkRefusal::ConnectionCap);
+                    tracing::debug!(%from, "cluster connection refused: cluster_connections open");
+                    continue;
+                };
+                let Ok(handshake) = cluster.inner.handshake_slots.clone().try_acquire_owned() else {
+                    cluster.inner.metrics.refused(LinkRefusal::HandshakeCap);
+                    tracing::debug!(%from, "cluster connection refused: cluster_handshakes in progress");
+                    continue;
+                };
+                let cluster = cluster.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = open_link(&cluster, tcp, from.to_string(), true, slot, handshake).await {
+                        tracing::debug!(%from, error = %e, "incoming cluster connection refused");
+                    }
+                });
             }
             // Out of file descriptors and the like: say so, breathe, go on.
             Err(e) => {
@@ -657,6 +806,112 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// TLS (unless off) within the handshake deadline, then the gate, then the node server.
+/// `handshake` is given back when the gate accepts the peer's claim (or the link goes).
+async fn open_link(
+    cluster: &Cluster,
+    tcp: tokio::net::TcpStream,
+    label: String,
+    incoming: bool,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), String> {
+    let inner = &cluster.inner;
+    let (io, expect, binding) = match &inner.tls {
+        None => (LinkIo::Plain(tcp), Expect::Nothing, None),
+        Some(tls) => {
+            use crate::tls::peer_and_binding;
+            let handshaken = async {
+                if incoming {
+                    let s = tls.acceptor.accept(tcp).await?;
+                    let peer = peer_and_binding::<rustls::server::ServerConnectionData>(s.get_ref().1);
+                    Ok::<_, std::io::Error>((tokio_rustls::TlsStream::from(s), peer))
+                } else {
+                    let s = tls.connector.connect(TlsLinks::dial_name(), tcp).await?;
+                    let peer = peer_and_binding::<rustls::client::ClientConnectionData>(s.get_ref().1);
+                    Ok((tokio_rustls::TlsStream::from(s), peer))
+                }
+            };
+            let (stream, peer) = match tokio::time::timeout(HANDSHAKE_DEADLINE, handshaken).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    inner.metrics.refused(LinkRefusal::Tls);
+                    return Err(format!("TLS handshake failed: {e}"));
+                }
+                Err(_) => {
+                    inner.metrics.refused(LinkRefusal::Tls);
+                    return Err("no TLS handshake within the deadline".into());
+                }
+            };
+            let Some((cert, binding)) = peer else {
+                inner.metrics.refused(LinkRefusal::Tls);
+                return Err("the peer showed no certificate".into());
+            };
+            (LinkIo::Tls(Box::new(stream)), Expect::Cert(cert), Some(binding))
+        }
+    };
+    if let Ok(mut l) = inner.links.lock() {
+        l.insert(label.clone(), LinkInfo { peer: None, binding });
+    }
+    let events = LinkEvents {
+        inner: Arc::downgrade(&cluster.inner),
+        label: label.clone(),
+        handshake: Mutex::new(Some(handshake)),
+    };
+    let link = Box::new(LinkStream::new(
+        io,
+        inner.link_faults.clone(),
+        label.clone(),
+        Some((expect, Box::new(events))),
+        Some(slot),
+    ));
+    let refused = |e: String| {
+        if let Ok(mut l) = inner.links.lock() {
+            l.remove(&label);
+        }
+        e
+    };
+    if incoming {
+        let msg = NodeServerMessage::ConnectionOpenedExternal { stream: link, is_server: true };
+        inner.server.cast(msg).map_err(|_| refused("the cluster node server stopped".into()))
+    } else {
+        ractor_cluster::client_connect_external(&inner.server, link)
+            .await
+            .map_err(|e| refused(format!("the node server refused the link: {e}")))
+    }
+}
+
+/// What a link's gate tells the node.
+struct LinkEvents {
+    inner: std::sync::Weak<Inner>,
+    label: String,
+    handshake: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl GateEvents for LinkEvents {
+    fn claimed(&self, node: &str) {
+        // Past TLS and the claim: no longer a half-open connection.
+        drop(self.handshake.lock().ok().and_then(|mut h| h.take()));
+        if let Some(inner) = self.inner.upgrade() {
+            if let Ok(mut l) = inner.links.lock() {
+                if let Some(i) = l.get_mut(&self.label) {
+                    i.peer = Some(node.to_string());
+                }
+            }
+        }
+    }
+
+    fn refused(&self, why: &Refusal) {
+        drop(self.handshake.lock().ok().and_then(|mut h| h.take()));
+        let Some(inner) = self.inner.upgrade() else { return };
+        tracing::warn!(link = %self.label, "cluster connection refused: {why}");
+        inner.metrics.refused(match why {
+            Refusal::Garbage(_) => LinkRefusal::Garbage,
+            Refusal::WrongName { .. } => LinkRefusal::WrongName,
+        });
     }
 }
 
@@ -696,6 +951,26 @@ impl Drop for Outcome<'_> {
 /// How long a cluster session may take from TCP accept/connect to ready.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 
+/// A link that closed before its session was ready, a second ago: a failed handshake (a wrong
+/// cookie, a stalled peer) unless its peer has a session by now (it was a duplicate).
+fn judge_unfinished(cluster: &Cluster, now: Instant) {
+    let inner = &cluster.inner;
+    let due: Vec<(String, String)> = match inner.unfinished.lock() {
+        Ok(mut f) => {
+            let (due, wait): (Vec<_>, Vec<_>) =
+                f.drain(..).partition(|(_, _, at)| now.duration_since(*at) >= Duration::from_secs(1));
+            *f = wait;
+            due.into_iter().map(|(p, l, _)| (p, l)).collect()
+        }
+        Err(_) => return,
+    };
+    let connected = cluster.connected_names();
+    for (peer, label) in due.into_iter().filter(|(p, _)| !connected.contains(p)) {
+        tracing::warn!(%peer, link = %label, "cluster handshake failed: a wrong cookie, or no answer in time");
+        inner.metrics.refused(LinkRefusal::Handshake);
+    }
+}
+
 /// Dials every known address that has no live session, with per-address backoff.
 async fn dialer(cluster: Cluster) {
     let mut shutdown = cluster.inner.shutdown.subscribe();
@@ -712,7 +987,7 @@ async fn dialer(cluster: Cluster) {
         if let Ok(mut h) = cluster.inner.handshaking.lock() {
             h.retain(|_, (ses, opened)| {
                 if now.duration_since(*opened) < HANDSHAKE_DEADLINE {
-                    in_progress.insert(ses.peer_addr.clone());
+                    in_progress.insert(crate::link::label_addr(&ses.peer_addr).to_string());
                     return true;
                 }
                 tracing::debug!(addr = %ses.peer_addr, "closing a session that never finished its handshake");
@@ -721,6 +996,7 @@ async fn dialer(cluster: Cluster) {
                 false
             });
         }
+        judge_unfinished(&cluster, now);
         // A cut-off node reaches nobody: dialling would only pile up held sockets.
         if cluster.inner.link_faults.is_cut() {
             continue;
@@ -744,16 +1020,21 @@ async fn dialer(cluster: Cluster) {
             entry.1 = now + entry.0;
             entry.0 = (entry.0 * 2).min(Duration::from_secs(2));
             cluster.inner.metrics.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let server = cluster.inner.server.clone();
-            let faults = cluster.inner.link_faults.clone();
+            // Our own dials take link slots too, but never wait for a handshake slot: a flood of
+            // strangers must not stop this node from reaching its peers.
+            let Ok(slot) = cluster.inner.link_slots.clone().try_acquire_owned() else { continue };
+            let handshake = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned();
+            let Ok(handshake) = handshake else { continue };
+            let serial = cluster.inner.dial_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let cluster = cluster.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr.as_str())).await
                 {
                     Ok(Ok(tcp)) => {
-                        let link = Box::new(LinkStream::new(tcp, faults, addr.clone()));
-                        match ractor_cluster::client_connect_external(&server, link).await {
+                        let label = format!("{addr}#{serial}");
+                        match open_link(&cluster, tcp, label, false, slot, handshake).await {
                             Ok(()) => tracing::debug!(%addr, "dialled peer"),
-                            Err(e) => tracing::debug!(%addr, error = %e, "node server refused the link"),
+                            Err(e) => tracing::debug!(%addr, error = %e, "dial refused"),
                         }
                     }
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "dial failed"),

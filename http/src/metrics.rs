@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use bulkhead_cluster::node::LinkRefusal;
 use bulkhead_cluster::wire::WIRE_STATS;
 use bulkhead_cluster::Status;
 
@@ -172,6 +173,21 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "peers refused for a different shard map",
         "counter",
         vec![(String::new(), c.refused_peers.load(Relaxed))],
+    );
+    line(
+        "bulkhead_cluster_links_refused_total",
+        "cluster connections refused: connection_cap / handshake_cap ([limits] cluster_connections / cluster_handshakes), tls (failed or no TLS handshake: garbage, no or a foreign certificate), garbage (not a cluster handshake), wrong_name (a claim the certificate does not name), handshake (wrong cookie or no answer)",
+        "counter",
+        LinkRefusal::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), c.links_refused[*r as usize].load(Relaxed)))
+            .collect(),
+    );
+    line(
+        "bulkhead_cluster_heartbeats_refused_total",
+        "heartbeats dropped because they did not come over a link of the node they name",
+        "counter",
+        vec![(String::new(), c.heartbeats_refused.load(Relaxed))],
     );
     line(
         "bulkhead_breaker_rejected_calls_total",

@@ -14,7 +14,7 @@ use bulkhead_cluster::{NodeConfig, Timing};
 use serde_json::Value;
 
 use crate::secrets::{authorized, LocalSecrets};
-use crate::topology::{local_configs, write_config, Ports};
+use crate::topology::{local_configs, write_config, Ports, NODES};
 
 /// Asks the OS for `n` distinct free TCP ports on 127.0.0.1.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
@@ -45,7 +45,7 @@ impl LocalCluster {
         timing: Timing,
         fault_injection: bool,
     ) -> Result<LocalCluster, String> {
-        let secrets = LocalSecrets::ensure(data_dir)?;
+        let secrets = LocalSecrets::ensure(data_dir, &NODES)?;
         let configs = local_configs(data_dir, &secrets, &ports, timing, fault_injection);
         Self::launch_configs(exe, data_dir, configs)
     }
@@ -59,7 +59,7 @@ impl LocalCluster {
         fault_injection: bool,
         edit: impl Fn(&mut NodeConfig),
     ) -> Result<LocalCluster, String> {
-        let secrets = LocalSecrets::ensure(data_dir)?;
+        let secrets = LocalSecrets::ensure(data_dir, &NODES)?;
         let mut configs = local_configs(data_dir, &secrets, &ports, timing, fault_injection);
         configs.iter_mut().for_each(edit);
         Self::launch_configs(exe, data_dir, configs)
@@ -68,7 +68,8 @@ impl LocalCluster {
     /// Writes `configs` under `data_dir` and starts one node per config. The configs use the
     /// secrets of `data_dir` ([`LocalSecrets`]); this handle's HTTP client sends its admin token.
     pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, String> {
-        let secrets = LocalSecrets::ensure(data_dir)?;
+        let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+        let secrets = LocalSecrets::ensure(data_dir, &names)?;
         let mut config_paths = Vec::new();
         for cfg in &configs {
             let path = data_dir.join(format!("{}.toml", cfg.name));

@@ -1,6 +1,6 @@
-//! The secrets of a local cluster, kept in its data dir: the cookie, the two API tokens (and, with
-//! TLS, the cluster CA and each node's certificate). Made on first use, mode 0600, and reused by
-//! every later launch on the same data dir, so a restarted demo keeps its tokens.
+//! The secrets of a local cluster, kept in its data dir: the cookie, the two API tokens, the
+//! cluster CA and each node's certificate (`certs/`). Made on first use (keys and tokens mode
+//! 0600) and reused by every later launch on the same data dir, so a restarted demo keeps them.
 
 use std::path::{Path, PathBuf};
 
@@ -13,23 +13,48 @@ pub struct LocalSecrets {
     pub cookie_file: PathBuf,
     pub client_token_file: PathBuf,
     pub admin_token_file: PathBuf,
+    /// `ca.pem`, `ca.key`, and `<node>.pem` / `<node>.key` for each node.
+    pub certs_dir: PathBuf,
 }
 
 impl LocalSecrets {
-    /// The secrets of `data_dir`, made where missing.
-    pub fn ensure(data_dir: &Path) -> Result<LocalSecrets, String> {
+    /// The secrets of `data_dir`, made where missing, with a certificate for each of `nodes`.
+    pub fn ensure(data_dir: &Path, nodes: &[&str]) -> Result<LocalSecrets, String> {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let s = LocalSecrets {
             cookie_file: data_dir.join("cookie"),
             client_token_file: data_dir.join("client.token"),
             admin_token_file: data_dir.join("admin.token"),
+            certs_dir: data_dir.join("certs"),
         };
         for file in [&s.cookie_file, &s.client_token_file, &s.admin_token_file] {
             if !file.exists() {
                 write_secret(file, format!("{}\n", random_token()).as_bytes())?;
             }
         }
+        std::fs::create_dir_all(&s.certs_dir).map_err(|e| format!("cannot create {}: {e}", s.certs_dir.display()))?;
+        let (ca, ca_key) = (s.certs_dir.join("ca.pem"), s.certs_dir.join("ca.key"));
+        if !ca.exists() || !ca_key.exists() {
+            let (cert, key) = bulkhead_cluster::tls::new_ca()?;
+            write_secret(&ca_key, key.as_bytes())?;
+            std::fs::write(&ca, cert).map_err(|e| format!("cannot write {}: {e}", ca.display()))?;
+        }
+        for node in nodes {
+            let (cert, key) = s.node_cert(node);
+            if !cert.exists() || !key.exists() {
+                let read =
+                    |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+                let (c, k) = bulkhead_cluster::tls::issue(&read(&ca)?, &read(&ca_key)?, node)?;
+                write_secret(&key, k.as_bytes())?;
+                std::fs::write(&cert, c).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
+            }
+        }
         Ok(s)
+    }
+
+    /// `<node>.pem` and `<node>.key` under `certs/`.
+    pub fn node_cert(&self, node: &str) -> (PathBuf, PathBuf) {
+        (self.certs_dir.join(format!("{node}.pem")), self.certs_dir.join(format!("{node}.key")))
     }
 
     pub fn admin_token(&self) -> Result<String, String> {
@@ -46,8 +71,11 @@ impl LocalSecrets {
         cfg.cookie_file = Some(self.cookie_file.clone());
         cfg.client_token_file = Some(self.client_token_file.clone());
         cfg.admin_token_file = Some(self.admin_token_file.clone());
-        // Mutual TLS comes with the cluster CA (`certs`); until then the links are plain.
-        cfg.tls = bulkhead_cluster::TlsMode::Off;
+        let (cert, key) = self.node_cert(&cfg.name);
+        cfg.tls = bulkhead_cluster::TlsMode::Mutual;
+        cfg.tls_ca_file = Some(self.certs_dir.join("ca.pem"));
+        cfg.tls_cert_file = Some(cert);
+        cfg.tls_key_file = Some(key);
     }
 }
 

@@ -34,7 +34,7 @@ pub async fn start_unready(timing: Timing, prepare: impl FnOnce(&std::path::Path
 /// Like [`start_with`] (fault injection on), after `edit` changed the three nodes' configs.
 pub async fn start_configured(timing: Timing, edit: impl FnOnce(&mut [NodeConfig])) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = LocalSecrets::ensure(dir.path()).expect("secrets");
+    let secrets = LocalSecrets::ensure(dir.path(), &bulkhead_launch::topology::NODES).expect("secrets");
     let mut configs = local_configs(dir.path(), &secrets, &ports(), timing, true);
     edit(&mut configs);
     let lc = LocalCluster::launch_configs(std::path::Path::new(env!("CARGO_BIN_EXE_bulkhead")), dir.path(), configs)

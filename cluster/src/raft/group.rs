@@ -377,6 +377,9 @@ pub fn raft_config(cluster: &Cluster, group: GroupId) -> Result<Config, String> 
         snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 1_000,
         install_snapshot_timeout: 2_000,
+        // Bounded so that no Raft message outgrows the links' frame limit (`MAX_FRAME`).
+        max_payload_entries: super::MAX_PAYLOAD_ENTRIES,
+        snapshot_max_chunk_size: super::SNAPSHOT_CHUNK,
         ..Default::default()
     }
     .validate()

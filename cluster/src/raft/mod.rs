@@ -39,6 +39,15 @@ pub mod network;
 pub mod state_machine;
 pub mod types;
 
+/// Entries in one AppendEntries. Every entry is one command, and no command is larger than the
+/// HTTP body it came from (64 KiB) plus its envelope: 48 of them stay under 3.5 MiB.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 48;
+/// Bytes of a snapshot sent in one InstallSnapshot.
+pub const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
+/// The largest frame a cluster link accepts: the largest of the two above, with room to spare.
+/// ractor_cluster's default is 16 MiB; a peer cannot make this node allocate more than this.
+pub const MAX_FRAME: u64 = 4 * 1024 * 1024;
+
 pub use group::{shard_health, ProposeError, Registry, Replica, ReplicaStatus, Role, ShardHealth, ShardStatus};
 pub use network::{RaftRouter, RaftRpc, RaftRpcReply};
 pub use state_machine::Machine;

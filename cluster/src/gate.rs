@@ -1,0 +1,292 @@
+//! The identity gate: reads a new link's first frames, finds the node name the peer claims in
+//! ractor_cluster's handshake, and refuses the link unless the peer's certificate names that node.
+//!
+//! ractor_cluster authenticates a peer by the cookie alone and believes the name it claims. With
+//! mutual TLS, the certificate is the better witness: the gate sits between the TLS stream and
+//! ractor_cluster's reader, sees the same bytes ractor_cluster will, and decides on the frame that
+//! carries the claim (a client's `Name`, a server's `ServerChallenge`) *before* ractor_cluster has
+//! it: a refused read is an error, so the claim is never decoded and no session is made. After the
+//! claim is accepted the gate steps aside (no copy, no parse).
+//!
+//! [`Gate`] is the pure part (bytes in, a verdict out); [`GateRead`] is the thin `AsyncRead`
+//! around it. Without TLS the gate still finds the claim (and garbage), with no certificate to
+//! hold it against.
+//!
+//! The frames are ractor_cluster 0.16's: a big-endian `u64` length and a protobuf
+//! `meta.NetworkMessage`. Only the fields the gate needs are declared below; protobuf skips the
+//! rest. The real-process tests fail if ractor_cluster ever changes them.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::tls::PeerCert;
+
+/// The largest frame accepted before the claim: the handshake's frames are a few dozen bytes.
+pub const HANDSHAKE_FRAME_MAX: u64 = 16 * 1024;
+/// Frames accepted before the claim (status messages come first on the dialling side).
+const FRAMES_BEFORE_CLAIM: usize = 4;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct NetworkMessage {
+    #[prost(message, optional, tag = "1")]
+    auth: Option<AuthenticationMessage>,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    node: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "3")]
+    control: Option<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AuthenticationMessage {
+    /// A dialling peer's `NameMessage`.
+    #[prost(message, optional, tag = "1")]
+    name: Option<Named>,
+    /// An accepting peer's `Challenge`.
+    #[prost(message, optional, tag = "4")]
+    server_challenge: Option<Named>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Named {
+    /// `node@host`.
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// Why a link was refused at the gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Bytes that are not ractor_cluster's handshake (or one too long).
+    Garbage(String),
+    /// The peer claims `claimed`; its certificate names another node.
+    WrongName { claimed: String },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Garbage(why) => write!(f, "not a cluster handshake: {why}"),
+            Refusal::WrongName { claimed } => {
+                write!(f, "the peer claims to be node `{claimed}` but its certificate names another node")
+            }
+        }
+    }
+}
+
+/// What the gate holds the claim against.
+#[derive(Debug, Clone)]
+pub enum Expect {
+    /// The certificate the peer showed (TLS on).
+    Cert(PeerCert),
+    /// Nothing (TLS off): any claim passes.
+    Nothing,
+}
+
+/// The pure gate: feed it the link's inbound bytes in order.
+#[derive(Debug)]
+pub struct Gate {
+    expect: Expect,
+    buf: Vec<u8>,
+    frames: usize,
+    /// The accepted claim; once set, the gate is open.
+    claimed: Option<String>,
+}
+
+impl Gate {
+    pub fn new(expect: Expect) -> Self {
+        Self { expect, buf: Vec::new(), frames: 0, claimed: None }
+    }
+
+    /// The accepted claim (the peer's node name), once there is one.
+    pub fn claimed(&self) -> Option<&str> {
+        self.claimed.as_deref()
+    }
+
+    /// Takes the next inbound bytes. `Ok(true)` the moment the claim is accepted, `Ok(false)`
+    /// while it has not come yet or after the gate opened, `Err` to refuse the link.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<bool, Refusal> {
+        if self.claimed.is_some() {
+            return Ok(false);
+        }
+        self.buf.extend_from_slice(bytes);
+        loop {
+            let Some(head) = self.buf.get(..8) else { return Ok(false) };
+            let len = u64::from_be_bytes(head.try_into().map_err(|_| Refusal::Garbage("short header".into()))?);
+            if len > HANDSHAKE_FRAME_MAX {
+                return Err(Refusal::Garbage(format!("a {len}-byte frame before the handshake")));
+            }
+            let end = 8 + len as usize;
+            if self.buf.len() < end {
+                return Ok(false);
+            }
+            let msg = <NetworkMessage as prost::Message>::decode(&self.buf[8..end])
+                .map_err(|e| Refusal::Garbage(format!("undecodable frame: {e}")))?;
+            self.buf.drain(..end);
+            self.frames += 1;
+            let Some(auth) = msg.auth else {
+                return Err(Refusal::Garbage("a message before the handshake".into()));
+            };
+            if let Some(named) = auth.name.or(auth.server_challenge) {
+                let claimed = named.name.split('@').next().unwrap_or_default().to_string();
+                if let Expect::Cert(cert) = &self.expect {
+                    if !cert.names(&claimed) {
+                        return Err(Refusal::WrongName { claimed });
+                    }
+                }
+                self.claimed = Some(claimed);
+                self.buf = Vec::new();
+                return Ok(true);
+            }
+            if self.frames >= FRAMES_BEFORE_CLAIM {
+                return Err(Refusal::Garbage("no node name in the handshake".into()));
+            }
+        }
+    }
+}
+
+/// What a link does when its gate decides (counts, records who the peer is).
+pub trait GateEvents: Send + Sync + 'static {
+    fn claimed(&self, node: &str);
+    fn refused(&self, why: &Refusal);
+}
+
+/// A read half whose bytes pass the [`Gate`] until it opens.
+pub struct GateRead<R> {
+    inner: R,
+    gate: Gate,
+    events: Box<dyn GateEvents>,
+}
+
+impl<R> GateRead<R> {
+    pub fn new(inner: R, expect: Expect, events: Box<dyn GateEvents>) -> Self {
+        Self { inner, gate: Gate::new(expect), events }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for GateRead<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if this.gate.claimed().is_none() => {
+                // The refused bytes are never handed on: the error replaces this read.
+                match this.gate.feed(&buf.filled()[before..]) {
+                    Ok(true) => {
+                        this.events.claimed(this.gate.claimed().unwrap_or_default());
+                        Poll::Ready(Ok(()))
+                    }
+                    Ok(false) => Poll::Ready(Ok(())),
+                    Err(why) => {
+                        this.events.refused(&why);
+                        Poll::Ready(Err(io::Error::new(io::ErrorKind::PermissionDenied, why.to_string())))
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn frame(msg: &NetworkMessage) -> Vec<u8> {
+        let body = msg.encode_to_vec();
+        let mut f = (body.len() as u64).to_be_bytes().to_vec();
+        f.extend(body);
+        f
+    }
+
+    fn name_frame(name: &str) -> Vec<u8> {
+        frame(&NetworkMessage {
+            auth: Some(AuthenticationMessage {
+                name: Some(Named { name: format!("{name}@127.0.0.1") }),
+                server_challenge: None,
+            }),
+            node: None,
+            control: None,
+        })
+    }
+
+    fn cert_for(node: &str) -> PeerCert {
+        use rustls::pki_types::pem::PemObject;
+        let (ca, key) = crate::tls::new_ca().unwrap();
+        let (cert, _) = crate::tls::issue(&ca, &key, node).unwrap();
+        PeerCert(rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn a_claim_that_the_certificate_names_opens_the_gate_byte_by_byte_too() {
+        let mut g = Gate::new(Expect::Cert(cert_for("n2")));
+        let bytes = name_frame("n2");
+        let (last, rest) = bytes.split_last().unwrap();
+        for b in rest {
+            assert_eq!(g.feed(&[*b]), Ok(false));
+        }
+        assert_eq!(g.feed(&[*last]), Ok(true));
+        assert_eq!(g.claimed(), Some("n2"));
+        // Open: anything passes, unparsed.
+        assert_eq!(g.feed(b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage"), Ok(false));
+    }
+
+    #[test]
+    fn a_claim_for_another_node_is_refused() {
+        let mut g = Gate::new(Expect::Cert(cert_for("n3")));
+        assert_eq!(g.feed(&name_frame("n1")), Err(Refusal::WrongName { claimed: "n1".into() }));
+        assert_eq!(g.claimed(), None);
+    }
+
+    #[test]
+    fn the_server_challenge_carries_the_accepting_peers_claim_after_a_status() {
+        let status = frame(&NetworkMessage {
+            auth: Some(AuthenticationMessage { name: None, server_challenge: None }),
+            node: None,
+            control: None,
+        });
+        let challenge = frame(&NetworkMessage {
+            auth: Some(AuthenticationMessage {
+                name: None,
+                server_challenge: Some(Named { name: "n2@10.0.0.12".into() }),
+            }),
+            node: None,
+            control: None,
+        });
+        let mut g = Gate::new(Expect::Cert(cert_for("n2")));
+        assert_eq!(g.feed(&[status, challenge].concat()), Ok(true));
+        assert_eq!(g.claimed(), Some("n2"));
+    }
+
+    #[test]
+    fn garbage_an_early_message_or_a_huge_frame_is_refused() {
+        let http = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert!(matches!(Gate::new(Expect::Nothing).feed(http), Err(Refusal::Garbage(_))));
+        let huge = (HANDSHAKE_FRAME_MAX + 1).to_be_bytes();
+        assert!(matches!(Gate::new(Expect::Nothing).feed(&huge), Err(Refusal::Garbage(_))));
+        let early = frame(&NetworkMessage { auth: None, node: Some(vec![1, 2, 3]), control: None });
+        assert!(matches!(Gate::new(Expect::Nothing).feed(&early), Err(Refusal::Garbage(_))));
+        let bad = [&8u64.to_be_bytes()[..], &[0xff; 8]].concat();
+        assert!(matches!(Gate::new(Expect::Nothing).feed(&bad), Err(Refusal::Garbage(_))));
+        // Without TLS any well-formed claim passes.
+        let mut g = Gate::new(Expect::Nothing);
+        assert_eq!(g.feed(&name_frame("n9")), Ok(true));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_open_a_certificate_gate_for_a_wrong_name(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+        ) {
+            let mut g = Gate::new(Expect::Nothing);
+            let _ = g.feed(&bytes);
+            let mut g = Gate::new(Expect::Cert(cert_for("n1")));
+            let mut all = bytes.clone();
+            all.extend(name_frame("n2"));
+            proptest::prop_assert!(g.feed(&all) != Ok(true));
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The cluster port against strangers, on a real three-node cluster with mutual TLS: garbage, a
+//! certificate from another CA, a certificate for another node than the one claimed, a wrong
+//! cookie, and a flood of half-open connections are each refused and counted, while the node
+//! keeps serving orders and its peers.
+
+mod common;
+
+use std::time::Duration;
+
+use bulkhead_cluster::tls::TlsLinks;
+use common::{eventually, start, TestCluster};
+use ractor::Actor;
+use ractor_cluster::NodeServer;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// `bulkhead_cluster_links_refused_total{reason=...}` on node `i`.
+async fn refused(tc: &TestCluster, i: usize, reason: &str) -> u64 {
+    let page = tc.http.get(format!("{}/metrics", tc.url(i))).send().await.expect("metrics").text().await.expect("text");
+    let prefix = format!("bulkhead_cluster_links_refused_total{{reason=\"{reason}\"}} ");
+    page.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Waits until the counter of `reason` on node `i` has grown past `before` by at least `by`.
+async fn counted(tc: &TestCluster, i: usize, reason: &str, before: u64, by: u64) {
+    eventually(Duration::from_secs(10), &format!("{reason} counted"), || async {
+        (refused(tc, i, reason).await >= before + by).then_some(())
+    })
+    .await;
+}
+
+/// The node still serves: ready, and an order placed through it confirms.
+async fn still_serving(tc: &TestCluster, i: usize, n: u32) {
+    assert_eq!(tc.get(i, "/readyz").await.status, 200);
+    let r = tc.order(i, Some(&format!("sec-{n}")), "sec-1", 1, "tok_ok").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// TLS links of a node named `node` whose certificate is issued by the CA in `certs` for
+/// `cert_for` (the same name unless an impostor).
+fn links(certs: &std::path::Path, cert_for: &str) -> TlsLinks {
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read");
+    let (cert, key) = bulkhead_cluster::tls::issue(&read("ca.pem"), &read("ca.key"), cert_for).expect("issue");
+    TlsLinks::from_pem(read("ca.pem").as_bytes(), cert.as_bytes(), key.as_bytes(), cert_for).expect("links")
+}
+
+/// A ractor node named `claim` that dials `addr` over `tls` with `cookie`, as a real peer would.
+/// Stop the returned node server once the verdict is in.
+async fn play_peer(
+    tls: &TlsLinks,
+    claim: &str,
+    cookie: &str,
+    addr: std::net::SocketAddr,
+) -> ractor::ActorRef<ractor_cluster::NodeServerMessage> {
+    let server = NodeServer::new(0, cookie.into(), claim.into(), "127.0.0.1".into(), None, None)
+        .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
+    let (server, _) = Actor::spawn(None, server, ()).await.expect("node server");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    if let Ok(link) = tls.dial_link(tcp).await {
+        // Refused or not, the peer's side says nothing useful here; the node's counters do.
+        let _ = ractor_cluster::client_connect_external(&server, Box::new(link)).await;
+    }
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_serves() {
+    let tc = start().await;
+    tc.stock("sec-1", 1_000, 100).await;
+    let addr = tc.lc.configs[0].cluster_listen;
+    let certs = tc.lc.secrets().certs_dir.clone();
+    let cookie = std::fs::read_to_string(&tc.lc.secrets().cookie_file).expect("cookie").trim().to_string();
+    still_serving(&tc, 0, 0).await;
+
+    // Garbage instead of a TLS handshake.
+    let before = refused(&tc, 0, "tls").await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: n1\r\n\r\n").await.expect("write");
+    counted(&tc, 0, "tls", before, 1).await;
+    drop(s);
+
+    // A certificate from another CA (the right cookie does not help).
+    let (other_ca, other_key) = bulkhead_cluster::tls::new_ca().expect("ca");
+    let (c, k) = bulkhead_cluster::tls::issue(&other_ca, &other_key, "n2").expect("issue");
+    let stranger = TlsLinks::from_pem(other_ca.as_bytes(), c.as_bytes(), k.as_bytes(), "n2").expect("links");
+    let before = refused(&tc, 0, "tls").await;
+    let peer = play_peer(&stranger, "n2", &cookie, addr).await;
+    counted(&tc, 0, "tls", before, 1).await;
+    peer.stop(None);
+    still_serving(&tc, 0, 1).await;
+
+    // Garbage after a good TLS handshake.
+    let before = refused(&tc, 0, "garbage").await;
+    let mut link = links(&certs, "n3")
+        .connector
+        .connect(TlsLinks::dial_name(), TcpStream::connect(addr).await.expect("c"))
+        .await
+        .expect("tls");
+    link.write_all(&[0xff; 64]).await.expect("write");
+    counted(&tc, 0, "garbage", before, 1).await;
+    drop(link);
+
+    // A certificate of the cluster for n3, used to claim to be n2, with the right cookie.
+    let before = refused(&tc, 0, "wrong_name").await;
+    let peer = play_peer(&links(&certs, "n3"), "n2", &cookie, addr).await;
+    counted(&tc, 0, "wrong_name", before, 1).await;
+    peer.stop(None);
+    still_serving(&tc, 0, 2).await;
+
+    // A cluster certificate and claim that agree (a new node n9), with the wrong cookie.
+    let before = refused(&tc, 0, "handshake").await;
+    let peer = play_peer(&links(&certs, "n9"), "n9", "not-the-cookie", addr).await;
+    counted(&tc, 0, "handshake", before, 1).await;
+    peer.stop(None);
+
+    // A flood of half-open connections: past `cluster_handshakes` (16) they are closed at once,
+    // the rest at the handshake deadline; meanwhile orders go on and the peers stay up.
+    let before = refused(&tc, 0, "handshake_cap").await;
+    let flood: Vec<TcpStream> =
+        futures::future::join_all((0..48).map(|_| TcpStream::connect(addr))).await.into_iter().flatten().collect();
+    counted(&tc, 0, "handshake_cap", before, 16).await;
+    still_serving(&tc, 0, 3).await;
+    for peer in ["n2", "n3"] {
+        assert_eq!(tc.status_of(0, peer).await, "up", "{peer} during the flood");
+    }
+    drop(flood);
+    // Nothing above made a session: the node's view still has exactly its two peers up.
+    let view = tc.get(0, "/v1/cluster").await.body;
+    let names: Vec<&str> = view["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["name"].as_str()).collect();
+    assert_eq!(names, ["n1", "n2", "n3"], "{view}");
+    still_serving(&tc, 0, 4).await;
+}

@@ -155,6 +155,8 @@ async fn a_node_with_another_shard_map_is_refused() {
     cfg.seeds = vec![tc.lc.configs[0].cluster_listen.to_string()];
     cfg.data_dir = tc.dir.path().join("n4");
     cfg.capabilities.0.insert(Capability::Payments, CapabilityPlacement::on(&["n2", "n4"]));
+    // A member of the cluster in good standing (its own certificate), with another shard map.
+    bulkhead_launch::LocalSecrets::ensure(tc.dir.path(), &["n4"]).expect("n4's certificate").apply(&mut cfg);
     let path = tc.dir.path().join("n4.toml");
     write_config(&cfg, &path).unwrap();
     let log = std::fs::File::create(tc.dir.path().join("n4.log")).unwrap();

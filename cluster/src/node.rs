@@ -42,6 +42,8 @@ pub struct ClusterMetrics {
     pub links_refused: [AtomicU64; LinkRefusal::ALL.len()],
     /// Heartbeats dropped because they did not come over a link of the node they name.
     pub heartbeats_refused: AtomicU64,
+    /// Raft RPCs refused: not over a link of their sender, or naming another node's member.
+    pub raft_refused: AtomicU64,
 }
 
 /// Why a cluster connection was refused.
@@ -135,6 +137,8 @@ struct Inner {
     link_slots: Arc<tokio::sync::Semaphore>,
     handshake_slots: Arc<tokio::sync::Semaphore>,
     dial_serial: AtomicU64,
+    /// What a call from this node to one of its own actors carries as its binding: random, never sent.
+    local_binding: [u8; 32],
     /// Links that passed the gate and closed before their session was ready: (peer, label, when).
     unfinished: Mutex<Vec<(String, String, Instant)>>,
 }
@@ -282,6 +286,7 @@ impl Cluster {
             handshake_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_handshakes)),
             dial_serial: AtomicU64::new(0),
             unfinished: Mutex::new(Vec::new()),
+            local_binding: rand::random(),
         });
         let cluster = Cluster { inner };
         for cap in cluster.config().hosted() {
@@ -299,7 +304,7 @@ impl Cluster {
         if let Ok(mut m) = cluster.inner.membership.lock() {
             *m = Some(membership);
         }
-        Actor::spawn(Some("bulkhead.raft.router".into()), crate::raft::RaftRouter, cluster.inner.raft.clone())
+        Actor::spawn(Some("bulkhead.raft.router".into()), crate::raft::RaftRouter, cluster.clone())
             .await
             .map_err(|e| format!("cannot start the raft router: {e}"))?;
         for seed in &cluster.config().seeds {
@@ -414,7 +419,7 @@ impl Cluster {
     /// The channel binding of the link that `remote` (a remote actor's stub) lives on: what a
     /// heartbeat sent to it carries (empty without TLS).
     pub(crate) fn binding_for(&self, remote: ractor::ActorId) -> Vec<u8> {
-        let ractor::ActorId::Remote { node_id, .. } = remote else { return Vec::new() };
+        let ractor::ActorId::Remote { node_id, .. } = remote else { return self.inner.local_binding.to_vec() };
         let label = self
             .inner
             .sessions
@@ -429,6 +434,10 @@ impl Cluster {
 
     /// Whether a heartbeat that names `node` and carries `binding` came over a link of `node`.
     pub(crate) fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
+        if node == self.name() {
+            // Only this process knows its own binding (a call to one of its own actors).
+            return binding == self.inner.local_binding.as_slice();
+        }
         let links: Vec<LinkInfo> = self.inner.links.lock().map(|l| l.values().cloned().collect()).unwrap_or_default();
         let connected = self.inner.sessions.lock().map(|s| s.contains_key(node)).unwrap_or(false);
         vouched(self.inner.tls.is_some(), &links, connected, node, binding)
@@ -645,7 +654,12 @@ impl Cluster {
     ) -> Result<crate::raft::RaftRpcReply, CallError> {
         let group = crate::raft::network::router_group(node);
         let actor = self.remotable(&group, cap, node, &format!("no raft router is registered on {node}"))?;
-        call(&actor, cap, node, rpc, "", timeout).await
+        let call_ = crate::raft::network::RaftCall {
+            from: self.name().to_string(),
+            binding: self.binding_for(actor.get_id()),
+            rpc: rpc.clone(),
+        };
+        call(&actor, cap, node, &call_, "", timeout).await
     }
 
     /// The shard of a replicated capability that owns `key`.

@@ -12,7 +12,10 @@
 //! came over a link whose certificate says X (see `membership`).
 //!
 //! Caveats: there is no revocation list; a node's certificate stays valid until it expires
-//! (5 years) or the CA is replaced (docs/operations.md, "Rotating certificates").
+//! (5 years) or the CA is replaced (docs/operations.md, "Rotation"). Validity is judged by each
+//! node's wall clock: a certificate is valid from 30 days before it was made, so a node whose
+//! clock runs up to 30 days behind still links; one further off is refused with the times in the
+//! error.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -136,12 +139,11 @@ impl PeerCert {
         webpki::EndEntityCert::try_from(&self.0).is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
     }
 
-    fn verify_chain(&self, roots: &RootCertStore) -> Result<(), String> {
-        let cert = webpki::EndEntityCert::try_from(&self.0).map_err(|e| e.to_string())?;
+    fn verify_chain(&self, roots: &RootCertStore) -> Result<(), webpki::Error> {
+        let cert = webpki::EndEntityCert::try_from(&self.0)?;
         let algs = provider().signature_verification_algorithms;
         cert.verify_for_usage(algs.all, &roots.roots, &[], UnixTime::now(), webpki::KeyUsage::server_auth(), None, None)
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 }
 
@@ -251,11 +253,16 @@ pub fn issue(ca_cert_pem: &str, ca_key_pem: &str, node: &str) -> Result<(String,
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// From a day ago (clocks differ a little) to `days` from now.
+/// From 30 days ago to `days` from now. Both ends check the other's certificate against their own
+/// wall clock: a node whose clock runs behind must still accept a certificate issued today (the
+/// cluster tolerates clocks days apart: tests/clocks.rs), so validity starts well before.
 fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
     let now = time::OffsetDateTime::now_utc();
-    (now - time::Duration::days(1), now + time::Duration::days(days))
+    (now - time::Duration::days(BACKDATED_DAYS), now + time::Duration::days(days))
 }
+
+/// How far back a new certificate is valid from.
+pub const BACKDATED_DAYS: i64 = 30;
 
 #[cfg(test)]
 mod tests {

@@ -190,6 +190,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         vec![(String::new(), c.heartbeats_refused.load(Relaxed))],
     );
     line(
+        "bulkhead_cluster_raft_rpcs_refused_total",
+        "Raft RPCs refused: not over a link of the node they name, or naming another node's member",
+        "counter",
+        vec![(String::new(), c.raft_refused.load(Relaxed))],
+    );
+    line(
         "bulkhead_breaker_rejected_calls_total",
         "cross-node calls failed fast because the member's circuit breaker was open",
         "counter",

@@ -59,6 +59,38 @@ impl Record for RaftRpc {
     const VERSION: u8 = 1;
 }
 
+/// A [`RaftRpc`] as it travels: who sends it, and the binding of the link it goes over (see
+/// `Cluster::vouches_for`), so that no node can speak for another in a group, votes included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RaftCall {
+    pub from: String,
+    pub binding: Vec<u8>,
+    pub rpc: RaftRpc,
+}
+impl Record for RaftCall {
+    const VERSION: u8 = 1;
+}
+
+/// Whether node `from` may send `rpc` (`leader`: the group's leader as the local replica knows
+/// it): a vote's candidate and an append's or a snapshot's leader must be members on `from`, and a
+/// hand-over must come from the leader. Anyone proved may say hello.
+pub fn sent_by(rpc: &RaftRpc, from: &str, leader: Option<&str>) -> Result<(), String> {
+    let on_from = |member: Option<MemberId>, what: &str| match member {
+        Some(m) if super::types::is_member_of(m, from) => Ok(()),
+        _ => Err(format!("a {what} from {from} names a member that is not on {from}")),
+    };
+    match rpc {
+        RaftRpc::Hello { .. } => Ok(()),
+        RaftRpc::Vote { req, .. } => on_from(req.vote.leader_id().voted_for(), "vote request"),
+        RaftRpc::Append { req, .. } => on_from(req.vote.leader_id().voted_for(), "append"),
+        RaftRpc::Snapshot { req, .. } => on_from(req.vote.leader_id().voted_for(), "snapshot"),
+        RaftRpc::TakeLead { .. } => match leader {
+            Some(l) if l != from => Err(format!("a hand-over from {from}, while {l} leads")),
+            _ => Ok(()),
+        },
+    }
+}
+
 /// The answer to a [`RaftRpc`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpcReply {
@@ -90,39 +122,100 @@ pub struct RaftRouter;
 
 impl Actor for RaftRouter {
     type Msg = WireMsg;
-    type State = Registry;
-    type Arguments = Registry;
+    type State = Cluster;
+    type Arguments = Cluster;
 
-    async fn pre_start(&self, myself: ActorRef<WireMsg>, registry: Registry) -> Result<Registry, ActorProcessingErr> {
-        ractor::pg::join(router_group(&registry.node), vec![myself.get_cell()]);
-        Ok(registry)
+    async fn pre_start(&self, myself: ActorRef<WireMsg>, cluster: Cluster) -> Result<Cluster, ActorProcessingErr> {
+        ractor::pg::join(router_group(&cluster.raft().node), vec![myself.get_cell()]);
+        Ok(cluster)
     }
 
     async fn handle(
         &self,
         _: ActorRef<WireMsg>,
         msg: WireMsg,
-        registry: &mut Registry,
+        cluster: &mut Cluster,
     ) -> Result<(), ActorProcessingErr> {
         let WireMsg::Ask(bytes, port) = msg else { return Ok(()) };
-        let (env, rpc) = match open::<RaftRpc>(&bytes, "raft rpc") {
+        let refuse = |reason: String| seal(&WireReply::Refused { kind: Refusal::Rejected, reason }, "");
+        let (env, call) = match open::<RaftCall>(&bytes, "raft rpc") {
             Ok(x) => x,
             Err(e) => {
-                let _ = port.send(seal(
-                    &WireReply::Refused { kind: Refusal::Rejected, reason: format!("undecodable raft rpc: {e}") },
-                    "",
-                ));
+                let _ = port.send(refuse(format!("undecodable raft rpc: {e}")));
                 return Ok(());
             }
         };
+        let leader = call.rpc.group().and_then(|g| cluster.raft().get(g)).and_then(|r| r.leader());
+        let proved = if cluster.vouches_for(&call.from, &call.binding) {
+            sent_by(&call.rpc, &call.from, leader.as_deref())
+        } else {
+            Err(format!("a raft rpc that names {} did not come over a link of {}", call.from, call.from))
+        };
+        if let Err(why) = proved {
+            cluster.metrics().raft_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(from = %call.from, "raft rpc refused: {why}");
+            let _ = port.send(refuse(why));
+            return Ok(());
+        }
+        let rpc = call.rpc;
         // Each RPC on its own task: an append waits for the group commit, a vote for its fsync,
         // and the router must not make one group wait behind another.
-        let registry = registry.clone();
+        let registry = cluster.raft().clone();
         tokio::spawn(async move {
             let reply = dispatch(&registry, rpc).await;
             let _ = port.send(seal(&WireReply::Ok(encode(&reply)), &env.traceparent));
         });
         Ok(())
+    }
+}
+
+impl RaftRpc {
+    /// The group this RPC is for.
+    pub fn group(&self) -> Option<GroupId> {
+        match self {
+            RaftRpc::Append { group, .. }
+            | RaftRpc::Vote { group, .. }
+            | RaftRpc::Snapshot { group, .. }
+            | RaftRpc::Hello { group }
+            | RaftRpc::TakeLead { group, .. } => Some(*group),
+        }
+    }
+}
+
+#[cfg(test)]
+mod sender_tests {
+    use super::*;
+    use crate::config::Capability;
+    use crate::raft::types::member_id;
+    use openraft::Vote;
+
+    #[test]
+    fn a_node_may_vote_append_and_hand_over_only_as_itself() {
+        let group = GroupId { capability: Capability::Payments, shard: 0 };
+        let (n1, n2) = (member_id("n1", 7), member_id("n2", 3));
+        let vote = |candidate| RaftRpc::Vote {
+            group,
+            to: n1,
+            req: VoteRequest { vote: Vote::new(4, candidate), last_log_id: None },
+        };
+        assert!(sent_by(&vote(n2), "n2", None).is_ok());
+        assert!(sent_by(&vote(n2), "n3", None).unwrap_err().contains("not on n3"), "n3 asks votes for n2");
+        let append = RaftRpc::Append {
+            group,
+            to: n1,
+            req: AppendEntriesRequest {
+                vote: Vote::new_committed(4, n2),
+                prev_log_id: None,
+                entries: vec![],
+                leader_commit: None,
+            },
+        };
+        assert!(sent_by(&append, "n2", None).is_ok());
+        assert!(sent_by(&append, "n1", None).is_err());
+        let take = RaftRpc::TakeLead { group, to: n1 };
+        assert!(sent_by(&take, "n2", Some("n2")).is_ok());
+        assert!(sent_by(&take, "n3", Some("n2")).is_err());
+        assert!(sent_by(&RaftRpc::Hello { group }, "n3", Some("n2")).is_ok());
     }
 }
 

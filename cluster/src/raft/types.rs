@@ -53,6 +53,11 @@ pub fn member_id(node: &str, incarnation: u32) -> MemberId {
     ((stable_hash(node.as_bytes()) as u32 as u64) << 32) | u64::from(incarnation)
 }
 
+/// Whether `member` is a member id of node `node` (any incarnation).
+pub fn is_member_of(member: MemberId, node: &str) -> bool {
+    member >> 32 == member_id(node, 0) >> 32
+}
+
 /// Tables of a group's store at and above this id belong to Raft; the capability's own tables
 /// (below it) are the state machine, and exactly what a snapshot carries.
 pub const RAFT_TABLES_FROM: u8 = 0xF0;

@@ -476,6 +476,10 @@ impl NodeConfig {
         if cfg.cookie.is_some() && cfg.cookie_file.is_some() {
             return Err(format!("invalid config {}: give `cookie` or `cookie_file`, not both", path.display()));
         }
+        if cfg.cookie.is_some() {
+            // The secret is in the config itself: the config is then a secret file.
+            crate::secret::check_private(path, "the config (it holds `cookie` inline; prefer `cookie_file`)")?;
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         for file in [
             &mut cfg.cookie_file,
@@ -732,6 +736,20 @@ nodes = ["n3"]
         assert!(ApiTokens::new("short".into(), b.clone()).unwrap_err().contains("at least 32"));
         assert!(ApiTokens::new(format!("{a}\n"), format!("{b}\n{a}")).unwrap_err().contains("both"));
         assert!(ApiTokens::new("\n".into(), b).unwrap_err().contains("no token"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_with_the_cookie_inline_must_be_private_itself() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, SAMPLE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = NodeConfig::load(&path).unwrap_err();
+        assert!(e.contains("inline") && e.contains("0644"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().cookie(), "secret");
     }
 
     #[test]

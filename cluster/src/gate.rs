@@ -13,8 +13,9 @@
 //! hold it against.
 //!
 //! The frames are ractor_cluster 0.16's: a big-endian `u64` length and a protobuf
-//! `meta.NetworkMessage`. Only the fields the gate needs are declared below; protobuf skips the
-//! rest. The real-process tests fail if ractor_cluster ever changes them.
+//! `meta.NetworkMessage`, declared below with both of its `oneof`s in full (the messages the gate
+//! does not read kept as bytes), so that a frame means the same to the gate as to ractor_cluster.
+//! The real-process tests fail if ractor_cluster ever changes them.
 
 use std::io;
 use std::pin::Pin;
@@ -26,27 +27,50 @@ use crate::tls::PeerCert;
 
 /// The largest frame accepted before the claim: the handshake's frames are a few dozen bytes.
 pub const HANDSHAKE_FRAME_MAX: u64 = 16 * 1024;
-/// Frames accepted before the claim (status messages come first on the dialling side).
-const FRAMES_BEFORE_CLAIM: usize = 4;
+
+// The shapes below mirror ractor_cluster's `meta.proto` and `auth.proto` exactly where it matters:
+// both `oneof`s are `oneof`s here too, so a frame decodes to the same variant for the gate as for
+// ractor_cluster (protobuf keeps the last variant on the wire). Messages the gate does not read
+// are kept as bytes.
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct NetworkMessage {
-    #[prost(message, optional, tag = "1")]
-    auth: Option<AuthenticationMessage>,
-    #[prost(bytes = "vec", optional, tag = "2")]
-    node: Option<Vec<u8>>,
-    #[prost(bytes = "vec", optional, tag = "3")]
-    control: Option<Vec<u8>>,
+    #[prost(oneof = "Network", tags = "1, 2, 3")]
+    message: Option<Network>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum Network {
+    #[prost(message, tag = "1")]
+    Auth(AuthenticationMessage),
+    #[prost(bytes = "vec", tag = "2")]
+    Node(Vec<u8>),
+    #[prost(bytes = "vec", tag = "3")]
+    Control(Vec<u8>),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct AuthenticationMessage {
-    /// A dialling peer's `NameMessage`.
-    #[prost(message, optional, tag = "1")]
-    name: Option<Named>,
-    /// An accepting peer's `Challenge`.
-    #[prost(message, optional, tag = "4")]
-    server_challenge: Option<Named>,
+    #[prost(oneof = "Auth", tags = "1, 2, 3, 4, 5, 6")]
+    msg: Option<Auth>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum Auth {
+    /// A dialling peer's `NameMessage`: its claim.
+    #[prost(message, tag = "1")]
+    Name(Named),
+    #[prost(bytes = "vec", tag = "2")]
+    ServerStatus(Vec<u8>),
+    #[prost(bytes = "vec", tag = "3")]
+    ClientStatus(Vec<u8>),
+    /// An accepting peer's `Challenge`: its claim.
+    #[prost(message, tag = "4")]
+    ServerChallenge(Named),
+    #[prost(bytes = "vec", tag = "5")]
+    ClientChallenge(Vec<u8>),
+    #[prost(bytes = "vec", tag = "6")]
+    ServerAck(Vec<u8>),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -86,9 +110,16 @@ pub enum Expect {
 }
 
 /// The pure gate: feed it the link's inbound bytes in order.
+///
+/// ractor_cluster's handshake is strict (any message out of order closes the session), and so is
+/// the gate: on an accepted link the peer's first frame must be its `Name`; on a dialled link the
+/// peer's first frame must be a `ServerStatus` and its second the `ServerChallenge` that carries
+/// its name. That claim is the one ractor_cluster takes, and the gate judges it.
 #[derive(Debug)]
 pub struct Gate {
     expect: Expect,
+    /// Whether the peer dialled us (its first frame is its `Name`).
+    incoming: bool,
     buf: Vec<u8>,
     frames: usize,
     /// The accepted claim; once set, the gate is open.
@@ -96,8 +127,8 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(expect: Expect) -> Self {
-        Self { expect, buf: Vec::new(), frames: 0, claimed: None }
+    pub fn new(expect: Expect, incoming: bool) -> Self {
+        Self { expect, incoming, buf: Vec::new(), frames: 0, claimed: None }
     }
 
     /// The accepted claim (the peer's node name), once there is one.
@@ -126,23 +157,25 @@ impl Gate {
                 .map_err(|e| Refusal::Garbage(format!("undecodable frame: {e}")))?;
             self.buf.drain(..end);
             self.frames += 1;
-            let Some(auth) = msg.auth else {
-                return Err(Refusal::Garbage("a message before the handshake".into()));
+            let auth = match msg.message {
+                Some(Network::Auth(AuthenticationMessage { msg: Some(a) })) => a,
+                _ => return Err(Refusal::Garbage("a message that is not the cluster handshake".into())),
             };
-            if let Some(named) = auth.name.or(auth.server_challenge) {
-                let claimed = named.name.split('@').next().unwrap_or_default().to_string();
-                if let Expect::Cert(cert) = &self.expect {
-                    if !cert.names(&claimed) {
-                        return Err(Refusal::WrongName { claimed });
-                    }
+            let claim = match (self.incoming, self.frames, auth) {
+                (true, 1, Auth::Name(n)) => n.name,
+                (false, 1, Auth::ServerStatus(_)) => continue,
+                (false, 2, Auth::ServerChallenge(n)) => n.name,
+                _ => return Err(Refusal::Garbage("a handshake message out of order".into())),
+            };
+            let claimed = claim.split('@').next().unwrap_or_default().to_string();
+            if let Expect::Cert(cert) = &self.expect {
+                if !cert.names(&claimed) {
+                    return Err(Refusal::WrongName { claimed });
                 }
-                self.claimed = Some(claimed);
-                self.buf = Vec::new();
-                return Ok(true);
             }
-            if self.frames >= FRAMES_BEFORE_CLAIM {
-                return Err(Refusal::Garbage("no node name in the handshake".into()));
-            }
+            self.claimed = Some(claimed);
+            self.buf = Vec::new();
+            return Ok(true);
         }
     }
 }
@@ -161,8 +194,8 @@ pub struct GateRead<R> {
 }
 
 impl<R> GateRead<R> {
-    pub fn new(inner: R, expect: Expect, events: Box<dyn GateEvents>) -> Self {
-        Self { inner, gate: Gate::new(expect), events }
+    pub fn new(inner: R, gate: Gate, events: Box<dyn GateEvents>) -> Self {
+        Self { inner, gate, events }
     }
 }
 
@@ -195,22 +228,19 @@ mod tests {
     use super::*;
     use prost::Message;
 
-    fn frame(msg: &NetworkMessage) -> Vec<u8> {
-        let body = msg.encode_to_vec();
+    fn frame(msg: Option<Network>) -> Vec<u8> {
+        let body = NetworkMessage { message: msg }.encode_to_vec();
         let mut f = (body.len() as u64).to_be_bytes().to_vec();
         f.extend(body);
         f
     }
 
+    fn auth(a: Auth) -> Vec<u8> {
+        frame(Some(Network::Auth(AuthenticationMessage { msg: Some(a) })))
+    }
+
     fn name_frame(name: &str) -> Vec<u8> {
-        frame(&NetworkMessage {
-            auth: Some(AuthenticationMessage {
-                name: Some(Named { name: format!("{name}@127.0.0.1") }),
-                server_challenge: None,
-            }),
-            node: None,
-            control: None,
-        })
+        auth(Auth::Name(Named { name: format!("{name}@127.0.0.1") }))
     }
 
     fn cert_for(node: &str) -> PeerCert {
@@ -222,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_claim_that_the_certificate_names_opens_the_gate_byte_by_byte_too() {
-        let mut g = Gate::new(Expect::Cert(cert_for("n2")));
+        let mut g = Gate::new(Expect::Cert(cert_for("n2")), true);
         let bytes = name_frame("n2");
         let (last, rest) = bytes.split_last().unwrap();
         for b in rest {
@@ -236,43 +266,55 @@ mod tests {
 
     #[test]
     fn a_claim_for_another_node_is_refused() {
-        let mut g = Gate::new(Expect::Cert(cert_for("n3")));
+        let mut g = Gate::new(Expect::Cert(cert_for("n3")), true);
         assert_eq!(g.feed(&name_frame("n1")), Err(Refusal::WrongName { claimed: "n1".into() }));
         assert_eq!(g.claimed(), None);
     }
 
     #[test]
-    fn the_server_challenge_carries_the_accepting_peers_claim_after_a_status() {
-        let status = frame(&NetworkMessage {
-            auth: Some(AuthenticationMessage { name: None, server_challenge: None }),
-            node: None,
-            control: None,
-        });
-        let challenge = frame(&NetworkMessage {
-            auth: Some(AuthenticationMessage {
-                name: None,
-                server_challenge: Some(Named { name: "n2@10.0.0.12".into() }),
-            }),
-            node: None,
-            control: None,
-        });
-        let mut g = Gate::new(Expect::Cert(cert_for("n2")));
-        assert_eq!(g.feed(&[status, challenge].concat()), Ok(true));
+    fn a_dialled_peer_claims_in_its_challenge_after_its_status() {
+        let status = auth(Auth::ServerStatus(vec![]));
+        let challenge = auth(Auth::ServerChallenge(Named { name: "n2@10.0.0.12".into() }));
+        let mut g = Gate::new(Expect::Cert(cert_for("n2")), false);
+        assert_eq!(g.feed(&[status.clone(), challenge.clone()].concat()), Ok(true));
         assert_eq!(g.claimed(), Some("n2"));
+        // Out of order, as ractor_cluster would close it too: a challenge first, or a Name.
+        assert!(Gate::new(Expect::Nothing, false).feed(&challenge).is_err());
+        assert!(Gate::new(Expect::Nothing, false).feed(&name_frame("n2")).is_err());
+        assert!(Gate::new(Expect::Nothing, true).feed(&status).is_err());
+    }
+
+    /// The frame a certified n3 would send to slip a claim for n2 past a gate that read fields
+    /// one by one: a `Name` for n3, then a `node` field, so that ractor_cluster (whose `oneof`
+    /// keeps the last field) sees a node message and waits for the real claim. The gate reads it
+    /// as ractor_cluster does: a node message before the handshake, refused.
+    #[test]
+    fn a_frame_that_ends_in_another_variant_is_judged_by_that_variant() {
+        let mut bytes = AuthenticationMessage { msg: Some(Auth::Name(Named { name: "n3@h".into() })) }.encode_to_vec();
+        let mut body = Vec::new();
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut body);
+        prost::encoding::encode_varint(bytes.len() as u64, &mut body);
+        body.append(&mut bytes);
+        prost::encoding::bytes::encode(2, &Vec::<u8>::new(), &mut body);
+        let mut f = (body.len() as u64).to_be_bytes().to_vec();
+        f.extend(body);
+        let mut g = Gate::new(Expect::Cert(cert_for("n3")), true);
+        assert!(matches!(g.feed(&f), Err(Refusal::Garbage(_))));
+        assert_eq!(g.claimed(), None);
     }
 
     #[test]
     fn garbage_an_early_message_or_a_huge_frame_is_refused() {
         let http = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
-        assert!(matches!(Gate::new(Expect::Nothing).feed(http), Err(Refusal::Garbage(_))));
+        assert!(matches!(Gate::new(Expect::Nothing, true).feed(http), Err(Refusal::Garbage(_))));
         let huge = (HANDSHAKE_FRAME_MAX + 1).to_be_bytes();
-        assert!(matches!(Gate::new(Expect::Nothing).feed(&huge), Err(Refusal::Garbage(_))));
-        let early = frame(&NetworkMessage { auth: None, node: Some(vec![1, 2, 3]), control: None });
-        assert!(matches!(Gate::new(Expect::Nothing).feed(&early), Err(Refusal::Garbage(_))));
+        assert!(matches!(Gate::new(Expect::Nothing, true).feed(&huge), Err(Refusal::Garbage(_))));
+        let early = frame(Some(Network::Node(vec![1, 2, 3])));
+        assert!(matches!(Gate::new(Expect::Nothing, true).feed(&early), Err(Refusal::Garbage(_))));
         let bad = [&8u64.to_be_bytes()[..], &[0xff; 8]].concat();
-        assert!(matches!(Gate::new(Expect::Nothing).feed(&bad), Err(Refusal::Garbage(_))));
+        assert!(matches!(Gate::new(Expect::Nothing, true).feed(&bad), Err(Refusal::Garbage(_))));
         // Without TLS any well-formed claim passes.
-        let mut g = Gate::new(Expect::Nothing);
+        let mut g = Gate::new(Expect::Nothing, true);
         assert_eq!(g.feed(&name_frame("n9")), Ok(true));
     }
 
@@ -281,9 +323,9 @@ mod tests {
         fn arbitrary_bytes_never_panic_and_never_open_a_certificate_gate_for_a_wrong_name(
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
         ) {
-            let mut g = Gate::new(Expect::Nothing);
-            let _ = g.feed(&bytes);
-            let mut g = Gate::new(Expect::Cert(cert_for("n1")));
+            let _ = Gate::new(Expect::Nothing, true).feed(&bytes);
+            let _ = Gate::new(Expect::Nothing, false).feed(&bytes);
+            let mut g = Gate::new(Expect::Cert(cert_for("n1")), true);
             let mut all = bytes.clone();
             all.extend(name_frame("n2"));
             proptest::prop_assert!(g.feed(&all) != Ok(true));

@@ -33,7 +33,7 @@ use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::gate::{Expect, GateEvents, GateRead};
+use crate::gate::{Gate, GateEvents, GateRead};
 
 /// The fault switch shared by every link of one node.
 ///
@@ -121,7 +121,7 @@ pub struct LinkStream {
     /// ractor_cluster reports it as the session's `peer_addr`.
     label: String,
     /// `None` only in tests of the switch itself: bytes pass unparsed.
-    gate: Option<(Expect, Box<dyn GateEvents>)>,
+    gate: Option<(Gate, Box<dyn GateEvents>)>,
     /// Held while the link lives (both halves): this node's connection cap.
     slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
@@ -131,7 +131,7 @@ impl LinkStream {
         io: LinkIo,
         faults: Arc<LinkFaults>,
         label: String,
-        gate: Option<(Expect, Box<dyn GateEvents>)>,
+        gate: Option<(Gate, Box<dyn GateEvents>)>,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> LinkStream {
         // Small frames (heartbeats, asks) must not wait for Nagle.
@@ -162,7 +162,7 @@ impl ClusterBidiStream for LinkStream {
             }
         };
         let r: DynRead = match self.gate {
-            Some((expect, events)) => Box::new(GateRead::new(r, expect, events)),
+            Some((gate, events)) => Box::new(GateRead::new(r, gate, events)),
             None => r,
         };
         (

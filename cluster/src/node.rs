@@ -21,7 +21,7 @@ use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState, Ticket};
 use crate::call::{call, CallError};
 use crate::config::{Capability, NodeConfig};
 use crate::detector::Status;
-use crate::gate::{Expect, GateEvents, Refusal};
+use crate::gate::{Expect, Gate, GateEvents, Refusal};
 use crate::gateway::group_name;
 use crate::link::{LinkFaults, LinkIo, LinkStream};
 use crate::membership::{Membership, MembershipMsg, NodeView};
@@ -91,13 +91,17 @@ impl ClusterMetrics {
     }
 }
 
-/// What this node knows of one link, by its label.
-#[derive(Debug, Clone, Default)]
+/// What this node knows of one link, by its label. Removed when the link's reader goes
+/// (`LinkEvents`' drop) or its session closes, whichever is first.
+#[derive(Debug, Default)]
 struct LinkInfo {
     /// The node the peer claimed, once the gate accepted it (checked against its certificate with TLS).
     peer: Option<String>,
     /// The TLS channel binding (none without TLS).
     binding: Option<[u8; 32]>,
+    /// An incoming link's slot of `[limits] cluster_handshakes`, given back when its session is
+    /// ready (cookie checked) or the link goes.
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Whether a local capability is serving.
@@ -136,7 +140,7 @@ struct Inner {
     /// `[limits] cluster_connections` and `cluster_handshakes`.
     link_slots: Arc<tokio::sync::Semaphore>,
     handshake_slots: Arc<tokio::sync::Semaphore>,
-    dial_serial: AtomicU64,
+    link_serial: AtomicU64,
     /// What a call from this node to one of its own actors carries as its binding: random, never sent.
     local_binding: [u8; 32],
     /// Links that passed the gate and closed before their session was ready: (peer, label, when).
@@ -183,7 +187,13 @@ impl NodeEventSubscription for Events {
         let Some(name) = peer_node_name(&ses) else { return };
         // The gate let this link through only with this claim; if the two ever disagreed, the
         // session would speak for a node its link never proved.
-        let gated = inner.links.lock().ok().and_then(|l| l.get(&ses.peer_addr).and_then(|i| i.peer.clone()));
+        let gated = inner.links.lock().ok().and_then(|mut l| {
+            l.get_mut(&ses.peer_addr).and_then(|i| {
+                // Past the cookie: no longer a half-open connection.
+                drop(i.handshake.take());
+                i.peer.clone()
+            })
+        });
         if gated.as_deref() != Some(name.as_str()) {
             tracing::error!(peer = %name, gated = ?gated, addr = %ses.peer_addr, "a session names another node than its link proved; closing it");
             inner.metrics.refused(LinkRefusal::WrongName);
@@ -284,7 +294,7 @@ impl Cluster {
             links: Mutex::new(HashMap::new()),
             link_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_connections)),
             handshake_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_handshakes)),
-            dial_serial: AtomicU64::new(0),
+            link_serial: AtomicU64::new(0),
             unfinished: Mutex::new(Vec::new()),
             local_binding: rand::random(),
         });
@@ -438,9 +448,9 @@ impl Cluster {
             // Only this process knows its own binding (a call to one of its own actors).
             return binding == self.inner.local_binding.as_slice();
         }
-        let links: Vec<LinkInfo> = self.inner.links.lock().map(|l| l.values().cloned().collect()).unwrap_or_default();
         let connected = self.inner.sessions.lock().map(|s| s.contains_key(node)).unwrap_or(false);
-        vouched(self.inner.tls.is_some(), &links, connected, node, binding)
+        let Ok(links) = self.inner.links.lock() else { return false };
+        vouched(self.inner.tls.is_some(), links.values(), connected, node, binding)
     }
 
     /// The fault switch on every cluster link of this node (used by `/admin/partition`).
@@ -589,9 +599,24 @@ impl Cluster {
                 return Err(unreachable(reason));
             }
         }
+        // Only the member that lives on `node`: any peer may join any process group, so a group
+        // named for n2 may also hold an actor a misbehaving n3 put there. Here: a local actor,
+        // or a stub of the session whose link proved it is `node`.
+        let session = if node == self.name() {
+            None
+        } else {
+            match self.inner.sessions.lock().ok().and_then(|s| s.get(node).map(|ses| ses.node_id)) {
+                Some(id) => Some(id),
+                None => return Err(unreachable("no session with the node".into())),
+            }
+        };
         ractor::pg::get_members(&group.to_string())
             .into_iter()
-            .next()
+            .find(|m| match (m.get_id(), session) {
+                (ractor::ActorId::Local(_), None) => true,
+                (ractor::ActorId::Remote { node_id, .. }, Some(id)) => node_id == id,
+                _ => false,
+            })
             .map(ActorRef::from)
             .ok_or_else(|| unreachable(absent.to_string()))
     }
@@ -763,11 +788,17 @@ impl Cluster {
 /// Judges a heartbeat's sender. With TLS: the binding must be that of a live link whose peer
 /// claimed `node` at the gate (with its certificate naming it); nobody but the two ends of that
 /// link knows it. Without TLS there is nothing to bind to: a session with `node` must exist.
-fn vouched(tls: bool, links: &[LinkInfo], connected: bool, node: &str, binding: &[u8]) -> bool {
+fn vouched<'a>(
+    tls: bool,
+    mut links: impl Iterator<Item = &'a LinkInfo>,
+    connected: bool,
+    node: &str,
+    binding: &[u8],
+) -> bool {
     if !tls {
         return connected;
     }
-    links.iter().any(|l| l.peer.as_deref() == Some(node) && l.binding.is_some_and(|b| b.as_slice() == binding))
+    links.any(|l| l.peer.as_deref() == Some(node) && l.binding.is_some_and(|b| b.as_slice() == binding))
 }
 
 /// What waiting for a group's next leader found.
@@ -807,9 +838,11 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
                     tracing::debug!(%from, "cluster connection refused: cluster_handshakes in progress");
                     continue;
                 };
+                let serial = cluster.inner.link_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = open_link(&cluster, tcp, from.to_string(), true, slot, handshake).await {
+                    let label = format!("{from}#{serial}");
+                    if let Err(e) = open_link(&cluster, tcp, label, true, slot, Some(handshake)).await {
                         tracing::debug!(%from, error = %e, "incoming cluster connection refused");
                     }
                 });
@@ -824,14 +857,14 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
 }
 
 /// TLS (unless off) within the handshake deadline, then the gate, then the node server.
-/// `handshake` is given back when the gate accepts the peer's claim (or the link goes).
+/// `handshake` (an incoming link's) is given back when its session is ready (or the link goes).
 async fn open_link(
     cluster: &Cluster,
     tcp: tokio::net::TcpStream,
     label: String,
     incoming: bool,
     slot: tokio::sync::OwnedSemaphorePermit,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), String> {
     let inner = &cluster.inner;
     let (io, expect, binding) = match &inner.tls {
@@ -868,18 +901,15 @@ async fn open_link(
         }
     };
     if let Ok(mut l) = inner.links.lock() {
-        l.insert(label.clone(), LinkInfo { peer: None, binding });
+        l.insert(label.clone(), LinkInfo { peer: None, binding, handshake });
     }
-    let events = LinkEvents {
-        inner: Arc::downgrade(&cluster.inner),
-        label: label.clone(),
-        handshake: Mutex::new(Some(handshake)),
-    };
+    let events = LinkEvents { inner: Arc::downgrade(&cluster.inner), label: label.clone() };
+    let gate = Gate::new(expect, incoming);
     let link = Box::new(LinkStream::new(
         io,
         inner.link_faults.clone(),
         label.clone(),
-        Some((expect, Box::new(events))),
+        Some((gate, Box::new(events))),
         Some(slot),
     ));
     let refused = |e: String| {
@@ -898,17 +928,24 @@ async fn open_link(
     }
 }
 
-/// What a link's gate tells the node.
+/// What a link's gate tells the node; its drop (the link's reader going) forgets the link.
 struct LinkEvents {
     inner: std::sync::Weak<Inner>,
     label: String,
-    handshake: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Drop for LinkEvents {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            if let Ok(mut l) = inner.links.lock() {
+                l.remove(&self.label);
+            }
+        }
+    }
 }
 
 impl GateEvents for LinkEvents {
     fn claimed(&self, node: &str) {
-        // Past TLS and the claim: no longer a half-open connection.
-        drop(self.handshake.lock().ok().and_then(|mut h| h.take()));
         if let Some(inner) = self.inner.upgrade() {
             if let Ok(mut l) = inner.links.lock() {
                 if let Some(i) = l.get_mut(&self.label) {
@@ -919,7 +956,6 @@ impl GateEvents for LinkEvents {
     }
 
     fn refused(&self, why: &Refusal) {
-        drop(self.handshake.lock().ok().and_then(|mut h| h.take()));
         let Some(inner) = self.inner.upgrade() else { return };
         tracing::warn!(link = %self.label, "cluster connection refused: {why}");
         inner.metrics.refused(match why {
@@ -1034,19 +1070,17 @@ async fn dialer(cluster: Cluster) {
             entry.1 = now + entry.0;
             entry.0 = (entry.0 * 2).min(Duration::from_secs(2));
             cluster.inner.metrics.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // Our own dials take link slots too, but never wait for a handshake slot: a flood of
-            // strangers must not stop this node from reaching its peers.
+            // Our own dials take link slots too, but never a handshake slot: a flood of strangers
+            // holds at most `cluster_handshakes` slots, and must not stop this node reaching its peers.
             let Ok(slot) = cluster.inner.link_slots.clone().try_acquire_owned() else { continue };
-            let handshake = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned();
-            let Ok(handshake) = handshake else { continue };
-            let serial = cluster.inner.dial_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let serial = cluster.inner.link_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let cluster = cluster.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr.as_str())).await
                 {
                     Ok(Ok(tcp)) => {
                         let label = format!("{addr}#{serial}");
-                        match open_link(&cluster, tcp, label, false, slot, handshake).await {
+                        match open_link(&cluster, tcp, label, false, slot, None).await {
                             Ok(()) => tracing::debug!(%addr, "dialled peer"),
                             Err(e) => tracing::debug!(%addr, error = %e, "dial refused"),
                         }
@@ -1056,5 +1090,29 @@ async fn dialer(cluster: Cluster) {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod vouch_tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_is_believed_only_with_the_binding_of_a_link_of_the_node_it_names() {
+        let link = |peer: Option<&str>, b: u8| LinkInfo {
+            peer: peer.map(String::from),
+            binding: Some([b; 32]),
+            handshake: None,
+        };
+        let links = [link(Some("n2"), 2), link(Some("n3"), 3), link(None, 4)];
+        assert!(vouched(true, links.iter(), true, "n2", &[2; 32]));
+        // n3 knows its own link's binding, not n2's: it cannot speak for n2.
+        assert!(!vouched(true, links.iter(), true, "n2", &[3; 32]));
+        assert!(!vouched(true, links.iter(), true, "n2", &[]));
+        // A link whose claim the gate has not accepted vouches for nobody.
+        assert!(!vouched(true, links.iter(), true, "n4", &[4; 32]));
+        // Without TLS: a session with the node is all there is.
+        assert!(vouched(false, [].iter(), true, "n2", &[]));
+        assert!(!vouched(false, [].iter(), false, "n2", &[]));
     }
 }

@@ -40,8 +40,12 @@ use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{jitter, local_replica, Unserved};
 
-/// Idempotency keys forgotten per sweep proposal, and how often a leader sweeps.
-const SWEEP_MAX: usize = 20_000;
+/// Idempotency keys forgotten per sweep proposal (each entry is at most about 160 bytes, so one
+/// proposal stays near 64 KiB, the size every Raft batch is bounded by: `raft::MAX_FRAME`), the
+/// proposals one sweep may make in a row (20,000 keys a minute per shard), and how often a leader
+/// sweeps.
+const SWEEP_MAX: usize = 400;
+const SWEEP_ROUNDS: usize = 50;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Per orders shard: idempotency sweeps this node finished as its leader (empty ones too), and
@@ -683,27 +687,33 @@ impl OrdersState {
     fn sweep_shard(&self, shard: u32) {
         let Ok(replica) = self.replica(shard) else { return };
         tokio::spawn(async move {
-            let now = replica.now_ms();
-            let store = replica.store().clone();
-            let read = tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX)).await;
-            let entries = match read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                Ok(e) => e,
-                Err(e) => {
-                    return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
+            for _ in 0..SWEEP_ROUNDS {
+                let now = replica.now_ms();
+                let store = replica.store().clone();
+                let read = tokio::task::spawn_blocking(move || IDEMPOTENCY.expired(&store, now, SWEEP_MAX)).await;
+                let entries = match read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        return tracing::warn!(group = %replica.id, error = %e, "reading the idempotency index failed")
+                    }
+                };
+                if entries.is_empty() {
+                    return count_sweep(shard, 0);
                 }
-            };
-            if entries.is_empty() {
-                return count_sweep(shard, 0);
-            }
-            let n = entries.len() as u64;
-            let cmd = OrdersCommand::Sweep { entries, now_ms: now };
-            match replica.propose::<OrdersMachine>(&cmd).await {
-                Ok(_) => {
-                    count_sweep(shard, n);
-                    tracing::info!(group = %replica.id, keys = n, "idempotency keys past their retention forgotten");
+                let n = entries.len();
+                let cmd = OrdersCommand::Sweep { entries, now_ms: now };
+                match replica.propose::<OrdersMachine>(&cmd).await {
+                    Ok(_) => {
+                        count_sweep(shard, n as u64);
+                        tracing::info!(group = %replica.id, keys = n, "idempotency keys past their retention forgotten");
+                    }
+                    Err(e) => {
+                        return tracing::debug!(group = %replica.id, error = %e, "idempotency sweep not applied; the next one retries")
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(group = %replica.id, error = %e, "idempotency sweep not applied; the next one retries")
+                // A short proposal took every key that was due.
+                if n < SWEEP_MAX {
+                    return;
                 }
             }
         });

@@ -85,8 +85,9 @@ pub fn sent_by(rpc: &RaftRpc, from: &str, leader: Option<&str>) -> Result<(), St
         RaftRpc::Append { req, .. } => on_from(req.vote.leader_id().voted_for(), "append"),
         RaftRpc::Snapshot { req, .. } => on_from(req.vote.leader_id().voted_for(), "snapshot"),
         RaftRpc::TakeLead { .. } => match leader {
-            Some(l) if l != from => Err(format!("a hand-over from {from}, while {l} leads")),
-            _ => Ok(()),
+            Some(l) if l == from => Ok(()),
+            Some(l) => Err(format!("a hand-over from {from}, while {l} leads")),
+            None => Err(format!("a hand-over from {from}, while no leader is known here")),
         },
     }
 }
@@ -215,6 +216,7 @@ mod sender_tests {
         let take = RaftRpc::TakeLead { group, to: n1 };
         assert!(sent_by(&take, "n2", Some("n2")).is_ok());
         assert!(sent_by(&take, "n3", Some("n2")).is_err());
+        assert!(sent_by(&take, "n2", None).is_err(), "no leader known: nobody may hand over");
         assert!(sent_by(&RaftRpc::Hello { group }, "n3", Some("n2")).is_ok());
     }
 }

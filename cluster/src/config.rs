@@ -533,6 +533,14 @@ impl NodeConfig {
                 .into());
         }
         if self.tls == TlsMode::Mutual
+            && (self.name.contains('_') || self.name.starts_with('-') || self.name.ends_with('-'))
+        {
+            return Err(format!(
+                "name `{}`: with tls on, a node's name is its certificate's DNS name: letters, digits and inner hyphens",
+                self.name
+            ));
+        }
+        if self.tls == TlsMode::Mutual
             && (self.tls_ca_file.is_none() || self.tls_cert_file.is_none() || self.tls_key_file.is_none())
         {
             return Err("tls is on: give tls_ca_file, tls_cert_file and tls_key_file (`bulkhead certs`), \
@@ -681,6 +689,9 @@ mod tests {
             open.tls_key_file = None;
             open.auth = AuthMode::Off;
             assert!(open.validate().unwrap_err().contains("tls = \"off\""));
+            let mut underscored = cfg.clone();
+            underscored.name = "n_1".into();
+            assert!(underscored.validate().unwrap_err().contains("DNS name"));
             assert_eq!(cfg.limits, Limits::default());
             assert_eq!(cfg.timing, Timing::default());
             cfg.limits.orders_in_flight = 0;

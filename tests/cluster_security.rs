@@ -97,6 +97,8 @@ async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_se
         .await
         .expect("tls");
     link.write_all(&[0xff; 64]).await.expect("write");
+    // Out of rustls's buffer and onto the socket: nothing else polls this stream while we wait.
+    link.flush().await.expect("flush");
     counted(&tc, 0, "garbage", before, 1).await;
     drop(link);
 

@@ -16,8 +16,41 @@ use serde_json::Value;
 use crate::secrets::{authorized, LocalSecrets};
 use crate::topology::{local_configs, write_config, Ports, NODES};
 
-/// Asks the OS for `n` distinct free TCP ports on 127.0.0.1.
+/// `n` distinct free TCP ports on 127.0.0.1, below the kernel's ephemeral range.
+///
+/// Not from port 0: the kernel hands those out of the same range it takes outgoing connections'
+/// local ports from, and the nodes dial each other ten times a second while a peer is not up yet;
+/// one of those dials could take a port between the pick and the node's bind ("Address already in
+/// use", found in the tests). Ports below the range are never taken that way.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|l| l.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    if low <= 10_000 + n as u16 * 4 {
+        return ephemeral_ports(n);
+    }
+    let mut held: Vec<TcpListener> = Vec::new();
+    for _ in 0..n * 200 {
+        if held.len() == n {
+            break;
+        }
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), 10_000..low);
+        if held.iter().any(|l| l.local_addr().map(|a| a.port()).ok() == Some(port)) {
+            continue;
+        }
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        return ephemeral_ports(n);
+    }
+    held.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
+}
+
+/// Asks the OS for `n` distinct free ports (port 0).
+fn ephemeral_ports(n: usize) -> Result<Vec<u16>, String> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}")))
         .collect::<Result<_, _>>()?;

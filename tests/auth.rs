@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use bulkhead_launch::{authorized, LocalSecrets};
 use common::start;
@@ -88,37 +88,26 @@ async fn each_scope_does_what_it_may_and_is_refused_the_rest_as_json() {
     assert!(count("unauthenticated") >= 2 && count("forbidden") >= 4, "{metrics}");
 }
 
-/// Runs `bulkhead node --config <cfg>` and returns its exit and stderr (killed after 30 s).
-fn run_node(cfg: &std::path::Path) -> (bool, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+/// Runs `bulkhead node --config <cfg>` and returns its exit and stderr (killed and reaped after
+/// 30 s, or when the test fails).
+async fn run_node(cfg: &std::path::Path) -> (bool, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
         .args(["node", "--config"])
         .arg(cfg)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the node did not refuse its config within 30 s");
-        }
-        // Polls a process exit; there is nothing to wait on but the process itself.
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-    }
-    (status.success(), err)
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the node did not refuse its config within 30 s")
+        .expect("wait");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-#[test]
-fn a_node_refuses_a_token_file_others_may_read_and_says_how_to_fix_it() {
+#[tokio::test]
+async fn a_node_refuses_a_token_file_others_may_read_and_says_how_to_fix_it() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let secrets = LocalSecrets::ensure(dir.path(), &bulkhead_launch::topology::NODES).expect("secrets");
@@ -134,18 +123,18 @@ fn a_node_refuses_a_token_file_others_may_read_and_says_how_to_fix_it() {
     let path = dir.path().join("n1.toml");
     bulkhead_launch::topology::write_config(&cfg, &path).expect("write config");
     std::fs::set_permissions(&secrets.admin_token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let (ok, err) = run_node(&path);
+    let (ok, err) = run_node(&path).await;
     assert!(!ok, "started with a world-readable admin token");
     assert!(err.contains("admin_token_file") && err.contains("0644") && err.contains("chmod 600"), "{err}");
 
     // The same for the cookie, and for a config that asks for no auth without saying so.
     std::fs::set_permissions(&secrets.admin_token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::set_permissions(&secrets.cookie_file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    let (ok, err) = run_node(&path);
+    let (ok, err) = run_node(&path).await;
     assert!(!ok && err.contains("cookie_file") && err.contains("0640"), "{err}");
     std::fs::set_permissions(&secrets.cookie_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     cfg.client_token_file = None;
     bulkhead_launch::topology::write_config(&cfg, &path).expect("write config");
-    let (ok, err) = run_node(&path);
+    let (ok, err) = run_node(&path).await;
     assert!(!ok && err.contains("auth = \"off\""), "{err}");
 }

@@ -162,13 +162,11 @@ impl MembershipState {
             binding: Vec::new(),
         };
         let traceparent = new_traceparent();
-        // One heartbeat per link: each carries the binding of the link it goes over.
+        // One heartbeat per connected peer, over its own session's link, with that link's binding.
         let mut hb = hb;
-        for cell in ractor::pg::get_members(&MEMBERSHIP_GROUP.to_string()) {
-            if cell.get_id().is_local() {
-                continue;
-            }
-            hb.binding = c.binding_for(cell.get_id());
+        for node in c.connected_names() {
+            let Some((cell, binding)) = c.member_on(MEMBERSHIP_GROUP, &node) else { continue };
+            hb.binding = binding;
             let peer: ActorRef<MembershipMsg> = cell.into();
             let _ = peer.cast(MembershipMsg::Heartbeat(seal(&hb, &traceparent)));
         }

@@ -426,20 +426,27 @@ impl Cluster {
             .collect()
     }
 
-    /// The channel binding of the link that `remote` (a remote actor's stub) lives on: what a
-    /// heartbeat sent to it carries (empty without TLS).
-    pub(crate) fn binding_for(&self, remote: ractor::ActorId) -> Vec<u8> {
-        let ractor::ActorId::Remote { node_id, .. } = remote else { return self.inner.local_binding.to_vec() };
-        let label = self
-            .inner
-            .sessions
-            .lock()
-            .ok()
-            .and_then(|s| s.values().find(|ses| ses.node_id == node_id).map(|ses| ses.peer_addr.clone()));
-        label
-            .and_then(|l| self.inner.links.lock().ok().and_then(|links| links.get(&l).and_then(|i| i.binding)))
-            .map(|b| b.to_vec())
-            .unwrap_or_default()
+    /// The member of process group `group` that lives on `node`, with the channel binding of the
+    /// link it is reached over (what a heartbeat or a Raft RPC sent to it carries; empty without
+    /// TLS). For this node: a local actor, with a binding only this process knows. For another:
+    /// the stub of `node`'s own session (any peer may join any process group, so a group named
+    /// for n2 may also hold an actor a misbehaving n3 put there). `None`: no session with `node`,
+    /// or nothing of `group` on it.
+    pub(crate) fn member_on(&self, group: &str, node: &str) -> Option<(ractor::ActorCell, Vec<u8>)> {
+        let (session, binding) = if node == self.name() {
+            (None, self.inner.local_binding.to_vec())
+        } else {
+            let (node_id, label) =
+                self.inner.sessions.lock().ok()?.get(node).map(|ses| (ses.node_id, ses.peer_addr.clone()))?;
+            let binding = self.inner.links.lock().ok().and_then(|l| l.get(&label).and_then(|i| i.binding));
+            (Some(node_id), binding.map(|b| b.to_vec()).unwrap_or_default())
+        };
+        let cell = ractor::pg::get_members(&group.to_string()).into_iter().find(|m| match (m.get_id(), session) {
+            (ractor::ActorId::Local(_), None) => true,
+            (ractor::ActorId::Remote { node_id, .. }, Some(id)) => node_id == id,
+            _ => false,
+        })?;
+        Some((cell, binding))
     }
 
     /// Whether a heartbeat that names `node` and carries `binding` came over a link of `node`.
@@ -573,17 +580,19 @@ impl Cluster {
     /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs).
     pub fn member(&self, cap: Capability, node: &str) -> Result<ActorRef<WireMsg>, CallError> {
         self.remotable(&group_name(cap, node), cap, node, &format!("no {cap} member is registered on {node}"))
+            .map(|(actor, _)| actor)
     }
 
-    /// The first member of pg group `group` on `node`, unless the view has `node` down (fail fast,
-    /// nothing sent). `cap` labels the error; `absent` says what is missing when nothing is registered.
+    /// The member of pg group `group` on `node` ([`Cluster::member_on`]) and its link's binding,
+    /// unless the view has `node` down (fail fast, nothing sent). `cap` labels the error; `absent`
+    /// says what is missing when nothing is registered.
     fn remotable(
         &self,
         group: &str,
         cap: Capability,
         node: &str,
         absent: &str,
-    ) -> Result<ActorRef<WireMsg>, CallError> {
+    ) -> Result<(ActorRef<WireMsg>, Vec<u8>), CallError> {
         let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
         if node != self.name() {
             // One read of the view for both the status and the reason (this is the fail-fast path).
@@ -599,25 +608,8 @@ impl Cluster {
                 return Err(unreachable(reason));
             }
         }
-        // Only the member that lives on `node`: any peer may join any process group, so a group
-        // named for n2 may also hold an actor a misbehaving n3 put there. Here: a local actor,
-        // or a stub of the session whose link proved it is `node`.
-        let session = if node == self.name() {
-            None
-        } else {
-            match self.inner.sessions.lock().ok().and_then(|s| s.get(node).map(|ses| ses.node_id)) {
-                Some(id) => Some(id),
-                None => return Err(unreachable("no session with the node".into())),
-            }
-        };
-        ractor::pg::get_members(&group.to_string())
-            .into_iter()
-            .find(|m| match (m.get_id(), session) {
-                (ractor::ActorId::Local(_), None) => true,
-                (ractor::ActorId::Remote { node_id, .. }, Some(id)) => node_id == id,
-                _ => false,
-            })
-            .map(ActorRef::from)
+        self.member_on(group, node)
+            .map(|(cell, binding)| (ActorRef::from(cell), binding))
             .ok_or_else(|| unreachable(absent.to_string()))
     }
 
@@ -674,17 +666,13 @@ impl Cluster {
         &self,
         node: &str,
         cap: Capability,
-        rpc: &crate::raft::RaftRpc,
+        rpc: crate::raft::RaftRpc,
         timeout: Duration,
     ) -> Result<crate::raft::RaftRpcReply, CallError> {
         let group = crate::raft::network::router_group(node);
-        let actor = self.remotable(&group, cap, node, &format!("no raft router is registered on {node}"))?;
-        let call_ = crate::raft::network::RaftCall {
-            from: self.name().to_string(),
-            binding: self.binding_for(actor.get_id()),
-            rpc: rpc.clone(),
-        };
-        call(&actor, cap, node, &call_, "", timeout).await
+        let (actor, binding) = self.remotable(&group, cap, node, &format!("no raft router is registered on {node}"))?;
+        let rpc = crate::raft::network::RaftCall { from: self.name().to_string(), binding, rpc };
+        call(&actor, cap, node, &rpc, "", timeout).await
     }
 
     /// The shard of a replicated capability that owns `key`.

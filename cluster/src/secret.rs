@@ -48,13 +48,19 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), String> {
     }
     let mut f = opts.open(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     // An existing file keeps its mode on open: make sure it is private too.
+    make_private(path)?;
+    f.write_all(contents).and_then(|()| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Makes an existing file readable by its owner only (mode 0600).
+pub fn make_private(path: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
     }
-    f.write_all(contents).and_then(|()| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    Ok(())
 }
 
 /// A fresh random secret: 256 bits as 64 hex digits.

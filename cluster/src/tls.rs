@@ -140,11 +140,21 @@ impl PeerCert {
     }
 
     fn verify_chain(&self, roots: &RootCertStore) -> Result<(), webpki::Error> {
-        let cert = webpki::EndEntityCert::try_from(&self.0)?;
-        let algs = provider().signature_verification_algorithms;
-        cert.verify_for_usage(algs.all, &roots.roots, &[], UnixTime::now(), webpki::KeyUsage::server_auth(), None, None)
-            .map(|_| ())
+        verify_chain(&self.0, &[], roots, UnixTime::now())
     }
+}
+
+/// Whether `cert` chains to one of `roots` at `now` (no name checked: see the module docs).
+fn verify_chain(
+    cert: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    now: UnixTime,
+) -> Result<(), webpki::Error> {
+    let algs = provider().signature_verification_algorithms;
+    webpki::EndEntityCert::try_from(cert)?
+        .verify_for_usage(algs.all, &roots.roots, intermediates, now, webpki::KeyUsage::server_auth(), None, None)
+        .map(|_| ())
 }
 
 /// The peer certificate and channel binding of an established TLS link.
@@ -173,23 +183,9 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
-        })?;
-        let algs = provider().signature_verification_algorithms;
-        cert.verify_for_usage(
-            algs.all,
-            &self.roots.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
+        verify_chain(end_entity, intermediates, &self.roots, now).map(|()| ServerCertVerified::assertion()).map_err(
+            |e| rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))),
         )
-        .map(|_| ServerCertVerified::assertion())
-        .map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
-        })
     }
 
     fn verify_tls12_signature(

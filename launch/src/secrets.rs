@@ -33,7 +33,7 @@ impl LocalSecrets {
             } else if bulkhead_cluster::secret::check_private(file, "secret").is_err() {
                 // A data dir from an earlier release wrote its cookie 0644; the node now refuses
                 // that, and this is our own local cluster's file: make it private.
-                private(file)?;
+                bulkhead_cluster::secret::make_private(file)?;
             }
         }
         std::fs::create_dir_all(&s.certs_dir).map_err(|e| format!("cannot create {}: {e}", s.certs_dir.display()))?;
@@ -81,16 +81,6 @@ impl LocalSecrets {
         cfg.tls_cert_file = Some(cert);
         cfg.tls_key_file = Some(key);
     }
-}
-
-fn private(path: &Path) -> Result<(), String> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
-    }
-    Ok(())
 }
 
 /// An HTTP client that sends `Authorization: Bearer <token>` with every request.

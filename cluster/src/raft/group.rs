@@ -733,9 +733,7 @@ async fn bootstrap(cluster: &Cluster, r: &Replica) {
             members.insert(r.member, BasicNode { addr: node.clone() });
             continue;
         }
-        match cluster
-            .raft_call(node, r.id.capability, &RaftRpc::Hello { group: r.id }, Duration::from_millis(500))
-            .await
+        match cluster.raft_call(node, r.id.capability, RaftRpc::Hello { group: r.id }, Duration::from_millis(500)).await
         {
             Ok(RaftRpcReply::Hello { initialized: true, .. }) => {
                 // Someone already has the group (this node's store was wiped): wait to be added.
@@ -794,7 +792,7 @@ async fn reconcile(cluster: &Cluster, r: &Replica, may_hand_over: bool) -> Optio
         let current: Vec<MemberId> = membership.nodes().filter(|(_, n)| &n.addr == node).map(|(id, _)| *id).collect();
         let hello = RaftRpc::Hello { group: r.id };
         let Ok(RaftRpcReply::Hello { member, .. }) =
-            cluster.raft_call(node, r.id.capability, &hello, Duration::from_millis(500)).await
+            cluster.raft_call(node, r.id.capability, hello, Duration::from_millis(500)).await
         else {
             continue;
         };
@@ -882,7 +880,7 @@ async fn hand_over(cluster: &Cluster, r: &Replica) -> Option<bool> {
     }
     tracing::info!(group = %r.id, to = %preferred, "handing leadership back to the preferred node");
     let rpc = RaftRpc::TakeLead { group: r.id, to: target };
-    let _ = cluster.raft_call(preferred, r.id.capability, &rpc, Duration::from_millis(500)).await;
+    let _ = cluster.raft_call(preferred, r.id.capability, rpc, Duration::from_millis(500)).await;
     let mut m = r.raft.metrics();
     let took = tokio::time::timeout(Duration::from_millis(1_500), m.wait_for(|m| m.current_leader == Some(target)))
         .await

@@ -287,7 +287,7 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<MemberId, BasicNode, Raf
 
 impl Peer {
     async fn send<E: std::error::Error>(&self, rpc: RaftRpc, ttl: Duration) -> Result<RaftRpcReply, RpcErr<E>> {
-        match self.cluster.raft_call(&self.node, self.group.capability, &rpc, ttl).await {
+        match self.cluster.raft_call(&self.node, self.group.capability, rpc, ttl).await {
             Ok(RaftRpcReply::NoSuchMember(why)) => Err(RPCError::Unreachable(Unreachable::new(&Refused(why)))),
             Ok(RaftRpcReply::Failed(why)) => Err(RPCError::Network(NetworkError::new(&Refused(why)))),
             Ok(reply) => Ok(reply),

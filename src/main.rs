@@ -119,32 +119,32 @@ fn parse_durability(s: &str) -> Result<bulkhead_storage::Durability, String> {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ractor=warn,ractor_cluster=warn,openraft=warn"));
-    // Colours only on a terminal: a node's log usually goes to a file or journald.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+/// Loads a node's config, sets up its logs, spans and metrics from it, runs `node`, and flushes
+/// what telemetry still holds.
+async fn with_telemetry<F, Fut>(config: &std::path::Path, node: F) -> Result<(), String>
+where
+    F: FnOnce(bulkhead_cluster::NodeConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let cfg = match bulkhead_cluster::NodeConfig::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            bulkhead::telemetry::init_plain();
+            return Err(e);
+        }
+    };
+    let telemetry = bulkhead::telemetry::init(&cfg)?;
+    let result = node(cfg).await;
+    telemetry.shutdown().await;
+    result
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Node { config } => {
-            init_logging();
-            match bulkhead_cluster::NodeConfig::load(&config) {
-                Ok(cfg) => bulkhead::node::run(cfg).await,
-                Err(e) => Err(e),
-            }
-        }
-        Cmd::Replace { config } => {
-            init_logging();
-            match bulkhead_cluster::NodeConfig::load(&config) {
-                Ok(cfg) => bulkhead::node::replace(cfg).await,
-                Err(e) => Err(e),
-            }
-        }
+        Cmd::Node { config } => with_telemetry(&config, bulkhead::node::run).await,
+        Cmd::Replace { config } => with_telemetry(&config, bulkhead::node::replace).await,
         Cmd::Tokens { dir, rotate, retire } => {
             use bulkhead::keys::TokenAction;
             let action = match (rotate, retire) {

@@ -41,6 +41,18 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The variant's name, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Unreachable { .. } => "unreachable",
+            CallError::NoLeader { .. } => "no_leader",
+            CallError::Busy { .. } => "busy",
+            CallError::Lost { .. } => "lost",
+            CallError::TimedOut { .. } => "timed_out",
+            CallError::Rejected { .. } => "rejected",
+        }
+    }
+
     /// Worth retrying later (as opposed to a definite answer).
     pub fn is_transient(&self) -> bool {
         match self {

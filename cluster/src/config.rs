@@ -371,6 +371,45 @@ pub enum AuthMode {
     Off,
 }
 
+/// `[log]`: how the node writes its log (to stderr; journald or a file keeps it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// One line per event: `text` for people, `json` (one object per line) for log collectors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[telemetry]`: OpenTelemetry export of the node's spans (HTTP requests, cluster calls, saga
+/// steps, Raft proposals). Off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP (protobuf) collector, e.g. `http://127.0.0.1:4318`; spans go to
+    /// `<endpoint>/v1/traces`. Plain HTTP only: run a collector agent next to the node.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        match self.otlp_endpoint.as_deref() {
+            None => Ok(()),
+            Some(e) if e.starts_with("http://") && e.len() > "http://".len() => Ok(()),
+            Some(e) if e.starts_with("https://") => Err(format!(
+                "telemetry.otlp_endpoint `{e}`: https is not supported; run an OpenTelemetry collector agent on this host and give its http:// address"
+            )),
+            Some(e) => Err(format!("telemetry.otlp_endpoint `{e}` must be an http:// URL, e.g. http://127.0.0.1:4318")),
+        }
+    }
+}
+
 /// `tls`: how cluster links are protected. Mutual TLS unless a config says `tls = "off"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -449,6 +488,12 @@ pub struct NodeConfig {
     pub admin_token_file: Option<PathBuf>,
     #[serde(default)]
     pub rate_limit: RateLimit,
+    /// `[log] format = "text" | "json"`.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[telemetry] otlp_endpoint`: where spans are exported, if anywhere.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// `mutual` (default) or `off`.
     #[serde(default)]
     pub tls: TlsMode,
@@ -586,6 +631,7 @@ impl NodeConfig {
             return Err("limits: cluster_handshakes cannot exceed cluster_connections".into());
         }
         self.http.validate(t)?;
+        self.telemetry.validate()?;
         Ok(())
     }
 

@@ -20,7 +20,9 @@ use bulkhead_storage::{encode, Record};
 use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 
 use crate::config::Capability;
-use crate::wire::{child_traceparent, open, seal, Refusal, WireMsg, WireReply};
+use tracing::Instrument;
+
+use crate::wire::{open, seal, Refusal, WireMsg, WireReply};
 
 /// Requests refused by any gateway of this process because its worker had `max_in_flight` unanswered.
 pub static GATEWAY_SHED: AtomicU64 = AtomicU64::new(0);
@@ -122,7 +124,10 @@ where
                         return Ok(());
                     }
                 };
-                let tp = child_traceparent(&env.traceparent);
+                // The serving span lasts until the answer is sent; the worker's own work (and the
+                // calls it makes) continue the trace from it.
+                let (span, tp) =
+                    crate::traced_span!("cluster.serve", &env.traceparent, capability = %cap, msg_id = env.msg_id);
                 let Some(worker) = ActorRef::<M>::where_is(worker_name(cap)) else {
                     reject(port, &tp, Refusal::Busy, format!("the {cap} worker is restarting"));
                     return Ok(());
@@ -149,19 +154,24 @@ where
                 state.in_flight.fetch_add(1, Ordering::Relaxed);
                 let slot = Slot(state.in_flight.clone());
                 let timeout = state.args.worker_timeout;
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    match tokio::time::timeout(timeout, rx).await {
-                        Ok(Ok(resp)) => {
-                            let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));
+                tokio::spawn(
+                    async move {
+                        let _slot = slot;
+                        match tokio::time::timeout(timeout, rx).await {
+                            Ok(Ok(resp)) => {
+                                let _ = port.send(seal(&WireReply::Ok(encode(&resp)), &tp));
+                            }
+                            // Handed over, then no answer: the outcome is unknown, never "not delivered".
+                            Ok(Err(_)) => {
+                                reject(port, &tp, Refusal::Lost, format!("the {cap} worker stopped before answering"))
+                            }
+                            Err(_) => {
+                                reject(port, &tp, Refusal::Lost, format!("the {cap} worker did not answer in time"))
+                            }
                         }
-                        // Handed over, then no answer: the outcome is unknown, never "not delivered".
-                        Ok(Err(_)) => {
-                            reject(port, &tp, Refusal::Lost, format!("the {cap} worker stopped before answering"))
-                        }
-                        Err(_) => reject(port, &tp, Refusal::Lost, format!("the {cap} worker did not answer in time")),
                     }
-                });
+                    .instrument(span),
+                );
             }
         }
         Ok(())

@@ -30,11 +30,15 @@ pub mod node;
 pub mod raft;
 pub mod secret;
 pub mod tls;
+pub mod trace;
 pub mod wire;
 
 pub use breaker::BreakerState;
 pub use call::CallError;
-pub use config::{ApiTokens, AuthMode, Capability, HttpEdge, Limits, NodeConfig, RateLimit, ShardMap, Timing, TlsMode};
+pub use config::{
+    ApiTokens, AuthMode, Capability, HttpEdge, Limits, LogConfig, LogFormat, NodeConfig, RateLimit, ShardMap,
+    TelemetryConfig, Timing, TlsMode,
+};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster, LeaderReply};

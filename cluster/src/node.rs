@@ -634,21 +634,30 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<Resp, CallError> {
         use std::sync::atomic::Ordering::Relaxed;
+        use tracing::Instrument;
         self.inner.metrics.calls.fetch_add(1, Relaxed);
+        let started = std::time::Instant::now();
+        let (span, traceparent) = crate::traced_span!("cluster.call", traceparent, capability = %cap, node = %node);
         // A down node fails fast in `member` (nothing sent, no vote for the breaker); a member that
         // keeps failing trips its breaker, and then calls fail fast here without being sent.
         let result = match self.member(cap, node).and_then(|actor| Ok((actor, self.admit(cap, node)?))) {
             Ok((actor, ticket)) => {
                 let mut pending = Outcome { cluster: self, cap, node, ticket: Some(ticket) };
-                let result = call(&actor, cap, node, req, traceparent, timeout).await;
+                let result = call(&actor, cap, node, req, &traceparent, timeout).instrument(span.clone()).await;
                 pending.record(&result);
                 result
             }
             Err(e) => Err(e),
         };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        metrics::histogram!("bulkhead_cluster_call_duration_seconds", "capability" => cap.as_str(), "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             self.inner.metrics.call_errors.fetch_add(1, Relaxed);
-            tracing::debug!(error = %e, trace = %crate::wire::trace_id(traceparent), "cluster call failed");
+            span.in_scope(|| tracing::debug!(error = %e, "cluster call failed"));
         }
         result
     }

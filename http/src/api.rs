@@ -20,7 +20,6 @@ use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::raft::ShardHealth;
-use bulkhead_cluster::wire::new_traceparent;
 use bulkhead_cluster::{BreakerState, Capability, Status};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -29,6 +28,7 @@ use uuid::Uuid;
 pub use bulkhead_storage::rfc3339;
 
 use crate::error::ApiError;
+use crate::observe::{carry, traceparent};
 use crate::validate;
 use crate::AppState;
 
@@ -165,7 +165,7 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
     let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
     let req = OrdersRequest::Place(place);
     let started = Instant::now();
-    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &new_traceparent(), timeout).await {
+    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &traceparent(), timeout).await {
         Ok(OrdersReply::Order(view)) => {
             st.metrics.placed.fetch_add(1, Relaxed);
             let left = Duration::from_millis(wait_ms).saturating_sub(started.elapsed());
@@ -210,7 +210,7 @@ const AWAIT_AGAIN_FROM: Duration = Duration::from_millis(20);
 async fn await_order(st: &AppState, shard: u32, view: OrderView, left: Duration) -> OrderView {
     let req = OrdersRequest::Await { order_id: view.order_id, wait_ms: left.as_millis() as u64 };
     let timeout = left + Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &new_traceparent(), timeout).await {
+    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &traceparent(), timeout).await {
         Ok(OrdersReply::Order(now)) if now.order_id == view.order_id => now,
         _ => view,
     }
@@ -228,7 +228,7 @@ async fn orders_call(
     req: &OrdersRequest,
 ) -> Result<OrdersReply, bulkhead_cluster::CallError> {
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, req, &new_traceparent(), t).await
+    st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, req, &traceparent(), t).await
 }
 
 /// The orders shards, as the shard map lists them.
@@ -282,10 +282,10 @@ pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>
     let mut calls = tokio::task::JoinSet::new();
     for shard in orders_shards(&st) {
         let (st, customer_id) = (st.clone(), customer_id.clone());
-        calls.spawn(async move {
+        calls.spawn(carry(async move {
             let req = OrdersRequest::ByCustomer { shard, customer_id, before, limit: limit + 1 };
             (shard, orders_call(&st, shard, &req).await)
-        });
+        }));
     }
     let mut orders = Vec::new();
     while let Some(joined) = calls.join_next().await {
@@ -314,7 +314,7 @@ pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>
 async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
     let shard = st.cluster.shard_of(Capability::Inventory, sku.as_bytes());
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    match st.cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &new_traceparent(), t).await {
+    match st.cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &traceparent(), t).await {
         Ok(InventoryReply::Stock(s)) => Ok(Json(s).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
         Ok(InventoryReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
@@ -358,7 +358,7 @@ pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>)
     let shard = st.cluster.shard_of(Capability::Payments, id.as_bytes());
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
     let req = PaymentRequest::List { order_id: id };
-    match st.cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &new_traceparent(), t).await {
+    match st.cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &traceparent(), t).await {
         Ok(PaymentReply::Payments(list)) => Ok(Json(json!({"order_id": id.to_string(), "payments": list.iter().map(|p| json!({
             "payment_id": p.payment_id, "amount_cents": p.amount_cents, "status": p.status, "attempts": p.attempts, "at": rfc3339(p.at_ms),
         })).collect::<Vec<_>>()}))
@@ -374,7 +374,7 @@ async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder, field: &st
     let shard = st.cluster.shard_of(cap, id.as_bytes());
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
     let req = ConsumerRequest::List { order_id: id };
-    match st.cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &new_traceparent(), t).await {
+    match st.cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &traceparent(), t).await {
         Ok(ConsumerReply::Listed(list)) => {
             Ok(Json(json!({"order_id": id.to_string(), field: list.iter().map(|d| json!({
             "id": d.id, "event_id": d.event_id.to_string(), "detail": d.detail, "at": rfc3339(d.created_ms),
@@ -415,9 +415,9 @@ pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrd
     let mut calls = tokio::task::JoinSet::new();
     for shard in shards {
         let st = st.clone();
-        calls.spawn(
-            async move { (shard, orders_call(&st, shard, &OrdersRequest::DeadLetters { shard, order_id }).await) },
-        );
+        calls.spawn(carry(async move {
+            (shard, orders_call(&st, shard, &OrdersRequest::DeadLetters { shard, order_id }).await)
+        }));
     }
     let (mut list, mut unreachable, mut answered) = (Vec::new(), Vec::new(), 0usize);
     while let Some(joined) = calls.join_next().await {
@@ -584,7 +584,7 @@ pub async fn inject_panic(
         return Err(ApiError::not_found(format!("this node does not host {cap}")));
     }
     let node = st.cluster.name().to_string();
-    let tp = new_traceparent();
+    let tp = traceparent();
     let t = Duration::from_millis(500);
     // The worker dies instead of answering; the call's failure is the expected outcome.
     let result = match cap {

@@ -44,10 +44,8 @@ use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 
 use crate::error::ApiError;
 use crate::HttpMetrics;
@@ -85,8 +83,8 @@ impl Default for EdgeConfig {
     }
 }
 
-/// Wraps `router` in the per-request layers (outermost first): request id, log span, echo of the
-/// id, JSON errors, panic → 500, whole-request timeout, body limit.
+/// Wraps `router` in the per-request layers (outermost first): request id, trace, span, access
+/// line and latency ([`crate::observe`]), echo of the id, JSON errors, panic → 500, whole-request timeout, body limit.
 pub fn harden(router: Router, edge: &EdgeConfig, body_limit: usize, metrics: Arc<HttpMetrics>) -> Router {
     router
         .layer(RequestBodyLimitLayer::new(body_limit))
@@ -94,21 +92,8 @@ pub fn harden(router: Router, edge: &EdgeConfig, body_limit: usize, metrics: Arc
         .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(metrics, json_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let id = req
-                        .extensions()
-                        .get::<RequestId>()
-                        .and_then(|id| id.header_value().to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
-                })
-                // An answered 503 (a /readyz while starting, a shed order) is not a server fault:
-                // tower-http would log each at ERROR. Access lines are issue 10's.
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
-                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
-        )
+        // Its trace, span, access line and latency (after every layer that may answer instead).
+        .layer(middleware::from_fn(crate::observe::observe))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 

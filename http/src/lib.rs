@@ -9,6 +9,7 @@
 //! - [`auth`]: API tokens (client and admin scopes) and the rate limits per address and token.
 //! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
 //!   errors, panics).
+//! - [`observe`]: per request, its trace (W3C `traceparent`), span, access line and latency.
 //! - [`metrics`]: `/metrics` in Prometheus text; `/openapi.json` and the dashboard at `/` are static.
 
 pub mod api;
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod edge;
 pub mod error;
 pub mod metrics;
+pub mod observe;
 pub mod validate;
 
 use std::sync::atomic::AtomicU64;

@@ -1,4 +1,20 @@
-//! `/metrics`: Prometheus text exposition of the node's counters.
+//! `/metrics`: Prometheus text exposition of the node's counters, gauges and histograms.
+//!
+//! Counters and gauges that describe state (peers, Raft groups, links) are read from their owners
+//! at scrape time. Latencies are histograms recorded where they happen through the `metrics`
+//! facade and rendered by `metrics-exporter-prometheus` ([`install`]):
+//!
+//! | histogram | labels | recorded in |
+//! |---|---|---|
+//! | `bulkhead_http_request_duration_seconds` | method, route, status | `observe` |
+//! | `bulkhead_cluster_call_duration_seconds` | capability, outcome | `Cluster::call_with_timeout` |
+//! | `bulkhead_saga_step_duration_seconds` | step, outcome | the orders worker's saga steps |
+//! | `bulkhead_raft_proposal_duration_seconds` | capability, outcome | `Replica::propose` |
+//! | `bulkhead_group_commit_batch_size` | store | the store's group flusher (writes per flush) |
+//! | `bulkhead_fdatasync_duration_seconds` | store | the same (flush + fdatasync) |
+//!
+//! Caveat: the recorder is per process. Nodes run one per process; a test that starts several
+//! in one process sees their histograms summed.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,6 +27,42 @@ use bulkhead_cluster::wire::WIRE_STATS;
 use bulkhead_cluster::Status;
 
 use crate::AppState;
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets, in seconds: 0.5 ms (a local read) to 10 s (a saga waiting out a failover).
+const SECONDS: [f64; 15] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Writes per group flush.
+const BATCH: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the process's histogram recorder (once; later calls return the same handle) and
+/// starts its upkeep, which bounds what unscraped histograms hold. Call from inside the runtime.
+pub fn install() -> Result<PrometheusHandle, String> {
+    if let Some(h) = RECORDER.get() {
+        return Ok(h.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("bulkhead_group_commit_batch_size".into()), &BATCH))
+        .map_err(|e| format!("metrics buckets: {e}"))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| format!("a metrics recorder is already installed: {e}"))?;
+    let _ = RECORDER.set(handle.clone());
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
 
 /// Per Raft group this node holds a replica of: term, leader, indexes, lag, proposals.
 fn raft_metrics(st: &AppState, line: &mut impl FnMut(&str, &str, &str, Vec<(String, u64)>)) {
@@ -272,5 +324,8 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     line("bulkhead_store_writes_total", "records written per store (one per local shard replica)", "counter", writes);
     line("bulkhead_store_flushes_total", "group flushes per store", "counter", flushes);
     raft_metrics(&st, &mut line);
+    if let Some(h) = RECORDER.get() {
+        out.push_str(&h.render());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

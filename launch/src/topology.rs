@@ -101,6 +101,8 @@ pub fn cluster_configs(
                 client_token_file: None,
                 admin_token_file: None,
                 rate_limit: Default::default(),
+                log: Default::default(),
+                telemetry: Default::default(),
                 tls: Default::default(),
                 tls_ca_file: None,
                 tls_cert_file: None,

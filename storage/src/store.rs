@@ -499,6 +499,9 @@ async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mu
         // Everything applied up to here is covered by the flush that starts next.
         let covers = store.applied.load(Ordering::SeqCst);
         let file = sync_file.clone();
+        metrics::histogram!("bulkhead_group_commit_batch_size", "store" => capability.clone())
+            .record(waiters.len() as f64);
+        let flush_started = std::time::Instant::now();
         let result = match already_failed {
             Some(why) => Err(StoreError::Io(format!("an earlier flush failed ({why}); restart the node"))),
             None => tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
@@ -511,6 +514,9 @@ async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mu
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(format!("flush task failed: {e}")))),
         };
+        // The flush and its fdatasync together: what every acknowledged write waited for.
+        metrics::histogram!("bulkhead_fdatasync_duration_seconds", "store" => capability.clone())
+            .record(flush_started.elapsed().as_secs_f64());
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats.acks.fetch_add(waiters.len() as u64, Ordering::Relaxed);
         match &result {

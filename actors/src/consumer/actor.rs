@@ -10,6 +10,7 @@ use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::machine::{ConsumerCommand, ConsumerMachine, DELIVERIES};
@@ -76,7 +77,8 @@ impl Actor for ConsumerWorker {
         st: &mut ConsumerArgs,
     ) -> Result<(), ActorProcessingErr> {
         let ConsumerMsg::Request(Inbound { req, reply, traceparent }) = msg;
-        tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
+        let (span, _) = bulkhead_cluster::traced_span!("consumer.serve", &traceparent, kind = st.making.kind);
+        span.in_scope(|| tracing::debug!(request = ?req, "request"));
         let m = st.making;
         let order_id = match &req {
             ConsumerRequest::Deliver(ev) if st.fault_injection && is_poison(m.kind, ev) => {
@@ -105,7 +107,7 @@ impl Actor for ConsumerWorker {
             st.cluster.shard_of(m.capability(), order_id.as_bytes()),
         ) {
             Ok(replica) => {
-                tokio::spawn(serve(replica, m, req, reply));
+                tokio::spawn(serve(replica, m, req, reply).instrument(span));
             }
             Err(e) => {
                 let _ = reply.send(unserved(e));
@@ -125,8 +127,13 @@ fn unserved(e: Unserved) -> ConsumerReply {
 async fn serve(replica: Replica, making: Making, req: ConsumerRequest, reply: RpcReplyPort<ConsumerReply>) {
     let answer = match req {
         ConsumerRequest::Deliver(event) => {
+            let (order_id, event_id) = (event.order_id, event.event_id);
             let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
-            replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()))
+            let answer = replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()));
+            if let ConsumerReply::Accepted { duplicate } = &answer {
+                tracing::info!(kind = making.kind, %order_id, %event_id, duplicate, "event delivered");
+            }
+            answer
         }
         ConsumerRequest::List { order_id } => match replica.read_barrier().await {
             Err(e) => unserved(e.into()),

@@ -21,14 +21,15 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::wire::{child_traceparent, trace_id};
+use bulkhead_cluster::wire::trace_id;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::machine::{self, OrdersApplied, OrdersCommand, OrdersMachine, IDEMPOTENCY, ORDERS};
@@ -288,7 +289,7 @@ impl OrdersState {
         let Placed { shard, term, order, applied, wait_ms, reply } = placed;
         match applied {
             Ok(OrdersApplied::Placed) => {
-                tracing::debug!(order_id = %order.id, shard, trace = trace_id(&order.traceparent), "order placed");
+                tracing::info!(order_id = %order.id, shard, trace_id = %trace_id(&order.traceparent), "order placed");
                 match self.driving.get(&shard) {
                     Some(Driving::Ready(t)) if *t == term => {}
                     Some(Driving::Loading(t)) if *t == term => {
@@ -458,19 +459,31 @@ impl OrdersState {
         let parent = self.sagas.get(&order_id).map(|s| s.order.traceparent.clone()).unwrap_or_default();
         for cmd in cmds {
             let (cluster, me) = (self.cluster().clone(), myself.clone());
-            let tp = child_traceparent(&parent);
             match cmd {
                 Command::Reserve { node, items } => {
-                    tokio::spawn(async move {
-                        let outcome = reserve(&cluster, order_id, &node, items, ttl_ms, &tp).await;
-                        let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Reserve { node, outcome } });
-                    });
+                    let (span, tp) =
+                        bulkhead_cluster::traced_span!("saga.step", &parent, step = "reserve", %order_id, %node);
+                    tokio::spawn(
+                        async move {
+                            let started = Instant::now();
+                            let outcome = reserve(&cluster, order_id, &node, items, ttl_ms, &tp).await;
+                            step_done("reserve", started, outcome.label());
+                            let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Reserve { node, outcome } });
+                        }
+                        .instrument(span),
+                    );
                 }
                 Command::Charge { amount_cents, token } => {
-                    tokio::spawn(async move {
-                        let outcome = charge(&cluster, order_id, amount_cents, token, &tp).await;
-                        let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
-                    });
+                    let (span, tp) = bulkhead_cluster::traced_span!("saga.step", &parent, step = "charge", %order_id);
+                    tokio::spawn(
+                        async move {
+                            let started = Instant::now();
+                            let outcome = charge(&cluster, order_id, amount_cents, token, &tp).await;
+                            step_done("charge", started, outcome.label());
+                            let _ = me.cast(OrdersMsg::Saga { order_id, event: Event::Charge(outcome) });
+                        }
+                        .instrument(span),
+                    );
                 }
                 Command::RetryIn(ms) => {
                     myself.send_after(Duration::from_millis(ms), move || OrdersMsg::Saga {
@@ -487,7 +500,8 @@ impl OrdersState {
     fn finish(&mut self, order_id: Uuid) {
         let Some(s) = self.sagas.remove(&order_id) else { return };
         let o = &s.committed;
-        tracing::debug!(%order_id, trace = trace_id(&o.traceparent), status = ?o.status, reason = ?o.reason, "order finished");
+        let reason = o.reason.as_deref().unwrap_or("");
+        tracing::info!(%order_id, trace_id = %trace_id(&o.traceparent), status = ?o.status, reason, "order finished");
         let view = o.view();
         for (_, w) in s.waiters {
             let _ = w.send(OrdersReply::Order(view.clone()));
@@ -718,6 +732,12 @@ impl OrdersState {
             }
         });
     }
+}
+
+/// A saga step's remote part is over: its duration by step and outcome.
+fn step_done(step: &'static str, started: Instant, outcome: &'static str) {
+    metrics::histogram!("bulkhead_saga_step_duration_seconds", "step" => step, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 async fn reserve(

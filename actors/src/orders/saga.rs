@@ -105,6 +105,29 @@ pub enum ChargeOutcome {
     Unavailable(String),
 }
 
+impl ReserveOutcome {
+    /// The variant's name, for metric labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReserveOutcome::Reserved { .. } => "reserved",
+            ReserveOutcome::OutOfStock { .. } => "out_of_stock",
+            ReserveOutcome::AlreadyReleased => "already_released",
+            ReserveOutcome::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl ChargeOutcome {
+    /// The variant's name, for metric labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ChargeOutcome::Charged { .. } => "charged",
+            ChargeOutcome::Declined { .. } => "declined",
+            ChargeOutcome::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The order was just created.

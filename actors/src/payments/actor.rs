@@ -16,6 +16,7 @@ use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::ledger::{self, ChargeStatus};
@@ -58,7 +59,8 @@ impl Actor for PaymentsWorker {
         st: &mut PaymentsArgs,
     ) -> Result<(), ActorProcessingErr> {
         let PaymentsMsg::Request(Inbound { req, reply, traceparent }) = msg;
-        tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
+        let (span, _) = bulkhead_cluster::traced_span!("payments.serve", &traceparent);
+        span.in_scope(|| tracing::debug!(request = ?req, "request"));
         if let PaymentRequest::InjectPanic = req {
             if st.fault_injection {
                 panic!("fault injection: payments worker panics on request");
@@ -79,7 +81,7 @@ impl Actor for PaymentsWorker {
             st.cluster.shard_of(Capability::Payments, order_id.as_bytes()),
         ) {
             Ok(replica) => {
-                tokio::spawn(serve(replica, req, reply));
+                tokio::spawn(serve(replica, req, reply).instrument(span));
             }
             Err(e) => {
                 let _ = reply.send(refused(e));
@@ -100,7 +102,17 @@ fn refused(e: impl Into<Unserved>) -> PaymentReply {
 async fn serve(replica: Replica, req: PaymentRequest, reply: RpcReplyPort<PaymentReply>) {
     let answer = match req {
         PaymentRequest::Charge { order_id, amount_cents, token } => {
-            charge(&replica, order_id, amount_cents, token).await
+            let answer = charge(&replica, order_id, amount_cents, token).await;
+            match &answer {
+                PaymentReply::Charged { payment_id } => {
+                    tracing::info!(%order_id, amount_cents, %payment_id, "payment charged")
+                }
+                PaymentReply::Declined { reason } => {
+                    tracing::info!(%order_id, amount_cents, %reason, "payment declined")
+                }
+                other => tracing::debug!(%order_id, answer = ?other, "charge not answered"),
+            }
+            answer
         }
         PaymentRequest::Refund { order_id } => {
             let cmd = PaymentCommand::Refund { order_id, now_ms: replica.now_ms() };

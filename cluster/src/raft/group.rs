@@ -42,6 +42,18 @@ pub enum ProposeError {
     Failed(String),
 }
 
+impl ProposeError {
+    /// The variant's name, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProposeError::NotLeader { .. } => "not_leader",
+            ProposeError::NoLeader => "no_leader",
+            ProposeError::TimedOut(_) => "timed_out",
+            ProposeError::Failed(_) => "failed",
+        }
+    }
+}
+
 /// Counters of one replica, for `/metrics` (in memory: a restart starts them at 0).
 #[derive(Debug, Default)]
 pub struct ReplicaStats {
@@ -238,9 +250,21 @@ impl Replica {
         if self.handing_over.load(Ordering::Relaxed) {
             return Err(ProposeError::NoLeader);
         }
+        use tracing::Instrument;
         let started = Instant::now();
-        let result = self.write::<M>(cmd).await;
+        let span = tracing::info_span!("raft.propose", group = %self.id);
+        let result = self.write::<M>(cmd).instrument(span).await;
         self.stats.record(started, result.is_ok());
+        let outcome = match &result {
+            Ok(_) => "committed",
+            Err(e) => e.kind(),
+        };
+        metrics::histogram!(
+            "bulkhead_raft_proposal_duration_seconds",
+            "capability" => self.id.capability.as_str(),
+            "outcome" => outcome
+        )
+        .record(started.elapsed().as_secs_f64());
         result
     }
 

@@ -1,0 +1,114 @@
+//! A node's logs, span export and metrics recorder, set up once at start from `[log]` and
+//! `[telemetry]`.
+//!
+//! - Logs: tracing-subscriber's `fmt`, as text or as one JSON object per line (event fields at
+//!   the top level, the current span's fields under `span`: a request's `trace_id` and
+//!   `request_id` ride on every line logged inside it). `RUST_LOG` filters, as before.
+//! - Spans: with `otlp_endpoint`, tracing-opentelemetry turns the node's spans (HTTP requests,
+//!   cluster calls and their serving side, saga steps, Raft proposals) into OpenTelemetry spans,
+//!   batched to the collector over OTLP/HTTP by a thread of the SDK's own (an unreachable
+//!   collector costs dropped spans, never a stalled request).
+//! - Metrics: the histogram recorder behind `/metrics` (`bulkhead_http::metrics::install`).
+//!
+//! Caveats: the exporter speaks plain HTTP only (no TLS client is built in; run a collector
+//! agent on the host); spans are sampled by the caller's `traceparent` flag or, for a trace that
+//! starts here, always.
+
+use bulkhead_cluster::{LogFormat, NodeConfig};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// What must be flushed before the process exits.
+pub struct Telemetry {
+    spans: Option<SdkTracerProvider>,
+}
+
+const DEFAULT_FILTER: &str = "info,ractor=warn,ractor_cluster=warn,openraft=warn";
+
+/// Logs for commands without a node config (text, `RUST_LOG` or info).
+pub fn init_plain() {
+    let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_target(false).with_ansi(ansi()).try_init();
+}
+
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+}
+
+/// Colours only on a terminal: a node's log usually goes to a file or journald.
+fn ansi() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// Sets up logs, span export and the metrics recorder for the node `cfg` describes. Call once,
+/// inside the runtime.
+pub fn init(cfg: &NodeConfig) -> Result<Telemetry, String> {
+    let spans = match cfg.telemetry.otlp_endpoint.as_deref() {
+        Some(endpoint) => Some(otlp(endpoint, &cfg.name)?),
+        None => None,
+    };
+    let otel = spans.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("bulkhead")));
+    let (text, json) = match cfg.log.format {
+        LogFormat::Text => (Some(tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi())), None),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            ),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(text)
+        .with(json)
+        .with(otel)
+        .try_init()
+        .map_err(|e| format!("cannot set up logging: {e}"))?;
+    bulkhead_http::metrics::install()?;
+    if let Some(endpoint) = cfg.telemetry.otlp_endpoint.as_deref() {
+        tracing::info!(endpoint, "exporting spans over OTLP/HTTP");
+    }
+    Ok(Telemetry { spans })
+}
+
+/// The SDK's exporter and batch processor. Built on a plain thread: its blocking HTTP client may
+/// not be made (or dropped) on a runtime thread.
+fn otlp(endpoint: &str, node: &str) -> Result<SdkTracerProvider, String> {
+    let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let node = node.to_string();
+    std::thread::spawn(move || -> Result<SdkTracerProvider, String> {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url.clone())
+            .build()
+            .map_err(|e| format!("telemetry.otlp_endpoint {url}: {e}"))?;
+        let resource = Resource::builder()
+            .with_service_name("bulkhead")
+            .with_attribute(opentelemetry::KeyValue::new("service.instance.id", node))
+            .build();
+        Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+    })
+    .join()
+    .map_err(|_| "building the span exporter panicked".to_string())?
+}
+
+impl Telemetry {
+    /// Sends the spans still batched (bounded by the SDK's export timeout), off the runtime.
+    pub async fn shutdown(self) {
+        if let Some(p) = self.spans {
+            let done = tokio::task::spawn_blocking(move || p.shutdown());
+            if let Ok(Err(e)) = done.await {
+                tracing::warn!(error = %e, "span export did not finish");
+            }
+        }
+    }
+}

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::codec::{decode, encode, encode_payload, Record};
+use crate::codec::{decode, encode, encode_payload, CodecError, Record};
 
 /// One fixture line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +101,23 @@ pub fn check_old<Old: Serialize, T: Record + Debug>(f: &Fixture, old: &Old, expe
     let mut made = vec![f.version];
     made.extend(encode_payload(old));
     check(f, &made, expected);
+}
+
+/// Checks a fixture of an older layout whose meaning is gone: `old` encodes to exactly its bytes,
+/// and today's decoder refuses them with `expected`.
+pub fn check_refused<Old: Serialize, T: Record + Debug>(f: &Fixture, old: &Old, expected: &CodecError) {
+    let mut made = vec![f.version];
+    made.extend(encode_payload(old));
+    let what = format!("{} {} (line {})", f.type_name, f.label, f.line);
+    if std::env::var_os("BULKHEAD_FIXTURES_PRINT").is_some() {
+        eprintln!("{} {} {}", f.type_name, f.label, hex(&made));
+        return;
+    }
+    assert_eq!(hex(&f.bytes), hex(&made), "{what}: the value no longer encodes to the checked-in bytes");
+    match decode::<T>(&f.bytes) {
+        Err(e) => assert_eq!(&e, expected, "{what}: refused for another reason"),
+        Ok(v) => panic!("{what}: decoded as {v:?}, expected the refusal {expected}"),
+    }
 }
 
 fn check<T: Record + Debug>(f: &Fixture, made: &[u8], expected: &T) {

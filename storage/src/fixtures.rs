@@ -75,7 +75,7 @@ pub fn parse(text: &str) -> Result<Vec<Fixture>, FixtureError> {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -92,6 +92,17 @@ pub fn hex(bytes: &[u8]) -> String {
 /// prints the line instead (how a new fixture is made: add `<Type> <label> <version byte>`, run,
 /// paste).
 pub fn check_current<T: Record + Debug>(f: &Fixture, expected: &T) {
+    assert_eq!(
+        f.version,
+        T::VERSION,
+        "{} {} (line {}): {} is at version {} now: check this fixture with check_old (a copy of the old layout) \
+         and add a fixture of the new version",
+        f.type_name,
+        f.label,
+        f.line,
+        f.type_name,
+        T::VERSION
+    );
     check(f, &encode(expected), expected);
 }
 

@@ -20,6 +20,8 @@ pub mod inventory;
 pub mod notifications;
 pub mod orders;
 pub mod payments;
+#[cfg(test)]
+mod record_fixtures;
 pub mod shipping;
 pub mod supervisor;
 pub mod util;

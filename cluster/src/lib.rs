@@ -28,6 +28,8 @@ pub mod link;
 pub mod membership;
 pub mod node;
 pub mod raft;
+#[cfg(test)]
+mod record_fixtures;
 pub mod secret;
 pub mod tls;
 pub mod trace;

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use bulkhead_storage::Record;
+use bulkhead_storage::{decode_either, decode_payload, unknown_version, CodecError, Record};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -55,10 +55,144 @@ pub struct Heartbeat {
     pub binding: Vec<u8>,
 }
 
-// Version 3: the witness protocol's `down` and `owes` lists are gone.
-// Version 4: `binding`.
+/// Versions: 1; 2 added `down` (2bc4c0a), then `owes` under the same number (320935c); 3 dropped
+/// both (the witness protocol went, ca16541), then added `timing_fingerprint` under the same number
+/// (2ae3196); 4 added `binding` (mutual TLS, 57db09b). Every layout decodes (see
+/// `tests/fixtures/records.txt`); what an old one lacked takes a value that the receiver's own
+/// checks then refuse where it matters: no timing fingerprint reads as 0 (a timing mismatch), no
+/// binding as empty (not vouched for over TLS). Decoding is not trusting.
 impl Record for Heartbeat {
     const VERSION: u8 = 4;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        use old_heartbeat::*;
+        match version {
+            // Version 3's first layout is version 1's.
+            1 => decode_payload::<V1>(payload).map(Into::into),
+            2 => decode_either::<Self, V2b, V2a>(payload),
+            3 => decode_either::<Self, V3b, V1>(payload),
+            4 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// The layouts [`Heartbeat`] had before version 4, field for field as they were sent.
+pub(crate) mod old_heartbeat {
+    use serde::{Deserialize, Serialize};
+
+    use super::Heartbeat;
+    use crate::config::Capability;
+
+    /// Version 1 (2c05dbb), and version 3 until 2ae3196.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct V1 {
+        pub name: String,
+        pub cluster_addr: String,
+        pub http_addr: String,
+        pub pid: u32,
+        pub incarnation: u64,
+        pub seq: u64,
+        pub capabilities: Vec<Capability>,
+        pub unhealthy: Vec<Capability>,
+        pub shard_fingerprint: u64,
+        pub peers: Vec<String>,
+    }
+
+    /// Version 2 as 2bc4c0a sent it: each node's down list (the witness protocol's votes).
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct V2a {
+        pub name: String,
+        pub cluster_addr: String,
+        pub http_addr: String,
+        pub pid: u32,
+        pub incarnation: u64,
+        pub seq: u64,
+        pub capabilities: Vec<Capability>,
+        pub unhealthy: Vec<Capability>,
+        pub shard_fingerprint: u64,
+        pub peers: Vec<String>,
+        pub down: Vec<String>,
+    }
+
+    /// Version 2 from 320935c: and whom the node owed a hand-off of keys.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct V2b {
+        pub name: String,
+        pub cluster_addr: String,
+        pub http_addr: String,
+        pub pid: u32,
+        pub incarnation: u64,
+        pub seq: u64,
+        pub capabilities: Vec<Capability>,
+        pub unhealthy: Vec<Capability>,
+        pub shard_fingerprint: u64,
+        pub peers: Vec<String>,
+        pub down: Vec<String>,
+        pub owes: Vec<String>,
+    }
+
+    /// Version 3 from 2ae3196: the timing fingerprint, before `peers`.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct V3b {
+        pub name: String,
+        pub cluster_addr: String,
+        pub http_addr: String,
+        pub pid: u32,
+        pub incarnation: u64,
+        pub seq: u64,
+        pub capabilities: Vec<Capability>,
+        pub unhealthy: Vec<Capability>,
+        pub shard_fingerprint: u64,
+        pub timing_fingerprint: u64,
+        pub peers: Vec<String>,
+    }
+
+    impl From<V3b> for Heartbeat {
+        fn from(o: V3b) -> Heartbeat {
+            Heartbeat {
+                name: o.name,
+                cluster_addr: o.cluster_addr,
+                http_addr: o.http_addr,
+                pid: o.pid,
+                incarnation: o.incarnation,
+                seq: o.seq,
+                capabilities: o.capabilities,
+                unhealthy: o.unhealthy,
+                shard_fingerprint: o.shard_fingerprint,
+                timing_fingerprint: o.timing_fingerprint,
+                peers: o.peers,
+                binding: Vec::new(),
+            }
+        }
+    }
+
+    /// The layouts before the timing fingerprint: it reads as 0 (in practice no real `[timing]`'s
+    /// digest), so the receiver refuses the sender as having a different `[timing]` (it never checked).
+    /// `down` and `owes` meant something only to the witness protocol, which is gone.
+    macro_rules! without_timing {
+        ($($old:ty),*) => {$(
+            impl From<$old> for Heartbeat {
+                fn from(o: $old) -> Heartbeat {
+                    V3b {
+                        name: o.name,
+                        cluster_addr: o.cluster_addr,
+                        http_addr: o.http_addr,
+                        pid: o.pid,
+                        incarnation: o.incarnation,
+                        seq: o.seq,
+                        capabilities: o.capabilities,
+                        unhealthy: o.unhealthy,
+                        shard_fingerprint: o.shard_fingerprint,
+                        timing_fingerprint: 0,
+                        peers: o.peers,
+                    }
+                    .into()
+                }
+            }
+        )*};
+    }
+    without_timing!(V1, V2a, V2b);
 }
 
 pub struct Membership;

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bulkhead_storage::{decode, encode, CodecError, Record};
+use bulkhead_storage::{decode, decode_payload, encode, unknown_version, CodecError, Record};
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -67,8 +67,42 @@ pub enum Refusal {
 }
 
 impl Record for WireReply {
-    /// 2: `Refused` with a typed kind replaced `Rejected(String)` with a text prefix.
+    /// 2: `Refused` with a typed kind replaced `Rejected(String)` with a text prefix (29ed679).
     const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<WireReplyV1>(payload).map(Into::into),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// [`WireReply`] version 1: the kind of a refusal was a prefix of its text.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum WireReplyV1 {
+    Ok(Vec<u8>),
+    Rejected(String),
+}
+
+impl From<WireReplyV1> for WireReply {
+    fn from(old: WireReplyV1) -> Self {
+        match old {
+            WireReplyV1::Ok(bytes) => WireReply::Ok(bytes),
+            WireReplyV1::Rejected(text) => {
+                // The prefixes version 1's gateway wrote (`gateway::LOST`, `gateway::UNAVAILABLE`).
+                let (kind, reason) = if let Some(r) = text.strip_prefix("lost: ") {
+                    (Refusal::Lost, r.to_string())
+                } else if let Some(r) = text.strip_prefix("unavailable: ") {
+                    (Refusal::Busy, r.to_string())
+                } else {
+                    (Refusal::Rejected, text)
+                };
+                WireReply::Refused { kind, reason }
+            }
+        }
+    }
 }
 
 /// Counters of what arrived and could not be understood.

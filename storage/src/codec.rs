@@ -1,8 +1,10 @@
 //! The versioned record codec: one version byte, then the record's bincode 2 encoding.
 //!
 //! bincode is not self-describing, so a record type can never change shape silently. When a type
-//! grows, bump its [`Record::VERSION`] and teach [`Record::upgrade`] to read the older layouts; the
-//! checked-in fixtures in the tests prove that yesterday's bytes still decode.
+//! grows, bump its [`Record::VERSION`] and teach [`Record::upgrade`] (the type's "decode version N"
+//! hook) to read the older layouts. Every crate checks in the bytes of every version of each of its
+//! record types (`<crate>/tests/fixtures/records.txt`, read by [`crate::fixtures`]) and a test that
+//! decodes them all, so yesterday's bytes are proved to decode, and a bump without a fixture fails.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -15,6 +17,10 @@ pub enum CodecError {
     UnknownVersion { found: u8, known: u8 },
     #[error("malformed record: {0}")]
     Malformed(String),
+    /// Well-formed bytes of an older version whose meaning this build no longer has (a request of a
+    /// protocol that is gone): refused by name rather than guessed at.
+    #[error("record version {version} {what}: no longer understood")]
+    Retired { version: u8, what: &'static str },
 }
 
 /// A type stored or sent with the versioned codec.
@@ -22,14 +28,38 @@ pub trait Record: Serialize + DeserializeOwned {
     /// The version written by this build. Start at 1; bump when the layout changes.
     const VERSION: u8;
 
-    /// Decodes a payload written with `version`. The default reads only the current version;
-    /// a type that has grown overrides this to read its older layouts too.
+    /// Decodes a payload written with `version` (never above [`Record::VERSION`]: [`decode`] refuses
+    /// those first). The default reads only the current version; a type that has grown overrides
+    /// this to read each older layout into the current type, with defaults for what it lacked, and
+    /// answers any other version with [`unknown_version`].
     fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
         if version == Self::VERSION {
             decode_payload(payload)
         } else {
-            Err(CodecError::UnknownVersion { found: version, known: Self::VERSION })
+            Err(unknown_version::<Self>(version))
         }
+    }
+}
+
+/// The error for a version `T` has never had (0, or a number skipped).
+pub fn unknown_version<T: Record>(version: u8) -> CodecError {
+    CodecError::UnknownVersion { found: version, known: T::VERSION }
+}
+
+/// Decodes a payload of a version whose layout changed without a new number (a mistake the
+/// fixtures now catch, but some versions shipped two layouts): the later layout first, then the
+/// earlier one. bincode is not self-describing; when the later layout appends fields the two
+/// cannot be confused (read as the other, one runs out of bytes and the other leaves trailing
+/// bytes); when it inserts one mid-way only contrived contents could be. The later layout's error
+/// is the one reported.
+pub fn decode_either<T, Later, Earlier>(payload: &[u8]) -> Result<T, CodecError>
+where
+    Later: DeserializeOwned + Into<T>,
+    Earlier: DeserializeOwned + Into<T>,
+{
+    match decode_payload::<Later>(payload) {
+        Ok(v) => Ok(v.into()),
+        Err(e) => decode_payload::<Earlier>(payload).map(Into::into).map_err(|_| e),
     }
 }
 
@@ -54,6 +84,11 @@ pub fn encode<T: Record>(value: &T) -> Vec<u8> {
     // keys in some formats); bincode supports every type we define, so this is a programming error.
     bincode::serde::encode_into_std_write(value, &mut out, config()).expect("bincode can encode every record type");
     out
+}
+
+/// The bincode payload alone (no version byte); [`crate::fixtures`] writes old layouts with it.
+pub(crate) fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, config()).expect("bincode can encode every record type")
 }
 
 /// Decodes bytes written by [`encode`], of this or an older version.
@@ -95,7 +130,7 @@ mod tests {
                     Ok(V2 { a: old.a, b: old.b, c: None })
                 }
                 2 => decode_payload(payload),
-                v => Err(CodecError::UnknownVersion { found: v, known: 2 }),
+                v => Err(unknown_version::<Self>(v)),
             }
         }
     }

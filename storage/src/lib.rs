@@ -21,12 +21,15 @@
 //! - Ordered writes rely on sled recovering its log in order up to the last complete flush.
 
 mod codec;
+pub mod fixtures;
 mod idempotency;
 mod key;
+#[cfg(test)]
+mod record_fixtures;
 mod store;
 mod table;
 
-pub use codec::{decode, decode_payload, encode, CodecError, Record};
+pub use codec::{decode, decode_either, decode_payload, encode, unknown_version, CodecError, Record};
 pub use idempotency::{IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::{name_prefix, Key};
 pub use store::{Batch, Durability, RawRecord, Store, StoreError, StoreOptions, StoreStats};

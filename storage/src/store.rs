@@ -406,9 +406,9 @@ fn intent_part_key(i: u32) -> Vec<u8> {
 }
 
 /// A batch written whole before its writes, so a crash in between can be completed.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Intent {
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Intent {
+    pub(crate) ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 impl crate::codec::Record for Intent {
     const VERSION: u8 = 1;

@@ -1,6 +1,6 @@
 //! Orders' requests and replies (remote, versioned; append variants at the end only).
 
-use bulkhead_storage::Record;
+use bulkhead_storage::{decode_payload, unknown_version, CodecError, Record};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -121,12 +121,110 @@ pub enum OrdersReply {
     Uncertain(String),
 }
 
-// Version 2: orders on Raft groups (the witness requests and replies are gone).
+/// Version 2: orders on Raft groups (ca16541): a request names its shard, the witness requests and
+/// replies are gone. Version 1 (the single-copy orders of before) still decodes: what carries over
+/// unchanged, as itself; a request that would need a shard it does not name, or a witness message,
+/// as [`CodecError::Retired`].
 impl Record for OrdersRequest {
     const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<v1::OrdersRequest>(payload)?.try_into(),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
 }
 impl Record for OrdersReply {
     const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<v1::OrdersReply>(payload)?.try_into(),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// Orders' requests and replies as version 1 had them last (0f3bb7a; earlier builds had a prefix
+/// of these variants, except abcf9c1's branch, whose `DeadLetters` was index 3 until the merge).
+pub(crate) mod v1 {
+    use bulkhead_storage::CodecError;
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
+
+    use super::{DeadLetter, IdemKey, OrderView};
+    use crate::inventory::Item;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct PlaceOrder {
+        pub customer_id: String,
+        pub items: Vec<Item>,
+        pub payment_token: String,
+        pub idempotency: Option<IdemKey>,
+        pub wait_ms: u64,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OrdersRequest {
+        Place(PlaceOrder),
+        Get { order_id: Uuid },
+        InjectPanic,
+        Witness { key: String, owner: String },
+        PlaceUnwitnessed(PlaceOrder),
+        DeadLetters { order_id: Option<Uuid> },
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OrdersReply {
+        Order(OrderView),
+        NotFound,
+        IdempotencyConflict { order_id: Uuid },
+        Refused(String),
+        Witnessed,
+        OwnedHere,
+        Elsewhere { owner: String },
+        DeadLetters(Vec<DeadLetter>),
+    }
+
+    const fn retired(what: &'static str) -> CodecError {
+        CodecError::Retired { version: 1, what }
+    }
+
+    impl TryFrom<OrdersRequest> for super::OrdersRequest {
+        type Error = CodecError;
+        fn try_from(old: OrdersRequest) -> Result<Self, CodecError> {
+            match old {
+                OrdersRequest::Get { order_id } => Ok(Self::Get { order_id }),
+                OrdersRequest::InjectPanic => Ok(Self::InjectPanic),
+                // Which shard a key's order belongs in is the front's to say; a guess would break
+                // "one key, one shard, one order".
+                OrdersRequest::Place(_) => Err(retired("orders Place names no shard")),
+                OrdersRequest::DeadLetters { .. } => Err(retired("orders DeadLetters names no shard")),
+                OrdersRequest::Witness { .. } | OrdersRequest::PlaceUnwitnessed(_) => {
+                    Err(retired("orders witness request"))
+                }
+            }
+        }
+    }
+
+    impl TryFrom<OrdersReply> for super::OrdersReply {
+        type Error = CodecError;
+        fn try_from(old: OrdersReply) -> Result<Self, CodecError> {
+            match old {
+                OrdersReply::Order(view) => Ok(Self::Order(view)),
+                OrdersReply::NotFound => Ok(Self::NotFound),
+                OrdersReply::IdempotencyConflict { order_id } => Ok(Self::IdempotencyConflict { order_id }),
+                OrdersReply::Refused(reason) => Ok(Self::Refused(reason)),
+                OrdersReply::DeadLetters(letters) => Ok(Self::DeadLetters(letters)),
+                OrdersReply::Witnessed | OrdersReply::OwnedHere | OrdersReply::Elsewhere { .. } => {
+                    Err(retired("orders witness reply"))
+                }
+            }
+        }
+    }
 }
 
 impl bulkhead_cluster::LeaderReply for OrdersReply {

@@ -121,10 +121,11 @@ impl Record for SnapshotPart {
     const VERSION: u8 = 1;
 }
 
+/// [`SnapshotRecord`] version 1: the bytes inline.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotRecordV1 {
-    meta: SnapshotMeta<MemberId, openraft::BasicNode>,
-    data: Vec<u8>,
+pub(crate) struct SnapshotRecordV1 {
+    pub(crate) meta: SnapshotMeta<MemberId, openraft::BasicNode>,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Record for SnapshotRecord {
@@ -137,7 +138,8 @@ impl Record for SnapshotRecord {
                 let v1: SnapshotRecordV1 = bulkhead_storage::decode_payload(payload)?;
                 Ok(SnapshotRecord { meta: v1.meta, data: SnapshotData::Inline(v1.data) })
             }
-            _ => bulkhead_storage::decode_payload(payload),
+            2 => bulkhead_storage::decode_payload(payload),
+            v => Err(bulkhead_storage::unknown_version::<Self>(v)),
         }
     }
 }

@@ -385,7 +385,14 @@ async fn the_dashboard_shows_nodes_shards_failovers_and_moving_order_numbers_in_
     }
 
     // Cut n3 off: the page sees it down and a shard it led move to another node (a failover);
-    // healed, three nodes are up again.
+    // healed, three nodes are up again. First n3 must lead something (it prefers orders/1,
+    // shipping and notifications; leadership may still be on its way back after the start).
+    page.wait_for(
+        Duration::from_secs(20),
+        "the page shows n3 leading a shard",
+        "[...document.querySelectorAll('#shards tr[data-group]')].some(r => r.children[1].textContent === 'n3')",
+    )
+    .await;
     let cut = tc.post(2, "/admin/partition", None, json!({})).await;
     assert_eq!(cut.status, 202, "{}", cut.body);
     page.wait_for(
@@ -405,10 +412,18 @@ async fn the_dashboard_shows_nodes_shards_failovers_and_moving_order_numbers_in_
            && document.getElementById('summary').dataset.up === '3'"#,
     )
     .await;
-    // Orders flow again after the heal (also so the screenshot shows them).
-    for n in [4, 8] {
-        let replies = futures::future::join_all((0..n).map(|_| tc.order(0, None, "dash-1", 1, "tok_ok"))).await;
-        assert!(replies.iter().all(|r| r.status == 201), "an order failed after the heal");
+    // Orders flow again after the heal (also so the screenshot shows them). Leadership may still
+    // be moving back to the preferred nodes: a key is retried until its order confirms.
+    let tc = &tc;
+    for (round, n) in [4, 8].into_iter().enumerate() {
+        futures::future::join_all((0..n).map(|i| async move {
+            let key = format!("dash-healed-{round}-{i}");
+            eventually(Duration::from_secs(20), "an order confirms after the heal", || async {
+                (tc.order(0, Some(&key), "dash-1", 1, "tok_ok").await.status == 201).then_some(())
+            })
+            .await
+        }))
+        .await;
         page.readings_later(2).await;
     }
 

@@ -93,6 +93,8 @@ impl Browser {
                 &format!("--user-data-dir={}", dir.path().join("profile").display()),
                 "about:blank",
             ])
+            // Its singleton socket goes under TMPDIR: here, so it goes with the profile.
+            .env("TMPDIR", dir.path())
             .stdin(Stdio::from(commands))
             .stdout(Stdio::from(answers))
             .stderr(std::fs::File::create(&log).expect("chromium log"))

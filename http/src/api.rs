@@ -18,8 +18,7 @@ use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{
-    shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
-    MAX_ORDERS_LISTED,
+    shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder, MAX_ORDERS_LISTED,
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
@@ -37,9 +36,9 @@ pub use bulkhead_storage::rfc3339;
 use crate::error::{ApiError, ErrorBody};
 use crate::validate::{self, AdminAction, NewOrder, StockUpdate};
 use crate::views::{
-    CapabilityView, ClusterNode, ClusterView, DeadLetter as DeadLetterView, DeadLetterList, Delivery, Health,
-    Liveness, NotificationList, Order, OrderList, PanicFault, PanicInjected, PartitionFault, PartitionSet, Payment,
-    PaymentList, ReadyState, Readiness, Shard, ShipmentList, Stock, UnreachableShard,
+    CapabilityView, ClusterNode, ClusterView, DeadLetter as DeadLetterView, DeadLetterList, Delivery, Health, Liveness,
+    NotificationList, Order, OrderList, PanicFault, PanicInjected, PartitionFault, PartitionSet, Payment, PaymentList,
+    Readiness, ReadyState, Shard, ShipmentList, Stock, UnreachableShard,
 };
 use crate::AppState;
 
@@ -633,10 +632,8 @@ pub fn cluster_view(st: &AppState) -> ClusterView {
             .filter_map(|m| breakers.get(&(cap, m.clone())).copied())
             .max()
             .unwrap_or(BreakerState::Closed);
-        capabilities.insert(
-            cap.to_string(),
-            CapabilityView { members, healthy, breaker: worst.into(), breakers: per_member },
-        );
+        capabilities
+            .insert(cap.to_string(), CapabilityView { members, healthy, breaker: worst.into(), breakers: per_member });
     }
     ClusterView { node: st.cluster.name().to_string(), nodes, capabilities, shards: shards(st) }
 }

@@ -42,12 +42,19 @@ fn string(obj: &Map<String, Value>, field: &str, max: usize) -> Result<String, A
 fn integer(obj: &Map<String, Value>, field: &str, min: u64, max: u64) -> Result<u64, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(ApiError::bad_request(format!("`{field}` is required"))),
-        Some(Value::Number(n)) => match n.as_u64() {
+        Some(Value::Number(n)) => match whole(n) {
             Some(v) if (min..=max).contains(&v) => Ok(v),
             _ => Err(ApiError::bad_request(format!("`{field}` must be a whole number from {min} to {max}"))),
         },
         Some(_) => Err(ApiError::bad_request(format!("`{field}` must be a number"))),
     }
+}
+
+/// A JSON number that is a whole number, `2` or `2.0` alike (JSON Schema's `integer` is a value, not
+/// a spelling: the spec calls `2.0` an integer, so it is one here too).
+fn whole(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64()
+        .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f)).map(|f| f as u64))
 }
 
 /// The `customer_id` query parameter of `GET /v1/orders`: required, with the rules of the order
@@ -86,14 +93,22 @@ pub fn sku(s: &str) -> Result<String, ApiError> {
 #[schema(example = json!({"customer_id": "c-42", "items": [{"sku": "widget-1", "quantity": 2}], "payment_token": "tok_ok"}))]
 pub struct NewOrder {
     /// 1-128 characters, not only whitespace, no control characters.
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub customer_id: String,
     #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<NewItem>,
     /// A simulated payment token, 1-64 characters, not only whitespace, no control characters:
     /// `tok_decline` is declined, `tok_slow` answers after 3 s, `tok_error` fails transiently
     /// twice, then succeeds; `tok_ok` and anything else succeeds.
-    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub payment_token: String,
 }
 
@@ -224,6 +239,18 @@ mod tests {
             let e = new_order(&body).unwrap_err();
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn a_whole_number_may_be_spelled_as_a_float() {
+        let o = new_order(
+            &json!({"customer_id": "c1", "items": [{"sku": "w", "quantity": 2.0}], "payment_token": "tok_ok"}),
+        )
+        .unwrap();
+        assert_eq!(o.items[0].quantity, 2);
+        assert_eq!(stock_update(&json!({"available": 5.0, "price_cents": 0.0})).unwrap().available, 5);
+        assert!(stock_update(&json!({"available": 5.5, "price_cents": 0})).is_err());
+        assert!(stock_update(&json!({"available": 1e300, "price_cents": 0})).is_err());
     }
 
     #[test]

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode};
+use bulkhead_actors::orders::MAX_ORDERS_LISTED;
 use bulkhead_cluster::{Cluster, NodeConfig, RateLimit};
 use bulkhead_http::auth::Guard;
+use bulkhead_http::validate::{MAX_ITEMS, MAX_QUANTITY};
 use bulkhead_http::{routes, AppState, HttpMetrics};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -93,7 +95,8 @@ async fn routed(st: AppState, candidates: &BTreeSet<String>) -> BTreeSet<(String
     let mut out = BTreeSet::new();
     for path in candidates {
         // Any segment will do for a parameter: no handler runs.
-        let uri: String = path.split('/').map(|s| if s.starts_with('{') { "x1" } else { s }).collect::<Vec<_>>().join("/");
+        let uri: String =
+            path.split('/').map(|s| if s.starts_with('{') { "x1" } else { s }).collect::<Vec<_>>().join("/");
         let probe = Method::from_bytes(b"PROBE").expect("method");
         let req = Request::builder().method(probe).uri(&uri).body(Body::empty()).expect("request");
         let res = router.clone().oneshot(req).await.expect("infallible");
@@ -209,6 +212,16 @@ async fn the_document_lists_exactly_the_routes_and_holds_together() {
     assert!(doc["paths"]["/healthz"]["get"].get("security").is_none());
     assert!(doc["paths"]["/v1/inventory/{sku}"]["put"]["responses"]["403"].is_object());
     assert!(doc["paths"]["/v1/orders"]["post"]["responses"]["403"].is_null());
+
+    // Bounds utoipa takes as literals only, against the constants the handlers check.
+    let limit = &doc["paths"]["/v1/orders"]["get"]["parameters"][1];
+    assert_eq!(
+        (limit["name"].as_str(), limit["schema"]["maximum"].as_u64()),
+        (Some("limit"), Some(MAX_ORDERS_LISTED.into()))
+    );
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["NewOrder"]["properties"]["items"]["maxItems"].as_u64(), Some(MAX_ITEMS as u64));
+    assert_eq!(schemas["NewItem"]["properties"]["quantity"]["maximum"].as_u64(), Some(MAX_QUANTITY));
 
     // The document `router` serves is the one `routes` makes.
     for fault_injection in [false, true] {

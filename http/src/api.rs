@@ -1,54 +1,73 @@
 //! Handlers of API v1. Each one validates, resolves which shard owns the request (shard map), makes
 //! one timed call to that shard's leader (listing a customer's orders, or every dead letter: one per
 //! orders shard, at once), and maps the answer to HTTP. None of them touches a store directly.
+//!
+//! Each handler's `#[utoipa::path]` is its part of `/openapi.json`: its path and method (from which
+//! [`crate::router`] also routes it), parameters, body, and the answers it makes itself. What every
+//! route can answer (401/403 by its scope, 408, 413, 429, 500, 503) is added by [`crate::spec`].
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{
-    shard_of_order, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
-    MAX_ORDERS_LISTED,
+    shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder, MAX_ORDERS_LISTED,
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
-use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::raft::ShardHealth;
 use bulkhead_cluster::{BreakerState, Capability, Status};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 pub use bulkhead_storage::rfc3339;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::observe::{carry, traceparent};
-use crate::validate;
+use crate::validate::{self, AdminAction, NewOrder, StockUpdate};
+use crate::views::{
+    CapabilityView, ClusterNode, ClusterView, DeadLetter as DeadLetterView, DeadLetterList, Delivery, Health, Liveness,
+    NotificationList, Order, OrderList, PanicFault, PanicInjected, PartitionFault, PartitionSet, Payment, PaymentList,
+    Readiness, ReadyState, Shard, ShipmentList, Stock, UnreachableShard,
+};
 use crate::AppState;
 
-pub fn order_json(o: &OrderView) -> Value {
-    let mut v = json!({
-        "order_id": o.order_id.to_string(),
-        "customer_id": o.customer_id,
-        "items": o.items.iter().map(|i| json!({"sku": i.sku, "quantity": i.quantity})).collect::<Vec<_>>(),
-        "lines": o.lines.iter().map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_cents": l.unit_price_cents})).collect::<Vec<_>>(),
-        "total_cents": o.total_cents,
-        "status": o.status,
-        "history": o.history.iter().map(|h| json!({"at": rfc3339(h.at_ms), "event": h.event})).collect::<Vec<_>>(),
-    });
-    if let Some(r) = &o.reason {
-        v["reason"] = json!(r);
+/// `Query`, with its rejection (a repeated or malformed parameter) as the API's JSON `400`.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(q)) => Ok(Query(q)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
     }
-    if let Some(p) = &o.payment_id {
-        v["payment_id"] = json!(p);
+}
+
+/// `Path`, with its rejection (a segment that is not UTF-8 once decoded) as the API's JSON `400`.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(p)) => Ok(Path(p)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
     }
-    v
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -106,7 +125,7 @@ fn pick_orders_shard(st: &AppState) -> u32 {
 
 fn order_response(st: &AppState, view: OrderView) -> Response {
     let id = view.order_id;
-    let body = order_json(&view);
+    let body = Order::from(&view);
     match (view.status, view.reason.as_deref()) {
         (OrderStatus::Confirmed, _) => {
             st.metrics.confirmed.fetch_add(1, Relaxed);
@@ -125,12 +144,45 @@ fn order_response(st: &AppState, view: OrderView) -> Response {
             };
             let mut e =
                 ApiError::new(status, code, format!("order {id} was cancelled: {}", reason.unwrap_or("cancelled")));
-            e.extra = Some(json!({"order_id": id.to_string(), "order": body}));
+            e.order_id = Some(id);
+            e.order = Some(Box::new(body));
             e.into_response()
         }
     }
 }
 
+/// The optional header of `POST /v1/orders` (read by hand: [`validate::idempotency_key`]).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyKey {
+    /// 1-128 visible ASCII characters. The same key with the same body answers the same order
+    /// (placed once); with another body, 422.
+    #[param(rename = "Idempotency-Key", value_type = String, required = false, min_length = 1, max_length = 128,
+        pattern = "^[\\x21-\\x7e]{1,128}$")]
+    pub key: Option<String>,
+}
+
+#[utoipa::path(
+    post, path = "/v1/orders", tag = "orders", operation_id = "placeOrder",
+    summary = "Place an order",
+    description = "Runs the order saga (persist pending → reserve stock → charge → confirm) and waits for it up to the wait budget (default 2 s). The order is durable before any 201/202/402/409 answer.",
+    params(IdempotencyKey),
+    request_body(content = NewOrder, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Confirmed within the wait budget (`status: confirmed`).", body = Order),
+        (status = 202, description = "Still `pending` when the wait budget ran out; the saga goes on. Poll `Location`.", body = Order,
+            headers(("Location" = String, description = "`/v1/orders/{id}` of the order."))),
+        (status = 400, description = "The body or the Idempotency-Key is invalid (`invalid_request`); nothing was recorded."),
+        (status = 402, description = "Payment declined (`payment_declined`): the order exists, `cancelled`; `order_id` and `order` say which.", body = ErrorBody),
+        (status = 409, description = "Out of stock (`out_of_stock`) or otherwise cancelled (`cancelled`): the order exists, `cancelled`; `order_id` and `order` say which.", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json` (`unsupported_media_type`)."),
+        (status = 422, description = "This Idempotency-Key was used with another body (`idempotency_key_reused`); `order_id` is the order it placed."),
+        (status = 429, description = "This node already handles `[limits] orders_in_flight` orders (`overloaded`), or a rate limit was passed (`rate_limited`); nothing was recorded."),
+        (status = 502, description = "The orders shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The order's shard has no leader right now, its node is unreachable or shedding, or its breaker is open (`unavailable`); nothing was recorded."),
+        (status = 504, description = "The leader did not answer in time (`timeout`, `lost`): the order may exist; retry with the same Idempotency-Key."),
+    )
+)]
 pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     // Shed before any work on the body (axum has read it, within the edge's body limit and request
     // timeout, so a slow upload never held this permit): past the bound, queueing only makes every
@@ -154,11 +206,12 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
     };
     let body_hash = stable_hash(&serde_json::to_vec(&order).unwrap_or_default());
     let wait_ms = st.cluster.config().timing.wait_budget_ms;
+    let NewOrder { customer_id, items, payment_token } = order;
     let place = PlaceOrder {
         shard,
-        customer_id: order.customer_id,
-        items: order.items,
-        payment_token: order.payment_token,
+        customer_id,
+        items: items.into_iter().map(Into::into).collect(),
+        payment_token,
         idempotency: key.map(|key| IdemKey { key, body_hash }),
         wait_ms,
     };
@@ -181,7 +234,7 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
                 "idempotency_key_reused",
                 "this Idempotency-Key was used with a different request body",
             );
-            e.extra = Some(json!({"order_id": order_id.to_string()}));
+            e.order_id = Some(order_id);
             Err(e)
         }
         Ok(OrdersReply::Unavailable(reason)) => Err(ApiError::unavailable(format!(
@@ -242,11 +295,23 @@ fn shard_of_id(st: &AppState, id: &Uuid) -> Option<u32> {
     orders_shards(st).contains(&shard).then_some(shard)
 }
 
+#[utoipa::path(
+    get, path = "/v1/orders/{id}", tag = "orders", operation_id = "getOrder",
+    summary = "One order, read on its shard's leader",
+    params(("id" = Uuid, Path, description = "The order id.")),
+    responses(
+        (status = 200, description = "The order.", body = Order),
+        (status = 400, description = "`id` is not a UUID (`invalid_request`)."),
+        (status = 404, description = "No such order (`not_found`)."),
+        (status = 502, description = "The shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The order's shard cannot answer right now (`unavailable`)."),
+    )
+)]
 pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
     let shard = shard_of_id(&st, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
     match orders_call(&st, shard, &OrdersRequest::Get { order_id: id }).await {
-        Ok(OrdersReply::Order(view)) => Ok(Json(order_json(&view)).into_response()),
+        Ok(OrdersReply::Order(view)) => Ok(Json(Order::from(&view)).into_response()),
         Ok(OrdersReply::NotFound) => Err(ApiError::not_found(format!("no order {id}"))),
         Ok(OrdersReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
@@ -254,10 +319,20 @@ pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Re
     }
 }
 
-#[derive(Deserialize)]
+/// The query of `GET /v1/orders`. Every field is read as text and checked by the handler, so each
+/// refusal is its own JSON `400` naming the parameter.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ByCustomer {
+    /// The customer: 1-128 characters, not only whitespace, no control characters.
+    #[param(value_type = String, required = true, min_length = 1, max_length = 128,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$")]
     customer_id: Option<String>,
+    /// Orders per page, 1-500 (`MAX_ORDERS_LISTED`); 50 when absent.
+    #[param(value_type = u32, required = false, minimum = 1, maximum = 500)]
     limit: Option<String>,
+    /// Only orders older than this order id: the `next_before` of the page before.
+    #[param(value_type = Uuid, required = false)]
     before: Option<String>,
 }
 
@@ -265,6 +340,18 @@ pub struct ByCustomer {
 /// orders shard's leader is asked at once (a linearizable read each) and the answers merged; a
 /// shard that cannot answer makes the whole answer 503, never a silently shorter list. `next_before`
 /// is the id to pass as `before` for the next page (`null` on the last page).
+#[utoipa::path(
+    get, path = "/v1/orders", tag = "orders", operation_id = "listOrders",
+    summary = "A customer's orders, newest first",
+    description = "Every orders shard's leader is asked at once (a linearizable read each); a shard that cannot answer makes the whole answer 503, never a shorter list.",
+    params(ByCustomer),
+    responses(
+        (status = 200, description = "One page of the customer's orders.", body = OrderList),
+        (status = 400, description = "A parameter is missing, repeated or invalid (`invalid_request`)."),
+        (status = 502, description = "A shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "An orders shard cannot answer right now (`unavailable`)."),
+    )
+)]
 pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>) -> Result<Response, ApiError> {
     let customer_id = validate::customer_id(q.customer_id.as_deref())?;
     let limit = match q.limit.as_deref() {
@@ -302,20 +389,16 @@ pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>
     orders.sort_by_key(|o| std::cmp::Reverse(o.order_id));
     let more = orders.len() > limit as usize;
     orders.truncate(limit as usize);
-    let next = if more { orders.last().map(|o| json!(o.order_id.to_string())) } else { None };
-    Ok(Json(json!({
-        "customer_id": customer_id,
-        "orders": orders.iter().map(order_json).collect::<Vec<_>>(),
-        "next_before": next.unwrap_or(Value::Null),
-    }))
-    .into_response())
+    let next_before = if more { orders.last().map(|o| o.order_id) } else { None };
+    let orders = orders.iter().map(Order::from).collect();
+    Ok(Json(OrderList { customer_id, orders, next_before }).into_response())
 }
 
 async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
     let shard = st.cluster.shard_of(Capability::Inventory, sku.as_bytes());
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
     match st.cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &traceparent(), t).await {
-        Ok(InventoryReply::Stock(s)) => Ok(Json(s).into_response()),
+        Ok(InventoryReply::Stock(s)) => Ok(Json(Stock::from(s)).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
         Ok(InventoryReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
@@ -323,11 +406,47 @@ async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Resu
     }
 }
 
+#[utoipa::path(
+    get, path = "/v1/inventory/{sku}", tag = "inventory", operation_id = "getStock",
+    summary = "One SKU's stock",
+    params(SkuParam),
+    responses(
+        (status = 200, description = "The stock.", body = Stock),
+        (status = 400, description = "`sku` is not a SKU (`invalid_request`)."),
+        (status = 404, description = "No such SKU (`not_found`)."),
+        (status = 502, description = "The shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The SKU's shard cannot answer right now (`unavailable`)."),
+    )
+)]
 pub async fn get_stock(State(st): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     let sku = validate::sku(&sku)?;
     inventory_call(&st, &sku.clone(), InventoryRequest::Get { sku }).await
 }
 
+/// The `{sku}` of `/v1/inventory/{sku}`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SkuParam {
+    /// 1-64 ASCII letters, digits, `-`, `_` or `.` (what `validate::sku` accepts).
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "widget-1")]
+    pub sku: String,
+}
+
+#[utoipa::path(
+    put, path = "/v1/inventory/{sku}", tag = "inventory", operation_id = "putStock",
+    summary = "Set one SKU's stock and price",
+    description = "Creates the SKU if it does not exist.",
+    params(SkuParam),
+    request_body(content = StockUpdate, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The stock after the update.", body = Stock),
+        (status = 400, description = "`sku` or the body is invalid (`invalid_request`); nothing was changed."),
+        (status = 415, description = "The body is not `Content-Type: application/json` (`unsupported_media_type`)."),
+        (status = 502, description = "The shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The SKU's shard cannot answer right now (`unavailable`)."),
+        (status = 504, description = "The leader did not answer in time (`timeout`, `lost`): the update may have been applied."),
+    )
+)]
 pub async fn put_stock(
     State(st): State<AppState>,
     Path(sku): Path<String>,
@@ -337,12 +456,25 @@ pub async fn put_stock(
     let sku = validate::sku(&sku)?;
     require_json(&headers)?;
     let body = body_bytes(body)?;
-    let (available, price_cents) = validate::stock_update(&parse_json(&body)?)?;
+    let StockUpdate { available, price_cents } = validate::stock_update(&parse_json(&body)?)?;
     inventory_call(&st, &sku.clone(), InventoryRequest::Set { sku, available, price_cents }).await
 }
 
-#[derive(Deserialize)]
+/// The query of the lists of one order's payments, shipments and notifications.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ByOrder {
+    /// The order.
+    #[param(value_type = Uuid, required = true)]
+    order_id: Option<String>,
+}
+
+/// The query of `GET /v1/dead-letters`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterFilter {
+    /// Only this order's dead letters.
+    #[param(value_type = Uuid, required = false)]
     order_id: Option<String>,
 }
 
@@ -353,60 +485,96 @@ fn order_param(q: &ByOrder) -> Result<Uuid, ApiError> {
     }
 }
 
+#[utoipa::path(
+    get, path = "/v1/payments", tag = "payments", operation_id = "listPayments",
+    summary = "The charges recorded for an order",
+    params(ByOrder),
+    responses(
+        (status = 200, description = "The charges.", body = PaymentList),
+        (status = 400, description = "`order_id` is missing, repeated or not a UUID (`invalid_request`)."),
+        (status = 502, description = "The shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The payments shard cannot answer right now (`unavailable`)."),
+    )
+)]
 pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let id = order_param(&q)?;
     let shard = st.cluster.shard_of(Capability::Payments, id.as_bytes());
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
     let req = PaymentRequest::List { order_id: id };
     match st.cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &traceparent(), t).await {
-        Ok(PaymentReply::Payments(list)) => Ok(Json(json!({"order_id": id.to_string(), "payments": list.iter().map(|p| json!({
-            "payment_id": p.payment_id, "amount_cents": p.amount_cents, "status": p.status, "attempts": p.attempts, "at": rfc3339(p.at_ms),
-        })).collect::<Vec<_>>()}))
-        .into_response()),
+        Ok(PaymentReply::Payments(list)) => {
+            Ok(Json(PaymentList { order_id: id, payments: list.iter().map(Payment::from).collect() }).into_response())
+        }
         Ok(PaymentReply::TransientError { reason }) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
     }
 }
 
-async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder, field: &str) -> Result<Response, ApiError> {
+async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder) -> Result<(Uuid, Vec<Delivery>), ApiError> {
     let id = order_param(q)?;
     let shard = st.cluster.shard_of(cap, id.as_bytes());
     let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
     let req = ConsumerRequest::List { order_id: id };
     match st.cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &traceparent(), t).await {
-        Ok(ConsumerReply::Listed(list)) => {
-            Ok(Json(json!({"order_id": id.to_string(), field: list.iter().map(|d| json!({
-            "id": d.id, "event_id": d.event_id.to_string(), "detail": d.detail, "at": rfc3339(d.created_ms),
-        })).collect::<Vec<_>>()}))
-            .into_response())
-        }
+        Ok(ConsumerReply::Listed(list)) => Ok((id, list.iter().map(Delivery::from).collect())),
         Ok(ConsumerReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(ApiError::from_read(e)),
     }
 }
 
+#[utoipa::path(
+    get, path = "/v1/shipments", tag = "shipping", operation_id = "listShipments",
+    summary = "The shipments made for an order",
+    params(ByOrder),
+    responses(
+        (status = 200, description = "The shipments.", body = ShipmentList),
+        (status = 400, description = "`order_id` is missing, repeated or not a UUID (`invalid_request`)."),
+        (status = 502, description = "The shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The shipping shard cannot answer right now (`unavailable`)."),
+    )
+)]
 pub async fn list_shipments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
-    list_deliveries(&st, Capability::Shipping, &q, "shipments").await
+    let (order_id, shipments) = list_deliveries(&st, Capability::Shipping, &q).await?;
+    Ok(Json(ShipmentList { order_id, shipments }).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/v1/notifications", tag = "notifications", operation_id = "listNotifications",
+    summary = "The notifications sent for an order",
+    params(ByOrder),
+    responses(
+        (status = 200, description = "The notifications.", body = NotificationList),
+        (status = 400, description = "`order_id` is missing, repeated or not a UUID (`invalid_request`)."),
+        (status = 502, description = "The shard's leader could not handle the request (`rejected`)."),
+        (status = 503, description = "The notifications shard cannot answer right now (`unavailable`)."),
+    )
+)]
 pub async fn list_notifications(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
-    list_deliveries(&st, Capability::Notifications, &q, "notifications").await
-}
-
-fn dead_letter_json(shard: u32, d: &DeadLetter) -> Value {
-    json!({
-        "order_id": d.order_id.to_string(), "event_id": d.event_id.to_string(), "event": d.event,
-        "destination": d.destination, "attempts": d.attempts, "last_error": d.last_error,
-        "at": rfc3339(d.at_ms), "shard": shard,
-    })
+    let (order_id, notifications) = list_deliveries(&st, Capability::Notifications, &q).await?;
+    Ok(Json(NotificationList { order_id, notifications }).into_response())
 }
 
 /// `GET /v1/dead-letters[?order_id=]`: what the outbox relays gave up on. With an order id, only
 /// its shard's leader is asked; without, every orders shard's leader at once, and the answer lists
 /// what the reachable ones hold plus the shards that could not be asked (503 only if none answered).
-pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/dead-letters", tag = "orders", operation_id = "listDeadLetters",
+    summary = "Outbox entries the relays gave up on",
+    description = "An outbox entry (e.g. `OrderConfirmed` for shipping) whose destination answered with a failure 5 times in a row is moved to its orders shard's dead letters instead of blocking that destination; unreachable destinations are retried forever instead. Without `order_id`, every orders shard's leader is asked at once and the shards that could not be asked are listed in `unreachable`; with it, only the order's shard.",
+    params(DeadLetterFilter),
+    responses(
+        (status = 200, description = "The dead letters, by order id, then time.", body = DeadLetterList),
+        (status = 400, description = "`order_id` is repeated or not a UUID (`invalid_request`)."),
+        (status = 404, description = "`order_id` names no orders shard (`not_found`)."),
+        (status = 503, description = "No orders shard answered (`unavailable`)."),
+    )
+)]
+pub async fn list_dead_letters(
+    State(st): State<AppState>,
+    Query(q): Query<DeadLetterFilter>,
+) -> Result<Response, ApiError> {
     let order_id = q.order_id.as_deref().map(parse_order_id).transpose()?;
     let shards: Vec<u32> = match order_id {
         Some(id) => vec![shard_of_id(&st, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?],
@@ -425,15 +593,15 @@ pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrd
         match r {
             Ok(OrdersReply::DeadLetters(ds)) => {
                 answered += 1;
-                list.extend(ds.iter().map(|d| (d.order_id, d.at_ms, dead_letter_json(shard, d))));
+                list.extend(ds.iter().map(|d| (d.order_id, d.at_ms, DeadLetterView::new(shard, d))));
             }
             Ok(other) => {
                 tracing::warn!(?other, shard, "unexpected reply listing dead letters");
-                unreachable.push(json!({"shard": shard, "error": format!("{other:?}")}));
+                unreachable.push(UnreachableShard { shard, error: format!("{other:?}") });
             }
             Err(e) => {
                 tracing::warn!(error = %e, shard, "cannot list dead letters");
-                unreachable.push(json!({"shard": shard, "error": e.to_string()}));
+                unreachable.push(UnreachableShard { shard, error: e.to_string() });
             }
         }
     }
@@ -441,69 +609,80 @@ pub async fn list_dead_letters(State(st): State<AppState>, Query(q): Query<ByOrd
         return Err(ApiError::unavailable("no orders shard answered; retry later"));
     }
     list.sort_by_key(|(order, at, _)| (*order, *at));
-    let list: Vec<Value> = list.into_iter().map(|(_, _, v)| v).collect();
-    Ok(Json(json!({"dead_letters": list, "unreachable": unreachable})).into_response())
+    let dead_letters = list.into_iter().map(|(_, _, v)| v).collect();
+    Ok(Json(DeadLetterList { dead_letters, unreachable }).into_response())
 }
 
 /// `GET /v1/cluster`: every node as this node sees it, and per capability who serves it.
-pub fn cluster_json(st: &AppState) -> Value {
+pub fn cluster_view(st: &AppState) -> ClusterView {
     let view = st.cluster.view();
-    // `NodeView` serialises to exactly the API's node object (`reason` only when there is one).
-    let nodes: Vec<&NodeView> = view.values().collect();
-    let mut caps = serde_json::Map::new();
+    let nodes = view.values().map(ClusterNode::from).collect();
     let breakers = st.cluster.breaker_states();
+    let mut capabilities = std::collections::BTreeMap::new();
     for cap in Capability::ALL {
         let members = st.cluster.config().capabilities.nodes(cap).to_vec();
-        let healthy: Vec<&String> = members.iter().filter(|m| st.cluster.is_routable(cap, m)).collect();
+        let healthy = members.iter().filter(|m| st.cluster.is_routable(cap, m)).cloned().collect();
         // Per member as this node's call path sees it; a member never called is closed.
-        let per_member: serde_json::Map<String, Value> = members
+        let per_member = members
             .iter()
-            .map(|m| {
-                let state = breakers.get(&(cap, m.clone())).copied().unwrap_or(BreakerState::Closed);
-                (m.clone(), json!(state.as_str()))
-            })
+            .map(|m| (m.clone(), breakers.get(&(cap, m.clone())).copied().unwrap_or(BreakerState::Closed).into()))
             .collect();
         let worst = members
             .iter()
             .filter_map(|m| breakers.get(&(cap, m.clone())).copied())
             .max()
             .unwrap_or(BreakerState::Closed);
-        caps.insert(
-            cap.to_string(),
-            json!({"members": members, "healthy": healthy, "breaker": worst.as_str(), "breakers": per_member}),
-        );
+        capabilities
+            .insert(cap.to_string(), CapabilityView { members, healthy, breaker: worst.into(), breakers: per_member });
     }
-    json!({"node": st.cluster.name(), "nodes": nodes, "capabilities": caps, "shards": shards_json(st)})
+    ClusterView { node: st.cluster.name().to_string(), nodes, capabilities, shards: shards(st) }
 }
 
 /// One entry per shard of every replicated capability: this node's replica's view of it (role and
 /// lag of every replica are known on the leader), or only the leader this node would call.
-fn shards_json(st: &AppState) -> Vec<Value> {
+fn shards(st: &AppState) -> Vec<Shard> {
     let map = &st.cluster.config().capabilities;
     let mut out = Vec::new();
     for cap in Capability::ALL {
         for p in map.shards(cap) {
             let group = bulkhead_cluster::raft::GroupId { capability: cap, shard: p.shard };
             match st.cluster.raft().get(group) {
-                Some(r) => out.push(json!(r.status())),
-                None => out.push(json!({
-                    "capability": cap, "shard": p.shard, "leader": st.cluster.leader_of(cap, p.shard),
-                    "term": null, "replicas": p.replicas.iter().map(|n| json!({"node": n, "role": null, "lag": null})).collect::<Vec<_>>(),
-                })),
+                Some(r) => out.push(Shard::of_replica(cap, &r.status())),
+                None => out.push(Shard::elsewhere(cap, p.shard, st.cluster.leader_of(cap, p.shard), &p.replicas)),
             }
         }
     }
     out
 }
 
-pub async fn cluster(State(st): State<AppState>) -> Json<Value> {
-    Json(cluster_json(&st))
+#[utoipa::path(
+    get, path = "/v1/cluster", tag = "cluster", operation_id = "getCluster",
+    summary = "Every node, capability and shard as this node sees them",
+    responses((status = 200, description = "The cluster view.", body = ClusterView))
+)]
+pub async fn cluster(State(st): State<AppState>) -> Json<ClusterView> {
+    Json(cluster_view(&st))
 }
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get, path = "/healthz", tag = "ops", operation_id = "healthz",
+    summary = "Liveness",
+    responses((status = 200, description = "The process serves HTTP.", body = Health))
+)]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: Liveness::Ok })
 }
 
+#[utoipa::path(
+    get, path = "/readyz", tag = "ops", operation_id = "readyz",
+    summary = "Readiness",
+    description = "Ready when every capability this node hosts is serving, every shard it holds has a leader, no peer was refused for another shard map, and (with seeds) it has joined a peer.",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (status = 503, description = "Not ready; `problems` says why.", body = Readiness,
+            headers(("Retry-After" = u32, description = "Seconds to wait before asking again."))),
+    )
+)]
 /// Ready = every capability this node hosts is serving, no peer disagrees about the shard map,
 /// and (when it has seeds) it has joined at least one peer.
 pub async fn readyz(State(st): State<AppState>) -> Response {
@@ -540,12 +719,12 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         problems.push("not joined: no peer is reachable yet".into());
     }
     if problems.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+        (StatusCode::OK, Json(Readiness { status: ReadyState::Ready, problems })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
-            Json(json!({"status": "not_ready", "problems": problems})),
+            Json(Readiness { status: ReadyState::NotReady, problems }),
         )
             .into_response()
     }
@@ -560,15 +739,29 @@ fn admin_body(headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
     let Some(obj) = v.as_object() else {
         return Err(ApiError::bad_request("the body must be a JSON object, e.g. {} or {\"reason\": \"...\"}"));
     };
-    match obj.get("reason") {
-        None => Ok(String::new()),
-        Some(Value::String(r)) if r.len() <= 256 => Ok(r.clone()),
-        Some(_) => Err(ApiError::bad_request("`reason` must be a string of at most 256 bytes")),
-    }
+    let action = match obj.get("reason") {
+        None => AdminAction::default(),
+        Some(Value::String(r)) if r.len() <= 256 => AdminAction { reason: Some(r.clone()) },
+        Some(_) => return Err(ApiError::bad_request("`reason` must be a string of at most 256 bytes")),
+    };
+    Ok(action.reason.unwrap_or_default())
 }
 
 /// `POST /admin/panic/{capability}`: makes this node's worker of that capability panic. Exists only
 /// when the node was started with `fault_injection = true`.
+#[utoipa::path(
+    post, path = "/admin/panic/{capability}", tag = "admin", operation_id = "injectPanic",
+    summary = "Make this node's worker of a capability panic (fault injection)",
+    description = "Exists only on a node started with `fault_injection = true`. The worker dies instead of answering and its supervisor restarts it.",
+    params(("capability" = crate::views::Capability, Path, description = "The capability whose worker panics.")),
+    request_body(content = AdminAction, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The panic was injected.", body = PanicInjected),
+        (status = 400, description = "The body is not a JSON object with at most a `reason` string, or no such capability (`invalid_request`)."),
+        (status = 404, description = "This node does not host that capability (`not_found`)."),
+        (status = 415, description = "The body is not `Content-Type: application/json` (`unsupported_media_type`)."),
+    )
+)]
 pub async fn inject_panic(
     State(st): State<AppState>,
     Path(cap): Path<String>,
@@ -610,15 +803,38 @@ pub async fn inject_panic(
             .map(|_| ()),
     };
     tracing::warn!(capability = %cap, ?result, %reason, "fault injected: worker panic");
-    Ok((StatusCode::ACCEPTED, Json(json!({"injected": "panic", "capability": cap, "node": node}))).into_response())
+    let injected = PanicInjected { injected: PanicFault::Panic, capability: cap.into(), node };
+    Ok((StatusCode::ACCEPTED, Json(injected)).into_response())
 }
 
 /// `POST /admin/partition`: cuts every cluster link of this node silently (see `cluster::link`);
 /// `DELETE /admin/partition` heals them. HTTP stays up. Exists only with `fault_injection = true`.
+#[utoipa::path(
+    post, path = "/admin/partition", tag = "admin", operation_id = "partition",
+    summary = "Cut every cluster link of this node (fault injection)",
+    description = "Exists only on a node started with `fault_injection = true`. The links go silent (nothing is closed); HTTP stays up.",
+    request_body(content = AdminAction, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The links are cut.", body = PartitionSet),
+        (status = 400, description = "The body is not a JSON object with at most a `reason` string (`invalid_request`)."),
+        (status = 415, description = "The body is not `Content-Type: application/json` (`unsupported_media_type`)."),
+    )
+)]
 pub async fn partition(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     set_partition(&st, true, &headers, body)
 }
 
+#[utoipa::path(
+    delete, path = "/admin/partition", tag = "admin", operation_id = "healPartition",
+    summary = "Heal this node's cluster links (fault injection)",
+    description = "Exists only on a node started with `fault_injection = true`.",
+    request_body(content = AdminAction, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The links are healed.", body = PartitionSet),
+        (status = 400, description = "The body is not a JSON object with at most a `reason` string (`invalid_request`)."),
+        (status = 415, description = "The body is not `Content-Type: application/json` (`unsupported_media_type`)."),
+    )
+)]
 pub async fn heal_partition(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     set_partition(&st, false, &headers, body)
 }
@@ -630,6 +846,6 @@ fn set_partition(st: &AppState, cut: bool, headers: &HeaderMap, body: Body) -> R
     let reason = admin_body(headers, body)?;
     st.cluster.link_faults().set_cut(cut);
     tracing::warn!(cut, %reason, "fault injected: cluster links {}", if cut { "cut" } else { "healed" });
-    let node = st.cluster.name();
-    Ok((StatusCode::ACCEPTED, Json(json!({"injected": "partition", "cut": cut, "node": node}))).into_response())
+    let set = PartitionSet { injected: PartitionFault::Partition, cut, node: st.cluster.name().to_string() };
+    Ok((StatusCode::ACCEPTED, Json(set)).into_response())
 }

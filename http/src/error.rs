@@ -4,7 +4,11 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bulkhead_cluster::CallError;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::views::Order;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -12,12 +16,38 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u32>,
-    pub extra: Option<serde_json::Value>,
+    /// The order concerned: a cancelled one (402/409), or the one first placed with a reused
+    /// Idempotency-Key (422).
+    pub order_id: Option<Uuid>,
+    /// The cancelled order itself (402/409).
+    pub order: Option<Box<Order>>,
+}
+
+/// The body of every error the API answers (`ApiError` in the spec).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = ApiError, example = json!({"error": "unavailable", "message": "payments shard 0 has no leader right now; nothing was recorded, retry later"}))]
+pub struct ErrorBody {
+    /// A stable code for programs: `invalid_request`, `unauthenticated`, `forbidden`, `not_found`,
+    /// `method_not_allowed`, `request_timeout`, `too_large`, `unsupported_media_type`,
+    /// `idempotency_key_reused`, `payment_declined`, `out_of_stock`, `cancelled`, `rate_limited`,
+    /// `overloaded`, `unavailable`, `too_many_connections`, `timeout`, `lost`, `rejected`, `internal`.
+    pub error: String,
+    /// For people; never internals.
+    pub message: String,
+    /// The order concerned: the cancelled order (402/409), or the order first placed with this
+    /// Idempotency-Key (422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub order_id: Option<Uuid>,
+    /// The cancelled order (402/409).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub order: Option<Order>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None, extra: None }
+        Self { status, code, message: message.into(), retry_after: None, order_id: None, order: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -96,23 +126,24 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// The JSON body: `error` (the code), `message`, and any extra fields.
-    pub fn body_json(&self) -> serde_json::Value {
-        let mut body = json!({ "error": self.code, "message": self.message });
-        if let (Some(extra), Some(obj)) = (&self.extra, body.as_object_mut()) {
-            if let Some(e) = extra.as_object() {
-                for (k, v) in e {
-                    obj.insert(k.clone(), v.clone());
-                }
-            }
+    /// The JSON body: `error` (the code), `message`, and the order concerned if any.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.code.to_string(),
+            message: self.message.clone(),
+            order_id: self.order_id,
+            order: self.order.as_deref().cloned(),
         }
-        body
+    }
+
+    pub fn body_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.body()).unwrap_or_default()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = self.body_json();
+        let body = self.body();
         // Every 429 and 503 tells the client when to come back, even one built without it.
         let retry_after = match self.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(self.retry_after.unwrap_or(1)),

@@ -10,7 +10,9 @@
 //! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
 //!   errors, panics).
 //! - [`observe`]: per request, its trace (W3C `traceparent`), span, access line and latency.
-//! - [`metrics`]: `/metrics` in Prometheus text; `/openapi.json` and the dashboard at `/` are static.
+//! - [`metrics`]: `/metrics` in Prometheus text; the dashboard at `/` is static.
+//! - [`spec`]: `/openapi.json`, generated from the handlers and their types; [`views`]: the JSON
+//!   bodies the handlers answer with.
 
 pub mod api;
 pub mod auth;
@@ -18,20 +20,22 @@ pub mod edge;
 pub mod error;
 pub mod metrics;
 pub mod observe;
+pub mod spec;
 pub mod validate;
+pub mod views;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::header;
-use axum::response::{Html, IntoResponse};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::response::Html;
+use axum::{Extension, Router};
 use bulkhead_cluster::Cluster;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use tokio::net::TcpListener;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Largest request body accepted (an order of 100 items is far smaller).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -70,28 +74,36 @@ pub struct AppState {
     pub guard: Arc<auth::Guard>,
 }
 
-pub fn router(state: AppState) -> Router {
-    let admin = state.fault_injection;
-    let mut r = Router::new()
-        .route("/v1/orders", post(api::place_order).get(api::list_orders))
-        .route("/v1/orders/{id}", get(api::get_order))
-        .route("/v1/inventory/{sku}", get(api::get_stock).put(api::put_stock))
-        .route("/v1/payments", get(api::list_payments))
-        .route("/v1/shipments", get(api::list_shipments))
-        .route("/v1/notifications", get(api::list_notifications))
-        .route("/v1/dead-letters", get(api::list_dead_letters))
-        .route("/v1/cluster", get(api::cluster))
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/metrics", get(metrics::metrics))
-        .route("/openapi.json", get(openapi))
-        .route("/", get(dashboard));
-    if admin {
-        r = r
-            .route("/admin/panic/{capability}", post(api::inject_panic))
-            .route("/admin/partition", post(api::partition).delete(api::heal_partition));
+/// The API's routes and its OpenAPI document, made together: `routes!` takes each route's path and
+/// methods from its handler's `#[utoipa::path]`, so the document lists exactly what is routed. The
+/// fault-injection routes exist only with `fault_injection`.
+pub fn routes(fault_injection: bool) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let mut r = OpenApiRouter::with_openapi(spec::base())
+        .routes(routes!(api::place_order, api::list_orders))
+        .routes(routes!(api::get_order))
+        .routes(routes!(api::get_stock, api::put_stock))
+        .routes(routes!(api::list_payments))
+        .routes(routes!(api::list_shipments))
+        .routes(routes!(api::list_notifications))
+        .routes(routes!(api::list_dead_letters))
+        .routes(routes!(api::cluster))
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(spec::openapi))
+        .routes(routes!(dashboard));
+    if fault_injection {
+        r = r.routes(routes!(api::inject_panic)).routes(routes!(api::partition, api::heal_partition));
     }
-    let r = r
+    let (router, mut doc) = r.split_for_parts();
+    spec::finish(&mut doc);
+    (router, doc)
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, doc) = routes(state.fault_injection);
+    let r = routes
+        .layer(Extension(spec::Document::new(&doc)))
         .fallback(|| async { error::ApiError::not_found("no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             error::ApiError::new(
@@ -106,10 +118,12 @@ pub fn router(state: AppState) -> Router {
     edge::harden(r, &state.edge, BODY_LIMIT, state.metrics.clone())
 }
 
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
-}
-
+#[utoipa::path(
+    get, path = "/", tag = "ops", operation_id = "dashboard",
+    summary = "The dashboard",
+    description = "A self-contained page; its data calls need a token (pasted into its token field).",
+    responses((status = 200, description = "The dashboard's HTML.", body = String, content_type = "text/html"))
+)]
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }

@@ -129,6 +129,11 @@ fn raft_metrics(st: &AppState, line: &mut impl FnMut(&str, &str, &str, Vec<(Stri
     );
 }
 
+#[utoipa::path(
+    get, path = "/metrics", tag = "ops", operation_id = "metrics",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain"))
+)]
 pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     let mut out = String::new();
     let mut line = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {

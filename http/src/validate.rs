@@ -3,6 +3,7 @@
 
 use bulkhead_actors::inventory::Item;
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
@@ -41,12 +42,19 @@ fn string(obj: &Map<String, Value>, field: &str, max: usize) -> Result<String, A
 fn integer(obj: &Map<String, Value>, field: &str, min: u64, max: u64) -> Result<u64, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(ApiError::bad_request(format!("`{field}` is required"))),
-        Some(Value::Number(n)) => match n.as_u64() {
+        Some(Value::Number(n)) => match whole(n) {
             Some(v) if (min..=max).contains(&v) => Ok(v),
             _ => Err(ApiError::bad_request(format!("`{field}` must be a whole number from {min} to {max}"))),
         },
         Some(_) => Err(ApiError::bad_request(format!("`{field}` must be a number"))),
     }
+}
+
+/// A JSON number that is a whole number, `2` or `2.0` alike (JSON Schema's `integer` is a value, not
+/// a spelling: the spec calls `2.0` an integer, so it is one here too).
+fn whole(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64()
+        .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f)).map(|f| f as u64))
 }
 
 /// The `customer_id` query parameter of `GET /v1/orders`: required, with the rules of the order
@@ -74,12 +82,71 @@ pub fn sku(s: &str) -> Result<String, ApiError> {
     Ok(s.to_string())
 }
 
-/// A validated `POST /v1/orders` body.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+// The schemas below say what the validators here accept: keep their `pattern`s and bounds in step
+// with `string`, `sku` and `integer` (utoipa takes literals only).
+
+/// A validated `POST /v1/orders` body (unknown fields, nulls and wrong types are refused with 400;
+/// nothing is recorded). Its serialization is what an Idempotency-Key's body hash is taken of:
+/// changing it makes every stored key look reused with another body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"customer_id": "c-42", "items": [{"sku": "widget-1", "quantity": 2}], "payment_token": "tok_ok"}))]
 pub struct NewOrder {
+    /// 1-128 characters, not only whitespace, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub customer_id: String,
-    pub items: Vec<Item>,
+    #[schema(min_items = 1, max_items = 100)]
+    pub items: Vec<NewItem>,
+    /// A simulated payment token, 1-64 characters, not only whitespace, no control characters:
+    /// `tok_decline` is declined, `tok_slow` answers after 3 s, `tok_error` fails transiently
+    /// twice, then succeeds; `tok_ok` and anything else succeeds.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub payment_token: String,
+}
+
+/// One line of a new order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewItem {
+    /// 1-64 ASCII letters, digits, `-`, `_` or `.`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "widget-1")]
+    pub sku: String,
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub quantity: u64,
+}
+
+impl From<NewItem> for Item {
+    fn from(i: NewItem) -> Self {
+        Item { sku: i.sku, quantity: i.quantity }
+    }
+}
+
+/// A validated `PUT /v1/inventory/{sku}` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"available": 500, "price_cents": 1250}))]
+pub struct StockUpdate {
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub available: u64,
+    #[schema(minimum = 0, maximum = 100_000_000_000.0)]
+    pub price_cents: u64,
+}
+
+/// The body every admin action takes: a JSON object (`{}` will do). It is required so that a
+/// cross-site form cannot reach an admin action.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, ToSchema)]
+pub struct AdminAction {
+    /// Logged with the action.
+    #[schema(max_length = 256, nullable = false)]
+    pub reason: Option<String>,
 }
 
 pub fn new_order(body: &Value) -> Result<NewOrder, ApiError> {
@@ -106,16 +173,18 @@ pub fn new_order(body: &Value) -> Result<NewOrder, ApiError> {
         let sku = sku(&s).map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
         let quantity = integer(o, "quantity", 1, MAX_QUANTITY)
             .map_err(|e| ApiError::bad_request(format!("items[{i}]: {}", e.message)))?;
-        out.push(Item { sku, quantity });
+        out.push(NewItem { sku, quantity });
     }
     Ok(NewOrder { customer_id, items: out, payment_token })
 }
 
-/// A validated `PUT /v1/inventory/{sku}` body.
-pub fn stock_update(body: &Value) -> Result<(u64, u64), ApiError> {
+pub fn stock_update(body: &Value) -> Result<StockUpdate, ApiError> {
     let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
     no_unknown_fields(obj, &["available", "price_cents"], "the stock update")?;
-    Ok((integer(obj, "available", 0, 1_000_000_000)?, integer(obj, "price_cents", 0, 100_000_000_000)?))
+    Ok(StockUpdate {
+        available: integer(obj, "available", 0, 1_000_000_000)?,
+        price_cents: integer(obj, "price_cents", 0, 100_000_000_000)?,
+    })
 }
 
 /// `Idempotency-Key`: 1-128 visible ASCII characters.
@@ -138,7 +207,7 @@ mod tests {
             &json!({"customer_id": "c1", "items": [{"sku": "widget-1", "quantity": 2}], "payment_token": "tok_ok"}),
         )
         .unwrap();
-        assert_eq!(o.items, vec![Item { sku: "widget-1".into(), quantity: 2 }]);
+        assert_eq!(o.items, vec![NewItem { sku: "widget-1".into(), quantity: 2 }]);
     }
 
     #[test]
@@ -170,6 +239,18 @@ mod tests {
             let e = new_order(&body).unwrap_err();
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn a_whole_number_may_be_spelled_as_a_float() {
+        let o = new_order(
+            &json!({"customer_id": "c1", "items": [{"sku": "w", "quantity": 2.0}], "payment_token": "tok_ok"}),
+        )
+        .unwrap();
+        assert_eq!(o.items[0].quantity, 2);
+        assert_eq!(stock_update(&json!({"available": 5.0, "price_cents": 0.0})).unwrap().available, 5);
+        assert!(stock_update(&json!({"available": 5.5, "price_cents": 0})).is_err());
+        assert!(stock_update(&json!({"available": 1e300, "price_cents": 0})).is_err());
     }
 
     #[test]

@@ -85,6 +85,8 @@
   check("p99 in the +Inf bucket is the highest bound",
     quantile(0.99, [{ le: 0.1, count: 1 }, { le: Infinity, count: 100 }]), 0.1);
   check("different buckets", bucketDelta(newer, newer.slice(1)), null);
+  check("no histogram before the first order", quantile(0.99, bucketDelta(newer, null)), quantile(0.99, newer));
+  check("no histogram at all", bucketDelta(null, null), null);
 
   // Readings to series: rates per second, p99 per reading over the span before it, the window's p99.
   // 51 answers, rank 50.49 in (50 ms, 100 ms]: 50 + 50 × (50.49 − 41) / (51 − 41) = 97.45 ms.

@@ -1,11 +1,14 @@
 //! The `bulkhead` binary's pieces: running one node ([`node`]), the demo ([`demo`]: a local
 //! three-node cluster of real processes on the [`topology`] the docs describe, launched with the
 //! `bulkhead-launch` crate), benchmarking local clusters ([`bench`]), and making API tokens and
-//! cluster certificates ([`keys`]). `main.rs` only parses arguments and calls these.
+//! cluster certificates ([`keys`]). Stopping a node is [`lifecycle`]'s (the drain), telling
+//! systemd about it [`systemd`]'s. `main.rs` only parses arguments and calls these.
 
 pub mod bench;
 pub mod demo;
 pub mod keys;
+pub mod lifecycle;
 pub mod node;
+pub mod systemd;
 
 pub use bulkhead_launch::topology;

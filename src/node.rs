@@ -1,15 +1,22 @@
 //! Running one node: bind the HTTP port, start the cluster layer, open the stores and start the
-//! hosted capabilities, serve the API, and on SIGINT/SIGTERM stop everything in reverse order.
+//! hosted capabilities, serve the API, tell systemd when it is ready (and keep its watchdog fed),
+//! and on SIGINT/SIGTERM drain ([`crate::lifecycle`]) and exit 0. A second signal during the drain
+//! stops at once (exit 1); every acknowledged write is on disk by then anyway.
 
 use std::sync::Arc;
 
 use bulkhead_actors::start_capabilities;
 use bulkhead_cluster::{AuthMode, Cluster, NodeConfig};
 use bulkhead_http::auth::Guard;
+use bulkhead_http::drain::Drain;
+use bulkhead_http::ready::{self, Readiness};
 use bulkhead_http::{AppState, HttpFront, HttpMetrics};
 use bulkhead_storage::StoreOptions;
 use ractor::Actor;
 use tokio::net::TcpListener;
+
+use crate::lifecycle::{self, Bounds};
+use crate::systemd::{self, LivenessFacts, Systemd};
 
 /// `bulkhead replace`: runs a *new, empty* host in place of a node whose host is gone for good.
 ///
@@ -69,6 +76,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         (AuthMode::Tokens, Some(t)) => Some(t.clone()),
         (AuthMode::Tokens, None) => return Err("auth is on but no API tokens were read from the token files".into()),
     };
+    let drain = Arc::new(Drain::default());
     let state = AppState {
         cluster: cluster.clone(),
         fault_injection: cfg.fault_injection,
@@ -76,6 +84,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         metrics,
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
         edge: bulkhead_http::edge::EdgeConfig::from(&cfg.http),
+        drain: drain.clone(),
     };
     let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state))
         .await
@@ -84,12 +93,45 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         node = %cfg.name, pid = std::process::id(), http = %cfg.http_listen, cluster = %cfg.cluster_listen,
         capabilities = ?cfg.hosted(), failed = ?caps.failed.keys().collect::<Vec<_>>(), "node started"
     );
+    let sd = Systemd::from_env();
+    let notifier = sd.spawn_ready_notifier({
+        let (cluster, drain) = (cluster.clone(), drain.clone());
+        move || match ready::judge(&ready::gather(&cluster, drain.is_draining())) {
+            Readiness::Ready => Ok(()),
+            Readiness::Draining => Err("draining".into()),
+            Readiness::NotReady(problems) => Err(problems.join("; ")),
+        }
+    });
+    let watchdog = sd.spawn_watchdog({
+        let (cluster, front) = (cluster.clone(), front.clone());
+        let membership_limit = systemd::membership_limit(cfg.timing.heartbeat_ms);
+        move || {
+            systemd::alive(&LivenessFacts {
+                draining: cluster.is_draining(),
+                membership_silent_for: cluster.membership_silent_for(),
+                membership_limit,
+                http_front: front.get_status() == ractor::ActorStatus::Running,
+            })
+        }
+    });
     wait_for_signal().await;
-    tracing::info!("stopping");
-    front.stop(None);
-    caps.shutdown().await;
-    cluster.shutdown();
-    Ok(())
+    sd.stopping();
+    if let Some(n) = notifier {
+        n.abort();
+    }
+    let node = lifecycle::Node { cluster, drain, front, caps };
+    let bounds = Bounds::new(&cfg.http);
+    let stopped = tokio::select! {
+        _ = lifecycle::drain(&node, &bounds, &sd) => Ok(()),
+        _ = wait_for_signal() => {
+            tracing::warn!("a second signal: stopping now, without finishing the drain");
+            Err("stopped by a second signal before the drain finished".to_string())
+        }
+    };
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    stopped
 }
 
 async fn wait_for_signal() {

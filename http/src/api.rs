@@ -19,9 +19,8 @@ use bulkhead_actors::orders::{
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::membership::NodeView;
-use bulkhead_cluster::raft::ShardHealth;
 use bulkhead_cluster::wire::new_traceparent;
-use bulkhead_cluster::{BreakerState, Capability, Status};
+use bulkhead_cluster::{BreakerState, Capability};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -29,6 +28,7 @@ use uuid::Uuid;
 pub use bulkhead_storage::rfc3339;
 
 use crate::error::ApiError;
+use crate::ready::{self, Readiness};
 use crate::validate;
 use crate::AppState;
 
@@ -504,50 +504,18 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready = every capability this node hosts is serving, no peer disagrees about the shard map,
-/// and (when it has seeds) it has joined at least one peer.
+/// `/readyz`: 200 when [`crate::ready::judge`] says ready; 503 with the problems when not, and
+/// 503 `{"status":"draining"}` from the moment the node starts stopping.
 pub async fn readyz(State(st): State<AppState>) -> Response {
-    let mut problems = Vec::new();
-    for (cap, h) in st.cluster.local_health() {
-        if !h.ready {
-            problems.push(format!("{cap}: {}", h.detail));
-        }
-    }
-    for r in st.cluster.raft().all() {
-        match r.health(&st.cluster) {
-            ShardHealth::Led => {}
-            ShardHealth::Electing => problems.push(format!(
-                "{}: shard {} has no leader yet (an election is under way)",
-                r.id.capability, r.id.shard
-            )),
-            ShardHealth::MajorityLost { down } => problems.push(format!(
-                "DISASTER {}: shard {}: a majority of its replicas is down ({}); it serves nothing until they return, or until it is restored from a backup (docs/operations.md, \"Losing a majority\")",
-                r.id.capability,
-                r.id.shard,
-                down.join(", ")
-            )),
-        }
-    }
-    let view = st.cluster.view();
-    for n in view.values() {
-        if let Some(r) = n.reason.as_deref().filter(|r| r.starts_with("refused")) {
-            problems.push(r.to_string());
-        }
-    }
-    let joined = st.cluster.config().seeds.is_empty()
-        || view.values().any(|n| n.name != st.cluster.name() && n.status != Status::Down);
-    if !joined {
-        problems.push("not joined: no peer is reachable yet".into());
-    }
-    if problems.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
-    } else {
-        (
+    match ready::judge(&ready::gather(&st.cluster, st.drain.is_draining())) {
+        Readiness::Ready => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response(),
+        Readiness::NotReady(problems) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
             Json(json!({"status": "not_ready", "problems": problems})),
         )
-            .into_response()
+            .into_response(),
     }
 }
 

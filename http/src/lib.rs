@@ -10,12 +10,16 @@
 //! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
 //!   errors, panics).
 //! - [`metrics`]: `/metrics` in Prometheus text; `/openapi.json` and the dashboard at `/` are static.
+//! - [`ready`]: readiness judged from gathered facts (`/readyz`, and the node's systemd `READY=1`).
+//! - [`drain`]: stopping without failing an accepted request (the gate, the phase, the in-flight count).
 
 pub mod api;
 pub mod auth;
+pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod metrics;
+pub mod ready;
 pub mod validate;
 
 use std::sync::atomic::AtomicU64;
@@ -66,6 +70,8 @@ pub struct AppState {
     pub edge: edge::EdgeConfig,
     /// Tokens and rate limits ([`auth`]).
     pub guard: Arc<auth::Guard>,
+    /// Where the front is in a drain ([`drain`]).
+    pub drain: Arc<drain::Drain>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -100,6 +106,8 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), auth::guard))
+        // Outside the token check: a stopping node refuses without spending work on the request.
+        .layer(axum::middleware::from_fn_with_state(state.drain.clone(), drain::gate))
         .with_state(state.clone());
     edge::harden(r, &state.edge, BODY_LIMIT, state.metrics.clone())
 }
@@ -123,7 +131,9 @@ pub async fn serve(
     edge::serve(listener, router(state), edge, metrics, shutdown).await
 }
 
-/// The front actor: owns one running server.
+/// The front actor: owns one running server. It stops itself if the server ends on its own, so
+/// that its status says whether the API is served (the systemd watchdog looks at it); stopping it
+/// stops the server and waits until the server has closed (bounded by `drain_timeout`).
 pub struct HttpFront;
 
 #[derive(RactorMessage)]
@@ -131,6 +141,7 @@ pub enum HttpMsg {}
 
 pub struct HttpFrontState {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for HttpFront {
@@ -140,12 +151,12 @@ impl Actor for HttpFront {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<HttpMsg>,
+        myself: ActorRef<HttpMsg>,
         (listener, state): Self::Arguments,
     ) -> Result<HttpFrontState, ActorProcessingErr> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr = listener.local_addr()?;
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             if let Err(e) = serve(listener, state, async move {
                 let _ = rx.await;
             })
@@ -153,9 +164,10 @@ impl Actor for HttpFront {
             {
                 tracing::error!(error = %e, "HTTP server failed");
             }
+            myself.stop(Some("the HTTP server ended".into()));
         });
         tracing::info!(%addr, "HTTP API serving");
-        Ok(HttpFrontState { stop: Some(tx) })
+        Ok(HttpFrontState { stop: Some(tx), server: Some(server) })
     }
 
     async fn post_stop(
@@ -165,6 +177,9 @@ impl Actor for HttpFront {
     ) -> Result<(), ActorProcessingErr> {
         if let Some(tx) = state.stop.take() {
             let _ = tx.send(());
+        }
+        if let Some(server) = state.server.take() {
+            let _ = server.await;
         }
         Ok(())
     }

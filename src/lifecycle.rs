@@ -171,7 +171,11 @@ async fn run_step(node: &Node, bounds: &Bounds, step: Step) -> String {
         Step::InFlight => match node.drain.settled(bound).await {
             Ok(()) => "every admitted request finished".into(),
             Err(n) => {
-                tracing::warn!(still = n, bound_ms = bound.as_millis() as u64, "requests still running at the drain's bound; they are cut off");
+                tracing::warn!(
+                    still = n,
+                    bound_ms = bound.as_millis() as u64,
+                    "requests still running at the drain's bound; they are cut off"
+                );
                 format!("{n} requests still running; cut off")
             }
         },
@@ -270,7 +274,8 @@ mod tests {
             ("n3", include_str!("../deploy/n3.toml")),
         ] {
             let doc: toml::Value = toml::from_str(text).expect("valid TOML");
-            let http: HttpEdge = doc.get("http").cloned().map_or_else(HttpEdge::default, |h| h.try_into().expect("[http]"));
+            let http: HttpEdge =
+                doc.get("http").cloned().map_or_else(HttpEdge::default, |h| h.try_into().expect("[http]"));
             let total = Bounds::new(&http).total();
             assert!(stop > total, "{name}: TimeoutStopSec ({stop:?}) must exceed the drain's bound ({total:?})");
         }

@@ -42,7 +42,8 @@ impl Outcome {
 }
 
 async fn place(http: &reqwest::Client, url: &str, key: &str) -> Outcome {
-    let body = json!({"customer_id": "c-drain", "items": [{"sku": "drain-1", "quantity": 1}], "payment_token": "tok_ok"});
+    let body =
+        json!({"customer_id": "c-drain", "items": [{"sku": "drain-1", "quantity": 1}], "payment_token": "tok_ok"});
     match http.post(format!("{url}/v1/orders")).header("Idempotency-Key", key).json(&body).send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
@@ -117,7 +118,12 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
     };
     // Load first, so that requests are in flight when the signal comes.
     eventually(Duration::from_secs(20), "orders placed through n1 before the signal", || async {
-        let n = outcomes.lock().expect("lock").iter().filter(|(_, o)| matches!(o, Outcome::Answer { status: 201, .. })).count();
+        let n = outcomes
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Answer { status: 201, .. }))
+            .count();
         (n >= 40).then_some(())
     })
     .await;

@@ -1,7 +1,8 @@
 //! One replica of one group on this node, the registry of this node's replicas, and the driver
 //! that looks after a replica: bootstrap, noticing a member that came back with a new store,
 //! handing leadership back to the preferred node, and a quick election when the failure
-//! detector sees the leader's node go down.
+//! detector sees the leader's node go down; and a stopping node's hand-over of every group it
+//! leads to an up-to-date voter ([`hand_over_all`]).
 //!
 //! Nothing here decides anything two nodes must agree on: the driver only *asks* Raft
 //! (`initialize` on one node, membership changes on the leader, an election), and Raft decides.

@@ -127,6 +127,14 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
         (n >= 40).then_some(())
     })
     .await;
+    // Hand-backs to n1 (its preferred groups) the others tried so far: none may follow the signal.
+    let hand_backs = |tc: &TestCluster| -> usize {
+        (1..3)
+            .map(|i| std::fs::read_to_string(tc.lc.log_path(i)).unwrap_or_default())
+            .map(|log| log.lines().filter(|l| l.contains("handing leadership over") && l.contains("to=n1")).count())
+            .sum()
+    };
+    let hand_backs_before = hand_backs(&tc);
     let signalled = Instant::now();
     tc.lc.signal(0, libc::SIGTERM);
     let bound = Duration::from_millis(GRACE_MS + DRAIN_TIMEOUT_MS) + Duration::from_secs(22);
@@ -177,6 +185,8 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
     assert!(refused > 0, "the clients must have met the draining refusals");
     assert!(no_answer > 0, "the clients must have met the closed port");
     assert!(log.contains("every admitted request finished"), "the drain must not cut a request");
+    assert!(log.contains("kept 0"), "every leadership of n1 is handed over: {drain_lines:?}");
+    assert_eq!(hand_backs(&tc), hand_backs_before, "a peer tried to hand a leadership back to the draining n1");
 
     // /readyz said 503 draining before the port refused connections, and never went back to 200.
     let probes = probes.lock().expect("lock").clone();

@@ -1,7 +1,8 @@
 //! Running one node: bind the HTTP port, start the cluster layer, open the stores and start the
 //! hosted capabilities, serve the API, tell systemd when it is ready (and keep its watchdog fed),
-//! and on SIGINT/SIGTERM drain ([`crate::lifecycle`]) and exit 0. A second signal during the drain
-//! stops at once (exit 1); every acknowledged write is on disk by then anyway.
+//! and on SIGINT/SIGTERM drain ([`crate::lifecycle`]) and exit 0. Further signals during the drain
+//! are only logged: it is bounded anyway, and a terminal's Ctrl-C reaches a local cluster's nodes
+//! as well as the launcher that then sends them SIGTERM (`bulkhead demo`). SIGKILL stops at once.
 
 use std::sync::Arc;
 
@@ -119,19 +120,19 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     if let Some(n) = notifier {
         n.abort();
     }
-    let node = lifecycle::Node { cluster, drain, front, caps };
-    let bounds = Bounds::new(&cfg.http);
-    let stopped = tokio::select! {
-        _ = lifecycle::drain(&node, &bounds, &sd) => Ok(()),
-        _ = wait_for_signal() => {
-            tracing::warn!("a second signal: stopping now, without finishing the drain");
-            Err("stopped by a second signal before the drain finished".to_string())
+    let repeated = tokio::spawn(async {
+        loop {
+            wait_for_signal().await;
+            tracing::warn!("already draining: the drain ends within its bound (SIGKILL stops at once)");
         }
-    };
+    });
+    let node = lifecycle::Node { cluster, drain, front, caps };
+    lifecycle::drain(&node, &Bounds::new(&cfg.http), &sd).await;
+    repeated.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
-    stopped
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -2,12 +2,15 @@
 //! three-node cluster of real processes on the [`topology`] the docs describe, launched with the
 //! `bulkhead-launch` crate), benchmarking local clusters ([`bench`]), and making API tokens and
 //! cluster certificates ([`keys`]); a node's logs, span export and metrics recorder
-//! ([`telemetry`]). `main.rs` only parses arguments and calls these.
+//! ([`telemetry`]). Stopping a node is [`lifecycle`]'s (the drain), telling systemd about it
+//! [`systemd`]'s. `main.rs` only parses arguments and calls these.
 
 pub mod bench;
 pub mod demo;
 pub mod keys;
+pub mod lifecycle;
 pub mod node;
+pub mod systemd;
 pub mod telemetry;
 
 pub use bulkhead_launch::topology;

@@ -1,15 +1,23 @@
 //! Running one node: bind the HTTP port, start the cluster layer, open the stores and start the
-//! hosted capabilities, serve the API, and on SIGINT/SIGTERM stop everything in reverse order.
+//! hosted capabilities, serve the API, tell systemd when it is ready (and keep its watchdog fed),
+//! and on SIGINT/SIGTERM drain ([`crate::lifecycle`]) and exit 0. Further signals during the drain
+//! are only logged: it is bounded anyway, and a terminal's Ctrl-C reaches a local cluster's nodes
+//! as well as the launcher that then sends them SIGTERM (`bulkhead demo`). SIGKILL stops at once.
 
 use std::sync::Arc;
 
 use bulkhead_actors::start_capabilities;
 use bulkhead_cluster::{AuthMode, Cluster, NodeConfig};
 use bulkhead_http::auth::Guard;
+use bulkhead_http::drain::Drain;
+use bulkhead_http::ready::{self, Readiness};
 use bulkhead_http::{AppState, HttpFront, HttpMetrics};
 use bulkhead_storage::StoreOptions;
 use ractor::Actor;
 use tokio::net::TcpListener;
+
+use crate::lifecycle::{self, Bounds};
+use crate::systemd::{self, LivenessFacts, Systemd};
 
 /// `bulkhead replace`: runs a *new, empty* host in place of a node whose host is gone for good.
 ///
@@ -69,6 +77,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         (AuthMode::Tokens, Some(t)) => Some(t.clone()),
         (AuthMode::Tokens, None) => return Err("auth is on but no API tokens were read from the token files".into()),
     };
+    let drain = Arc::new(Drain::default());
     let state = AppState {
         cluster: cluster.clone(),
         fault_injection: cfg.fault_injection,
@@ -76,6 +85,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         metrics,
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
         edge: bulkhead_http::edge::EdgeConfig::from(&cfg.http),
+        drain: drain.clone(),
     };
     let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state))
         .await
@@ -84,11 +94,44 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         node = %cfg.name, pid = std::process::id(), http = %cfg.http_listen, cluster = %cfg.cluster_listen,
         capabilities = ?cfg.hosted(), failed = ?caps.failed.keys().collect::<Vec<_>>(), "node started"
     );
+    let sd = Systemd::from_env();
+    let notifier = sd.spawn_ready_notifier({
+        let (cluster, drain) = (cluster.clone(), drain.clone());
+        move || match ready::judge(&ready::gather(&cluster, drain.is_draining())) {
+            Readiness::Ready => Ok(()),
+            Readiness::Draining => Err("draining".into()),
+            Readiness::NotReady(problems) => Err(problems.join("; ")),
+        }
+    });
+    let watchdog = sd.spawn_watchdog({
+        let (cluster, front) = (cluster.clone(), front.clone());
+        let membership_limit = systemd::membership_limit(cfg.timing.heartbeat_ms);
+        move || {
+            systemd::alive(&LivenessFacts {
+                draining: cluster.is_draining(),
+                membership_silent_for: cluster.membership_silent_for(),
+                membership_limit,
+                http_front: front.get_status() == ractor::ActorStatus::Running,
+            })
+        }
+    });
     wait_for_signal().await;
-    tracing::info!("stopping");
-    front.stop(None);
-    caps.shutdown().await;
-    cluster.shutdown();
+    sd.stopping();
+    if let Some(n) = notifier {
+        n.abort();
+    }
+    let repeated = tokio::spawn(async {
+        loop {
+            wait_for_signal().await;
+            tracing::warn!("already draining: the drain ends within its bound (SIGKILL stops at once)");
+        }
+    });
+    let node = lifecycle::Node { cluster, drain, front, caps };
+    lifecycle::drain(&node, &Bounds::new(&cfg.http), &sd).await;
+    repeated.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     Ok(())
 }
 

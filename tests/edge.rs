@@ -26,6 +26,7 @@ async fn cluster() -> TestCluster {
                 header_timeout_ms: HEADER_TIMEOUT.as_millis() as u64,
                 request_timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
                 idle_timeout_ms: IDLE_TIMEOUT.as_millis() as u64,
+                ..HttpEdge::default()
             };
         }
         // One order at a time on n1: a slow body that held the permit would make the next order 429.

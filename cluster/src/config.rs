@@ -311,11 +311,25 @@ pub struct HttpEdge {
     /// such as a client that stops reading its answer). Longer than `request_timeout_ms`, so it
     /// never cuts a request that is being answered.
     pub idle_timeout_ms: u64,
+    /// On SIGTERM, how long `/readyz` answers `503 draining` while requests are still served, so
+    /// that load balancers polling it stop sending here before anything is refused. At least the
+    /// balancer's check interval times its failure threshold.
+    pub drain_grace_ms: u64,
+    /// After the grace, how long requests already being handled may take to finish; new ones are
+    /// refused `503 draining` meanwhile. What is still running then is cut off.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for HttpEdge {
     fn default() -> Self {
-        Self { max_connections: 1024, header_timeout_ms: 10_000, request_timeout_ms: 30_000, idle_timeout_ms: 60_000 }
+        Self {
+            max_connections: 1024,
+            header_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            drain_grace_ms: 1_000,
+            drain_timeout_ms: 10_000,
+        }
     }
 }
 
@@ -337,6 +351,8 @@ impl HttpEdge {
             ("header_timeout_ms", self.header_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
+            ("drain_grace_ms", self.drain_grace_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
             if ms > Self::MAX_TIMEOUT_MS {
                 return Err(format!("http: {what} must be at most {} (a day)", Self::MAX_TIMEOUT_MS));
@@ -647,6 +663,14 @@ impl NodeConfig {
         if self.http_advertise.is_none() && self.http_listen.ip().is_unspecified() {
             w.push("http_listen binds every interface and http_advertise is not set: peers will show an unusable HTTP address".into());
         }
+        let order_path = self.timing.wait_budget_ms.saturating_add(self.timing.call_timeout_ms);
+        if self.http.drain_timeout_ms < order_path {
+            w.push(format!(
+                "http.drain_timeout_ms ({}) is shorter than an order may take (timing.wait_budget_ms + call_timeout_ms = {order_path}): \
+                 a SIGTERM may cut orders being placed (their clients retry with the same Idempotency-Key)",
+                self.http.drain_timeout_ms
+            ));
+        }
         w
     }
 
@@ -754,6 +778,8 @@ mod tests {
             assert!(cfg.validate().unwrap_err().contains("at most"), "u64::MAX would overflow a deadline");
             cfg.http = HttpEdge { max_connections: usize::MAX, ..HttpEdge::default() };
             assert!(cfg.validate().unwrap_err().contains("at most"));
+            cfg.http = HttpEdge { drain_timeout_ms: u64::MAX, ..HttpEdge::default() };
+            assert!(cfg.validate().unwrap_err().contains("drain_timeout_ms"));
             cfg.http = HttpEdge::default();
             assert!(cfg.validate().is_ok());
         }

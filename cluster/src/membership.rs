@@ -254,6 +254,7 @@ impl Actor for Membership {
 
 impl MembershipState {
     fn tick(&mut self, now: u64) {
+        self.cluster.note_tick();
         let hb_ms = self.cluster.config().timing.heartbeat_ms;
         if now.saturating_sub(self.last_sent) >= hb_ms {
             self.last_sent = now;

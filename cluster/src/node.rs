@@ -145,6 +145,11 @@ struct Inner {
     local_binding: [u8; 32],
     /// Links that passed the gate and closed before their session was ready: (peer, label, when).
     unfinished: Mutex<Vec<(String, String, Instant)>>,
+    /// The node is stopping (SIGTERM): see [`Cluster::begin_drain`].
+    draining: std::sync::atomic::AtomicBool,
+    /// When the membership actor last handled a tick (`now_ms`): the watchdog's proof that the
+    /// actor system still delivers messages.
+    last_tick_ms: AtomicU64,
 }
 
 /// This node's handle on the cluster; cheap to clone.
@@ -297,6 +302,8 @@ impl Cluster {
             link_serial: AtomicU64::new(0),
             unfinished: Mutex::new(Vec::new()),
             local_binding: rand::random(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            last_tick_ms: AtomicU64::new(0),
         });
         let cluster = Cluster { inner };
         for cap in cluster.config().hosted() {
@@ -365,6 +372,36 @@ impl Cluster {
         self.inner.server.stop(None);
     }
 
+    /// The node is stopping: its heartbeats say every hosted capability is unhealthy (so no peer
+    /// hands a Raft leadership back to it), it refuses `TakeLead`, its replicas stop calling
+    /// elections of their own, and its Raft drivers leave membership changes and hand-backs to the
+    /// nodes that stay. Leadership it holds is handed away by [`crate::raft::group::hand_over_all`].
+    pub fn begin_drain(&self) {
+        if self.inner.draining.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        for r in self.inner.raft.all() {
+            r.raft.runtime_config().elect(false);
+        }
+        Events::poke(&self.inner);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called by the membership actor on each tick.
+    pub(crate) fn note_tick(&self) {
+        self.inner.last_tick_ms.store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the membership actor last handled a tick (it ticks several times per
+    /// heartbeat): past a few heartbeats, the actor system is stuck or the actor is gone.
+    pub fn membership_silent_for(&self) -> Duration {
+        let last = self.inner.last_tick_ms.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(last))
+    }
+
     // ----- health of local capabilities -----
 
     pub fn set_health(&self, cap: Capability, ready: bool, detail: &str) {
@@ -378,6 +415,9 @@ impl Cluster {
     }
 
     pub(crate) fn unhealthy_local(&self) -> Vec<Capability> {
+        if self.is_draining() {
+            return self.config().hosted();
+        }
         self.local_health().into_iter().filter(|(_, h)| !h.ready).map(|(c, _)| c).collect()
     }
 

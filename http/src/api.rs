@@ -22,8 +22,7 @@ use bulkhead_actors::orders::{
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
-use bulkhead_cluster::raft::ShardHealth;
-use bulkhead_cluster::{BreakerState, Capability, Status};
+use bulkhead_cluster::{BreakerState, Capability};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -34,6 +33,7 @@ pub use bulkhead_storage::rfc3339;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::observe::{carry, traceparent};
+use crate::ready;
 use crate::validate::{self, AdminAction, NewOrder, StockUpdate};
 use crate::views::{
     CapabilityView, ClusterNode, ClusterView, DeadLetter as DeadLetterView, DeadLetterList, Delivery, Health, Liveness,
@@ -676,57 +676,26 @@ pub async fn healthz() -> Json<Health> {
 #[utoipa::path(
     get, path = "/readyz", tag = "ops", operation_id = "readyz",
     summary = "Readiness",
-    description = "Ready when every capability this node hosts is serving, every shard it holds has a leader, no peer was refused for another shard map, and (with seeds) it has joined a peer.",
+    description = "Ready when every capability this node hosts is serving, every shard it holds has a leader, no peer was refused for another shard map, and (with seeds) it has joined a peer. `draining` (503) from the moment the node starts stopping (SIGTERM).",
     responses(
         (status = 200, description = "Ready.", body = Readiness),
-        (status = 503, description = "Not ready; `problems` says why.", body = Readiness,
+        (status = 503, description = "Not ready (`problems` says why), or draining.", body = Readiness,
             headers(("Retry-After" = u32, description = "Seconds to wait before asking again."))),
     )
 )]
-/// Ready = every capability this node hosts is serving, no peer disagrees about the shard map,
-/// and (when it has seeds) it has joined at least one peer.
+/// `/readyz`: 200 when [`crate::ready::judge`] says ready; 503 with the problems when not, and
+/// 503 `{"status":"draining"}` from the moment the node starts stopping.
 pub async fn readyz(State(st): State<AppState>) -> Response {
-    let mut problems = Vec::new();
-    for (cap, h) in st.cluster.local_health() {
-        if !h.ready {
-            problems.push(format!("{cap}: {}", h.detail));
-        }
-    }
-    for r in st.cluster.raft().all() {
-        match r.health(&st.cluster) {
-            ShardHealth::Led => {}
-            ShardHealth::Electing => problems.push(format!(
-                "{}: shard {} has no leader yet (an election is under way)",
-                r.id.capability, r.id.shard
-            )),
-            ShardHealth::MajorityLost { down } => problems.push(format!(
-                "DISASTER {}: shard {}: a majority of its replicas is down ({}); it serves nothing until they return, or until it is restored from a backup (docs/operations.md, \"Losing a majority\")",
-                r.id.capability,
-                r.id.shard,
-                down.join(", ")
-            )),
-        }
-    }
-    let view = st.cluster.view();
-    for n in view.values() {
-        if let Some(r) = n.reason.as_deref().filter(|r| r.starts_with("refused")) {
-            problems.push(r.to_string());
-        }
-    }
-    let joined = st.cluster.config().seeds.is_empty()
-        || view.values().any(|n| n.name != st.cluster.name() && n.status != Status::Down);
-    if !joined {
-        problems.push("not joined: no peer is reachable yet".into());
-    }
-    if problems.is_empty() {
-        (StatusCode::OK, Json(Readiness { status: ReadyState::Ready, problems })).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            Json(Readiness { status: ReadyState::NotReady, problems }),
-        )
+    let unavailable = |status, problems| {
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(Readiness { status, problems }))
             .into_response()
+    };
+    match ready::judge(&ready::gather(&st.cluster, st.drain.is_draining())) {
+        ready::Readiness::Ready => {
+            (StatusCode::OK, Json(Readiness { status: ReadyState::Ready, problems: Vec::new() })).into_response()
+        }
+        ready::Readiness::Draining => unavailable(ReadyState::Draining, Vec::new()),
+        ready::Readiness::NotReady(problems) => unavailable(ReadyState::NotReady, problems),
     }
 }
 

@@ -19,8 +19,9 @@
 //! request timeout (config validation enforces it); a refused connection costs one accept and one
 //! small write; there is no per-address cap yet (a rate limit per token and address is issue 9's
 //! next step); a request head hyper cannot parse (or one over its size limit) is answered by hyper
-//! itself, `400`/`431` with no body, before any layer here runs; and the drain bounds only this
-//! server: the node does not yet wait for it before stopping its capabilities (issue 10).
+//! itself, `400`/`431` with no body, before any layer here runs. When the server is told to stop,
+//! it closes its listener and gives open connections `drain_timeout_ms` to finish; the node's
+//! drain ([`crate::drain`]) has by then refused new requests and waited for the admitted ones.
 
 use std::future::Future;
 use std::io;
@@ -50,8 +51,6 @@ use tower_http::timeout::TimeoutLayer;
 use crate::error::ApiError;
 use crate::HttpMetrics;
 
-/// How long a shutting-down server lets open connections finish their requests.
-const DRAIN: Duration = Duration::from_secs(10);
 /// How much of a non-JSON error body is kept as the JSON error's message, and how long reading it
 /// may take.
 const MESSAGE_MAX: usize = 512;
@@ -64,6 +63,8 @@ pub struct EdgeConfig {
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a stopping server lets open connections finish their requests.
+    pub drain_timeout: Duration,
 }
 
 impl From<&HttpEdge> for EdgeConfig {
@@ -73,6 +74,7 @@ impl From<&HttpEdge> for EdgeConfig {
             header_timeout: Duration::from_millis(h.header_timeout_ms),
             request_timeout: Duration::from_millis(h.request_timeout_ms),
             idle_timeout: Duration::from_millis(h.idle_timeout_ms),
+            drain_timeout: Duration::from_millis(h.drain_timeout_ms),
         }
     }
 }
@@ -187,7 +189,7 @@ pub async fn json_errors(State(metrics): State<Arc<HttpMetrics>>, req: Request, 
 }
 
 /// Serves `router` (already [`harden`]ed) on `listener` until `shutdown` resolves, then lets open
-/// connections finish their requests for up to 10 s, and closes those still open.
+/// connections finish their requests for up to `drain_timeout`, and closes those still open.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -246,7 +248,7 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(DRAIN) => {
+        _ = tokio::time::sleep(edge.drain_timeout) => {
             tracing::warn!(open = conns.len(), "connections still open after the drain; closing them");
         }
     }

@@ -13,13 +13,17 @@
 //! - [`metrics`]: `/metrics` in Prometheus text; the dashboard at `/` is static.
 //! - [`spec`]: `/openapi.json`, generated from the handlers and their types; [`views`]: the JSON
 //!   bodies the handlers answer with.
+//! - [`ready`]: readiness judged from gathered facts (`/readyz`, and the node's systemd `READY=1`).
+//! - [`drain`]: stopping without failing an accepted request (the gate, the phase, the in-flight count).
 
 pub mod api;
 pub mod auth;
+pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod metrics;
 pub mod observe;
+pub mod ready;
 pub mod spec;
 pub mod validate;
 pub mod views;
@@ -72,6 +76,8 @@ pub struct AppState {
     pub edge: edge::EdgeConfig,
     /// Tokens and rate limits ([`auth`]).
     pub guard: Arc<auth::Guard>,
+    /// Where the front is in a drain ([`drain`]).
+    pub drain: Arc<drain::Drain>,
 }
 
 /// The API's routes and its OpenAPI document, made together: `routes!` takes each route's path and
@@ -114,6 +120,8 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), auth::guard))
+        // Outside the token check: a stopping node refuses without spending work on the request.
+        .layer(axum::middleware::from_fn_with_state(state.drain.clone(), drain::gate))
         .with_state(state.clone());
     edge::harden(r, &state.edge, BODY_LIMIT, state.metrics.clone())
 }
@@ -139,7 +147,9 @@ pub async fn serve(
     edge::serve(listener, router(state), edge, metrics, shutdown).await
 }
 
-/// The front actor: owns one running server.
+/// The front actor: owns one running server. It stops itself if the server ends on its own, so
+/// that its status says whether the API is served (the systemd watchdog looks at it); stopping it
+/// stops the server and waits until the server has closed (bounded by `drain_timeout`).
 pub struct HttpFront;
 
 #[derive(RactorMessage)]
@@ -147,6 +157,7 @@ pub enum HttpMsg {}
 
 pub struct HttpFrontState {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for HttpFront {
@@ -156,12 +167,12 @@ impl Actor for HttpFront {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<HttpMsg>,
+        myself: ActorRef<HttpMsg>,
         (listener, state): Self::Arguments,
     ) -> Result<HttpFrontState, ActorProcessingErr> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr = listener.local_addr()?;
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             if let Err(e) = serve(listener, state, async move {
                 let _ = rx.await;
             })
@@ -169,9 +180,10 @@ impl Actor for HttpFront {
             {
                 tracing::error!(error = %e, "HTTP server failed");
             }
+            myself.stop(Some("the HTTP server ended".into()));
         });
         tracing::info!(%addr, "HTTP API serving");
-        Ok(HttpFrontState { stop: Some(tx) })
+        Ok(HttpFrontState { stop: Some(tx), server: Some(server) })
     }
 
     async fn post_stop(
@@ -181,6 +193,9 @@ impl Actor for HttpFront {
     ) -> Result<(), ActorProcessingErr> {
         if let Some(tx) = state.stop.take() {
             let _ = tx.send(());
+        }
+        if let Some(server) = state.server.take() {
+            let _ = server.await;
         }
         Ok(())
     }

@@ -474,6 +474,8 @@ pub struct Health {
 pub enum ReadyState {
     Ready,
     NotReady,
+    /// The node is stopping (SIGTERM): it takes no new requests.
+    Draining,
 }
 
 /// `/readyz`.

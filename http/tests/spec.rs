@@ -71,6 +71,7 @@ fn state(cluster: &Cluster, fault_injection: bool) -> AppState {
         metrics,
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(1)),
         edge: Default::default(),
+        drain: Arc::new(bulkhead_http::drain::Drain::default()),
     }
 }
 

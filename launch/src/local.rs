@@ -229,7 +229,8 @@ impl LocalCluster {
         }
     }
 
-    /// SIGTERM, up to 5 s to exit, then SIGKILL; reaps.
+    /// SIGTERM, up to 15 s to drain and exit (a drain takes `[http] drain_grace_ms`, then as long
+    /// as the requests in flight and the leadership hand-overs; seconds at most), then SIGKILL; reaps.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
             // SAFETY: as in `signal`.
@@ -237,7 +238,7 @@ impl LocalCluster {
                 libc::kill(c.id() as i32, libc::SIGCONT);
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;

@@ -1,7 +1,8 @@
 //! One replica of one group on this node, the registry of this node's replicas, and the driver
 //! that looks after a replica: bootstrap, noticing a member that came back with a new store,
 //! handing leadership back to the preferred node, and a quick election when the failure
-//! detector sees the leader's node go down.
+//! detector sees the leader's node go down; and a stopping node's hand-over of every group it
+//! leads to an up-to-date voter ([`hand_over_all`]).
 //!
 //! Nothing here decides anything two nodes must agree on: the driver only *asks* Raft
 //! (`initialize` on one node, membership changes on the leader, an election), and Raft decides.
@@ -21,6 +22,7 @@ use super::log_store::LogStore;
 use super::network::{Network, RaftRpc, RaftRpcReply};
 use super::state_machine::{Machine, StateMachineStore};
 use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, GROUP_TIME, IDENTITY};
+use crate::call::CallError;
 use crate::config::ShardPlacement;
 use crate::detector::Status;
 use crate::node::Cluster;
@@ -538,7 +540,8 @@ async fn drive(cluster: Cluster, r: Replica) {
             maybe_snapshot(&cluster, &r, state == ServerState::Leader).await;
         }
         if state == ServerState::Leader {
-            if due(&mut last_reconcile, Duration::from_secs(1)) {
+            // A stopping node's drain hands its leaderships away; it starts nothing of its own.
+            if !cluster.is_draining() && due(&mut last_reconcile, Duration::from_secs(1)) {
                 let may_hand_over = hand_over_after.is_none_or(|t| Instant::now() >= t);
                 match reconcile(&cluster, &r, may_hand_over).await {
                     Some(true) => (hand_over_failures, hand_over_after) = (0, None),
@@ -583,7 +586,11 @@ async fn drive(cluster: Cluster, r: Replica) {
         // candidate: each call starts a new term, and a vote round slower than the interval would
         // otherwise never finish.
         let patience = Duration::from_millis(cluster.config().timing.election_timeout_ms);
-        if state != ServerState::Candidate && fast_election(&facts, window) && due(&mut last_elect, patience) {
+        if state != ServerState::Candidate
+            && !cluster.is_draining()
+            && fast_election(&facts, window)
+            && due(&mut last_elect, patience)
+        {
             tracing::info!(group = %r.id, leader = ?leader_node, "the leader's node is down: calling an election");
             let _ = r.raft.trigger().elect().await;
         }
@@ -870,47 +877,173 @@ const HAND_OVER_MAX_LAG: u64 = 256;
 /// How long a hand-over pauses new proposals for the preferred node to take every entry.
 const HAND_OVER_DRAIN: Duration = Duration::from_millis(300);
 
-/// On a leader that is not the preferred node: once the preferred node is up, a voter, and nearly
-/// caught up, pause new proposals until it has every entry, let it call an election, and resume.
+/// On a leader that is not the preferred node: once the preferred node is up, serving the
+/// capability (not starting, escalated or stopping), a voter, and nearly caught up, hand it the lead.
 async fn hand_over(cluster: &Cluster, r: &Replica) -> Option<bool> {
     let preferred = r.placement.preferred();
-    if preferred == cluster.name() || cluster.status_of(preferred) != Status::Up {
+    if preferred == cluster.name()
+        || cluster.status_of(preferred) != Status::Up
+        || !cluster.is_routable(r.id.capability, preferred)
+    {
         return None;
     }
-    // The preferred node's member and how many entries it lacks (`None`: not a voter here, or
-    // its progress is not known yet).
-    let lag_of_target = |r: &Replica| {
-        let m = r.raft.metrics();
-        let m = m.borrow();
-        let membership = m.membership_config.membership();
-        let id = membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.addr == preferred))?;
-        let matched = m.replication.as_ref()?.get(&id).copied().flatten()?.index;
-        Some((id, m.last_log_index.unwrap_or(0).saturating_sub(matched)))
-    };
-    let (target, lag) = lag_of_target(r)?;
+    hand_over_to(cluster, r, preferred).await
+}
+
+/// Resets a replica's hand-over flag when the hand-over ends, however it ends (a drain's bound
+/// may cancel one midway): a flag left set would refuse every proposal for good.
+struct Pausing<'a>(&'a AtomicBool);
+
+impl<'a> Pausing<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for Pausing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The voter on `node` and how many entries it lacks, as this leader's replication metrics say
+/// (`None`: not a voter here, or its progress is not known yet).
+fn voter_lag(r: &Replica, node: &str) -> Option<(MemberId, u64)> {
+    let m = r.raft.metrics();
+    let m = m.borrow();
+    let membership = m.membership_config.membership();
+    let id = membership.voter_ids().find(|id| membership.get_node(id).is_some_and(|n| n.addr == node))?;
+    let matched = m.replication.as_ref()?.get(&id).copied().flatten()?.index;
+    Some((id, m.last_log_index.unwrap_or(0).saturating_sub(matched)))
+}
+
+/// On a leader: once the voter on `to` is nearly caught up, pause new proposals until it has every
+/// entry, ask it to call an election (`TakeLead`), and resume. `None`: not tried (not a voter, too
+/// far behind); `Some(took)` otherwise. Raft decides: the target wins only with an up-to-date log.
+async fn hand_over_to(cluster: &Cluster, r: &Replica, to: &str) -> Option<bool> {
+    let (target, lag) = voter_lag(r, to)?;
     if lag > HAND_OVER_MAX_LAG {
         return None;
     }
-    r.handing_over.store(true, Ordering::Relaxed);
+    let _paused = Pausing::new(&r.handing_over);
     // Let in-flight entries reach the target so its log is as long as ours when it asks for votes.
     let deadline = Instant::now() + HAND_OVER_DRAIN;
-    while lag_of_target(r).is_none_or(|(_, lag)| lag > 0) {
+    while voter_lag(r, to).is_none_or(|(_, lag)| lag > 0) {
         if Instant::now() > deadline {
-            r.handing_over.store(false, Ordering::Relaxed);
-            tracing::info!(group = %r.id, to = %preferred, "the preferred node did not catch up in time; keeping the lead");
+            tracing::info!(group = %r.id, %to, "the new leader did not catch up in time; keeping the lead");
             return Some(false);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tracing::info!(group = %r.id, to = %preferred, "handing leadership back to the preferred node");
+    tracing::info!(group = %r.id, %to, "handing leadership over");
     let rpc = RaftRpc::TakeLead { group: r.id, to: target };
-    let _ = cluster.raft_call(preferred, r.id.capability, rpc, Duration::from_millis(500)).await;
+    match cluster.raft_call(to, r.id.capability, rpc, Duration::from_millis(500)).await {
+        Ok(RaftRpcReply::Done) | Err(CallError::TimedOut { .. } | CallError::Lost { .. }) => {}
+        // Refused or never delivered: no election is coming, so do not keep proposals waiting.
+        other => {
+            tracing::info!(group = %r.id, %to, reply = ?other, "the hand-over was not taken up; keeping the lead");
+            return Some(false);
+        }
+    }
     let mut m = r.raft.metrics();
     let took = tokio::time::timeout(Duration::from_millis(1_500), m.wait_for(|m| m.current_leader == Some(target)))
         .await
         .is_ok_and(|r| r.is_ok());
-    r.handing_over.store(false, Ordering::Relaxed);
     Some(took)
+}
+
+/// A voter that could take a leaving leader's place, as that leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Successor {
+    pub node: String,
+    /// Its place in the shard's replica list (0 = preferred).
+    pub position: usize,
+    /// Entries it lacks (`None`: unknown).
+    pub lag: Option<u64>,
+    /// The failure detector sees it up and it serves the capability.
+    pub serving: bool,
+}
+
+/// Whom a leaving leader hands its lead to: a serving voter whose progress is known and within
+/// reach of a hand-over, the least behind first, then the preferred order. `None`: nobody fits.
+pub fn pick_successor(candidates: &[Successor]) -> Option<&Successor> {
+    candidates
+        .iter()
+        .filter(|c| c.serving && c.lag.is_some_and(|l| l <= HAND_OVER_MAX_LAG))
+        .min_by_key(|c| (c.lag, c.position))
+}
+
+/// What a drain's hand-over did, group by group.
+#[derive(Debug, Default)]
+pub struct HandOverReport {
+    /// Groups this node led, with the node that leads them now.
+    pub handed: Vec<(GroupId, String)>,
+    /// Groups this node still leads, with why.
+    pub kept: Vec<(GroupId, String)>,
+}
+
+/// On a node that is stopping ([`Cluster::begin_drain`]): hands every group this node leads to
+/// another up-to-date voter, all groups at once, retrying each until `bound` is over. Leadership
+/// moves only through Raft (the target calls an election it can win only with every entry).
+pub async fn hand_over_all(cluster: &Cluster, bound: Duration) -> HandOverReport {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in cluster.raft().all().into_iter().filter(Replica::is_leader) {
+        let cluster = cluster.clone();
+        tasks.spawn(async move {
+            let id = r.id;
+            match tokio::time::timeout_at(deadline, hand_off(&cluster, &r)).await {
+                Ok(done) => (id, done),
+                Err(_) => (id, Err(format!("not handed over within {bound:?}"))),
+            }
+        });
+    }
+    let mut report = HandOverReport::default();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((id, Ok(to))) => report.handed.push((id, to)),
+            Ok((id, Err(why))) => report.kept.push((id, why)),
+            Err(e) => tracing::warn!(error = %e, "a hand-over task failed"),
+        }
+    }
+    report.handed.sort();
+    report.kept.sort();
+    report
+}
+
+/// Hands one group's lead away, trying again every 100 ms; the caller bounds it.
+async fn hand_off(cluster: &Cluster, r: &Replica) -> Result<String, String> {
+    loop {
+        if !r.is_leader() {
+            return Ok(r.leader().unwrap_or_else(|| "(an election is under way)".into()));
+        }
+        // A membership change must finish first: a new leader mid-change would leave it half made.
+        if !r.reconfiguring.load(Ordering::SeqCst) {
+            let candidates: Vec<Successor> = r
+                .placement
+                .replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| *n != cluster.name())
+                .map(|(position, n)| Successor {
+                    node: n.clone(),
+                    position,
+                    lag: voter_lag(r, n).map(|(_, lag)| lag),
+                    serving: cluster.status_of(n) == Status::Up && cluster.is_routable(r.id.capability, n),
+                })
+                .collect();
+            match pick_successor(&candidates) {
+                Some(to) => {
+                    if hand_over_to(cluster, r, &to.node).await == Some(true) {
+                        return Ok(to.node.clone());
+                    }
+                }
+                None => tracing::debug!(group = %r.id, ?candidates, "no replica can take the lead yet"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[cfg(test)]
@@ -957,6 +1090,19 @@ mod tests {
         assert!(!snapshot_due(&f(600_000, 400_000, 0, true), 50_000));
         // Nothing applied since the last one: never, whatever the sizes.
         assert!(!snapshot_due(&f(0, 0, 0, false), 0));
+    }
+
+    #[test]
+    fn a_leaving_leader_picks_the_serving_voter_least_behind_then_the_preferred() {
+        let c = |node: &str, position, lag, serving| Successor { node: node.into(), position, lag, serving };
+        let pick = |cs: &[Successor]| pick_successor(cs).map(|s| s.node.clone());
+        assert_eq!(pick(&[c("n2", 1, Some(3), true), c("n3", 2, Some(0), true)]), Some("n3".into()));
+        assert_eq!(pick(&[c("n2", 1, Some(0), true), c("n3", 2, Some(0), true)]), Some("n2".into()));
+        // Not serving (down, stopping, escalated), progress unknown, or too far behind: never.
+        assert_eq!(pick(&[c("n2", 1, Some(0), false), c("n3", 2, None, true)]), None);
+        assert_eq!(pick(&[c("n2", 1, Some(HAND_OVER_MAX_LAG + 1), true)]), None);
+        assert_eq!(pick(&[c("n2", 1, Some(HAND_OVER_MAX_LAG), true)]), Some("n2".into()));
+        assert_eq!(pick(&[]), None);
     }
 
     fn facts() -> ElectionFacts {

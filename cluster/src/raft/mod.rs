@@ -13,7 +13,9 @@
 //! (a log store that is told "durable" by a callback, which is exactly group commit) and
 //! multi-raft in one process. 0.10 adds leader transfer, but as an alpha its API still moves; the
 //! hand-back to a preferred leader is done here with 0.9's own means: the leader pauses proposals
-//! until the preferred member has every entry, then asks it to call an election (`TakeLead`).
+//! until the preferred member has every entry, then asks it to call an election (`TakeLead`). A
+//! stopping node hands each group it leads to the voter least behind the same way
+//! ([`group::hand_over_all`]).
 //!
 //! Caveats:
 //! - A snapshot is built and sent whole in memory (an export of the capability's tables); fine

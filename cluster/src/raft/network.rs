@@ -49,7 +49,8 @@ pub enum RaftRpc {
     Hello {
         group: GroupId,
     },
-    /// The leader hands over: the preferred member is caught up, and should call an election now.
+    /// The leader hands over: the member is caught up, and should call an election now (the
+    /// preferred member getting its lead back, or any up-to-date one when the leader's node stops).
     TakeLead {
         group: GroupId,
         to: MemberId,
@@ -156,6 +157,12 @@ impl Actor for RaftRouter {
             cluster.metrics().raft_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(from = %call.from, "raft rpc refused: {why}");
             let _ = port.send(refuse(why));
+            return Ok(());
+        }
+        if matches!(call.rpc, RaftRpc::TakeLead { .. }) && cluster.is_draining() {
+            // A node on its way out must not take a leadership it would have to hand away again.
+            let reply = RaftRpcReply::Failed("this node is stopping: it takes no leadership".into());
+            let _ = port.send(seal(&WireReply::Ok(encode(&reply)), &env.traceparent));
             return Ok(());
         }
         let rpc = call.rpc;

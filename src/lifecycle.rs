@@ -124,9 +124,10 @@ impl Bounds {
         }
     }
 
-    /// The longest a whole drain takes: systemd's `TimeoutStopSec=` must be longer.
+    /// The longest a whole stop takes, the spans still batched sent after the drain included:
+    /// systemd's `TimeoutStopSec=` must be longer.
     pub fn total(&self) -> Duration {
-        Step::ORDER.iter().map(|s| self.of(*s)).sum()
+        Step::ORDER.iter().map(|s| self.of(*s)).sum::<Duration>() + crate::telemetry::SPAN_FLUSH_BOUND
     }
 }
 
@@ -255,7 +256,12 @@ mod tests {
         assert_eq!(b.of(Step::InFlight), Duration::from_millis(8_000));
         assert_eq!(
             b.total(),
-            Duration::from_millis(9_500) + HAND_OVER_BOUND + CLOSE_HTTP_BOUND + STOP_CAPABILITIES_BOUND + FLUSH_BOUND
+            Duration::from_millis(9_500)
+                + HAND_OVER_BOUND
+                + CLOSE_HTTP_BOUND
+                + STOP_CAPABILITIES_BOUND
+                + FLUSH_BOUND
+                + crate::telemetry::SPAN_FLUSH_BOUND
         );
     }
 

@@ -2,8 +2,9 @@
 //! `[telemetry]`.
 //!
 //! - Logs: tracing-subscriber's `fmt`, as text or as one JSON object per line (event fields at
-//!   the top level, the current span's fields under `span`: a request's `trace_id` and
-//!   `request_id` ride on every line logged inside it). `RUST_LOG` filters, as before.
+//!   the top level, the current span under `span` and every enclosing one under `spans`: a
+//!   request's `trace_id` and `request_id` ride on every line logged inside it, however deep).
+//!   `RUST_LOG` filters, as before.
 //! - Spans: with `otlp_endpoint`, tracing-opentelemetry turns the node's spans (HTTP requests,
 //!   cluster calls and their serving side, saga steps, Raft proposals) into OpenTelemetry spans,
 //!   batched to the collector over OTLP/HTTP by a thread of the SDK's own (an unreachable
@@ -22,6 +23,10 @@ use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+/// How long the exit waits for spans still batched, after the drain (counted in its bound,
+/// `lifecycle::Bounds::total`).
+pub const SPAN_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What must be flushed before the process exits.
 pub struct Telemetry {
@@ -61,7 +66,7 @@ pub fn init(cfg: &NodeConfig) -> Result<Telemetry, String> {
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(false),
+                    .with_span_list(true),
             ),
         ),
     };
@@ -106,8 +111,10 @@ impl Telemetry {
     pub async fn shutdown(self) {
         if let Some(p) = self.spans {
             let done = tokio::task::spawn_blocking(move || p.shutdown());
-            if let Ok(Err(e)) = done.await {
-                tracing::warn!(error = %e, "span export did not finish");
+            match tokio::time::timeout(SPAN_FLUSH_BOUND, done).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "span export did not finish"),
+                Err(_) => tracing::warn!("span export still running after {SPAN_FLUSH_BOUND:?}; exiting without it"),
+                Ok(_) => {}
             }
         }
     }

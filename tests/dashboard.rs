@@ -380,11 +380,9 @@ async fn the_dashboard_shows_nodes_shards_failovers_and_moving_order_numbers_in_
             && l.contains(r#"route="/v1/orders""#)
     });
     let p99_text = page.eval(r#"document.querySelector('.chart[data-key="p99"] .chart-now').textContent"#).await;
-    if histogram {
-        assert!(page.chart("p99", "now").await > 0.0, "a histogram, but no p99: {p99_text}");
-    } else {
-        assert_eq!(p99_text, json!("—"), "no histogram at this node, yet a p99");
-    }
+    // Every node exports the latency histogram (its "—" case is covered by the page's logic tests).
+    assert!(histogram, "n1's /metrics has no POST /v1/orders latency histogram");
+    assert!(page.chart("p99", "now").await > 0.0, "a histogram, but no p99: {p99_text}");
 
     // Cut n3 off: the page sees it down and a shard it led move to another node (a failover);
     // healed, three nodes are up again. First n3 must lead something (it prefers orders/1,

@@ -150,8 +150,11 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let took = signalled.elapsed();
-    // A little more load against the closed port, then stop the clients.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Load goes on against the closed port until a client has met it, then the clients stop.
+    common::eventually(Duration::from_secs(5), "a client meeting n1's closed port", || async {
+        outcomes.lock().expect("lock").iter().any(|(_, o)| matches!(o, Outcome::NoAnswer(_))).then_some(())
+    })
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     while clients.join_next().await.is_some() {}
     let _ = prober.await;
@@ -185,6 +188,13 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
     assert!(refused > 0, "the clients must have met the draining refusals");
     assert!(no_answer > 0, "the clients must have met the closed port");
     assert!(log.contains("every admitted request finished"), "the drain must not cut a request");
+    let handed = log
+        .split("handed over ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    assert!(handed >= 1, "n1 led groups and handed them over: {drain_lines:?}");
     assert!(log.contains("kept 0"), "every leadership of n1 is handed over: {drain_lines:?}");
     assert_eq!(hand_backs(&tc), hand_backs_before, "a peer tried to hand a leadership back to the draining n1");
 

@@ -109,7 +109,7 @@ impl Target {
     pub async fn inject(&mut self, f: &Fault, http: &reqwest::Client) -> Result<(), String> {
         let i = self.index(&f.node)?;
         match (self, f.action) {
-            // These wait for the child to exit (kill: reap; restart: up to 5 s of graceful stop):
+            // These wait for the child to exit (kill: reap; restart: its drain, up to `STOP_WAIT`):
             // off the async workers, so the load and the observer keep their pace meanwhile.
             (Target::Local { lc, .. }, Action::Kill) => {
                 tokio::task::block_in_place(|| lc.kill(i));

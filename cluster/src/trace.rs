@@ -15,8 +15,6 @@
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-pub use crate::wire::{child_traceparent, new_traceparent, trace_id};
-
 /// A traceparent's parts, checked as the W3C Trace Context spec asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parent {
@@ -44,12 +42,25 @@ pub fn parse(value: &str) -> Option<Parent> {
     Some(Parent { trace_id, span_id, sampled: flags & 1 == 1 })
 }
 
-/// The trace a request continues: a valid incoming traceparent's trace (with a span id of ours),
-/// else a new trace.
-pub fn continue_or_start(incoming: Option<&str>) -> String {
-    match incoming.and_then(parse) {
+/// A fresh traceparent: a new trace, sampled.
+pub fn new_traceparent() -> String {
+    format(rand::random::<u128>() | 1, rand::random::<u64>() | 1, true)
+}
+
+/// The same trace with a new span id (and the parent's sampling): what a callee sends on. A
+/// traceparent that does not parse (a peer's, say) starts a new trace instead.
+pub fn child_traceparent(parent: &str) -> String {
+    match parse(parent) {
         Some(p) => format(p.trace_id, rand::random::<u64>() | 1, p.sampled),
         None => new_traceparent(),
+    }
+}
+
+/// The trace id of a traceparent, for log fields; `-` for one that does not parse.
+pub fn trace_id(traceparent: &str) -> &str {
+    match parse(traceparent) {
+        Some(_) => traceparent.trim().get(3..35).unwrap_or("-"),
+        None => "-",
     }
 }
 
@@ -110,10 +121,14 @@ mod tests {
         assert_eq!(p.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_eq!(p.span_id, 0x00f067aa0ba902b7);
         assert!(p.sampled);
-        let ours = continue_or_start(Some(tp));
+        let ours = child_traceparent(tp);
         assert_eq!(trace_id(&ours), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(ours, tp, "our span id is our own");
         assert!(parse(&ours).is_some());
+        // A later version's traceparent is continued too (its extra parts dropped).
+        let v1 = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-future";
+        assert_eq!(trace_id(&child_traceparent(v1)), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parse(&child_traceparent(v1)).map(|p| p.sampled), Some(false));
     }
 
     #[test]
@@ -130,7 +145,8 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
-            let fresh = continue_or_start(Some(bad));
+            assert_eq!(trace_id(bad), "-");
+            let fresh = child_traceparent(bad);
             assert!(parse(&fresh).is_some());
             assert_ne!(trace_id(&fresh), "4bf92f3577b34da6a3ce929d0e0e4736");
         }

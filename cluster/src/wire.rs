@@ -146,28 +146,8 @@ pub fn open<T: Record>(bytes: &[u8], what: &str) -> Result<(Envelope, T), CodecE
     Ok((env, payload))
 }
 
-/// A fresh W3C traceparent (random trace and span ids).
-pub fn new_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
-}
-
-/// The same trace with a new span id: what a callee uses for the calls it makes in turn.
-pub fn child_traceparent(parent: &str) -> String {
-    let parts: Vec<&str> = parent.split('-').collect();
-    if parts.len() == 4 && parts[1].len() == 32 {
-        let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-        format!("00-{}-{span}-{}", parts[1], parts[3])
-    } else {
-        new_traceparent()
-    }
-}
-
-/// The trace id of a traceparent, for log fields.
-pub fn trace_id(traceparent: &str) -> &str {
-    traceparent.split('-').nth(1).unwrap_or("-")
-}
+// Trace context lives in `crate::trace`; these names stay here for the call sites that seal.
+pub use crate::trace::{child_traceparent, new_traceparent, trace_id};
 
 #[cfg(test)]
 mod tests {

@@ -710,8 +710,8 @@ fn admin_body(headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
     };
     let action = match obj.get("reason") {
         None => AdminAction::default(),
-        Some(Value::String(r)) if r.len() <= 256 => AdminAction { reason: Some(r.clone()) },
-        Some(_) => return Err(ApiError::bad_request("`reason` must be a string of at most 256 bytes")),
+        Some(Value::String(r)) if r.chars().count() <= 256 => AdminAction { reason: Some(r.clone()) },
+        Some(_) => return Err(ApiError::bad_request("`reason` must be a string of at most 256 characters")),
     };
     Ok(action.reason.unwrap_or_default())
 }

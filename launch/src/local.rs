@@ -57,6 +57,9 @@ fn ephemeral_ports(n: usize) -> Result<Vec<u16>, String> {
     listeners.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
 }
 
+/// How long [`LocalCluster::stop`] waits for a node's drain before SIGKILL.
+pub const STOP_WAIT: Duration = Duration::from_secs(15);
+
 pub struct LocalCluster {
     pub configs: Vec<NodeConfig>,
     config_paths: Vec<PathBuf>,
@@ -229,30 +232,37 @@ impl LocalCluster {
         }
     }
 
-    /// SIGTERM, up to 15 s to drain and exit (a drain takes `[http] drain_grace_ms`, then as long
-    /// as the requests in flight and the leadership hand-overs; seconds at most), then SIGKILL; reaps.
+    /// SIGTERM, up to [`STOP_WAIT`] to drain and exit (a drain takes `[http] drain_grace_ms`,
+    /// then as long as the requests in flight and the leadership hand-overs: a few seconds on a
+    /// local cluster), then SIGKILL; reaps.
     pub fn stop(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
+        self.stop_some(&[i]);
+    }
+
+    /// Stops every node at once: each drains while the others do, so the whole cluster takes one
+    /// drain's time, not three (a node stopped last would find no peer to hand leadership to anyway).
+    pub fn stop_all(&mut self) {
+        let all: Vec<usize> = (0..self.children.len()).collect();
+        self.stop_some(&all);
+    }
+
+    fn stop_some(&mut self, nodes: &[usize]) {
+        let mut stopping: Vec<Child> = nodes.iter().filter_map(|i| self.children[*i].take()).collect();
+        for c in &stopping {
             // SAFETY: as in `signal`.
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGCONT);
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        }
+        let deadline = Instant::now() + STOP_WAIT;
+        while !stopping.is_empty() && Instant::now() < deadline {
+            stopping.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for mut c in stopping {
             let _ = c.kill();
             let _ = c.wait();
-        }
-    }
-
-    pub fn stop_all(&mut self) {
-        for i in 0..self.children.len() {
-            self.stop(i);
         }
     }
 

@@ -150,6 +150,11 @@ pub fn check_all(text: &str, types: &[(&str, u8)], src_dir: &Path, check_line: i
     for f in &fixtures {
         check_line(f);
     }
+    // Print mode makes the lines to paste; it must never pass for a check.
+    assert!(
+        std::env::var_os("BULKHEAD_FIXTURES_PRINT").is_none(),
+        "BULKHEAD_FIXTURES_PRINT is set: the fixtures above were printed, not checked"
+    );
     let gaps: Vec<String> = gaps(&fixtures, types).iter().map(Gap::to_string).collect();
     assert!(gaps.is_empty(), "record fixtures missing:\n{}", gaps.join("\n"));
     let listed: Vec<&str> = types.iter().map(|(name, _)| *name).collect();

@@ -13,6 +13,7 @@ use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
+use tracing::Instrument;
 
 use super::machine::{self, InventoryCommand, InventoryMachine};
 use super::protocol::{InventoryReply, InventoryRequest};
@@ -54,7 +55,8 @@ impl Actor for InventoryWorker {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             InventoryMsg::Request(Inbound { req, reply, traceparent }) => {
-                tracing::debug!(trace = bulkhead_cluster::wire::trace_id(&traceparent), request = ?req, "request");
+                let (span, _) = bulkhead_cluster::traced_span!("inventory.serve", &traceparent);
+                span.in_scope(|| tracing::debug!(request = ?req, "request"));
                 let shard_of = |sku: &str| st.cluster.shard_of(Capability::Inventory, sku.as_bytes());
                 let shard = match &req {
                     InventoryRequest::Reserve { items, .. } => {
@@ -78,7 +80,7 @@ impl Actor for InventoryWorker {
                 let replica = local_replica(&st.cluster, &st.replicas, Capability::Inventory, shard);
                 match replica {
                     Ok(r) => {
-                        tokio::spawn(serve(r, req, reply));
+                        tokio::spawn(serve(r, req, reply).instrument(span));
                     }
                     Err(e) => {
                         let _ = reply.send(unserved(e));

@@ -279,10 +279,14 @@ impl OrdersState {
         order.traceparent = traceparent;
         let (shard, wait_ms, me) = (p.shard, p.wait_ms, myself.clone());
         let cmd = OrdersCommand::Place { order: order.clone(), idempotency: p.idempotency, now_ms: now };
-        tokio::spawn(async move {
-            let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
-            let _ = me.cast(OrdersMsg::Placed(Box::new(Placed { shard, term, order, applied, wait_ms, reply })));
-        });
+        let (span, _) = bulkhead_cluster::traced_span!("orders.place", &order.traceparent, order_id = %id);
+        tokio::spawn(
+            async move {
+                let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
+                let _ = me.cast(OrdersMsg::Placed(Box::new(Placed { shard, term, order, applied, wait_ms, reply })));
+            }
+            .instrument(span),
+        );
     }
 
     fn on_placed(&mut self, myself: &ActorRef<OrdersMsg>, placed: Placed) {
@@ -391,16 +395,20 @@ impl OrdersState {
         };
         s.in_flight = true;
         let (shard, epoch) = (s.shard, s.epoch);
+        let (span, _) = bulkhead_cluster::traced_span!("saga.commit", &s.order.traceparent, %order_id, step);
         let replica = match self.replica(shard) {
             Ok(r) => r,
             Err(e) => return self.on_committed(myself, order_id, epoch, cmds, Err(e)),
         };
         let (now_cmds, then): (Vec<_>, Vec<_>) = cmds.into_iter().partition(saga::runs_before_commit);
         let me = myself.clone();
-        tokio::spawn(async move {
-            let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
-            let _ = me.cast(OrdersMsg::Committed { order_id, epoch, then, applied });
-        });
+        tokio::spawn(
+            async move {
+                let applied = replica.propose::<OrdersMachine>(&cmd).await.map_err(Unserved::from);
+                let _ = me.cast(OrdersMsg::Committed { order_id, epoch, then, applied });
+            }
+            .instrument(span),
+        );
         // Its answer waits in `queued` until the step has committed.
         self.execute(myself, order_id, now_cmds);
     }

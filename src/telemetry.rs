@@ -20,9 +20,11 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use tracing::{Level, Metadata};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How long the exit waits for spans still batched, after the drain (counted in its bound,
 /// `lifecycle::Bounds::total`).
@@ -56,24 +58,22 @@ pub fn init(cfg: &NodeConfig) -> Result<Telemetry, String> {
         Some(endpoint) => Some(otlp(endpoint, &cfg.name)?),
         None => None,
     };
-    let otel = spans.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("bulkhead")));
-    let (text, json) = match cfg.log.format {
-        LogFormat::Text => (Some(tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi())), None),
-        LogFormat::Json => (
-            None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(true),
-            ),
-        ),
+    // Each layer filters for itself: the log at `RUST_LOG` (info), the exporter every span of
+    // ours (most are debug, so the log does not pay for them) and events from info up.
+    let otel = spans
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("bulkhead")).with_filter(filter_fn(exported)));
+    let log: Box<dyn Layer<Registry> + Send + Sync> = match cfg.log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi()).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .boxed(),
     };
     tracing_subscriber::registry()
-        .with(filter())
-        .with(text)
-        .with(json)
+        .with(log.with_filter(filter()))
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot set up logging: {e}"))?;
@@ -82,6 +82,16 @@ pub fn init(cfg: &NodeConfig) -> Result<Telemetry, String> {
         tracing::info!(endpoint, "exporting spans over OTLP/HTTP");
     }
     Ok(Telemetry { spans })
+}
+
+/// What the span exporter takes: the node's own spans down to debug (calls, serving, saga steps,
+/// proposals), and events from info up (they become span events).
+fn exported(meta: &Metadata<'_>) -> bool {
+    if meta.is_span() {
+        meta.target().starts_with("bulkhead") && *meta.level() <= Level::DEBUG
+    } else {
+        *meta.level() <= Level::INFO
+    }
 }
 
 /// The SDK's exporter and batch processor. Built on a plain thread: its blocking HTTP client may

@@ -99,11 +99,16 @@ pub fn outgoing(span: &tracing::Span, traceparent: &str) -> String {
 }
 
 /// A span named `name` in the trace of `traceparent`, and the traceparent to send from inside it.
+///
+/// At debug level: the node's log (info) does not pay for the dozens of spans an order makes
+/// (measured: 19 % of a node's throughput); they exist when spans are exported (the exporter's
+/// filter takes them) or `RUST_LOG` asks for debug. Lines logged at info name their trace
+/// themselves (`trace_id`).
 #[macro_export]
 macro_rules! traced_span {
     ($name:literal, $traceparent:expr $(, $($field:tt)*)?) => {{
         let tp: &str = $traceparent;
-        let span = tracing::info_span!($name, trace_id = %$crate::trace::trace_id(tp) $(, $($field)*)?);
+        let span = tracing::debug_span!($name, trace_id = %$crate::trace::trace_id(tp) $(, $($field)*)?);
         $crate::trace::link(&span, tp);
         let out = $crate::trace::outgoing(&span, tp);
         (span, out)

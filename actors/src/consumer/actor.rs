@@ -78,6 +78,7 @@ impl Actor for ConsumerWorker {
     ) -> Result<(), ActorProcessingErr> {
         let ConsumerMsg::Request(Inbound { req, reply, traceparent }) = msg;
         let (span, _) = bulkhead_cluster::traced_span!("consumer.serve", &traceparent, kind = st.making.kind);
+        let trace = bulkhead_cluster::trace::trace_id(&traceparent).to_string();
         span.in_scope(|| tracing::debug!(request = ?req, "request"));
         let m = st.making;
         let order_id = match &req {
@@ -107,7 +108,7 @@ impl Actor for ConsumerWorker {
             st.cluster.shard_of(m.capability(), order_id.as_bytes()),
         ) {
             Ok(replica) => {
-                tokio::spawn(serve(replica, m, req, reply).instrument(span));
+                tokio::spawn(serve(replica, m, req, reply, trace).instrument(span));
             }
             Err(e) => {
                 let _ = reply.send(unserved(e));
@@ -124,14 +125,21 @@ fn unserved(e: Unserved) -> ConsumerReply {
     }
 }
 
-async fn serve(replica: Replica, making: Making, req: ConsumerRequest, reply: RpcReplyPort<ConsumerReply>) {
+/// Serves one request; `trace` (the caller's trace id) names the info lines.
+async fn serve(
+    replica: Replica,
+    making: Making,
+    req: ConsumerRequest,
+    reply: RpcReplyPort<ConsumerReply>,
+    trace: String,
+) {
     let answer = match req {
         ConsumerRequest::Deliver(event) => {
             let (order_id, event_id) = (event.order_id, event.event_id);
             let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
             let answer = replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()));
             if let ConsumerReply::Accepted { duplicate } = &answer {
-                tracing::info!(kind = making.kind, %order_id, %event_id, duplicate, "event delivered");
+                tracing::info!(kind = making.kind, %order_id, %event_id, duplicate, trace_id = %trace, "event delivered");
             }
             answer
         }

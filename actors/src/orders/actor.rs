@@ -293,7 +293,7 @@ impl OrdersState {
         let Placed { shard, term, order, applied, wait_ms, reply } = placed;
         match applied {
             Ok(OrdersApplied::Placed) => {
-                tracing::info!(order_id = %order.id, shard, trace_id = %trace_id(&order.traceparent), "order placed");
+                tracing::debug!(order_id = %order.id, shard, trace_id = %trace_id(&order.traceparent), "order placed");
                 match self.driving.get(&shard) {
                     Some(Driving::Ready(t)) if *t == term => {}
                     Some(Driving::Loading(t)) if *t == term => {

@@ -60,6 +60,7 @@ impl Actor for PaymentsWorker {
     ) -> Result<(), ActorProcessingErr> {
         let PaymentsMsg::Request(Inbound { req, reply, traceparent }) = msg;
         let (span, _) = bulkhead_cluster::traced_span!("payments.serve", &traceparent);
+        let trace = bulkhead_cluster::trace::trace_id(&traceparent).to_string();
         span.in_scope(|| tracing::debug!(request = ?req, "request"));
         if let PaymentRequest::InjectPanic = req {
             if st.fault_injection {
@@ -81,7 +82,7 @@ impl Actor for PaymentsWorker {
             st.cluster.shard_of(Capability::Payments, order_id.as_bytes()),
         ) {
             Ok(replica) => {
-                tokio::spawn(serve(replica, req, reply).instrument(span));
+                tokio::spawn(serve(replica, req, reply, trace).instrument(span));
             }
             Err(e) => {
                 let _ = reply.send(refused(e));
@@ -99,13 +100,14 @@ fn refused(e: impl Into<Unserved>) -> PaymentReply {
     }
 }
 
-async fn serve(replica: Replica, req: PaymentRequest, reply: RpcReplyPort<PaymentReply>) {
+/// Serves one request; `trace` (the caller's trace id) names the info lines.
+async fn serve(replica: Replica, req: PaymentRequest, reply: RpcReplyPort<PaymentReply>, trace: String) {
     let answer = match req {
         PaymentRequest::Charge { order_id, amount_cents, token } => {
             let answer = charge(&replica, order_id, amount_cents, token).await;
             match &answer {
                 PaymentReply::Charged { payment_id } => {
-                    tracing::info!(%order_id, amount_cents, %payment_id, "payment charged")
+                    tracing::info!(%order_id, amount_cents, %payment_id, trace_id = %trace, "payment charged")
                 }
                 PaymentReply::Declined { reason } => {
                     tracing::info!(%order_id, amount_cents, %reason, "payment declined")

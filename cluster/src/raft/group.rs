@@ -254,7 +254,7 @@ impl Replica {
         }
         use tracing::Instrument;
         let started = Instant::now();
-        let span = tracing::info_span!("raft.propose", group = %self.id);
+        let span = tracing::debug_span!("raft.propose", group = %self.id);
         let result = self.write::<M>(cmd).instrument(span).await;
         self.stats.record(started, result.is_ok());
         let outcome = match &result {

@@ -750,17 +750,18 @@ impl Cluster {
     }
 
     /// Calls the leader of `shard` of `cap`; a member that answers "not the leader, X is"
-    /// ([`LeaderReply`]) is followed once.
+    /// ([`LeaderReply`]) is followed.
     ///
     /// No leader known, or a member that answers "no leader known" (a leader handing over to the
     /// preferred node, a follower whose leader just went): an election is under way. If this node
     /// has a replica of the group, the call waits for it to name the new leader (at most two
-    /// election timeouts, never longer than `timeout`) and goes there; a hand-over costs a client
+    /// election timeouts at a time, `timeout` in all) and goes there; a hand-over costs a client
     /// some milliseconds, not a 503. If none came while a majority is up, the member that said "no
-    /// leader" is asked once more: a hand-over called off (its target did not catch up in time)
-    /// leaves the old leader leading in the same term. `NoLeader` (nothing sent, nothing recorded)
-    /// when that fails too, at once when a majority of the group's replicas is down or this node
-    /// has no replica of the group.
+    /// leader" is asked again: a hand-over called off (its target did not catch up in time)
+    /// leaves the old leader leading in the same term, and an election slowed by a loaded machine
+    /// may need a second wait. At most [`LEADER_ATTEMPTS`] sends; then `NoLeader` (nothing
+    /// recorded), at once when a majority of the group's replicas is down or this node has no
+    /// replica of the group.
     pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(
         &self,
         cap: Capability,
@@ -770,33 +771,42 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<Resp, CallError> {
         let no_leader = |node: &str| CallError::NoLeader { capability: cap, shard, node: node.to_string() };
-        let target = match self.leader_of(cap, shard) {
+        // Waiting for a leader never goes past `timeout` in all; each send has `timeout` of its
+        // own (a `Place` waits its saga's budget on the leader, however long the search took).
+        let deadline = std::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
+        let mut target = match self.leader_of(cap, shard) {
             Some(target) => target,
             None => match self.wait_for_new_leader(cap, shard, None, timeout).await {
                 NextLeader::Named(target) => target,
                 NextLeader::NoneYet | NextLeader::Hopeless => return Err(no_leader(self.name())),
             },
         };
-        let resp: Resp = self.call_with_timeout(cap, &target, req, traceparent, timeout).await?;
-        let next = match resp.not_leader() {
-            None => return Ok(resp),
-            Some(Some(leader)) if leader != target => leader,
-            Some(_) => match self.wait_for_new_leader(cap, shard, Some(&target), timeout).await {
-                NextLeader::Named(leader) => leader,
-                // The old leader may have called its hand-over off (the target did not catch up
-                // in time) and lead on in the same term: ask it once more.
-                NextLeader::NoneYet => target.clone(),
-                NextLeader::Hopeless => return Err(no_leader(&target)),
-            },
-        };
-        if let Ok(mut h) = self.inner.leader_hints.write() {
-            h.insert((cap, shard), next.clone());
+        for attempt in 1..=LEADER_ATTEMPTS {
+            let resp: Resp = self.call_with_timeout(cap, &target, req, traceparent, timeout).await?;
+            let next = match resp.not_leader() {
+                None => return Ok(resp),
+                Some(Some(leader)) if leader != target => leader,
+                Some(_) => match self.wait_for_new_leader(cap, shard, Some(&target), left()).await {
+                    NextLeader::Named(leader) => leader,
+                    // The old leader may have called its hand-over off (the target did not catch
+                    // up in time) and lead on in the same term, or the election outlasted one
+                    // wait (a loaded machine): ask it again while time is left.
+                    NextLeader::NoneYet => target.clone(),
+                    NextLeader::Hopeless => return Err(no_leader(&target)),
+                },
+            };
+            if attempt == LEADER_ATTEMPTS || left().is_zero() {
+                return Err(no_leader(&next));
+            }
+            if next != target {
+                if let Ok(mut h) = self.inner.leader_hints.write() {
+                    h.insert((cap, shard), next.clone());
+                }
+            }
+            target = next;
         }
-        let resp: Resp = self.call_with_timeout(cap, &next, req, traceparent, timeout).await?;
-        match resp.not_leader() {
-            None => Ok(resp),
-            Some(_) => Err(no_leader(&next)),
-        }
+        Err(no_leader(&target))
     }
 
     /// The leader this node's replica of the group names next (other than `old`), waiting at most
@@ -837,6 +847,10 @@ fn vouched<'a>(
     }
     links.any(|l| l.peer.as_deref() == Some(node) && l.binding.is_some_and(|b| b.as_slice() == binding))
 }
+
+/// How many times one [`Cluster::call_leader`] sends its request: to the leader it knows, to the
+/// one a member names, and again through an election or a hand-over that outlasts one wait.
+const LEADER_ATTEMPTS: usize = 4;
 
 /// What waiting for a group's next leader found.
 enum NextLeader {

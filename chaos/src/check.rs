@@ -40,22 +40,29 @@ pub struct Checked {
 }
 
 /// GETs `path` from the nodes in turn until one gives a definitive answer (200 or 404) or the
-/// deadline passes.
+/// deadline passes. A `429` (an attached cluster's rate limit) is waited out as its `Retry-After`
+/// says, up to the deadline, like any careful client.
 async fn get(http: &reqwest::Client, urls: &[String], path: &str, deadline: Instant) -> Option<(u16, Value)> {
     let mut i = path.len();
     loop {
         let url = &urls[i % urls.len()];
         i += 1;
+        let mut pause = Duration::from_millis(100);
         if let Ok(r) = http.get(format!("{url}{path}")).timeout(Duration::from_secs(2)).send().await {
             let code = r.status().as_u16();
             if code == 200 || code == 404 {
                 return Some((code, r.json().await.unwrap_or(Value::Null)));
             }
+            if code == 429 {
+                let secs = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                pause = Duration::from_secs(secs.unwrap_or(1).clamp(1, 10));
+            }
         }
-        if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause.min(left)).await;
     }
 }
 

@@ -96,8 +96,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     );
     let sd = Systemd::from_env();
     let notifier = sd.spawn_ready_notifier({
-        let (cluster, drain) = (cluster.clone(), drain.clone());
-        move || match ready::judge(&ready::gather(&cluster, drain.is_draining())) {
+        let cluster = cluster.clone();
+        move || match ready::judge(&ready::gather(&cluster)) {
             Readiness::Ready => Ok(()),
             Readiness::Draining => Err("draining".into()),
             Readiness::NotReady(problems) => Err(problems.join("; ")),

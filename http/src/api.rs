@@ -690,7 +690,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(Readiness { status, problems }))
             .into_response()
     };
-    match ready::judge(&ready::gather(&st.cluster, st.drain.is_draining())) {
+    match ready::judge(&ready::gather(&st.cluster)) {
         ready::Readiness::Ready => {
             (StatusCode::OK, Json(Readiness { status: ReadyState::Ready, problems: Vec::new() })).into_response()
         }

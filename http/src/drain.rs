@@ -70,10 +70,6 @@ impl Drain {
         Phase::from_u8(self.phase.load(SeqCst))
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.phase() != Phase::Serving
-    }
-
     /// Moves the phase forward to `to` (never back).
     pub fn advance(&self, to: Phase) {
         let _ = self.phase.fetch_update(SeqCst, SeqCst, |now| Some(Phase::from_u8(now).advance(to) as u8));

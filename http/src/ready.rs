@@ -72,11 +72,12 @@ pub fn judge(f: &ReadyFacts) -> Readiness {
     }
 }
 
-/// Reads the facts off the cluster handle (`draining`: the HTTP front's lifecycle says so).
-pub fn gather(cluster: &Cluster, draining: bool) -> ReadyFacts {
+/// Reads the facts off the cluster handle. Draining is the cluster's word: the drain's first step
+/// marks the cluster and the HTTP gate together (`src/lifecycle.rs`).
+pub fn gather(cluster: &Cluster) -> ReadyFacts {
     let view = cluster.view();
     ReadyFacts {
-        draining: draining || cluster.is_draining(),
+        draining: cluster.is_draining(),
         capabilities: cluster.local_health().into_iter().collect(),
         shards: cluster.raft().all().iter().map(|r| (r.id, r.health(cluster))).collect(),
         refused: view

@@ -335,9 +335,7 @@ async fn bench_one(
     let mut configs = cluster_configs(&names, map, &dir, &secrets, &ports, timing, false);
     for c in configs.iter_mut() {
         c.durability = opts.durability;
-        // The benchmark measures the cluster, not the limiter: one client address and one token
-        // carry the whole load here.
-        c.rate_limit = RateLimit { per_address: 1_000_000, per_token: 1_000_000 };
+        c.rate_limit = RateLimit::LOAD_TEST;
     }
     let mut lc = LocalCluster::launch_configs(exe, &dir, configs)?;
     let _ =

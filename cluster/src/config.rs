@@ -446,6 +446,12 @@ pub struct RateLimit {
     pub per_token: u32,
 }
 
+impl RateLimit {
+    /// For a local cluster under a load test (the bench, a chaos run): one client address and one
+    /// token carry the whole load, and the run measures the cluster, not the limiter.
+    pub const LOAD_TEST: RateLimit = RateLimit { per_address: 1_000_000, per_token: 1_000_000 };
+}
+
 impl Default for RateLimit {
     fn default() -> Self {
         // Above what one 2-core node serves (about 600 orders/s plus reads), so the limit binds

@@ -7,6 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+/// How fast the slow clients here send: one byte per this long.
+const SLOW_PACE: Duration = Duration::from_millis(300);
+
 use bulkhead_cluster::{HttpEdge, Timing};
 use common::{eventually, start_configured, TestCluster};
 use serde_json::Value;
@@ -84,10 +87,11 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
         let answered = answered.clone();
         tokio::spawn(async move {
             let mut in_body = Some(in_body);
-            // The pause is the slow client under test. It stops once the answer is in: writing on
-            // into a closed socket could reset it.
+            // The pace is the slow client under test: a byte every 300 ms. It stops once the
+            // answer is in: writing on into a closed socket could reset it.
+            let mut pace = tokio::time::interval_at(tokio::time::Instant::now() + SLOW_PACE, SLOW_PACE);
             while !answered.load(std::sync::atomic::Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                pace.tick().await;
                 if to_server.write_all(b" ").await.is_err() {
                     break;
                 }
@@ -133,9 +137,10 @@ async fn slow_clients_are_cut_off_and_hold_no_order_permit() {
     let started = Instant::now();
     slow_head.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("write");
     let dribble = tokio::spawn(async move {
-        // The pause is the slow client under test.
+        // The pace is the slow client under test: a byte every 300 ms.
+        let mut pace = tokio::time::interval_at(tokio::time::Instant::now() + SLOW_PACE, SLOW_PACE);
         for b in b"host: n1\r\nx-slow: yes\r\n".iter() {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            pace.tick().await;
             if slow_head.write_all(&[*b]).await.is_err() {
                 break;
             }

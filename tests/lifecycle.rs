@@ -79,6 +79,10 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
         let (url, stop, outcomes) = (url.clone(), stop.clone(), outcomes.clone());
         clients.spawn(async move {
             let mut i = 0;
+            // After a refused connect (the port is closed or closing), wait for the next 20 ms
+            // tick instead of spinning on connects.
+            let mut backoff = tokio::time::interval(Duration::from_millis(20));
+            backoff.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = format!("drain-{c}-{i}");
                 let out = place(&http, &url, &key).await;
@@ -86,8 +90,7 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
                 outcomes.lock().expect("lock").push((key, out));
                 i += 1;
                 if no_answer {
-                    // The port is closed (or closing): do not spin on refused connects.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    backoff.tick().await;
                 }
             }
         });
@@ -138,7 +141,10 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
     let signalled = Instant::now();
     tc.lc.signal(0, libc::SIGTERM);
     let bound = Duration::from_millis(GRACE_MS + DRAIN_TIMEOUT_MS) + Duration::from_secs(22);
+    // Poll the process itself (a readiness wait), every 20 ms.
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
     let exit = loop {
+        poll.tick().await;
         if let Some((i, status)) = tc.lc.exited() {
             assert_eq!(i, 0, "only n1 was stopped");
             break status;
@@ -147,7 +153,6 @@ async fn sigterm_under_load_fails_no_accepted_request_and_readyz_goes_503_before
             tc.dump_logs();
             panic!("n1 did not exit within {bound:?} of SIGTERM");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let took = signalled.elapsed();
     // Load goes on against the closed port until a client has met it, then the clients stop.
@@ -243,7 +248,10 @@ async fn under_systemd_a_node_says_ready_once_ready_pings_the_watchdog_and_says_
     let url = tc.url(2);
     let started = Instant::now();
     let (mut ready_at, mut watchdogs, mut seen) = (None, 0usize, Vec::new());
+    // Poll the socket for what the node said, every 10 ms.
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
     while ready_at.is_none() || watchdogs < 2 {
+        poll.tick().await;
         for msg in drain_socket(&sock) {
             if msg.lines().any(|l| l == "READY=1") {
                 assert!(ready_at.is_none(), "READY=1 twice: {seen:?}");
@@ -261,7 +269,6 @@ async fn under_systemd_a_node_says_ready_once_ready_pings_the_watchdog_and_says_
             tc.dump_logs();
             panic!("no READY=1 and two WATCHDOG=1 within 60 s; got {seen:?}");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tc.lc.signal(2, libc::SIGTERM);
     eventually(Duration::from_secs(10), "STOPPING=1 after SIGTERM", || {

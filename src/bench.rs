@@ -11,6 +11,11 @@
 //! Only `201 confirmed` counts: every one of those was flushed (and fdatasync'ed) on every store it
 //! touched before the answer. Anything else is an error. Every order carries a unique
 //! Idempotency-Key. The load generator reports its own CPU use, so a saturated generator is visible.
+//!
+//! Per confirmed order of the closed loop, the run also says what the node processes spent on it:
+//! CPU time and context switches (from /proc), group-commit flushes and Raft proposals (from each
+//! node's `/metrics`) and Raft log entries (from each node's `GET /v1/cluster`), each the difference
+//! between a reading just before the loop and one just after it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -97,6 +102,29 @@ pub struct RunResult {
     /// Raft elections during the run: per group, how far its term moved from the start of the
     /// warm-up to the end (the highest term any node reports), summed over the groups.
     pub elections: u64,
+    /// Per confirmed order of the closed loop, what the node processes spent over it (from /proc
+    /// and their `/metrics`, summed over the nodes running at its start and end): CPU time (user +
+    /// system) ...
+    pub cpu_ms_per_order: f64,
+    /// ... voluntary context switches of all their threads (threads that exited during the phase
+    /// are missing, see `threads_exited`) ...
+    pub ctx_switches_per_order: f64,
+    pub nonvoluntary_ctx_switches_per_order: f64,
+    /// ... group-commit flushes (`bulkhead_fdatasync_duration_seconds_count`: one flush, and with
+    /// the default durability one fdatasync, each) ...
+    pub flushes_per_order: f64,
+    /// ... Raft log entries (growth of every shard's leader's last log index) ...
+    pub raft_entries_per_order: f64,
+    /// ... and committed Raft proposals (`bulkhead_raft_proposal_duration_seconds_count` with
+    /// `outcome="committed"`: one client command each).
+    pub raft_commands_per_order: f64,
+    /// Committed proposals per log entry (1 when every entry carries one command).
+    pub commands_per_entry: f64,
+    /// Node threads alive at the start of the closed loop and gone at its end (their context
+    /// switches are not in the figures above).
+    pub threads_exited: u64,
+    /// Resident memory of each node at the end of the run, MB.
+    pub rss_mb: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize)]
@@ -306,6 +334,179 @@ fn max_terms(pages: &[String]) -> std::collections::BTreeMap<String, u64> {
     terms
 }
 
+/// utime + stime, in clock ticks, from a `/proc/<pid>/stat` line: fields 14 and 15. The process
+/// name (field 2) is in parentheses and may itself hold spaces and `)`, so the fields are counted
+/// from after the *last* `)`. For a process (not a single thread) Linux sums every thread of the
+/// group, the exited ones included (`thread_group_cputime_adjusted`).
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (the state): field 14 is its 12th word.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// (voluntary, nonvoluntary) context switches from a `/proc/.../status` file.
+fn status_ctxt(status: &str) -> Option<(u64, u64)> {
+    let value =
+        |key: &str| status.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse::<u64>().ok());
+    Some((value("voluntary_ctxt_switches")?, value("nonvoluntary_ctxt_switches")?))
+}
+
+/// The sum of metric `name` over its samples whose labels contain `label` (`""`: all of them), e.g.
+/// a histogram's `_count` over every label set.
+fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
+    samples(text, name).filter(|(labels, _)| labels.contains(label)).map(|(_, v)| v).sum()
+}
+
+/// What the kernel says about one node process at one moment.
+#[derive(Debug, Clone)]
+struct ProcSample {
+    pid: u32,
+    cpu_ticks: u64,
+    /// Per live thread id: (voluntary, nonvoluntary) context switches.
+    threads: BTreeMap<u32, (u64, u64)>,
+}
+
+/// Reads `pid`'s CPU time and its threads' context switches; `None` if the process is gone.
+///
+/// Context switches are summed per thread from `/proc/<pid>/task/*/status`, not read from
+/// `/proc/<pid>/status`: on Linux the `*_ctxt_switches` lines of the process's status are those of
+/// its main thread alone (`task_context_switch_counts` prints that task's `nvcsw`/`nivcsw`; the
+/// process-wide sum, exited threads included, is kept in the signal struct and only reaches
+/// `getrusage` of the process itself and taskstats, which needs CAP_NET_ADMIN). Checked on this
+/// machine: four busy threads summed 1,228 voluntary switches while the process line said 19. So
+/// the process line is never the more complete one, and a thread that exits during the phase takes
+/// its switches since the first reading with it: [`Accounting`] counts such threads.
+fn proc_sample(pid: u32) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let cpu_ticks = stat_cpu_ticks(&stat)?;
+    let mut threads = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for entry in dir.flatten() {
+            let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
+            // A thread may exit between the listing and the read: it is simply not counted.
+            if let Some(c) = std::fs::read_to_string(entry.path().join("status")).ok().and_then(|s| status_ctxt(&s)) {
+                threads.insert(tid, c);
+            }
+        }
+    }
+    Some(ProcSample { pid, cpu_ticks, threads })
+}
+
+/// Per shard (`capability/shard`): the last log index of its leader, from every node's
+/// `GET /v1/cluster`. Each node reports the shards it holds a replica of as that replica sees them;
+/// the view of the node that calls itself leader is taken, else (no leader known, mid-election) the
+/// highest any replica reports.
+fn leader_log_indexes(views: &[serde_json::Value]) -> BTreeMap<String, u64> {
+    let mut from_leader = BTreeMap::new();
+    let mut highest: BTreeMap<String, u64> = BTreeMap::new();
+    for view in views {
+        let node = view["node"].as_str();
+        for s in view["shards"].as_array().into_iter().flatten() {
+            let Some(index) = s["last_log_index"].as_u64() else { continue };
+            let key = format!("{}/{}", s["capability"].as_str().unwrap_or("?"), s["shard"]);
+            let h = highest.entry(key.clone()).or_default();
+            *h = (*h).max(index);
+            if node.is_some() && s["leader"].as_str() == node {
+                from_leader.insert(key, index);
+            }
+        }
+    }
+    highest
+        .into_iter()
+        .map(|(k, h)| {
+            let index = from_leader.get(&k).copied().unwrap_or(h);
+            (k, index)
+        })
+        .collect()
+}
+
+/// Every node's `GET /v1/cluster` (a node that does not answer is left out).
+async fn cluster_views(client: &reqwest::Client, urls: &[String]) -> Vec<serde_json::Value> {
+    let mut views = Vec::new();
+    for u in urls {
+        if let Ok(r) = client.get(format!("{u}/v1/cluster")).send().await {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                views.push(v);
+            }
+        }
+    }
+    views
+}
+
+/// The counters per-order accounting takes the difference of, read from every node at one moment.
+struct Accounting {
+    /// Per node (index into the cluster): its process, if running.
+    procs: Vec<Option<ProcSample>>,
+    /// Per node: its `/metrics` page (empty if it did not answer).
+    pages: Vec<String>,
+    /// Per shard: its leader's last log index.
+    log_indexes: BTreeMap<String, u64>,
+}
+
+/// What the nodes spent over a phase, summed over the nodes (a node that was not running at both
+/// readings, e.g. killed with --kill-shipping, is left out).
+#[derive(Debug, Default, PartialEq)]
+struct Spent {
+    cpu_ticks: u64,
+    voluntary: u64,
+    nonvoluntary: u64,
+    /// Threads alive at the first reading and gone at the second: their switches are missing.
+    threads_exited: u64,
+    flushes: u64,
+    /// Raft proposals committed (one client command each).
+    commands: u64,
+    /// Growth of the shards' leaders' logs.
+    entries: u64,
+}
+
+const FLUSHES: &str = "bulkhead_fdatasync_duration_seconds_count";
+const PROPOSALS: &str = "bulkhead_raft_proposal_duration_seconds_count";
+const COMMITTED: &str = "outcome=\"committed\"";
+
+impl Accounting {
+    async fn read(lc: &LocalCluster, client: &reqwest::Client, urls: &[String]) -> Accounting {
+        let procs = (0..urls.len()).map(|i| lc.pid(i).and_then(proc_sample)).collect();
+        let pages = metric_pages(client, urls).await;
+        let log_indexes = leader_log_indexes(&cluster_views(client, urls).await);
+        Accounting { procs, pages, log_indexes }
+    }
+
+    /// From `self` (the start) to `end`.
+    fn spent(&self, end: &Accounting) -> Spent {
+        let mut s = Spent::default();
+        for (a, b) in self.procs.iter().zip(&end.procs) {
+            let (Some(a), Some(b)) = (a, b) else { continue };
+            if a.pid != b.pid {
+                continue;
+            }
+            s.cpu_ticks += b.cpu_ticks.saturating_sub(a.cpu_ticks);
+            for (tid, (v, nv)) in &b.threads {
+                // A thread started during the phase counts from zero.
+                let (v0, nv0) = a.threads.get(tid).copied().unwrap_or((0, 0));
+                s.voluntary += v.saturating_sub(v0);
+                s.nonvoluntary += nv.saturating_sub(nv0);
+            }
+            s.threads_exited += a.threads.keys().filter(|t| !b.threads.contains_key(t)).count() as u64;
+        }
+        for (a, b) in self.pages.iter().zip(&end.pages) {
+            if a.is_empty() || b.is_empty() {
+                continue;
+            }
+            s.flushes += metric_sum(b, FLUSHES, "").saturating_sub(metric_sum(a, FLUSHES, ""));
+            s.commands += metric_sum(b, PROPOSALS, COMMITTED).saturating_sub(metric_sum(a, PROPOSALS, COMMITTED));
+        }
+        for (shard, b) in &end.log_indexes {
+            if let Some(a) = self.log_indexes.get(shard) {
+                s.entries += b.saturating_sub(*a);
+            }
+        }
+        s
+    }
+}
+
 async fn bench_one(
     exe: &std::path::Path,
     opts: &BenchOptions,
@@ -375,6 +576,8 @@ async fn bench_one(
     let run = format!("b{:x}", rand::random::<u64>());
     let _ = closed_loop(&client, &urls, &format!("{run}w"), opts.concurrency, opts.warmup, "warm-up", |_, _| {}).await;
 
+    // Read before the load generator's own CPU clock starts, so reading costs it nothing.
+    let acct_start = Accounting::read(&lc, &client, &all_urls).await;
     let cpu0 = cpu_time();
     let kill_at = opts.duration / 3;
     let mut killed: Option<(Duration, u64)> = None;
@@ -393,6 +596,9 @@ async fn bench_one(
     let loadgen_cpu_pct = (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64() * 100.0;
     let confirmed = closed.confirmed.load(Ordering::Relaxed);
     let orders_per_sec = confirmed as f64 / elapsed.as_secs_f64();
+    // Every client has had its last answer: nothing of the phase is still in flight on our side.
+    let spent = acct_start.spent(&Accounting::read(&lc, &client, &all_urls).await);
+    let per_order = |x: f64| x / confirmed.max(1) as f64;
     let h = closed.hist.lock().await.clone();
     let (before_kill, after_kill) = match killed {
         Some((at, c)) => {
@@ -434,6 +640,8 @@ async fn bench_one(
     if elections > 0 && killed.is_none() {
         let _ = writeln!(out, "WARNING: {elections} Raft election(s) under load with no fault injected");
     }
+    let rss: BTreeMap<String, f64> =
+        names.iter().enumerate().filter_map(|(i, name)| lc.pid(i).map(|pid| (name.to_string(), rss_mb(pid)))).collect();
     lc.stop_all();
     if opts.keep_logs {
         let logs = dir.with_file_name(format!("{}-logs", dir.file_name().unwrap_or_default().to_string_lossy()));
@@ -469,7 +677,47 @@ async fn bench_one(
         orders_per_sec_after_kill: after_kill,
         peer_downs,
         elections,
+        cpu_ms_per_order: per_order(spent.cpu_ticks as f64 * 1000.0 / clock_ticks_per_sec()),
+        ctx_switches_per_order: per_order(spent.voluntary as f64),
+        nonvoluntary_ctx_switches_per_order: per_order(spent.nonvoluntary as f64),
+        flushes_per_order: per_order(spent.flushes as f64),
+        raft_entries_per_order: per_order(spent.entries as f64),
+        raft_commands_per_order: per_order(spent.commands as f64),
+        commands_per_entry: if spent.entries == 0 { 0.0 } else { spent.commands as f64 / spent.entries as f64 },
+        threads_exited: spent.threads_exited,
+        rss_mb: rss,
     })
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of /proc's CPU times (100 if the call fails, Linux's value).
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// The compact per-order line of one run.
+fn per_order_line(r: &RunResult) -> String {
+    let rss: Vec<String> = r.rss_mb.iter().map(|(n, mb)| format!("{n} {mb:.0} MB")).collect();
+    let exited = if r.threads_exited > 0 {
+        format!(" ({} node threads exited during the phase: their switches are missing)", r.threads_exited)
+    } else {
+        String::new()
+    };
+    format!(
+        "per order: CPU {:.2} ms, {:.2} fdatasync, {:.1} voluntary cs ({:.1} involuntary), {:.1} raft entries, {:.2} commands/entry; RSS {}{exited}",
+        r.cpu_ms_per_order,
+        r.flushes_per_order,
+        r.ctx_switches_per_order,
+        r.nonvoluntary_ctx_switches_per_order,
+        r.raft_entries_per_order,
+        r.commands_per_entry,
+        rss.join(", ")
+    )
 }
 
 /// Runs every cluster size asked for, prints the table, writes the JSON if asked.
@@ -529,6 +777,9 @@ pub async fn run(opts: BenchOptions, out: &mut dyn Write) -> Result<Vec<RunResul
         "(closed loop: {} clients for {:?}; open loop at 70 % of it, latency from the intended send time; gen CPU = the load generator's own CPU, % of one core; downs = peers declared down during the run, elect = Raft elections; both false alarms unless a node was killed)",
         opts.concurrency, opts.duration
     );
+    for r in &results {
+        let _ = writeln!(out, "{:>5} {:>4} {}", r.nodes, r.replicas, per_order_line(r));
+    }
     if let Some(path) = &opts.json {
         let text = serde_json::to_string_pretty(&Report { runs: &results }).map_err(|e| e.to_string())?;
         write_json(path, &text)?;
@@ -555,6 +806,94 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("15").is_err());
         assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn stat_cpu_is_read_after_the_last_parenthesis() {
+        // A name with spaces and parentheses, `) 1 2 3` included, cannot shift the fields.
+        let stat = "4242 (my (odd) name) 1 2 3) S 1 4242 4242 0 -1 4194560 1234 0 5 0 \
+                    731 269 0 0 20 0 17 0 99 123456 789 18446744073709551615";
+        assert_eq!(stat_cpu_ticks(stat), Some(731 + 269));
+        assert_eq!(stat_cpu_ticks("4242 (cut short) S 1 2"), None);
+        assert_eq!(stat_cpu_ticks("no parenthesis at all"), None);
+    }
+
+    #[test]
+    fn status_context_switches_parse() {
+        let status = "Name:\tbulkhead\nThreads:\t17\nVmRSS:\t  183420 kB\n\
+                      voluntary_ctxt_switches:\t15021\nnonvoluntary_ctxt_switches:\t733\n";
+        assert_eq!(status_ctxt(status), Some((15021, 733)));
+        assert_eq!(status_ctxt("Name:\tbulkhead\nvoluntary_ctxt_switches:\t3\n"), None);
+    }
+
+    #[test]
+    fn metric_families_sum_over_label_sets() {
+        let page = "# TYPE bulkhead_fdatasync_duration_seconds histogram\n\
+            bulkhead_fdatasync_duration_seconds_bucket{store=\"orders\",le=\"0.01\"} 40\n\
+            bulkhead_fdatasync_duration_seconds_sum{store=\"orders\"} 0.75\n\
+            bulkhead_fdatasync_duration_seconds_count{store=\"orders\"} 50\n\
+            bulkhead_fdatasync_duration_seconds_count{store=\"raft-orders-0\"} 70\n\
+            bulkhead_fdatasync_duration_seconds_count_other 1000\n\
+            bulkhead_raft_proposal_duration_seconds_count{capability=\"orders\",outcome=\"committed\"} 9\n\
+            bulkhead_raft_proposal_duration_seconds_count{capability=\"payments\",outcome=\"committed\"} 4\n\
+            bulkhead_raft_proposal_duration_seconds_count{capability=\"orders\",outcome=\"not_leader\"} 2\n";
+        assert_eq!(metric_sum(page, FLUSHES, ""), 120);
+        assert_eq!(metric_sum(page, PROPOSALS, COMMITTED), 13);
+        assert_eq!(metric_sum(page, PROPOSALS, ""), 15);
+        assert_eq!(metric_sum("", FLUSHES, ""), 0);
+    }
+
+    #[test]
+    fn log_index_is_the_leaders() {
+        let views = [
+            serde_json::json!({"node": "n1", "shards": [
+                {"capability": "orders", "shard": 0, "leader": "n2", "last_log_index": 120},
+                {"capability": "payments", "shard": 0, "leader": null, "last_log_index": 7},
+                {"capability": "shipping", "shard": 0, "leader": "n3", "last_log_index": null}]}),
+            serde_json::json!({"node": "n2", "shards": [
+                {"capability": "orders", "shard": 0, "leader": "n2", "last_log_index": 118},
+                {"capability": "payments", "shard": 0, "leader": null, "last_log_index": 9}]}),
+        ];
+        let got = leader_log_indexes(&views);
+        assert_eq!(got.get("orders/0"), Some(&118));
+        assert_eq!(got.get("payments/0"), Some(&9));
+        assert_eq!(got.get("shipping/0"), None);
+    }
+
+    #[test]
+    fn spent_is_per_node_and_per_thread() {
+        let proc = |pid, cpu, threads: &[(u32, u64, u64)]| {
+            Some(ProcSample {
+                pid,
+                cpu_ticks: cpu,
+                threads: threads.iter().map(|(t, v, nv)| (*t, (*v, *nv))).collect(),
+            })
+        };
+        let page = |flushes: u64| format!("{FLUSHES}{{store=\"orders\"}} {flushes}\n");
+        let start = Accounting {
+            procs: vec![proc(10, 100, &[(10, 5, 1), (11, 50, 2), (12, 9, 0)]), proc(20, 40, &[(20, 1, 1)])],
+            pages: vec![page(3), page(4)],
+            log_indexes: [("orders/0".to_string(), 10)].into(),
+        };
+        let end = Accounting {
+            // Node 1: thread 12 exited, 13 started. Node 2 was restarted (a new pid): left out.
+            procs: vec![proc(10, 160, &[(10, 6, 1), (11, 80, 5), (13, 4, 1)]), proc(21, 5, &[(21, 1, 0)])],
+            pages: vec![page(13), String::new()],
+            log_indexes: [("orders/0".to_string(), 25), ("payments/0".to_string(), 3)].into(),
+        };
+        let s = start.spent(&end);
+        assert_eq!(
+            s,
+            Spent {
+                cpu_ticks: 60,
+                voluntary: 35,
+                nonvoluntary: 4,
+                threads_exited: 1,
+                flushes: 10,
+                commands: 0,
+                entries: 15
+            }
+        );
     }
 }
 

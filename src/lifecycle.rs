@@ -206,7 +206,10 @@ async fn run_step(node: &Node, bounds: &Bounds, step: Step) -> String {
             let flushes = async {
                 let mut results = Vec::new();
                 for r in &node.caps.replicas {
-                    results.push((r.id, r.store().sync().await));
+                    results.push((r.id.to_string(), r.store().sync().await));
+                }
+                if let Some(log) = &node.caps.node_log {
+                    results.push(("node log".to_string(), log.sync().await));
                 }
                 results
             };

@@ -5,6 +5,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// The allocator: glibc's malloc and free were about 14 % of a loaded node's samples
+// (BENCHMARKS.md, "Allocators"). jemalloc wins if both features are on.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "bulkhead", version, about = "A fault-isolated order system on a small cluster of nodes")]
 struct Cli {

@@ -35,7 +35,7 @@ use std::time::Duration;
 use bulkhead_cluster::gateway::worker_name;
 use bulkhead_cluster::raft::{self, GroupId, Replica};
 use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound};
-use bulkhead_storage::{Store, StoreOptions};
+use bulkhead_storage::{NodeLog, Store, StoreOptions};
 use ractor::{Actor, ActorRef, Message};
 
 use supervisor::{ChildSpec, Intensity, Supervisor, SupervisorArgs, SupervisorMsg};
@@ -45,6 +45,8 @@ pub struct Capabilities {
     pub supervisors: BTreeMap<Capability, ActorRef<SupervisorMsg>>,
     /// This node's Raft replicas of the replicated capabilities' shards.
     pub replicas: Vec<Replica>,
+    /// The node log every replica here appends to (`None` if it would not open).
+    pub node_log: Option<NodeLog>,
     cluster: Cluster,
     /// Capabilities this node should host but cannot (their store would not open), with why.
     pub failed: BTreeMap<Capability, String>,
@@ -132,6 +134,7 @@ pub fn cache_bytes(cap: Capability) -> u64 {
 async fn start_replicated(
     cluster: &Cluster,
     cap: Capability,
+    log: &NodeLog,
     data_dir: &Path,
     opts: &StoreOptions,
     fault_injection: bool,
@@ -146,16 +149,18 @@ async fn start_replicated(
         let group = GroupId { capability: cap, shard };
         let replica = match cap {
             Capability::Payments => {
-                raft::group::start(cluster, group, placement, store, payments::PaymentsMachine).await?
+                raft::group::start(cluster, group, placement, log.clone(), store, payments::PaymentsMachine).await?
             }
             Capability::Shipping | Capability::Notifications => {
                 let machine = consumer::ConsumerMachine { making: making(cap) };
-                raft::group::start(cluster, group, placement, store, machine).await?
+                raft::group::start(cluster, group, placement, log.clone(), store, machine).await?
             }
             Capability::Inventory => {
-                raft::group::start(cluster, group, placement, store, inventory::InventoryMachine).await?
+                raft::group::start(cluster, group, placement, log.clone(), store, inventory::InventoryMachine).await?
             }
-            Capability::Orders => raft::group::start(cluster, group, placement, store, orders::OrdersMachine).await?,
+            Capability::Orders => {
+                raft::group::start(cluster, group, placement, log.clone(), store, orders::OrdersMachine).await?
+            }
         };
         replicas.insert(shard, replica);
     }
@@ -212,13 +217,28 @@ pub async fn start_capabilities(
     let mut caps = Capabilities {
         supervisors: BTreeMap::new(),
         replicas: Vec::new(),
+        node_log: None,
         cluster: cluster.clone(),
         failed: BTreeMap::new(),
         shutting_down: Arc::new(AtomicBool::new(false)),
     };
+    // One Raft log for every group on this node, with one group commit (cluster's raft::log_store).
+    let log = match NodeLog::open(&data_dir.join(raft::NODE_LOG_DIR), opts.durability) {
+        Ok(log) => log,
+        Err(e) => {
+            // Without its log no replicated capability can run here: say so for each of them.
+            tracing::error!(error = %e, "the node's raft log will not open: hosting no capability");
+            for cap in cluster.config().hosted() {
+                cluster.set_health(cap, false, &e.to_string());
+                caps.failed.insert(cap, e.to_string());
+            }
+            return caps;
+        }
+    };
+    caps.node_log = Some(log.clone());
     for cap in cluster.config().hosted() {
         let opts = StoreOptions { cache_bytes: cache_bytes(cap), ..opts.clone() };
-        let children = match start_replicated(cluster, cap, data_dir, &opts, fault_injection).await {
+        let children = match start_replicated(cluster, cap, &log, data_dir, &opts, fault_injection).await {
             Ok((replicas, children)) => {
                 caps.replicas.extend(replicas);
                 children

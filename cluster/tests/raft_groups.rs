@@ -21,7 +21,9 @@ use bulkhead_cluster::raft::log_store::LogStore;
 use bulkhead_cluster::raft::state_machine::{Machine, StateMachineStore};
 use bulkhead_cluster::raft::types::{MemberId, Proposal, Raft, TypeConfig};
 use bulkhead_cluster::raft::{GROUP_TIME, RAFT_TABLES_FROM};
-use bulkhead_storage::{decode, encode, Batch, RawRecord, Record, Store, StoreError, StoreOptions, Table};
+use bulkhead_storage::{
+    decode, encode, Batch, Durability, NodeLog, RawRecord, Record, Store, StoreError, StoreOptions, Table,
+};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -197,11 +199,13 @@ impl Group {
 
     async fn add_member(&mut self, id: MemberId) {
         let store = Store::open(self.dir.path(), &format!("member-{id}"), &StoreOptions::default()).unwrap();
+        // Each member stands for a node: a node log of its own beside its group's store.
+        let log = NodeLog::open(&self.dir.path().join(format!("log-{id}")), Durability::Fsync).unwrap();
         let sm = StateMachineStore::new(store.clone(), Arc::new(Adder));
-        let raft =
-            Raft::new(id, config(), Factory { net: self.net.clone(), from: id }, LogStore::new(store.clone()), sm)
-                .await
-                .expect("start raft");
+        let log_store = LogStore::new(log, store.clone(), 1);
+        let raft = Raft::new(id, config(), Factory { net: self.net.clone(), from: id }, log_store, sm)
+            .await
+            .expect("start raft");
         self.net.rafts.lock().unwrap().insert(id, raft.clone());
         self.members.insert(id, Member { raft, store });
     }
@@ -216,6 +220,7 @@ impl Group {
 
     fn wipe(&self, id: MemberId) {
         std::fs::remove_dir_all(self.dir.path().join(format!("member-{id}"))).unwrap();
+        std::fs::remove_dir_all(self.dir.path().join(format!("log-{id}"))).unwrap();
     }
 
     /// The member that leads among `among`, once one does (and the others know it).

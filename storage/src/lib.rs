@@ -24,6 +24,7 @@ mod codec;
 pub mod fixtures;
 mod idempotency;
 mod key;
+pub mod nodelog;
 #[cfg(test)]
 mod record_fixtures;
 mod store;
@@ -32,6 +33,7 @@ mod table;
 pub use codec::{decode, decode_either, decode_payload, encode, unknown_version, CodecError, Record};
 pub use idempotency::{IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::{name_prefix, Key};
+pub use nodelog::{NodeLog, NodeLogStats};
 pub use store::{Batch, Durability, RawRecord, Store, StoreError, StoreOptions, StoreStats};
 pub use table::Table;
 

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 
 use crate::codec::CodecError;
 
@@ -133,7 +135,8 @@ struct Inner {
     capability: String,
     path: PathBuf,
     db: sled::Db,
-    flush_tx: mpsc::UnboundedSender<Waiter>,
+    /// The flusher thread's queue (see [`flusher`]).
+    flush_tx: mpsc::Sender<Waiter>,
     stats: Arc<StoreStats>,
     /// Write operations begun (bumped *before* sled sees the write: a reader may see it from then on).
     started: AtomicU64,
@@ -159,8 +162,7 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) `<data_dir>/<capability>/`. Must be called inside a tokio runtime: it starts
-    /// the store's flusher task.
+    /// Opens (or creates) `<data_dir>/<capability>/` and starts the store's flusher thread.
     pub fn open(data_dir: &Path, capability: &str, opts: &StoreOptions) -> Result<Store, StoreError> {
         let path = data_dir.join(capability);
         let open_err =
@@ -180,12 +182,12 @@ impl Store {
         if completed > 0 {
             tracing::warn!(capability, writes = completed, "completed a batch a crash had interrupted");
         }
-        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let (flush_tx, flush_rx) = mpsc::channel();
         let stats = Arc::new(StoreStats::default());
         tracing::info!(capability, path = %path.display(), durability = ?opts.durability, "store opened");
         let inner = Arc::new(Inner {
             capability: capability.to_string(),
-            path,
+            path: path.clone(),
             db,
             flush_tx,
             stats,
@@ -195,8 +197,12 @@ impl Store {
             durable: AtomicU64::new(0),
         });
         // The flusher holds only a weak handle, so dropping the last `Store` closes the database
-        // (and releases sled's file lock) at once.
-        tokio::spawn(flusher(Arc::downgrade(&inner), sync_file, flush_rx));
+        // (and releases sled's file lock) at once; its queue closes with it and the thread ends.
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name(format!("flush-{capability}"))
+            .spawn(move || flusher(weak, sync_file, flush_rx))
+            .map_err(|e| open_err(format!("starting the flusher thread: {e}")))?;
         Ok(Store { inner })
     }
 
@@ -325,7 +331,7 @@ impl Store {
             return done;
         }
         let (tx, rx) = oneshot::channel();
-        self.inner.flush_tx.send(Waiter::Task(tx)).map_err(|_| StoreError::FlusherGone)?;
+        self.enqueue(Waiter::Task(tx)).map_err(|_| StoreError::FlusherGone)?;
         rx.await.map_err(|_| StoreError::FlusherGone)?
     }
 
@@ -336,10 +342,15 @@ impl Store {
             self.inner.stats.acks.fetch_add(1, Ordering::Relaxed);
             return then(done);
         }
-        if let Err(e) = self.inner.flush_tx.send(Waiter::Callback(Box::new(then))) {
+        if let Err(w) = self.enqueue(Waiter::Callback(Box::new(then))) {
             // The flusher is gone (the store is closing): tell the caller so.
-            e.0.wake(Err(StoreError::FlusherGone));
+            w.wake(Err(StoreError::FlusherGone));
         }
+    }
+
+    /// Hands a waiter to the flusher thread; gives it back if the thread is gone.
+    fn enqueue(&self, w: Waiter) -> Result<(), Waiter> {
+        self.inner.flush_tx.send(w).map_err(|e| e.0)
     }
 
     /// The raw value at a raw key (a whole key, table id first), as it is now.
@@ -480,9 +491,12 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
     }
 }
 
-async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
+/// The store's flusher, on a thread of its own: it sleeps until a writer waits, takes every waiter
+/// queued meanwhile, does one `flush()` (+ `fdatasync`) for all of them, and wakes them. A thread,
+/// not a task with a `spawn_blocking` per flush: one wake-up per round instead of three hand-offs.
+fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, rx: mpsc::Receiver<Waiter>) {
     let mut waiters = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Ok(first) = rx.recv() {
         waiters.push(first);
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
@@ -495,24 +509,21 @@ async fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, mu
             break;
         };
         let already_failed = store.failed.lock().ok().and_then(|f| f.clone());
-        let (db, stats, capability) = (store.db.clone(), store.stats.clone(), store.capability.clone());
+        let (stats, capability) = (store.stats.clone(), store.capability.clone());
         // Everything applied up to here is covered by the flush that starts next.
         let covers = store.applied.load(Ordering::SeqCst);
-        let file = sync_file.clone();
         metrics::histogram!("bulkhead_group_commit_batch_size", "store" => capability.clone())
             .record(waiters.len() as f64);
         let flush_started = std::time::Instant::now();
         let result = match already_failed {
             Some(why) => Err(StoreError::Io(format!("an earlier flush failed ({why}); restart the node"))),
-            None => tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                db.flush()?;
-                if let Some(f) = file {
+            None => (|| -> Result<(), StoreError> {
+                store.db.flush()?;
+                if let Some(f) = &sync_file {
                     f.sync_data().map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
                 }
                 Ok(())
-            })
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Io(format!("flush task failed: {e}")))),
+            })(),
         };
         // The flush and its fdatasync together: what every acknowledged write waited for.
         metrics::histogram!("bulkhead_fdatasync_duration_seconds", "store" => capability.clone())

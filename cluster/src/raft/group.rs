@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use bulkhead_storage::{decode, encode, now_ms, Batch, Store, StoreError};
+use bulkhead_storage::{decode, encode, now_ms, Batch, NodeLog, Store, StoreError};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::Serialize;
@@ -431,23 +431,29 @@ fn identity(store: &Store, node: &str, group: GroupId) -> Result<Identity, Store
     Ok(id)
 }
 
-/// Starts this node's replica of `group`, over `store`, applying commands with `machine`.
+/// Starts this node's replica of `group`, with its log in the node log `log` and its state in
+/// `store`, applying commands with `machine`.
 pub async fn start<M: Machine>(
     cluster: &Cluster,
     group: GroupId,
     placement: ShardPlacement,
+    log: NodeLog,
     store: Store,
     machine: M,
 ) -> Result<Replica, String> {
     let node = cluster.name().to_string();
     let ident = identity(&store, &node, group).map_err(|e| e.to_string())?;
     store.sync().await.map_err(|e| e.to_string())?;
+    super::log_store::open_group_log(&log, &store, group, ident.incarnation)
+        .await
+        .map_err(|e| format!("preparing the node log for {group}: {e}"))?;
     let member = member_id(&node, ident.incarnation);
     let config = Arc::new(raft_config(cluster, group)?);
     let network = Network { cluster: cluster.clone(), group };
     let sm = StateMachineStore::new(store.clone(), Arc::new(machine));
     let state_records = sm.state_records();
-    let raft = Raft::new(member, config, network, LogStore::new(store.clone()), sm)
+    let log_store = LogStore::new(log, store.clone(), group.log_stream(ident.incarnation));
+    let raft = Raft::new(member, config, network, log_store, sm)
         .await
         .map_err(|e| format!("cannot start the raft replica of {group}: {e}"))?;
     let proposal_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms);

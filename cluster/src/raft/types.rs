@@ -39,6 +39,34 @@ pub struct GroupId {
     pub shard: u32,
 }
 
+impl GroupId {
+    /// The group as a number, for keys: the capability in the high 32 bits (a fixed code, never
+    /// its position in a list), the shard in the low ones.
+    pub fn code(&self) -> u64 {
+        use Capability::*;
+        let cap: u64 = match self.capability {
+            Orders => 1,
+            Inventory => 2,
+            Payments => 3,
+            Shipping => 4,
+            Notifications => 5,
+        };
+        (cap << 32) | u64::from(self.shard)
+    }
+
+    /// The node-log stream of this group's member in `incarnation`: the capability in the top 8
+    /// bits, the shard in the next 24 (at most 256 shards), the incarnation in the low 32.
+    pub fn log_stream(&self, incarnation: u32) -> u64 {
+        let code = self.code();
+        ((code >> 32) << 56) | ((code & 0xFF_FFFF) << 32) | u64::from(incarnation)
+    }
+}
+
+/// Whether two node-log streams belong to the same group (any incarnations).
+pub fn same_group(a: u64, b: u64) -> bool {
+    a >> 32 == b >> 32
+}
+
 impl fmt::Display for GroupId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.capability, self.shard)
@@ -177,6 +205,11 @@ impl Record for GroupTime {
 
 pub const GROUP_TIME: Table<u64, GroupTime> = Table::new(0xEF, "raft_group_time");
 
+/// The store name (folder) of the node log: `<data_dir>/raft-log/`.
+pub const NODE_LOG_DIR: &str = "raft-log";
+
+/// Where groups kept their log before the node log (0.1 builds up to 2026-12-06): in the group's
+/// own store. Read once at start-up to move an old log into the node log, then removed.
 pub const LOG: Table<u64, LogRecord> = Table::new(0xF0, "raft_log");
 pub const VOTE: Table<u64, VoteRecord> = Table::new(0xF1, "raft_vote");
 /// Key 0: the last purged log id; key 1: the last committed log id.
@@ -192,6 +225,29 @@ pub const COMMITTED_KEY: u64 = 1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_streams_name_the_group_and_the_incarnation() {
+        let g = GroupId { capability: Capability::Inventory, shard: 3 };
+        let other = GroupId { capability: Capability::Inventory, shard: 4 };
+        assert!(same_group(g.log_stream(7), g.log_stream(9)));
+        assert!(!same_group(g.log_stream(7), other.log_stream(7)));
+        assert_ne!(g.log_stream(7), g.log_stream(8));
+        let streams: std::collections::BTreeSet<u64> = Capability::ALL
+            .iter()
+            .flat_map(|c| (0..256).map(move |shard| GroupId { capability: *c, shard }.log_stream(u32::MAX) >> 32))
+            .collect();
+        assert_eq!(streams.len(), 5 * 256);
+    }
+
+    #[test]
+    fn group_codes_differ_by_capability_and_shard() {
+        let codes: std::collections::BTreeSet<u64> = Capability::ALL
+            .iter()
+            .flat_map(|c| (0..3).map(move |shard| GroupId { capability: *c, shard }.code()))
+            .collect();
+        assert_eq!(codes.len(), 15);
+    }
 
     #[test]
     fn member_ids_differ_by_node_and_by_incarnation() {

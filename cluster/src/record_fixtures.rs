@@ -39,6 +39,8 @@ const TYPES: &[(&str, u8)] = &[
     ("SnapshotBody", SnapshotBody::VERSION),
     ("Identity", Identity::VERSION),
     ("GroupTime", GroupTime::VERSION),
+    ("CommandBatch", CommandBatch::VERSION),
+    ("ReplyBatch", ReplyBatch::VERSION),
 ];
 
 // The values every heartbeat fixture holds (the fields each layout has).
@@ -303,6 +305,8 @@ fn check(f: &Fixture) {
             &Identity { node: "n2".into(), group: GROUP, incarnation: 3, created_ms: 1_764_547_200_000 },
         ),
         ("GroupTime", "1") => check_current(f, &GroupTime(1_764_547_260_123)),
+        ("CommandBatch", "1") => check_current(f, &CommandBatch { commands: vec![vec![1, 7], vec![], vec![2, 0xff]] }),
+        ("ReplyBatch", "1") => check_current(f, &ReplyBatch { replies: vec![vec![1, 3], vec![1]] }),
         (t, l) => panic!("{t} {l} (line {}): no check for this fixture", f.line),
     }
 }

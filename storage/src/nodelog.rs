@@ -866,6 +866,15 @@ fn replay_record(rp: &mut Replayed, seg: u64, body_at: u64, body: &[u8]) -> Opti
     Some(())
 }
 
+fn gather_window() -> std::time::Duration {
+    static W: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::time::Duration::from_micros(
+            std::env::var("BULKHEAD_LOG_GATHER_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        )
+    })
+}
+
 /// The writer thread: one round per wake-up, for everything submitted meanwhile.
 fn write_rounds(inner: &Inner) {
     loop {
@@ -879,6 +888,14 @@ fn write_rounds(inner: &Inner) {
             }
             if st.pending.is_empty() && st.waiters.is_empty() {
                 return;
+            }
+            let gather = gather_window();
+            if !gather.is_zero() && !st.closed {
+                let (g, _) = match inner.wake.wait_timeout(st, gather) {
+                    Ok(x) => x,
+                    Err(_) => return,
+                };
+                st = g;
             }
             (std::mem::take(&mut st.pending), std::mem::take(&mut st.waiters), st.submitted)
         };

@@ -21,7 +21,7 @@ use super::clock::LeaderClock;
 use super::log_store::LogStore;
 use super::network::{Network, RaftRpc, RaftRpcReply};
 use super::state_machine::{Machine, StateMachineStore};
-use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, GROUP_TIME, IDENTITY};
+use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, ReplyBatch, GROUP_TIME, IDENTITY};
 use crate::call::CallError;
 use crate::config::ShardPlacement;
 use crate::detector::Status;
@@ -94,6 +94,8 @@ pub struct Replica {
     proposal_timeout: Duration,
     /// Reads waiting for the next read barrier (see [`Replica::read_barrier`]).
     reads: Arc<std::sync::Mutex<ReadBatch>>,
+    /// Commands waiting to be proposed (see [`Replica::propose`]).
+    proposals: Arc<std::sync::Mutex<ProposalQueue>>,
     /// This replica's clock while it leads (see [`super::clock`]).
     clock: Arc<std::sync::Mutex<Option<LeaderClock>>>,
     /// Records in the last snapshot built or installed here (the state machine's size).
@@ -109,6 +111,42 @@ pub struct Replica {
 struct ReadBatch {
     running: bool,
     waiting: Vec<tokio::sync::oneshot::Sender<Result<(), ProposeError>>>,
+}
+
+/// Writes a group keeps in flight at most; whatever queues meanwhile goes into the next entry.
+const PROPOSALS_IN_FLIGHT: usize = 2;
+/// Commands in one entry at most, and their bytes: far below the links' frame limit even with
+/// `MAX_PAYLOAD_ENTRIES` entries in one AppendEntries.
+const BATCH_COMMANDS: usize = 64;
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// One command waiting for its entry, and who waits for its reply.
+struct Waiting {
+    command: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, ProposeError>>,
+}
+
+/// Commands waiting to be proposed, and how many writes are in flight.
+#[derive(Default)]
+struct ProposalQueue {
+    waiting: std::collections::VecDeque<Waiting>,
+    in_flight: usize,
+}
+
+impl ProposalQueue {
+    /// The next batch: queued commands in order, up to the count and byte bounds (at least one).
+    fn next_batch(&mut self) -> Vec<Waiting> {
+        let mut bytes = 0;
+        let mut batch = Vec::new();
+        while let Some(w) = self.waiting.front() {
+            if !batch.is_empty() && (batch.len() == BATCH_COMMANDS || bytes + w.command.len() > BATCH_BYTES) {
+                break;
+            }
+            bytes += w.command.len();
+            batch.extend(self.waiting.pop_front());
+        }
+        batch
+    }
 }
 
 /// This node's replicas, by group; shared with the Raft router and the HTTP front.
@@ -248,6 +286,12 @@ impl Replica {
     }
 
     /// Proposes `cmd` to the group and returns what applying it answered; only the leader can.
+    ///
+    /// Batching: a group keeps at most [`PROPOSALS_IN_FLIGHT`] writes in flight; commands that
+    /// arrive meanwhile wait and go together into the next entry ([`Proposal::of`]), each getting
+    /// its own reply. No timer: an idle group proposes a command at once, alone (in the layout
+    /// every build reads). Under load that is one log entry, one append, one fdatasync on each
+    /// replica and one apply for many commands.
     pub async fn propose<M: Machine>(&self, cmd: &M::Command) -> Result<M::Reply, ProposeError> {
         if self.handing_over.load(Ordering::Relaxed) {
             return Err(ProposeError::NoLeader);
@@ -255,7 +299,12 @@ impl Replica {
         use tracing::Instrument;
         let started = Instant::now();
         let span = tracing::debug_span!("raft.propose", group = %self.id);
-        let result = self.write::<M>(cmd).instrument(span).await;
+        let result = async {
+            let reply = self.submit(encode(cmd)).await?;
+            decode::<M::Reply>(&reply).map_err(|e| ProposeError::Failed(e.to_string()))
+        }
+        .instrument(span)
+        .await;
         self.stats.record(started, result.is_ok());
         let outcome = match &result {
             Ok(_) => "committed",
@@ -270,11 +319,79 @@ impl Replica {
         result
     }
 
-    async fn write<M: Machine>(&self, cmd: &M::Command) -> Result<M::Reply, ProposeError> {
-        let write = self.raft.client_write(Proposal(encode(cmd)));
+    /// Queues one encoded command and waits for its encoded reply.
+    async fn submit(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = self.proposals.lock().map_err(|_| ProposeError::Failed("proposal queue poisoned".into()))?;
+            q.waiting.push_back(Waiting { command, reply: tx });
+            q.in_flight < PROPOSALS_IN_FLIGHT && {
+                q.in_flight += 1;
+                true
+            }
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_proposals().await });
+        }
+        rx.await.unwrap_or_else(|_| Err(ProposeError::Failed("the proposal task stopped".into())))
+    }
+
+    /// Proposes batches until nothing is queued; one of at most [`PROPOSALS_IN_FLIGHT`] such tasks.
+    async fn run_proposals(&self) {
+        // Should this task end any other way (a panic, the runtime shutting down), its place is
+        // given back and the next command starts a new task: nothing waits forever.
+        struct Done(Arc<std::sync::Mutex<ProposalQueue>>, bool);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                if !self.1 {
+                    if let Ok(mut q) = self.0.lock() {
+                        q.in_flight = q.in_flight.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        let mut done = Done(self.proposals.clone(), false);
+        loop {
+            let batch = match self.proposals.lock() {
+                Ok(mut q) if q.waiting.is_empty() => {
+                    q.in_flight = q.in_flight.saturating_sub(1);
+                    done.1 = true;
+                    return;
+                }
+                Ok(mut q) => q.next_batch(),
+                Err(_) => return,
+            };
+            metrics::histogram!("bulkhead_raft_batch_commands", "capability" => self.id.capability.as_str())
+                .record(batch.len() as f64);
+            let (commands, replies): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().map(|w| (w.command, w.reply)).unzip();
+            match self.write(commands).await {
+                Ok(answers) => {
+                    for (tx, answer) in replies.into_iter().zip(answers) {
+                        let _ = tx.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    for tx in replies {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One entry with `commands`; their replies in order.
+    async fn write(&self, commands: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, ProposeError> {
+        let n = commands.len();
+        let write = self.raft.client_write(Proposal::of(commands));
         match tokio::time::timeout(self.proposal_timeout, write).await {
             Err(_) => Err(ProposeError::TimedOut(self.proposal_timeout.as_millis() as u64)),
-            Ok(Ok(resp)) => decode::<M::Reply>(&resp.data.0).map_err(|e| ProposeError::Failed(e.to_string())),
+            Ok(Ok(resp)) if n == 1 => Ok(vec![resp.data.0]),
+            Ok(Ok(resp)) => match decode::<ReplyBatch>(&resp.data.0) {
+                Ok(b) if b.replies.len() == n => Ok(b.replies),
+                Ok(b) => Err(ProposeError::Failed(format!("{} replies to a batch of {n}", b.replies.len()))),
+                Err(e) => Err(ProposeError::Failed(e.to_string())),
+            },
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(match f.leader_node {
                 Some(n) => ProposeError::NotLeader { leader: Some(n.addr) },
                 None => ProposeError::NoLeader,
@@ -468,6 +585,7 @@ pub async fn start<M: Machine>(
         reconfiguring: Arc::default(),
         proposal_timeout,
         reads: Arc::default(),
+        proposals: Arc::default(),
         clock: Arc::default(),
         state_records,
         snapshot_asked_at: Arc::default(),

@@ -178,6 +178,17 @@ impl Actor for RaftRouter {
 }
 
 impl RaftRpc {
+    /// The variant's name, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RaftRpc::Append { .. } => "append",
+            RaftRpc::Vote { .. } => "vote",
+            RaftRpc::Snapshot { .. } => "snapshot",
+            RaftRpc::Hello { .. } => "hello",
+            RaftRpc::TakeLead { .. } => "take_lead",
+        }
+    }
+
     /// The group this RPC is for.
     pub fn group(&self) -> Option<GroupId> {
         match self {
@@ -236,7 +247,13 @@ async fn dispatch(registry: &Registry, rpc: RaftRpc) -> RaftRpcReply {
             None => RaftRpcReply::NoSuchMember(format!("group {group} is not hosted on {}", registry.node)),
         },
         RaftRpc::Append { group, to, req } => match registry.member(group, to) {
-            Ok(r) => r.raft.append_entries(req).await.map_or_else(|e| failed(&e), RaftRpcReply::Append),
+            Ok(r) => {
+                let started = std::time::Instant::now();
+                let reply = r.raft.append_entries(req).await.map_or_else(|e| failed(&e), RaftRpcReply::Append);
+                // The follower's share of an append's round trip: its core, its log write and fsync.
+                metrics::histogram!("bulkhead_raft_append_serve_seconds").record(started.elapsed().as_secs_f64());
+                reply
+            }
             Err(why) => RaftRpcReply::NoSuchMember(why),
         },
         RaftRpc::Vote { group, to, req } => match registry.member(group, to) {
@@ -294,7 +311,13 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<MemberId, BasicNode, Raf
 
 impl Peer {
     async fn send<E: std::error::Error>(&self, rpc: RaftRpc, ttl: Duration) -> Result<RaftRpcReply, RpcErr<E>> {
-        match self.cluster.raft_call(&self.node, self.group.capability, rpc, ttl).await {
+        let kind = rpc.kind();
+        let started = std::time::Instant::now();
+        let result = self.cluster.raft_call(&self.node, self.group.capability, rpc, ttl).await;
+        // The round trip of one Raft RPC (the peer's append and fdatasync included, for appends).
+        metrics::histogram!("bulkhead_raft_rpc_duration_seconds", "rpc" => kind, "ok" => if result.is_ok() { "true" } else { "false" })
+            .record(started.elapsed().as_secs_f64());
+        match result {
             Ok(RaftRpcReply::NoSuchMember(why)) => Err(RPCError::Unreachable(Unreachable::new(&Refused(why)))),
             Ok(RaftRpcReply::Failed(why)) => Err(RPCError::Network(NetworkError::new(&Refused(why)))),
             Ok(reply) => Ok(reply),

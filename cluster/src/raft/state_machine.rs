@@ -23,8 +23,8 @@ use openraft::{
 };
 
 use super::types::{
-    Applied, AppliedState, GroupTime, MemberId, SnapshotBody, SnapshotData, SnapshotPart, SnapshotRecord, TypeConfig,
-    APPLIED, GROUP_TIME, RAFT_TABLES_FROM, SNAPSHOT, SNAPSHOT_PART, SNAPSHOT_PARTS,
+    Applied, AppliedState, GroupTime, MemberId, ReplyBatch, SnapshotBody, SnapshotData, SnapshotPart, SnapshotRecord,
+    TypeConfig, APPLIED, GROUP_TIME, RAFT_TABLES_FROM, SNAPSHOT, SNAPSHOT_PART, SNAPSHOT_PARTS,
 };
 
 type Result<T> = std::result::Result<T, StorageError<MemberId>>;
@@ -155,14 +155,29 @@ impl StateMachineStore {
             let log_id = *entry.get_log_id();
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied::default(),
-                EntryPayload::Normal(p) => {
-                    let applied = self
-                        .machine
-                        .apply_raw(&self.store, &mut b, &p.0)
-                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
-                    time = time.max(applied.time_ms.unwrap_or(0));
-                    Applied(applied.reply)
-                }
+                EntryPayload::Normal(p) => match p.batch() {
+                    None => {
+                        let applied = self
+                            .machine
+                            .apply_raw(&self.store, &mut b, &p.0)
+                            .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                        time = time.max(applied.time_ms.unwrap_or(0));
+                        Applied(applied.reply)
+                    }
+                    Some(commands) => {
+                        let commands = commands.map_err(|e| StorageIOError::apply(log_id, &e))?;
+                        let mut replies = Vec::with_capacity(commands.len());
+                        for cmd in &commands {
+                            let applied = self
+                                .machine
+                                .apply_raw(&self.store, &mut b, cmd)
+                                .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                            time = time.max(applied.time_ms.unwrap_or(0));
+                            replies.push(applied.reply);
+                        }
+                        Applied(encode(&ReplyBatch { replies }))
+                    }
+                },
                 EntryPayload::Membership(m) => {
                     state.membership = StoredMembership::new(Some(log_id), m);
                     Applied::default()

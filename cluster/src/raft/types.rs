@@ -21,6 +21,50 @@ pub struct Proposal(pub Vec<u8>);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Applied(pub Vec<u8>);
 
+/// The first byte of a [`Proposal`] that carries several commands ([`CommandBatch`]). A single
+/// command's bytes begin with its record's version byte, which is never this.
+pub const BATCH_MARK: u8 = 0xB7;
+
+/// Several commands in one log entry, applied in order, each answering for itself
+/// ([`ReplyBatch`]): under load a group proposes whatever queued while its last writes were in
+/// flight as one entry (see `group::Replica::propose`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandBatch {
+    pub commands: Vec<Vec<u8>>,
+}
+impl Record for CommandBatch {
+    const VERSION: u8 = 1;
+}
+
+/// What applying a [`CommandBatch`] answered: one encoded reply per command, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyBatch {
+    pub replies: Vec<Vec<u8>>,
+}
+impl Record for ReplyBatch {
+    const VERSION: u8 = 1;
+}
+
+impl Proposal {
+    /// One command alone (the layout every build reads), or several behind [`BATCH_MARK`].
+    pub fn of(mut commands: Vec<Vec<u8>>) -> Proposal {
+        if commands.len() == 1 {
+            return Proposal(commands.pop().unwrap_or_default());
+        }
+        let mut bytes = vec![BATCH_MARK];
+        bytes.extend_from_slice(&bulkhead_storage::encode(&CommandBatch { commands }));
+        Proposal(bytes)
+    }
+
+    /// The commands of a batch, or `None` for a single command.
+    pub fn batch(&self) -> Option<Result<Vec<Vec<u8>>, bulkhead_storage::CodecError>> {
+        match self.0.split_first() {
+            Some((&BATCH_MARK, rest)) => Some(bulkhead_storage::decode::<CommandBatch>(rest).map(|b| b.commands)),
+            _ => None,
+        }
+    }
+}
+
 openraft::declare_raft_types!(
     /// Raft types of every Bulkhead group: member ids are `u64` ([`member_id`]), a member's node
     /// info is its node name (`BasicNode::addr`), snapshots are byte buffers.
@@ -238,6 +282,16 @@ mod tests {
             .flat_map(|c| (0..256).map(move |shard| GroupId { capability: *c, shard }.log_stream(u32::MAX) >> 32))
             .collect();
         assert_eq!(streams.len(), 5 * 256);
+    }
+
+    #[test]
+    fn a_batch_of_one_is_a_plain_command_and_a_batch_splits_back() {
+        assert_eq!(Proposal::of(vec![vec![1, 2]]), Proposal(vec![1, 2]));
+        assert!(Proposal(vec![1, 2]).batch().is_none());
+        let p = Proposal::of(vec![vec![1, 2], vec![], vec![3]]);
+        assert_eq!(p.0[0], BATCH_MARK);
+        assert_eq!(p.batch().unwrap().unwrap(), vec![vec![1, 2], vec![], vec![3]]);
+        assert!(Proposal(vec![BATCH_MARK, 9, 9]).batch().unwrap().is_err());
     }
 
     #[test]

@@ -65,8 +65,9 @@ pub const MAGIC: &[u8; 8] = b"BHLOG\x00\x00\x01";
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// No record is larger: a length prefix above it is corruption, never an allocation.
 pub const MAX_RECORD: u32 = 256 * 1024 * 1024;
-/// Entries per stream whose bytes stay in memory (what followers and applies read back).
-pub const CACHED_PER_STREAM: usize = 2_048;
+/// Entries per stream whose bytes stay in memory (what followers and applies read back: the
+/// newest few). Older ones are read from their segment. An entry holds up to a batch of commands.
+pub const CACHED_PER_STREAM: usize = 256;
 const HEADER: usize = 8;
 /// A length that stands for "none" in optional byte fields.
 const NONE_LEN: u32 = u32::MAX;

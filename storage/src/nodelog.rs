@@ -1090,7 +1090,7 @@ mod tests {
         };
         rt().block_on(async {
             let log = NodeLog::open_with(dir.path(), Durability::Fsync, 1024).unwrap();
-            let n = CACHED_PER_STREAM as u64 + 500;
+            let n = CACHED_PER_STREAM as u64 + 2_000;
             for chunk in (1..=n).collect::<Vec<_>>().chunks(50) {
                 append(&log, 7, entries(7, chunk[0], chunk[chunk.len() - 1] + 1)).await;
             }

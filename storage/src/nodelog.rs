@@ -72,6 +72,12 @@ const HEADER: usize = 8;
 /// A length that stands for "none" in optional byte fields.
 const NONE_LEN: u32 = u32::MAX;
 
+/// What runs once a record is durable (or the round failed), on the writer thread.
+type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A stream's last entry: its index and bytes.
+pub type LastEntry = (u64, Arc<[u8]>);
+
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -133,7 +139,7 @@ struct State {
     active_len: u64,
     /// Bytes to write, in order: (segment, offset, bytes).
     pending: Vec<(u64, u64, Vec<u8>)>,
-    waiters: Vec<Box<dyn FnOnce(Result<(), StoreError>) + Send>>,
+    waiters: Vec<Done>,
     /// Bytes submitted since open: the position a durable round is measured in.
     submitted: u64,
     /// Live entries per segment.
@@ -522,12 +528,7 @@ impl NodeLog {
     }
 
     /// Queues a record and, if `then` is given, runs it once the record is durable.
-    fn submit(
-        &self,
-        st: &mut State,
-        record: Vec<u8>,
-        then: Option<Box<dyn FnOnce(Result<(), StoreError>) + Send>>,
-    ) -> Result<(u64, u64), StoreError> {
+    fn submit(&self, st: &mut State, record: Vec<u8>, then: Option<Done>) -> Result<(u64, u64), StoreError> {
         if let Some(why) = &st.failed {
             return Err(StoreError::Io(format!("node log failed earlier ({why}); restart the node")));
         }
@@ -665,7 +666,7 @@ impl NodeLog {
     }
 
     /// The index and bytes of the stream's last entry.
-    pub fn last(&self, stream: u64) -> Result<Option<(u64, Arc<[u8]>)>, StoreError> {
+    pub fn last(&self, stream: u64) -> Result<Option<LastEntry>, StoreError> {
         let next = match self.state()?.streams.get(&stream) {
             Some(s) if !s.slots.is_empty() => s.next(),
             _ => return Ok(None),
@@ -867,15 +868,6 @@ fn replay_record(rp: &mut Replayed, seg: u64, body_at: u64, body: &[u8]) -> Opti
     Some(())
 }
 
-fn gather_window() -> std::time::Duration {
-    static W: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    *W.get_or_init(|| {
-        std::time::Duration::from_micros(
-            std::env::var("BULKHEAD_LOG_GATHER_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
-        )
-    })
-}
-
 /// The writer thread: one round per wake-up, for everything submitted meanwhile.
 fn write_rounds(inner: &Inner) {
     loop {
@@ -889,14 +881,6 @@ fn write_rounds(inner: &Inner) {
             }
             if st.pending.is_empty() && st.waiters.is_empty() {
                 return;
-            }
-            let gather = gather_window();
-            if !gather.is_zero() && !st.closed {
-                let (g, _) = match inner.wake.wait_timeout(st, gather) {
-                    Ok(x) => x,
-                    Err(_) => return,
-                };
-                st = g;
             }
             (std::mem::take(&mut st.pending), std::mem::take(&mut st.waiters), st.submitted)
         };

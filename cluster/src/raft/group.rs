@@ -1216,6 +1216,36 @@ mod tests {
         assert!(!snapshot_due(&f(0, 0, 0, false), 0));
     }
 
+    fn queue(sizes: &[usize]) -> (ProposalQueue, Vec<tokio::sync::oneshot::Receiver<Result<Vec<u8>, ProposeError>>>) {
+        let mut q = ProposalQueue::default();
+        let mut rxs = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            q.waiting.push_back(Waiting { command: vec![i as u8; *n], reply: tx });
+            rxs.push(rx);
+        }
+        (q, rxs)
+    }
+
+    #[test]
+    fn a_batch_takes_what_queued_in_order_up_to_its_count_and_bytes() {
+        let (mut q, _rx) = queue(&[10; BATCH_COMMANDS + 5]);
+        let first = q.next_batch();
+        assert_eq!(first.len(), BATCH_COMMANDS);
+        assert_eq!(
+            first.iter().map(|w| w.command[0]).collect::<Vec<_>>(),
+            (0..BATCH_COMMANDS as u8).collect::<Vec<_>>()
+        );
+        assert_eq!(q.next_batch().len(), 5);
+        assert!(q.next_batch().is_empty());
+        // Bytes: two commands of 40 KiB do not share an entry; one larger than the bound goes alone.
+        let (mut q, _rx) = queue(&[40 * 1024, 40 * 1024, BATCH_BYTES + 1, 1, 1]);
+        assert_eq!(q.next_batch().len(), 1);
+        assert_eq!(q.next_batch().len(), 1);
+        assert_eq!(q.next_batch().len(), 1, "an oversized command still goes, alone");
+        assert_eq!(q.next_batch().len(), 2);
+    }
+
     #[test]
     fn a_leaving_leader_picks_the_serving_voter_least_behind_then_the_preferred() {
         let c = |node: &str, position, lag, serving| Successor { node: node.into(), position, lag, serving };

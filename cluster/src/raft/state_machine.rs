@@ -574,6 +574,33 @@ mod tests {
         assert_eq!(records, replay.export_below(RAFT_TABLES_FROM).unwrap());
     }
 
+    /// An entry of several commands applies them in order, each seeing the ones before it, and
+    /// answers each; an entry whose batch does not decode stops the apply (no silent skip).
+    #[tokio::test]
+    async fn a_batch_entry_applies_every_command_in_order_and_answers_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
+        let cmds = [Set(vec![(1, Some(10))]), Set(vec![(1, Some(11)), (2, Some(20))]), Set(vec![(2, None)])];
+        let batch = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), 1),
+            payload: EntryPayload::Normal(super::super::types::Proposal::of(cmds.iter().map(encode).collect())),
+        };
+        let replies = sm.apply_blocking(vec![batch, entry(2, &Set(vec![(3, Some(30))]))]).unwrap();
+        let answers = decode::<ReplyBatch>(&replies[0].0).unwrap().replies;
+        let answers: Vec<Set> = answers.iter().map(|a| decode::<Set>(a).unwrap()).collect();
+        assert_eq!(format!("{answers:?}"), format!("{cmds:?}"));
+        assert_eq!(decode::<Set>(&replies[1].0).unwrap().0, vec![(3, Some(30))]);
+        assert_eq!(COUNTERS.get(&store, &1).unwrap().map(|s| s.0), Some(vec![(1, Some(11))]));
+        assert!(COUNTERS.get(&store, &2).unwrap().is_none());
+        let broken = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), 3),
+            payload: EntryPayload::Normal(super::super::types::Proposal(vec![super::super::types::BATCH_MARK, 7])),
+        };
+        assert!(sm.apply_blocking(vec![broken]).is_err());
+        assert_eq!(sm.applied().unwrap().last_applied.map(|l| l.index), Some(2), "nothing of it was applied");
+    }
+
     #[test]
     fn as_of_puts_back_what_changed_and_drops_what_was_created() {
         let rec = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());

@@ -1216,7 +1216,9 @@ mod tests {
         assert!(!snapshot_due(&f(0, 0, 0, false), 0));
     }
 
-    fn queue(sizes: &[usize]) -> (ProposalQueue, Vec<tokio::sync::oneshot::Receiver<Result<Vec<u8>, ProposeError>>>) {
+    type Reply = tokio::sync::oneshot::Receiver<Result<Vec<u8>, ProposeError>>;
+
+    fn queue(sizes: &[usize]) -> (ProposalQueue, Vec<Reply>) {
         let mut q = ProposalQueue::default();
         let mut rxs = Vec::new();
         for (i, n) in sizes.iter().enumerate() {

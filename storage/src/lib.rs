@@ -2,8 +2,9 @@
 //! versioned bincode codec for every record, and group commit so that a caller is acknowledged only
 //! after the flush that covers its write.
 //!
-//! Layout on disk: `<data_dir>/<capability>/` holds one sled database. Every table is a one-byte prefix
-//! in the database's default tree.
+//! Layout on disk: `<data_dir>/<capability>-<shard>/` holds one sled database per replica. Every
+//! table is a one-byte prefix in the database's default tree. `<data_dir>/raft-log/` is the node
+//! log ([`nodelog`]): every Raft group's log on this node, with one group commit.
 //!
 //! Writes: [`Store::apply_in_order`] writes one record after another with no extra I/O; they reach
 //! the disk with the next group flush, and after a crash a *prefix* of them survives, so callers order

@@ -113,6 +113,9 @@ struct Slot {
     off: u64,
     len: u32,
     cached: Option<Arc<[u8]>>,
+    /// The log position (`State::submitted`) once its record is queued: its bytes are in the file
+    /// only once a round covering this position has been written, so they stay cached till then.
+    end: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -123,6 +126,8 @@ struct Stream {
     vote: Option<Vec<u8>>,
     committed: Option<Vec<u8>>,
     purged: Option<(u64, Vec<u8>)>,
+    /// Index of the oldest slot that may still hold its bytes (everything before has none).
+    cached_from: u64,
 }
 
 impl Stream {
@@ -197,7 +202,11 @@ impl Drop for Closer {
         }
         self.inner.wake.notify_all();
         if let Some(writer) = self.writer.lock().ok().and_then(|mut w| w.take()) {
-            let _ = writer.join();
+            // Never join from the writer itself (a completion callback that held the last handle):
+            // it finishes on its own once it sees `closed`.
+            if writer.thread().id() != std::thread::current().id() {
+                let _ = writer.join();
+            }
         }
     }
 }
@@ -239,13 +248,26 @@ impl Body {
     }
     /// The whole record: header, then body.
     fn framed(self) -> Vec<u8> {
+        let len = self.0.len() as u32;
         let mut out = Vec::with_capacity(HEADER + self.0.len());
-        out.extend_from_slice(&(self.0.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&self.0).to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&checksum(len, &self.0).to_le_bytes());
         out.extend_from_slice(&self.0);
         out
     }
 }
+
+/// A record's checksum: CRC-32 of its length and body, so that zeros (a block that never reached
+/// the disk) never pass for an empty record.
+fn checksum(len: u32, body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len.to_le_bytes());
+    h.update(body);
+    h.finalize()
+}
+
+/// The smallest body of any record: its kind and its stream.
+const MIN_BODY: u32 = 9;
 
 /// Little-endian reader of a record's body; every read is bounds-checked.
 struct Reader<'a> {
@@ -367,6 +389,8 @@ impl State {
                     if s.slots.is_empty() {
                         s.first = from;
                     }
+                    // Entries appended at `from` again are cached: trimming starts there at most.
+                    s.cached_from = s.cached_from.min(from);
                 }
             }
             Kind::Purge => {
@@ -389,19 +413,38 @@ impl State {
     }
 
     /// Adds one entry at the end of `stream`; `index` must be its next one (or any, if empty).
-    fn push_slot(&mut self, stream: u64, index: u64, slot: Slot) -> Result<(), String> {
+    /// Whether `index` may be appended to `stream` now: its next index, or any if it is empty.
+    fn may_append(&self, stream: u64, index: u64) -> Result<(), String> {
+        match self.streams.get(&stream) {
+            Some(s) if !s.slots.is_empty() && index != s.next() => {
+                Err(format!("stream {stream:x}: entry {index} appended after {}", s.next() - 1))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds one entry at the end of `stream` (checked with [`State::may_append`] first), and lets
+    /// go of the bytes of its oldest cached entries beyond [`CACHED_PER_STREAM`] whose rounds are
+    /// written (`durable`): before that, the file does not hold them yet.
+    fn push_slot(&mut self, stream: u64, index: u64, slot: Slot, durable: u64) -> Result<(), String> {
+        self.may_append(stream, index)?;
         let seg = slot.seg;
         let s = self.streams.entry(stream).or_default();
         if s.slots.is_empty() {
             s.first = index;
-        } else if index != s.next() {
-            return Err(format!("stream {stream:x}: entry {index} appended after {}", s.next() - 1));
         }
         s.slots.push_back(slot);
-        if s.slots.len() > CACHED_PER_STREAM {
-            let i = s.slots.len() - CACHED_PER_STREAM - 1;
-            s.slots[i].cached = None;
+        let keep_from = s.next().saturating_sub(CACHED_PER_STREAM as u64);
+        let mut i = s.cached_from.max(s.first);
+        while i < keep_from {
+            let slot = &mut s.slots[(i - s.first) as usize];
+            if slot.end > durable {
+                break;
+            }
+            slot.cached = None;
+            i += 1;
         }
+        s.cached_from = i;
         *self.live.entry(seg).or_insert(0) += 1;
         Ok(())
     }
@@ -565,11 +608,20 @@ impl NodeLog {
             offsets.push(body.0.len() as u64);
             body.0.extend_from_slice(bytes);
         }
+        if body.0.len() > MAX_RECORD as usize {
+            return Err(StoreError::Io(format!(
+                "node log: a record of {} bytes is over the {MAX_RECORD}-byte limit",
+                body.0.len()
+            )));
+        }
         let mut st = self.state()?;
+        // Refused before anything is queued: a record is written only if the index takes it.
+        st.may_append(stream, first).map_err(StoreError::Io)?;
         let (seg, at) = self.submit(&mut st, body.framed(), Some(Box::new(done)))?;
+        let (end, durable) = (st.submitted, self.inner.durable.load(Ordering::SeqCst));
         for ((index, bytes), off) in entries.into_iter().zip(offsets) {
-            let slot = Slot { seg, off: at + off, len: bytes.len() as u32, cached: Some(bytes.into()) };
-            st.push_slot(stream, index, slot).map_err(StoreError::Io)?;
+            let slot = Slot { seg, off: at + off, len: bytes.len() as u32, cached: Some(bytes.into()), end };
+            st.push_slot(stream, index, slot, durable).map_err(StoreError::Io)?;
         }
         Ok(())
     }
@@ -755,8 +807,14 @@ impl Replayed {
     fn into_state(self, st: &mut State) -> Result<(), String> {
         for (id, r) in self.streams {
             let first = r.entries.keys().next().copied().unwrap_or(r.next);
-            let mut s =
-                Stream { first, slots: VecDeque::new(), vote: r.vote, committed: r.committed, purged: r.purged };
+            let mut s = Stream {
+                first,
+                slots: VecDeque::new(),
+                vote: r.vote,
+                committed: r.committed,
+                purged: r.purged,
+                cached_from: u64::MAX,
+            };
             for (expect, (index, slot)) in (first..).zip(r.entries) {
                 if index != expect {
                     return Err(format!("stream {id:x} has no entry {expect} but has {index}: a segment is missing"));
@@ -764,6 +822,8 @@ impl Replayed {
                 *st.live.entry(slot.seg).or_insert(0) += 1;
                 s.slots.push_back(slot);
             }
+            // Replayed entries carry no bytes: the first that may is the next appended.
+            s.cached_from = s.next();
             st.streams.insert(id, s);
         }
         Ok(())
@@ -785,12 +845,12 @@ fn replay_segment(rp: &mut Replayed, live: &mut BTreeMap<u64, u64>, seg: u64, by
         let Some(header) = bytes.get(pos..pos + HEADER) else { return Err(Replay::Torn { valid: pos }) };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_RECORD {
+        if !(MIN_BODY..=MAX_RECORD).contains(&len) {
             return Err(Replay::Torn { valid: pos });
         }
         let start = pos + HEADER;
         let Some(body) = bytes.get(start..start + len as usize) else { return Err(Replay::Torn { valid: pos }) };
-        if crc32fast::hash(body) != crc {
+        if checksum(len, body) != crc {
             return Err(Replay::Torn { valid: pos });
         }
         replay_record(rp, seg, start as u64, body)
@@ -814,7 +874,7 @@ fn replay_record(rp: &mut Replayed, seg: u64, body_at: u64, body: &[u8]) -> Opti
                 let bytes = r.bytes()?;
                 let off = body_at + (r.pos - bytes.len()) as u64;
                 // Bytes are read back from the file when asked for: replay keeps no copies.
-                s.entries.insert(first + i, Slot { seg, off, len: bytes.len() as u32, cached: None });
+                s.entries.insert(first + i, Slot { seg, off, len: bytes.len() as u32, cached: None, end: 0 });
             }
             s.next = first + u64::from(n);
         }
@@ -1155,6 +1215,55 @@ mod tests {
             last_count = got.len();
         }
         assert_eq!(last_count, 30);
+    }
+
+    /// Zeros after the last record (a block of a round that never reached the disk, read back as
+    /// zeros) are a torn tail, not an empty record that fails to parse.
+    #[test]
+    fn zeros_after_the_last_record_are_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let log = NodeLog::open(dir.path(), Durability::Flush).unwrap();
+            append(&log, 1, entries(1, 1, 4)).await;
+        });
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .max()
+            .unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&seg, &bytes).unwrap();
+        rt().block_on(async {
+            let log = NodeLog::open(dir.path(), Durability::Flush).unwrap();
+            assert_eq!(read_all(&log, 1).len(), 3);
+        });
+    }
+
+    /// An entry's bytes stay in memory until the round that writes them is done, however many
+    /// entries follow it: a read never looks in the file for bytes not yet there.
+    #[test]
+    fn bytes_leave_the_cache_only_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let log = NodeLog::open(dir.path(), Durability::Flush).unwrap();
+            // One append of many entries: none of them is written when the next ones are indexed.
+            let n = CACHED_PER_STREAM as u64 * 3;
+            log.append(1, entries(1, 1, n + 1), |_| {}).unwrap();
+            assert_eq!(read_all(&log, 1).len() as u64, n, "readable at once, from memory");
+            log.sync().await.unwrap();
+            // Later appends let go of the old bytes; they are read back from the file.
+            append(&log, 1, entries(1, n + 1, n + 2)).await;
+            append(&log, 1, entries(1, n + 2, n + 3)).await;
+            let got = read_all(&log, 1);
+            assert_eq!(got.len() as u64, n + 2);
+            assert_eq!(got[0], b"1:1".to_vec());
+            let cached =
+                log.inner.state.lock().unwrap().streams[&1].slots.iter().filter(|s| s.cached.is_some()).count();
+            assert!(cached <= CACHED_PER_STREAM + 1, "{cached} entries still cached");
+        });
     }
 
     #[test]

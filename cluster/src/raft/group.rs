@@ -124,6 +124,7 @@ const BATCH_BYTES: usize = 64 * 1024;
 struct Waiting {
     command: Vec<u8>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, ProposeError>>,
+    queued: Instant,
 }
 
 /// Commands waiting to be proposed, and how many writes are in flight.
@@ -135,15 +136,26 @@ struct ProposalQueue {
 
 impl ProposalQueue {
     /// The next batch: queued commands in order, up to the count and byte bounds (at least one).
-    fn next_batch(&mut self) -> Vec<Waiting> {
+    /// A command whose caller gave up is dropped, and one that waited longer than `bound` (no
+    /// write got through meanwhile: no majority) is answered `NoLeader`: it was never proposed,
+    /// so nothing was recorded, and it must not commit long after its caller moved on.
+    fn next_batch(&mut self, now: Instant, bound: Duration) -> Vec<Waiting> {
         let mut bytes = 0;
         let mut batch = Vec::new();
         while let Some(w) = self.waiting.front() {
             if !batch.is_empty() && (batch.len() == BATCH_COMMANDS || bytes + w.command.len() > BATCH_BYTES) {
                 break;
             }
+            let Some(w) = self.waiting.pop_front() else { break };
+            if w.reply.is_closed() {
+                continue;
+            }
+            if now.duration_since(w.queued) > bound {
+                let _ = w.reply.send(Err(ProposeError::NoLeader));
+                continue;
+            }
             bytes += w.command.len();
-            batch.extend(self.waiting.pop_front());
+            batch.push(w);
         }
         batch
     }
@@ -324,7 +336,7 @@ impl Replica {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut q = self.proposals.lock().map_err(|_| ProposeError::Failed("proposal queue poisoned".into()))?;
-            q.waiting.push_back(Waiting { command, reply: tx });
+            q.waiting.push_back(Waiting { command, reply: tx, queued: Instant::now() });
             q.in_flight < PROPOSALS_IN_FLIGHT && {
                 q.in_flight += 1;
                 true
@@ -359,9 +371,13 @@ impl Replica {
                     done.1 = true;
                     return;
                 }
-                Ok(mut q) => q.next_batch(),
+                Ok(mut q) => q.next_batch(Instant::now(), self.proposal_timeout),
                 Err(_) => return,
             };
+            if batch.is_empty() {
+                // Every command taken had been given up on or had waited too long: look again.
+                continue;
+            }
             metrics::histogram!("bulkhead_raft_batch_commands", "capability" => self.id.capability.as_str())
                 .record(batch.len() as f64);
             let (commands, replies): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().map(|w| (w.command, w.reply)).unzip();
@@ -1223,7 +1239,7 @@ mod tests {
         let mut rxs = Vec::new();
         for (i, n) in sizes.iter().enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            q.waiting.push_back(Waiting { command: vec![i as u8; *n], reply: tx });
+            q.waiting.push_back(Waiting { command: vec![i as u8; *n], reply: tx, queued: Instant::now() });
             rxs.push(rx);
         }
         (q, rxs)
@@ -1231,21 +1247,39 @@ mod tests {
 
     #[test]
     fn a_batch_takes_what_queued_in_order_up_to_its_count_and_bytes() {
+        let (now, bound) = (Instant::now(), Duration::from_secs(1));
         let (mut q, _rx) = queue(&[10; BATCH_COMMANDS + 5]);
-        let first = q.next_batch();
+        let first = q.next_batch(now, bound);
         assert_eq!(first.len(), BATCH_COMMANDS);
         assert_eq!(
             first.iter().map(|w| w.command[0]).collect::<Vec<_>>(),
             (0..BATCH_COMMANDS as u8).collect::<Vec<_>>()
         );
-        assert_eq!(q.next_batch().len(), 5);
-        assert!(q.next_batch().is_empty());
+        assert_eq!(q.next_batch(now, bound).len(), 5);
+        assert!(q.next_batch(now, bound).is_empty());
         // Bytes: two commands of 40 KiB do not share an entry; one larger than the bound goes alone.
         let (mut q, _rx) = queue(&[40 * 1024, 40 * 1024, BATCH_BYTES + 1, 1, 1]);
-        assert_eq!(q.next_batch().len(), 1);
-        assert_eq!(q.next_batch().len(), 1);
-        assert_eq!(q.next_batch().len(), 1, "an oversized command still goes, alone");
-        assert_eq!(q.next_batch().len(), 2);
+        assert_eq!(q.next_batch(now, bound).len(), 1);
+        assert_eq!(q.next_batch(now, bound).len(), 1);
+        assert_eq!(q.next_batch(now, bound).len(), 1, "an oversized command still goes, alone");
+        assert_eq!(q.next_batch(now, bound).len(), 2);
+    }
+
+    #[test]
+    fn a_command_given_up_on_or_waiting_too_long_is_never_proposed() {
+        let (mut q, mut rx) = queue(&[1, 1, 1]);
+        drop(rx.remove(1));
+        let later = Instant::now() + Duration::from_secs(5);
+        // The bound has passed for all: the two still waited for are told NoLeader, none is taken.
+        assert!(q.next_batch(later, Duration::from_secs(1)).is_empty());
+        for mut r in rx {
+            assert_eq!(r.try_recv().unwrap(), Err(ProposeError::NoLeader));
+        }
+        // A caller that gave up is skipped, the rest go.
+        let (mut q, mut rx) = queue(&[1, 1, 1]);
+        drop(rx.remove(0));
+        let batch = q.next_batch(Instant::now(), Duration::from_secs(1));
+        assert_eq!(batch.iter().map(|w| w.command[0]).collect::<Vec<_>>(), vec![1, 2]);
     }
 
     #[test]

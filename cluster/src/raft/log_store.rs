@@ -85,23 +85,43 @@ pub async fn open_group_log(
     if old_vote.is_none() && old_ids.is_empty() && !has_old_entries {
         return Ok(0);
     }
-    let already = log.vote(stream).is_some() || log.last(stream)?.is_some();
+    // A move is finished once the stream has the vote, which is saved last (an old store with no
+    // vote: never finished, so it is copied again). Anything a crash left of an unfinished move
+    // is removed first, so the copy starts from nothing.
+    let already = old_vote.is_some() && log.vote(stream).is_some();
     let mut moved = 0;
     if !already {
+        if log.streams().contains(&stream) {
+            log.remove_stream(stream).await?;
+        }
+        let mut purged = None;
         for (k, rec) in &old_ids {
             match (*k, rec.0) {
-                (PURGED_KEY, Some(id)) => log.purge(stream, id.index, &encode(rec)).await?,
+                (PURGED_KEY, Some(id)) => {
+                    purged = Some(id.index);
+                    log.purge(stream, id.index, &encode(rec)).await?;
+                }
                 (COMMITTED_KEY, _) => log.save_committed(stream, &encode(rec)).await?,
                 _ => {}
             }
         }
+        // The old build removed purged entries lazily: some at or below the purged id may be left.
         let mut batch = Vec::new();
+        let mut bytes = 0;
         for item in LOG.iter(state) {
             let (index, rec) = item?;
-            batch.push((index, encode(&rec)));
+            if purged.is_some_and(|p| index <= p) {
+                continue;
+            }
+            let rec = encode(&rec);
+            bytes += rec.len();
+            batch.push((index, rec));
             moved += 1;
-            if batch.len() == 1_024 {
+            // Records well under the node log's limit, and rounds of a sensible size.
+            if batch.len() == 256 || bytes > 4 * 1024 * 1024 {
                 log.append(stream, std::mem::take(&mut batch), |_| {})?;
+                log.sync().await?;
+                bytes = 0;
             }
         }
         log.append(stream, batch, |_| {})?;
@@ -280,6 +300,31 @@ mod tests {
         assert!(VOTE.get(&state, &0).unwrap().is_none());
         assert_eq!(open_group_log(&log, &state, G, 7).await.unwrap(), 0);
         assert_eq!(ls.try_get_log_entries(2..=3).await.unwrap().len(), 2);
+    }
+
+    /// A move a crash cut short (entries copied, the vote not yet) is done again from the start:
+    /// the vote and every entry arrive, nothing twice.
+    #[tokio::test]
+    async fn an_unfinished_move_is_done_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = NodeLog::open(&dir.path().join("raft-log"), Durability::Flush).unwrap();
+        let state = open(dir.path(), "orders-0");
+        let mut b = Batch::new();
+        for i in 1..=6 {
+            LOG.put(&mut b, &i, &LogRecord(entry(i)));
+        }
+        VOTE.put(&mut b, &0, &VoteRecord(Vote::new_committed(5, 42)));
+        state.apply_in_order(b).unwrap();
+        // What the crash left: the first entries in the node log, no vote, the old tables whole.
+        let stream = G.log_stream(7);
+        let first: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, encode(&LogRecord(entry(i))))).collect();
+        log.append(stream, first, |_| {}).unwrap();
+        log.sync().await.unwrap();
+        assert_eq!(open_group_log(&log, &state, G, 7).await.unwrap(), 6);
+        let mut ls = LogStore::new(log.clone(), state.clone(), stream);
+        let got = ls.try_get_log_entries(..).await.unwrap();
+        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(ls.read_vote().await.unwrap(), Some(Vote::new_committed(5, 42)));
     }
 
     /// A purge keeps the purged id, and the state machine's store is synced before it.

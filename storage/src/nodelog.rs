@@ -240,6 +240,9 @@ impl Body {
         self.u32(v.len() as u32);
         self.0.extend_from_slice(v);
     }
+    fn u8_flag(&mut self, v: bool) {
+        self.0.push(u8::from(v));
+    }
     fn opt(&mut self, v: Option<&[u8]>) {
         match v {
             Some(v) => self.bytes(v),
@@ -447,12 +450,6 @@ impl State {
         s.cached_from = i;
         *self.live.entry(seg).or_insert(0) += 1;
         Ok(())
-    }
-}
-
-impl Body {
-    fn u8_flag(&mut self, v: bool) {
-        self.0.push(u8::from(v));
     }
 }
 
@@ -1083,6 +1080,17 @@ mod tests {
         (from..to).map(|i| (i, format!("{stream}:{i}").into_bytes())).collect()
     }
 
+    /// The newest segment file in `dir`.
+    fn last_segment(dir: &Path) -> PathBuf {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .max()
+            .unwrap()
+    }
+
     fn read_all(log: &NodeLog, stream: u64) -> Vec<Vec<u8>> {
         log.read(stream, 0, u64::MAX).unwrap().iter().map(|b| b.to_vec()).collect()
     }
@@ -1182,13 +1190,7 @@ mod tests {
                 }
             }
         });
-        let seg = std::fs::read_dir(src.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .max()
-            .unwrap();
+        let seg = last_segment(src.path());
         let full = std::fs::read(&seg).unwrap();
         let mut last_count = 0;
         for cut in 0..=full.len() {
@@ -1226,13 +1228,7 @@ mod tests {
             let log = NodeLog::open(dir.path(), Durability::Flush).unwrap();
             append(&log, 1, entries(1, 1, 4)).await;
         });
-        let seg = std::fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .max()
-            .unwrap();
+        let seg = last_segment(dir.path());
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes.extend_from_slice(&[0u8; 4096]);
         std::fs::write(&seg, &bytes).unwrap();

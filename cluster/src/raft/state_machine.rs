@@ -155,29 +155,26 @@ impl StateMachineStore {
             let log_id = *entry.get_log_id();
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied::default(),
-                EntryPayload::Normal(p) => match p.batch() {
-                    None => {
+                EntryPayload::Normal(p) => {
+                    // One command or a batch of them: each applied alike, reading through the
+                    // writes of those before it; a batch answers each.
+                    let mut apply = |cmd: &[u8]| -> Result<Vec<u8>> {
                         let applied = self
                             .machine
-                            .apply_raw(&self.store, &mut b, &p.0)
+                            .apply_raw(&self.store, &mut b, cmd)
                             .map_err(|e| StorageIOError::apply(log_id, &e))?;
                         time = time.max(applied.time_ms.unwrap_or(0));
-                        Applied(applied.reply)
-                    }
-                    Some(commands) => {
-                        let commands = commands.map_err(|e| StorageIOError::apply(log_id, &e))?;
-                        let mut replies = Vec::with_capacity(commands.len());
-                        for cmd in &commands {
-                            let applied = self
-                                .machine
-                                .apply_raw(&self.store, &mut b, cmd)
-                                .map_err(|e| StorageIOError::apply(log_id, &e))?;
-                            time = time.max(applied.time_ms.unwrap_or(0));
-                            replies.push(applied.reply);
+                        Ok(applied.reply)
+                    };
+                    match p.batch() {
+                        None => Applied(apply(&p.0)?),
+                        Some(commands) => {
+                            let commands = commands.map_err(|e| StorageIOError::apply(log_id, &e))?;
+                            let replies = commands.iter().map(|c| apply(c)).collect::<Result<Vec<_>>>()?;
+                            Applied(encode(&ReplyBatch { replies }))
                         }
-                        Applied(encode(&ReplyBatch { replies }))
                     }
-                },
+                }
                 EntryPayload::Membership(m) => {
                     state.membership = StoredMembership::new(Some(log_id), m);
                     Applied::default()

@@ -12,7 +12,7 @@ use bulkhead_storage::{encode, Record};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -360,6 +360,17 @@ impl RaftNetwork<TypeConfig> for Peer {
             ))),
             other => Err(Self::unexpected(&other)),
         }
+    }
+
+    /// How long the leader waits before it tries an unreachable member again: 25 ms, 50 ms, then
+    /// one heartbeat interval each time. openraft's default is a flat 500 ms, so a node that came
+    /// back (a restart, a healed link) went unfed, and not ready, for up to half a second. A try
+    /// at a member that is still away costs nothing on the wire: `Unreachable` means the call
+    /// was refused here, before sending.
+    fn backoff(&self) -> Backoff {
+        let beat = Duration::from_millis(self.cluster.config().timing.raft_heartbeat_ms.max(1));
+        let first = [Duration::from_millis(25), Duration::from_millis(50)].map(|d| d.min(beat));
+        Backoff::new(first.into_iter().chain(std::iter::repeat(beat)))
     }
 
     async fn vote(&mut self, req: VoteRequest<MemberId>, option: RPCOption) -> Result<VoteResponse<MemberId>, RpcErr> {

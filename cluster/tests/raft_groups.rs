@@ -8,7 +8,8 @@
 //! `raft::network` (which the real-process tests in `tests/` exercise). What is tested: a dead
 //! leader is replaced and nothing committed is lost; a leader cut off from the majority commits
 //! nothing, and after the heal it follows and every replica holds the same tables; a member whose
-//! store is wiped rejoins as a new member and catches up by snapshot.
+//! store is wiped rejoins as a new member and catches up by snapshot; a member of an older build
+//! that cannot decode a committed command stops rather than skip it, and catches up once upgraded.
 
 // openraft's error types are large and fixed by its network trait (as in `raft/mod.rs`).
 #![allow(clippy::result_large_err)]
@@ -18,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::log_store::LogStore;
-use bulkhead_cluster::raft::state_machine::{Machine, StateMachineStore};
+use bulkhead_cluster::raft::state_machine::{Machine, RawMachine, StateMachineStore};
 use bulkhead_cluster::raft::types::{MemberId, Proposal, Raft, TypeConfig};
 use bulkhead_cluster::raft::{GROUP_TIME, RAFT_TABLES_FROM};
 use bulkhead_storage::{
-    decode, encode, Batch, Durability, NodeLog, RawRecord, Record, Store, StoreError, StoreOptions, Table,
+    decode, decode_payload, encode, unknown_version, Batch, CodecError, Durability, NodeLog, RawRecord, Record, Store,
+    StoreError, StoreOptions, Table,
 };
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -66,11 +68,45 @@ impl Machine for Adder {
         Ok(Total(total))
     }
 
-    fn undecodable(&self, _: String) -> Total {
-        Total(u64::MAX)
+    fn time_of(&self, cmd: &Add) -> Option<u64> {
+        Some(cmd.at_ms)
+    }
+}
+
+/// The counters' command as a newer build writes it: version 2 carries a note the first build
+/// never knew, so [`Adder`] (version 1) cannot decode it; [`NewAdder`] reads both versions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AddV2 {
+    key: String,
+    n: u64,
+    at_ms: u64,
+    note: String,
+}
+impl Record for AddV2 {
+    const VERSION: u8 = 2;
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => {
+                let a: Add = decode_payload(payload)?;
+                Ok(AddV2 { key: a.key, n: a.n, at_ms: a.at_ms, note: String::new() })
+            }
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+struct NewAdder;
+
+impl Machine for NewAdder {
+    type Command = AddV2;
+    type Reply = Total;
+
+    fn apply(&self, store: &Store, batch: &mut Batch, cmd: AddV2) -> Result<Total, StoreError> {
+        Adder.apply(store, batch, Add { key: cmd.key, n: cmd.n, at_ms: cmd.at_ms })
     }
 
-    fn time_of(&self, cmd: &Add) -> Option<u64> {
+    fn time_of(&self, cmd: &AddV2) -> Option<u64> {
         Some(cmd.at_ms)
     }
 }
@@ -187,9 +223,14 @@ fn config() -> Arc<Config> {
 
 impl Group {
     async fn start(ids: &[MemberId]) -> Group {
+        Self::start_with(ids, |_| Arc::new(Adder)).await
+    }
+
+    /// Starts the group with each member's machine (its build) given by `machine`.
+    async fn start_with(ids: &[MemberId], machine: impl Fn(MemberId) -> Arc<dyn RawMachine>) -> Group {
         let mut g = Group { net: Net::default(), dir: tempfile::tempdir().unwrap(), members: BTreeMap::new() };
         for id in ids {
-            g.add_member(*id).await;
+            g.add_member_with(*id, machine(*id)).await;
         }
         let voters: BTreeMap<MemberId, BasicNode> =
             ids.iter().map(|id| (*id, BasicNode::new(id.to_string()))).collect();
@@ -198,10 +239,20 @@ impl Group {
     }
 
     async fn add_member(&mut self, id: MemberId) {
+        self.add_member_with(id, Arc::new(Adder)).await;
+    }
+
+    /// Starts member `id` on its files (new ones, or those a stopped member left) with `machine`.
+    async fn add_member_with(&mut self, id: MemberId, machine: Arc<dyn RawMachine>) {
         let store = Store::open(self.dir.path(), &format!("member-{id}"), &StoreOptions::default()).unwrap();
-        // Each member stands for a node: a node log of its own beside its group's store.
-        let log = NodeLog::open(&self.dir.path().join(format!("log-{id}")), Durability::Fsync).unwrap();
-        let sm = StateMachineStore::new(store.clone(), Arc::new(Adder));
+        // Each member stands for a node: a node log of its own beside its group's store. A member
+        // started again on the files of a stopped one waits for the old log to be let go.
+        let path = self.dir.path().join(format!("log-{id}"));
+        let log = wait_for(Duration::from_secs(10), "the member's node log to open", || {
+            NodeLog::open(&path, Durability::Fsync).ok()
+        })
+        .await;
+        let sm = StateMachineStore::new(store.clone(), machine);
         let log_store = LogStore::new(log, store.clone(), 1);
         let raft = Raft::new(id, config(), Factory { net: self.net.clone(), from: id }, log_store, sm)
             .await
@@ -357,4 +408,58 @@ async fn a_wiped_member_rejoins_as_a_new_member_and_catches_up_by_snapshot() {
     let time = |id: MemberId| GROUP_TIME.get(&g.members[&id].store, &0).unwrap().map(|t| t.0);
     assert!(time(leader).is_some_and(|t| t > 1_000), "{:?}", time(leader));
     assert_eq!(time(fresh), time(leader));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_decode_a_committed_command_stops_and_catches_up_once_upgraded() {
+    // Members 1 and 2 run the newer build, member 3 the older one (a rolling upgrade half done).
+    let mut g = Group::start_with(&[1, 2, 3], |id| {
+        if id == 3 {
+            Arc::new(Adder) as Arc<dyn RawMachine>
+        } else {
+            Arc::new(NewAdder)
+        }
+    })
+    .await;
+    let mut leader = g.leader(&[1, 2, 3]).await;
+    if leader == 3 {
+        // Let a member of the newer build lead, so the write below is answered by one that reads it.
+        g.members[&1].raft.trigger().elect().await.expect("trigger an election");
+        leader = wait_for(Duration::from_secs(10), "a leader of the newer build", || {
+            [1, 2].into_iter().find(|id| g.members[id].raft.metrics().borrow().state == ServerState::Leader)
+        })
+        .await;
+    }
+    for _ in 0..5 {
+        g.add(leader, "k", 1).await.unwrap();
+    }
+    // Version-2 bytes: members 1 and 2 read them, member 3 cannot.
+    let at_ms = NEXT_MS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cmd = Proposal(encode(&AddV2 { key: "k".into(), n: 100, at_ms, note: "newer".into() }));
+    let resp = g.members[&leader].raft.client_write(cmd).await.expect("the newer build commits it");
+    assert_eq!(decode::<Total>(&resp.data.0).unwrap(), Total(105));
+    let index = resp.log_id.index;
+
+    // Member 3 stops instead of skipping the command: its Raft reports a fatal error, and neither
+    // the command nor anything after it is applied there.
+    wait_for(Duration::from_secs(10), "the older member to stop", || {
+        g.members[&3].raft.metrics().borrow().running_state.is_err().then_some(())
+    })
+    .await;
+    let applied = g.members[&3].raft.metrics().borrow().last_applied.map(|l| l.index);
+    assert!(applied < Some(index), "member 3 applied past a command it cannot read: {applied:?} >= {index}");
+    assert_eq!(g.total(3, "k"), 5, "member 3 holds the state before the command, never a state without it");
+
+    // The other two go on as a majority.
+    for _ in 0..5 {
+        g.add(leader, "k", 1).await.unwrap();
+    }
+
+    // Upgraded, member 3 applies the command from its log (or a snapshot) and agrees again.
+    g.stop(3).await;
+    g.add_member_with(3, Arc::new(NewAdder)).await;
+    g.add(leader, "k", 1).await.unwrap();
+    let tables = g.settled_tables(&[1, 2, 3]).await;
+    assert!(tables.windows(2).all(|w| w[0] == w[1]), "every replica holds the same tables after the upgrade");
+    assert_eq!(g.total(3, "k"), 111);
 }

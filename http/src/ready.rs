@@ -59,6 +59,10 @@ pub fn judge(f: &ReadyFacts) -> Readiness {
                 id.shard,
                 down.join(", ")
             )),
+            ShardHealth::Stopped { why } => problems.push(format!(
+                "{}: shard {}: this replica stopped ({why}); the other replicas serve; restart the node with a build that can go on",
+                id.capability, id.shard
+            )),
         }
     }
     problems.extend(f.refused.iter().cloned());
@@ -133,14 +137,22 @@ mod tests {
             GroupId { capability: Capability::Inventory, shard: 0 },
             ShardHealth::MajorityLost { down: vec!["n2".into(), "n3".into()] },
         ));
+        f.shards.push((
+            GroupId { capability: Capability::Payments, shard: 0 },
+            ShardHealth::Stopped { why: "a committed command does not decode".into() },
+        ));
         f.refused.push("refused: node n3 has a different shard map".into());
         f.joined = false;
         let p = problems(&f);
-        assert_eq!(p.len(), 5, "{p:?}");
+        assert_eq!(p.len(), 6, "{p:?}");
         assert_eq!(p[0], "payments: starting");
         assert!(p[1].contains("shard 1 has no leader yet"), "{p:?}");
         assert!(p[2].starts_with("DISASTER inventory: shard 0") && p[2].contains("n2, n3"), "{p:?}");
-        assert!(p[3].starts_with("refused"), "{p:?}");
-        assert!(p[4].starts_with("not joined"), "{p:?}");
+        assert!(
+            p[3].starts_with("payments: shard 0: this replica stopped") && p[3].contains("does not decode"),
+            "{p:?}"
+        );
+        assert!(p[4].starts_with("refused"), "{p:?}");
+        assert!(p[5].starts_with("not joined"), "{p:?}");
     }
 }

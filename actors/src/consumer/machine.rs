@@ -69,10 +69,6 @@ impl Machine for ConsumerMachine {
         Ok(ConsumerReply::Accepted { duplicate })
     }
 
-    fn undecodable(&self, why: String) -> ConsumerReply {
-        ConsumerReply::Refused(format!("a newer node proposed a command this one cannot read: {why}"))
-    }
-
     fn time_of(&self, cmd: &ConsumerCommand) -> Option<u64> {
         let ConsumerCommand::Deliver { now_ms, .. } = cmd;
         Some(*now_ms)

@@ -142,10 +142,6 @@ impl Machine for InventoryMachine {
         Ok(reply)
     }
 
-    fn undecodable(&self, why: String) -> InventoryReply {
-        InventoryReply::Refused(format!("a newer node proposed a command this one cannot read: {why}"))
-    }
-
     fn time_of(&self, cmd: &InventoryCommand) -> Option<u64> {
         match cmd {
             InventoryCommand::Reserve { now_ms, .. }

@@ -96,6 +96,8 @@ pub enum OrdersApplied {
     /// Nothing done: the order is unknown or already terminal, the step was taken from an older
     /// record than the committed one (a driver that was superseded), or the outbox entry is gone.
     Stale,
+    /// No longer answered: a replica that cannot decode a committed command now stops
+    /// (`raft::state_machine::ApplyError::Undecodable`). Kept so the record's layout is unchanged.
     Undecodable(String),
 }
 impl Record for OrdersApplied {
@@ -185,10 +187,6 @@ impl Machine for OrdersMachine {
                 Ok(OrdersApplied::Done)
             }
         }
-    }
-
-    fn undecodable(&self, why: String) -> OrdersApplied {
-        OrdersApplied::Undecodable(why)
     }
 
     fn time_of(&self, cmd: &OrdersCommand) -> Option<u64> {

@@ -52,10 +52,6 @@ impl Machine for PaymentsMachine {
         }
     }
 
-    fn undecodable(&self, why: String) -> PaymentReply {
-        PaymentReply::Refused(format!("a newer node proposed a command this one cannot read: {why}"))
-    }
-
     fn time_of(&self, cmd: &PaymentCommand) -> Option<u64> {
         match cmd {
             PaymentCommand::Charge { now_ms, .. } | PaymentCommand::Refund { now_ms, .. } => Some(*now_ms),

@@ -793,6 +793,10 @@ pub enum ShardHealth {
     /// No leader, and a majority of the replicas' nodes is down: a disaster, not a fault. The
     /// shard cannot serve until they return (or it is restored from a backup).
     MajorityLost { down: Vec<String> },
+    /// This replica's Raft stopped on a fatal error (e.g. a committed command this build cannot
+    /// decode, or a failed write to its log): it takes no further part in the group until the node
+    /// restarts, with a build that can go on. The other replicas serve meanwhile.
+    Stopped { why: String },
 }
 
 /// Judges a shard from facts: whether a leader is known, its replicas' nodes, and which of those
@@ -827,6 +831,9 @@ impl Replica {
             .filter(|n| settled || view.get(n.as_str()).is_some_and(|v| v.pid.is_some()))
             .cloned()
             .collect();
+        if let Err(fatal) = &self.raft.metrics().borrow().running_state {
+            return ShardHealth::Stopped { why: fatal.to_string() };
+        }
         shard_health(self.leader().is_some(), &self.placement.replicas, &down)
     }
 }

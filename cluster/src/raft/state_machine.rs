@@ -15,7 +15,7 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bulkhead_storage::{decode, encode, Batch, RawRecord, Record, Store, StoreError};
+use bulkhead_storage::{decode, encode, Batch, CodecError, RawRecord, Record, Store, StoreError};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogId, SnapshotMeta, StorageError, StorageIOError,
@@ -45,9 +45,6 @@ pub trait Machine: Send + Sync + 'static {
         cmd: Self::Command,
     ) -> std::result::Result<Self::Reply, StoreError>;
 
-    /// The reply for a command that this build cannot decode (a newer node proposed it).
-    fn undecodable(&self, why: String) -> Self::Reply;
-
     /// The time the leader put into `cmd`, if it carries one: the group's time follows the latest
     /// (see [`super::clock`]).
     fn time_of(&self, _cmd: &Self::Command) -> Option<u64> {
@@ -61,23 +58,32 @@ pub struct RawApplied {
     pub time_ms: Option<u64>,
 }
 
+/// Why a committed command could not be applied. Either stops this replica's group (fail-stop):
+/// openraft takes a state machine error as fatal, and nothing of the failed call is written.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The command does not decode on this build: a newer build proposed it (a mixed-version
+    /// cluster), or its bytes are damaged. Skipping it would let this replica's state drift from
+    /// the others in silence, and a later failover to it could double-charge or oversell; so the
+    /// replica stops here instead, and a build that reads the command applies it from the log.
+    #[error(
+        "a committed command does not decode on this build (this replica stops until one that reads it runs): {0}"
+    )]
+    Undecodable(CodecError),
+}
+
 /// Object-safe form of a [`Machine`] over raw bytes, so one adapter type serves every capability.
 pub trait RawMachine: Send + Sync + 'static {
-    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, StoreError>;
+    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, ApplyError>;
 }
 
 impl<M: Machine> RawMachine for M {
-    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, StoreError> {
-        let (reply, time_ms) = match decode::<M::Command>(cmd) {
-            Ok(cmd) => {
-                let time_ms = self.time_of(&cmd);
-                (self.apply(store, batch, cmd)?, time_ms)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "a committed command does not decode on this node");
-                (self.undecodable(e.to_string()), None)
-            }
-        };
+    fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, ApplyError> {
+        let cmd = decode::<M::Command>(cmd).map_err(ApplyError::Undecodable)?;
+        let time_ms = self.time_of(&cmd);
+        let reply = self.apply(store, batch, cmd)?;
         Ok(RawApplied { reply: encode(&reply), time_ms })
     }
 }
@@ -159,17 +165,21 @@ impl StateMachineStore {
                     // One command or a batch of them: each applied alike, reading through the
                     // writes of those before it; a batch answers each.
                     let mut apply = |cmd: &[u8]| -> Result<Vec<u8>> {
-                        let applied = self
-                            .machine
-                            .apply_raw(&self.store, &mut b, cmd)
-                            .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                        let applied = self.machine.apply_raw(&self.store, &mut b, cmd).map_err(|e| {
+                            tracing::error!(log_id = %log_id, error = %e, "apply failed: this replica's group stops");
+                            StorageIOError::apply(log_id, &e)
+                        })?;
                         time = time.max(applied.time_ms.unwrap_or(0));
                         Ok(applied.reply)
                     };
                     match p.batch() {
                         None => Applied(apply(&p.0)?),
                         Some(commands) => {
-                            let commands = commands.map_err(|e| StorageIOError::apply(log_id, &e))?;
+                            let commands = commands.map_err(|e| {
+                                let e = ApplyError::Undecodable(e);
+                                tracing::error!(log_id = %log_id, error = %e, "apply failed: this replica's group stops");
+                                StorageIOError::apply(log_id, &e)
+                            })?;
                             let replies = commands.iter().map(|c| apply(c)).collect::<Result<Vec<_>>>()?;
                             Applied(encode(&ReplyBatch { replies }))
                         }
@@ -456,9 +466,6 @@ mod tests {
         fn apply(&self, _: &Store, _: &mut Batch, cmd: SnapshotPart) -> std::result::Result<SnapshotPart, StoreError> {
             Ok(cmd)
         }
-        fn undecodable(&self, _: String) -> SnapshotPart {
-            SnapshotPart(Vec::new())
-        }
     }
 
     const BIG: Table<u64, SnapshotPart> = Table::new(1, "big");
@@ -482,9 +489,6 @@ mod tests {
                 }
             }
             Ok(cmd)
-        }
-        fn undecodable(&self, _: String) -> Set {
-            Set(Vec::new())
         }
     }
 

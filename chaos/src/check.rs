@@ -9,7 +9,9 @@
 //! 4. every confirmed order has exactly one shipment and at least one notification;
 //! 5. every acknowledged order is terminal within `settle` after the last heal;
 //! 6. retries are idempotent: one order id per key (in the answers, and in the cluster's own
-//!    listing of the key's customer), and no well-formed request refused (400/422).
+//!    listing of the key's customer), and no well-formed request refused (400/422);
+//! 7. every shard's replicas agree: one applied index, one state digest (`/admin/digests` on every
+//!    node: the one place it reads beyond the orders API, with the operator's token).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -434,4 +436,178 @@ pub async fn check(
         _ => 0,
     };
     Checked { invariants: inv, all_terminal_s, confirmed: confirmed.len() as u64, cancelled, pending, dead_letters }
+}
+
+/// One replica's digest as a node reported it (`GET /admin/digests`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenDigest {
+    pub node: String,
+    /// `capability/shard`.
+    pub shard: String,
+    pub applied_index: Option<u64>,
+    pub sha256: String,
+}
+
+/// What one round of digests says, per shard.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DigestRound {
+    /// Every replica at one applied index, with one digest.
+    pub agreed: Vec<String>,
+    /// Replicas at the same applied index with different digests: they diverged.
+    pub diverged: Vec<String>,
+    /// Replicas still at different applied indexes (one is catching up): ask again.
+    pub unsettled: Vec<String>,
+}
+
+/// Judges one round of digests from every node (pure). Replicas at the same index must agree
+/// whatever the others do, so a divergence is found even while another replica catches up.
+pub fn judge_digests(seen: &[SeenDigest]) -> DigestRound {
+    let mut by_shard: BTreeMap<&str, Vec<&SeenDigest>> = BTreeMap::new();
+    for d in seen {
+        by_shard.entry(d.shard.as_str()).or_default().push(d);
+    }
+    let mut round = DigestRound::default();
+    for (shard, replicas) in by_shard {
+        let mut at_index: BTreeMap<Option<u64>, Vec<&SeenDigest>> = BTreeMap::new();
+        for r in &replicas {
+            at_index.entry(r.applied_index).or_default().push(r);
+        }
+        let split: Vec<String> = at_index
+            .iter()
+            .filter(|(_, rs)| rs.iter().any(|r| r.sha256 != rs[0].sha256))
+            .map(|(i, rs)| {
+                let who: Vec<String> =
+                    rs.iter().map(|r| format!("{} {}", r.node, &r.sha256[..r.sha256.len().min(12)])).collect();
+                format!("{shard} at index {}: {}", i.map_or("none".into(), |i| i.to_string()), who.join(", "))
+            })
+            .collect();
+        if !split.is_empty() {
+            round.diverged.extend(split);
+        } else if at_index.len() == 1 {
+            round.agreed.push(shard.to_string());
+        } else {
+            let idx: Vec<String> = replicas
+                .iter()
+                .map(|r| format!("{} {}", r.node, r.applied_index.map_or("none".into(), |i| i.to_string())))
+                .collect();
+            round.unsettled.push(format!("{shard}: applied indexes {}", idx.join(", ")));
+        }
+    }
+    round
+}
+
+/// Invariant 7, replicas agree: once the load has stopped, every replica of every shard reaches
+/// one applied index with one state digest (`GET /admin/digests`, asked of every node). Asked
+/// again until `deadline` while some replica is still catching up; replicas at the same index with
+/// different digests fail it at once.
+pub async fn replicas_agree(http: &reqwest::Client, urls: &[String], deadline: Instant) -> Invariant {
+    const NAME: &str = "replicas_agree";
+    loop {
+        let mut seen = Vec::new();
+        let mut missing = Vec::new();
+        for url in urls {
+            let answer = http.get(format!("{url}/admin/digests")).timeout(Duration::from_secs(30)).send().await;
+            match answer {
+                Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>().await {
+                    Ok(v) => seen.extend(digests_of(&v)),
+                    Err(e) => missing.push(format!("{url}: {e}")),
+                },
+                Ok(r) if r.status().as_u16() == 404 => {
+                    return invariant(NAME, vec![], false, format!("{url} has no /admin/digests (an older build)"));
+                }
+                Ok(r) => missing.push(format!("{url}: HTTP {}", r.status().as_u16())),
+                Err(e) => missing.push(format!("{url}: {e}")),
+            }
+        }
+        let round = judge_digests(&seen);
+        let detail = format!(
+            "{} shards: {} agreed, {} diverged, {} still catching up; {} replicas from {} of {} nodes",
+            round.agreed.len() + round.diverged.len() + round.unsettled.len(),
+            round.agreed.len(),
+            round.diverged.len(),
+            round.unsettled.len(),
+            seen.len(),
+            urls.len() - missing.len(),
+            urls.len()
+        );
+        if !round.diverged.is_empty() {
+            return invariant(NAME, round.diverged, true, detail);
+        }
+        if round.unsettled.is_empty() && missing.is_empty() {
+            return invariant(NAME, vec![], !round.agreed.is_empty(), detail);
+        }
+        if Instant::now() >= deadline {
+            let mut offending = round.unsettled;
+            offending.extend(missing.into_iter().map(|m| format!("no digests from {m}")));
+            return invariant(NAME, offending, true, detail);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The digests in one node's answer.
+fn digests_of(v: &Value) -> Vec<SeenDigest> {
+    let node = v["node"].as_str().unwrap_or("?").to_string();
+    v["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| SeenDigest {
+                    node: node.clone(),
+                    shard: format!("{}/{}", r["capability"].as_str().unwrap_or("?"), r["shard"].as_u64().unwrap_or(0)),
+                    applied_index: r["applied_index"].as_u64(),
+                    sha256: r["sha256"].as_str().unwrap_or("").to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    fn d(node: &str, shard: &str, index: u64, sha: &str) -> SeenDigest {
+        SeenDigest { node: node.into(), shard: shard.into(), applied_index: Some(index), sha256: sha.into() }
+    }
+
+    #[test]
+    fn replicas_at_one_index_with_one_digest_agree() {
+        let r =
+            judge_digests(&[d("n1", "orders/0", 9, "aa"), d("n2", "orders/0", 9, "aa"), d("n3", "orders/0", 9, "aa")]);
+        assert_eq!(r, DigestRound { agreed: vec!["orders/0".into()], ..Default::default() });
+    }
+
+    #[test]
+    fn a_replica_behind_is_unsettled_not_diverged() {
+        let r =
+            judge_digests(&[d("n1", "orders/0", 9, "aa"), d("n2", "orders/0", 9, "aa"), d("n3", "orders/0", 7, "bb")]);
+        assert!(r.agreed.is_empty() && r.diverged.is_empty());
+        assert_eq!(r.unsettled, vec!["orders/0: applied indexes n1 9, n2 9, n3 7".to_string()]);
+    }
+
+    #[test]
+    fn two_replicas_at_one_index_with_different_digests_diverged_even_while_a_third_catches_up() {
+        let r = judge_digests(&[
+            d("n1", "payments/0", 9, "aaaa"),
+            d("n2", "payments/0", 9, "bbbb"),
+            d("n3", "payments/0", 4, "cccc"),
+            d("n1", "orders/0", 3, "ee"),
+            d("n2", "orders/0", 3, "ee"),
+        ]);
+        assert_eq!(r.agreed, vec!["orders/0".to_string()]);
+        assert_eq!(r.diverged, vec!["payments/0 at index 9: n1 aaaa, n2 bbbb".to_string()]);
+        assert!(r.unsettled.is_empty());
+    }
+
+    #[test]
+    fn the_answer_of_a_node_is_read_by_shard() {
+        let v = serde_json::json!({"node": "n2", "replicas": [
+            {"capability": "inventory", "shard": 1, "applied_index": 12, "records": 3, "sha256": "ab"},
+            {"capability": "orders", "shard": 0, "applied_index": null, "records": 0, "sha256": "cd"}
+        ]});
+        let got = digests_of(&v);
+        assert_eq!(got[0], d("n2", "inventory/1", 12, "ab"));
+        assert_eq!(got[1].applied_index, None);
+    }
 }

@@ -366,6 +366,8 @@ async fn run_on(
     progress("checking the invariants");
     let orders = load.log.lock().map(|l| l.orders.clone()).unwrap_or_default();
     let checked = check(http, &urls, &orders, &baseline, t0, deadline).await;
+    progress("checking that every shard's replicas agree");
+    let agree = crate::check::replicas_agree(http, &urls, Instant::now() + Duration::from_secs(30)).await;
     let log_arc = load.log.clone();
     load.join().await;
     let obs_arc = observer.obs.clone();
@@ -377,6 +379,7 @@ async fn run_on(
     let obs = obs_arc.lock().map_err(|_| "observations poisoned".to_string())?;
     let mut report = build_report(sc, target.kind(), started_at, &log, &obs, &phases, records, load_end_s, duration_s);
     report.invariants = checked.invariants;
+    report.invariants.push(agree);
     let undetected: Vec<String> = report
         .faults
         .iter()

@@ -67,7 +67,12 @@ fn smoke_scenario_passes_with_a_verdict_and_a_timeline() {
         serde_json::from_str(&std::fs::read_to_string(report.join("verdict.json")).expect("verdict.json"))
             .expect("verdict.json is JSON");
     assert_eq!(verdict["verdict"], "pass", "{out}");
-    assert_eq!(verdict["invariants"].as_array().map(Vec::len), Some(7), "{out}");
+    assert_eq!(verdict["invariants"].as_array().map(Vec::len), Some(8), "{out}");
+    // Every shard's replicas came to one applied index with one state digest.
+    let agree = verdict["invariants"].as_array().and_then(|a| a.iter().find(|i| i["name"] == "replicas_agree"));
+    let agree = agree.unwrap_or_else(|| panic!("no replicas_agree invariant: {out}"));
+    assert!(agree["held"] == true && agree["judged"] == true, "{agree}");
+    eprintln!("replicas_agree: {}", agree["detail"]);
     assert!(verdict["totals"]["acknowledged"].as_u64().unwrap_or(0) > 100, "{out}");
     for kind in ["kill", "pause", "partition"] {
         assert!(verdict["detection"][kind]["count"].as_u64() == Some(1), "no {kind} detection: {out}");

@@ -36,9 +36,9 @@ use crate::observe::{carry, traceparent};
 use crate::ready;
 use crate::validate::{self, AdminAction, NewOrder, StockUpdate};
 use crate::views::{
-    CapabilityView, ClusterNode, ClusterView, DeadLetter as DeadLetterView, DeadLetterList, Delivery, Health, Liveness,
-    NotificationList, Order, OrderList, PanicFault, PanicInjected, PartitionFault, PartitionSet, Payment, PaymentList,
-    Readiness, ReadyState, Shard, ShipmentList, Stock, UnreachableShard,
+    CapabilityView, ClusterNode, ClusterView, DeadLetter as DeadLetterView, DeadLetterList, Delivery, Digests, Health,
+    Liveness, NotificationList, Order, OrderList, PanicFault, PanicInjected, PartitionFault, PartitionSet, Payment,
+    PaymentList, Readiness, ReadyState, ReplicaDigest, Shard, ShipmentList, Stock, UnreachableShard,
 };
 use crate::AppState;
 
@@ -662,6 +662,32 @@ fn shards(st: &AppState) -> Vec<Shard> {
 )]
 pub async fn cluster(State(st): State<AppState>) -> Json<ClusterView> {
     Json(cluster_view(&st))
+}
+
+#[utoipa::path(
+    get, path = "/admin/digests", tag = "admin", operation_id = "getDigests",
+    summary = "A digest of the state of every replica on this node",
+    description = "For each replica this node hosts: its applied Raft index and a SHA-256 of its whole state at that index. Replicas of a shard at the same index must agree; `bulkhead-chaos` compares them after every run. Reads every replica's whole state (without stopping its applies): an operator's check, not for a hot loop.",
+    responses(
+        (status = 200, description = "Every local replica's digest.", body = Digests),
+        (status = 503, description = "A replica's state could not be read (`unavailable`)."),
+    )
+)]
+pub async fn digests(State(st): State<AppState>) -> Result<Json<Digests>, ApiError> {
+    let mut local = st.cluster.raft().all();
+    local.sort_by_key(|r| r.id);
+    let mut replicas = Vec::new();
+    for r in local {
+        let d = r.digest().await.map_err(|e| ApiError::unavailable(format!("{}: {e}", r.id)))?;
+        replicas.push(ReplicaDigest {
+            capability: r.id.capability.into(),
+            shard: r.id.shard,
+            applied_index: d.applied_index,
+            records: d.records,
+            sha256: d.sha256,
+        });
+    }
+    Ok(Json(Digests { node: st.cluster.name().to_string(), replicas }))
 }
 
 #[utoipa::path(

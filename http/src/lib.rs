@@ -93,6 +93,7 @@ pub fn routes(fault_injection: bool) -> (Router<AppState>, utoipa::openapi::Open
         .routes(routes!(api::list_notifications))
         .routes(routes!(api::list_dead_letters))
         .routes(routes!(api::cluster))
+        .routes(routes!(api::digests))
         .routes(routes!(api::healthz))
         .routes(routes!(api::readyz))
         .routes(routes!(metrics::metrics))

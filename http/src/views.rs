@@ -445,6 +445,28 @@ impl Shard {
     }
 }
 
+/// The digests of the answering node's replicas (`GET /admin/digests`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Digests {
+    /// The node that answered.
+    pub node: String,
+    pub replicas: Vec<ReplicaDigest>,
+}
+
+/// A fingerprint of one replica's state: replicas of one shard at the same `applied_index` must
+/// have the same `sha256`; if they do not, they diverged.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ReplicaDigest {
+    pub capability: Capability,
+    pub shard: u32,
+    /// The Raft index the state stands for (`null`: nothing applied yet).
+    pub applied_index: Option<u64>,
+    /// Records in the state (every table of the capability).
+    pub records: u64,
+    /// SHA-256 over every record, key and value, in key order (hex).
+    pub sha256: String,
+}
+
 /// Every node and capability as the answering node sees them.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ClusterView {

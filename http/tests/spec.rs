@@ -25,6 +25,7 @@ use tower::ServiceExt;
 /// What the API routes, written out: a route added or removed shows here, in review.
 const ROUTES: &[(&str, &str)] = &[
     ("/", "get"),
+    ("/admin/digests", "get"),
     ("/healthz", "get"),
     ("/metrics", "get"),
     ("/openapi.json", "get"),

@@ -20,7 +20,7 @@ use serde::Serialize;
 use super::clock::LeaderClock;
 use super::log_store::LogStore;
 use super::network::{Network, RaftRpc, RaftRpcReply};
-use super::state_machine::{Machine, StateMachineStore};
+use super::state_machine::{Machine, StateDigest, StateMachineStore};
 use super::types::{member_id, GroupId, Identity, MemberId, Proposal, Raft, ReplyBatch, GROUP_TIME, IDENTITY};
 use crate::call::CallError;
 use crate::config::ShardPlacement;
@@ -86,7 +86,9 @@ pub struct Replica {
     pub member: MemberId,
     pub raft: Raft,
     pub placement: ShardPlacement,
-    store: Store,
+    /// The state machine (its store holds the capability's tables), for what is read beside
+    /// openraft: the tables, the state's digest.
+    sm: StateMachineStore,
     pub stats: Arc<ReplicaStats>,
     handing_over: Arc<AtomicBool>,
     /// A membership change (a new member catching up, then swapped in) is under way.
@@ -241,7 +243,17 @@ impl Replica {
     /// The replica's store: the capability's tables as applied so far on this node (reads that
     /// must be linearizable go through [`Replica::read_barrier`] first).
     pub fn store(&self) -> &Store {
-        &self.store
+        self.sm.store()
+    }
+
+    /// The digest of this replica's state at its applied index (see [`StateDigest`]), read on the
+    /// blocking pool.
+    pub async fn digest(&self) -> Result<StateDigest, String> {
+        let sm = self.sm.clone();
+        match tokio::task::spawn_blocking(move || sm.digest()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the digest task failed: {e}")),
+        }
     }
 
     pub fn is_initialized(&self) -> bool {
@@ -292,7 +304,7 @@ impl Replica {
     /// clock, except for a group that has no time yet.
     pub fn now_ms(&self) -> u64 {
         let term = self.raft.metrics().borrow().current_term;
-        let group_ms = || GROUP_TIME.get(&self.store, &0).ok().flatten().map_or(0, |t| t.0);
+        let group_ms = || GROUP_TIME.get(self.sm.store(), &0).ok().flatten().map_or(0, |t| t.0);
         let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
         LeaderClock::now_ms(&mut clock, term, group_ms, now_ms(), Instant::now())
     }
@@ -586,7 +598,7 @@ pub async fn start<M: Machine>(
     let sm = StateMachineStore::new(store.clone(), Arc::new(machine));
     let state_records = sm.state_records();
     let log_store = LogStore::new(log, store.clone(), group.log_stream(ident.incarnation));
-    let raft = Raft::new(member, config, network, log_store, sm)
+    let raft = Raft::new(member, config, network, log_store, sm.clone())
         .await
         .map_err(|e| format!("cannot start the raft replica of {group}: {e}"))?;
     let proposal_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms);
@@ -595,7 +607,7 @@ pub async fn start<M: Machine>(
         member,
         raft,
         placement,
-        store,
+        sm,
         stats: Arc::default(),
         handing_over: Arc::default(),
         reconfiguring: Arc::default(),

@@ -53,5 +53,5 @@ pub const MAX_FRAME: u64 = 8 * 1024 * 1024;
 
 pub use group::{shard_health, ProposeError, Registry, Replica, ReplicaStatus, Role, ShardHealth, ShardStatus};
 pub use network::{RaftRouter, RaftRpc, RaftRpcReply};
-pub use state_machine::Machine;
+pub use state_machine::{Machine, StateDigest};
 pub use types::{member_id, GroupId, MemberId, GROUP_TIME, NODE_LOG_DIR, RAFT_TABLES_FROM};

@@ -67,10 +67,27 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// The most one decode may claim for strings (and any container bincode decodes natively), in
+/// bytes, whatever the bytes' length prefixes say. bincode allocates a string's claimed length
+/// *before* it reads it, so without a limit a length prefix of 2^40 in a peer's message made the
+/// node ask for a terabyte and abort (`tests/wire_decoders.rs` found it). Sequences decoded through
+/// serde (`Vec<u8>` fields, lists of records) claim nothing here: serde preallocates at most 1 MiB
+/// for them and grows only as elements decode. 16 MiB is twice a cluster frame (`MAX_FRAME`);
+/// no record of ours holds a fraction of that in strings.
+pub const DECODE_LIMIT: usize = 16 * 1024 * 1024;
+
+fn decode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
 /// Decodes a bare bincode payload (no version byte); for [`Record::upgrade`] implementations.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice(payload, config()).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (value, used) = bincode::serde::decode_from_slice(payload, decode_config())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(CodecError::Malformed(format!("{} trailing bytes after the record", payload.len() - used)));
     }

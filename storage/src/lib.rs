@@ -31,7 +31,7 @@ mod record_fixtures;
 mod store;
 mod table;
 
-pub use codec::{decode, decode_either, decode_payload, encode, unknown_version, CodecError, Record};
+pub use codec::{decode, decode_either, decode_payload, encode, unknown_version, CodecError, Record, DECODE_LIMIT};
 pub use idempotency::{IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::{name_prefix, Key};
 pub use nodelog::{NodeLog, NodeLogStats};

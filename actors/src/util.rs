@@ -37,6 +37,8 @@ impl From<ProposeError> for Unserved {
             ProposeError::NoLeader => Unserved::NotLeader(None),
             // A write that timed out may still commit: the caller retries with the same ids.
             ProposeError::TimedOut(_) | ProposeError::Failed(_) => Unserved::Unavailable(e.to_string()),
+            // Nothing was sent; the same command would be refused again (logged by the caller).
+            ProposeError::TooLarge { .. } => Unserved::Unavailable(e.to_string()),
         }
     }
 }

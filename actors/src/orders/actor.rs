@@ -380,9 +380,9 @@ impl OrdersState {
         let record = saga::must_commit(&event);
         let before = s.order.clone();
         let cmds = saga::step(&mut s.order, event, now, jitter());
-        if s.order == before || !record {
-            // Nothing new, or nothing a resumed saga would not find again (a granted hold): the
-            // next recorded step carries it.
+        if !saga::worth_recording(&before, &s.order) || !record {
+            // Nothing new (or only the retry bookkeeping), or nothing a resumed saga would not
+            // find again (a granted hold): the next recorded step carries it.
             return self.execute(myself, order_id, cmds);
         }
         // A step's commands wait for its commit (a new leader must find what was asked for), but

@@ -228,8 +228,31 @@ pub fn new_order(
     }
 }
 
+/// The most history entries an order keeps: the first ("created") and the newest. An order's
+/// history grows only when its wait changes (see [`transient`]); the cap makes "only" a bound even
+/// for an order that waits on payments and inventory in turn for hours.
+pub const MAX_HISTORY: usize = 24;
+
 fn note(o: &mut OrderRecord, now_ms: u64, event: impl Into<String>) {
     o.history.push(HistoryEntry { at_ms: now_ms, event: event.into() });
+    if o.history.len() > MAX_HISTORY {
+        // Keep "created", drop the oldest after it.
+        o.history.remove(1);
+    }
+}
+
+/// Whether a step changed what must be recorded: anything but the retry bookkeeping. `attempts`
+/// only sets the next backoff and `retry_scheduled` only the timer of this leader (a resumed saga
+/// starts with none), so a step that changed nothing else is not proposed: a long outage of a
+/// peer then costs no Raft write per retry, and the record stays the size it was.
+pub fn worth_recording(before: &OrderRecord, after: &OrderRecord) -> bool {
+    let bookkeeping = |o: &OrderRecord| (o.attempts, o.retry_scheduled);
+    if bookkeeping(before) == bookkeeping(after) {
+        return before != after;
+    }
+    let mut a = after.clone();
+    (a.attempts, a.retry_scheduled) = bookkeeping(before);
+    &a != before
 }
 
 fn outstanding(o: &mut OrderRecord) -> Vec<Command> {
@@ -263,11 +286,15 @@ fn finish(o: &mut OrderRecord, now_ms: u64, status: OrderStatus, reason: Option<
     vec![Command::Finish]
 }
 
-fn transient(o: &mut OrderRecord, now_ms: u64, why: String, jitter: f64) -> Vec<Command> {
+/// A peer could not answer: wait and retry. The record notes *what* the order waits on (the
+/// payments service, an inventory shard), once per change of it: never the error's own text,
+/// which carries counters ("next try in 3400 ms", "17 requests queued") that would make every
+/// retry a new history entry and a new Raft write of the whole record.
+fn transient(o: &mut OrderRecord, now_ms: u64, waiting_on: String, jitter: f64) -> Vec<Command> {
     o.attempts = o.attempts.saturating_add(1);
-    if o.last_wait.as_deref() != Some(why.as_str()) {
-        note(o, now_ms, format!("waiting: {why}"));
-        o.last_wait = Some(why);
+    if o.last_wait.as_deref() != Some(waiting_on.as_str()) {
+        note(o, now_ms, format!("waiting: {waiting_on} unavailable, retrying"));
+        o.last_wait = Some(waiting_on);
     }
     if o.retry_scheduled {
         return vec![];
@@ -332,7 +359,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                 ReserveOutcome::AlreadyReleased => {
                     finish(o, now_ms, OrderStatus::Cancelled, Some("reservation_expired"))
                 }
-                ReserveOutcome::Unavailable(why) => transient(o, now_ms, format!("inventory on {node}: {why}"), jitter),
+                ReserveOutcome::Unavailable(_) => transient(o, now_ms, format!("inventory on {node}"), jitter),
             }
         }
         Event::Charge(outcome) => {
@@ -349,7 +376,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                     note(o, now_ms, format!("payment declined: {reason}"));
                     finish(o, now_ms, OrderStatus::Cancelled, Some("payment_declined"))
                 }
-                ChargeOutcome::Unavailable(why) => transient(o, now_ms, format!("payments: {why}"), jitter),
+                ChargeOutcome::Unavailable(_) => transient(o, now_ms, "payments".to_string(), jitter),
             }
         }
     }
@@ -503,6 +530,65 @@ mod tests {
             vec![Command::Reserve { node: "n1".into(), items: vec![item("a", 1)] }]
         );
         assert_eq!(step(&mut o, down("n1"), 5, 1.0), vec![Command::RetryIn(400)]);
+    }
+
+    /// Payments unreachable for the equivalent of hours (10,000 retries at the 5 s cap is about
+    /// 14 hours), with error texts that carry counters, as the call path's do: the record stays
+    /// small and its history bounded, and after the first note of the wait no retry changes
+    /// anything worth a Raft write, so the shard is not flooded with steps. Then payments
+    /// recovers and the order confirms.
+    #[test]
+    fn a_long_payments_outage_neither_grows_the_record_nor_writes_a_step_per_retry() {
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
+        step(&mut o, reserved("n2", line("b", 2, 50)), 3, 1.0);
+        let size = |o: &OrderRecord| bulkhead_storage::encode(o).len();
+        let at_start = size(&o);
+        let mut recorded = 0;
+        for i in 0..10_000u64 {
+            let now = 10 + i * 5_000;
+            let why = format!("circuit breaker open, next try in {} ms; {} requests queued", 5_000 - i % 977, i % 31);
+            for event in [Event::Charge(ChargeOutcome::Unavailable(why)), Event::RetryDue] {
+                let before = o.clone();
+                step(&mut o, event, now, 0.7);
+                recorded += usize::from(worth_recording(&before, &o));
+            }
+        }
+        assert_eq!(recorded, 1, "only the first wait is worth a write");
+        assert_eq!(o.status, OrderStatus::Pending);
+        assert!(o.history.len() <= MAX_HISTORY, "{}", o.history.len());
+        assert!(size(&o) < at_start + 200, "the record grew from {at_start} to {} bytes", size(&o));
+        assert_eq!(o.history.last().map(|h| h.event.as_str()), Some("waiting: payments unavailable, retrying"));
+        let c = step(&mut o, Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() }), 1, 1.0);
+        assert_eq!((c, o.status), (vec![Command::Finish], OrderStatus::Confirmed));
+    }
+
+    #[test]
+    fn history_keeps_its_first_entry_and_the_newest() {
+        let mut o = two_shard_order();
+        for i in 0..100 {
+            note(&mut o, i, format!("event {i}"));
+        }
+        assert_eq!(o.history.len(), MAX_HISTORY);
+        assert_eq!(o.history[0].event, "created");
+        assert_eq!(o.history[MAX_HISTORY - 1].event, "event 99");
+        assert_eq!(o.history[1].event, format!("event {}", 100 - (MAX_HISTORY - 1)));
+    }
+
+    #[test]
+    fn only_the_retry_bookkeeping_is_not_worth_recording() {
+        let o = two_shard_order();
+        let mut a = o.clone();
+        a.attempts += 3;
+        a.retry_scheduled = true;
+        assert!(!worth_recording(&o, &a));
+        assert!(!worth_recording(&o, &o.clone()));
+        a.last_wait = Some("payments".into());
+        assert!(worth_recording(&o, &a));
+        let mut b = o.clone();
+        b.phase = Phase::Charging;
+        assert!(worth_recording(&o, &b));
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum ProposeError {
     /// The replica is shutting down or its storage failed.
     #[error("replica failed: {0}")]
     Failed(String),
+    /// The command is larger than any entry may be ([`super::MAX_COMMAND`]): refused, never sent.
+    #[error("a command of {bytes} bytes is larger than the {limit} a shard accepts")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 impl ProposeError {
@@ -52,7 +55,16 @@ impl ProposeError {
             ProposeError::NoLeader => "no_leader",
             ProposeError::TimedOut(_) => "timed_out",
             ProposeError::Failed(_) => "failed",
+            ProposeError::TooLarge { .. } => "too_large",
         }
+    }
+}
+
+/// Refuses a command larger than [`super::MAX_COMMAND`] (pure).
+fn within_size(command: &[u8]) -> Result<(), ProposeError> {
+    match command.len() {
+        n if n > super::MAX_COMMAND => Err(ProposeError::TooLarge { bytes: n, limit: super::MAX_COMMAND }),
+        _ => Ok(()),
     }
 }
 
@@ -324,7 +336,9 @@ impl Replica {
         let started = Instant::now();
         let span = tracing::debug_span!("raft.propose", group = %self.id);
         let result = async {
-            let reply = self.submit(encode(cmd)).await?;
+            let command = encode(cmd);
+            within_size(&command)?;
+            let reply = self.submit(command).await?;
             decode::<M::Reply>(&reply).map_err(|e| ProposeError::Failed(e.to_string()))
         }
         .instrument(span)
@@ -1208,6 +1222,18 @@ async fn hand_off(cluster: &Cluster, r: &Replica) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_too_large_for_an_entry_is_refused_and_a_full_append_fits_a_frame() {
+        assert!(within_size(&vec![0; super::super::MAX_COMMAND]).is_ok());
+        let e = within_size(&vec![0; super::super::MAX_COMMAND + 1]).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        assert!(e.to_string().contains("131073 bytes"), "{e}");
+        // The most one AppendEntries can carry (entries of at most a command each, with room for
+        // the entry's own fields) stays below the frame a link accepts.
+        let per_entry = super::super::MAX_COMMAND.max(BATCH_BYTES) as u64 + 1024;
+        assert!(super::super::MAX_PAYLOAD_ENTRIES * per_entry < super::super::MAX_FRAME);
+    }
 
     #[test]
     fn a_shard_without_a_leader_is_electing_until_a_majority_of_its_replicas_is_down() {

@@ -41,9 +41,14 @@ pub mod network;
 pub mod state_machine;
 pub mod types;
 
-/// Entries in one AppendEntries. Every entry is one command, and no command is larger than the
-/// HTTP body it came from (64 KiB) plus its envelope: 48 of them stay under 3.5 MiB.
+/// Entries in one AppendEntries. An entry is a batch of commands that stops at 64 KiB, or one
+/// command alone, which is refused at proposal above [`MAX_COMMAND`]: 48 entries stay under
+/// 6.1 MiB, below [`MAX_FRAME`], so no AppendEntries can outgrow a link's frame (a link that got
+/// one would close, and the shard would stop committing).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 48;
+/// The largest command a replica proposes (`ProposeError::TooLarge` above it, nothing sent). Twice
+/// the largest HTTP body (64 KiB): an order placed from one, its record, a sweep of 400 keys.
+pub const MAX_COMMAND: usize = 128 * 1024;
 /// Bytes of a snapshot sent in one InstallSnapshot.
 pub const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
 /// The largest frame a cluster link accepts; ractor_cluster's default is 16 MiB. The largest real

@@ -211,6 +211,11 @@ async fn a_store_that_will_not_open_is_reported_and_kept() {
     assert_eq!(r.status, 503);
     let problems = r.body["problems"].to_string();
     assert!(problems.contains("payments-0 store") && problems.contains("n2/payments-0"), "{problems}");
+    // Without the admin token: not ready, and nothing about paths or peers.
+    let anonymous = reqwest::get(format!("{}/readyz", tc.url(1))).await.expect("GET /readyz");
+    assert_eq!(anonymous.status().as_u16(), 503);
+    let body: serde_json::Value = anonymous.json().await.expect("JSON");
+    assert_eq!(body, serde_json::json!({"status": "not_ready"}), "a stranger learned why");
     assert_eq!(std::fs::read(tc.dir.path().join("n2").join("payments-0")).unwrap(), b"precious bytes");
     // The rest of the cluster works; orders wait for payments instead of failing. (A new group is
     // initialized by its preferred node, n2, so payments has no leader until n2's store opens.)

@@ -14,7 +14,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{
@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 pub use bulkhead_storage::rfc3339;
 
+use crate::auth::Scope;
 use crate::error::{ApiError, ErrorBody};
 use crate::observe::{carry, traceparent};
 use crate::ready;
@@ -705,14 +706,18 @@ pub async fn healthz() -> Json<Health> {
     description = "Ready when every capability this node hosts is serving, every shard it holds has a leader, no peer was refused for another shard map, and (with seeds) it has joined a peer. `draining` (503) from the moment the node starts stopping (SIGTERM).",
     responses(
         (status = 200, description = "Ready.", body = Readiness),
-        (status = 503, description = "Not ready (`problems` says why), or draining.", body = Readiness,
+        (status = 503, description = "Not ready, or draining. `problems` says why, to a caller with the admin token only (they name paths, peers and shards).", body = Readiness,
             headers(("Retry-After" = u32, description = "Seconds to wait before asking again."))),
     )
 )]
 /// `/readyz`: 200 when [`crate::ready::judge`] says ready; 503 with the problems when not, and
 /// 503 `{"status":"draining"}` from the moment the node starts stopping.
-pub async fn readyz(State(st): State<AppState>) -> Response {
-    let unavailable = |status, problems| {
+pub async fn readyz(State(st): State<AppState>, scope: Option<Extension<Scope>>) -> Response {
+    // The reasons name paths, peers and shards: for the operator only. Anyone else (a load
+    // balancer, a stranger) learns ready or not, and why not only with the admin token.
+    let operator = scope.is_some_and(|Extension(s)| s == Scope::Admin);
+    let unavailable = |status, problems: Vec<String>| {
+        let problems = if operator { problems } else { Vec::new() };
         (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(Readiness { status, problems }))
             .into_response()
     };

@@ -135,13 +135,18 @@ pub enum Verdict {
     },
 }
 
-/// Judges a caller against a route's scope.
-pub fn decide(needs: Scope, caller: Caller) -> Verdict {
-    let has = match caller {
+/// The scope a caller's credentials give.
+pub fn scope_of(caller: Caller) -> Scope {
+    match caller {
         Caller::Unchecked | Caller::Admin => Scope::Admin,
         Caller::Client => Scope::Client,
         Caller::Anonymous | Caller::Malformed | Caller::Unknown => Scope::Public,
-    };
+    }
+}
+
+/// Judges a caller against a route's scope.
+pub fn decide(needs: Scope, caller: Caller) -> Verdict {
+    let has = scope_of(caller);
     if has >= needs {
         Verdict::Allow
     } else if has == Scope::Public {
@@ -185,7 +190,7 @@ impl Guard {
 }
 
 /// The middleware: limits, then the token, then the token's limit (see the module docs).
-pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+pub async fn guard(State(g): State<Arc<Guard>>, mut req: Request, next: Next) -> Response {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
         if let Err(wait) = Guard::admit(&g.per_address, &peer.ip()) {
             g.metrics.rate_limited.fetch_add(1, Relaxed);
@@ -211,6 +216,8 @@ pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
             return too_many(wait, "this token");
         }
     }
+    // What the caller may see, for handlers that answer everyone but say more to the operator.
+    req.extensions_mut().insert(scope_of(caller));
     next.run(req).await
 }
 

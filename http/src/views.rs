@@ -504,8 +504,8 @@ pub enum ReadyState {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Readiness {
     pub status: ReadyState,
-    /// Present when not ready: capabilities not serving, shards without a leader, peers refused,
-    /// or not joined.
+    /// Present when not ready, and only to the admin token: capabilities not serving, shards
+    /// without a leader or stopped, peers refused, or not joined.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
 }

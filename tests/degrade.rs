@@ -122,3 +122,47 @@ async fn a_poison_event_ends_in_the_dead_letters_and_does_not_block_its_destinat
     let text = tc.http.get(format!("{}/metrics", tc.url(0))).send().await.expect("metrics").text().await.expect("text");
     assert_eq!(sample(&text, "bulkhead_dead_letters_total"), Some(1), "{text}");
 }
+
+/// No stock held hostage: an order whose charge is not definite within its reservation window (a
+/// second here; `tok_slow` keeps payments busy for 3 s, past the call timeout) is cancelled by the
+/// saga, its hold goes back to the stock, and the charge that lands later is refunded or refused:
+/// nothing stays charged for a cancelled order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_without_a_definite_charge_in_its_window_is_cancelled_and_its_stock_returns() {
+    let timing = Timing { wait_budget_ms: 300, call_timeout_ms: 1_000, ..Timing::default() };
+    let tc = start_configured(timing, |cfgs| {
+        for c in cfgs.iter_mut() {
+            c.orders.reservation_window_ms = 1_000;
+        }
+    })
+    .await;
+    tc.stock("window-1", 10, 100).await;
+    let placed = std::time::Instant::now();
+    let r = tc.order(0, None, "window-1", 3, "tok_slow").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["order_id"].as_str().expect("order id").to_string();
+    let order = eventually(Duration::from_secs(20), "the order is cancelled by its window", || async {
+        let o = tc.get(1, &format!("/v1/orders/{id}")).await.body;
+        (o["status"] != "pending").then_some(o)
+    })
+    .await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("cancelled"), Some("reservation_window_passed"))
+    );
+    eventually(Duration::from_secs(15), "the hold goes back to the stock", || async {
+        let s = tc.get(2, "/v1/inventory/window-1").await.body;
+        (s["available"] == 10 && s["reserved"] == 0 && s["sold"] == 0).then_some(())
+    })
+    .await;
+    // The slow charge finishes after the cancel: refunded if it landed first, else refused. The
+    // fake provider's delay is a fixed 3 s from the first charge call, so this waits that out
+    // (a fault's own clock, not a guess at readiness).
+    tokio::time::sleep_until((placed + Duration::from_millis(3_500)).into()).await;
+    // A voided order is not listed (it never had a charge); a refunded one is, as refunded.
+    eventually(Duration::from_secs(10), "the payment refunded or voided", || async {
+        let p = tc.get(1, &format!("/v1/payments?order_id={id}")).await.body;
+        p["payments"].as_array()?.iter().all(|x| x["status"] == "refunded").then_some(())
+    })
+    .await;
+}

@@ -460,6 +460,23 @@ impl Default for RateLimit {
     }
 }
 
+/// `[orders]`: the order saga's own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrdersConfig {
+    /// How long an order may hold stock without a definite charge: past it (in the shard's group
+    /// time) the saga cancels the order, voids or refunds any charge that may have landed, and
+    /// releases its holds, so an outage of payments keeps no stock from other buyers for longer.
+    /// Every node should use the same value: the leader of the order's shard applies its own.
+    pub reservation_window_ms: u64,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        Self { reservation_window_ms: 15 * 60 * 1000 }
+    }
+}
+
 /// One node's configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -498,6 +515,8 @@ pub struct NodeConfig {
     pub timing: Timing,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub orders: OrdersConfig,
     #[serde(default)]
     pub http: HttpEdge,
     /// `tokens` (default) or `off`.
@@ -616,6 +635,9 @@ impl NodeConfig {
         }
         if self.rate_limit.per_address == 0 || self.rate_limit.per_token == 0 {
             return Err("rate_limit: per_address and per_token must be > 0".into());
+        }
+        if self.orders.reservation_window_ms < 100 {
+            return Err("orders.reservation_window_ms must be at least 100 (default 900000: 15 minutes)".into());
         }
         if self.cluster_advertise.is_none() && self.cluster_listen.ip().is_unspecified() {
             return Err(format!(

@@ -38,8 +38,8 @@ pub mod wire;
 pub use breaker::BreakerState;
 pub use call::CallError;
 pub use config::{
-    ApiTokens, AuthMode, Capability, HttpEdge, Limits, LogConfig, LogFormat, NodeConfig, RateLimit, ShardMap,
-    TelemetryConfig, Timing, TlsMode,
+    ApiTokens, AuthMode, Capability, HttpEdge, Limits, LogConfig, LogFormat, NodeConfig, OrdersConfig, RateLimit,
+    ShardMap, TelemetryConfig, Timing, TlsMode,
 };
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};

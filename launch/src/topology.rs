@@ -96,6 +96,7 @@ pub fn cluster_configs(
                 fault_injection,
                 timing: timing.clone(),
                 limits: Default::default(),
+                orders: Default::default(),
                 http: Default::default(),
                 auth: Default::default(),
                 client_token_file: None,

@@ -372,11 +372,18 @@ impl OrdersState {
         let Some(shard) = self.sagas.get(&order_id).map(|s| s.shard) else { return };
         // The group's time, as every time this worker puts into a command (see `raft::clock`).
         let now = self.replica(shard).map(|r| r.now_ms()).unwrap_or_else(|_| now_ms());
+        let window = self.args.cluster.config().orders.reservation_window_ms;
         let Some(s) = self.sagas.get_mut(&order_id) else { return };
         if s.in_flight {
             s.queued.push_back(event);
             return;
         }
+        // A retry (or a resume) past the order's reservation window cancels it instead: the
+        // window is judged on the group's time, like every time the saga records.
+        let event = match event {
+            Event::RetryDue | Event::Resume if saga::window_passed(&s.order, now, window) => Event::WindowPassed,
+            other => other,
+        };
         let record = saga::must_commit(&event);
         let before = s.order.clone();
         let cmds = saga::step(&mut s.order, event, now, jitter());

@@ -140,6 +140,19 @@ pub enum Event {
     },
     Charge(ChargeOutcome),
     RetryDue,
+    /// The order's reservation window passed (see [`window_passed`]) with no definite charge.
+    WindowPassed,
+}
+
+/// The reason of an order cancelled because its reservation window passed.
+pub const WINDOW_PASSED: &str = "reservation_window_passed";
+
+/// Whether an unfinished order has held its stock for `window_ms` since it was created, by the
+/// group's time `now_ms` (pure). The driver steps [`Event::WindowPassed`] then, instead of one more
+/// retry: an outage of payments (or of an inventory shard) keeps no stock from other buyers for
+/// longer than the window, whatever the retries would have done.
+pub fn window_passed(o: &OrderRecord, now_ms: u64, window_ms: u64) -> bool {
+    o.phase != Phase::Done && now_ms >= o.created_ms.saturating_add(window_ms)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +323,13 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
     }
     match event {
         Event::Start => outstanding(o),
+        // Cancelled while no charge is definite: the outbox releases every hold and refunds, or
+        // voids, whatever charge may have landed (every cancel but a decline does), so a charge
+        // that lands later is refused by the ledger, and no charged order keeps its stock.
+        Event::WindowPassed => {
+            note(o, now_ms, "reservation window passed without a definite charge");
+            finish(o, now_ms, OrderStatus::Cancelled, Some(WINDOW_PASSED))
+        }
         // A retry timer does not survive a restart: a resumed saga starts with none scheduled.
         Event::Resume | Event::RetryDue => {
             o.retry_scheduled = false;
@@ -562,6 +582,29 @@ mod tests {
         assert_eq!(o.history.last().map(|h| h.event.as_str()), Some("waiting: payments unavailable, retrying"));
         let c = step(&mut o, Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() }), 1, 1.0);
         assert_eq!((c, o.status), (vec![Command::Finish], OrderStatus::Confirmed));
+    }
+
+    #[test]
+    fn an_order_past_its_window_without_a_definite_charge_is_cancelled_released_and_voided() {
+        let window = 60_000;
+        let mut o = two_shard_order();
+        step(&mut o, Event::Start, 1, 1.0);
+        step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
+        step(&mut o, reserved("n2", line("b", 2, 50)), 3, 1.0);
+        step(&mut o, Event::Charge(ChargeOutcome::Unavailable("payments down".into())), 4, 1.0);
+        assert!(!window_passed(&o, window - 1, window));
+        assert!(window_passed(&o, window, window));
+        let c = step(&mut o, Event::WindowPassed, window, 1.0);
+        assert_eq!(c, vec![Command::Finish]);
+        assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some(WINDOW_PASSED)));
+        // Both holds released, and the charge that may have landed refunded (or the order voided).
+        let ob = outbox(&o);
+        assert_eq!(ob.iter().filter(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })).count(), 2);
+        assert!(ob.iter().any(|(d, e)| *d == Dest::Payments && matches!(e, OutboxEvent::RefundPayment { .. })));
+        // A late answer changes nothing, and a finished order is never past its window.
+        assert!(step(&mut o, Event::Charge(ChargeOutcome::Charged { payment_id: "late".into() }), 5, 1.0).is_empty());
+        assert_eq!(o.status, OrderStatus::Cancelled);
+        assert!(!window_passed(&o, u64::MAX, window));
     }
 
     #[test]

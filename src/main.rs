@@ -115,8 +115,8 @@ enum Cmd {
         keep_logs: bool,
         /// Instead: fill the orders stores with this many orders, then measure restart-to-ready,
         /// memory and a supervised worker restart, once per `--nodes` size (on three nodes, with
-        /// the first `--replicas` value, n1 is restarted while the others run: after a graceful
-        /// stop, then after a SIGKILL).
+        /// the first `--replicas` value, n1 is restarted while the others run: after a SIGKILL,
+        /// then after a graceful stop).
         #[arg(long)]
         restart_orders: Option<u64>,
     },

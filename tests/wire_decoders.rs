@@ -2,9 +2,9 @@
 //! arbitrary bytes and crafted length prefixes: none panics, and none allocates more than
 //! [`BOUND`] at once, whatever length a prefix claims.
 //!
-//! What bounds it: bincode allocates a string's claimed length before it reads the string, so the
-//! codec decodes under a limit (`bulkhead_storage::DECODE_LIMIT`, 16 MiB: twice a cluster frame)
-//! that refuses a larger claim before the allocation. Without it, a length prefix of 2^40 made a
+//! What bounds it: bincode allocates a string's claimed length before it reads the string, so
+//! network bytes are decoded under a limit (`bulkhead_storage::decode_wire`, `WIRE_DECODE_LIMIT`,
+//! 64 MiB: what a full 8 MiB frame can count) that refuses a larger claim before the allocation. Without it, a length prefix of 2^40 made a
 //! node ask for a terabyte and abort; this test found that. Sequences decoded through serde
 //! (`Vec<u8>` fields, lists) are preallocated at most 1 MiB whatever their prefix claims, and grow
 //! only as their elements actually decode.
@@ -24,12 +24,12 @@ use bulkhead_cluster::raft::network::RaftCall;
 use bulkhead_cluster::raft::types::{CommandBatch, Proposal, ReplyBatch};
 use bulkhead_cluster::raft::{RaftRpc, RaftRpcReply};
 use bulkhead_cluster::wire::{Envelope, WireReply};
-use bulkhead_storage::{decode, Record};
+use bulkhead_storage::{decode_wire, Record};
 use proptest::prelude::*;
 
 /// The largest single allocation any one decode may make: the codec's limit on what length
 /// prefixes may claim, with room for the decoded value's own small allocations.
-const BOUND: usize = bulkhead_storage::DECODE_LIMIT + 64 * 1024;
+const BOUND: usize = bulkhead_storage::WIRE_DECODE_LIMIT + 64 * 1024;
 
 struct Counting;
 
@@ -61,7 +61,7 @@ static ALLOCATOR: Counting = Counting;
 type Decoder = (&'static str, fn(&[u8]) -> bool);
 
 fn ok<T: Record>(bytes: &[u8]) -> bool {
-    decode::<T>(bytes).is_ok()
+    decode_wire::<T>(bytes).is_ok()
 }
 
 /// Every type that arrives from the network: the envelope and the replies to calls, Raft's
@@ -105,7 +105,7 @@ fn crafted() -> Vec<Vec<u8>> {
         &[253, 255, 255, 255, 255, 255, 255, 255, 127],         // i64::MAX
         &[252, 0, 0, 0, 16],                                    // 2^28, as a u32
         &[254, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], // 2^120, as a u128
-        &[252, 0, 0, 0xF0, 0],                                  // 15 MiB: under the limit
+        &[252, 0, 0, 0xF0, 3],                                  // 63 MiB: under the limit
     ];
     let mut out = Vec::new();
     for version in 0..=6u8 {

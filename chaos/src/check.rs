@@ -476,8 +476,10 @@ pub fn judge_digests(seen: &[SeenDigest]) -> DigestRound {
             .iter()
             .filter(|(_, rs)| rs.iter().any(|r| r.sha256 != rs[0].sha256))
             .map(|(i, rs)| {
-                let who: Vec<String> =
-                    rs.iter().map(|r| format!("{} {}", r.node, &r.sha256[..r.sha256.len().min(12)])).collect();
+                let who: Vec<String> = rs
+                    .iter()
+                    .map(|r| format!("{} {}", r.node, r.sha256.chars().take(12).collect::<String>()))
+                    .collect();
                 format!("{shard} at index {}: {}", i.map_or("none".into(), |i| i.to_string()), who.join(", "))
             })
             .collect();

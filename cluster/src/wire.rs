@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bulkhead_storage::{decode, decode_payload, encode, unknown_version, CodecError, Record};
+use bulkhead_storage::{decode_payload, decode_wire, encode, unknown_version, CodecError, Record};
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -134,11 +134,11 @@ pub fn seal<T: Record>(payload: &T, traceparent: &str) -> Vec<u8> {
 /// Opens an envelope and decodes its payload; counts and logs anything it cannot read.
 pub fn open<T: Record>(bytes: &[u8], what: &str) -> Result<(Envelope, T), CodecError> {
     WIRE_STATS.received.fetch_add(1, Ordering::Relaxed);
-    let env: Envelope = decode(bytes).inspect_err(|e| {
+    let env: Envelope = decode_wire(bytes).inspect_err(|e| {
         WIRE_STATS.undecodable_envelopes.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(what, error = %e, len = bytes.len(), "undecodable cluster envelope dropped");
     })?;
-    let payload = decode(&env.payload).inspect_err(|e| {
+    let payload = decode_wire(&env.payload).inspect_err(|e| {
         WIRE_STATS.undecodable_payloads.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(what, msg_id = %uuid::Uuid::from_u128(env.msg_id), traceparent = %env.traceparent,
             error = %e, "undecodable cluster payload dropped");
@@ -186,7 +186,7 @@ mod tests {
     fn envelope_fixture_decodes() {
         // Checked-in bytes of an envelope v1 {msg_id: 1, traceparent: "t", payload: [1, 5]}.
         let fixture = [1u8, 1, 1, b't', 2, 1, 5];
-        let env: Envelope = decode(&fixture).unwrap();
+        let env: Envelope = bulkhead_storage::decode(&fixture).unwrap();
         assert_eq!(env, Envelope { msg_id: 1, traceparent: "t".into(), payload: vec![1, 5] });
     }
 
@@ -194,7 +194,7 @@ mod tests {
     fn reply_fixture_decodes() {
         // Checked-in bytes of a reply v2 Refused {kind: Lost, reason: "x"}.
         let fixture = [2u8, 1, 1, 1, b'x'];
-        let reply: WireReply = decode(&fixture).unwrap();
+        let reply: WireReply = bulkhead_storage::decode(&fixture).unwrap();
         assert_eq!(reply, WireReply::Refused { kind: Refusal::Lost, reason: "x".into() });
         assert_eq!(encode(&reply), fixture);
     }

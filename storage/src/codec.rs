@@ -67,27 +67,43 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-/// The most one decode may claim for strings (and any container bincode decodes natively), in
-/// bytes, whatever the bytes' length prefixes say. bincode allocates a string's claimed length
-/// *before* it reads it, so without a limit a length prefix of 2^40 in a peer's message made the
-/// node ask for a terabyte and abort (`tests/wire_decoders.rs` found it). Sequences decoded through
-/// serde (`Vec<u8>` fields, lists of records) claim nothing here: serde preallocates at most 1 MiB
-/// for them and grows only as elements decode. 16 MiB is twice a cluster frame (`MAX_FRAME`);
-/// no record of ours holds a fraction of that in strings.
-pub const DECODE_LIMIT: usize = 16 * 1024 * 1024;
+/// The most one decode of bytes from the network may claim, in bytes. bincode counts what it
+/// decodes against a limit (a `u64` counts 8 whatever its varint's length, a string its claimed
+/// length *before* it is allocated), so under the limit a length prefix can no longer make it
+/// allocate without bound: without it, a prefix of 2^40 in a peer's message made the node ask for
+/// a terabyte and abort (`tests/wire_decoders.rs` found it). 64 MiB: eight times a cluster frame
+/// (`MAX_FRAME`, 8 MiB), what a frame full of one-byte varints would count. Records read back from
+/// our own disk (a whole snapshot, an apply's intent) are decoded without it: they can be larger,
+/// and they are ours.
+pub const WIRE_DECODE_LIMIT: usize = 64 * 1024 * 1024;
 
-fn decode_config() -> bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Varint,
-    bincode::config::Limit<DECODE_LIMIT>,
-> {
-    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+thread_local! {
+    /// Set while [`decode_wire`] runs: [`decode_payload`] (which `Record::upgrade` hooks call)
+    /// then decodes under [`WIRE_DECODE_LIMIT`].
+    static WIRE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Decodes bytes that came from the network (written by [`encode`], of this or an older version)
+/// under [`WIRE_DECODE_LIMIT`].
+pub fn decode_wire<T: Record>(bytes: &[u8]) -> Result<T, CodecError> {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WIRE.with(|w| w.set(self.0));
+        }
+    }
+    let _restore = Restore(WIRE.with(|w| w.replace(true)));
+    decode::<T>(bytes)
 }
 
 /// Decodes a bare bincode payload (no version byte); for [`Record::upgrade`] implementations.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice(payload, decode_config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let decoded = if WIRE.with(|w| w.get()) {
+        bincode::serde::decode_from_slice(payload, config().with_limit::<WIRE_DECODE_LIMIT>())
+    } else {
+        bincode::serde::decode_from_slice(payload, config())
+    };
+    let (value, used) = decoded.map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(CodecError::Malformed(format!("{} trailing bytes after the record", payload.len() - used)));
     }
@@ -121,6 +137,29 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Result<T, CodecError> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Big(Vec<u64>);
+    impl Record for Big {
+        const VERSION: u8 = 1;
+    }
+
+    #[test]
+    fn our_own_large_records_decode_and_the_network_limit_refuses_a_huge_claim() {
+        // A record whose decode counts past the network limit (each `u64` counts 8 bytes, as
+        // one-byte varints here): read back from our own disk, it decodes whole.
+        let big = Big(vec![1; WIRE_DECODE_LIMIT / 8 + 1024]);
+        let bytes = encode(&big);
+        assert_eq!(decode::<Big>(&bytes).unwrap(), big);
+        // The same bytes from a peer: over the limit, refused (and nothing allocated for it).
+        assert!(matches!(decode_wire::<Big>(&bytes), Err(CodecError::Malformed(_))));
+        // A string claiming 2^40 bytes: refused before it is allocated.
+        let mut claim = vec![1u8, 253];
+        claim.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(decode_wire::<V1>(&[&[1u8, 5][..], &claim[1..]].concat()).is_err());
+        // The flag does not outlive the call.
+        assert_eq!(decode::<Big>(&bytes).unwrap(), big);
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct V1 {

@@ -31,7 +31,9 @@ mod record_fixtures;
 mod store;
 mod table;
 
-pub use codec::{decode, decode_either, decode_payload, encode, unknown_version, CodecError, Record, DECODE_LIMIT};
+pub use codec::{
+    decode, decode_either, decode_payload, decode_wire, encode, unknown_version, CodecError, Record, WIRE_DECODE_LIMIT,
+};
 pub use idempotency::{IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::{name_prefix, Key};
 pub use nodelog::{NodeLog, NodeLogStats};

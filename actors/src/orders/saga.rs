@@ -248,9 +248,15 @@ pub const MAX_HISTORY: usize = 24;
 
 fn note(o: &mut OrderRecord, now_ms: u64, event: impl Into<String>) {
     o.history.push(HistoryEntry { at_ms: now_ms, event: event.into() });
+    trim_history(o);
+}
+
+/// Keeps "created" and the newest entries, at most [`MAX_HISTORY`] in all. Every step trims, so
+/// a record an older build let grow (one entry per changed error text) shrinks at its next step.
+fn trim_history(o: &mut OrderRecord) {
     if o.history.len() > MAX_HISTORY {
-        // Keep "created", drop the oldest after it.
-        o.history.remove(1);
+        let excess = o.history.len() - MAX_HISTORY;
+        o.history.drain(1..=excess);
     }
 }
 
@@ -321,6 +327,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
     if o.phase == Phase::Done {
         return vec![];
     }
+    trim_history(o);
     match event {
         Event::Start => outstanding(o),
         // Cancelled while no charge is definite: the outbox releases every hold and refunds, or
@@ -605,6 +612,20 @@ mod tests {
         assert!(step(&mut o, Event::Charge(ChargeOutcome::Charged { payment_id: "late".into() }), 5, 1.0).is_empty());
         assert_eq!(o.status, OrderStatus::Cancelled);
         assert!(!window_passed(&o, u64::MAX, window));
+    }
+
+    #[test]
+    fn a_record_an_older_build_let_grow_shrinks_at_its_next_step() {
+        let mut o = two_shard_order();
+        for i in 0..5_000 {
+            o.history.push(HistoryEntry { at_ms: i, event: format!("waiting: payments: next try in {i} ms") });
+        }
+        let before = o.clone();
+        step(&mut o, Event::RetryDue, 1, 1.0);
+        assert_eq!(o.history.len(), MAX_HISTORY);
+        assert_eq!(o.history[0].event, "created");
+        assert!(worth_recording(&before, &o), "the shrunk record is written");
+        assert!(bulkhead_storage::encode(&o).len() < 4096);
     }
 
     #[test]

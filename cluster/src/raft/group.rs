@@ -821,7 +821,8 @@ pub enum ShardHealth {
     MajorityLost { down: Vec<String> },
     /// This replica's Raft stopped on a fatal error (e.g. a committed command this build cannot
     /// decode, or a failed write to its log): it takes no further part in the group until the node
-    /// restarts, with a build that can go on. The other replicas serve meanwhile.
+    /// restarts, with a build that can go on. The other replicas serve meanwhile, as long as they
+    /// are a majority (in a rolling upgrade, only one node at a time runs the older build).
     Stopped { why: String },
 }
 
@@ -857,8 +858,11 @@ impl Replica {
             .filter(|n| settled || view.get(n.as_str()).is_some_and(|v| v.pid.is_some()))
             .cloned()
             .collect();
+        // A replica shut down on purpose (the node stops) is not a failure.
         if let Err(fatal) = &self.raft.metrics().borrow().running_state {
-            return ShardHealth::Stopped { why: fatal.to_string() };
+            if !matches!(fatal, openraft::error::Fatal::Stopped) {
+                return ShardHealth::Stopped { why: fatal.to_string() };
+            }
         }
         shard_health(self.leader().is_some(), &self.placement.replicas, &down)
     }

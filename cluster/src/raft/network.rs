@@ -290,7 +290,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: MemberId, node: &BasicNode) -> Peer {
-        Peer { cluster: self.cluster.clone(), group: self.group, target, node: node.addr.clone() }
+        Peer {
+            cluster: self.cluster.clone(),
+            group: self.group,
+            target,
+            node: node.addr.clone(),
+            refused_by_node: Default::default(),
+        }
     }
 }
 
@@ -301,6 +307,9 @@ pub struct Peer {
     target: MemberId,
     /// The member's node name (`BasicNode::addr`).
     node: String,
+    /// The node answered that it has no such member (a replaced incarnation): retrying soon would
+    /// only send it the same entries again.
+    refused_by_node: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +326,8 @@ impl Peer {
         // The round trip of one Raft RPC (the peer's append and fdatasync included, for appends).
         metrics::histogram!("bulkhead_raft_rpc_duration_seconds", "rpc" => kind, "ok" => if result.is_ok() { "true" } else { "false" })
             .record(started.elapsed().as_secs_f64());
+        let refused = matches!(result, Ok(RaftRpcReply::NoSuchMember(_)));
+        self.refused_by_node.store(refused, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(RaftRpcReply::NoSuchMember(why)) => Err(RPCError::Unreachable(Unreachable::new(&Refused(why)))),
             Ok(RaftRpcReply::Failed(why)) => Err(RPCError::Network(NetworkError::new(&Refused(why)))),
@@ -365,9 +376,13 @@ impl RaftNetwork<TypeConfig> for Peer {
     /// How long the leader waits before it tries an unreachable member again: 25 ms, 50 ms, then
     /// one heartbeat interval each time. openraft's default is a flat 500 ms, so a node that came
     /// back (a restart, a healed link) went unfed, and not ready, for up to half a second. A try
-    /// at a member that is still away costs nothing on the wire: `Unreachable` means the call
-    /// was refused here, before sending.
+    /// at a node that is still away costs nothing on the wire (the call is refused here, before
+    /// sending). A node that answered it has no such member (a replaced incarnation) keeps
+    /// openraft's 500 ms: each try would carry the same entries to it again.
     fn backoff(&self) -> Backoff {
+        if self.refused_by_node.load(std::sync::atomic::Ordering::Relaxed) {
+            return Backoff::new(std::iter::repeat(Duration::from_millis(500)));
+        }
         let beat = Duration::from_millis(self.cluster.config().timing.raft_heartbeat_ms.max(1));
         let first = [Duration::from_millis(25), Duration::from_millis(50)].map(|d| d.min(beat));
         Backoff::new(first.into_iter().chain(std::iter::repeat(beat)))

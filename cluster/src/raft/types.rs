@@ -59,7 +59,8 @@ impl Proposal {
     /// The commands of a batch, or `None` for a single command.
     pub fn batch(&self) -> Option<Result<Vec<Vec<u8>>, bulkhead_storage::CodecError>> {
         match self.0.split_first() {
-            Some((&BATCH_MARK, rest)) => Some(bulkhead_storage::decode::<CommandBatch>(rest).map(|b| b.commands)),
+            // Under the network limit: an entry is a leader's bytes, never larger than a frame.
+            Some((&BATCH_MARK, rest)) => Some(bulkhead_storage::decode_wire::<CommandBatch>(rest).map(|b| b.commands)),
             _ => None,
         }
     }

@@ -259,18 +259,11 @@ async fn under_systemd_a_node_says_ready_once_ready_pings_the_watchdog_and_says_
                 // once: n3 is the preferred leader of three shards, and their hand-back to it (as
                 // soon as it has caught up, about when it turns ready) leaves each leaderless for
                 // a few milliseconds, which /readyz reports.
-                let agreed = async {
-                    loop {
-                        let r = http.get(format!("{url}/readyz")).send().await.expect("readyz");
-                        if r.status().as_u16() == 200 {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                };
-                tokio::time::timeout(Duration::from_millis(1_000), agreed)
-                    .await
-                    .expect("READY=1 while /readyz did not say ready");
+                eventually(Duration::from_millis(1_000), "/readyz to agree with READY=1", || async {
+                    let r = http.get(format!("{url}/readyz")).send().await.expect("readyz");
+                    (r.status().as_u16() == 200).then_some(())
+                })
+                .await;
                 ready_at = Some(started.elapsed());
             }
             if msg.lines().any(|l| l == "WATCHDOG=1") {

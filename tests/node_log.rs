@@ -138,14 +138,11 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_order_and_the_replicas_
                         // 404 is a loss; 503 only says the shard has no leader this moment (a
                         // hand-back to a restarted node, say): asked again, as a client would.
                         let url = format!("{}/v1/orders/{first}", urls[(i + 1) % 3]);
-                        let mut status = 0;
-                        for _ in 0..50 {
-                            status = http.get(&url).send().await.expect("GET").status().as_u16();
-                            if status != 503 {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
+                        let status = eventually(Duration::from_secs(5), "an answer other than 503", || async {
+                            let status = http.get(&url).send().await.expect("GET").status().as_u16();
+                            (status != 503).then_some(status)
+                        })
+                        .await;
                         assert_eq!(status, 200, "acknowledged order {first} ({key}) is gone");
                     }
                 }

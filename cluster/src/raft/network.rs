@@ -295,7 +295,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             group: self.group,
             target,
             node: node.addr.clone(),
-            refused_by_node: Default::default(),
+            refused_by_node: false,
         }
     }
 }
@@ -309,7 +309,7 @@ pub struct Peer {
     node: String,
     /// The node answered that it has no such member (a replaced incarnation): retrying soon would
     /// only send it the same entries again.
-    refused_by_node: std::sync::atomic::AtomicBool,
+    refused_by_node: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -319,15 +319,14 @@ struct Refused(String);
 type RpcErr<E = openraft::error::Infallible> = RPCError<MemberId, BasicNode, RaftError<MemberId, E>>;
 
 impl Peer {
-    async fn send<E: std::error::Error>(&self, rpc: RaftRpc, ttl: Duration) -> Result<RaftRpcReply, RpcErr<E>> {
+    async fn send<E: std::error::Error>(&mut self, rpc: RaftRpc, ttl: Duration) -> Result<RaftRpcReply, RpcErr<E>> {
         let kind = rpc.kind();
         let started = std::time::Instant::now();
         let result = self.cluster.raft_call(&self.node, self.group.capability, rpc, ttl).await;
         // The round trip of one Raft RPC (the peer's append and fdatasync included, for appends).
         metrics::histogram!("bulkhead_raft_rpc_duration_seconds", "rpc" => kind, "ok" => if result.is_ok() { "true" } else { "false" })
             .record(started.elapsed().as_secs_f64());
-        let refused = matches!(result, Ok(RaftRpcReply::NoSuchMember(_)));
-        self.refused_by_node.store(refused, std::sync::atomic::Ordering::Relaxed);
+        self.refused_by_node = matches!(result, Ok(RaftRpcReply::NoSuchMember(_)));
         match result {
             Ok(RaftRpcReply::NoSuchMember(why)) => Err(RPCError::Unreachable(Unreachable::new(&Refused(why)))),
             Ok(RaftRpcReply::Failed(why)) => Err(RPCError::Network(NetworkError::new(&Refused(why)))),
@@ -380,7 +379,7 @@ impl RaftNetwork<TypeConfig> for Peer {
     /// sending). A node that answered it has no such member (a replaced incarnation) keeps
     /// openraft's 500 ms: each try would carry the same entries to it again.
     fn backoff(&self) -> Backoff {
-        if self.refused_by_node.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.refused_by_node {
             return Backoff::new(std::iter::repeat(Duration::from_millis(500)));
         }
         let beat = Duration::from_millis(self.cluster.config().timing.raft_heartbeat_ms.max(1));

@@ -180,6 +180,12 @@ impl StateMachineStore {
     }
 }
 
+/// The error that stops this replica's group at `log_id` (openraft takes it as fatal), logged.
+fn stop_at(log_id: LogId<MemberId>, e: ApplyError) -> StorageError<MemberId> {
+    tracing::error!(log_id = %log_id, error = %e, "apply failed: this replica's group stops");
+    StorageIOError::apply(log_id, &e).into()
+}
+
 fn sm_read(e: StoreError) -> StorageError<MemberId> {
     StorageIOError::read_state_machine(&e).into()
 }
@@ -212,21 +218,15 @@ impl StateMachineStore {
                     // One command or a batch of them: each applied alike, reading through the
                     // writes of those before it; a batch answers each.
                     let mut apply = |cmd: &[u8]| -> Result<Vec<u8>> {
-                        let applied = self.machine.apply_raw(&self.store, &mut b, cmd).map_err(|e| {
-                            tracing::error!(log_id = %log_id, error = %e, "apply failed: this replica's group stops");
-                            StorageIOError::apply(log_id, &e)
-                        })?;
+                        let applied =
+                            self.machine.apply_raw(&self.store, &mut b, cmd).map_err(|e| stop_at(log_id, e))?;
                         time = time.max(applied.time_ms.unwrap_or(0));
                         Ok(applied.reply)
                     };
                     match p.batch() {
                         None => Applied(apply(&p.0)?),
                         Some(commands) => {
-                            let commands = commands.map_err(|e| {
-                                let e = ApplyError::Undecodable(e);
-                                tracing::error!(log_id = %log_id, error = %e, "apply failed: this replica's group stops");
-                                StorageIOError::apply(log_id, &e)
-                            })?;
+                            let commands = commands.map_err(|e| stop_at(log_id, ApplyError::Undecodable(e)))?;
                             let replies = commands.iter().map(|c| apply(c)).collect::<Result<Vec<_>>>()?;
                             Applied(encode(&ReplyBatch { replies }))
                         }

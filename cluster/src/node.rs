@@ -809,6 +809,25 @@ impl Cluster {
         Err(no_leader(&target))
     }
 
+    /// Waits up to `bound` for this node to know a new leader of the group: one on another node
+    /// than `old`, or `old` again in a later term. From this node's replica when it has one (it
+    /// hears the election); else from the leader hints and the failure detector, looked at every
+    /// 25 ms. `None` if none came. A caller holding an Idempotency-Key uses it to stop waiting on
+    /// a leader that died with its request and ask the new one.
+    pub async fn new_leader(&self, cap: Capability, shard: u32, old: Option<&str>, bound: Duration) -> Option<String> {
+        if let Some(replica) = self.inner.raft.get(crate::raft::GroupId { capability: cap, shard }) {
+            return replica.wait_for_new_leader(old, bound).await;
+        }
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match self.leader_of(cap, shard) {
+                Some(now) if Some(now.as_str()) != old => return Some(now),
+                _ if tokio::time::Instant::now() >= deadline => return None,
+                _ => tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + HINT_POLL)).await,
+            }
+        }
+    }
+
     /// The leader this node's replica of the group names next (other than `old`), waiting at most
     /// two election timeouts (never longer than `timeout`).
     async fn wait_for_new_leader(
@@ -851,6 +870,9 @@ fn vouched<'a>(
 /// How many times one [`Cluster::call_leader`] sends its request: to the leader it knows, to the
 /// one a member names, and again through an election or a hand-over that outlasts one wait.
 const LEADER_ATTEMPTS: usize = 4;
+
+/// How often [`Cluster::new_leader`] looks again when this node has no replica of the group.
+const HINT_POLL: Duration = Duration::from_millis(25);
 
 /// What waiting for a group's next leader found.
 enum NextLeader {

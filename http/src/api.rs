@@ -18,7 +18,7 @@ use axum::{Extension, Json};
 use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
 use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{
-    shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder, MAX_ORDERS_LISTED,
+    self, shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder, MAX_ORDERS_LISTED,
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::config::stable_hash;
@@ -180,8 +180,8 @@ pub struct IdempotencyKey {
         (status = 422, description = "This Idempotency-Key was used with another body (`idempotency_key_reused`); `order_id` is the order it placed."),
         (status = 429, description = "This node already handles `[limits] orders_in_flight` orders (`overloaded`), or a rate limit was passed (`rate_limited`); nothing was recorded."),
         (status = 502, description = "The orders shard's leader could not handle the request (`rejected`)."),
-        (status = 503, description = "The order's shard has no leader right now, its node is unreachable or shedding, or its breaker is open (`unavailable`); nothing was recorded."),
-        (status = 504, description = "The leader did not answer in time (`timeout`, `lost`): the order may exist; retry with the same Idempotency-Key."),
+        (status = 503, description = "The order's shard found no leader within the order's budget (a majority of its replicas is down or unreachable), or the node sheds load (`unavailable`); nothing was recorded. The front itself retries through an election within the budget."),
+        (status = 504, description = "The leader did not answer in time (`timeout`, `lost`): the order may exist; retry with the same Idempotency-Key. A keyed order is asked again on the new leader by the front itself within its budget, so it sees 504 only when no majority answered in that time."),
     )
 )]
 pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -216,13 +216,14 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
         idempotency: key.map(|key| IdemKey { key, body_hash }),
         wait_ms,
     };
-    let timeout = Duration::from_millis(wait_ms + st.cluster.config().timing.call_timeout_ms);
-    let req = OrdersRequest::Place(place);
-    let started = Instant::now();
-    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &traceparent(), timeout).await {
+    let budget = orders::client::Budget::starting_now(
+        Duration::from_millis(wait_ms),
+        Duration::from_millis(st.cluster.config().timing.call_timeout_ms),
+    );
+    match orders::client::place(&st.cluster, place, budget, &traceparent()).await {
         Ok(OrdersReply::Order(view)) => {
             st.metrics.placed.fetch_add(1, Relaxed);
-            let left = Duration::from_millis(wait_ms).saturating_sub(started.elapsed());
+            let left = budget.wait_until.saturating_duration_since(Instant::now());
             let view = match view.status {
                 OrderStatus::Pending if left > AWAIT_AGAIN_FROM => await_order(&st, shard, view, left).await,
                 _ => view,

@@ -6,6 +6,8 @@
 //! names its shard, so a lookup by id goes straight to the shard's leader.
 //!
 //! - [`protocol`]: requests/replies that cross nodes (place, get, list, dead letters).
+//! - [`client`]: how a front places an order on its shard's leader, retrying a keyed order on the
+//!   new leader when the old one dies with it (pure policy [`client::next`]).
 //! - [`saga`]: the pure saga state machine (events + time in, commands out); unit + proptest.
 //! - [`machine`]: the replicated state machine: orders, idempotency claims, outbox, indexes.
 //! - [`actor`]: the worker, which drives the sagas of the shards this node leads.
@@ -23,6 +25,7 @@
 //! - Listing a customer's orders asks every shard's leader and merges the answers.
 
 pub mod actor;
+pub mod client;
 pub mod machine;
 pub mod outbox;
 pub mod protocol;

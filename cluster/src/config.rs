@@ -527,6 +527,10 @@ pub struct NodeConfig {
     pub client_token_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,
+    /// The named clients' file (`bulkhead tokens --add NAME`; mode 0600; relative to the
+    /// config): one token per client, read again within a second of a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients_file: Option<PathBuf>,
     #[serde(default)]
     pub rate_limit: RateLimit,
     /// `[log] format = "text" | "json"`.
@@ -571,6 +575,7 @@ impl NodeConfig {
             &mut cfg.cookie_file,
             &mut cfg.client_token_file,
             &mut cfg.admin_token_file,
+            &mut cfg.clients_file,
             &mut cfg.tls_ca_file,
             &mut cfg.tls_cert_file,
             &mut cfg.tls_key_file,

@@ -7,6 +7,8 @@ use std::io::Write;
 use std::path::Path;
 
 use bulkhead_cluster::secret::{random_token, read_secret, write_secret};
+use bulkhead_http::auth::Scope;
+use bulkhead_http::clients::{check_name, token_hash, Clients, NamedClient};
 
 /// Which token file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,7 +27,7 @@ impl TokenScope {
 }
 
 /// What `bulkhead tokens` does to a token file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenAction {
     /// Make both files where missing; keep any that exist.
     Init,
@@ -34,6 +36,22 @@ pub enum TokenAction {
     Rotate(TokenScope),
     /// Keep only the first (newest) token: the old one stops working at each node's next start.
     Retire(TokenScope),
+    /// Make a named client in `clients.tokens`; its token is written to the output, once.
+    Add { name: String, scope: TokenScope },
+    /// Remove a named client from `clients.tokens`.
+    Revoke(String),
+    /// The named clients of `clients.tokens`.
+    List,
+}
+
+/// The named clients' file in a token directory.
+pub const CLIENTS_FILE: &str = "clients.tokens";
+
+fn read_clients(path: &Path) -> Result<Clients, String> {
+    if !path.exists() {
+        return Ok(Clients::default());
+    }
+    bulkhead_http::clients::read(path)
 }
 
 pub fn tokens(dir: &Path, action: TokenAction, out: &mut dyn Write) -> Result<(), String> {
@@ -52,6 +70,13 @@ pub fn tokens(dir: &Path, action: TokenAction, out: &mut dyn Write) -> Result<()
                     say(out, format!("wrote {} (mode 0600)", path.display()));
                 }
             }
+            let path = dir.join(CLIENTS_FILE);
+            if path.exists() {
+                say(out, format!("kept {} (it exists; use --add and --revoke to change it)", path.display()));
+            } else {
+                write_secret(&path, Clients::default().render().as_bytes())?;
+                say(out, format!("wrote {} (mode 0600; no named client yet: --add NAME)", path.display()));
+            }
         }
         TokenAction::Rotate(scope) => {
             let path = dir.join(scope.file());
@@ -67,6 +92,47 @@ pub fn tokens(dir: &Path, action: TokenAction, out: &mut dyn Write) -> Result<()
                     if scope == TokenScope::Client { "client" } else { "admin" }
                 ),
             );
+        }
+        TokenAction::Add { name, scope } => {
+            let path = dir.join(CLIENTS_FILE);
+            let mut clients = read_clients(&path)?;
+            check_name(&name)?;
+            let token = random_token();
+            let scope = if scope == TokenScope::Admin { Scope::Admin } else { Scope::Client };
+            clients.add(NamedClient { name: name.as_str().into(), scope }, token_hash(&token))?;
+            write_secret(&path, clients.render().as_bytes())?;
+            // The token alone on the first line (`| head -1` in a script), the advice after it.
+            say(out, token);
+            say(
+                out,
+                format!(
+                    "{}: client `{name}` added; its token (above) is shown only now. Copy the file to every node's \
+                     clients_file: each takes it within a second, no restart.",
+                    path.display()
+                ),
+            );
+        }
+        TokenAction::Revoke(name) => {
+            let path = dir.join(CLIENTS_FILE);
+            let mut clients = read_clients(&path)?;
+            if !clients.revoke(&name) {
+                return Err(format!("{} has no client `{name}`", path.display()));
+            }
+            write_secret(&path, clients.render().as_bytes())?;
+            say(
+                out,
+                format!(
+                    "{}: client `{name}` revoked. Copy the file to every node's clients_file: each refuses the token \
+                     within a second, no restart.",
+                    path.display()
+                ),
+            );
+        }
+        TokenAction::List => {
+            let clients = read_clients(&dir.join(CLIENTS_FILE))?;
+            for c in clients.list() {
+                say(out, format!("{} {}", c.name, if c.scope == Scope::Admin { "admin" } else { "client" }));
+            }
         }
         TokenAction::Retire(scope) => {
             let path = dir.join(scope.file());

@@ -43,15 +43,30 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Make the API token files `client.token` and `admin.token` in DIR (mode 0600), or rotate one.
+    /// Make the API token files `client.token` and `admin.token` in DIR (mode 0600), or rotate one;
+    /// or add, revoke and list named clients in DIR/clients.tokens (running nodes read it again
+    /// within a second: copy it to every node).
     Tokens {
         dir: PathBuf,
         /// Put a new token first in this scope's file, keeping the previous one for the changeover.
-        #[arg(long, value_enum, conflicts_with = "retire")]
+        #[arg(long, value_enum, conflicts_with_all = ["retire", "add", "revoke", "list"])]
         rotate: Option<bulkhead::keys::TokenScope>,
         /// Drop every token of this scope's file but the first (newest).
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, conflicts_with_all = ["add", "revoke", "list"])]
         retire: Option<bulkhead::keys::TokenScope>,
+        /// Make a named client with a token of its own (printed once; the file keeps its SHA-256).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["revoke", "list"])]
+        add: Option<String>,
+        /// The scope of the client made with --add.
+        #[arg(long, value_enum, default_value = "client", requires = "add")]
+        scope: bulkhead::keys::TokenScope,
+        /// Revoke a named client: its token stops working on each node within a second of the
+        /// node's copy of the file changing.
+        #[arg(long, value_name = "NAME", conflicts_with = "list")]
+        revoke: Option<String>,
+        /// List the named clients and their scopes.
+        #[arg(long)]
+        list: bool,
     },
     /// Make the cluster CA, or a node's certificate signed by it (mutual TLS on cluster links).
     Certs {
@@ -156,12 +171,15 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Node { config } => with_telemetry(&config, bulkhead::node::run).await,
         Cmd::Replace { config } => with_telemetry(&config, bulkhead::node::replace).await,
-        Cmd::Tokens { dir, rotate, retire } => {
+        Cmd::Tokens { dir, rotate, retire, add, scope, revoke, list } => {
             use bulkhead::keys::TokenAction;
-            let action = match (rotate, retire) {
-                (Some(s), _) => TokenAction::Rotate(s),
-                (None, Some(s)) => TokenAction::Retire(s),
-                (None, None) => TokenAction::Init,
+            let action = match (rotate, retire, add, revoke) {
+                (Some(s), ..) => TokenAction::Rotate(s),
+                (_, Some(s), ..) => TokenAction::Retire(s),
+                (_, _, Some(name), _) => TokenAction::Add { name, scope },
+                (_, _, _, Some(name)) => TokenAction::Revoke(name),
+                _ if list => TokenAction::List,
+                _ => TokenAction::Init,
             };
             bulkhead::keys::tokens(&dir, action, &mut std::io::stdout())
         }

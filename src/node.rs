@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bulkhead_actors::start_capabilities;
 use bulkhead_cluster::{AuthMode, Cluster, NodeConfig};
 use bulkhead_http::auth::Guard;
+use bulkhead_http::clients::{self, ClientsFile};
 use bulkhead_http::drain::Drain;
 use bulkhead_http::ready::{self, Readiness};
 use bulkhead_http::{AppState, HttpFront, HttpMetrics};
@@ -64,6 +65,11 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_listen))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create data_dir {}: {e}", cfg.data_dir.display()))?;
+    // Named clients: read once now (a file that will not parse stops the start), watched later.
+    let clients_file = match (&cfg.clients_file, cfg.auth) {
+        (Some(path), AuthMode::Tokens) => Some(ClientsFile::open(path.clone())?),
+        _ => None,
+    };
     let cluster = Cluster::start(cfg.clone()).await?;
     let opts = StoreOptions { durability: cfg.durability, ..StoreOptions::default() };
     let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection).await;
@@ -77,11 +83,17 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         (AuthMode::Tokens, Some(t)) => Some(t.clone()),
         (AuthMode::Tokens, None) => return Err("auth is on but no API tokens were read from the token files".into()),
     };
+    let mut guard = Guard::new(tokens, cfg.rate_limit, metrics.clone());
+    let mut clients_watch = None;
+    if let Some(file) = clients_file {
+        guard = guard.with_clients(file.clone());
+        clients_watch = Some(clients::watch(file));
+    }
     let drain = Arc::new(Drain::default());
     let state = AppState {
         cluster: cluster.clone(),
         fault_injection: cfg.fault_injection,
-        guard: Arc::new(Guard::new(tokens, cfg.rate_limit, metrics.clone())),
+        guard: Arc::new(guard),
         metrics,
         orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
         edge: bulkhead_http::edge::EdgeConfig::from(&cfg.http),
@@ -129,6 +141,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     let node = lifecycle::Node { cluster, drain, front, caps };
     lifecycle::drain(&node, &Bounds::new(&cfg.http), &sd).await;
     repeated.abort();
+    if let Some(w) = clients_watch {
+        w.abort();
+    }
     if let Some(w) = watchdog {
         w.abort();
     }

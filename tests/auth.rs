@@ -138,3 +138,74 @@ async fn a_node_refuses_a_token_file_others_may_read_and_says_how_to_fix_it() {
     let (ok, err) = run_node(&path).await;
     assert!(!ok && err.contains("auth = \"off\""), "{err}");
 }
+
+/// `bulkhead tokens DIR ARGS`, its output.
+fn tokens_cmd(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .arg("tokens")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("bulkhead tokens");
+    assert!(out.status.success(), "bulkhead tokens {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Named clients (issue 17, item 7): two clients made with `bulkhead tokens --add` while the nodes
+/// run can use the API within a second, each with its own Idempotency-Keys (the same key gives
+/// each its own order, and neither reaches the other's through it); a client-scoped one may not
+/// use admin routes; a revoke stops one token on every node without a restart, and leaves the
+/// other working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_clients_are_made_and_revoked_without_a_restart_and_their_keys_are_their_own() {
+    let tc = start().await;
+    let pids: Vec<_> = (0..3).map(|i| tc.lc.pid(i)).collect();
+    let dir = tc.lc.secrets().clients_file.parent().expect("the secrets dir").to_path_buf();
+    let token_of = |out: String| out.lines().next().expect("the token line").trim().to_string();
+    let (a, b) = (
+        client(Some(&token_of(tokens_cmd(&dir, &["--add", "shop-a"])))),
+        client(Some(&token_of(tokens_cmd(&dir, &["--add", "shop-b"])))),
+    );
+    assert_eq!(tokens_cmd(&dir, &["--list"]), "shop-a client\nshop-b client\n");
+    tc.stock("named-1", 100, 100).await;
+    let url = |i: usize| tc.url(i);
+    // Every node takes the new clients without a restart.
+    for i in 0..3 {
+        common::eventually(Duration::from_secs(5), "a new named client is accepted", || async {
+            let (s, _, _) = send(a.get(format!("{}/v1/orders?customer_id=c-named", url(i)))).await;
+            (s == 200).then_some(())
+        })
+        .await;
+    }
+    let order =
+        json!({"customer_id": "c-named", "items": [{"sku": "named-1", "quantity": 1}], "payment_token": "tok_ok"});
+    let place = |c: &reqwest::Client, node: usize| {
+        c.post(format!("{}/v1/orders", url(node))).header("Idempotency-Key", "same-key").json(&order)
+    };
+    let (s, _, first) = send(place(&a, 0)).await;
+    assert_eq!(s, 201, "{first}");
+    let (s, _, other) = send(place(&b, 1)).await;
+    assert_eq!(s, 201, "{other}");
+    assert_ne!(first["order_id"], other["order_id"], "the same key from another client is another order");
+    let (_, _, again) = send(place(&a, 2)).await;
+    assert_eq!(again["order_id"], first["order_id"], "a client's own key still answers its order");
+    // A client-scoped named token is a client: no admin route.
+    let (s, _, body) = send(a.get(format!("{}/v1/cluster", url(0)))).await;
+    assert_eq!(s, 403, "{body}");
+
+    // Revoke shop-a: refused everywhere within seconds; shop-b unaffected; no node restarted.
+    let said = tokens_cmd(&dir, &["--revoke", "shop-a"]);
+    assert!(said.contains("revoked"), "{said}");
+    for i in 0..3 {
+        common::eventually(Duration::from_secs(5), "a revoked client is refused", || async {
+            let (s, _, _) = send(a.get(format!("{}/v1/orders?customer_id=c-named", url(i)))).await;
+            (s == 401).then_some(())
+        })
+        .await;
+        let (s, _, body) = send(b.get(format!("{}/v1/orders?customer_id=c-named", url(i)))).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    assert_eq!((0..3).map(|i| tc.lc.pid(i)).collect::<Vec<_>>(), pids, "no node restarted");
+    assert_eq!(tokens_cmd(&dir, &["--list"]), "shop-b client\n");
+}

@@ -32,6 +32,7 @@ use uuid::Uuid;
 pub use bulkhead_storage::rfc3339;
 
 use crate::auth::Scope;
+use crate::clients::{key_scope, KeyScope};
 use crate::error::{ApiError, ErrorBody};
 use crate::observe::{carry, traceparent};
 use crate::ready;
@@ -184,7 +185,12 @@ pub struct IdempotencyKey {
         (status = 504, description = "The leader did not answer in time (`timeout`, `lost`): the order may exist; retry with the same Idempotency-Key. A keyed order is asked again on the new leader by the front itself within its budget, so it sees 504 only when no majority answered in that time."),
     )
 )]
-pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn place_order(
+    State(st): State<AppState>,
+    keys: Option<Extension<KeyScope>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     // Shed before any work on the body (axum has read it, within the edge's body limit and request
     // timeout, so a slow upload never held this permit): past the bound, queueing only makes every
     // answer late. The permit is held until the answer is built (dropped with this future if the
@@ -196,8 +202,12 @@ pub async fn place_order(State(st): State<AppState>, headers: HeaderMap, body: B
     require_json(&headers)?;
     let body = body_bytes(body)?;
     let order = validate::new_order(&parse_json(&body)?)?;
+    // A named client's keys are its own: scoped by its name before they meet anyone else's.
     let key = match headers.get("idempotency-key") {
-        Some(v) => Some(validate::idempotency_key(v.as_bytes())?),
+        Some(v) => {
+            let key = validate::idempotency_key(v.as_bytes())?;
+            Some(key_scope(&keys.map(|Extension(k)| k).unwrap_or(KeyScope(None)), key))
+        }
         None => None,
     };
     // One key, one shard: the key's claim is a write in that shard's Raft group.

@@ -1,4 +1,5 @@
-//! Who may call what: API tokens with two scopes, and a rate limit per address and per token.
+//! Who may call what: API tokens with two scopes (shared token files, and named clients), and a
+//! rate limit per address and per token.
 //!
 //! Every request passes [`guard`] before its handler:
 //! 1. the **address limit** (`[rate_limit] per_address`), before the token is even looked at, so
@@ -16,10 +17,14 @@
 //! `Content-Type: application/json`): a cross-site form cannot send one without a CORS preflight,
 //! which this API never grants, and it cannot send a bearer token at all.
 //!
-//! Caveats: there is one token per scope, so "per token" is per scope: a cluster's clients share
-//! the client token's quota on each node. The address limit keys on the TCP peer: behind a proxy
-//! every client is the proxy. The limiter forgets idle addresses only when it holds more than
-//! [`MAX_TRACKED`] of them.
+//! Named clients ([`crate::clients`]) each have a token of their own, with a scope, made and
+//! revoked while the node runs; the per-token limit counts each apart, and each one's
+//! Idempotency-Keys are its own (the [`KeyScope`] extension tells the handlers whose they are).
+//!
+//! Caveats: the shared token files hold one client token and one admin token (two each while
+//! rotating), so everyone who holds the shared client token shares its quota on each node. The
+//! address limit keys on the TCP peer: behind a proxy every client is the proxy. The limiter
+//! forgets idle addresses only when it holds more than [`MAX_TRACKED`] of them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -37,11 +42,12 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use subtle::ConstantTimeEq;
 
+use crate::clients::{Clients, ClientsFile, KeyScope, NamedClient};
 use crate::error::ApiError;
 use crate::HttpMetrics;
 
 /// What a route asks of its caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scope {
     /// Probes, the spec, the dashboard's page (its data calls need a token).
     Public,
@@ -82,7 +88,7 @@ pub fn required(method: &Method, path: &str) -> Scope {
 }
 
 /// Who the request's credentials prove the caller is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Caller {
     /// No `Authorization` header.
     Anonymous,
@@ -90,16 +96,20 @@ pub enum Caller {
     Malformed,
     /// A bearer token that is neither of ours.
     Unknown,
+    /// A token of the shared client or admin token file.
     Client,
     Admin,
+    /// A named client's token ([`crate::clients`]).
+    Named(NamedClient),
     /// `auth = "off"`: everyone is admin.
     Unchecked,
 }
 
-/// Reads the `Authorization` header against the tokens (`None`: auth is off). Every token is
-/// compared every time, each in constant time, so the answer's timing says nothing about any of
-/// them (only, as ever, about how many there are).
-pub fn identify(tokens: Option<&ApiTokens>, authorization: Option<&HeaderValue>) -> Caller {
+/// Reads the `Authorization` header against the tokens (`None`: auth is off). Every shared token
+/// is compared every time, each in constant time, so the answer's timing says nothing about any
+/// of them (only, as ever, about how many there are); a named client's token is found by its
+/// SHA-256 ([`Clients::find`]).
+pub fn identify(tokens: Option<&ApiTokens>, clients: &Clients, authorization: Option<&HeaderValue>) -> Caller {
     let Some(tokens) = tokens else { return Caller::Unchecked };
     let Some(value) = authorization else { return Caller::Anonymous };
     let Some(presented) = value.to_str().ok().and_then(bearer) else { return Caller::Malformed };
@@ -111,6 +121,8 @@ pub fn identify(tokens: Option<&ApiTokens>, authorization: Option<&HeaderValue>)
         Caller::Admin
     } else if bool::from(is_client) {
         Caller::Client
+    } else if let Some(named) = clients.find(presented) {
+        Caller::Named(named.clone())
     } else {
         Caller::Unknown
     }
@@ -124,7 +136,7 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 /// Why a request is refused before its handler, or that it may go on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
     /// `401`: no usable credentials for a route that needs them.
@@ -136,21 +148,22 @@ pub enum Verdict {
 }
 
 /// The scope a caller's credentials give.
-pub fn scope_of(caller: Caller) -> Scope {
+pub fn scope_of(caller: &Caller) -> Scope {
     match caller {
         Caller::Unchecked | Caller::Admin => Scope::Admin,
         Caller::Client => Scope::Client,
+        Caller::Named(c) => c.scope,
         Caller::Anonymous | Caller::Malformed | Caller::Unknown => Scope::Public,
     }
 }
 
 /// Judges a caller against a route's scope.
-pub fn decide(needs: Scope, caller: Caller) -> Verdict {
+pub fn decide(needs: Scope, caller: &Caller) -> Verdict {
     let has = scope_of(caller);
     if has >= needs {
         Verdict::Allow
     } else if has == Scope::Public {
-        Verdict::Unauthenticated(caller)
+        Verdict::Unauthenticated(caller.clone())
     } else {
         Verdict::Forbidden { needs }
     }
@@ -164,6 +177,8 @@ type Limiter<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 /// The tokens and the two limiters: what [`guard`] needs.
 pub struct Guard {
     tokens: Option<ApiTokens>,
+    /// The named clients (`clients_file`), read again when the file changes.
+    clients: Option<Arc<ClientsFile>>,
     per_address: Limiter<IpAddr>,
     per_token: Limiter<Caller>,
     metrics: Arc<HttpMetrics>,
@@ -177,7 +192,19 @@ impl Guard {
     }
 
     pub fn with_quotas(tokens: Option<ApiTokens>, address: Quota, token: Quota, metrics: Arc<HttpMetrics>) -> Self {
-        Self { tokens, per_address: RateLimiter::keyed(address), per_token: RateLimiter::keyed(token), metrics }
+        Self {
+            tokens,
+            clients: None,
+            per_address: RateLimiter::keyed(address),
+            per_token: RateLimiter::keyed(token),
+            metrics,
+        }
+    }
+
+    /// With named clients read from `file` (see [`crate::clients`]).
+    pub fn with_clients(mut self, file: Arc<ClientsFile>) -> Self {
+        self.clients = Some(file);
+        self
     }
 
     /// `Err(wait)` when `key` has used its quota.
@@ -198,8 +225,9 @@ pub async fn guard(State(g): State<Arc<Guard>>, mut req: Request, next: Next) ->
         }
     }
     let needs = required(req.method(), req.uri().path());
-    let caller = identify(g.tokens.as_ref(), req.headers().get(header::AUTHORIZATION));
-    match decide(needs, caller) {
+    let clients = g.clients.as_ref().map(|f| f.current()).unwrap_or_default();
+    let caller = identify(g.tokens.as_ref(), &clients, req.headers().get(header::AUTHORIZATION));
+    match decide(needs, &caller) {
         Verdict::Allow => {}
         Verdict::Unauthenticated(caller) => {
             g.metrics.unauthenticated.fetch_add(1, Relaxed);
@@ -210,14 +238,20 @@ pub async fn guard(State(g): State<Arc<Guard>>, mut req: Request, next: Next) ->
             return forbidden(needs);
         }
     }
-    if matches!(caller, Caller::Client | Caller::Admin) {
+    if matches!(caller, Caller::Client | Caller::Admin | Caller::Named(_)) {
         if let Err(wait) = Guard::admit(&g.per_token, &caller) {
             g.metrics.rate_limited.fetch_add(1, Relaxed);
             return too_many(wait, "this token");
         }
     }
     // What the caller may see, for handlers that answer everyone but say more to the operator.
-    req.extensions_mut().insert(scope_of(caller));
+    req.extensions_mut().insert(scope_of(&caller));
+    // Whose Idempotency-Keys these are (a named client's own; the shared tokens' as before).
+    let keys = match &caller {
+        Caller::Named(c) => KeyScope(Some(c.name.clone())),
+        _ => KeyScope(None),
+    };
+    req.extensions_mut().insert(keys);
     next.run(req).await
 }
 
@@ -318,27 +352,30 @@ mod tests {
     #[test]
     fn a_bearer_token_names_its_scope_and_anything_else_names_nobody() {
         let t = tokens();
-        assert_eq!(identify(None, None), Caller::Unchecked);
-        assert_eq!(identify(Some(&t), None), Caller::Anonymous);
-        assert_eq!(identify(Some(&t), Some(&hv(&format!("Bearer {CLIENT}")))), Caller::Client);
-        assert_eq!(identify(Some(&t), Some(&hv(&format!("Bearer {OLD_CLIENT}")))), Caller::Client);
-        assert_eq!(identify(Some(&t), Some(&hv(&format!("bearer  {ADMIN} ")))), Caller::Admin);
-        assert_eq!(identify(Some(&t), Some(&hv(&format!("Bearer {}", &ADMIN[1..])))), Caller::Unknown);
-        assert_eq!(identify(Some(&t), Some(&hv(&format!("Bearer {ADMIN}x")))), Caller::Unknown);
-        assert_eq!(identify(Some(&t), Some(&hv(&format!("Basic {ADMIN}")))), Caller::Malformed);
-        assert_eq!(identify(Some(&t), Some(&hv(ADMIN))), Caller::Malformed);
-        assert_eq!(identify(Some(&t), Some(&hv("Bearer "))), Caller::Malformed);
+        assert_eq!(identify(None, &Clients::default(), None), Caller::Unchecked);
+        assert_eq!(identify(Some(&t), &Clients::default(), None), Caller::Anonymous);
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {CLIENT}")))), Caller::Client);
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {OLD_CLIENT}")))), Caller::Client);
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("bearer  {ADMIN} ")))), Caller::Admin);
+        assert_eq!(
+            identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {}", &ADMIN[1..])))),
+            Caller::Unknown
+        );
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {ADMIN}x")))), Caller::Unknown);
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Basic {ADMIN}")))), Caller::Malformed);
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(ADMIN))), Caller::Malformed);
+        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv("Bearer "))), Caller::Malformed);
     }
 
     #[test]
     fn the_verdict_is_401_without_a_token_and_403_with_too_small_a_one() {
-        assert_eq!(decide(Scope::Public, Caller::Anonymous), Verdict::Allow);
-        assert_eq!(decide(Scope::Client, Caller::Anonymous), Verdict::Unauthenticated(Caller::Anonymous));
-        assert_eq!(decide(Scope::Client, Caller::Unknown), Verdict::Unauthenticated(Caller::Unknown));
-        assert_eq!(decide(Scope::Client, Caller::Client), Verdict::Allow);
-        assert_eq!(decide(Scope::Admin, Caller::Client), Verdict::Forbidden { needs: Scope::Admin });
-        assert_eq!(decide(Scope::Admin, Caller::Admin), Verdict::Allow);
-        assert_eq!(decide(Scope::Admin, Caller::Unchecked), Verdict::Allow);
+        assert_eq!(decide(Scope::Public, &Caller::Anonymous), Verdict::Allow);
+        assert_eq!(decide(Scope::Client, &Caller::Anonymous), Verdict::Unauthenticated(Caller::Anonymous));
+        assert_eq!(decide(Scope::Client, &Caller::Unknown), Verdict::Unauthenticated(Caller::Unknown));
+        assert_eq!(decide(Scope::Client, &Caller::Client), Verdict::Allow);
+        assert_eq!(decide(Scope::Admin, &Caller::Client), Verdict::Forbidden { needs: Scope::Admin });
+        assert_eq!(decide(Scope::Admin, &Caller::Admin), Verdict::Allow);
+        assert_eq!(decide(Scope::Admin, &Caller::Unchecked), Verdict::Allow);
     }
 
     fn app(guard: Guard) -> Router {

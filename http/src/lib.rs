@@ -6,7 +6,8 @@
 //! server and stops it gracefully when it stops.
 //!
 //! - [`api`]: the handlers; [`validate`]: strict body checks; [`error`]: the one error type.
-//! - [`auth`]: API tokens (client and admin scopes) and the rate limits per address and token.
+//! - [`auth`]: API tokens (client and admin scopes) and the rate limits per address and token;
+//!   [`clients`]: named clients' tokens, made and revoked while the node runs.
 //! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
 //!   errors, panics).
 //! - [`observe`]: per request, its trace (W3C `traceparent`), span, access line and latency.
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod clients;
 pub mod drain;
 pub mod edge;
 pub mod error;

@@ -1,4 +1,5 @@
 //! The secrets of a local cluster, kept in its data dir: the cookie, the two API tokens, the
+//! named clients' file,
 //! cluster CA and each node's certificate (`certs/`). Made on first use (keys and tokens mode
 //! 0600) and reused by every later launch on the same data dir, so a restarted demo keeps them.
 
@@ -13,6 +14,8 @@ pub struct LocalSecrets {
     pub cookie_file: PathBuf,
     pub client_token_file: PathBuf,
     pub admin_token_file: PathBuf,
+    /// The named clients (`bulkhead tokens --add`), shared by the local cluster's nodes.
+    pub clients_file: PathBuf,
     /// `ca.pem`, `ca.key`, and `<node>.pem` / `<node>.key` for each node.
     pub certs_dir: PathBuf,
 }
@@ -25,6 +28,7 @@ impl LocalSecrets {
             cookie_file: data_dir.join("cookie"),
             client_token_file: data_dir.join("client.token"),
             admin_token_file: data_dir.join("admin.token"),
+            clients_file: data_dir.join("clients.tokens"),
             certs_dir: data_dir.join("certs"),
         };
         for file in [&s.cookie_file, &s.client_token_file, &s.admin_token_file] {
@@ -35,6 +39,9 @@ impl LocalSecrets {
                 // that, and this is our own local cluster's file: make it private.
                 bulkhead_cluster::secret::make_private(file)?;
             }
+        }
+        if !s.clients_file.exists() {
+            write_secret(&s.clients_file, b"# NAME SCOPE SHA256-of-token: `bulkhead tokens DIR --add NAME`\n")?;
         }
         std::fs::create_dir_all(&s.certs_dir).map_err(|e| format!("cannot create {}: {e}", s.certs_dir.display()))?;
         let (ca, ca_key) = (s.certs_dir.join("ca.pem"), s.certs_dir.join("ca.key"));
@@ -75,6 +82,7 @@ impl LocalSecrets {
         cfg.cookie_file = Some(self.cookie_file.clone());
         cfg.client_token_file = Some(self.client_token_file.clone());
         cfg.admin_token_file = Some(self.admin_token_file.clone());
+        cfg.clients_file = Some(self.clients_file.clone());
         let (cert, key) = self.node_cert(&cfg.name);
         cfg.tls = bulkhead_cluster::TlsMode::Mutual;
         cfg.tls_ca_file = Some(self.certs_dir.join("ca.pem"));

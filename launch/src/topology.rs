@@ -101,6 +101,7 @@ pub fn cluster_configs(
                 auth: Default::default(),
                 client_token_file: None,
                 admin_token_file: None,
+                clients_file: None,
                 rate_limit: Default::default(),
                 log: Default::default(),
                 telemetry: Default::default(),

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod keys;
 pub mod lifecycle;
 pub mod node;
+pub mod restore;
 pub mod systemd;
 pub mod telemetry;
 

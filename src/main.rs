@@ -43,6 +43,21 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Copy this stopped node's data dir to DIR/<node>-<unix seconds>/ (back up every node in one
+    /// cluster-wide stop if the copies are ever to be restored: docs/operations.md, "Backups").
+    Backup {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Start this stopped node over as a new member of every group: its data dir is moved aside
+    /// (kept), and at its next start it catches up from the current leaders. It never votes with
+    /// an old log, which a copied-back backup would.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Make the API token files `client.token` and `admin.token` in DIR (mode 0600), or rotate one;
     /// or add, revoke and list named clients in DIR/clients.tokens (running nodes read it again
     /// within a second: copy it to every node).
@@ -183,6 +198,10 @@ async fn main() -> ExitCode {
             };
             bulkhead::keys::tokens(&dir, action, &mut std::io::stdout())
         }
+        Cmd::Backup { config, to } => bulkhead_cluster::NodeConfig::load(&config)
+            .and_then(|cfg| bulkhead::restore::backup(&cfg, &to, &mut std::io::stdout()).map(drop)),
+        Cmd::Restore { config } => bulkhead_cluster::NodeConfig::load(&config)
+            .and_then(|cfg| bulkhead::restore::restore(&cfg, &mut std::io::stdout()).map(drop)),
         Cmd::Certs { action: CertsCmd::Init { dir } } => bulkhead::keys::certs_init(&dir, &mut std::io::stdout()),
         Cmd::Certs { action: CertsCmd::Issue { dir, node } } => {
             bulkhead::keys::certs_issue(&dir, &node, &mut std::io::stdout())

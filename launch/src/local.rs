@@ -138,6 +138,11 @@ impl LocalCluster {
         self.envs[i] = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     }
 
+    /// The config file node `i` starts with.
+    pub fn config_path(&self, i: usize) -> &Path {
+        &self.config_paths[i]
+    }
+
     /// Starts node `i` (again).
     pub fn start(&mut self, i: usize) -> Result<(), String> {
         self.spawn(i, "node")

@@ -132,3 +132,62 @@ async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_se
     assert_eq!(names, ["n1", "n2", "n3"], "{view}");
     still_serving(&tc, 0, 4).await;
 }
+
+/// The TCP ports process `pid` listens on: its sockets' inodes (`/proc/<pid>/fd`) against the
+/// LISTEN rows of `/proc/net/tcp` and `tcp6`.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the node's fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for row in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            // local_address is f[1] (hex addr:port), st is f[3] (0A = LISTEN), inode is f[9].
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(port) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
+}
+
+/// ractor_cluster's `NodeServer` always opens a listener of its own (127.0.0.1, a random port),
+/// which takes sessions on the cookie alone. A peer that finds it and dials it with the right
+/// cookie and a real node's name gets no session: the node seals it with a TLS handshake nobody
+/// can complete (`tls::sealed_acceptor`), so every session goes through the cluster port's TLS,
+/// identity gate and caps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ractor_clusters_own_listener_gives_no_session_around_tls_and_the_gate() {
+    let tc = start().await;
+    tc.stock("sec-1", 1_000, 100).await;
+    let cfg = &tc.lc.configs[0];
+    let ours = [cfg.cluster_listen.port(), cfg.http_listen.port()];
+    let inner: Vec<u16> =
+        listening_ports(tc.lc.pid(0).expect("n1 runs")).into_iter().filter(|p| !ours.contains(p)).collect();
+    assert!(!inner.is_empty(), "ractor_cluster's own listener was not found among n1's sockets");
+    let cookie = std::fs::read_to_string(&tc.lc.secrets().cookie_file).expect("cookie").trim().to_string();
+    let log = tc.lc.log_path(0);
+    let refusals =
+        || std::fs::read_to_string(&log).unwrap_or_default().matches("Error establishing secure socket").count();
+    for port in inner {
+        let before = refusals();
+        let server = NodeServer::new(0, cookie.clone(), "n2".into(), "127.0.0.1".into(), None, None)
+            .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
+        let (server, _) = Actor::spawn(None, server, ()).await.expect("node server");
+        let _ = ractor_cluster::client_connect(&server, format!("127.0.0.1:{port}")).await;
+        eventually(Duration::from_secs(10), "n1 refused the handshake on its inner listener", || async {
+            (refusals() > before).then_some(())
+        })
+        .await;
+        let sessions =
+            ractor::call_t!(server, ractor_cluster::NodeServerMessage::GetSessions, 1_000).expect("sessions");
+        assert!(sessions.is_empty(), "a session was made around TLS on port {port}");
+        server.stop(None);
+    }
+    still_serving(&tc, 0, 100).await;
+}

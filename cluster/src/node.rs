@@ -249,7 +249,8 @@ impl Cluster {
         let advertised = config.advertised_cluster_addr();
         let host = advertised.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertised.clone());
         // We accept and dial ourselves (see `link`), so the NodeServer's own listener is parked on
-        // an ephemeral loopback port nobody is told about.
+        // an ephemeral loopback port, and sealed (below): a local process that finds it gets no
+        // session, whatever cookie it holds.
         let listener = tokio::net::TcpListener::bind(config.cluster_listen)
             .await
             .map_err(|e| format!("cannot listen for cluster peers on {}: {e}", config.cluster_listen))?;
@@ -262,12 +263,15 @@ impl Cluster {
                 None
             }
         };
+        // ractor_cluster always opens a listener of its own; sealed, so that nothing reaches a
+        // session except through `accept_loop` (TLS, the identity gate, the caps).
+        let sealed = crate::tls::sealed_acceptor()?;
         let server = NodeServer::new(
             0,
             config.cookie().to_string(),
             config.name.clone(),
             host,
-            None,
+            Some(ractor_cluster::IncomingEncryptionMode::Tls(sealed)),
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
         .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]))

@@ -214,6 +214,20 @@ impl ServerCertVerifier for ChainOnly {
 
 // ----- making certificates (rcgen) -----
 
+/// A TLS acceptor no client can ever finish a handshake with: it asks for a client certificate
+/// issued by a CA made here and forgotten at once (its key is dropped when this returns, and was
+/// never written anywhere). For ractor_cluster's own listener, which its `NodeServer` always
+/// opens (on 127.0.0.1 and a random port) and which would otherwise take sessions on the cookie
+/// alone, around the certificates and the identity gate: with this, every connection to it is
+/// refused in the TLS handshake, whatever the client holds. Bulkhead's links come in through its
+/// own listener (`crate::link`), never through that one.
+pub fn sealed_acceptor() -> Result<tokio_rustls::TlsAcceptor, String> {
+    let (ca, ca_key) = new_ca()?;
+    let (cert, key) = issue(&ca, &ca_key, "sealed")?;
+    drop(ca_key);
+    Ok(TlsLinks::from_pem(ca.as_bytes(), cert.as_bytes(), key.as_bytes(), "sealed")?.acceptor)
+}
+
 /// A new cluster CA: (certificate PEM, private key PEM). Valid 10 years.
 pub fn new_ca() -> Result<(String, String), String> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
@@ -339,5 +353,46 @@ mod tests {
         );
         assert!(accepted.is_err());
         assert!(dialled.is_err());
+    }
+
+    /// The sealed acceptor refuses a client with a certificate of a real cluster CA, one with a
+    /// certificate of its own making, and plain bytes.
+    #[tokio::test]
+    async fn the_sealed_acceptor_refuses_every_client() {
+        let sealed = sealed_acceptor().unwrap();
+        let (ca, ca_key) = new_ca().unwrap();
+        let (c, k) = issue(&ca, &ca_key, "n1").unwrap();
+        let n1 = TlsLinks::from_pem(ca.as_bytes(), c.as_bytes(), k.as_bytes(), "n1").unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (dialled, accepted) = tokio::join!(
+            async {
+                match n1
+                    .connector
+                    .connect(TlsLinks::dial_name(), tokio::net::TcpStream::connect(addr).await.unwrap())
+                    .await
+                {
+                    Ok(mut s) => {
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = [0u8; 1];
+                        s.read(&mut buf).await.map(|_| ())
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+            async { sealed.accept(l.accept().await.unwrap().0).await }
+        );
+        assert!(accepted.is_err(), "a cluster certificate does not open the sealed listener");
+        assert!(dialled.is_err());
+        let (plain, accepted) = tokio::join!(
+            async {
+                use tokio::io::AsyncWriteExt;
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(&[0, 0, 0, 0, 0, 0, 0, 9, 10, 7, 10, 5, 110, 49, 64, 104, 0]).await
+            },
+            async { sealed.accept(l.accept().await.unwrap().0).await }
+        );
+        let _ = plain;
+        assert!(accepted.is_err(), "plain ractor handshake bytes are refused");
     }
 }

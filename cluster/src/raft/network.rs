@@ -73,9 +73,16 @@ impl Record for RaftCall {
 }
 
 /// Whether node `from` may send `rpc` (`leader`: the group's leader as the local replica knows
-/// it): a vote's candidate and an append's or a snapshot's leader must be members on `from`, and a
-/// hand-over must come from the leader. Anyone proved may say hello.
-pub fn sent_by(rpc: &RaftRpc, from: &str, leader: Option<&str>) -> Result<(), String> {
+/// it; `replicas`: the nodes the shard map places the group on, `None` if it is not hosted here).
+/// Only a node of the group's placement may send anything for it (a node with a valid
+/// certificate and no place in the group is nobody to it); a vote's candidate and an append's or
+/// a snapshot's leader must be members on `from`, and a hand-over must come from the leader.
+pub fn sent_by(rpc: &RaftRpc, from: &str, leader: Option<&str>, replicas: Option<&[String]>) -> Result<(), String> {
+    if let (Some(group), Some(replicas)) = (rpc.group(), replicas) {
+        if !replicas.iter().any(|r| r == from) {
+            return Err(format!("{from} has no replica of {group} in the shard map"));
+        }
+    }
     let on_from = |member: Option<MemberId>, what: &str| match member {
         Some(m) if super::types::is_member_of(m, from) => Ok(()),
         _ => Err(format!("a {what} from {from} names a member that is not on {from}")),
@@ -147,9 +154,11 @@ impl Actor for RaftRouter {
                 return Ok(());
             }
         };
-        let leader = call.rpc.group().and_then(|g| cluster.raft().get(g)).and_then(|r| r.leader());
+        let local = call.rpc.group().and_then(|g| cluster.raft().get(g));
+        let leader = local.as_ref().and_then(|r| r.leader());
+        let replicas = local.as_ref().map(|r| r.placement.replicas.as_slice());
         let proved = if cluster.vouches_for(&call.from, &call.binding) {
-            sent_by(&call.rpc, &call.from, leader.as_deref())
+            sent_by(&call.rpc, &call.from, leader.as_deref(), replicas)
         } else {
             Err(format!("a raft rpc that names {} did not come over a link of {}", call.from, call.from))
         };
@@ -212,13 +221,15 @@ mod sender_tests {
     fn a_node_may_vote_append_and_hand_over_only_as_itself() {
         let group = GroupId { capability: Capability::Payments, shard: 0 };
         let (n1, n2) = (member_id("n1", 7), member_id("n2", 3));
+        let placed = ["n1".to_string(), "n2".to_string(), "n3".to_string()];
+        let all = Some(&placed[..]);
         let vote = |candidate| RaftRpc::Vote {
             group,
             to: n1,
             req: VoteRequest { vote: Vote::new(4, candidate), last_log_id: None },
         };
-        assert!(sent_by(&vote(n2), "n2", None).is_ok());
-        assert!(sent_by(&vote(n2), "n3", None).unwrap_err().contains("not on n3"), "n3 asks votes for n2");
+        assert!(sent_by(&vote(n2), "n2", None, all).is_ok());
+        assert!(sent_by(&vote(n2), "n3", None, all).unwrap_err().contains("not on n3"), "n3 asks votes for n2");
         let append = RaftRpc::Append {
             group,
             to: n1,
@@ -229,13 +240,27 @@ mod sender_tests {
                 leader_commit: None,
             },
         };
-        assert!(sent_by(&append, "n2", None).is_ok());
-        assert!(sent_by(&append, "n1", None).is_err());
+        assert!(sent_by(&append, "n2", None, all).is_ok());
+        assert!(sent_by(&append, "n1", None, all).is_err());
         let take = RaftRpc::TakeLead { group, to: n1 };
-        assert!(sent_by(&take, "n2", Some("n2")).is_ok());
-        assert!(sent_by(&take, "n3", Some("n2")).is_err());
-        assert!(sent_by(&take, "n2", None).is_err(), "no leader known: nobody may hand over");
-        assert!(sent_by(&RaftRpc::Hello { group }, "n3", Some("n2")).is_ok());
+        assert!(sent_by(&take, "n2", Some("n2"), all).is_ok());
+        assert!(sent_by(&take, "n3", Some("n2"), all).is_err());
+        assert!(sent_by(&take, "n2", None, all).is_err(), "no leader known: nobody may hand over");
+        assert!(sent_by(&RaftRpc::Hello { group }, "n3", Some("n2"), all).is_ok());
+    }
+
+    /// A node outside the group's placement can send nothing for it, not even a hello, and not a
+    /// vote for a member of its own: a certificate of the cluster CA is not a place in a group.
+    #[test]
+    fn a_node_without_a_replica_of_the_group_is_refused_everything() {
+        let group = GroupId { capability: Capability::Payments, shard: 0 };
+        let placed: &[String] = &["n1".to_string(), "n2".to_string(), "n3".to_string()];
+        let (n1, n4) = (member_id("n1", 7), member_id("n4", 1));
+        let vote = RaftRpc::Vote { group, to: n1, req: VoteRequest { vote: Vote::new(9, n4), last_log_id: None } };
+        let e = sent_by(&vote, "n4", None, Some(placed)).unwrap_err();
+        assert!(e.contains("no replica of payments/0"), "{e}");
+        assert!(sent_by(&RaftRpc::Hello { group }, "n4", None, Some(placed)).is_err());
+        assert!(sent_by(&RaftRpc::Hello { group }, "n2", None, Some(placed)).is_ok());
     }
 }
 

@@ -1,7 +1,8 @@
 //! The cluster port against strangers, on a real three-node cluster with mutual TLS: garbage, a
-//! certificate from another CA, a certificate for another node than the one claimed, a wrong
-//! cookie, and a flood of half-open connections are each refused and counted, while the node
-//! keeps serving orders and its peers.
+//! certificate from another CA, a certificate for another node than the one claimed, a valid
+//! certificate for a node the shard map does not name, a wrong cookie, and a flood of half-open
+//! connections are each refused and counted, while the node keeps serving orders and its peers;
+//! and ractor_cluster's own listener gives no session at all.
 
 mod common;
 
@@ -65,7 +66,7 @@ async fn play_peer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_serves() {
-    let tc = start().await;
+    let mut tc = start().await;
     tc.stock("sec-1", 1_000, 100).await;
     let addr = tc.lc.configs[0].cluster_listen;
     let certs = tc.lc.secrets().certs_dir.clone();
@@ -109,10 +110,11 @@ async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_se
     peer.stop(None);
     still_serving(&tc, 0, 2).await;
 
-    // A cluster certificate and claim that agree (a new node n9), with the wrong cookie.
-    let before = refused(&tc, 0, "handshake").await;
-    let peer = play_peer(&links(&certs, "n9"), "n9", "not-the-cookie", addr).await;
-    counted(&tc, 0, "handshake", before, 1).await;
+    // A cluster certificate and claim that agree, with the right cookie, for a node the shard map
+    // does not name (n9): a stranger, refused at the claim.
+    let before = refused(&tc, 0, "stranger").await;
+    let peer = play_peer(&links(&certs, "n9"), "n9", &cookie, addr).await;
+    counted(&tc, 0, "stranger", before, 1).await;
     peer.stop(None);
 
     // A flood of half-open connections: past `cluster_handshakes` (16) they are closed at once,
@@ -131,6 +133,15 @@ async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_se
     let names: Vec<&str> = view["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["name"].as_str()).collect();
     assert_eq!(names, ["n1", "n2", "n3"], "{view}");
     still_serving(&tc, 0, 4).await;
+
+    // A node's own certificate and name with the wrong cookie (n3 stopped, so that this is the
+    // only link claiming n3): the cluster handshake fails.
+    tc.lc.stop(2);
+    let before = refused(&tc, 0, "handshake").await;
+    let peer = play_peer(&links(&certs, "n3"), "n3", "not-the-cookie", addr).await;
+    counted(&tc, 0, "handshake", before, 1).await;
+    peer.stop(None);
+    still_serving(&tc, 0, 5).await;
 }
 
 /// The TCP ports process `pid` listens on: its sockets' inodes (`/proc/<pid>/fd`) against the

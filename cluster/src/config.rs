@@ -681,18 +681,18 @@ impl NodeConfig {
         }
         self.http.validate(t)?;
         self.telemetry.validate()?;
+        if self.hosted().is_empty() {
+            return Err(format!(
+                "node `{}` is not listed in any [capabilities.*] nodes: a node the shard map does not name is refused by its peers; list it under a capability",
+                self.name
+            ));
+        }
         Ok(())
     }
 
     /// Things that are allowed but probably not meant; logged at start-up.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if self.hosted().is_empty() {
-            w.push(format!(
-                "node `{}` is not listed in any [capabilities.*] nodes: it hosts nothing and only serves the HTTP API",
-                self.name
-            ));
-        }
         if self.http_advertise.is_none() && self.http_listen.ip().is_unspecified() {
             w.push("http_listen binds every interface and http_advertise is not set: peers will show an unusable HTTP address".into());
         }
@@ -912,7 +912,6 @@ nodes = ["n3"]
         let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"["127.0.0.1:7102"]"#, r#"["nohost"]"#)).unwrap();
         assert!(cfg.validate().unwrap_err().contains("seed `nohost`"));
         let cfg: NodeConfig = toml::from_str(&SAMPLE.replace(r#"name = "n1""#, r#"name = "n9""#)).unwrap();
-        assert!(cfg.validate().is_ok());
-        assert!(cfg.warnings()[0].contains("hosts nothing"));
+        assert!(cfg.validate().unwrap_err().contains("refused by its peers"));
     }
 }

@@ -8,6 +8,9 @@
 //! it: a refused read is an error, so the claim is never decoded and no session is made. After the
 //! claim is accepted the gate steps aside (no copy, no parse).
 //!
+//! The claim must also name a node of the shard map ([`Gate::knowing`]): a certificate of the
+//! cluster CA for a node the map does not place anywhere opens nothing.
+//!
 //! [`Gate`] is the pure part (bytes in, a verdict out); [`GateRead`] is the thin `AsyncRead`
 //! around it. Without TLS the gate still finds the claim (and garbage), with no certificate to
 //! hold it against.
@@ -17,8 +20,10 @@
 //! does not read kept as bytes), so that a frame means the same to the gate as to ractor_cluster.
 //! The real-process tests fail if ractor_cluster ever changes them.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
@@ -87,6 +92,9 @@ pub enum Refusal {
     Garbage(String),
     /// The peer claims `claimed`; its certificate names another node.
     WrongName { claimed: String },
+    /// The peer claims `claimed`, a node the shard map does not name: whatever its certificate
+    /// says, it has no place in this cluster.
+    Stranger { claimed: String },
 }
 
 impl std::fmt::Display for Refusal {
@@ -95,6 +103,9 @@ impl std::fmt::Display for Refusal {
             Refusal::Garbage(why) => write!(f, "not a cluster handshake: {why}"),
             Refusal::WrongName { claimed } => {
                 write!(f, "the peer claims to be node `{claimed}` but its certificate names another node")
+            }
+            Refusal::Stranger { claimed } => {
+                write!(f, "the peer claims to be node `{claimed}`, which the shard map does not name")
             }
         }
     }
@@ -124,11 +135,19 @@ pub struct Gate {
     frames: usize,
     /// The accepted claim; once set, the gate is open.
     claimed: Option<String>,
+    /// The nodes a claim may name (the shard map's); `None`: any.
+    known: Option<Arc<BTreeSet<String>>>,
 }
 
 impl Gate {
     pub fn new(expect: Expect, incoming: bool) -> Self {
-        Self { expect, incoming, buf: Vec::new(), frames: 0, claimed: None }
+        Self { expect, incoming, buf: Vec::new(), frames: 0, claimed: None, known: None }
+    }
+
+    /// Refuses a claim of any node but these (before the certificate is looked at).
+    pub fn knowing(mut self, known: Arc<BTreeSet<String>>) -> Self {
+        self.known = Some(known);
+        self
     }
 
     /// The accepted claim (the peer's node name), once there is one.
@@ -168,6 +187,9 @@ impl Gate {
                 _ => return Err(Refusal::Garbage("a handshake message out of order".into())),
             };
             let claimed = claim.split('@').next().unwrap_or_default().to_string();
+            if self.known.as_ref().is_some_and(|k| !k.contains(&claimed)) {
+                return Err(Refusal::Stranger { claimed });
+            }
             if let Expect::Cert(cert) = &self.expect {
                 if !cert.names(&claimed) {
                     return Err(Refusal::WrongName { claimed });
@@ -316,6 +338,19 @@ mod tests {
         // Without TLS any well-formed claim passes.
         let mut g = Gate::new(Expect::Nothing, true);
         assert_eq!(g.feed(&name_frame("n9")), Ok(true));
+    }
+
+    /// A node the shard map does not name is refused even with a certificate that names it: a
+    /// certificate of the cluster CA is not a place in the cluster. Without TLS, the same.
+    #[test]
+    fn a_claim_of_a_node_outside_the_shard_map_is_refused_whatever_the_certificate() {
+        let known: Arc<BTreeSet<String>> = Arc::new(["n1", "n2", "n3"].map(String::from).into());
+        let mut g = Gate::new(Expect::Cert(cert_for("n4")), true).knowing(known.clone());
+        assert_eq!(g.feed(&name_frame("n4")), Err(Refusal::Stranger { claimed: "n4".into() }));
+        let mut g = Gate::new(Expect::Nothing, true).knowing(known.clone());
+        assert_eq!(g.feed(&name_frame("n4")), Err(Refusal::Stranger { claimed: "n4".into() }));
+        let mut g = Gate::new(Expect::Cert(cert_for("n2")), true).knowing(known);
+        assert_eq!(g.feed(&name_frame("n2")), Ok(true));
     }
 
     proptest::proptest! {

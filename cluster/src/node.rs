@@ -59,17 +59,20 @@ pub enum LinkRefusal {
     Garbage,
     /// The peer claimed a node its certificate does not name.
     WrongName,
+    /// The peer claimed a node the shard map does not name.
+    Stranger,
     /// The cluster handshake did not finish: a wrong cookie, or no answer within 3 s.
     Handshake,
 }
 
 impl LinkRefusal {
-    pub const ALL: [LinkRefusal; 6] = [
+    pub const ALL: [LinkRefusal; 7] = [
         LinkRefusal::ConnectionCap,
         LinkRefusal::HandshakeCap,
         LinkRefusal::Tls,
         LinkRefusal::Garbage,
         LinkRefusal::WrongName,
+        LinkRefusal::Stranger,
         LinkRefusal::Handshake,
     ];
 
@@ -80,6 +83,7 @@ impl LinkRefusal {
             LinkRefusal::Tls => "tls",
             LinkRefusal::Garbage => "garbage",
             LinkRefusal::WrongName => "wrong_name",
+            LinkRefusal::Stranger => "stranger",
             LinkRefusal::Handshake => "handshake",
         }
     }
@@ -981,7 +985,8 @@ async fn open_link(
         l.insert(label.clone(), LinkInfo { peer: None, binding, handshake });
     }
     let events = LinkEvents { inner: Arc::downgrade(&cluster.inner), label: label.clone() };
-    let gate = Gate::new(expect, incoming);
+    let known = Arc::new(cluster.config().capabilities.all_nodes().into_iter().collect());
+    let gate = Gate::new(expect, incoming).knowing(known);
     let link = Box::new(LinkStream::new(
         io,
         inner.link_faults.clone(),
@@ -1038,6 +1043,7 @@ impl GateEvents for LinkEvents {
         inner.metrics.refused(match why {
             Refusal::Garbage(_) => LinkRefusal::Garbage,
             Refusal::WrongName { .. } => LinkRefusal::WrongName,
+            Refusal::Stranger { .. } => LinkRefusal::Stranger,
         });
     }
 }

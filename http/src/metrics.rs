@@ -233,7 +233,7 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     );
     line(
         "bulkhead_cluster_links_refused_total",
-        "cluster connections refused: connection_cap / handshake_cap ([limits] cluster_connections / cluster_handshakes), tls (failed or no TLS handshake: garbage, no or a foreign certificate), garbage (not a cluster handshake), wrong_name (a claim the certificate does not name), handshake (wrong cookie or no answer)",
+        "cluster connections refused: connection_cap / handshake_cap ([limits] cluster_connections / cluster_handshakes), tls (failed or no TLS handshake: garbage, no or a foreign certificate), garbage (not a cluster handshake), wrong_name (a claim the certificate does not name), stranger (a node the shard map does not name), handshake (wrong cookie or no answer)",
         "counter",
         LinkRefusal::ALL
             .iter()

@@ -146,20 +146,19 @@ async fn killing_the_orders_leader_mid_saga_resumes_it_on_the_new_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_another_shard_map_is_refused() {
-    let tc = start().await;
-    let mut cfg = tc.lc.configs[0].clone();
+    let mut tc = start().await;
+    // n3 comes back with its own name and certificate, and another shard map (a node the map does
+    // not name at all is refused earlier, at the link: tests/cluster_security.rs).
+    tc.lc.stop(2);
+    let mut cfg = tc.lc.configs[2].clone();
     let p = common::ports();
-    cfg.name = "n4".into();
-    cfg.cluster_listen = std::net::SocketAddr::from(([127, 0, 0, 1], p[0].cluster));
     cfg.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], p[0].http));
-    cfg.seeds = vec![tc.lc.configs[0].cluster_listen.to_string()];
-    cfg.data_dir = tc.dir.path().join("n4");
-    cfg.capabilities.0.insert(Capability::Payments, CapabilityPlacement::on(&["n2", "n4"]));
-    // A member of the cluster in good standing (its own certificate), with another shard map.
-    bulkhead_launch::LocalSecrets::ensure(tc.dir.path(), &["n4"]).expect("n4's certificate").apply(&mut cfg);
-    let path = tc.dir.path().join("n4.toml");
+    cfg.data_dir = tc.dir.path().join("n3-other");
+    cfg.capabilities.0.insert(Capability::Payments, CapabilityPlacement::on(&["n2", "n3"]));
+    bulkhead_launch::LocalSecrets::ensure(tc.dir.path(), &["n3"]).expect("n3's certificate").apply(&mut cfg);
+    let path = tc.dir.path().join("n3-other.toml");
     write_config(&cfg, &path).unwrap();
-    let log = std::fs::File::create(tc.dir.path().join("n4.log")).unwrap();
+    let log = std::fs::File::create(tc.dir.path().join("n3-other.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
         .args(["node", "--config"])
         .arg(&path)
@@ -176,18 +175,18 @@ async fn a_node_with_another_shard_map_is_refused() {
     }
     let _guard = Reap(child);
 
-    let reason = eventually(Duration::from_secs(10), "n1 refuses n4", || async {
+    let reason = eventually(Duration::from_secs(10), "n1 refuses the other n3", || async {
         let v = tc.get(0, "/v1/cluster").await.body;
-        let n4 = v["nodes"].as_array()?.iter().find(|n| n["name"] == "n4")?.clone();
-        (n4["status"] == "down")
-            .then(|| n4["reason"].as_str().unwrap_or("").to_string())
+        let n3 = v["nodes"].as_array()?.iter().find(|n| n["name"] == "n3")?.clone();
+        (n3["status"] == "down")
+            .then(|| n3["reason"].as_str().unwrap_or("").to_string())
             .filter(|r| r.contains("shard map"))
     })
     .await;
     assert!(reason.contains("refused"), "{reason}");
-    let n4 = format!("http://{}/readyz", cfg.http_listen);
-    let ready = eventually(Duration::from_secs(10), "n4 says why it is not ready", || async {
-        let r = tc.http.get(&n4).send().await.ok()?;
+    let other = format!("http://{}/readyz", cfg.http_listen);
+    let ready = eventually(Duration::from_secs(10), "the other n3 says why it is not ready", || async {
+        let r = tc.http.get(&other).send().await.ok()?;
         let status = r.status().as_u16();
         let body: serde_json::Value = r.json().await.ok()?;
         (status == 503 && body.to_string().contains("shard map")).then_some(body)

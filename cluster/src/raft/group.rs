@@ -117,6 +117,17 @@ pub struct Replica {
     /// The applied index when the driver last asked for a snapshot: openraft's metrics show the
     /// new snapshot only a while after, and one request per threshold is enough.
     snapshot_asked_at: Arc<AtomicU64>,
+    /// The group's term and known leader as this replica sees them ([`watch_leadership`]): a
+    /// channel that changes only when they do, unlike openraft's metrics, which change with every
+    /// entry appended or applied.
+    leadership: Arc<tokio::sync::watch::Sender<Leadership>>,
+}
+
+/// The group's term and the node of its known leader ([`known_leader`]), as one replica sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leadership {
+    pub term: u64,
+    pub leader: Option<String>,
 }
 
 /// Linearizable reads that share one read barrier: `running` while a barrier task is at work,
@@ -297,16 +308,16 @@ impl Replica {
     /// elected in a later term than the one seen now (`old` itself may win the election). The
     /// way through a hand-over or an election that is already under way. `None` if none came.
     pub async fn wait_for_new_leader(&self, old: Option<&str>, bound: Duration) -> Option<String> {
-        let mut m = self.raft.metrics();
-        let term_now = m.borrow().current_term;
-        let other = |m: &openraft::RaftMetrics<MemberId, BasicNode>| {
-            let id = known_leader(m)?;
-            let node = m.membership_config.membership().get_node(&id)?;
-            (Some(node.addr.as_str()) != old || m.current_term > term_now).then(|| node.addr.clone())
+        let mut rx = self.leadership.subscribe();
+        // The watch may trail the metrics by a moment: "later" is judged against the newer term.
+        let term_now = rx.borrow().term.max(self.raft.metrics().borrow().current_term);
+        let other = |l: &Leadership| {
+            let leader = l.leader.as_deref()?;
+            (Some(leader) != old || l.term > term_now).then(|| leader.to_string())
         };
-        let waited = tokio::time::timeout(bound, m.wait_for(|m| other(m).is_some())).await;
+        let waited = tokio::time::timeout(bound, rx.wait_for(|l| other(l).is_some())).await;
         match waited {
-            Ok(Ok(m)) => other(&m),
+            Ok(Ok(l)) => other(&l),
             _ => None,
         }
     }
@@ -631,10 +642,11 @@ pub async fn start<M: Machine>(
         clock: Arc::default(),
         state_records,
         snapshot_asked_at: Arc::default(),
+        leadership: Arc::new(tokio::sync::watch::channel(Leadership::default()).0),
     };
     cluster.raft().insert(replica.clone());
     tokio::spawn(drive(cluster.clone(), replica.clone()));
-    tokio::spawn(count_leader_changes(replica.clone()));
+    tokio::spawn(watch_leadership(replica.clone()));
     tracing::info!(%group, member = format_args!("{member:x}"), "raft replica started");
     Ok(replica)
 }
@@ -869,16 +881,35 @@ impl Replica {
 }
 
 /// Counts every change of leader this replica sees (openraft's metrics watch wakes on each).
-async fn count_leader_changes(r: Replica) {
+/// Follows the replica's metrics: counts leader changes, and keeps [`Replica::leadership`] up
+/// to date (sent only when the term or the known leader changed, so its waiters wake for an
+/// election or a hand-over, not for every entry).
+async fn watch_leadership(r: Replica) {
     let mut rx = r.raft.metrics();
     let mut last = rx.borrow().current_leader;
-    while rx.changed().await.is_ok() {
-        let now = rx.borrow().current_leader;
-        if now != last {
-            if now.is_some() {
-                r.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            let now = m.current_leader;
+            if now != last {
+                if now.is_some() {
+                    r.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+                }
+                last = now;
             }
-            last = now;
+            let leader = known_leader(&m)
+                .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+            let seen = Leadership { term: m.current_term, leader };
+            r.leadership.send_if_modified(|l| {
+                let changed = *l != seen;
+                if changed {
+                    *l = seen;
+                }
+                changed
+            });
+        }
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }

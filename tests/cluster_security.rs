@@ -117,12 +117,13 @@ async fn strangers_on_the_cluster_port_are_refused_and_counted_while_the_node_se
     counted(&tc, 0, "stranger", before, 1).await;
     peer.stop(None);
 
-    // A flood of half-open connections: past `cluster_handshakes` (16) they are closed at once,
-    // the rest at the handshake deadline; meanwhile orders go on and the peers stay up.
-    let before = refused(&tc, 0, "handshake_cap").await;
+    // A flood of half-open connections from one address: past its share of handshakes
+    // (`cluster_handshakes_per_address`, 4) they are closed at once, the rest at the handshake
+    // deadline; meanwhile orders go on and the peers stay up.
+    let before = refused(&tc, 0, "address_cap").await;
     let flood: Vec<TcpStream> =
         futures::future::join_all((0..48).map(|_| TcpStream::connect(addr))).await.into_iter().flatten().collect();
-    counted(&tc, 0, "handshake_cap", before, 16).await;
+    counted(&tc, 0, "address_cap", before, 40).await;
     still_serving(&tc, 0, 3).await;
     for peer in ["n2", "n3"] {
         assert_eq!(tc.status_of(0, peer).await, "up", "{peer} during the flood");
@@ -201,4 +202,90 @@ async fn ractor_clusters_own_listener_gives_no_session_around_tls_and_the_gate()
         server.stop(None);
     }
     still_serving(&tc, 0, 100).await;
+}
+
+/// A connection from `from` (a loopback address of its own) to `to`.
+async fn connect_from(from: std::net::IpAddr, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+/// Keeps `n` silent connections from `from` open to each of `targets`, opening a new one as soon
+/// as the node closes one (at its handshake deadline, or at once past a cap), until dropped.
+struct Flood(Vec<tokio::task::JoinHandle<()>>);
+
+impl Flood {
+    fn start(from: std::net::IpAddr, targets: &[std::net::SocketAddr], n: usize) -> Flood {
+        let mut tasks = Vec::new();
+        for &to in targets {
+            for _ in 0..n {
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        if let Ok(mut s) = connect_from(from, to).await {
+                            use tokio::io::AsyncReadExt;
+                            let mut buf = [0u8; 64];
+                            // Say nothing; wait for the node to close it.
+                            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }));
+            }
+        }
+        Flood(tasks)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
+/// Issue 17, item 4: one address floods every node's cluster port and n1's API with silent
+/// connections, reopening each as soon as it is closed. Its share of handshakes and of API
+/// connections is capped per address, so n2 restarted in the middle of it rejoins (every node
+/// sees it up again, it is ready), and a client from another address is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_during_a_flood_of_silent_connections_rejoins() {
+    let mut tc = start().await;
+    tc.stock("sec-1", 1_000, 100).await;
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().expect("address");
+    let ports: Vec<std::net::SocketAddr> = tc.lc.configs.iter().map(|c| c.cluster_listen).collect();
+    let before = refused(&tc, 0, "address_cap").await;
+    let flood = Flood::start(attacker, &ports, 24);
+    counted(&tc, 0, "address_cap", before, 20).await;
+
+    // The API: past its share (`max_connections_per_address`, 256) the attacker gets 503s, and
+    // a client from another address is still answered.
+    let api = tc.lc.configs[0].http_listen;
+    let held: Vec<TcpStream> =
+        futures::future::join_all((0..300).map(|_| connect_from(attacker, api))).await.into_iter().flatten().collect();
+    eventually(Duration::from_secs(10), "the attacker's connections past its share are refused", || async {
+        let page = tc.http.get(format!("{}/metrics", tc.url(0))).send().await.ok()?.text().await.ok()?;
+        let refused = page
+            .lines()
+            .find_map(|l| l.strip_prefix("bulkhead_http_connections_refused_per_address_total "))
+            .and_then(|v| v.parse::<u64>().ok())?;
+        (refused >= 40).then_some(())
+    })
+    .await;
+    still_serving(&tc, 0, 200).await;
+
+    tc.lc.stop(1);
+    tc.lc.start(1).expect("start n2");
+    for i in [0, 2] {
+        eventually(Duration::from_secs(30), "n2 is up again for every node", || async {
+            (tc.status_of(i, "n2").await == "up").then_some(())
+        })
+        .await;
+    }
+    eventually(Duration::from_secs(30), "n2 is ready again", || async {
+        (tc.get(1, "/readyz").await.status == 200).then_some(())
+    })
+    .await;
+    still_serving(&tc, 1, 201).await;
+    drop(held);
+    drop(flood);
 }

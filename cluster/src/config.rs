@@ -283,6 +283,9 @@ pub struct Limits {
     /// Of those, connections still in their handshake (TLS and the node's claim); one more is
     /// closed at once: a flood of half-open connections cannot hold every slot.
     pub cluster_handshakes: usize,
+    /// Of the handshakes, how many one address may have in progress; one more from it is closed
+    /// at once, so a flood from one address leaves the rest to the peers (a peer needs one or two).
+    pub cluster_handshakes_per_address: usize,
 }
 
 impl Default for Limits {
@@ -290,7 +293,13 @@ impl Default for Limits {
         // Orders: a few times the concurrency at which the benchmarks saturate a 2-core node.
         // Gateway: room for the orders fronts of several nodes plus the saga and relay traffic.
         // Cluster: two links per peer for a few dozen nodes; handshakes take milliseconds.
-        Self { orders_in_flight: 1024, gateway_in_flight: 4096, cluster_connections: 64, cluster_handshakes: 16 }
+        Self {
+            orders_in_flight: 1024,
+            gateway_in_flight: 4096,
+            cluster_connections: 64,
+            cluster_handshakes: 16,
+            cluster_handshakes_per_address: 4,
+        }
     }
 }
 
@@ -300,6 +309,9 @@ impl Default for Limits {
 pub struct HttpEdge {
     /// Open connections to the API; one more is answered `503` and closed.
     pub max_connections: usize,
+    /// Of those, how many one client address may hold; one more from it is answered `503` and
+    /// closed, so one address cannot take every connection. Behind a proxy, raise it.
+    pub max_connections_per_address: usize,
     /// From the accept to the end of the first request's headers, and from an answer to the end of
     /// the next request's headers: a client slower than that (one byte a second, nothing at all,
     /// or an idle keep-alive) is disconnected.
@@ -324,6 +336,7 @@ impl Default for HttpEdge {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_address: 256,
             header_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             idle_timeout_ms: 60_000,
@@ -340,8 +353,8 @@ impl HttpEdge {
     /// Checked against the order path's own budget (`timing`): a request timeout shorter than it
     /// would answer `408` for orders that are still being placed.
     pub fn validate(&self, timing: &Timing) -> Result<(), String> {
-        if self.max_connections == 0 || self.header_timeout_ms == 0 {
-            return Err("http: max_connections and header_timeout_ms must be > 0".into());
+        if self.max_connections == 0 || self.max_connections_per_address == 0 || self.header_timeout_ms == 0 {
+            return Err("http: max_connections, max_connections_per_address and header_timeout_ms must be > 0".into());
         }
         // Upper bounds: past them a deadline overflows the clock or the connection semaphore.
         if self.max_connections > Self::MAX_CONNECTIONS {
@@ -673,7 +686,15 @@ impl NodeConfig {
             return Err("timing: call_timeout_ms and wait_budget_ms must be > 0".into());
         }
         let l = &self.limits;
-        if [l.orders_in_flight, l.gateway_in_flight, l.cluster_connections, l.cluster_handshakes].contains(&0) {
+        if [
+            l.orders_in_flight,
+            l.gateway_in_flight,
+            l.cluster_connections,
+            l.cluster_handshakes,
+            l.cluster_handshakes_per_address,
+        ]
+        .contains(&0)
+        {
             return Err("limits: every limit must be > 0".into());
         }
         if l.cluster_handshakes > l.cluster_connections {

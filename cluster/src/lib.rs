@@ -20,6 +20,7 @@
 
 pub mod breaker;
 pub mod call;
+pub mod caps;
 pub mod config;
 pub mod detector;
 pub mod gate;

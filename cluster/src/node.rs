@@ -53,6 +53,8 @@ pub enum LinkRefusal {
     ConnectionCap,
     /// `[limits] cluster_handshakes` were in their handshake.
     HandshakeCap,
+    /// `[limits] cluster_handshakes_per_address` from the same address were in their handshake.
+    AddressCap,
     /// The TLS handshake failed or took too long: garbage, no certificate, or one from another CA.
     Tls,
     /// Past TLS (or without it), bytes that are not a cluster handshake.
@@ -66,9 +68,10 @@ pub enum LinkRefusal {
 }
 
 impl LinkRefusal {
-    pub const ALL: [LinkRefusal; 7] = [
+    pub const ALL: [LinkRefusal; 8] = [
         LinkRefusal::ConnectionCap,
         LinkRefusal::HandshakeCap,
+        LinkRefusal::AddressCap,
         LinkRefusal::Tls,
         LinkRefusal::Garbage,
         LinkRefusal::WrongName,
@@ -80,6 +83,7 @@ impl LinkRefusal {
         match self {
             LinkRefusal::ConnectionCap => "connection_cap",
             LinkRefusal::HandshakeCap => "handshake_cap",
+            LinkRefusal::AddressCap => "address_cap",
             LinkRefusal::Tls => "tls",
             LinkRefusal::Garbage => "garbage",
             LinkRefusal::WrongName => "wrong_name",
@@ -103,10 +107,13 @@ struct LinkInfo {
     peer: Option<String>,
     /// The TLS channel binding (none without TLS).
     binding: Option<[u8; 32]>,
-    /// An incoming link's slot of `[limits] cluster_handshakes`, given back when its session is
-    /// ready (cookie checked) or the link goes.
-    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// An incoming link's slot of `[limits] cluster_handshakes` and its address's share, given
+    /// back when its session is ready (cookie checked) or the link goes.
+    handshake: Option<HandshakeSlot>,
 }
+
+/// A handshake in progress: one of `[limits] cluster_handshakes`, and one of its address's.
+type HandshakeSlot = (tokio::sync::OwnedSemaphorePermit, crate::caps::AddressSlot);
 
 /// Whether a local capability is serving.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -144,6 +151,8 @@ struct Inner {
     /// `[limits] cluster_connections` and `cluster_handshakes`.
     link_slots: Arc<tokio::sync::Semaphore>,
     handshake_slots: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress per peer address (`[limits] cluster_handshakes_per_address`).
+    handshakes_per_address: Arc<crate::caps::PerAddress>,
     link_serial: AtomicU64,
     /// What a call from this node to one of its own actors carries as its binding: random, never sent.
     local_binding: [u8; 32],
@@ -307,6 +316,7 @@ impl Cluster {
             links: Mutex::new(HashMap::new()),
             link_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_connections)),
             handshake_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.cluster_handshakes)),
+            handshakes_per_address: crate::caps::PerAddress::new(config_limits.cluster_handshakes_per_address),
             link_serial: AtomicU64::new(0),
             unfinished: Mutex::new(Vec::new()),
             local_binding: rand::random(),
@@ -909,12 +919,18 @@ async fn accept_loop(cluster: Cluster, listener: tokio::net::TcpListener) {
             Ok((tcp, from)) => {
                 // Cut off: the connection is held open and never answered (a black hole, not a refusal).
                 let Some(tcp) = cluster.inner.link_faults.hold_if_cut(tcp) else { continue };
+                // One address's share first: a flood from it must not reach the shared caps.
+                let Some(own) = cluster.inner.handshakes_per_address.try_take(from.ip()) else {
+                    cluster.inner.metrics.refused(LinkRefusal::AddressCap);
+                    tracing::debug!(%from, "cluster connection refused: cluster_handshakes_per_address in progress");
+                    continue;
+                };
                 let Ok(slot) = cluster.inner.link_slots.clone().try_acquire_owned() else {
                     cluster.inner.metrics.refused(LinkRefusal::ConnectionCap);
                     tracing::debug!(%from, "cluster connection refused: cluster_connections open");
                     continue;
                 };
-                let Ok(handshake) = cluster.inner.handshake_slots.clone().try_acquire_owned() else {
+                let Ok(handshake) = cluster.inner.handshake_slots.clone().try_acquire_owned().map(|h| (h, own)) else {
                     cluster.inner.metrics.refused(LinkRefusal::HandshakeCap);
                     tracing::debug!(%from, "cluster connection refused: cluster_handshakes in progress");
                     continue;
@@ -945,7 +961,7 @@ async fn open_link(
     label: String,
     incoming: bool,
     slot: tokio::sync::OwnedSemaphorePermit,
-    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+    handshake: Option<HandshakeSlot>,
 ) -> Result<(), String> {
     let inner = &cluster.inner;
     let (io, expect, binding) = match &inner.tls {

@@ -1,6 +1,7 @@
 //! The HTTP edge: what every connection and every request passes before a handler sees it.
 //!
-//! - **Connections** ([`serve`]): at most `[http] max_connections` open; one more is answered a
+//! - **Connections** ([`serve`]): at most `[http] max_connections` open, and at most
+//!   `max_connections_per_address` from one client address; one more is answered a
 //!   canned `503` JSON and closed at once. The first request's headers must arrive within
 //!   `header_timeout_ms` of the accept, and the next request's within as long of the answer
 //!   before it (hyper's timer), so a silent client or an idle keep-alive is closed then. A
@@ -60,6 +61,7 @@ const BODY_READ: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeConfig {
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
@@ -71,6 +73,7 @@ impl From<&HttpEdge> for EdgeConfig {
     fn from(h: &HttpEdge) -> Self {
         Self {
             max_connections: h.max_connections,
+            max_connections_per_address: h.max_connections_per_address,
             header_timeout: Duration::from_millis(h.header_timeout_ms),
             request_timeout: Duration::from_millis(h.request_timeout_ms),
             idle_timeout: Duration::from_millis(h.idle_timeout_ms),
@@ -198,6 +201,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(edge.max_connections));
+    let per_address = bulkhead_cluster::caps::PerAddress::new(edge.max_connections_per_address);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -215,6 +219,13 @@ pub async fn serve(
                 }
             },
             _ = &mut shutdown => break,
+        };
+        // The address's share first, so that one address never holds every connection.
+        let Some(own) = per_address.try_take(peer.ip()) else {
+            metrics.connections_refused_per_address.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, "connection refused: max_connections_per_address reached");
+            tokio::spawn(refuse(stream));
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.connections_refused.fetch_add(1, Relaxed);
@@ -236,7 +247,7 @@ pub async fn serve(
             .header_read_timeout(edge.header_timeout)
             .serve_connection(io, service);
         let conn = graceful.watch(conn);
-        let open = Open::new(metrics.clone(), slot);
+        let open = Open::new(metrics.clone(), slot, own);
         conns.spawn(async move {
             if let Err(e) = conn.await {
                 // A client that went away, or one cut off by a timeout: normal at an edge.
@@ -263,12 +274,17 @@ pub async fn serve(
 struct Open {
     metrics: Arc<HttpMetrics>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _own: bulkhead_cluster::caps::AddressSlot,
 }
 
 impl Open {
-    fn new(metrics: Arc<HttpMetrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(
+        metrics: Arc<HttpMetrics>,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        own: bulkhead_cluster::caps::AddressSlot,
+    ) -> Self {
         metrics.connections_open.fetch_add(1, Relaxed);
-        Self { metrics, _slot: slot }
+        Self { metrics, _slot: slot, _own: own }
     }
 }
 

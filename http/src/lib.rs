@@ -57,6 +57,8 @@ pub struct HttpMetrics {
     /// Connections to the API open now, and those refused at `[http] max_connections`.
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connections refused because their address held `[http] max_connections_per_address`.
+    pub connections_refused_per_address: AtomicU64,
     /// Requests answered `408` (`[http] request_timeout_ms`), and `500`s (a handler panicked).
     pub request_timeouts: AtomicU64,
     pub internal_errors: AtomicU64,

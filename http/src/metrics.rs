@@ -185,6 +185,12 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         vec![(String::new(), m.connections_refused.load(Relaxed))],
     );
     line(
+        "bulkhead_http_connections_refused_per_address_total",
+        "connections answered 503 and closed because their client address held [http] max_connections_per_address",
+        "counter",
+        vec![(String::new(), m.connections_refused_per_address.load(Relaxed))],
+    );
+    line(
         "bulkhead_http_request_timeouts_total",
         "requests answered 408 because they took longer than [http] request_timeout_ms (a slow body included)",
         "counter",
@@ -233,7 +239,7 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     );
     line(
         "bulkhead_cluster_links_refused_total",
-        "cluster connections refused: connection_cap / handshake_cap ([limits] cluster_connections / cluster_handshakes), tls (failed or no TLS handshake: garbage, no or a foreign certificate), garbage (not a cluster handshake), wrong_name (a claim the certificate does not name), stranger (a node the shard map does not name), handshake (wrong cookie or no answer)",
+        "cluster connections refused: connection_cap / handshake_cap / address_cap ([limits] cluster_connections / cluster_handshakes / cluster_handshakes_per_address), tls (failed or no TLS handshake: garbage, no or a foreign certificate), garbage (not a cluster handshake), wrong_name (a claim the certificate does not name), stranger (a node the shard map does not name), handshake (wrong cookie or no answer)",
         "counter",
         LinkRefusal::ALL
             .iter()

@@ -150,7 +150,7 @@ struct Saga {
 
 /// Whether a `Place` may go ahead (see `OrdersState::admit`).
 enum Admit {
-    Go(Replica, u64),
+    Go(Box<Replica>, u64),
     Wait,
 }
 
@@ -215,7 +215,7 @@ impl OrdersState {
             return Err(Unserved::NotLeader(replica.leader().filter(|l| l != self.cluster().name())));
         };
         match self.driving.get(&shard) {
-            Some(Driving::Ready(t)) if *t == term => Ok(Admit::Go(replica, term)),
+            Some(Driving::Ready(t)) if *t == term => Ok(Admit::Go(Box::new(replica), term)),
             Some(Driving::Loading(t)) if *t == term => Ok(Admit::Wait),
             // Leading since the last check: start loading now rather than at the next tick.
             _ => {
@@ -253,7 +253,7 @@ impl OrdersState {
         reply: RpcReplyPort<OrdersReply>,
     ) {
         let (replica, term) = match self.admit(myself, p.shard) {
-            Ok(Admit::Go(replica, term)) => (replica, term),
+            Ok(Admit::Go(replica, term)) => (*replica, term),
             Ok(Admit::Wait) => {
                 self.parked.entry(p.shard).or_default().push(Parked::Place(p, traceparent, reply));
                 return;

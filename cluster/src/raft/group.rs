@@ -897,8 +897,8 @@ async fn watch_leadership(r: Replica) {
                 }
                 last = now;
             }
-            let leader = known_leader(&m)
-                .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+            let leader =
+                known_leader(&m).and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
             let seen = Leadership { term: m.current_term, leader };
             r.leadership.send_if_modified(|l| {
                 let changed = *l != seen;

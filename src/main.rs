@@ -58,6 +58,19 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// After a lost majority: make this stopped node's replicas their groups' only voters, so
+    /// they serve again with what they hold (every other node of those groups must come back as
+    /// a new member: `restore` first). `--inspect` only prints each replica's last entry, to
+    /// choose the survivor furthest ahead.
+    Recover {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        inspect: bool,
+        /// Only these groups (e.g. `orders/0`; repeatable); default every group this node hosts.
+        #[arg(long = "group", value_name = "CAP/SHARD")]
+        groups: Vec<String>,
+    },
     /// Make the API token files `client.token` and `admin.token` in DIR (mode 0600), or rotate one;
     /// or add, revoke and list named clients in DIR/clients.tokens (running nodes read it again
     /// within a second: copy it to every node).
@@ -202,6 +215,10 @@ async fn main() -> ExitCode {
             .and_then(|cfg| bulkhead::restore::backup(&cfg, &to, &mut std::io::stdout()).map(drop)),
         Cmd::Restore { config } => bulkhead_cluster::NodeConfig::load(&config)
             .and_then(|cfg| bulkhead::restore::restore(&cfg, &mut std::io::stdout()).map(drop)),
+        Cmd::Recover { config, inspect, groups } => match bulkhead_cluster::NodeConfig::load(&config) {
+            Ok(cfg) => bulkhead::restore::recover(&cfg, inspect, &groups, &mut std::io::stdout()).await,
+            Err(e) => Err(e),
+        },
         Cmd::Certs { action: CertsCmd::Init { dir } } => bulkhead::keys::certs_init(&dir, &mut std::io::stdout()),
         Cmd::Certs { action: CertsCmd::Issue { dir, node } } => {
             bulkhead::keys::certs_issue(&dir, &node, &mut std::io::stdout())

@@ -1,5 +1,6 @@
-//! `bulkhead backup` and `bulkhead restore`: copying a stopped node's data, and starting a node
-//! over without ever letting it vote with a log older than the one it acknowledged from.
+//! `bulkhead backup`, `bulkhead restore` and `bulkhead recover`: copying a stopped node's data,
+//! starting a node over without ever letting it vote with a log older than the one it
+//! acknowledged from, and keeping a survivor's data after a lost majority.
 //!
 //! Why a restore never puts old Raft state back in place while the cluster runs: a replica that
 //! acknowledged entries and then comes back with an older log and an older vote has forgotten what
@@ -17,7 +18,10 @@
 //! from backups taken in one cluster-wide stop puts the cluster back as of that moment, whole
 //! (docs/operations.md, "Backups").
 //!
-//! Both commands refuse a running node: they take the node log's lock, as the node does.
+//! After a lost majority, [`recover`] makes the chosen survivor's replicas their groups' only
+//! voters (`bulkhead_cluster::raft::recover`); the others then come back through [`restore`].
+//!
+//! Every command refuses a running node: they take the node log's lock, as the node does.
 
 use std::fs::File;
 use std::io::Write;
@@ -110,6 +114,64 @@ pub fn restore(cfg: &NodeConfig, out: &mut dyn Write) -> Result<PathBuf, String>
         cfg.name
     );
     Ok(aside)
+}
+
+/// `bulkhead recover --config C [--inspect] [--group CAP/SHARD]...`: after a lost majority, on the
+/// stopped node whose replica is to be kept, makes that replica its group's only voter (every
+/// group this node hosts, or the `--group`s named). `--inspect` only prints each replica's last
+/// entry (term, index) and vote: run it on every survivor and keep, per group, the one furthest
+/// ahead. See `bulkhead_cluster::raft::recover`.
+pub async fn recover(
+    cfg: &NodeConfig,
+    inspect_only: bool,
+    groups: &[String],
+    out: &mut dyn Write,
+) -> Result<(), String> {
+    use bulkhead_cluster::raft::{recover, GroupId, NODE_LOG_DIR};
+    use bulkhead_storage::{NodeLog, Store, StoreOptions};
+    let mut chosen = Vec::new();
+    for cap in bulkhead_cluster::Capability::ALL {
+        for placement in cfg.capabilities.shards(cap) {
+            let group = GroupId { capability: cap, shard: placement.shard };
+            let named = groups.is_empty() || groups.iter().any(|g| *g == group.to_string());
+            if placement.replicas.iter().any(|n| *n == cfg.name) && named {
+                chosen.push(group);
+            }
+        }
+    }
+    if let Some(unknown) = groups.iter().find(|g| !chosen.iter().any(|c| c.to_string() == **g)) {
+        return Err(format!("{} hosts no group `{unknown}` (groups are named like orders/0)", cfg.name));
+    }
+    // The node log takes its lock: a running node makes this fail, which is what we want.
+    let log = NodeLog::open(&cfg.data_dir.join(NODE_LOG_DIR), cfg.durability)
+        .map_err(|e| format!("{e}: if the node is running, stop it first (`systemctl stop bulkhead`)"))?;
+    let opts = StoreOptions { durability: cfg.durability, ..StoreOptions::default() };
+    for group in chosen {
+        let name = format!("{}-{}", group.capability, group.shard);
+        if !cfg.data_dir.join(&name).exists() {
+            let _ = writeln!(out, "{group}: no store in {}: nothing to keep here", cfg.data_dir.display());
+            continue;
+        }
+        let store = Store::open(&cfg.data_dir, &name, &opts).map_err(|e| e.to_string())?;
+        if inspect_only {
+            let facts = recover::inspect(&log, &store, &cfg.name, group).await?;
+            let _ = writeln!(out, "{facts}");
+        } else {
+            let (facts, term) = recover::force_sole_voter(&log, &store, &cfg.name, group).await?;
+            let _ = writeln!(out, "{facts}\n  -> now its only voter (membership entry in term {term})");
+        }
+        store.sync().await.map_err(|e| e.to_string())?;
+    }
+    if !inspect_only {
+        let _ = writeln!(
+            out,
+            "Start {} now: it elects itself in each group above and serves. Bring every other node of those \
+             groups back only as a new member (`bulkhead restore --config ...` on it first, or an empty disk): \
+             a node that kept its old data could form a second majority with another.",
+            cfg.name
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -148,3 +148,77 @@ async fn a_backup_copied_back_by_hand_lets_a_stale_pair_lose_acknowledged_orders
     eprintln!("hand-copied restore: order {id} reads {lost}; its key placed {}", again.body["order_id"]);
     assert_eq!(lost, 404, "the stale pair lost the acknowledged order");
 }
+
+/// Losing a majority for good (issue 17, item 1): n2 and n3 lose their disks while n1 keeps its
+/// own. `bulkhead recover --inspect` shows n1's replicas; `bulkhead recover` makes each of them
+/// its group's only voter; n1 then serves alone with every order acknowledged before, and n2 and
+/// n3, started empty, rejoin as new members and get everything. Nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_two_disks_are_lost_recover_keeps_the_survivor_and_nothing_acknowledged_is_lost() {
+    let mut tc = start().await;
+    tc.stock(SKU, 1_000, 100).await;
+    let mut acked = Vec::new();
+    for n in 0..ORDERS {
+        let key = format!("recover-{n}");
+        let r = tc.post(n % 3, "/v1/orders", Some(&key), order()).await;
+        assert!([201, 202].contains(&r.status), "{key}: {} {}", r.status, r.body);
+        acked.push((key, r.body["order_id"].as_str().expect("an order id").to_string()));
+    }
+    // n2's and n3's disks are gone for good; n1 alone cannot elect anyone.
+    for i in [1, 2] {
+        tc.lc.kill(i);
+        std::fs::remove_dir_all(&tc.lc.configs[i].data_dir).expect("wipe");
+    }
+    tc.lc.kill(0);
+    let n1 = tc.lc.config_path(0).to_str().expect("utf-8 path").to_string();
+    let facts = bulkhead(&["recover", "--config", &n1, "--inspect"]);
+    assert!(facts.contains("orders/0") && facts.contains("last entry term"), "{facts}");
+    eprintln!("{facts}");
+    let said = bulkhead(&["recover", "--config", &n1]);
+    eprintln!("{said}");
+    assert!(said.contains("now its only voter") && said.contains("new member"), "{said}");
+
+    // n1 serves alone, with every acknowledged order.
+    tc.lc.start(0).expect("start n1");
+    answering(&tc, 0).await;
+    for (key, id) in &acked {
+        let read = eventually(Duration::from_secs(30), "the order reads on the recovered n1", || async {
+            let r = tc.get(0, &format!("/v1/orders/{id}")).await;
+            (r.status != 503).then_some(r)
+        })
+        .await;
+        assert_eq!(read.status, 200, "order {id} of {key}: {}", read.body);
+    }
+    let fresh = tc.post(0, "/v1/orders", Some("after-recovery"), order()).await;
+    assert!([201, 202].contains(&fresh.status), "{}", fresh.body);
+
+    // n2 and n3 come back empty: new members, caught up from n1.
+    tc.lc.start(1).expect("start n2");
+    tc.lc.start(2).expect("start n3");
+    tc.lc.wait_ready(Duration::from_secs(60)).await.expect("ready with n2 and n3 back");
+    eventually(Duration::from_secs(60), "every group has three voters again", || async {
+        let shards = tc.shards(0).await;
+        let whole = !shards.is_empty()
+            && shards.iter().all(|s| {
+                s["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().filter(|r| r["role"] == "leader" || r["role"] == "follower").count() == 3)
+            });
+        whole.then_some(())
+    })
+    .await;
+    for (key, id) in &acked {
+        for node in 0..3 {
+            let read = eventually(Duration::from_secs(20), "the order reads", || async {
+                let r = tc.get(node, &format!("/v1/orders/{id}")).await;
+                (r.status != 503).then_some(r)
+            })
+            .await;
+            assert_eq!(read.status, 200, "order {id} on n{}: {}", node + 1, read.body);
+        }
+        let again = tc.post(1, "/v1/orders", Some(key), order()).await;
+        assert_eq!(again.body["order_id"].as_str(), Some(id.as_str()), "{key}: {}", again.body);
+    }
+    let listed = tc.get(2, "/v1/orders?customer_id=c-restore&limit=500").await;
+    assert_eq!(listed.body["orders"].as_array().map(Vec::len), Some(ORDERS + 1), "{}", listed.body);
+}

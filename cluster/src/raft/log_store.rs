@@ -44,6 +44,11 @@ impl LogStore {
     pub fn new(log: NodeLog, state: Store, stream: u64) -> Self {
         Self { log, state, stream }
     }
+
+    /// The node-log stream of this group's member.
+    pub fn stream(&self) -> u64 {
+        self.stream
+    }
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<MemberId> {

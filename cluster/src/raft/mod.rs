@@ -8,6 +8,8 @@
 //! - [`network`]: Raft RPCs over the cluster call path to the [`RaftRouter`] on each node.
 //! - [`group`]: a running [`Replica`] (propose, linearizable read, status) and its driver.
 //! - [`clock`]: the time a leader puts into commands: the group's time, not its wall clock.
+//! - [`recover`]: after a lost majority, one surviving replica made its group's only voter
+//!   (offline, `bulkhead recover`).
 //!
 //! Why openraft 0.9 and not the 0.10 alphas: 0.9 is the stable line, with the storage-v2 API
 //! (a log store that is told "durable" by a callback, which is exactly group commit) and
@@ -38,6 +40,7 @@ pub mod clock;
 pub mod group;
 pub mod log_store;
 pub mod network;
+pub mod recover;
 pub mod state_machine;
 pub mod types;
 

@@ -134,7 +134,7 @@ pub async fn recover(
         for placement in cfg.capabilities.shards(cap) {
             let group = GroupId { capability: cap, shard: placement.shard };
             let named = groups.is_empty() || groups.iter().any(|g| *g == group.to_string());
-            if placement.replicas.iter().any(|n| *n == cfg.name) && named {
+            if placement.replicas.contains(&cfg.name) && named {
                 chosen.push(group);
             }
         }

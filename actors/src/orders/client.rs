@@ -29,6 +29,9 @@ use super::protocol::{OrdersReply, OrdersRequest, PlaceOrder};
 const FIRST_PAUSE: Duration = Duration::from_millis(25);
 const MAX_PAUSE: Duration = Duration::from_millis(400);
 
+/// After a keyed `Place` was dropped for a new leader: the pause before asking it.
+const MOVED_PAUSE: Duration = Duration::from_millis(5);
+
 /// Below this much time left, another try could not be answered anyway: the last failure stands.
 const LEAST_TRY: Duration = Duration::from_millis(20);
 
@@ -155,7 +158,11 @@ pub async fn place(cluster: &Cluster, order: PlaceOrder, budget: Budget, tracepa
             Tried::LeaderMoved { .. } => None,
             _ => leader,
         };
-        if !matches!(tried, Tried::LeaderMoved { .. }) {
+        if matches!(tried, Tried::LeaderMoved { .. }) {
+            // The new leader is known; a breath before asking it, so that a view of the
+            // leadership that trails another (the watch behind the metrics) cannot spin this loop.
+            tokio::time::sleep(MOVED_PAUSE.min(left)).await;
+        } else {
             let bound = pause.min(left);
             let _ = cluster.new_leader(Capability::Orders, shard, failed.as_deref(), bound).await;
             pause = (pause * 2).min(MAX_PAUSE);

@@ -310,7 +310,9 @@ impl Replica {
     pub async fn wait_for_new_leader(&self, old: Option<&str>, bound: Duration) -> Option<String> {
         let mut rx = self.leadership.subscribe();
         // The watch may trail the metrics by a moment: "later" is judged against the newer term.
-        let term_now = rx.borrow().term.max(self.raft.metrics().borrow().current_term);
+        // One lock at a time: `watch_leadership` takes the metrics, then this watch.
+        let watched = rx.borrow().term;
+        let term_now = watched.max(self.raft.metrics().borrow().current_term);
         let other = |l: &Leadership| {
             let leader = l.leader.as_deref()?;
             (Some(leader) != old || l.term > term_now).then(|| leader.to_string())
@@ -888,7 +890,7 @@ async fn watch_leadership(r: Replica) {
     let mut rx = r.raft.metrics();
     let mut last = rx.borrow().current_leader;
     loop {
-        {
+        let seen = {
             let m = rx.borrow_and_update();
             let now = m.current_leader;
             if now != last {
@@ -899,15 +901,16 @@ async fn watch_leadership(r: Replica) {
             }
             let leader =
                 known_leader(&m).and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
-            let seen = Leadership { term: m.current_term, leader };
-            r.leadership.send_if_modified(|l| {
-                let changed = *l != seen;
-                if changed {
-                    *l = seen;
-                }
-                changed
-            });
-        }
+            Leadership { term: m.current_term, leader }
+        };
+        // The metrics' lock is released before this watch's is taken (see `wait_for_new_leader`).
+        r.leadership.send_if_modified(|l| {
+            let changed = *l != seen;
+            if changed {
+                *l = seen;
+            }
+            changed
+        });
         if rx.changed().await.is_err() {
             return;
         }

@@ -8,7 +8,7 @@
 //!
 //! Writing ([`write_secret`]): the contents go to a new file beside the target, created with
 //! `O_EXCL | O_NOFOLLOW` and mode 0600 from the start (never chmod-ed after), flushed, then renamed
-//! over the target, and the directory flushed. A crash at any point leaves the old file or the new
+//! over the target, and the directory flushed. A replaced file's owner is kept. A crash at any point leaves the old file or the new
 //! one, whole, never an empty or half-written one, and a symlink planted at the temporary name is
 //! refused rather than written through.
 
@@ -104,6 +104,15 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), String> {
         opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
     }
     let mut f = opts.open(&tmp).map_err(fail)?;
+    // A file being replaced keeps its owner (an operator running `bulkhead tokens` as root must
+    // not hand the node a file it then refuses as another account's).
+    #[cfg(unix)]
+    if let Some(old) = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()) {
+        use std::os::unix::fs::MetadataExt;
+        if let Err(e) = std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid())) {
+            tracing::debug!(path = %path.display(), error = %e, "could not keep the replaced file's owner");
+        }
+    }
     let written = f.write_all(contents).and_then(|()| f.sync_all());
     drop(f);
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
@@ -209,5 +218,9 @@ mod tests {
         std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
         let e = read_secret(&path, "cookie_file").unwrap_err();
         assert!(e.contains("owned by uid 65534") && e.contains("chown"), "{e}");
+        // Rewriting a file keeps its owner: root rotating a token hands the node a file it reads.
+        write_secret(&path, b"rotated").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
     }
 }

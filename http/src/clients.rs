@@ -163,11 +163,12 @@ impl Clients {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyScope(pub Option<Arc<str>>);
 
-/// The key as the cluster stores it: `NAME/KEY` for a named client (a name has no `/`, so two
-/// clients' keys never meet), the key itself otherwise.
+/// The key as the cluster stores it: `NAME KEY` for a named client, the key itself otherwise. A
+/// key is visible ASCII without spaces (`validate::idempotency_key`), so no key sent with a shared
+/// token, and no other client's, can spell a named client's stored key.
 pub fn key_scope(scope: &KeyScope, key: String) -> String {
     match &scope.0 {
-        Some(name) => format!("{name}/{key}"),
+        Some(name) => format!("{name} {key}"),
         None => key,
     }
 }
@@ -176,20 +177,30 @@ pub fn key_scope(scope: &KeyScope, key: String) -> String {
 pub struct ClientsFile {
     path: PathBuf,
     current: RwLock<Arc<Clients>>,
-    /// What the file looked like at the last reading (modification time, length, inode), to read
-    /// it again only when it changed.
-    seen: std::sync::Mutex<Option<Stamp>>,
+    /// What the file looked like at the last good reading, and at the last failed one (logged
+    /// once), to read it again only when it changed.
+    seen: std::sync::Mutex<Seen>,
 }
 
-type Stamp = (Option<std::time::SystemTime>, u64, u64);
+#[derive(Default)]
+struct Seen {
+    good: Option<Stamp>,
+    failed: Option<Stamp>,
+}
+
+/// Modification time, length, inode and change time (a `chown` or `chmod` changes the last).
+type Stamp = (Option<std::time::SystemTime>, u64, u64, i64);
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::symlink_metadata(path).ok()?;
     #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    let (ino, ctime) = {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()))
+    };
     #[cfg(not(unix))]
-    let ino = 0;
-    Some((m.modified().ok(), m.len(), ino))
+    let (ino, ctime) = (0, 0);
+    Some((m.modified().ok(), m.len(), ino, ctime))
 }
 
 /// Reads and parses the clients file (a private regular file of the node's user, as every secret).
@@ -208,6 +219,7 @@ impl ClientsFile {
     pub fn open(path: PathBuf) -> Result<Arc<ClientsFile>, String> {
         let seen = stamp(&path);
         let clients = read(&path)?;
+        let seen = Seen { good: seen, failed: None };
         Ok(Arc::new(ClientsFile { path, current: RwLock::new(Arc::new(clients)), seen: std::sync::Mutex::new(seen) }))
     }
 
@@ -216,15 +228,13 @@ impl ClientsFile {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Reads the file again if it changed since the last look.
+    /// Reads the file again if it changed since the last good reading. A reading that fails is
+    /// tried again at every look (a `chown` that fixes it takes effect), and logged once per change.
     pub fn reload_if_changed(&self) {
         let now = stamp(&self.path);
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == now {
-                return;
-            }
-            *seen = now;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.good == now {
+            return;
         }
         let next = if now.is_none() {
             tracing::warn!(path = %self.path.display(), "the clients file is gone: every named client is revoked");
@@ -233,10 +243,17 @@ impl ClientsFile {
             match read(&self.path) {
                 Ok(c) => c,
                 Err(e) => {
-                    return tracing::warn!(error = %e, "the clients file changed but cannot be read; the clients of its last good reading stay")
+                    if seen.failed != now {
+                        seen.failed = now;
+                        tracing::warn!(error = %e, "the clients file changed but cannot be read; the clients of its last good reading stay");
+                    }
+                    return;
                 }
             }
         };
+        seen.good = now;
+        seen.failed = None;
+        drop(seen);
         let names: Vec<&str> = next.list().map(|c| &*c.name).collect();
         tracing::info!(path = %self.path.display(), clients = ?names, "clients file read again");
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
@@ -315,6 +332,9 @@ mod tests {
         let b = KeyScope(Some("b".into()));
         assert_ne!(key_scope(&a, "k".into()), key_scope(&b, "k".into()));
         assert_eq!(key_scope(&KeyScope(None), "k".into()), "k", "the shared tokens' keys are as before");
+        // A shared token's key cannot be a named client's stored key: keys have no spaces.
+        let stored = key_scope(&a, "k".into());
+        assert!(crate::validate::idempotency_key(stored.as_bytes()).is_err(), "{stored}");
     }
 
     #[test]
@@ -336,6 +356,20 @@ mod tests {
         bulkhead_cluster::secret::write_secret(&path, c.render().as_bytes()).unwrap();
         file.reload_if_changed();
         assert!(file.current().find("x").is_none(), "revoked without a restart");
+        // A file the node refuses (here: others may read it) keeps the last good clients; fixing
+        // its mode alone (no new contents) is enough for the next look to take it.
+        c.add(named("b", Scope::Client), token_hash("y")).unwrap();
+        bulkhead_cluster::secret::write_secret(&path, c.render().as_bytes()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            file.reload_if_changed();
+            assert!(file.current().find("y").is_none(), "a file others may read is refused");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            file.reload_if_changed();
+            assert!(file.current().find("y").is_some(), "taken once its mode is fixed");
+        }
         std::fs::remove_file(&path).unwrap();
         file.reload_if_changed();
         assert_eq!(file.current().list().count(), 0);

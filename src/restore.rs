@@ -60,8 +60,15 @@ fn copy_tree(from: &Path, to: &Path) -> Result<u64, String> {
         } else if kind.is_file() {
             bytes += std::fs::copy(&src, &dst)
                 .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), dst.display()))?;
+        } else if kind.is_symlink() {
+            // Part of the data may live elsewhere (`raft-log` on another disk): a backup that
+            // skipped it would be reported whole and restore half a node.
+            return Err(format!(
+                "{} is a symlink: back up a data dir without links (or copy its target yourself)",
+                src.display()
+            ));
         }
-        // Anything else (a socket, a link) is no part of a node's data.
+        // Anything else (a socket) is no part of a node's data.
     }
     Ok(bytes)
 }
@@ -89,6 +96,21 @@ pub fn backup(cfg: &NodeConfig, to: &Path, out: &mut dyn Write) -> Result<PathBu
 /// operator's to delete), and an empty one takes its place; at its next start the node catches up
 /// from the current leaders.
 pub fn restore(cfg: &NodeConfig, out: &mut dyn Write) -> Result<PathBuf, String> {
+    // A group with no other replica would start over empty from this node: its data exists
+    // nowhere else. That is a cluster-wide restore (docs/operations.md, "Backups"), not this.
+    let alone: Vec<String> = bulkhead_cluster::Capability::ALL
+        .into_iter()
+        .flat_map(|cap| cfg.capabilities.shards(cap).into_iter().map(move |p| (cap, p)))
+        .filter(|(_, p)| p.replicas == [cfg.name.clone()])
+        .map(|(cap, p)| format!("{cap}/{}", p.shard))
+        .collect();
+    if !alone.is_empty() {
+        return Err(format!(
+            "{} is the only replica of {}: starting it over would start those groups over empty. Keep its data dir.",
+            cfg.name,
+            alone.join(", ")
+        ));
+    }
     let lock = lock_stopped(&cfg.data_dir)?;
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut aside = cfg.data_dir.clone().into_os_string();
@@ -207,5 +229,33 @@ mod tests {
         let aside = restore(&cfg, &mut out).unwrap();
         assert_eq!(std::fs::read(aside.join("orders-0").join("db")).unwrap(), b"state", "kept, not deleted");
         assert_eq!(std::fs::read_dir(&cfg.data_dir).unwrap().count(), 0, "the node starts empty");
+    }
+
+    /// A node that is the only replica of a group keeps its data: starting it over would start the
+    /// group over empty.
+    #[test]
+    fn the_only_replica_of_a_group_is_not_started_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.capabilities
+            .0
+            .insert(bulkhead_cluster::Capability::Payments, bulkhead_cluster::config::CapabilityPlacement::on(&["n1"]));
+        std::fs::create_dir_all(cfg.data_dir.join("payments-0")).unwrap();
+        let e = restore(&cfg, &mut Vec::new()).unwrap_err();
+        assert!(e.contains("only replica of payments/0"), "{e}");
+        assert!(cfg.data_dir.join("payments-0").exists());
+    }
+
+    /// A backup never skips part of the data in silence: a link in the data dir is refused.
+    #[cfg(unix)]
+    #[test]
+    fn a_backup_refuses_a_data_dir_with_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+        std::fs::create_dir_all(&cfg.data_dir).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), cfg.data_dir.join("raft-log")).unwrap();
+        let e = backup(&cfg, &dir.path().join("b"), &mut Vec::new()).unwrap_err();
+        assert!(e.contains("symlink"), "{e}");
     }
 }

@@ -4,22 +4,6 @@ use std::collections::BTreeMap;
 
 use bulkhead_cluster::raft::{ProposeError, Replica};
 use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::Store;
-use ractor::RpcReplyPort;
-
-/// Answers `reply` with `value` once the store has flushed every write applied so far: the
-/// acknowledgement never overtakes the durability it promises. The worker does not wait: it goes on
-/// with the next message while the flush runs (group commit batches them).
-pub fn reply_after_sync<T: Send + 'static>(store: &Store, reply: RpcReplyPort<T>, value: T) {
-    let capability = store.capability().to_string();
-    store.after_sync(move |result| match result {
-        Ok(()) => {
-            let _ = reply.send(value);
-        }
-        // Dropping the port tells the caller "no answer": it retries, and every handler is idempotent.
-        Err(e) => tracing::error!(%capability, error = %e, "flush failed; request left unanswered"),
-    });
-}
 
 /// Why a replicated capability's worker did not serve a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftLogId, Vote};
 
 use super::log_store::LogStore;
-use super::types::{member_id, GroupId, LogRecord, MemberId, IDENTITY};
+use super::types::{member_id, GroupId, LogRecord, MemberId, APPLIED, IDENTITY};
 
 /// What one replica's log says, for choosing the survivor to keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,8 +92,28 @@ pub async fn force_sole_voter(
 ) -> Result<(Facts, u64), String> {
     let facts = inspect(log, store, node, group).await?;
     let (mut ls, member) = log_of(log, store, node, group)?;
-    let term = facts.vote_term.max(facts.last.map_or(0, |l| l.0)) + 1;
-    let index = facts.last.map_or(0, |l| l.1 + 1);
+    // A replica with nothing in its log has nothing to keep (and one whose log has not been moved
+    // into the node log yet, by a first start of this build, looks the same): making it the only
+    // voter would start the group over empty.
+    let Some((last_term, last_index)) = facts.last else {
+        return Err(format!(
+            "{group}: this replica's log is empty here: nothing to keep (if this node was just upgraded, start it \
+             once and stop it, then run recover again; else keep another survivor)"
+        ));
+    };
+    // A follower that installed a snapshot and stopped before purging its log may have applied
+    // past its log's end; openraft tidies that up at its next start. Appending below what is
+    // applied would put the new entry where it is never applied: have the node tidy up first.
+    let applied = APPLIED.get(store, &0).map_err(|e| e.to_string())?.and_then(|a| a.last_applied);
+    if let Some(applied) = applied.filter(|a| a.index > last_index) {
+        return Err(format!(
+            "{group}: this replica has applied up to index {} but its log ends at {last_index} (a snapshot \
+             installed just before it stopped): start the node once and stop it, then run recover again",
+            applied.index
+        ));
+    }
+    let term = facts.vote_term.max(last_term) + 1;
+    let index = last_index + 1;
     let voters = BTreeSet::from([member]);
     let nodes = BTreeMap::from([(member, BasicNode { addr: node.to_string() })]);
     let entry = Entry::<super::types::TypeConfig> {
@@ -111,4 +131,67 @@ pub async fn force_sole_voter(
     ls.save_vote(&Vote::new(term, member)).await.map_err(|e| format!("{group}: saving the vote: {e}"))?;
     log.sync().await.map_err(|e| format!("{group}: flushing the node log: {e}"))?;
     Ok((facts, term))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Capability;
+    use crate::raft::types::{Identity, Proposal, TypeConfig};
+    use bulkhead_storage::{Batch, Durability, StoreOptions};
+
+    const G: GroupId = GroupId { capability: Capability::Orders, shard: 0 };
+
+    fn replica(dir: &std::path::Path) -> (NodeLog, Store) {
+        let log = NodeLog::open(&dir.join("raft-log"), Durability::Flush).unwrap();
+        let store = Store::open(dir, "orders-0", &StoreOptions::default()).unwrap();
+        let mut b = Batch::new();
+        IDENTITY.put(&mut b, &0, &Identity { node: "n1".into(), group: G, incarnation: 7, created_ms: 1 });
+        store.apply_in_order(b).unwrap();
+        (log, store)
+    }
+
+    async fn append(log: &NodeLog, term: u64, index: u64) {
+        let e = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(term, member_id("n2", 1)), index),
+            payload: EntryPayload::Normal(Proposal(vec![1])),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        log.append(G.log_stream(7), vec![(index, encode(&LogRecord(e)))], move |r| {
+            let _ = tx.send(r);
+        })
+        .unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    /// An empty replica is never made the only voter: that would start the group over empty.
+    #[tokio::test]
+    async fn an_empty_replica_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, store) = replica(dir.path());
+        let e = force_sole_voter(&log, &store, "n1", G).await.unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+    }
+
+    /// The kept replica gets one membership entry after its last, in a term above any it saw,
+    /// naming itself the only voter, and a vote for that term that is not committed (it elects
+    /// itself at start); what it held stays.
+    #[tokio::test]
+    async fn the_kept_replica_gets_one_membership_entry_after_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, store) = replica(dir.path());
+        append(&log, 3, 1).await;
+        append(&log, 3, 2).await;
+        let (facts, term) = force_sole_voter(&log, &store, "n1", G).await.unwrap();
+        assert_eq!((facts.last, term), (Some((3, 2)), 4));
+        let after = inspect(&log, &store, "n1", G).await.unwrap();
+        let me = member_id("n1", 7);
+        assert_eq!(after.last, Some((4, 3)));
+        assert_eq!(after.voters, Some(BTreeSet::from([me])));
+        assert_eq!(after.vote_term, 4);
+        let (mut ls, _) = log_of(&log, &store, "n1", G).unwrap();
+        let vote = ls.read_vote().await.unwrap().unwrap();
+        assert!(!vote.is_committed());
+        assert_eq!(ls.try_get_log_entries(1..3).await.unwrap().len(), 2, "the entries it held stay");
+    }
 }

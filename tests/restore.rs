@@ -41,6 +41,25 @@ async fn answering(tc: &TestCluster, i: usize) {
     .await;
 }
 
+/// Every acknowledged order reads on every node, its key answers the same order, and the
+/// customer has `total` orders (no retry placed a second one).
+async fn every_order_once(tc: &TestCluster, acked: &[(String, String)], total: usize) {
+    for (key, id) in acked {
+        for node in 0..3 {
+            let read = eventually(Duration::from_secs(20), "the order reads", || async {
+                let r = tc.get(node, &format!("/v1/orders/{id}")).await;
+                (r.status != 503).then_some(r)
+            })
+            .await;
+            assert_eq!(read.status, 200, "order {id} on n{}: {}", node + 1, read.body);
+        }
+        let again = tc.post(1, "/v1/orders", Some(key), order()).await;
+        assert_eq!(again.body["order_id"].as_str(), Some(id.as_str()), "{key}: {}", again.body);
+    }
+    let listed = tc.get(2, "/v1/orders?customer_id=c-restore&limit=500").await;
+    assert_eq!(listed.body["orders"].as_array().map(Vec::len), Some(total), "{}", listed.body);
+}
+
 /// The sequence up to the restore: returns the keys and order ids acknowledged while n3 was away,
 /// and the path of n1's backup. Ends with every node stopped.
 async fn acknowledged_while_n3_was_away(tc: &mut TestCluster) -> (Vec<(String, String)>, std::path::PathBuf) {
@@ -93,20 +112,7 @@ async fn a_restored_node_rejoins_as_a_new_member_and_no_acknowledged_order_is_lo
     // n2 back: every acknowledged order is there, once, on every node.
     tc.lc.start(1).expect("start n2");
     tc.lc.wait_ready(Duration::from_secs(60)).await.expect("ready with n2 back");
-    for (key, id) in &acked {
-        for node in 0..3 {
-            let read = eventually(Duration::from_secs(20), "the order reads", || async {
-                let r = tc.get(node, &format!("/v1/orders/{id}")).await;
-                (r.status != 503).then_some(r)
-            })
-            .await;
-            assert_eq!(read.status, 200, "order {id} on n{}: {}", node + 1, read.body);
-        }
-        let again = tc.post(0, "/v1/orders", Some(key), order()).await;
-        assert_eq!(again.body["order_id"].as_str(), Some(id.as_str()), "{key}: {}", again.body);
-    }
-    let listed = tc.get(1, "/v1/orders?customer_id=c-restore&limit=500").await;
-    assert_eq!(listed.body["orders"].as_array().map(Vec::len), Some(ORDERS), "{}", listed.body);
+    every_order_once(&tc, &acked, ORDERS).await;
     // n1 is a voter (leader or follower) of every group again, under its new incarnation.
     eventually(Duration::from_secs(30), "n1 is a voter of every group", || async {
         let shards = tc.shards(0).await;
@@ -207,18 +213,5 @@ async fn after_two_disks_are_lost_recover_keeps_the_survivor_and_nothing_acknowl
         whole.then_some(())
     })
     .await;
-    for (key, id) in &acked {
-        for node in 0..3 {
-            let read = eventually(Duration::from_secs(20), "the order reads", || async {
-                let r = tc.get(node, &format!("/v1/orders/{id}")).await;
-                (r.status != 503).then_some(r)
-            })
-            .await;
-            assert_eq!(read.status, 200, "order {id} on n{}: {}", node + 1, read.body);
-        }
-        let again = tc.post(1, "/v1/orders", Some(key), order()).await;
-        assert_eq!(again.body["order_id"].as_str(), Some(id.as_str()), "{key}: {}", again.body);
-    }
-    let listed = tc.get(2, "/v1/orders?customer_id=c-restore&limit=500").await;
-    assert_eq!(listed.body["orders"].as_array().map(Vec::len), Some(ORDERS + 1), "{}", listed.body);
+    every_order_once(&tc, &acked, ORDERS + 1).await;
 }

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct PerAddress {
     limit: usize,
+    /// Count an IPv6 client by its /64 ([`PerAddress::by_client`]).
+    by_64: bool,
     held: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -27,12 +29,21 @@ pub struct AddressSlot {
 }
 
 impl PerAddress {
+    /// Per address (an IPv4-mapped IPv6 address counts as its IPv4): for the cluster port, whose
+    /// peers may well share one IPv6 /64 on their LAN.
     pub fn new(limit: usize) -> Arc<PerAddress> {
-        Arc::new(PerAddress { limit, held: Mutex::new(HashMap::new()) })
+        Arc::new(PerAddress { limit, by_64: false, held: Mutex::new(HashMap::new()) })
     }
 
-    /// A slot for `ip`, or `None` if it holds `limit` already.
+    /// Per client, an IPv6 one counted by its /64 (one host is handed a whole /64 and may use any
+    /// address in it): for the API's edge.
+    pub fn by_client(limit: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress { limit, by_64: true, held: Mutex::new(HashMap::new()) })
+    }
+
+    /// A slot for `ip`, or `None` if it (its client, see the constructors) holds `limit` already.
     pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let ip = client_of(ip, self.by_64);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let n = held.entry(ip).or_default();
         if *n >= self.limit {
@@ -42,9 +53,25 @@ impl PerAddress {
         Some(AddressSlot { caps: self.clone(), ip })
     }
 
-    /// Slots `ip` holds now.
+    /// Slots `ip` (its client, as [`PerAddress::try_take`] counts) holds now.
     pub fn held_by(&self, ip: IpAddr) -> usize {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied().unwrap_or(0)
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(&client_of(ip, self.by_64)).copied().unwrap_or(0)
+    }
+}
+
+/// The client an address stands for: IPv4 as is, IPv4-mapped IPv6 as its IPv4, other IPv6 as is
+/// or (`by_64`) by its /64 prefix.
+fn client_of(ip: IpAddr, by_64: bool) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if !by_64 => ip,
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -81,5 +108,19 @@ mod tests {
         drop(other);
         assert_eq!(caps.held_by(b), 0);
         assert_eq!(caps.held.lock().unwrap().len(), 1, "addresses that hold nothing are forgotten");
+    }
+
+    #[test]
+    fn an_api_client_on_ipv6_counts_by_its_64_a_peer_by_its_address_a_mapped_ipv4_as_itself() {
+        let caps = PerAddress::by_client(1);
+        let _a = caps.try_take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(caps.try_take("2001:db8:1:2::ffff:7".parse().unwrap()).is_none(), "same /64");
+        assert!(caps.try_take("2001:db8:1:3::1".parse().unwrap()).is_some(), "another /64");
+        let _b = caps.try_take("10.0.0.9".parse().unwrap()).unwrap();
+        assert!(caps.try_take("::ffff:10.0.0.9".parse().unwrap()).is_none(), "the same IPv4 client");
+        // The cluster port's caps count each address: peers on one LAN share a /64.
+        let peers = PerAddress::new(1);
+        let _n2 = peers.try_take("2001:db8:1:2::2".parse().unwrap()).unwrap();
+        assert!(peers.try_take("2001:db8:1:2::3".parse().unwrap()).is_some(), "another peer, same /64");
     }
 }

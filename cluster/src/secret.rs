@@ -16,14 +16,15 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Opens `path` for reading without following a final symlink.
+/// Opens `path` for reading without following a final symlink, and without blocking on a FIFO
+/// planted there (the type check that follows refuses it).
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW);
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
     }
     opts.open(path)
 }
@@ -201,6 +202,19 @@ mod tests {
         write_secret(&link, b"other").unwrap();
         assert_eq!(read_secret(&real, "t").unwrap(), "secret", "the link's target is untouched");
         assert!(!std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    }
+
+    /// A FIFO in place of a secret is refused at once, not waited on.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cookie");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path in a fresh temp dir.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_secret(&path, "cookie_file").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     /// A secret owned by another account is refused (it could be replaced by that account). Only

@@ -201,7 +201,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(edge.max_connections));
-    let per_address = bulkhead_cluster::caps::PerAddress::new(edge.max_connections_per_address);
+    let per_address = bulkhead_cluster::caps::PerAddress::by_client(edge.max_connections_per_address);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);

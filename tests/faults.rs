@@ -296,6 +296,14 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
     let r = tc.order(2, Some(&k3_cut), "widget-1", 1, "tok_ok").await;
     assert!(matches!(r.status, 503 | 504), "{}", r.body);
     assert!(r.retry_after.is_some());
+    // Without a key the same: and a 504 does not advise a retry with a key the order never had.
+    let r = tc.order(2, None, "widget-1", 1, "tok_ok").await;
+    assert!(matches!(r.status, 503 | 504), "{}", r.body);
+    eprintln!("an unkeyed order on the cut-off n3: {} {}", r.status, r.body);
+    if r.status == 504 {
+        let message = r.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("had no Idempotency-Key"), "{message}");
+    }
     // Nor does it serve a read it cannot prove current.
     let r = tc.get(2, &format!("/v1/orders/{id3}")).await;
     assert!(matches!(r.status, 503 | 504), "{}", r.body);

@@ -230,15 +230,42 @@ pub async fn place_order(
         Duration::from_millis(wait_ms),
         Duration::from_millis(st.cluster.config().timing.call_timeout_ms),
     );
-    match orders::client::place(&st.cluster, place, budget, &traceparent()).await {
+    let keyed = place.idempotency.is_some();
+    let placed =
+        placed_answer(&st, shard, budget, orders::client::place(&st.cluster, place, budget, &traceparent()).await)
+            .await;
+    placed.map_err(|e| if keyed { e } else { advise_without_key(e, shard) })
+}
+
+/// "Retry with the same Idempotency-Key" is no advice for an order sent without one: a `504` of
+/// an unkeyed order says what the client can do instead.
+fn advise_without_key(mut e: ApiError, shard: u32) -> ApiError {
+    if e.status == StatusCode::GATEWAY_TIMEOUT {
+        e.message = format!(
+            "orders shard {shard} did not confirm the order in time; it may have been recorded, and this order \
+             had no Idempotency-Key, so a retry could place a second one: look it up by customer, and send a key \
+             with every order"
+        );
+    }
+    e
+}
+
+/// The answer to a `Place`, from what [`orders::client::place`] came back with.
+async fn placed_answer(
+    st: &AppState,
+    shard: u32,
+    budget: orders::client::Budget,
+    placed: orders::client::Placed,
+) -> Result<Response, ApiError> {
+    match placed {
         Ok(OrdersReply::Order(view)) => {
             st.metrics.placed.fetch_add(1, Relaxed);
             let left = budget.wait_until.saturating_duration_since(Instant::now());
             let view = match view.status {
-                OrderStatus::Pending if left > AWAIT_AGAIN_FROM => await_order(&st, shard, view, left).await,
+                OrderStatus::Pending if left > AWAIT_AGAIN_FROM => await_order(st, shard, view, left).await,
                 _ => view,
             };
-            Ok(order_response(&st, view))
+            Ok(order_response(st, view))
         }
         Ok(OrdersReply::IdempotencyConflict { order_id }) => {
             let mut e = ApiError::new(
@@ -859,4 +886,25 @@ fn set_partition(st: &AppState, cut: bool, headers: &HeaderMap, body: Body) -> R
     tracing::warn!(cut, %reason, "fault injected: cluster links {}", if cut { "cut" } else { "healed" });
     let set = PartitionSet { injected: PartitionFault::Partition, cut, node: st.cluster.name().to_string() };
     Ok((StatusCode::ACCEPTED, Json(set)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_of_an_unkeyed_order_does_not_advise_a_key_it_never_had() {
+        let lost = ApiError::from_call(bulkhead_cluster::CallError::Lost {
+            capability: Capability::Orders,
+            node: "n1".into(),
+            reason: "link closed".into(),
+        });
+        assert!(lost.message.contains("retry with the same Idempotency-Key"));
+        let advised = advise_without_key(lost, 1);
+        assert_eq!(advised.status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(advised.message.contains("had no Idempotency-Key") && advised.message.contains("send a key"));
+        // Other answers are left as they are.
+        let busy = advise_without_key(ApiError::unavailable("shard 1 has no leader"), 1);
+        assert_eq!(busy.message, "shard 1 has no leader");
+    }
 }

@@ -109,7 +109,7 @@ pub enum Caller {
 /// is compared every time, each in constant time, so the answer's timing says nothing about any
 /// of them (only, as ever, about how many there are); a named client's token is found by its
 /// SHA-256 ([`Clients::find`]).
-pub fn identify(tokens: Option<&ApiTokens>, clients: &Clients, authorization: Option<&HeaderValue>) -> Caller {
+pub fn identify(tokens: Option<&ApiTokens>, clients: Option<&Clients>, authorization: Option<&HeaderValue>) -> Caller {
     let Some(tokens) = tokens else { return Caller::Unchecked };
     let Some(value) = authorization else { return Caller::Anonymous };
     let Some(presented) = value.to_str().ok().and_then(bearer) else { return Caller::Malformed };
@@ -121,7 +121,7 @@ pub fn identify(tokens: Option<&ApiTokens>, clients: &Clients, authorization: Op
         Caller::Admin
     } else if bool::from(is_client) {
         Caller::Client
-    } else if let Some(named) = clients.find(presented) {
+    } else if let Some(named) = clients.and_then(|c| c.find(presented)) {
         Caller::Named(named.clone())
     } else {
         Caller::Unknown
@@ -225,8 +225,9 @@ pub async fn guard(State(g): State<Arc<Guard>>, mut req: Request, next: Next) ->
         }
     }
     let needs = required(req.method(), req.uri().path());
-    let clients = g.clients.as_ref().map(|f| f.current()).unwrap_or_default();
-    let caller = identify(g.tokens.as_ref(), &clients, req.headers().get(header::AUTHORIZATION));
+    // Without a clients file there is nothing to look up (and nothing to allocate per request).
+    let clients = g.clients.as_ref().map(|f| f.current());
+    let caller = identify(g.tokens.as_ref(), clients.as_deref(), req.headers().get(header::AUTHORIZATION));
     match decide(needs, &caller) {
         Verdict::Allow => {}
         Verdict::Unauthenticated(caller) => {
@@ -352,19 +353,16 @@ mod tests {
     #[test]
     fn a_bearer_token_names_its_scope_and_anything_else_names_nobody() {
         let t = tokens();
-        assert_eq!(identify(None, &Clients::default(), None), Caller::Unchecked);
-        assert_eq!(identify(Some(&t), &Clients::default(), None), Caller::Anonymous);
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {CLIENT}")))), Caller::Client);
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {OLD_CLIENT}")))), Caller::Client);
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("bearer  {ADMIN} ")))), Caller::Admin);
-        assert_eq!(
-            identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {}", &ADMIN[1..])))),
-            Caller::Unknown
-        );
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Bearer {ADMIN}x")))), Caller::Unknown);
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(&format!("Basic {ADMIN}")))), Caller::Malformed);
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv(ADMIN))), Caller::Malformed);
-        assert_eq!(identify(Some(&t), &Clients::default(), Some(&hv("Bearer "))), Caller::Malformed);
+        assert_eq!(identify(None, None, None), Caller::Unchecked);
+        assert_eq!(identify(Some(&t), None, None), Caller::Anonymous);
+        assert_eq!(identify(Some(&t), None, Some(&hv(&format!("Bearer {CLIENT}")))), Caller::Client);
+        assert_eq!(identify(Some(&t), None, Some(&hv(&format!("Bearer {OLD_CLIENT}")))), Caller::Client);
+        assert_eq!(identify(Some(&t), None, Some(&hv(&format!("bearer  {ADMIN} ")))), Caller::Admin);
+        assert_eq!(identify(Some(&t), None, Some(&hv(&format!("Bearer {}", &ADMIN[1..])))), Caller::Unknown);
+        assert_eq!(identify(Some(&t), None, Some(&hv(&format!("Bearer {ADMIN}x")))), Caller::Unknown);
+        assert_eq!(identify(Some(&t), None, Some(&hv(&format!("Basic {ADMIN}")))), Caller::Malformed);
+        assert_eq!(identify(Some(&t), None, Some(&hv(ADMIN))), Caller::Malformed);
+        assert_eq!(identify(Some(&t), None, Some(&hv("Bearer "))), Caller::Malformed);
     }
 
     #[test]

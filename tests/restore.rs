@@ -15,7 +15,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{eventually, start, TestCluster};
 use serde_json::{json, Value};
@@ -39,6 +39,13 @@ async fn answering(tc: &TestCluster, i: usize) {
         tc.http.get(format!("{}/healthz", tc.url(i))).send().await.ok().filter(|r| r.status() == 200).map(drop)
     })
     .await;
+}
+
+/// Orders shard 0 as n3 sees it: its term, and whether it has no leader.
+async fn orders_0_on_n3(tc: &TestCluster) -> Option<(u64, bool)> {
+    let shards = tc.shards(2).await;
+    let shard = shards.iter().find(|s| s["capability"] == "orders" && s["shard"] == 0)?;
+    Some((shard["term"].as_u64().unwrap_or(0), shard["leader"].is_null()))
 }
 
 /// Every acknowledged order reads on every node, its key answers the same order, and the
@@ -95,10 +102,11 @@ async fn a_restored_node_rejoins_as_a_new_member_and_no_acknowledged_order_is_lo
     tc.lc.start(0).expect("start n1");
     tc.lc.start(2).expect("start n3");
     answering(&tc, 2).await;
-    // n1 (new member) and n3 (stale) must not serve: several election timeouts' worth of looking
-    // (an election among them would take one), each answer 503, never the stale state.
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
+    // n1 (new member) and n3 (stale) must not serve. Watched until they have had their chance:
+    // n3's term of orders shard 0 grew twice with no leader (an election among them tried and
+    // failed); meanwhile every answer is 503, never the stale state.
+    let first = eventually(Duration::from_secs(10), "n3 reports its orders shard", || orders_0_on_n3(&tc)).await.0;
+    eventually(Duration::from_secs(30), "the stale pair tried to elect and could not", || async {
         for (key, id) in acked.iter().take(3) {
             let read = tc.get(2, &format!("/v1/orders/{id}")).await;
             assert_ne!(read.status, 404, "order {id} of {key} read as missing from the stale pair: {}", read.body);
@@ -107,8 +115,11 @@ async fn a_restored_node_rejoins_as_a_new_member_and_no_acknowledged_order_is_lo
                 assert_eq!(other, id, "key {key} placed a second order");
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let (now, leaderless) = orders_0_on_n3(&tc).await?;
+        assert!(leaderless, "the stale pair elected a leader");
+        (now >= first + 2).then_some(())
+    })
+    .await;
     // n2 back: every acknowledged order is there, once, on every node.
     tc.lc.start(1).expect("start n2");
     tc.lc.wait_ready(Duration::from_secs(60)).await.expect("ready with n2 back");

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use bulkhead_storage::fixtures::{check_all, check_current, check_old, check_refused, Fixture};
-use bulkhead_storage::{CodecError, Record};
+use bulkhead_storage::{BodyFingerprint, CodecError, Record};
 use uuid::Uuid;
 
 use crate::consumer::machine::Seen;
@@ -14,9 +14,10 @@ use crate::consumer::{ConsumerCommand, ConsumerReply, ConsumerRequest, Delivery,
 use crate::inventory::machine::Held;
 use crate::inventory::stock::{HoldState, Reservation, Stock};
 use crate::inventory::{InventoryCommand, InventoryReply, InventoryRequest, Item, PricedLine, StockView};
+use crate::orders::machine;
 use crate::orders::machine::{DeadLetterRecord, Listed, OrdersApplied, Unfinished};
 use crate::orders::outbox::OutboxEntry;
-use crate::orders::protocol::{v1, HistoryEntry};
+use crate::orders::protocol::{self, v1, HistoryEntry, IdemKeyV1};
 use crate::orders::saga::{Dest, OrderRecord, OutboxEvent, Phase, ShardState, ShardStep};
 use crate::orders::{
     DeadLetter, IdemKey, OrderStatus, OrderView, OrdersCommand, OrdersReply, OrdersRequest, PlaceOrder,
@@ -65,8 +66,19 @@ fn lines() -> Vec<PricedLine> {
 fn history() -> Vec<HistoryEntry> {
     vec![HistoryEntry { at_ms: NOW, event: "placed".into() }]
 }
+/// A key as version 2 requests and version 1 commands carried it (FNV-1a only).
+fn idem_v1() -> Option<IdemKeyV1> {
+    Some(IdemKeyV1 { key: "k-1".into(), body_hash: 0x0123_4567_89ab_cdef })
+}
+/// What [`idem_v1`] reads as today.
+fn idem_v1_read() -> Option<IdemKey> {
+    Some(IdemKey { key: "k-1".into(), body: BodyFingerprint { sha256: None, fnv64: 0x0123_4567_89ab_cdef } })
+}
 fn idem() -> Option<IdemKey> {
-    Some(IdemKey { key: "k-1".into(), body_hash: 0x0123_4567_89ab_cdef })
+    Some(IdemKey {
+        key: "k-1".into(),
+        body: BodyFingerprint { sha256: Some([0xab; 32]), fnv64: 0x0123_4567_89ab_cdef },
+    })
 }
 fn order() -> OrderRecord {
     OrderRecord {
@@ -154,9 +166,29 @@ fn place_v1() -> v1::PlaceOrder {
         customer_id: "c-1".into(),
         items: items(),
         payment_token: "tok_ok".into(),
-        idempotency: idem(),
+        idempotency: idem_v1(),
         wait_ms: 2_000,
     }
+}
+fn place_v2() -> protocol::v2::PlaceOrder {
+    protocol::v2::PlaceOrder {
+        shard: 1,
+        customer_id: "c-1".into(),
+        items: items(),
+        payment_token: "tok_ok".into(),
+        idempotency: idem_v1(),
+        wait_ms: 2_000,
+    }
+}
+fn place(idempotency: Option<IdemKey>) -> OrdersRequest {
+    OrdersRequest::Place(PlaceOrder {
+        shard: 1,
+        customer_id: "c-1".into(),
+        items: items(),
+        payment_token: "tok_ok".into(),
+        idempotency,
+        wait_ms: 2_000,
+    })
 }
 
 fn check(f: &Fixture) {
@@ -175,16 +207,30 @@ fn check(f: &Fixture) {
         ("DeadLetterRecord", "1") => {
             check_current(f, &DeadLetterRecord { letter: dead_letter(), entry: outbox_entry() })
         }
-        ("OrdersCommand", "1") => {
-            check_current(f, &OrdersCommand::Place { order: order(), idempotency: idem(), now_ms: NOW })
-        }
-        ("OrdersCommand", "1/finish") => {
-            check_current(f, &OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW })
-        }
-        ("OrdersCommand", "1/sweep") => check_current(
+        ("OrdersCommand", "1") => check_old(
             f,
+            &machine::v1::OrdersCommand::Place { order: order(), idempotency: idem_v1(), now_ms: NOW },
+            &OrdersCommand::Place { order: order(), idempotency: idem_v1_read(), now_ms: NOW },
+        ),
+        ("OrdersCommand", "1/finish") => check_old(
+            f,
+            &machine::v1::OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW },
+            &OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW },
+        ),
+        ("OrdersCommand", "1/sweep") => check_old(
+            f,
+            &machine::v1::OrdersCommand::Sweep {
+                entries: vec![((NOW, ORDER), "k-1".into())],
+                now_ms: NOW + 86_400_000,
+            },
             &OrdersCommand::Sweep { entries: vec![((NOW, ORDER), "k-1".into())], now_ms: NOW + 86_400_000 },
         ),
+        ("OrdersCommand", "2") => {
+            check_current(f, &OrdersCommand::Place { order: order(), idempotency: idem(), now_ms: NOW })
+        }
+        ("OrdersCommand", "2/finish") => {
+            check_current(f, &OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW })
+        }
         ("OrdersApplied", "1") => check_current(f, &OrdersApplied::Existing { order_id: ORDER, same_body: true }),
         ("OutboxEntry", "1") => check_current(f, &outbox_entry()),
         ("OrdersRequest", "1/get") => {
@@ -200,18 +246,14 @@ fn check(f: &Fixture) {
             &v1::OrdersRequest::Witness { key: "k-1".into(), owner: "n1".into() },
             &retired("orders witness request"),
         ),
-        ("OrdersRequest", "2") => check_current(
+        ("OrdersRequest", "2") => check_old(f, &protocol::v2::OrdersRequest::Place(place_v2()), &place(idem_v1_read())),
+        ("OrdersRequest", "2/await") => check_old(
             f,
-            &OrdersRequest::Place(PlaceOrder {
-                shard: 1,
-                customer_id: "c-1".into(),
-                items: items(),
-                payment_token: "tok_ok".into(),
-                idempotency: idem(),
-                wait_ms: 2_000,
-            }),
+            &protocol::v2::OrdersRequest::Await { order_id: ORDER, wait_ms: 2_000 },
+            &OrdersRequest::Await { order_id: ORDER, wait_ms: 2_000 },
         ),
-        ("OrdersRequest", "2/await") => check_current(f, &OrdersRequest::Await { order_id: ORDER, wait_ms: 2_000 }),
+        ("OrdersRequest", "3") => check_current(f, &place(idem())),
+        ("OrdersRequest", "3/await") => check_current(f, &OrdersRequest::Await { order_id: ORDER, wait_ms: 2_000 }),
         ("OrdersReply", "1/order") => check_old(f, &v1::OrdersReply::Order(view()), &OrdersReply::Order(view())),
         ("OrdersReply", "1/dead-letters") => check_old(
             f,

@@ -104,14 +104,7 @@ impl ShardPlacement {
 pub struct ShardMap(pub BTreeMap<Capability, CapabilityPlacement>);
 
 /// FNV-1a, 64 bit: stable across builds and platforms (std's hasher is not promised to be).
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub use bulkhead_storage::fnv1a as stable_hash;
 
 impl ShardMap {
     pub fn nodes(&self, cap: Capability) -> &[String] {

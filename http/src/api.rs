@@ -21,7 +21,6 @@ use bulkhead_actors::orders::{
     self, shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder, MAX_ORDERS_LISTED,
 };
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
-use bulkhead_cluster::config::stable_hash;
 use bulkhead_cluster::{BreakerState, Capability};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -215,7 +214,8 @@ pub async fn place_order(
         Some(k) => st.cluster.shard_of(Capability::Orders, k.as_bytes()),
         None => pick_orders_shard(&st),
     };
-    let body_hash = stable_hash(&serde_json::to_vec(&order).unwrap_or_default());
+    // The validated order, re-serialized: one body, one fingerprint, however the client spaced it.
+    let body = bulkhead_storage::BodyFingerprint::of(&serde_json::to_vec(&order).unwrap_or_default());
     let wait_ms = st.cluster.config().timing.wait_budget_ms;
     let NewOrder { customer_id, items, payment_token } = order;
     let place = PlaceOrder {
@@ -223,7 +223,7 @@ pub async fn place_order(
         customer_id,
         items: items.into_iter().map(Into::into).collect(),
         payment_token,
-        idempotency: key.map(|key| IdemKey { key, body_hash }),
+        idempotency: key.map(|key| IdemKey { key, body }),
         wait_ms,
     };
     let budget = orders::client::Budget::starting_now(

@@ -4,8 +4,9 @@
 //! names the entries to forget.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::{Batch, Record, Store, StoreError, Table};
+use crate::{decode_payload, unknown_version, Batch, CodecError, Record, Store, StoreError, Table};
 
 /// 24 hours, as the API promises.
 pub const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
@@ -16,15 +17,91 @@ pub type IdemIndexEntry = ((u64, uuid::Uuid), String);
 /// What a key was first used for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdemRecord {
-    /// A hash of the request body: the same key with another body is refused.
-    pub body_hash: u64,
+    /// The request body's hash: the same key with another body is refused.
+    pub body: BodyHash,
     /// What the first request produced (e.g. the order id), as bytes the caller understands.
     pub result: Vec<u8>,
     pub created_ms: u64,
 }
 
 impl Record for IdemRecord {
-    const VERSION: u8 = 1;
+    /// 2: the body's hash is SHA-256 (`BodyHash`); version 1's FNV-1a reads as `BodyHash::Fnv64`.
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<IdemRecordV1>(payload).map(Into::into),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// [`IdemRecord`] version 1 (fc3c059 to this change): the body's hash was a 64-bit FNV-1a.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct IdemRecordV1 {
+    pub body_hash: u64,
+    pub result: Vec<u8>,
+    pub created_ms: u64,
+}
+
+impl From<IdemRecordV1> for IdemRecord {
+    fn from(old: IdemRecordV1) -> Self {
+        Self { body: BodyHash::Fnv64(old.body_hash), result: old.result, created_ms: old.created_ms }
+    }
+}
+
+/// The hash a key's claim keeps of the body it was first used with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyHash {
+    /// FNV-1a, as builds before SHA-256 claimed: not collision-resistant (a client could craft a
+    /// second body that passes for the first), so only read, never written, and gone from every
+    /// store 24 hours after the upgrade ([`IDEMPOTENCY_RETENTION_MS`]).
+    Fnv64(u64),
+    Sha256([u8; 32]),
+}
+
+/// A request body's fingerprint as a request or command carries it: the SHA-256 a new claim keeps,
+/// and the FNV-1a of the same bytes that a claim made by an older build is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyFingerprint {
+    /// `None` only in a command an older build proposed (replayed from the log after an upgrade).
+    pub sha256: Option<[u8; 32]>,
+    pub fnv64: u64,
+}
+
+impl BodyFingerprint {
+    pub fn of(body: &[u8]) -> Self {
+        Self { sha256: Some(Sha256::digest(body).into()), fnv64: fnv1a(body) }
+    }
+
+    /// What a new claim keeps: SHA-256 where there is one.
+    pub fn claim(&self) -> BodyHash {
+        match self.sha256 {
+            Some(h) => BodyHash::Sha256(h),
+            None => BodyHash::Fnv64(self.fnv64),
+        }
+    }
+
+    /// Whether a key claimed with `claimed` was claimed with this body. A SHA-256 claim is matched
+    /// only by SHA-256: a fingerprint without one (an older build's command) never matches it.
+    pub fn matches(&self, claimed: &BodyHash) -> bool {
+        match claimed {
+            BodyHash::Sha256(h) => self.sha256.as_ref() == Some(h),
+            BodyHash::Fnv64(h) => self.fnv64 == *h,
+        }
+    }
+}
+
+/// 64-bit FNV-1a: a stable, fast, non-cryptographic hash (shard placement, config fingerprints,
+/// legacy body hashes). Never where a client could gain by a collision.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// An idempotency table plus its time index (for sweeping), at the given table ids.
@@ -116,10 +193,10 @@ mod tests {
         let s = Store::open(dir.path(), "orders", &StoreOptions::default()).unwrap();
         let idem = Idempotency::new(10, 11);
         let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
-        let rec = IdemRecord { body_hash: 1, result: vec![1], created_ms: 1_000 };
+        let rec = IdemRecord { body: BodyHash::Fnv64(1), result: vec![1], created_ms: 1_000 };
         let mut batch = Batch::new();
         assert_eq!(idem.claim_in(&s, &mut batch, "k", &rec, a).unwrap(), None);
-        let other = IdemRecord { body_hash: 2, result: vec![2], created_ms: 1_001 };
+        let other = IdemRecord { body: BodyFingerprint::of(b"x").claim(), result: vec![2], created_ms: 1_001 };
         assert_eq!(idem.claim_in(&s, &mut batch, "k", &other, b).unwrap(), Some(rec.clone()), "seen through the batch");
         s.apply(batch).unwrap();
         assert!(idem.expired(&s, 1_000 + IDEMPOTENCY_RETENTION_MS, 10).unwrap().is_empty());
@@ -132,5 +209,24 @@ mod tests {
         s.apply(batch).unwrap();
         assert_eq!(idem.get(&s, "k").unwrap(), None);
         assert!(idem.expired(&s, u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_body_matches_its_own_claim_and_an_old_build_claim_by_its_fnv() {
+        let (a, b) = (BodyFingerprint::of(br#"{"a":1}"#), BodyFingerprint::of(br#"{"a":2}"#));
+        assert!(a.matches(&a.claim()) && !b.matches(&a.claim()));
+        assert!(matches!(a.claim(), BodyHash::Sha256(_)), "new claims are SHA-256");
+        // A claim an older build made keeps FNV-1a for its 24 hours; the same body still matches it.
+        let legacy = BodyHash::Fnv64(fnv1a(br#"{"a":1}"#));
+        assert!(a.matches(&legacy) && !b.matches(&legacy));
+        // An older build's command (no SHA-256) claims by FNV and never matches a SHA-256 claim.
+        let old = BodyFingerprint { sha256: None, ..a };
+        assert_eq!(old.claim(), legacy);
+        assert!(!old.matches(&a.claim()));
+        // Known answers, so the hash cannot change under a stored claim.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let abc = BodyFingerprint::of(b"abc").sha256.unwrap();
+        assert_eq!(abc[..4], [0xba, 0x78, 0x16, 0xbf], "SHA-256(abc) starts ba7816bf");
     }
 }

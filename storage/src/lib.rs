@@ -34,7 +34,9 @@ mod table;
 pub use codec::{
     decode, decode_either, decode_payload, decode_wire, encode, unknown_version, CodecError, Record, WIRE_DECODE_LIMIT,
 };
-pub use idempotency::{IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
+pub use idempotency::{
+    fnv1a, BodyFingerprint, BodyHash, IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS,
+};
 pub use key::{name_prefix, Key};
 pub use nodelog::{NodeLog, NodeLogStats};
 pub use store::{Batch, Durability, RawRecord, Store, StoreError, StoreOptions, StoreStats};

@@ -3,19 +3,36 @@
 
 use std::path::Path;
 
-use crate::fixtures::{check_all, check_current, Fixture};
-use crate::idempotency::IdemKeyRef;
+use crate::fixtures::{check_all, check_current, check_old, Fixture};
+use crate::idempotency::{IdemKeyRef, IdemRecordV1};
 use crate::store::Intent;
-use crate::{IdemRecord, Record};
+use crate::{BodyHash, IdemRecord, Record};
 
 const TYPES: &[(&str, u8)] =
     &[("IdemRecord", IdemRecord::VERSION), ("IdemKeyRef", IdemKeyRef::VERSION), ("Intent", Intent::VERSION)];
 
 fn check(f: &Fixture) {
     match (f.type_name.as_str(), f.label.as_str()) {
-        ("IdemRecord", "1") => check_current(
+        ("IdemRecord", "1") => check_old(
             f,
-            &IdemRecord { body_hash: 0x0123_4567_89ab_cdef, result: vec![7, 8, 9], created_ms: 1_764_547_200_000 },
+            &IdemRecordV1 { body_hash: 0x0123_4567_89ab_cdef, result: vec![7, 8, 9], created_ms: 1_764_547_200_000 },
+            &IdemRecord {
+                body: BodyHash::Fnv64(0x0123_4567_89ab_cdef),
+                result: vec![7, 8, 9],
+                created_ms: 1_764_547_200_000,
+            },
+        ),
+        ("IdemRecord", "2") => check_current(
+            f,
+            &IdemRecord { body: BodyHash::Sha256([0xab; 32]), result: vec![7, 8, 9], created_ms: 1_764_547_200_000 },
+        ),
+        ("IdemRecord", "2/fnv") => check_current(
+            f,
+            &IdemRecord {
+                body: BodyHash::Fnv64(0x0123_4567_89ab_cdef),
+                result: vec![7, 8, 9],
+                created_ms: 1_764_547_200_000,
+            },
         ),
         ("IdemKeyRef", "1") => check_current(f, &IdemKeyRef("key-1".into())),
         ("Intent", "1") => {

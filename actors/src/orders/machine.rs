@@ -12,7 +12,10 @@
 //! claim is a committed write that every later `Place` of that key reads.
 
 use bulkhead_cluster::raft::Machine;
-use bulkhead_storage::{Batch, IdemIndexEntry, IdemRecord, Idempotency, Record, Store, StoreError, Table};
+use bulkhead_storage::{
+    decode_payload, unknown_version, Batch, CodecError, IdemIndexEntry, IdemRecord, Idempotency, Record, Store,
+    StoreError, Table,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -80,7 +83,54 @@ pub enum OrdersCommand {
     Sweep { entries: Vec<IdemIndexEntry>, now_ms: u64 },
 }
 impl Record for OrdersCommand {
-    const VERSION: u8 = 1;
+    /// 2: `Place`'s Idempotency-Key carries a SHA-256 body fingerprint ([`IdemKey`]). A version-1
+    /// command (in a log written before the upgrade) still applies, claiming by FNV-1a as it did.
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<v1::OrdersCommand>(payload).map(Into::into),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// [`OrdersCommand`] version 1 (ca16541/d9332a4 until the SHA-256 body fingerprint).
+pub(crate) mod v1 {
+    use bulkhead_storage::IdemIndexEntry;
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
+
+    use crate::orders::protocol::IdemKeyV1;
+    use crate::orders::saga::OrderRecord;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OrdersCommand {
+        Place { order: OrderRecord, idempotency: Option<IdemKeyV1>, now_ms: u64 },
+        Step { order: OrderRecord, step: u64 },
+        Finish { order: OrderRecord, step: u64, now_ms: u64 },
+        Delivered { keys: Vec<(Uuid, u64)> },
+        DeadLetter { key: (Uuid, u64), attempts: u32, last_error: String, now_ms: u64 },
+        Sweep { entries: Vec<IdemIndexEntry>, now_ms: u64 },
+    }
+
+    impl From<OrdersCommand> for super::OrdersCommand {
+        fn from(old: OrdersCommand) -> Self {
+            match old {
+                OrdersCommand::Place { order, idempotency, now_ms } => {
+                    Self::Place { order, idempotency: idempotency.map(Into::into), now_ms }
+                }
+                OrdersCommand::Step { order, step } => Self::Step { order, step },
+                OrdersCommand::Finish { order, step, now_ms } => Self::Finish { order, step, now_ms },
+                OrdersCommand::Delivered { keys } => Self::Delivered { keys },
+                OrdersCommand::DeadLetter { key, attempts, last_error, now_ms } => {
+                    Self::DeadLetter { key, attempts, last_error, now_ms }
+                }
+                OrdersCommand::Sweep { entries, now_ms } => Self::Sweep { entries, now_ms },
+            }
+        }
+    }
 }
 
 /// What applying an [`OrdersCommand`] answered.
@@ -118,14 +168,11 @@ impl Machine for OrdersMachine {
                     return Ok(OrdersApplied::Stale);
                 }
                 if let Some(ik) = &idempotency {
-                    let claim = IdemRecord {
-                        body_hash: ik.body_hash,
-                        result: order.id.as_bytes().to_vec(),
-                        created_ms: now_ms,
-                    };
+                    let claim =
+                        IdemRecord { body: ik.body.claim(), result: order.id.as_bytes().to_vec(), created_ms: now_ms };
                     if let Some(prev) = IDEMPOTENCY.claim_in(store, batch, &ik.key, &claim, order.id)? {
                         let order_id = Uuid::from_slice(&prev.result).unwrap_or_default();
-                        return Ok(OrdersApplied::Existing { order_id, same_body: prev.body_hash == ik.body_hash });
+                        return Ok(OrdersApplied::Existing { order_id, same_body: ik.body.matches(&prev.body) });
                     }
                 }
                 ORDERS.put(batch, &order.id, &order);
@@ -276,8 +323,8 @@ mod tests {
         o
     }
 
-    fn key(k: &str, body_hash: u64) -> Option<IdemKey> {
-        Some(IdemKey { key: k.into(), body_hash })
+    fn key(k: &str, body: u64) -> Option<IdemKey> {
+        Some(IdemKey { key: k.into(), body: bulkhead_storage::BodyFingerprint::of(&body.to_le_bytes()) })
     }
 
     fn cmds() -> Vec<OrdersCommand> {
@@ -371,6 +418,39 @@ mod tests {
         );
         assert_eq!(r[1], OrdersApplied::Existing { order_id: Uuid::from_u128(1), same_body: false });
         assert!(ORDERS.get(&s, &Uuid::from_u128(2)).unwrap().is_none(), "nothing placed for the reused key");
+    }
+
+    /// Across the upgrade to SHA-256 fingerprints: a key an older build claimed (its `Place`
+    /// replayed from the log, FNV-1a only) still recognises a retry of the same body sent through
+    /// a new front, and still refuses another body.
+    #[tokio::test]
+    async fn a_claim_an_older_build_made_still_knows_its_body() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
+        // As version 1's bytes read (the fixture test pins the bytes to this conversion).
+        let old: OrdersCommand = v1::OrdersCommand::Place {
+            order: order(1, "c"),
+            idempotency: Some(super::super::protocol::IdemKeyV1 {
+                key: "k".into(),
+                body_hash: bulkhead_storage::fnv1a(&1u64.to_le_bytes()),
+            }),
+            now_ms: 1,
+        }
+        .into();
+        let r = apply_all(
+            &s,
+            &[
+                old,
+                OrdersCommand::Place { order: order(2, "c"), idempotency: key("k", 1), now_ms: 2 },
+                OrdersCommand::Place { order: order(3, "c"), idempotency: key("k", 2), now_ms: 3 },
+            ],
+            1,
+        );
+        let first = Uuid::from_u128(1);
+        assert_eq!(r[0], OrdersApplied::Placed);
+        assert_eq!(r[1], OrdersApplied::Existing { order_id: first, same_body: true });
+        assert_eq!(r[2], OrdersApplied::Existing { order_id: first, same_body: false });
+        assert!(matches!(IDEMPOTENCY.get(&s, "k").unwrap().unwrap().body, bulkhead_storage::BodyHash::Fnv64(_)));
     }
 
     #[tokio::test]

@@ -1,16 +1,30 @@
 //! Orders' requests and replies (remote, versioned; append variants at the end only).
 
-use bulkhead_storage::{decode_payload, unknown_version, CodecError, Record};
+use bulkhead_storage::{decode_payload, unknown_version, BodyFingerprint, CodecError, Record};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::inventory::{Item, PricedLine};
 
-/// `Idempotency-Key` and a hash of the request body it came with.
+/// `Idempotency-Key` and the fingerprint of the request body it came with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdemKey {
     pub key: String,
+    pub body: BodyFingerprint,
+}
+
+/// [`IdemKey`] as builds before SHA-256 body hashes had it (in `OrdersRequest` v1-v2 and
+/// `OrdersCommand` v1): the body's FNV-1a only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdemKeyV1 {
+    pub key: String,
     pub body_hash: u64,
+}
+
+impl From<IdemKeyV1> for IdemKey {
+    fn from(old: IdemKeyV1) -> Self {
+        Self { key: old.key, body: BodyFingerprint { sha256: None, fnv64: old.body_hash } }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,12 +140,14 @@ pub enum OrdersReply {
 /// unchanged, as itself; a request that would need a shard it does not name, or a witness message,
 /// as [`CodecError::Retired`].
 impl Record for OrdersRequest {
-    const VERSION: u8 = 2;
+    /// 3: an Idempotency-Key's body fingerprint is SHA-256 (with the FNV-1a of version 2 beside it).
+    const VERSION: u8 = 3;
 
     fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
         match version {
             1 => decode_payload::<v1::OrdersRequest>(payload)?.try_into(),
-            2 => decode_payload(payload),
+            2 => decode_payload::<v2::OrdersRequest>(payload).map(Into::into),
+            3 => decode_payload(payload),
             v => Err(unknown_version::<Self>(v)),
         }
     }
@@ -155,7 +171,7 @@ pub(crate) mod v1 {
     use serde::{Deserialize, Serialize};
     use uuid::Uuid;
 
-    use super::{DeadLetter, IdemKey, OrderView};
+    use super::{DeadLetter, IdemKeyV1 as IdemKey, OrderView};
     use crate::inventory::Item;
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -222,6 +238,58 @@ pub(crate) mod v1 {
                 OrdersReply::Witnessed | OrdersReply::OwnedHere | OrdersReply::Elsewhere { .. } => {
                     Err(retired("orders witness reply"))
                 }
+            }
+        }
+    }
+}
+
+/// Orders' requests as version 2 had them (ca16541, `Await` appended at 60e7f1c, until the SHA-256
+/// body fingerprint): the same variants, an Idempotency-Key with the body's FNV-1a only.
+pub(crate) mod v2 {
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
+
+    use super::IdemKeyV1;
+    use crate::inventory::Item;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct PlaceOrder {
+        pub shard: u32,
+        pub customer_id: String,
+        pub items: Vec<Item>,
+        pub payment_token: String,
+        pub idempotency: Option<IdemKeyV1>,
+        pub wait_ms: u64,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OrdersRequest {
+        Place(PlaceOrder),
+        Get { order_id: Uuid },
+        InjectPanic,
+        DeadLetters { shard: u32, order_id: Option<Uuid> },
+        ByCustomer { shard: u32, customer_id: String, before: Option<Uuid>, limit: u32 },
+        Await { order_id: Uuid, wait_ms: u64 },
+    }
+
+    impl From<OrdersRequest> for super::OrdersRequest {
+        fn from(old: OrdersRequest) -> Self {
+            match old {
+                OrdersRequest::Place(p) => Self::Place(super::PlaceOrder {
+                    shard: p.shard,
+                    customer_id: p.customer_id,
+                    items: p.items,
+                    payment_token: p.payment_token,
+                    idempotency: p.idempotency.map(Into::into),
+                    wait_ms: p.wait_ms,
+                }),
+                OrdersRequest::Get { order_id } => Self::Get { order_id },
+                OrdersRequest::InjectPanic => Self::InjectPanic,
+                OrdersRequest::DeadLetters { shard, order_id } => Self::DeadLetters { shard, order_id },
+                OrdersRequest::ByCustomer { shard, customer_id, before, limit } => {
+                    Self::ByCustomer { shard, customer_id, before, limit }
+                }
+                OrdersRequest::Await { order_id, wait_ms } => Self::Await { order_id, wait_ms },
             }
         }
     }

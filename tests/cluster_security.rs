@@ -2,7 +2,8 @@
 //! certificate from another CA, a certificate for another node than the one claimed, a valid
 //! certificate for a node the shard map does not name, a wrong cookie, and a flood of half-open
 //! connections are each refused and counted, while the node keeps serving orders and its peers;
-//! and ractor_cluster's own listener gives no session at all.
+//! ractor_cluster's own listener gives no session at all; and a member bounded by its role cannot
+//! send what only an orders host sends.
 
 mod common;
 
@@ -309,4 +310,112 @@ async fn a_node_restarted_during_a_flood_of_silent_connections_rejoins() {
     still_serving(&tc, 1, 201).await;
     drop(held);
     drop(flood);
+}
+
+/// `bulkhead_cluster_requests_refused_total` of `capability` and `reason` on node `i`.
+async fn requests_refused(tc: &TestCluster, i: usize, capability: &str, reason: &str) -> u64 {
+    let page = tc.http.get(format!("{}/metrics", tc.url(i))).send().await.expect("metrics").text().await.expect("text");
+    let labels = [format!("capability=\"{capability}\""), format!("reason=\"{reason}\"")];
+    page.lines()
+        .filter(|l| l.starts_with("bulkhead_cluster_requests_refused_total{"))
+        .filter(|l| labels.iter().all(|x| l.contains(x.as_str())))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// A member of the cluster, with its own certificate, cookie and real links, that hosts no orders:
+/// its charges, holds and deliveries are refused by the capabilities' gateways before any worker
+/// sees them, while what the front of any node may send still passes; and a request that names
+/// another node than the link it came over is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_hosts_no_orders_cannot_charge_reserve_or_deliver() {
+    use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest, OrderConfirmed};
+    use bulkhead_actors::inventory::{InventoryReply, InventoryRequest, Item};
+    use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
+    use bulkhead_cluster::config::CapabilityPlacement;
+    use bulkhead_cluster::{CallError, Capability, Cluster};
+
+    // Orders on n1 and n2 only; n3 hosts every other capability.
+    let mut tc = common::start_configured(bulkhead_cluster::Timing::default(), |configs| {
+        for cfg in configs.iter_mut() {
+            let orders = CapabilityPlacement {
+                shards: Some(2),
+                leaders: vec!["n1".into(), "n2".into()],
+                ..CapabilityPlacement::on(&["n1", "n2"])
+            };
+            cfg.capabilities.0.insert(Capability::Orders, orders);
+        }
+    })
+    .await;
+    tc.stock("sec-1", 1_000, 100).await;
+    still_serving(&tc, 0, 10).await;
+
+    // The test process becomes n3: n3's config, certificate and cookie, real TLS links.
+    let n3 = bulkhead_cluster::NodeConfig::load(tc.lc.config_path(2)).expect("n3's config");
+    tc.lc.stop(2);
+    let forger = Cluster::start(n3).await.expect("n3 in the test process");
+    eventually(Duration::from_secs(20), "the test's n3 is up on n1 and n2", || async {
+        let both = tc.status_of(0, "n3").await == "up" && tc.status_of(1, "n3").await == "up";
+        let seen = ["n1", "n2"].iter().all(|n| forger.status_of(n) == bulkhead_cluster::Status::Up);
+        (both && seen).then_some(())
+    })
+    .await;
+
+    let t = Duration::from_secs(3);
+    let order_id = uuid::Uuid::now_v7();
+    let role = |e: Option<&CallError>| matches!(e, Some(CallError::Rejected { reason, .. }) if reason.contains("hosts no orders replica"));
+    let before =
+        requests_refused(&tc, 0, "payments", "role").await + requests_refused(&tc, 1, "payments", "role").await;
+    for node in ["n1", "n2"] {
+        let charge = PaymentRequest::Charge { order_id, amount_cents: 100, token: "tok_ok".into() };
+        let r = forger.call_with_timeout::<_, PaymentReply>(Capability::Payments, node, &charge, "", t).await;
+        assert!(role(r.as_ref().err()), "a charge from n3 on {node}: {r:?}");
+        let refund = PaymentRequest::Refund { order_id };
+        let r = forger.call_with_timeout::<_, PaymentReply>(Capability::Payments, node, &refund, "", t).await;
+        assert!(role(r.as_ref().err()), "a refund from n3 on {node}: {r:?}");
+        let hold = InventoryRequest::Reserve {
+            order_id,
+            items: vec![Item { sku: "sec-1".into(), quantity: 5 }],
+            ttl_ms: u64::MAX,
+        };
+        let r = forger.call_with_timeout::<_, InventoryReply>(Capability::Inventory, node, &hold, "", t).await;
+        assert!(role(r.as_ref().err()), "a hold from n3 on {node}: {r:?}");
+        let deliver = ConsumerRequest::Deliver(OrderConfirmed {
+            event_id: order_id,
+            order_id,
+            customer_id: "c".into(),
+            lines: Vec::new(),
+            total_cents: 0,
+            payment_id: "p".into(),
+        });
+        let r = forger.call_with_timeout::<_, ConsumerReply>(Capability::Shipping, node, &deliver, "", t).await;
+        assert!(role(r.as_ref().err()), "a delivery from n3 on {node}: {r:?}");
+        // What the front of any node sends passes the check (the worker answers, led here or not).
+        let list = PaymentRequest::List { order_id };
+        let r = forger.call_with_timeout::<_, PaymentReply>(Capability::Payments, node, &list, "", t).await;
+        assert!(r.is_ok(), "a listing from n3 on {node}: {r:?}");
+    }
+    let after = requests_refused(&tc, 0, "payments", "role").await + requests_refused(&tc, 1, "payments", "role").await;
+    assert_eq!(after, before + 4, "two refused requests per node, counted");
+
+    // A request that names n1 but comes over n3's link: its binding proves n3, not n1.
+    let (gateway, mut sender) = forger.member(Capability::Payments, "n2").expect("n2's payments gateway");
+    sender.node = "n1".into();
+    let list = PaymentRequest::List { order_id };
+    let r = bulkhead_cluster::call::call::<_, PaymentReply>(&gateway, Capability::Payments, "n2", sender, &list, "", t)
+        .await;
+    assert!(
+        matches!(&r, Err(CallError::Busy { reason, .. }) if reason.contains("did not come over a link with n1")),
+        "{r:?}"
+    );
+    assert!(requests_refused(&tc, 1, "payments", "not_vouched").await >= 1);
+
+    // Nothing of it landed: no charge for the order, the stock untouched.
+    let charges = tc.get(0, &format!("/v1/payments?order_id={order_id}")).await;
+    assert_eq!(charges.status, 200, "{}", charges.body);
+    assert_eq!(charges.body["payments"], serde_json::json!([]), "{}", charges.body);
+    let stock = tc.get(0, "/v1/inventory/sec-1").await;
+    assert_eq!(stock.body["reserved"], 0, "{}", stock.body);
+    forger.shutdown();
 }

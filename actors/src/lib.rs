@@ -92,11 +92,12 @@ impl Capabilities {
 
 fn gateway_spec<Req, Resp, M>(cap: Capability, cluster: &Cluster, wrap: fn(Inbound<Req, Resp>) -> M) -> ChildSpec
 where
-    Req: bulkhead_storage::Record + Send + 'static,
+    Req: bulkhead_storage::Record + bulkhead_cluster::SentBy + Send + 'static,
     Resp: bulkhead_storage::Record + Send + 'static,
     M: Message,
 {
     let node = cluster.name().to_string();
+    let peers: std::sync::Arc<dyn bulkhead_cluster::senders::Peers> = std::sync::Arc::new(cluster.clone());
     // Workers answer promptly or not at all; a slow charge is the longest legitimate wait.
     let worker_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms.max(1_000) * 3);
     let max_in_flight = cluster.config().limits.gateway_in_flight;
@@ -106,6 +107,7 @@ where
         wrap,
         worker_timeout,
         max_in_flight,
+        peers: peers.clone(),
     })
 }
 

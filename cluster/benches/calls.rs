@@ -6,7 +6,7 @@ mod support;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{Duplex, Echo, EchoMsg};
+use support::{sender, Duplex, Echo, EchoMsg, NamedMembers};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
@@ -28,6 +28,11 @@ struct Reserve {
 }
 impl Record for Reserve {
     const VERSION: u8 = 1;
+}
+impl bulkhead_cluster::SentBy for Reserve {
+    fn sent_by(&self) -> bulkhead_cluster::Role {
+        bulkhead_cluster::Role::Hosts(Capability::Orders)
+    }
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +75,7 @@ async fn local_gateway() -> ActorRef<WireMsg> {
         wrap: EchoMsg::<Reserve, Reserved>::Req,
         worker_timeout: Duration::from_secs(5),
         max_in_flight: 1024,
+        peers: Arc::new(NamedMembers(&["a", "b"])),
     };
     Actor::spawn(None, Gateway::<Reserve, Reserved, EchoMsg<Reserve, Reserved>>::default(), args)
         .await
@@ -99,7 +105,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const IN_FLIGHT: usize = 64;
 
 async fn one(gw: &ActorRef<WireMsg>, req: &Reserve, tp: &str) {
-    let r: Reserved = call(gw, Capability::Inventory, "b", req, tp, TIMEOUT).await.expect("call");
+    let r: Reserved = call(gw, Capability::Inventory, "b", sender("a"), req, tp, TIMEOUT).await.expect("call");
     debug_assert_eq!(r.order_id, req.order_id);
 }
 

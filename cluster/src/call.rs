@@ -13,7 +13,8 @@ use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Capability;
-use crate::wire::{open, seal, Refusal, WireMsg, WireReply};
+use crate::senders::Sender;
+use crate::wire::{open, seal_from, Refusal, WireMsg, WireReply};
 
 /// Why a cross-node call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -71,16 +72,17 @@ impl CallError {
     }
 }
 
-/// Sends `req` to `actor` (the gateway of `capability` on `node`) and waits at most `timeout`.
+/// Sends `req` to `actor` (the gateway of `capability` on `node`) as `from`, and waits at most `timeout`.
 pub async fn call<Req: Record, Resp: Record>(
     actor: &ActorRef<WireMsg>,
     capability: Capability,
     node: &str,
+    from: Sender,
     req: &Req,
     traceparent: &str,
     timeout: Duration,
 ) -> Result<Resp, CallError> {
-    let bytes = seal(req, traceparent);
+    let bytes = seal_from(req, traceparent, Some(from));
     let unreachable = |reason: String| CallError::Unreachable { capability, node: node.to_string(), reason };
     let rejected = |reason: String| CallError::Rejected { capability, node: node.to_string(), reason };
     // Our own timer runs ahead of ractor's: a remote stub drops the reply port at ractor's

@@ -6,6 +6,10 @@
 //! back into the caller's reply port. Only this actor's message type crosses nodes; workers keep
 //! local-only message types, so no stub of them is created on peers.
 //!
+//! Senders: a request is handed over only when its envelope names a sender that [`judge`] lets
+//! send it (vouched for by the link it came over, of the role the request needs); anything else is
+//! refused before the worker sees it, counted in `bulkhead_cluster_requests_refused_total`.
+//!
 //! Load shedding: the worker's mailbox is unbounded, so the gateway bounds it instead. It counts the
 //! requests it handed over and that are not answered yet; at `max_in_flight` it refuses the next one
 //! at once with an `unavailable: ` rejection (nothing handed over, so nothing applied; HTTP 503 +
@@ -22,6 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 use crate::config::Capability;
 use tracing::Instrument;
 
+use crate::senders::{judge, Peers, SentBy, Unvouched};
 use crate::wire::{open, seal, Refusal, WireMsg, WireReply};
 
 /// Requests refused by any gateway of this process because its worker had `max_in_flight` unanswered.
@@ -66,6 +71,8 @@ pub struct GatewayArgs<Req, Resp, M> {
     pub worker_timeout: Duration,
     /// Requests handed to the worker and not answered yet above which new ones are refused.
     pub max_in_flight: usize,
+    /// What this node knows of senders (its links and its shard map): the [`Cluster`](crate::Cluster).
+    pub peers: Arc<dyn Peers>,
 }
 
 pub struct GatewayState<Req, Resp, M> {
@@ -88,7 +95,7 @@ fn reject(port: RpcReplyPort<Vec<u8>>, traceparent: &str, kind: Refusal, reason:
 
 impl<Req, Resp, M> Actor for Gateway<Req, Resp, M>
 where
-    Req: Record + Send + 'static,
+    Req: Record + SentBy + Send + 'static,
     Resp: Record + Send + 'static,
     M: Message,
 {
@@ -128,6 +135,18 @@ where
                 // calls it makes) continue the trace from it.
                 let (span, tp) =
                     crate::traced_span!("cluster.serve", &env.traceparent, capability = %cap, msg_id = env.msg_id);
+                if let Err(why) = judge(env.sender.as_ref(), req.sent_by(), &*state.args.peers) {
+                    metrics::counter!("bulkhead_cluster_requests_refused_total", "capability" => cap.as_str(), "reason" => why.label())
+                        .increment(1);
+                    let _enter = span.enter();
+                    tracing::warn!(sender = ?env.sender.as_ref().map(|s| &s.node), "request refused: {why}");
+                    // A binding that matches no link may be a link that just closed: nothing was
+                    // applied, the caller may retry. The rest are facts of the map or the build.
+                    let kind =
+                        if matches!(why, Unvouched::NotOverItsLink { .. }) { Refusal::Busy } else { Refusal::Rejected };
+                    reject(port, &tp, kind, why.to_string());
+                    return Ok(());
+                }
                 let Some(worker) = ActorRef::<M>::where_is(worker_name(cap)) else {
                     reject(port, &tp, Refusal::Busy, format!("the {cap} worker is restarting"));
                     return Ok(());

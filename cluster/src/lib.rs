@@ -5,6 +5,7 @@
 //! - [`membership`] + [`detector`]: heartbeats and a pure deadline failure detector; the cluster view.
 //! - [`wire`]: the versioned envelope every cross-node payload travels in; undecodable input is counted.
 //! - [`gateway`]: the one remotable actor per capability per node; workers stay local-only.
+//! - [`senders`]: who may send a capability's requests (a vouched sender of the right role).
 //! - [`link`]: the TCP links this node accepts and dials, behind a switch that can cut them all.
 //! - [`call`]: the one call path, always with a timeout, and its error type.
 //! - [`breaker`]: a pure circuit breaker per (capability, member), consulted by [`Cluster::call`].
@@ -32,6 +33,7 @@ pub mod raft;
 #[cfg(test)]
 mod record_fixtures;
 pub mod secret;
+pub mod senders;
 pub mod tls;
 pub mod trace;
 pub mod wire;
@@ -45,3 +47,4 @@ pub use config::{
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster, LeaderReply};
+pub use senders::{Role, SentBy};

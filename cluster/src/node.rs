@@ -25,6 +25,7 @@ use crate::gate::{Expect, Gate, GateEvents, Refusal};
 use crate::gateway::group_name;
 use crate::link::{LinkFaults, LinkIo, LinkStream};
 use crate::membership::{Membership, MembershipMsg, NodeView};
+use crate::senders::{Peers, Sender};
 use crate::tls::TlsLinks;
 use crate::wire::WireMsg;
 
@@ -635,10 +636,11 @@ impl Cluster {
 
     // ----- the registry and the call path -----
 
-    /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs).
-    pub fn member(&self, cap: Capability, node: &str) -> Result<ActorRef<WireMsg>, CallError> {
+    /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs), and this
+    /// node as the sender of a request to it (with the binding of the link it goes over).
+    pub fn member(&self, cap: Capability, node: &str) -> Result<(ActorRef<WireMsg>, Sender), CallError> {
         self.remotable(&group_name(cap, node), cap, node, &format!("no {cap} member is registered on {node}"))
-            .map(|(actor, _)| actor)
+            .map(|(actor, binding)| (actor, Sender { node: self.name().to_string(), binding }))
     }
 
     /// The member of pg group `group` on `node` ([`Cluster::member_on`]) and its link's binding,
@@ -698,10 +700,10 @@ impl Cluster {
         let (span, traceparent) = crate::traced_span!("cluster.call", traceparent, capability = %cap, node = %node);
         // A down node fails fast in `member` (nothing sent, no vote for the breaker); a member that
         // keeps failing trips its breaker, and then calls fail fast here without being sent.
-        let result = match self.member(cap, node).and_then(|actor| Ok((actor, self.admit(cap, node)?))) {
-            Ok((actor, ticket)) => {
+        let result = match self.member(cap, node).and_then(|to| Ok((to, self.admit(cap, node)?))) {
+            Ok(((actor, from), ticket)) => {
                 let mut pending = Outcome { cluster: self, cap, node, ticket: Some(ticket) };
-                let result = call(&actor, cap, node, req, &traceparent, timeout).instrument(span.clone()).await;
+                let result = call(&actor, cap, node, from, req, &traceparent, timeout).instrument(span.clone()).await;
                 pending.record(&result);
                 result
             }
@@ -738,8 +740,9 @@ impl Cluster {
     ) -> Result<crate::raft::RaftRpcReply, CallError> {
         let group = crate::raft::network::router_group(node);
         let (actor, binding) = self.remotable(&group, cap, node, &format!("no raft router is registered on {node}"))?;
+        let from = Sender { node: self.name().to_string(), binding: binding.clone() };
         let rpc = crate::raft::network::RaftCall { from: self.name().to_string(), binding, rpc };
-        call(&actor, cap, node, &rpc, "", timeout).await
+        call(&actor, cap, node, from, &rpc, "", timeout).await
     }
 
     /// The shard of a replicated capability that owns `key`.
@@ -883,6 +886,21 @@ fn vouched<'a>(
         return connected;
     }
     links.any(|l| l.peer.as_deref() == Some(node) && l.binding.is_some_and(|b| b.as_slice() == binding))
+}
+
+/// What a gateway asks of the node about a request's sender ([`crate::senders::judge`]).
+impl Peers for Cluster {
+    fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
+        Cluster::vouches_for(self, node, binding)
+    }
+
+    fn in_map(&self, node: &str) -> bool {
+        Capability::ALL.iter().any(|cap| self.hosts(node, *cap))
+    }
+
+    fn hosts(&self, node: &str, cap: Capability) -> bool {
+        self.config().capabilities.nodes(cap).iter().any(|n| n == node)
+    }
 }
 
 /// How many times one [`Cluster::call_leader`] sends its request: to the leader it knows, to the

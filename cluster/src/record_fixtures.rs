@@ -21,7 +21,8 @@ use crate::config::Capability;
 use crate::membership::{old_heartbeat as old, Heartbeat};
 use crate::raft::network::{RaftCall, RaftRpc, RaftRpcReply};
 use crate::raft::types::*;
-use crate::wire::{Envelope, Refusal, WireReply, WireReplyV1};
+use crate::senders::Sender;
+use crate::wire::{Envelope, EnvelopeV1, Refusal, WireReply, WireReplyV1};
 
 const TYPES: &[(&str, u8)] = &[
     ("Heartbeat", Heartbeat::VERSION),
@@ -196,13 +197,32 @@ fn check(f: &Fixture) {
             check_old(f, &old, &heartbeat(TIMING, vec![]))
         }
         ("Heartbeat", "4") => check_current(f, &heartbeat(TIMING, vec![0xb1, 0x2d, 0x00, 0xff])),
-        ("Envelope", "1") => check_current(
+        ("Envelope", "1") => check_old(
             f,
-            &Envelope {
+            &EnvelopeV1 {
                 msg_id: 0x0192_d3c4_b5a6_7000_8000_0000_0000_0001,
                 traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
                 payload: vec![2, 0, 3, 1, 2, 3],
             },
+            &Envelope {
+                msg_id: 0x0192_d3c4_b5a6_7000_8000_0000_0000_0001,
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                sender: None,
+                payload: vec![2, 0, 3, 1, 2, 3],
+            },
+        ),
+        ("Envelope", "2") => check_current(
+            f,
+            &Envelope {
+                msg_id: 0x0192_d3c4_b5a6_7000_8000_0000_0000_0001,
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                sender: Some(Sender { node: "n1".into(), binding: vec![0xb1, 0x2d] }),
+                payload: vec![2, 0, 3, 1, 2, 3],
+            },
+        ),
+        ("Envelope", "2/reply") => check_current(
+            f,
+            &Envelope { msg_id: 1, traceparent: String::new(), sender: None, payload: vec![2, 0, 2, 1, 9] },
         ),
         ("WireReply", "1/ok") => check_old(f, &WireReplyV1::Ok(vec![1, 9]), &WireReply::Ok(vec![1, 9])),
         ("WireReply", "1/lost") => check_old(

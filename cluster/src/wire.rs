@@ -3,7 +3,7 @@
 //! ractor_cluster decodes a message's fields with `BytesConvertable::from_bytes`, which cannot fail:
 //! a payload that does not decode would be dropped silently. So the one remotable message type,
 //! [`WireMsg`], carries plain bytes, and *we* decode them: an [`Envelope`] (version byte, message id,
-//! W3C traceparent, payload) whose payload is a capability's versioned request. Anything that does
+//! W3C traceparent, the sender of a request, payload) whose payload is a capability's versioned request. Anything that does
 //! not decode is counted in [`WIRE_STATS`] and logged at warn, and a call gets a `Refused` answer.
 //!
 //! The variant names of [`WireMsg`] are ractor_cluster's wire tags: never rename them.
@@ -14,6 +14,8 @@ use bulkhead_storage::{decode_payload, decode_wire, encode, unknown_version, Cod
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
+
+use crate::senders::Sender;
 
 /// The only message type any remotable Bulkhead actor accepts.
 #[derive(RactorClusterMessage)]
@@ -26,7 +28,7 @@ pub enum WireMsg {
 }
 
 /// Version of the envelope layout itself (the first byte on the wire).
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 
 /// Envelope around every cross-node payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,12 +37,38 @@ pub struct Envelope {
     pub msg_id: u128,
     /// W3C trace context of the caller (`00-<trace>-<span>-01`), so one order can be followed across nodes.
     pub traceparent: String,
+    /// Who sent a request, with the binding of the link it went over ([`crate::senders`]); `None`
+    /// on replies and heartbeats (which carry their own proof).
+    pub sender: Option<Sender>,
     /// The capability's own versioned record (request, reply or event).
     pub payload: Vec<u8>,
 }
 
 impl Record for Envelope {
+    /// 2: `sender` (version 1 had none; it reads as `None`, and a gateway refuses such a request).
     const VERSION: u8 = ENVELOPE_VERSION;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<EnvelopeV1>(payload).map(Into::into),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// [`Envelope`] version 1 (2c05dbb until vouched senders).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct EnvelopeV1 {
+    pub msg_id: u128,
+    pub traceparent: String,
+    pub payload: Vec<u8>,
+}
+
+impl From<EnvelopeV1> for Envelope {
+    fn from(old: EnvelopeV1) -> Self {
+        Self { msg_id: old.msg_id, traceparent: old.traceparent, sender: None, payload: old.payload }
+    }
 }
 
 /// The answer to an `Ask`: the handler's reply, or why the request was refused.
@@ -121,12 +149,18 @@ pub static WIRE_STATS: WireStats = WireStats {
     received: AtomicU64::new(0),
 };
 
-/// Wraps a payload record in an envelope, ready for `WireMsg`.
+/// Wraps a payload record in an envelope that names no sender (a reply, a heartbeat), ready for `WireMsg`.
 pub fn seal<T: Record>(payload: &T, traceparent: &str) -> Vec<u8> {
+    seal_from(payload, traceparent, None)
+}
+
+/// Wraps a request in an envelope that names its sender.
+pub fn seal_from<T: Record>(payload: &T, traceparent: &str, sender: Option<Sender>) -> Vec<u8> {
     WIRE_STATS.sent.fetch_add(1, Ordering::Relaxed);
     encode(&Envelope {
         msg_id: uuid::Uuid::new_v4().as_u128(),
         traceparent: traceparent.to_string(),
+        sender,
         payload: encode(payload),
     })
 }
@@ -177,7 +211,7 @@ mod tests {
         assert_eq!(WIRE_STATS.undecodable_envelopes.load(Ordering::Relaxed), before + 2);
 
         let before = WIRE_STATS.undecodable_payloads.load(Ordering::Relaxed);
-        let env = encode(&Envelope { msg_id: 1, traceparent: String::new(), payload: vec![9, 9] });
+        let env = encode(&Envelope { msg_id: 1, traceparent: String::new(), sender: None, payload: vec![9, 9] });
         assert!(open::<Ping>(&env, "test").is_err());
         assert_eq!(WIRE_STATS.undecodable_payloads.load(Ordering::Relaxed), before + 1);
     }
@@ -187,7 +221,7 @@ mod tests {
         // Checked-in bytes of an envelope v1 {msg_id: 1, traceparent: "t", payload: [1, 5]}.
         let fixture = [1u8, 1, 1, b't', 2, 1, 5];
         let env: Envelope = bulkhead_storage::decode(&fixture).unwrap();
-        assert_eq!(env, Envelope { msg_id: 1, traceparent: "t".into(), payload: vec![1, 5] });
+        assert_eq!(env, Envelope { msg_id: 1, traceparent: "t".into(), sender: None, payload: vec![1, 5] });
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod support;
-use support::{Ping, Pong};
+use support::{sender, NamedMembers, Ping, Pong};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{worker_name, GATEWAY_SHED};
@@ -48,12 +48,15 @@ async fn a_full_gateway_sheds_at_once_and_recovers_when_answers_go_out() {
         wrap: HoldMsg::Req,
         worker_timeout: Duration::from_secs(10),
         max_in_flight: 2,
+        peers: Arc::new(NamedMembers(&["a"])),
     };
     let (gw, _) = Actor::spawn(None, Gateway::<Ping, Pong, HoldMsg>::default(), args).await.expect("gateway");
     let t = Duration::from_secs(5);
     let ask = |n: u32| {
         let gw = gw.clone();
-        tokio::spawn(async move { call::<Ping, Pong>(&gw, Capability::Payments, "a", &Ping(n), "", t).await })
+        tokio::spawn(
+            async move { call::<Ping, Pong>(&gw, Capability::Payments, "a", sender("a"), &Ping(n), "", t).await },
+        )
     };
     let (first, second) = (ask(1), ask(2));
     // Readiness, not a sleep: wait until the worker holds both.

@@ -8,7 +8,7 @@
 mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::{Duplex, Echo, EchoMsg, Ping, Pong};
+use support::{sender, Duplex, Echo, EchoMsg, NamedMembers, Ping, Pong};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
@@ -105,6 +105,7 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
         wrap: EchoMsg::<Ping, Pong>::Req,
         worker_timeout: Duration::from_secs(5),
         max_in_flight: 1024,
+        peers: std::sync::Arc::new(NamedMembers(&["a", "b"])),
     };
     Actor::spawn(None, Gateway::<Ping, Pong, EchoMsg<Ping, Pong>>::default(), args).await.unwrap();
 
@@ -114,8 +115,16 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
 
     let gw = remote_gateway().await;
     let t = Duration::from_secs(2);
-    let pong: Pong = call(&gw, Capability::Inventory, "b", &Ping(41), "00-trace-span-01", t).await.unwrap();
+    let pong: Pong =
+        call(&gw, Capability::Inventory, "b", sender("a"), &Ping(41), "00-trace-span-01", t).await.unwrap();
     assert_eq!(pong, Pong(42));
+
+    // A sender the gateway cannot vouch for is refused before its worker sees the request.
+    let stranger: Result<Pong, CallError> = call(&gw, Capability::Inventory, "b", sender("x"), &Ping(1), "", t).await;
+    assert!(
+        matches!(&stranger, Err(CallError::Busy { reason, .. }) if reason.contains("did not come over a link")),
+        "{stranger:?}"
+    );
 
     // A request the gateway cannot decode is answered "rejected" and counted, not dropped silently.
     let before = WIRE_STATS.undecodable_envelopes.load(Ordering::Relaxed);
@@ -123,14 +132,14 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
     assert!(matches!(raw, ractor::rpc::CallResult::Success(_)));
     assert!(WIRE_STATS.undecodable_envelopes.load(Ordering::Relaxed) > before);
     let wrong: Result<Pong, CallError> =
-        call(&gw, Capability::Inventory, "b", &Other("not a ping".into()), "", t).await;
+        call(&gw, Capability::Inventory, "b", sender("a"), &Other("not a ping".into()), "", t).await;
     assert!(matches!(wrong, Err(CallError::Rejected { .. })), "{wrong:?}");
 
     // A silent cut: the call does not hang, it times out.
     control.send(Mode::Blackhole).unwrap();
     let started = std::time::Instant::now();
     let r: Result<Pong, CallError> =
-        call(&gw, Capability::Inventory, "b", &Ping(1), "", Duration::from_millis(300)).await;
+        call(&gw, Capability::Inventory, "b", sender("a"), &Ping(1), "", Duration::from_millis(300)).await;
     assert!(matches!(r, Err(CallError::TimedOut { .. })), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
@@ -139,7 +148,7 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let r: Result<Pong, CallError> =
-            call(&gw, Capability::Inventory, "b", &Ping(1), "", Duration::from_millis(300)).await;
+            call(&gw, Capability::Inventory, "b", sender("a"), &Ping(1), "", Duration::from_millis(300)).await;
         if matches!(r, Err(CallError::Unreachable { .. })) {
             break;
         }

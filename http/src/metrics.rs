@@ -13,6 +13,9 @@
 //! | `bulkhead_group_commit_batch_size` | store | the store's group flusher (writes per flush) |
 //! | `bulkhead_fdatasync_duration_seconds` | store | the same (flush + fdatasync) |
 //!
+//! Counters through the same facade: `bulkhead_cluster_requests_refused_total{capability, reason}`
+//! (a request whose sender the gateway would not vouch for, `cluster/src/gateway.rs`).
+//!
 //! Caveat: the recorder is per process. Nodes run one per process; a test that starts several
 //! in one process sees their histograms summed.
 

@@ -24,6 +24,18 @@ pub enum ConsumerRequest {
     InjectPanic,
 }
 
+/// Confirmed orders are delivered by the orders outbox, on a node that hosts orders; listings and
+/// drills come from the front of any node.
+impl bulkhead_cluster::SentBy for ConsumerRequest {
+    fn sent_by(&self) -> bulkhead_cluster::Role {
+        use bulkhead_cluster::{Capability, Role};
+        match self {
+            Self::Deliver(_) => Role::Hosts(Capability::Orders),
+            Self::List { .. } | Self::InjectPanic => Role::AnyMember,
+        }
+    }
+}
+
 /// A shipment or a notification, as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {

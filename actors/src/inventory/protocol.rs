@@ -75,6 +75,22 @@ pub enum InventoryRequest {
     },
 }
 
+/// Holds are taken, committed and released by the orders saga and its outbox, on a node that hosts
+/// orders; reads, stock settings and drills come from the front of any node.
+impl bulkhead_cluster::SentBy for InventoryRequest {
+    fn sent_by(&self) -> bulkhead_cluster::Role {
+        use bulkhead_cluster::{Capability, Role};
+        match self {
+            Self::Reserve { .. }
+            | Self::Commit { .. }
+            | Self::Release { .. }
+            | Self::CommitOn { .. }
+            | Self::ReleaseOn { .. } => Role::Hosts(Capability::Orders),
+            Self::Get { .. } | Self::Set { .. } | Self::InjectPanic => Role::AnyMember,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryReply {
     /// Held until `expires_ms` (wall clock, ms since the epoch; `u64::MAX` once committed).

@@ -97,6 +97,13 @@ pub enum OrdersRequest {
     },
 }
 
+/// Every orders request comes from the front, which runs on every node.
+impl bulkhead_cluster::SentBy for OrdersRequest {
+    fn sent_by(&self) -> bulkhead_cluster::Role {
+        bulkhead_cluster::Role::AnyMember
+    }
+}
+
 /// An outbox entry the relay gave up on: its destination answered with a failure
 /// `DEAD_LETTER_AFTER` times in a row (unreachable destinations are retried forever instead).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

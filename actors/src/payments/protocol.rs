@@ -23,6 +23,18 @@ pub enum PaymentRequest {
     InjectPanic,
 }
 
+/// Charges and refunds come from the orders saga and its outbox, on a node that hosts orders;
+/// listings and drills from the front of any node.
+impl bulkhead_cluster::SentBy for PaymentRequest {
+    fn sent_by(&self) -> bulkhead_cluster::Role {
+        use bulkhead_cluster::{Capability, Role};
+        match self {
+            Self::Charge { .. } | Self::Refund { .. } => Role::Hosts(Capability::Orders),
+            Self::List { .. } | Self::InjectPanic => Role::AnyMember,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentReply {
     Charged {

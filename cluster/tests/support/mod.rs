@@ -55,3 +55,31 @@ impl ClusterBidiStream for Duplex {
         (Box::new(r), Box::new(w))
     }
 }
+
+impl bulkhead_cluster::SentBy for Ping {
+    fn sent_by(&self) -> bulkhead_cluster::Role {
+        bulkhead_cluster::Role::AnyMember
+    }
+}
+
+/// The sender check for bare ractor_cluster nodes joined without Bulkhead's links (there is no
+/// link binding to prove a name): believes any name in `members`. The check itself is tested in
+/// `src/senders.rs`, and across real links in `tests/cluster_security.rs` at the top of the repo.
+pub struct NamedMembers(pub &'static [&'static str]);
+
+impl bulkhead_cluster::senders::Peers for NamedMembers {
+    fn vouches_for(&self, node: &str, _binding: &[u8]) -> bool {
+        self.0.contains(&node)
+    }
+    fn in_map(&self, node: &str) -> bool {
+        self.0.contains(&node)
+    }
+    fn hosts(&self, node: &str, _cap: bulkhead_cluster::Capability) -> bool {
+        self.0.contains(&node)
+    }
+}
+
+/// `node` as the sender of a request from a bare node.
+pub fn sender(node: &str) -> bulkhead_cluster::senders::Sender {
+    bulkhead_cluster::senders::Sender { node: node.into(), binding: Vec::new() }
+}

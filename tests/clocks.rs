@@ -71,7 +71,7 @@ fn placed_on(order: &Value) -> String {
 /// Today in UTC, or (right after midnight) yesterday: the two days an order placed now can carry.
 fn today() -> [String; 2] {
     let now = bulkhead_storage::now_ms();
-    [now, now.saturating_sub(3_600_000)].map(|ms| bulkhead_storage::rfc3339(ms).chars().take(10).collect())
+    [now, now.saturating_sub(3_600_000)].map(|ms| bulkhead_http::api::rfc3339(ms).chars().take(10).collect())
 }
 
 fn faked(offset: &str) -> [(&'static str, String); 3] {

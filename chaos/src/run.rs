@@ -70,14 +70,14 @@ pub async fn run(opts: RunOptions) -> Result<Report, String> {
         let data = opts.report_dir.join("cluster");
         let _ = std::fs::remove_dir_all(&data);
         pb.set_message(format!("launching a local 3-node cluster ({})", exe.display()));
-        Target::launch_local(&exe, &data, sc.cluster.timing.clone().unwrap_or_default(), sc.cluster.durability)?
+        Target::launch_local(&exe, &data, &sc.cluster.local_settings()?)?
     } else {
         Target::remote(&sc.cluster)
     };
     // The tool acts as the operator (it sets stock, reads /v1/cluster, injects faults): admin token.
     let token = match (&target, &opts.admin_token_file) {
         (Target::Local { lc, .. }, _) => Some(lc.secrets().admin_token()?),
-        (Target::Remote { .. }, Some(file)) => Some(bulkhead_cluster::secret::read_secret(file, "--admin-token-file")?),
+        (Target::Remote { .. }, Some(file)) => Some(bulkhead_launch::read_token_file(file, "--admin-token-file")?),
         // A cluster with auth = "off" needs none; one with auth on answers 401, which the run reports.
         (Target::Remote { .. }, None) => None,
     };
@@ -213,7 +213,7 @@ async fn run_on(
         + faults.iter().map(|f| f.after.0.as_secs_f64() + f.hold.0.as_secs_f64() + 1.5).sum::<f64>()
         + sc.cooldown.0.as_secs_f64()
         + 5.0;
-    let started_at = bulkhead_http_time();
+    let started_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let t0 = Instant::now();
     let observer = Observer::start(urls.clone(), names.clone(), t0, http.clone());
     let load = load::start(&sc.load, urls.clone(), skus, t0, http.clone());
@@ -430,11 +430,6 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<(), String> {
     std::fs::write(dir.join("verdict.json"), json).map_err(|e| format!("cannot write verdict.json: {e}"))?;
     std::fs::write(dir.join("timeline.svg"), crate::svg::render(report))
         .map_err(|e| format!("cannot write timeline.svg: {e}"))
-}
-
-fn bulkhead_http_time() -> String {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64);
-    bulkhead_storage::rfc3339(ms.unwrap_or(0))
 }
 
 /// Milliseconds from `at_s` to the first `201` of an order first sent at or after it.

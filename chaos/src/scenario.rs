@@ -297,12 +297,19 @@ pub struct ClusterSpec {
     /// slower Raft heartbeat: openraft gives every AppendEntries one heartbeat interval to answer,
     /// and unoptimised debug builds of three nodes on two cores miss 100 ms under load.
     #[serde(default)]
-    pub timing: Option<bulkhead_cluster::Timing>,
+    pub timing: Option<toml::Table>,
     /// A launched local cluster's `durability` (default `fsync`). `flush` still survives every
     /// fault the tool injects (a killed process loses nothing sled has flushed), only not a power
     /// loss; CI's smoke run uses it so that a build's disk writeback does not stall every commit.
     #[serde(default)]
-    pub durability: Option<bulkhead_storage::Durability>,
+    pub durability: Option<String>,
+}
+
+impl ClusterSpec {
+    /// What a launched local cluster changes from the node defaults, read as the nodes read it.
+    pub fn local_settings(&self) -> Result<bulkhead_launch::LocalSettings, String> {
+        bulkhead_launch::LocalSettings::parse(self.timing.as_ref(), self.durability.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +370,7 @@ fn default_recovery() -> Dur {
 impl Scenario {
     pub fn parse(text: &str) -> Result<Scenario, String> {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
+        s.cluster.local_settings()?;
         if !(s.load.rate > 0.0 && s.load.rate <= 10_000.0) {
             return Err(format!("load.rate must be in (0, 10000], not {}", s.load.rate));
         }
@@ -516,6 +524,17 @@ mod tests {
             .unwrap_err()
             .contains("capability"));
         assert!(Scenario::parse("name = \"x\"\n[load]\nrate = 0\n").is_err());
+    }
+
+    /// A launched cluster's knobs are read as the nodes read them, when the scenario is read.
+    #[test]
+    fn a_local_clusters_settings_are_checked_when_the_scenario_is_read() {
+        let ok = "name = \"x\"\n[cluster]\ndurability = \"flush\"\n[cluster.timing]\nraft_heartbeat_ms = 250\n";
+        assert!(Scenario::parse(ok).is_ok());
+        let bad_durability = "name = \"x\"\n[cluster]\ndurability = \"fsnyc\"\n";
+        assert!(Scenario::parse(bad_durability).unwrap_err().contains("fsnyc"));
+        let bad_knob = "name = \"x\"\n[cluster.timing]\nraft_heartbeat = 250\n";
+        assert!(Scenario::parse(bad_knob).unwrap_err().contains("raft_heartbeat"));
     }
 
     #[test]

@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use bulkhead_cluster::Timing;
-use bulkhead_launch::topology::{demo_shard_map, Ports, NODES};
-use bulkhead_launch::{free_ports, LocalCluster};
+use bulkhead_launch::topology::{demo_hosts, Ports, NODES};
+use bulkhead_launch::{free_ports, LocalCluster, LocalSettings};
 
 use crate::scenario::{Action, ClusterSpec, Commands, Fault};
 
@@ -19,25 +18,14 @@ pub enum Target {
 
 impl Target {
     /// Launches the three-node demo topology under `data_dir`, fault injection on.
-    pub fn launch_local(
-        exe: &Path,
-        data_dir: &Path,
-        timing: Timing,
-        durability: Option<bulkhead_storage::Durability>,
-    ) -> Result<Target, String> {
+    pub fn launch_local(exe: &Path, data_dir: &Path, settings: &LocalSettings) -> Result<Target, String> {
         let p = free_ports(6)?;
         let ports = [
             Ports { cluster: p[0], http: p[1] },
             Ports { cluster: p[2], http: p[3] },
             Ports { cluster: p[4], http: p[5] },
         ];
-        let lc = LocalCluster::launch_edited(exe, data_dir, ports, timing, true, |c| {
-            if let Some(d) = durability {
-                c.durability = d;
-            }
-            // The load and the checker's reads (tens of thousands in seconds) come from one address.
-            c.rate_limit = bulkhead_cluster::RateLimit::LOAD_TEST;
-        })?;
+        let lc = LocalCluster::launch_for_load(exe, data_dir, ports, settings)?;
         Ok(Target::Local { lc, names: NODES.iter().map(|s| s.to_string()).collect() })
     }
 
@@ -76,16 +64,7 @@ impl Target {
     /// Node name → capabilities it hosts: the demo map locally; `GET /v1/cluster` remotely.
     pub async fn hosts(&self, http: &reqwest::Client) -> Result<BTreeMap<String, Vec<String>>, String> {
         match self {
-            Target::Local { names, .. } => {
-                let map = demo_shard_map();
-                Ok(names
-                    .iter()
-                    .map(|n| {
-                        let caps = map.0.iter().filter(|(_, p)| p.nodes.contains(n)).map(|(c, _)| c.to_string());
-                        (n.clone(), caps.collect())
-                    })
-                    .collect())
-            }
+            Target::Local { .. } => Ok(demo_hosts()),
             Target::Remote { nodes, .. } => {
                 let mut last = String::new();
                 for (_, url) in nodes {
@@ -123,7 +102,7 @@ impl Target {
             }
             (Target::Local { lc, .. }, Action::Wipe | Action::Replace) => {
                 tokio::task::block_in_place(|| lc.kill(i));
-                let dir = lc.configs[i].data_dir.clone();
+                let dir = lc.data_dir(i).to_path_buf();
                 std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot wipe {}: {e}", dir.display()))
             }
             (Target::Local { lc, .. }, Action::Restart) => {
@@ -172,7 +151,7 @@ impl Target {
             // as clients reach a replaced node through a load balancer or a moved DNS name.
             (Target::Local { lc, .. }, Action::Replace) => {
                 let cluster = free_ports(1)?[0];
-                let http = lc.configs[i].http_listen.port();
+                let http = lc.http_port(i);
                 tokio::task::block_in_place(|| lc.replace(i, Ports { cluster, http }))
             }
             (Target::Local { lc, .. }, Action::Pause) => {

@@ -28,7 +28,7 @@ use serde_json::Value;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-pub use bulkhead_storage::rfc3339;
+pub use crate::views::rfc3339;
 
 use crate::auth::Scope;
 use crate::clients::{key_scope, KeyScope};

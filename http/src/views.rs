@@ -14,7 +14,6 @@ use bulkhead_actors::payments::PaymentView;
 use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::raft::{ReplicaStatus, Role as RoleRecord, ShardStatus};
 use bulkhead_cluster::{BreakerState as BreakerRecord, Capability as CapabilityRecord, Status};
-use bulkhead_storage::rfc3339;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -538,8 +537,21 @@ pub struct PartitionSet {
     pub node: String,
 }
 
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds (`2026-11-21T05:19:29.123Z`):
+/// every time the API shows.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn times_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(super::rfc3339(1_795_238_369_000), "2026-11-21T05:19:29.000Z");
+    }
+
     use super::*;
     use bulkhead_actors::orders::protocol::HistoryEntry as HistoryRecord;
     use serde_json::json;

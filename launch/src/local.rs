@@ -72,7 +72,54 @@ pub struct LocalCluster {
     secrets: LocalSecrets,
 }
 
+/// How a launched local cluster differs from the node defaults, in the words of a scenario file:
+/// a `[timing]` table and a `durability` ("fsync" or "flush"). Made by [`LocalSettings::parse`],
+/// which reads them as the node would, so a scenario with a misspelt knob is refused when it is read.
+#[derive(Debug, Clone, Default)]
+pub struct LocalSettings {
+    timing: Timing,
+    durability: Option<bulkhead_storage::Durability>,
+}
+
+impl LocalSettings {
+    pub fn parse(timing: Option<&toml::Table>, durability: Option<&str>) -> Result<LocalSettings, String> {
+        let timing: Timing = match timing {
+            Some(t) => toml::Value::Table(t.clone()).try_into().map_err(|e| format!("[cluster.timing]: {e}"))?,
+            None => Timing::default(),
+        };
+        let durability = match durability {
+            Some(d) => Some(
+                toml::Value::String(d.to_string())
+                    .try_into()
+                    .map_err(|e| format!("durability `{d}`: {e} (\"fsync\" or \"flush\")"))?,
+            ),
+            None => None,
+        };
+        Ok(LocalSettings { timing, durability })
+    }
+}
+
 impl LocalCluster {
+    /// The three demo nodes with fault injection on and `settings` applied, ready for a load test:
+    /// the per-client rate limit is lifted, since the load and a checker's reads (tens of
+    /// thousands in seconds) all come from one address. What the chaos tool launches.
+    pub fn launch_for_load(
+        exe: &Path,
+        data_dir: &Path,
+        ports: [Ports; 3],
+        settings: &LocalSettings,
+    ) -> Result<LocalCluster, String> {
+        let secrets = LocalSecrets::ensure(data_dir, &NODES)?;
+        let mut configs = local_configs(data_dir, &secrets, &ports, settings.timing.clone(), true);
+        for c in &mut configs {
+            if let Some(d) = settings.durability {
+                c.durability = d;
+            }
+            c.rate_limit = bulkhead_cluster::RateLimit::LOAD_TEST;
+        }
+        Self::launch_configs(exe, data_dir, configs)
+    }
+
     /// Writes the configs and starts the three demo nodes (does not wait for readiness).
     pub fn launch(
         exe: &Path,
@@ -211,6 +258,16 @@ impl LocalCluster {
     }
 
     /// `http://127.0.0.1:<port>` of node `i`.
+    /// Node `i`'s data dir (what a wipe deletes).
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.configs[i].data_dir
+    }
+
+    /// Node `i`'s HTTP port (what a replacement host keeps).
+    pub fn http_port(&self, i: usize) -> u16 {
+        self.configs[i].http_listen.port()
+    }
+
     pub fn url(&self, i: usize) -> String {
         format!("http://{}", self.configs[i].http_listen)
     }

@@ -91,6 +91,12 @@ impl LocalSecrets {
     }
 }
 
+/// A token file an operator hands a tool (`--admin-token-file`), read with the node's own checks:
+/// no symlink, owned by this user, not readable by group or others.
+pub fn read_token_file(path: &Path, what: &str) -> Result<String, String> {
+    read_secret(path, what)
+}
+
 /// An HTTP client that sends `Authorization: Bearer <token>` with every request.
 pub fn authorized(builder: reqwest::ClientBuilder, token: &str) -> Result<reqwest::Client, String> {
     let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))

@@ -43,6 +43,18 @@ pub fn demo_shard_map() -> ShardMap {
     ]))
 }
 
+/// Each demo node's name and the names of the capabilities it hosts.
+pub fn demo_hosts() -> BTreeMap<String, Vec<String>> {
+    let map = demo_shard_map();
+    NODES
+        .iter()
+        .map(|n| {
+            let caps = map.0.iter().filter(|(_, p)| p.nodes.iter().any(|x| x == n)).map(|(c, _)| c.to_string());
+            (n.to_string(), caps.collect())
+        })
+        .collect()
+}
+
 /// Ports of one local node.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {

@@ -53,6 +53,52 @@ pub fn jitter() -> f64 {
     0.5 + rand::random::<f64>() / 2.0
 }
 
+/// One timed call (the cluster's `call_timeout_ms`) to the leader of `shard` of `cap`: what each
+/// capability's client sends a front's request with.
+pub(crate) async fn ask_leader<Req, Resp>(
+    cluster: &Cluster,
+    cap: Capability,
+    shard: u32,
+    req: &Req,
+    traceparent: &str,
+) -> Result<Resp, bulkhead_cluster::CallError>
+where
+    Req: bulkhead_storage::Record,
+    Resp: bulkhead_storage::Record + bulkhead_cluster::LeaderReply,
+{
+    let t = std::time::Duration::from_millis(cluster.config().timing.call_timeout_ms);
+    cluster.call_leader(cap, shard, req, traceparent, t).await
+}
+
+/// A drill: asks this node's `cap` worker to panic (its supervisor restarts it). The worker dies
+/// instead of answering, so the call's failure is the expected outcome; it is returned for the log.
+pub async fn inject_panic(
+    cluster: &Cluster,
+    cap: Capability,
+    traceparent: &str,
+) -> Result<(), bulkhead_cluster::CallError> {
+    use crate::{consumer::*, inventory::*, orders::*, payments::*};
+    let (node, t) = (cluster.name().to_string(), std::time::Duration::from_millis(500));
+    match cap {
+        Capability::Orders => cluster
+            .call_with_timeout::<_, OrdersReply>(cap, &node, &OrdersRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+        Capability::Inventory => cluster
+            .call_with_timeout::<_, InventoryReply>(cap, &node, &InventoryRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+        Capability::Payments => cluster
+            .call_with_timeout::<_, PaymentReply>(cap, &node, &PaymentRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+        Capability::Shipping | Capability::Notifications => cluster
+            .call_with_timeout::<_, ConsumerReply>(cap, &node, &ConsumerRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

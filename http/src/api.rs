@@ -15,12 +15,11 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest};
-use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
-use bulkhead_actors::orders::{
-    self, shard_of_order, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder, MAX_ORDERS_LISTED,
-};
-use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
+use bulkhead_actors::consumer::{self, ConsumerReply};
+use bulkhead_actors::inventory::{self, InventoryReply};
+use bulkhead_actors::orders::client::{NewOrder as Ordered, Placement};
+use bulkhead_actors::orders::{self, IdemKey, OrderStatus, OrderView, OrdersReply, MAX_ORDERS_LISTED};
+use bulkhead_actors::payments::{self, PaymentReply};
 use bulkhead_cluster::{BreakerState, Capability};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -105,23 +104,6 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| {
         ApiError::bad_request(format!("`{}` is not an order id (a UUID)", raw.chars().take(64).collect::<String>()))
     })
-}
-
-/// The orders shard for a new order without an Idempotency-Key: one this node leads if any (no
-/// extra hop), else one with a known leader, spread by the order's own randomness.
-fn pick_orders_shard(st: &AppState) -> u32 {
-    let cluster = &st.cluster;
-    let shards: Vec<u32> = cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect();
-    let led_here: Vec<u32> = shards
-        .iter()
-        .copied()
-        .filter(|s| cluster.leader_of(Capability::Orders, *s).as_deref() == Some(cluster.name()))
-        .collect();
-    let led: Vec<u32> =
-        shards.iter().copied().filter(|s| cluster.leader_of(Capability::Orders, *s).is_some()).collect();
-    let pool = [led_here, led, shards].into_iter().find(|p| !p.is_empty()).unwrap_or_else(|| vec![0]);
-    let spread = Uuid::new_v4().as_u128() as usize;
-    pool[spread % pool.len()]
 }
 
 fn order_response(st: &AppState, view: OrderView) -> Response {
@@ -209,31 +191,15 @@ pub async fn place_order(
         }
         None => None,
     };
-    // One key, one shard: the key's claim is a write in that shard's Raft group.
-    let shard = match key.as_deref() {
-        Some(k) => st.cluster.shard_of(Capability::Orders, k.as_bytes()),
-        None => pick_orders_shard(&st),
-    };
     // The validated order, re-serialized: one body, one fingerprint, however the client spaced it.
     let body = bulkhead_storage::BodyFingerprint::of(&serde_json::to_vec(&order).unwrap_or_default());
-    let wait_ms = st.cluster.config().timing.wait_budget_ms;
+    let key = key.map(|key| IdemKey { key, body });
+    let keyed = key.is_some();
     let NewOrder { customer_id, items, payment_token } = order;
-    let place = PlaceOrder {
-        shard,
-        customer_id,
-        items: items.into_iter().map(Into::into).collect(),
-        payment_token,
-        idempotency: key.map(|key| IdemKey { key, body }),
-        wait_ms,
-    };
-    let budget = orders::client::Budget::starting_now(
-        Duration::from_millis(wait_ms),
-        Duration::from_millis(st.cluster.config().timing.call_timeout_ms),
-    );
-    let keyed = place.idempotency.is_some();
-    let placed =
-        placed_answer(&st, shard, budget, orders::client::place(&st.cluster, place, budget, &traceparent()).await)
-            .await;
+    let order = Ordered { customer_id, items: items.into_iter().map(Into::into).collect(), payment_token };
+    let placement = orders::client::Client::new(&st.cluster).place(order, key, &traceparent()).await;
+    let shard = placement.shard;
+    let placed = placed_answer(&st, placement).await;
     placed.map_err(|e| if keyed { e } else { advise_without_key(e, shard) })
 }
 
@@ -250,19 +216,17 @@ fn advise_without_key(mut e: ApiError, shard: u32) -> ApiError {
     e
 }
 
-/// The answer to a `Place`, from what [`orders::client::place`] came back with.
-async fn placed_answer(
-    st: &AppState,
-    shard: u32,
-    budget: orders::client::Budget,
-    placed: orders::client::Placed,
-) -> Result<Response, ApiError> {
+/// The answer to a `Place`, from what [`orders::client::Client::place`] came back with.
+async fn placed_answer(st: &AppState, placement: Placement) -> Result<Response, ApiError> {
+    let Placement { shard, budget, placed } = placement;
     match placed {
         Ok(OrdersReply::Order(view)) => {
             st.metrics.placed.fetch_add(1, Relaxed);
             let left = budget.wait_until.saturating_duration_since(Instant::now());
             let view = match view.status {
-                OrderStatus::Pending if left > AWAIT_AGAIN_FROM => await_order(st, shard, view, left).await,
+                OrderStatus::Pending if left > AWAIT_AGAIN_FROM => {
+                    orders::client::Client::new(&st.cluster).await_order(shard, view, left, &traceparent()).await
+                }
                 _ => view,
             };
             Ok(order_response(st, view))
@@ -296,42 +260,9 @@ async fn placed_answer(
 /// Below this much of its wait left, a pending order is answered `202` as it is.
 const AWAIT_AGAIN_FROM: Duration = Duration::from_millis(20);
 
-/// A `Place` answered pending before its wait was over: the shard's leadership moved mid-saga
-/// (a hand-over, a failover). Waits out the rest on the shard's leader now; any failure keeps the
-/// pending view (the order is recorded; `202` with its location is still the truth).
-async fn await_order(st: &AppState, shard: u32, view: OrderView, left: Duration) -> OrderView {
-    let req = OrdersRequest::Await { order_id: view.order_id, wait_ms: left.as_millis() as u64 };
-    let timeout = left + Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    match st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, &traceparent(), timeout).await {
-        Ok(OrdersReply::Order(now)) if now.order_id == view.order_id => now,
-        _ => view,
-    }
-}
-
 fn unexpected<T: std::fmt::Debug>(reply: T) -> ApiError {
     tracing::warn!(?reply, "unexpected reply for an API request");
     ApiError::unavailable("the capability is not ready to answer; retry later")
-}
-
-/// One timed call to the leader of an orders shard.
-async fn orders_call(
-    st: &AppState,
-    shard: u32,
-    req: &OrdersRequest,
-) -> Result<OrdersReply, bulkhead_cluster::CallError> {
-    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    st.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, req, &traceparent(), t).await
-}
-
-/// The orders shards, as the shard map lists them.
-fn orders_shards(st: &AppState) -> Vec<u32> {
-    st.cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect()
-}
-
-/// The shard an order id names, if the shard map has it (ids are not guessed at otherwise).
-fn shard_of_id(st: &AppState, id: &Uuid) -> Option<u32> {
-    let shard = shard_of_order(id);
-    orders_shards(st).contains(&shard).then_some(shard)
 }
 
 #[utoipa::path(
@@ -348,8 +279,8 @@ fn shard_of_id(st: &AppState, id: &Uuid) -> Option<u32> {
 )]
 pub async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let shard = shard_of_id(&st, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
-    match orders_call(&st, shard, &OrdersRequest::Get { order_id: id }).await {
+    let read = orders::client::Client::new(&st.cluster).get(id, &traceparent()).await;
+    match read.ok_or_else(|| ApiError::not_found(format!("no order {id}")))? {
         Ok(OrdersReply::Order(view)) => Ok(Json(Order::from(&view)).into_response()),
         Ok(OrdersReply::NotFound) => Err(ApiError::not_found(format!("no order {id}"))),
         Ok(OrdersReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
@@ -406,11 +337,11 @@ pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>
     };
     let before = q.before.as_deref().map(parse_order_id).transpose()?;
     let mut calls = tokio::task::JoinSet::new();
-    for shard in orders_shards(&st) {
-        let (st, customer_id) = (st.clone(), customer_id.clone());
+    let client = orders::client::Client::new(&st.cluster);
+    for shard in client.shards() {
+        let (client, customer_id) = (client.clone(), customer_id.clone());
         calls.spawn(carry(async move {
-            let req = OrdersRequest::ByCustomer { shard, customer_id, before, limit: limit + 1 };
-            (shard, orders_call(&st, shard, &req).await)
+            (shard, client.by_customer(shard, customer_id, before, limit + 1, &traceparent()).await)
         }));
     }
     let mut orders = Vec::new();
@@ -433,10 +364,12 @@ pub async fn list_orders(State(st): State<AppState>, Query(q): Query<ByCustomer>
     Ok(Json(OrderList { customer_id, orders, next_before }).into_response())
 }
 
-async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Result<Response, ApiError> {
-    let shard = st.cluster.shard_of(Capability::Inventory, sku.as_bytes());
-    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    match st.cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &traceparent(), t).await {
+/// A SKU's stock as the inventory shard's leader answered a read or a setting of it.
+fn stock_answer(
+    sku: &str,
+    answered: Result<InventoryReply, bulkhead_cluster::CallError>,
+) -> Result<Response, ApiError> {
+    match answered {
         Ok(InventoryReply::Stock(s)) => Ok(Json(Stock::from(s)).into_response()),
         Ok(InventoryReply::NotFound) => Err(ApiError::not_found(format!("no sku {sku}"))),
         Ok(InventoryReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
@@ -459,7 +392,7 @@ async fn inventory_call(st: &AppState, sku: &str, req: InventoryRequest) -> Resu
 )]
 pub async fn get_stock(State(st): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     let sku = validate::sku(&sku)?;
-    inventory_call(&st, &sku.clone(), InventoryRequest::Get { sku }).await
+    stock_answer(&sku, inventory::client::Client::new(&st.cluster).stock(&sku, &traceparent()).await)
 }
 
 /// The `{sku}` of `/v1/inventory/{sku}`.
@@ -496,7 +429,8 @@ pub async fn put_stock(
     require_json(&headers)?;
     let body = body_bytes(body)?;
     let StockUpdate { available, price_cents } = validate::stock_update(&parse_json(&body)?)?;
-    inventory_call(&st, &sku.clone(), InventoryRequest::Set { sku, available, price_cents }).await
+    let set = inventory::client::Client::new(&st.cluster).set_stock(&sku, available, price_cents, &traceparent()).await;
+    stock_answer(&sku, set)
 }
 
 /// The query of the lists of one order's payments, shipments and notifications.
@@ -537,10 +471,7 @@ fn order_param(q: &ByOrder) -> Result<Uuid, ApiError> {
 )]
 pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let id = order_param(&q)?;
-    let shard = st.cluster.shard_of(Capability::Payments, id.as_bytes());
-    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    let req = PaymentRequest::List { order_id: id };
-    match st.cluster.call_leader::<_, PaymentReply>(Capability::Payments, shard, &req, &traceparent(), t).await {
+    match payments::client::Client::new(&st.cluster).charges(id, &traceparent()).await {
         Ok(PaymentReply::Payments(list)) => {
             Ok(Json(PaymentList { order_id: id, payments: list.iter().map(Payment::from).collect() }).into_response())
         }
@@ -552,10 +483,7 @@ pub async fn list_payments(State(st): State<AppState>, Query(q): Query<ByOrder>)
 
 async fn list_deliveries(st: &AppState, cap: Capability, q: &ByOrder) -> Result<(Uuid, Vec<Delivery>), ApiError> {
     let id = order_param(q)?;
-    let shard = st.cluster.shard_of(cap, id.as_bytes());
-    let t = Duration::from_millis(st.cluster.config().timing.call_timeout_ms);
-    let req = ConsumerRequest::List { order_id: id };
-    match st.cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &traceparent(), t).await {
+    match consumer::client::Client::new(&st.cluster, cap).deliveries(id, &traceparent()).await {
         Ok(ConsumerReply::Listed(list)) => Ok((id, list.iter().map(Delivery::from).collect())),
         Ok(ConsumerReply::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
         Ok(other) => Err(unexpected(other)),
@@ -615,16 +543,15 @@ pub async fn list_dead_letters(
     Query(q): Query<DeadLetterFilter>,
 ) -> Result<Response, ApiError> {
     let order_id = q.order_id.as_deref().map(parse_order_id).transpose()?;
+    let client = orders::client::Client::new(&st.cluster);
     let shards: Vec<u32> = match order_id {
-        Some(id) => vec![shard_of_id(&st, &id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?],
-        None => orders_shards(&st),
+        Some(id) => vec![client.shard_of_id(&id).ok_or_else(|| ApiError::not_found(format!("no order {id}")))?],
+        None => client.shards(),
     };
     let mut calls = tokio::task::JoinSet::new();
     for shard in shards {
-        let st = st.clone();
-        calls.spawn(carry(async move {
-            (shard, orders_call(&st, shard, &OrdersRequest::DeadLetters { shard, order_id }).await)
-        }));
+        let client = client.clone();
+        calls.spawn(carry(async move { (shard, client.dead_letters(shard, order_id, &traceparent()).await) }));
     }
     let (mut list, mut unreachable, mut answered) = (Vec::new(), Vec::new(), 0usize);
     while let Some(joined) = calls.join_next().await {
@@ -815,31 +742,8 @@ pub async fn inject_panic(
         return Err(ApiError::not_found(format!("this node does not host {cap}")));
     }
     let node = st.cluster.name().to_string();
-    let tp = traceparent();
-    let t = Duration::from_millis(500);
     // The worker dies instead of answering; the call's failure is the expected outcome.
-    let result = match cap {
-        Capability::Orders => st
-            .cluster
-            .call_with_timeout::<_, OrdersReply>(cap, &node, &OrdersRequest::InjectPanic, &tp, t)
-            .await
-            .map(|_| ()),
-        Capability::Inventory => st
-            .cluster
-            .call_with_timeout::<_, InventoryReply>(cap, &node, &InventoryRequest::InjectPanic, &tp, t)
-            .await
-            .map(|_| ()),
-        Capability::Payments => st
-            .cluster
-            .call_with_timeout::<_, PaymentReply>(cap, &node, &PaymentRequest::InjectPanic, &tp, t)
-            .await
-            .map(|_| ()),
-        Capability::Shipping | Capability::Notifications => st
-            .cluster
-            .call_with_timeout::<_, ConsumerReply>(cap, &node, &ConsumerRequest::InjectPanic, &tp, t)
-            .await
-            .map(|_| ()),
-    };
+    let result = bulkhead_actors::util::inject_panic(&st.cluster, cap, &traceparent()).await;
     tracing::warn!(capability = %cap, ?result, %reason, "fault injected: worker panic");
     let injected = PanicInjected { injected: PanicFault::Panic, capability: cap.into(), node };
     Ok((StatusCode::ACCEPTED, Json(injected)).into_response())

@@ -10,6 +10,7 @@
 //! - [`actor`]: the worker, which proposes deliveries on the leader and reads linearizably.
 
 pub mod actor;
+pub mod client;
 pub mod machine;
 pub mod protocol;
 

@@ -11,6 +11,7 @@
 //! stays held for that hour; those orders are still pending and will be confirmed or cancelled.
 
 pub mod actor;
+pub mod client;
 pub mod machine;
 pub mod protocol;
 pub mod stock;

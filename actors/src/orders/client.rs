@@ -16,13 +16,133 @@
 //! busy, refused before the worker): after `Lost` or `TimedOut` a second try could place a second
 //! order, so the client hears 504 and the advice to send a key.
 //!
-//! [`next`] is the whole policy, pure; [`place`] performs it.
+//! [`next`] is the whole policy, pure; [`place`] performs it. [`Client`] is what a front uses:
+//! it picks each request's shard and sends it to that shard's leader.
 
 use std::time::{Duration, Instant};
 
 use bulkhead_cluster::{CallError, Capability, Cluster};
+use uuid::Uuid;
 
-use super::protocol::{OrdersReply, OrdersRequest, PlaceOrder};
+use super::actor::shard_of_order;
+use super::protocol::{IdemKey, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+use crate::inventory::Item;
+use crate::util::ask_leader;
+
+/// The orders capability as a front sees it.
+#[derive(Clone)]
+pub struct Client {
+    cluster: Cluster,
+}
+
+/// A new order as the front validated it.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub customer_id: String,
+    pub items: Vec<Item>,
+    pub payment_token: String,
+}
+
+/// Where [`Client::place`] placed an order, its time, and how it ended.
+#[derive(Debug)]
+pub struct Placement {
+    pub shard: u32,
+    pub budget: Budget,
+    pub placed: Placed,
+}
+
+impl Client {
+    pub fn new(cluster: &Cluster) -> Self {
+        Self { cluster: cluster.clone() }
+    }
+
+    /// The orders shards, as the shard map lists them.
+    pub fn shards(&self) -> Vec<u32> {
+        self.cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect()
+    }
+
+    /// The shard an order id names, if the shard map has it (ids are not guessed at otherwise).
+    pub fn shard_of_id(&self, id: &Uuid) -> Option<u32> {
+        let shard = shard_of_order(id);
+        self.shards().contains(&shard).then_some(shard)
+    }
+
+    /// Places an order, within the node's wait budget: with an Idempotency-Key in the key's shard
+    /// (one key, one shard, one order: the claim is a write in that shard's group), else in a
+    /// shard this node leads if any (no extra hop), else one with a known leader.
+    pub async fn place(&self, order: NewOrder, key: Option<IdemKey>, traceparent: &str) -> Placement {
+        let shard = match &key {
+            Some(k) => self.cluster.shard_of(Capability::Orders, k.key.as_bytes()),
+            None => self.pick_shard(),
+        };
+        let timing = &self.cluster.config().timing;
+        let budget = Budget::starting_now(
+            Duration::from_millis(timing.wait_budget_ms),
+            Duration::from_millis(timing.call_timeout_ms),
+        );
+        let NewOrder { customer_id, items, payment_token } = order;
+        let place =
+            PlaceOrder { shard, customer_id, items, payment_token, idempotency: key, wait_ms: timing.wait_budget_ms };
+        Placement { shard, budget, placed: place_order(&self.cluster, place, budget, traceparent).await }
+    }
+
+    /// A `Place` answered pending before its wait was over: the shard's leadership moved mid-saga
+    /// (a hand-over, a failover). Waits out the `left` of it on the shard's leader now; any
+    /// failure keeps the pending view (the order is recorded: pending is still the truth).
+    pub async fn await_order(&self, shard: u32, view: OrderView, left: Duration, traceparent: &str) -> OrderView {
+        let req = OrdersRequest::Await { order_id: view.order_id, wait_ms: left.as_millis() as u64 };
+        let timeout = left + Duration::from_millis(self.cluster.config().timing.call_timeout_ms);
+        match self.cluster.call_leader::<_, OrdersReply>(Capability::Orders, shard, &req, traceparent, timeout).await {
+            Ok(OrdersReply::Order(now)) if now.order_id == view.order_id => now,
+            _ => view,
+        }
+    }
+
+    /// One order, read linearizably on its shard's leader; `None`: no shard of the map owns the id.
+    pub async fn get(&self, order_id: Uuid, traceparent: &str) -> Option<Result<OrdersReply, CallError>> {
+        let shard = self.shard_of_id(&order_id)?;
+        Some(self.ask(shard, &OrdersRequest::Get { order_id }, traceparent).await)
+    }
+
+    /// A customer's orders in one shard, newest first, older than `before` if given.
+    pub async fn by_customer(
+        &self,
+        shard: u32,
+        customer_id: String,
+        before: Option<Uuid>,
+        limit: u32,
+        traceparent: &str,
+    ) -> Result<OrdersReply, CallError> {
+        self.ask(shard, &OrdersRequest::ByCustomer { shard, customer_id, before, limit }, traceparent).await
+    }
+
+    /// A shard's dead letters, of one order or all.
+    pub async fn dead_letters(
+        &self,
+        shard: u32,
+        order_id: Option<Uuid>,
+        traceparent: &str,
+    ) -> Result<OrdersReply, CallError> {
+        self.ask(shard, &OrdersRequest::DeadLetters { shard, order_id }, traceparent).await
+    }
+
+    async fn ask(&self, shard: u32, req: &OrdersRequest, traceparent: &str) -> Result<OrdersReply, CallError> {
+        ask_leader(&self.cluster, Capability::Orders, shard, req, traceparent).await
+    }
+
+    /// The shard for an order without a key: one this node leads if any, else one with a known
+    /// leader, else any; spread by fresh randomness.
+    fn pick_shard(&self) -> u32 {
+        let cluster = &self.cluster;
+        let shards = self.shards();
+        let leader = |s: &u32| cluster.leader_of(Capability::Orders, *s);
+        let led_here: Vec<u32> =
+            shards.iter().copied().filter(|s| leader(s).as_deref() == Some(cluster.name())).collect();
+        let led: Vec<u32> = shards.iter().copied().filter(|s| leader(s).is_some()).collect();
+        let pool = [led_here, led, shards].into_iter().find(|p| !p.is_empty()).unwrap_or_else(|| vec![0]);
+        pool[Uuid::new_v4().as_u128() as usize % pool.len()]
+    }
+}
 
 /// The first pause between two tries when no new leader shows up sooner; it doubles up to
 /// [`MAX_PAUSE`]. A new leader ends the pause at once.
@@ -113,7 +233,7 @@ pub type Placed = Result<OrdersReply, CallError>;
 /// Places `order` on its shard's leader (see the module doc): tries until an answer is final by
 /// [`next`] or the budget is spent. Each try asks the leader to wait for the saga only as long as
 /// the budget has left (a try with none left answers pending at once: 202).
-pub async fn place(cluster: &Cluster, order: PlaceOrder, budget: Budget, traceparent: &str) -> Placed {
+async fn place_order(cluster: &Cluster, order: PlaceOrder, budget: Budget, traceparent: &str) -> Placed {
     let (shard, keyed) = (order.shard, order.idempotency.is_some());
     let mut pause = FIRST_PAUSE;
     let mut tries = 0u32;

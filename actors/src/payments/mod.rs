@@ -7,6 +7,7 @@
 //! - [`actor`]: the worker, which proposes commands on the leader and reads linearizably.
 
 pub mod actor;
+pub mod client;
 pub mod ledger;
 pub mod machine;
 pub mod protocol;

@@ -1,8 +1,9 @@
 //! The five business capabilities, each a supervised actor group over its own sled store.
 //!
 //! Every capability folder has the same shape: `protocol` (what crosses nodes, versioned), a pure
-//! state machine (`orders::saga`, `inventory::stock`, `payments::ledger`), and the worker actor
-//! around it. Each hosted capability runs under one [`supervisor::Supervisor`] with two or three
+//! state machine (`orders::saga`, `inventory::stock`, `payments::ledger`), the replicated machine,
+//! the worker around it (`actor`: for all but orders, a [`worker::Service`] that the one generic
+//! [`worker::ShardWorker`] serves), and the `client` a front calls it through. Each hosted capability runs under one [`supervisor::Supervisor`] with two or three
 //! children: the remotable [`bulkhead_cluster::Gateway`] (decodes envelopes, finds the worker by
 //! name) and the local-only worker (plus the outbox relay for orders).
 //!
@@ -25,6 +26,7 @@ mod record_fixtures;
 pub mod shipping;
 pub mod supervisor;
 pub mod util;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -111,6 +113,26 @@ where
     })
 }
 
+/// The children of a capability served by the shared [`worker::ShardWorker`]: the worker and its gateway.
+fn served<S>(
+    cluster: &Cluster,
+    replicas: Arc<BTreeMap<u32, Replica>>,
+    fault_injection: bool,
+    service: S,
+) -> Vec<ChildSpec>
+where
+    S: worker::Service,
+    S::Req: bulkhead_storage::Record + bulkhead_cluster::SentBy,
+    S::Resp: bulkhead_storage::Record,
+{
+    let cap = service.capability();
+    let args = worker::WorkerArgs { cluster: cluster.clone(), replicas, fault_injection, service };
+    vec![
+        ChildSpec::new(worker_name(cap), worker::ShardWorker::<S>::default, move || args.clone()),
+        gateway_spec(cap, cluster, worker::ServeMsg::<S::Req, S::Resp>::Request),
+    ]
+}
+
 /// What shipping or notifications makes of a confirmed order.
 fn making(cap: Capability) -> consumer::Making {
     if cap == Capability::Shipping {
@@ -169,28 +191,9 @@ async fn start_replicated(
     let all: Vec<Replica> = replicas.values().cloned().collect();
     let replicas = Arc::new(replicas);
     let children = match cap {
-        Capability::Payments => {
-            let args = payments::PaymentsArgs { cluster: cluster.clone(), replicas, fault_injection };
-            vec![
-                ChildSpec::new(worker_name(cap), || payments::PaymentsWorker, move || args.clone()),
-                gateway_spec(cap, cluster, payments::PaymentsMsg::Request),
-            ]
-        }
-        Capability::Inventory => {
-            let args = inventory::InventoryArgs { cluster: cluster.clone(), replicas, fault_injection };
-            vec![
-                ChildSpec::new(worker_name(cap), || inventory::InventoryWorker, move || args.clone()),
-                gateway_spec(cap, cluster, inventory::InventoryMsg::Request),
-            ]
-        }
-        Capability::Shipping | Capability::Notifications => {
-            let args =
-                consumer::ConsumerArgs { cluster: cluster.clone(), replicas, fault_injection, making: making(cap) };
-            vec![
-                ChildSpec::new(worker_name(cap), || consumer::ConsumerWorker, move || args.clone()),
-                gateway_spec(cap, cluster, consumer::ConsumerMsg::Request),
-            ]
-        }
+        Capability::Payments => served(cluster, replicas, fault_injection, payments::Payments),
+        Capability::Inventory => served(cluster, replicas, fault_injection, inventory::Inventory),
+        Capability::Shipping | Capability::Notifications => served(cluster, replicas, fault_injection, making(cap)),
         Capability::Orders => {
             let relay = orders::RelayArgs { cluster: cluster.clone(), replicas: replicas.clone() };
             let args = orders::OrdersArgs { cluster: cluster.clone(), replicas, fault_injection };

@@ -1,23 +1,19 @@
-//! The consumer worker: serves each shard of shipping (or notifications) where this node's
-//! replica leads it. A delivery is a [`ConsumerCommand`] proposed to the shard's Raft group and
+//! Shipping and notifications as a [`Service`] ([`Making`]): what the shared
+//! [`crate::worker::ShardWorker`] does with a request on the leader of its shard. A delivery is a [`ConsumerCommand`] proposed to the shard's Raft group and
 //! acknowledged once a majority has it (so the outbox may forget it); a listing is a linearizable
 //! read. A replica that does not lead answers `NotLeader`.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster, Inbound};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster::RactorMessage;
-use tracing::Instrument;
+use bulkhead_cluster::{Capability, Cluster};
 use uuid::Uuid;
 
 use super::machine::{ConsumerCommand, ConsumerMachine, DELIVERIES};
 use super::protocol::{ConsumerReply, ConsumerRequest, OrderConfirmed};
-use crate::util::{local_replica, Unserved};
+use crate::util::Unserved;
+use crate::worker::{Route, Service};
 
-/// What a capability makes of a confirmed order.
+/// What a capability makes of a confirmed order: the consumer [`Service`] of shipping or of
+/// notifications.
 #[derive(Clone, Copy)]
 pub struct Making {
     /// `shipping` or `notifications`.
@@ -37,84 +33,72 @@ impl Making {
     }
 }
 
-#[derive(Clone)]
-pub struct ConsumerArgs {
-    pub cluster: Cluster,
-    pub replicas: Arc<BTreeMap<u32, Replica>>,
-    pub fault_injection: bool,
-    pub making: Making,
-}
-
-#[derive(RactorMessage)]
-pub enum ConsumerMsg {
-    Request(Inbound<ConsumerRequest, ConsumerReply>),
-}
-
-pub struct ConsumerWorker;
-
 /// With `fault_injection`, a consumer fails on the events of customers named `poison-<kind>…`.
 fn is_poison(kind: &str, ev: &OrderConfirmed) -> bool {
     ev.customer_id.strip_prefix("poison-").is_some_and(|rest| rest.starts_with(kind))
 }
 
-impl Actor for ConsumerWorker {
-    type Msg = ConsumerMsg;
-    type State = ConsumerArgs;
-    type Arguments = ConsumerArgs;
+impl Service for Making {
+    type Req = ConsumerRequest;
+    type Resp = ConsumerReply;
 
-    async fn pre_start(
-        &self,
-        _: ActorRef<ConsumerMsg>,
-        args: ConsumerArgs,
-    ) -> Result<ConsumerArgs, ActorProcessingErr> {
-        Ok(args)
+    fn capability(&self) -> Capability {
+        Making::capability(self)
     }
 
-    async fn handle(
-        &self,
-        _: ActorRef<ConsumerMsg>,
-        msg: ConsumerMsg,
-        st: &mut ConsumerArgs,
-    ) -> Result<(), ActorProcessingErr> {
-        let ConsumerMsg::Request(Inbound { req, reply, traceparent }) = msg;
-        let (span, _) = bulkhead_cluster::traced_span!("consumer.serve", &traceparent, kind = st.making.kind);
-        let trace = bulkhead_cluster::trace::trace_id(&traceparent).to_string();
-        span.in_scope(|| tracing::debug!(request = ?req, "request"));
-        let m = st.making;
-        let order_id = match &req {
-            ConsumerRequest::Deliver(ev) if st.fault_injection && is_poison(m.kind, ev) => {
+    fn route(&self, cluster: &Cluster, fault_injection: bool, req: &ConsumerRequest) -> Route<ConsumerReply> {
+        let order_id = match req {
+            ConsumerRequest::Deliver(ev) if fault_injection && is_poison(self.kind, ev) => {
                 // A consumer that fails on this event every time: what the outbox's dead letters are for.
-                tracing::warn!(kind = m.kind, order_id = %ev.order_id, "fault injection: refusing a poison event");
-                let _ = reply.send(ConsumerReply::Refused(format!(
+                tracing::warn!(kind = self.kind, order_id = %ev.order_id, "fault injection: refusing a poison event");
+                return Route::Answer(ConsumerReply::Refused(format!(
                     "fault injection: {} fails on events of customer `{}`",
-                    m.kind, ev.customer_id
+                    self.kind, ev.customer_id
                 )));
-                return Ok(());
             }
             ConsumerRequest::Deliver(ev) => ev.order_id,
             ConsumerRequest::List { order_id } => *order_id,
-            ConsumerRequest::InjectPanic => {
-                if st.fault_injection {
-                    panic!("fault injection: {} worker panics on request", m.kind);
-                }
-                let _ = reply.send(ConsumerReply::Refused("fault injection is disabled on this node".into()));
-                return Ok(());
-            }
+            ConsumerRequest::InjectPanic => return Route::Drill,
         };
-        match local_replica(
-            &st.cluster,
-            &st.replicas,
-            m.capability(),
-            st.cluster.shard_of(m.capability(), order_id.as_bytes()),
-        ) {
-            Ok(replica) => {
-                tokio::spawn(serve(replica, m, req, reply, trace).instrument(span));
+        Route::Shard(cluster.shard_of(self.capability(), order_id.as_bytes()))
+    }
+
+    async fn serve(&self, replica: Replica, req: ConsumerRequest, trace: String) -> ConsumerReply {
+        match req {
+            ConsumerRequest::Deliver(event) => {
+                let (order_id, event_id) = (event.order_id, event.event_id);
+                let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
+                let answer = replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()));
+                if let ConsumerReply::Accepted { duplicate } = &answer {
+                    tracing::info!(kind = self.kind, %order_id, %event_id, duplicate, trace_id = %trace, "event delivered");
+                }
+                answer
             }
-            Err(e) => {
-                let _ = reply.send(unserved(e));
-            }
+            ConsumerRequest::List { order_id } => match replica.read_barrier().await {
+                Err(e) => unserved(e.into()),
+                Ok(()) => {
+                    let prefix = format!("{}/", order_id.simple());
+                    match DELIVERIES
+                        .iter_prefix(replica.store(), prefix.as_bytes())
+                        .map(|r| r.map(|(_, d)| d))
+                        .collect()
+                    {
+                        Ok(list) => ConsumerReply::Listed(list),
+                        Err(e) => ConsumerReply::Unavailable(e.to_string()),
+                    }
+                }
+            },
+            // Routed as a drill; never served.
+            ConsumerRequest::InjectPanic => ConsumerReply::Refused("a drill is not served".into()),
         }
-        Ok(())
+    }
+
+    fn unserved(&self, why: Unserved) -> ConsumerReply {
+        unserved(why)
+    }
+
+    fn drill_refused(&self) -> ConsumerReply {
+        ConsumerReply::Refused("fault injection is disabled on this node".into())
     }
 }
 
@@ -123,40 +107,6 @@ fn unserved(e: Unserved) -> ConsumerReply {
         Unserved::NotLeader(leader) => ConsumerReply::NotLeader { leader },
         Unserved::Unavailable(why) => ConsumerReply::Unavailable(why),
     }
-}
-
-/// Serves one request; `trace` (the caller's trace id) names the info lines.
-async fn serve(
-    replica: Replica,
-    making: Making,
-    req: ConsumerRequest,
-    reply: RpcReplyPort<ConsumerReply>,
-    trace: String,
-) {
-    let answer = match req {
-        ConsumerRequest::Deliver(event) => {
-            let (order_id, event_id) = (event.order_id, event.event_id);
-            let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
-            let answer = replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()));
-            if let ConsumerReply::Accepted { duplicate } = &answer {
-                tracing::info!(kind = making.kind, %order_id, %event_id, duplicate, trace_id = %trace, "event delivered");
-            }
-            answer
-        }
-        ConsumerRequest::List { order_id } => match replica.read_barrier().await {
-            Err(e) => unserved(e.into()),
-            Ok(()) => {
-                let prefix = format!("{}/", order_id.simple());
-                match DELIVERIES.iter_prefix(replica.store(), prefix.as_bytes()).map(|r| r.map(|(_, d)| d)).collect() {
-                    Ok(list) => ConsumerReply::Listed(list),
-                    Err(e) => ConsumerReply::Unavailable(e.to_string()),
-                }
-            }
-        },
-        ConsumerRequest::InjectPanic => return,
-    };
-    tracing::debug!(kind = making.kind, ?answer, "answered");
-    let _ = reply.send(answer);
 }
 
 #[cfg(test)]

@@ -16,6 +16,6 @@ pub mod machine;
 pub mod protocol;
 pub mod stock;
 
-pub use actor::{InventoryArgs, InventoryMsg, InventoryWorker};
+pub use actor::Inventory;
 pub use machine::{InventoryCommand, InventoryMachine};
 pub use protocol::{InventoryReply, InventoryRequest, Item, PricedLine, StockView};

@@ -1,4 +1,5 @@
-//! The payments worker: serves each payments shard where this node's replica leads it.
+//! Payments as a [`Service`]: what the shared [`crate::worker::ShardWorker`] does with a request
+//! on the leader of its shard.
 //!
 //! A charge or refund becomes a [`PaymentCommand`] proposed to the shard's Raft group (the time
 //! and the new payment id are put in here, on the leader), and is answered with what applying it
@@ -6,89 +7,81 @@
 //! it still leads before reading its replica. A replica that does not lead answers
 //! [`PaymentReply::NotLeader`], naming the leader it knows; the caller follows it once.
 //!
-//! Every request runs on its own task: the worker never waits for a majority.
+//! The shell around it (routing to the shard's replica, a task per request) is the shared
+//! [`crate::worker::ShardWorker`]; this file is what payments does.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster, Inbound};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster::RactorMessage;
-use tracing::Instrument;
+use bulkhead_cluster::{Capability, Cluster};
 use uuid::Uuid;
 
 use super::ledger::{self, ChargeStatus};
 use super::machine::{PaymentCommand, PaymentsMachine, PAYMENTS};
 use super::protocol::{PaymentReply, PaymentRequest};
-use crate::util::{local_replica, Unserved};
+use crate::util::Unserved;
+use crate::worker::{Route, Service};
 
-#[derive(RactorMessage)]
-pub enum PaymentsMsg {
-    Request(Inbound<PaymentRequest, PaymentReply>),
-}
+/// Payments as the [`crate::worker::ShardWorker`] serves it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Payments;
 
-/// What the payments worker is started with: this node's replicas, by shard.
-#[derive(Clone)]
-pub struct PaymentsArgs {
-    pub cluster: Cluster,
-    pub replicas: Arc<BTreeMap<u32, Replica>>,
-    pub fault_injection: bool,
-}
+impl Service for Payments {
+    type Req = PaymentRequest;
+    type Resp = PaymentReply;
 
-pub struct PaymentsWorker;
-
-impl Actor for PaymentsWorker {
-    type Msg = PaymentsMsg;
-    type State = PaymentsArgs;
-    type Arguments = PaymentsArgs;
-
-    async fn pre_start(
-        &self,
-        _: ActorRef<PaymentsMsg>,
-        args: PaymentsArgs,
-    ) -> Result<PaymentsArgs, ActorProcessingErr> {
-        Ok(args)
+    fn capability(&self) -> Capability {
+        Capability::Payments
     }
 
-    async fn handle(
-        &self,
-        _: ActorRef<PaymentsMsg>,
-        msg: PaymentsMsg,
-        st: &mut PaymentsArgs,
-    ) -> Result<(), ActorProcessingErr> {
-        let PaymentsMsg::Request(Inbound { req, reply, traceparent }) = msg;
-        let (span, _) = bulkhead_cluster::traced_span!("payments.serve", &traceparent);
-        let trace = bulkhead_cluster::trace::trace_id(&traceparent).to_string();
-        span.in_scope(|| tracing::debug!(request = ?req, "request"));
-        if let PaymentRequest::InjectPanic = req {
-            if st.fault_injection {
-                panic!("fault injection: payments worker panics on request");
-            }
-            let _ = reply.send(PaymentReply::Refused("fault injection is disabled on this node".into()));
-            return Ok(());
-        }
-        let order_id = match &req {
+    fn route(&self, cluster: &Cluster, _: bool, req: &PaymentRequest) -> Route<PaymentReply> {
+        match req {
             PaymentRequest::Charge { order_id, .. }
             | PaymentRequest::Refund { order_id }
-            | PaymentRequest::List { order_id } => *order_id,
-            PaymentRequest::InjectPanic => return Ok(()),
-        };
-        match local_replica(
-            &st.cluster,
-            &st.replicas,
-            Capability::Payments,
-            st.cluster.shard_of(Capability::Payments, order_id.as_bytes()),
-        ) {
-            Ok(replica) => {
-                tokio::spawn(serve(replica, req, reply, trace).instrument(span));
+            | PaymentRequest::List { order_id } => {
+                Route::Shard(cluster.shard_of(Capability::Payments, order_id.as_bytes()))
             }
-            Err(e) => {
-                let _ = reply.send(refused(e));
-            }
+            PaymentRequest::InjectPanic => Route::Drill,
         }
-        Ok(())
+    }
+
+    async fn serve(&self, replica: Replica, req: PaymentRequest, trace: String) -> PaymentReply {
+        match req {
+            PaymentRequest::Charge { order_id, amount_cents, token } => {
+                let answer = charge(&replica, order_id, amount_cents, token).await;
+                match &answer {
+                    PaymentReply::Charged { payment_id } => {
+                        tracing::info!(%order_id, amount_cents, %payment_id, trace_id = %trace, "payment charged")
+                    }
+                    PaymentReply::Declined { reason } => {
+                        tracing::info!(%order_id, amount_cents, %reason, "payment declined")
+                    }
+                    other => tracing::debug!(%order_id, answer = ?other, "charge not answered"),
+                }
+                answer
+            }
+            PaymentRequest::Refund { order_id } => {
+                let cmd = PaymentCommand::Refund { order_id, now_ms: replica.now_ms() };
+                replica.propose::<PaymentsMachine>(&cmd).await.unwrap_or_else(refused)
+            }
+            PaymentRequest::List { order_id } => match replica.read_barrier().await {
+                Err(e) => refused(e),
+                Ok(()) => match replica_store_read(&replica, order_id) {
+                    Ok(list) => PaymentReply::Payments(list),
+                    Err(e) => PaymentReply::TransientError { reason: e },
+                },
+            },
+            // Routed as a drill; never served.
+            PaymentRequest::InjectPanic => PaymentReply::Refused("a drill is not served".into()),
+        }
+    }
+
+    fn unserved(&self, why: Unserved) -> PaymentReply {
+        refused(why)
+    }
+
+    fn drill_refused(&self) -> PaymentReply {
+        PaymentReply::Refused("fault injection is disabled on this node".into())
     }
 }
 
@@ -98,38 +91,6 @@ fn refused(e: impl Into<Unserved>) -> PaymentReply {
         // A write that timed out may still commit: the caller retries with the same order id.
         Unserved::Unavailable(reason) => PaymentReply::TransientError { reason },
     }
-}
-
-/// Serves one request; `trace` (the caller's trace id) names the info lines.
-async fn serve(replica: Replica, req: PaymentRequest, reply: RpcReplyPort<PaymentReply>, trace: String) {
-    let answer = match req {
-        PaymentRequest::Charge { order_id, amount_cents, token } => {
-            let answer = charge(&replica, order_id, amount_cents, token).await;
-            match &answer {
-                PaymentReply::Charged { payment_id } => {
-                    tracing::info!(%order_id, amount_cents, %payment_id, trace_id = %trace, "payment charged")
-                }
-                PaymentReply::Declined { reason } => {
-                    tracing::info!(%order_id, amount_cents, %reason, "payment declined")
-                }
-                other => tracing::debug!(%order_id, answer = ?other, "charge not answered"),
-            }
-            answer
-        }
-        PaymentRequest::Refund { order_id } => {
-            let cmd = PaymentCommand::Refund { order_id, now_ms: replica.now_ms() };
-            replica.propose::<PaymentsMachine>(&cmd).await.unwrap_or_else(refused)
-        }
-        PaymentRequest::List { order_id } => match replica.read_barrier().await {
-            Err(e) => refused(e),
-            Ok(()) => match replica_store_read(&replica, order_id) {
-                Ok(list) => PaymentReply::Payments(list),
-                Err(e) => PaymentReply::TransientError { reason: e },
-            },
-        },
-        PaymentRequest::InjectPanic => return,
-    };
-    let _ = reply.send(answer);
 }
 
 /// Charges; a slow provider (`tok_slow`) keeps the caller until it is done, then the charge is

@@ -12,6 +12,6 @@ pub mod ledger;
 pub mod machine;
 pub mod protocol;
 
-pub use actor::{PaymentsArgs, PaymentsMsg, PaymentsWorker};
+pub use actor::Payments;
 pub use machine::{PaymentCommand, PaymentsMachine, PAYMENTS};
 pub use protocol::{PaymentReply, PaymentRequest, PaymentView};

@@ -181,7 +181,7 @@ async fn run_step(node: &Node, bounds: &Bounds, step: Step) -> String {
             }
         },
         Step::HandOver => {
-            let report = hand_over_all(&node.cluster, bound).await;
+            let report = hand_over_all(&node.cluster.raft_port(), bound).await;
             for (group, why) in &report.kept {
                 tracing::warn!(%group, reason = %why, "leadership not handed over; the group elects a new leader once this node is gone");
             }

@@ -58,7 +58,7 @@ async fn play_peer(
         .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
     let (server, _) = Actor::spawn(None, server, ()).await.expect("node server");
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    if let Ok(link) = tls.dial_link(tcp).await {
+    if let Ok(link) = bulkhead_cluster::link::dial_tls(tls, tcp).await {
         // Refused or not, the peer's side says nothing useful here; the node's counters do.
         let _ = ractor_cluster::client_connect_external(&server, Box::new(link)).await;
     }

@@ -164,6 +164,7 @@ async fn start_replicated(
     fault_injection: bool,
 ) -> Result<(Vec<Replica>, Vec<ChildSpec>), String> {
     let mut replicas = BTreeMap::new();
+    let port = cluster.raft_port();
     for placement in cluster.config().capabilities.shards(cap) {
         if !placement.replicas.iter().any(|n| n == cluster.name()) {
             continue;
@@ -173,17 +174,17 @@ async fn start_replicated(
         let group = GroupId { capability: cap, shard };
         let replica = match cap {
             Capability::Payments => {
-                raft::group::start(cluster, group, placement, log.clone(), store, payments::PaymentsMachine).await?
+                raft::group::start(&port, group, placement, log.clone(), store, payments::PaymentsMachine).await?
             }
             Capability::Shipping | Capability::Notifications => {
                 let machine = consumer::ConsumerMachine { making: making(cap) };
-                raft::group::start(cluster, group, placement, log.clone(), store, machine).await?
+                raft::group::start(&port, group, placement, log.clone(), store, machine).await?
             }
             Capability::Inventory => {
-                raft::group::start(cluster, group, placement, log.clone(), store, inventory::InventoryMachine).await?
+                raft::group::start(&port, group, placement, log.clone(), store, inventory::InventoryMachine).await?
             }
             Capability::Orders => {
-                raft::group::start(cluster, group, placement, log.clone(), store, orders::OrdersMachine).await?
+                raft::group::start(&port, group, placement, log.clone(), store, orders::OrdersMachine).await?
             }
         };
         replicas.insert(shard, replica);

@@ -16,9 +16,9 @@ use crate::inventory::stock::{HoldState, Reservation, Stock};
 use crate::inventory::{InventoryCommand, InventoryReply, InventoryRequest, Item, PricedLine, StockView};
 use crate::orders::machine;
 use crate::orders::machine::{DeadLetterRecord, Listed, OrdersApplied, Unfinished};
-use crate::orders::outbox::OutboxEntry;
+
 use crate::orders::protocol::{self, v1, HistoryEntry, IdemKeyV1};
-use crate::orders::saga::{Dest, OrderRecord, OutboxEvent, Phase, ShardState, ShardStep};
+use crate::orders::saga::{Dest, OrderRecord, OutboxEntry, OutboxEvent, Phase, ShardState, ShardStep};
 use crate::orders::{
     DeadLetter, IdemKey, OrderStatus, OrderView, OrdersCommand, OrdersReply, OrdersRequest, PlaceOrder,
 };

@@ -8,6 +8,8 @@
 //! - [`senders`]: who may send a capability's requests (a vouched sender of the right role).
 //! - [`link`]: the TCP links this node accepts and dials, behind a switch that can cut them all.
 //! - [`call`]: the one call path, always with a timeout, and its error type.
+//! - `ports`: the narrow traits membership, Raft and the gateways see the node through, as
+//!   [`Cluster`] implements them (no part imports `Cluster` back).
 //! - [`breaker`]: a pure circuit breaker per (capability, member), consulted by [`Cluster::call`].
 //!
 //! Caveats:
@@ -29,6 +31,7 @@ pub mod gateway;
 pub mod link;
 pub mod membership;
 pub mod node;
+mod ports;
 pub mod raft;
 #[cfg(test)]
 mod record_fixtures;

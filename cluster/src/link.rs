@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::gate::{Gate, GateEvents, GateRead};
+use crate::tls::TlsLinks;
 
 /// The fault switch shared by every link of one node.
 ///
@@ -124,6 +125,16 @@ pub struct LinkStream {
     gate: Option<(Gate, Box<dyn GateEvents>)>,
     /// Held while the link lives (both halves): this node's connection cap.
     slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+/// Dials `tcp` as a TLS client of `tls` and wraps it as a link ractor_cluster can use, with no
+/// gate and no fault switch: for tools and tests that play a peer (the node's own dialler is
+/// `node`'s).
+pub async fn dial_tls(tls: &TlsLinks, tcp: tokio::net::TcpStream) -> std::io::Result<LinkStream> {
+    let label = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let s = tls.connector.connect(TlsLinks::dial_name(), tcp).await?;
+    let io = LinkIo::Tls(Box::new(tokio_rustls::TlsStream::from(s)));
+    Ok(LinkStream::new(io, Arc::new(LinkFaults::default()), label, None, None))
 }
 
 impl LinkStream {

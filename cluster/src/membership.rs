@@ -7,17 +7,16 @@
 //! also carry each node's addresses, pid, capabilities and health, which is what `GET /v1/cluster`
 //! shows, and the shard-map and timing fingerprints: a peer whose map or `[timing]` differs is refused (never routed to).
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bulkhead_storage::{decode_either, decode_payload, unknown_version, CodecError, Record};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Capability;
+use crate::config::{Capability, NodeConfig};
 use crate::detector::{Detector, Status, Transition};
-use crate::node::Cluster;
 use crate::wire::{new_traceparent, open, seal};
 
 pub const MEMBERSHIP_GROUP: &str = "bulkhead/membership";
@@ -195,10 +194,53 @@ pub(crate) mod old_heartbeat {
     without_timing!(V1, V2a, V2b);
 }
 
+/// What membership asks of its node, and nothing more ([`crate::Cluster`] answers it): the config,
+/// the clock, the sessions and links (to send heartbeats over and to believe them), and where the
+/// verdicts go.
+pub trait MembershipPort: Send + Sync + 'static {
+    fn config(&self) -> &NodeConfig;
+    fn now_ms(&self) -> u64;
+    /// This process's start, ms since the epoch (a peer tells a restart by it).
+    fn incarnation(&self) -> u64;
+    /// The detector's tick ran (for `/readyz`: a stalled membership is a sick node).
+    fn note_tick(&self);
+    /// The capabilities this node hosts but cannot serve now.
+    fn unhealthy_local(&self) -> Vec<Capability>;
+    /// Peers this node has a session with.
+    fn connected_names(&self) -> BTreeSet<String>;
+    /// The advertised cluster addresses of those peers (what heartbeats gossip).
+    fn connected_advertised(&self) -> Vec<String>;
+    /// The member of process group `group` on `node`, and the binding of the link to it.
+    fn member_on(&self, group: &str, node: &str) -> Option<(ractor::ActorCell, Vec<u8>)>;
+    /// Whether a heartbeat that names `node` and carries `binding` came over a link of `node`.
+    fn vouches_for(&self, node: &str, binding: &[u8]) -> bool;
+    /// A peer address heard of: the dialer keeps dialling it.
+    fn learn_addr(&self, addr: &str);
+    /// A peer came back from down: its breakers start from a clean slate.
+    fn reset_breakers(&self, node: &str);
+    /// A peer is down: its session goes, so pending calls fail at once.
+    fn close_session(&self, node: &str);
+    /// The view, where the HTTP layer and the call path read it.
+    fn set_view(&self, nodes: BTreeMap<String, NodeView>);
+    /// Counts what membership saw.
+    fn count(&self, event: Seen);
+}
+
+/// What membership counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// A heartbeat that did not come over a link of the node it names.
+    HeartbeatRefused,
+    /// A peer refused for another shard map or `[timing]`.
+    PeerRefused,
+    /// A peer declared down.
+    Down,
+}
+
 pub struct Membership;
 
 pub struct MembershipState {
-    cluster: Cluster,
+    cluster: Arc<dyn MembershipPort>,
     detector: Detector,
     seq: u64,
     last_sent: u64,
@@ -209,12 +251,12 @@ pub struct MembershipState {
 impl Actor for Membership {
     type Msg = MembershipMsg;
     type State = MembershipState;
-    type Arguments = Cluster;
+    type Arguments = Arc<dyn MembershipPort>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<MembershipMsg>,
-        cluster: Cluster,
+        cluster: Arc<dyn MembershipPort>,
     ) -> Result<MembershipState, ActorProcessingErr> {
         ractor::pg::join(MEMBERSHIP_GROUP.to_string(), vec![myself.get_cell()]);
         let t = cluster.config().timing.clone();
@@ -280,7 +322,7 @@ impl MembershipState {
 
     fn send_heartbeats(&mut self) {
         self.seq += 1;
-        let c = &self.cluster;
+        let c = &*self.cluster;
         let cfg = c.config();
         let hb = Heartbeat {
             name: cfg.name.clone(),
@@ -314,7 +356,7 @@ impl MembershipState {
         }
         if !self.cluster.vouches_for(&hb.name, &hb.binding) {
             // Another node speaking for `hb.name` (or a heartbeat from a link closing just now).
-            self.cluster.metrics().heartbeats_refused.fetch_add(1, Ordering::Relaxed);
+            self.cluster.count(Seen::HeartbeatRefused);
             tracing::debug!(node = %hb.name, "heartbeat dropped: it did not come over a link of the node it names");
             return;
         }
@@ -339,7 +381,7 @@ impl MembershipState {
             let reason = format!("refused: node {} has {why}", hb.name);
             if self.refused.insert(hb.name.clone(), reason.clone()).is_none() {
                 tracing::error!(node = %hb.name, "{reason}");
-                self.cluster.metrics().refused_peers.fetch_add(1, Ordering::Relaxed);
+                self.cluster.count(Seen::PeerRefused);
             }
             self.last.insert(hb.name.clone(), hb);
             self.publish();
@@ -378,7 +420,7 @@ impl MembershipState {
             Status::Suspect => tracing::warn!(node = %t.node, silent_ms = t.silent_ms, "peer suspect"),
             Status::Down => {
                 tracing::warn!(node = %t.node, silent_ms = t.silent_ms, "peer down; closing its session");
-                self.cluster.metrics().downs.fetch_add(1, Ordering::Relaxed);
+                self.cluster.count(Seen::Down);
                 self.cluster.close_session(&t.node);
             }
         }
@@ -387,7 +429,7 @@ impl MembershipState {
 
     /// Writes the current view where the HTTP layer and the call path read it.
     fn publish(&self) {
-        let c = &self.cluster;
+        let c = &*self.cluster;
         let cfg = c.config();
         let mut nodes = BTreeMap::new();
         for name in cfg.capabilities.all_nodes().into_iter().chain(self.last.keys().cloned()) {

@@ -25,7 +25,7 @@ use crate::gate::{Expect, Gate, GateEvents, Refusal};
 use crate::gateway::group_name;
 use crate::link::{LinkFaults, LinkIo, LinkStream};
 use crate::membership::{Membership, MembershipMsg, NodeView};
-use crate::senders::{Peers, Sender};
+use crate::senders::Sender;
 use crate::tls::TlsLinks;
 use crate::wire::WireMsg;
 
@@ -334,13 +334,13 @@ impl Cluster {
                 subscription: Box::new(Events { inner: Arc::downgrade(&cluster.inner) }),
             })
             .map_err(|e| format!("cluster listener stopped: {e}"))?;
-        let (membership, _) = Actor::spawn(Some("bulkhead.membership".into()), Membership, cluster.clone())
+        let (membership, _) = Actor::spawn(Some("bulkhead.membership".into()), Membership, Arc::new(cluster.clone()))
             .await
             .map_err(|e| format!("cannot start membership: {e}"))?;
         if let Ok(mut m) = cluster.inner.membership.lock() {
             *m = Some(membership);
         }
-        Actor::spawn(Some("bulkhead.raft.router".into()), crate::raft::RaftRouter, cluster.clone())
+        Actor::spawn(Some("bulkhead.raft.router".into()), crate::raft::RaftRouter, cluster.raft_port())
             .await
             .map_err(|e| format!("cannot start the raft router: {e}"))?;
         for seed in &cluster.config().seeds {
@@ -517,6 +517,11 @@ impl Cluster {
         let connected = self.inner.sessions.lock().map(|s| s.contains_key(node)).unwrap_or(false);
         let Ok(links) = self.inner.links.lock() else { return false };
         vouched(self.inner.tls.is_some(), links.values(), connected, node, binding)
+    }
+
+    /// Whether `node` was heard from since this process started.
+    pub(crate) fn heard_from(&self, node: &str) -> bool {
+        self.inner.view.read().ok().is_some_and(|v| v.get(node).is_some_and(|n| n.pid.is_some()))
     }
 
     /// The fault switch on every cluster link of this node (used by `/admin/partition`).
@@ -724,6 +729,11 @@ impl Cluster {
 
     // ----- Raft groups -----
 
+    /// The Raft layer's view of this node ([`crate::raft::RaftPort`]).
+    pub fn raft_port(&self) -> crate::raft::Port {
+        Arc::new(self.clone())
+    }
+
     /// This node's Raft replicas.
     pub fn raft(&self) -> &crate::raft::Registry {
         &self.inner.raft
@@ -886,21 +896,6 @@ fn vouched<'a>(
         return connected;
     }
     links.any(|l| l.peer.as_deref() == Some(node) && l.binding.is_some_and(|b| b.as_slice() == binding))
-}
-
-/// What a gateway asks of the node about a request's sender ([`crate::senders::judge`]).
-impl Peers for Cluster {
-    fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
-        Cluster::vouches_for(self, node, binding)
-    }
-
-    fn in_map(&self, node: &str) -> bool {
-        Capability::ALL.iter().any(|cap| self.hosts(node, *cap))
-    }
-
-    fn hosts(&self, node: &str, cap: Capability) -> bool {
-        self.config().capabilities.nodes(cap).iter().any(|n| n == node)
-    }
 }
 
 /// How many times one [`Cluster::call_leader`] sends its request: to the leader it knows, to the

@@ -95,15 +95,6 @@ impl TlsLinks {
         })
     }
 
-    /// Dials `tcp` as a TLS client and wraps it as a link ractor_cluster can use, with no gate and
-    /// no fault switch: for tools and tests that play a peer (the node's own dialler is `node`'s).
-    pub async fn dial_link(&self, tcp: tokio::net::TcpStream) -> std::io::Result<crate::link::LinkStream> {
-        let label = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let s = self.connector.connect(Self::dial_name(), tcp).await?;
-        let io = crate::link::LinkIo::Tls(Box::new(tokio_rustls::TlsStream::from(s)));
-        Ok(crate::link::LinkStream::new(io, Arc::new(crate::link::LinkFaults::default()), label, None, None))
-    }
-
     /// The server name a dial presents (unchecked; see the module docs).
     pub fn dial_name() -> ServerName<'static> {
         ServerName::try_from(DIAL_NAME).unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))

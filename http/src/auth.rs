@@ -42,30 +42,10 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use subtle::ConstantTimeEq;
 
+pub use crate::clients::Scope;
 use crate::clients::{Clients, ClientsFile, KeyScope, NamedClient};
 use crate::error::ApiError;
 use crate::HttpMetrics;
-
-/// What a route asks of its caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Scope {
-    /// Probes, the spec, the dashboard's page (its data calls need a token).
-    Public,
-    /// Place and read orders; read stock, payments, shipments, notifications.
-    Client,
-    /// Everything, including `PUT /v1/inventory`, dead letters, `/v1/cluster`, `/metrics`, `/admin/*`.
-    Admin,
-}
-
-impl Scope {
-    fn as_str(self) -> &'static str {
-        match self {
-            Scope::Public => "public",
-            Scope::Client => "client",
-            Scope::Admin => "admin",
-        }
-    }
-}
 
 /// The scope a request needs, from its method and path alone. A path the API does not have needs
 /// the client scope, so a caller without a token learns nothing about which paths exist.

@@ -27,7 +27,26 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::auth::Scope;
+/// What a route asks of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Probes, the spec, the dashboard's page (its data calls need a token).
+    Public,
+    /// Place and read orders; read stock, payments, shipments, notifications.
+    Client,
+    /// Everything, including `PUT /v1/inventory`, dead letters, `/v1/cluster`, `/metrics`, `/admin/*`.
+    Admin,
+}
+
+impl Scope {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Scope::Public => "public",
+            Scope::Client => "client",
+            Scope::Admin => "admin",
+        }
+    }
+}
 
 /// How often a node looks at the clients file for a change.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);

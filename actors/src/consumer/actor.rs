@@ -7,31 +7,10 @@ use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster};
 use uuid::Uuid;
 
-use super::machine::{ConsumerCommand, ConsumerMachine, DELIVERIES};
+use super::machine::{ConsumerCommand, ConsumerMachine, Making, DELIVERIES};
 use super::protocol::{ConsumerReply, ConsumerRequest, OrderConfirmed};
 use crate::util::Unserved;
 use crate::worker::{Route, Service};
-
-/// What a capability makes of a confirmed order: the consumer [`Service`] of shipping or of
-/// notifications.
-#[derive(Clone, Copy)]
-pub struct Making {
-    /// `shipping` or `notifications`.
-    pub kind: &'static str,
-    /// One per order (shipping) rather than one per event (notifications).
-    pub one_per_order: bool,
-    pub detail: fn(&OrderConfirmed) -> String,
-}
-
-impl Making {
-    pub fn capability(&self) -> Capability {
-        if self.kind == "shipping" {
-            Capability::Shipping
-        } else {
-            Capability::Notifications
-        }
-    }
-}
 
 /// With `fault_injection`, a consumer fails on the events of customers named `poison-<kind>…`.
 fn is_poison(kind: &str, ev: &OrderConfirmed) -> bool {

@@ -3,12 +3,33 @@
 //! the new delivery's id into the command.
 
 use bulkhead_cluster::raft::Machine;
+use bulkhead_cluster::Capability;
 use bulkhead_storage::{Batch, Record, Store, StoreError, Table};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::actor::Making;
 use super::protocol::{ConsumerReply, Delivery, OrderConfirmed};
+
+/// What a capability makes of a confirmed order; also the consumer `Service` of shipping or of
+/// notifications (`super::actor`).
+#[derive(Clone, Copy)]
+pub struct Making {
+    /// `shipping` or `notifications`.
+    pub kind: &'static str,
+    /// One per order (shipping) rather than one per event (notifications).
+    pub one_per_order: bool,
+    pub detail: fn(&OrderConfirmed) -> String,
+}
+
+impl Making {
+    pub fn capability(&self) -> Capability {
+        if self.kind == "shipping" {
+            Capability::Shipping
+        } else {
+            Capability::Notifications
+        }
+    }
+}
 
 /// Event ids already handled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,6 @@ pub mod client;
 pub mod machine;
 pub mod protocol;
 
-pub use actor::Making;
+pub use machine::Making;
 pub use machine::{ConsumerCommand, ConsumerMachine};
 pub use protocol::{ConsumerReply, ConsumerRequest, Delivery, OrderConfirmed};

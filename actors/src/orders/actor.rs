@@ -34,8 +34,10 @@ use uuid::Uuid;
 
 use super::machine::{self, OrdersApplied, OrdersCommand, OrdersMachine, IDEMPOTENCY, ORDERS};
 use super::outbox::{OutboxMsg, RELAY_NAME};
-use super::protocol::{OrdersReply, OrdersRequest, PlaceOrder};
-use super::saga::{self, ChargeOutcome, Command, Event, OrderRecord, ReserveOutcome};
+use super::protocol::{shard_of_order, OrdersReply, OrdersRequest, PlaceOrder};
+use super::saga::{
+    self, inventory_shard_label, parse_inventory_shard, ChargeOutcome, Command, Event, OrderRecord, ReserveOutcome,
+};
 use super::MAX_DEAD_LETTERS_LISTED;
 use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
@@ -75,11 +77,6 @@ pub fn new_order_id(shard: u32) -> Uuid {
     let mut b = *Uuid::now_v7().as_bytes();
     b[15] = shard as u8;
     Uuid::from_bytes(b)
-}
-
-/// The orders shard an order id names (see [`new_order_id`]).
-pub fn shard_of_order(id: &Uuid) -> u32 {
-    u32::from(id.as_bytes()[15])
 }
 
 /// What the orders worker is started with: this node's replicas, by shard.
@@ -853,14 +850,4 @@ impl Actor for OrdersWorker {
         }
         Ok(())
     }
-}
-
-/// How a saga names an inventory shard in its records (`ShardStep::node`, `Dest::Inventory`).
-pub fn inventory_shard_label(shard: u32) -> String {
-    format!("inventory/{shard}")
-}
-
-/// The shard a label of [`inventory_shard_label`] names.
-pub fn parse_inventory_shard(label: &str) -> Option<u32> {
-    label.strip_prefix("inventory/")?.parse().ok()
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bulkhead_cluster::{CallError, Capability, Cluster};
 use uuid::Uuid;
 
-use super::actor::shard_of_order;
+use super::protocol::shard_of_order;
 use super::protocol::{IdemKey, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
 use crate::inventory::Item;
 use crate::util::ask_leader;

@@ -19,9 +19,8 @@ use bulkhead_storage::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::outbox::OutboxEntry;
 use super::protocol::{DeadLetter, IdemKey, OrderStatus, OrderView};
-use super::saga::{self, OrderRecord, Phase};
+use super::saga::{self, OrderRecord, OutboxEntry, Phase};
 
 /// Every order of the shard, by id.
 pub const ORDERS: Table<Uuid, OrderRecord> = Table::new(1, "orders");
@@ -215,12 +214,12 @@ impl Machine for OrdersMachine {
             }
             OrdersCommand::DeadLetter { key, attempts, last_error, now_ms } => {
                 let Some(entry) = OUTBOX.get_through(store, batch, &key)? else { return Ok(OrdersApplied::Stale) };
-                let (event, event_id) = super::outbox::event_label(&entry.event);
+                let (event, event_id) = saga::event_label(&entry.event);
                 let letter = DeadLetter {
                     order_id: entry.order_id,
                     event_id,
                     event: event.to_string(),
-                    destination: super::outbox::dest_label(&entry.dest),
+                    destination: saga::dest_label(&entry.dest),
                     attempts,
                     last_error,
                     at_ms: now_ms,

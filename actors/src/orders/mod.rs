@@ -31,9 +31,9 @@ pub mod outbox;
 pub mod protocol;
 pub mod saga;
 
-pub use actor::{
-    new_order_id, shard_of_order, OrdersArgs, OrdersMsg, OrdersWorker, SweepCounts, MAX_ORDERS_LISTED, SWEEPS,
-};
+pub use actor::{new_order_id, OrdersArgs, OrdersMsg, OrdersWorker, SweepCounts, MAX_ORDERS_LISTED, SWEEPS};
 pub use machine::{OrdersCommand, OrdersMachine};
 pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
-pub use protocol::{DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+pub use protocol::{
+    shard_of_order, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+};

@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster};
-use bulkhead_storage::{Record, StoreError};
+use bulkhead_storage::StoreError;
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
-use serde::{Deserialize, Serialize};
+
 use uuid::Uuid;
 
-use super::actor::{parse_inventory_shard, shard_of_order};
 use super::machine::{OrdersApplied, OrdersCommand, OrdersMachine, OUTBOX};
-use super::saga::{Dest, OutboxEvent};
+use super::protocol::shard_of_order;
+use super::saga::{dest_label, parse_inventory_shard, Dest, OutboxEntry, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
@@ -46,19 +46,6 @@ const ROUND_SIZE: usize = 512;
 const PARALLEL: usize = 32;
 /// At most this many entries for one destination per round, so a slow one cannot fill a round.
 const PER_DEST: usize = 128;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutboxEntry {
-    pub dest: Dest,
-    pub event: OutboxEvent,
-    pub order_id: Uuid,
-    pub created_ms: u64,
-    /// The order's trace, continued by the delivery.
-    pub traceparent: String,
-}
-impl Record for OutboxEntry {
-    const VERSION: u8 = 1;
-}
 
 /// How one delivery attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,25 +94,6 @@ pub struct RelayState {
     backoff: HashMap<Dest, (u32, Instant)>,
     /// Failure answers in a row per entry (see the module doc on dead letters).
     refusals: HashMap<(Uuid, u64), u32>,
-}
-
-/// The destination as a dead letter names it: `inventory/1`, `payments`, `shipping`, ...
-pub(crate) fn dest_label(d: &Dest) -> String {
-    match d {
-        Dest::Inventory { node } => node.clone(),
-        Dest::Payments => "payments".into(),
-        Dest::Shipping => "shipping".into(),
-        Dest::Notifications => "notifications".into(),
-    }
-}
-
-pub(crate) fn event_label(e: &OutboxEvent) -> (&'static str, Uuid) {
-    match e {
-        OutboxEvent::CommitReservation { order_id } => ("commit_reservation", *order_id),
-        OutboxEvent::ReleaseReservation { order_id } => ("release_reservation", *order_id),
-        OutboxEvent::Confirmed(ev) => ("order_confirmed", ev.event_id),
-        OutboxEvent::RefundPayment { order_id } => ("refund_payment", *order_id),
-    }
 }
 
 /// A failed call: retried later when the destination did not get it or may recover by itself,

@@ -97,6 +97,11 @@ pub enum OrdersRequest {
     },
 }
 
+/// The orders shard an order id names (see [`new_order_id`]).
+pub fn shard_of_order(id: &Uuid) -> u32 {
+    u32::from(id.as_bytes()[15])
+}
+
 /// Every orders request comes from the front, which runs on every node.
 impl bulkhead_cluster::SentBy for OrdersRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {

@@ -462,6 +462,48 @@ impl OrderRecord {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub dest: Dest,
+    pub event: OutboxEvent,
+    pub order_id: Uuid,
+    pub created_ms: u64,
+    /// The order's trace, continued by the delivery.
+    pub traceparent: String,
+}
+impl Record for OutboxEntry {
+    const VERSION: u8 = 1;
+}
+
+/// The destination as a dead letter names it: `inventory/1`, `payments`, `shipping`, ...
+pub(crate) fn dest_label(d: &Dest) -> String {
+    match d {
+        Dest::Inventory { node } => node.clone(),
+        Dest::Payments => "payments".into(),
+        Dest::Shipping => "shipping".into(),
+        Dest::Notifications => "notifications".into(),
+    }
+}
+
+pub(crate) fn event_label(e: &OutboxEvent) -> (&'static str, Uuid) {
+    match e {
+        OutboxEvent::CommitReservation { order_id } => ("commit_reservation", *order_id),
+        OutboxEvent::ReleaseReservation { order_id } => ("release_reservation", *order_id),
+        OutboxEvent::Confirmed(ev) => ("order_confirmed", ev.event_id),
+        OutboxEvent::RefundPayment { order_id } => ("refund_payment", *order_id),
+    }
+}
+
+/// How a saga names an inventory shard in its records (`ShardStep::node`, `Dest::Inventory`).
+pub fn inventory_shard_label(shard: u32) -> String {
+    format!("inventory/{shard}")
+}
+
+/// The shard a label of [`inventory_shard_label`] names.
+pub fn parse_inventory_shard(label: &str) -> Option<u32> {
+    label.strip_prefix("inventory/")?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,10 @@
 //! - [`state_machine`]: the [`Machine`] a capability supplies, applied to its own tables; snapshots
 //!   are an export of those tables.
 //! - [`network`]: Raft RPCs over the cluster call path to the [`RaftRouter`] on each node.
-//! - [`group`]: a running [`Replica`] (propose, linearizable read, status) and its driver.
+//! - [`port`]: the one thing the layer knows of its node ([`RaftPort`]): no import of the node.
+//! - [`rpc`]: the Raft messages between nodes, and who may send each.
+//! - [`replica`]: a running [`Replica`] (propose, linearizable read, status) and the registry.
+//! - [`group`]: a replica's driver (start, bootstrap, reconfiguration, hand-over, health).
 //! - [`clock`]: the time a leader puts into commands: the group's time, not its wall clock.
 //! - [`recover`]: after a lost majority, one surviving replica made its group's only voter
 //!   (offline, `bulkhead recover`).
@@ -40,7 +43,10 @@ pub mod clock;
 pub mod group;
 pub mod log_store;
 pub mod network;
+pub mod port;
 pub mod recover;
+pub mod replica;
+pub mod rpc;
 pub mod state_machine;
 pub mod types;
 
@@ -59,7 +65,10 @@ pub const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
 /// (above: under 3.5 MiB), a snapshot chunk (1 MiB). A peer cannot make this node allocate more.
 pub const MAX_FRAME: u64 = 8 * 1024 * 1024;
 
-pub use group::{shard_health, ProposeError, Registry, Replica, ReplicaStatus, Role, ShardHealth, ShardStatus};
-pub use network::{RaftRouter, RaftRpc, RaftRpcReply};
+pub use group::{shard_health, ShardHealth};
+pub use network::RaftRouter;
+pub use port::{Port, RaftPort};
+pub use replica::{ProposeError, Registry, Replica, ReplicaStatus, Role, ShardStatus};
+pub use rpc::{RaftRpc, RaftRpcReply};
 pub use state_machine::{Machine, StateDigest};
 pub use types::{member_id, GroupId, MemberId, GROUP_TIME, NODE_LOG_DIR, RAFT_TABLES_FROM};

@@ -1,0 +1,146 @@
+//! The narrow ports the node's parts see it through, each implemented by the [`Cluster`] handle:
+//! what membership asks ([`MembershipPort`]), what the Raft layer asks ([`crate::raft::RaftPort`]),
+//! and what a gateway asks of a request's sender ([`Peers`]). Each delegates to the handle; none
+//! of those parts imports `Cluster`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::config::{Capability, NodeConfig};
+use crate::detector::Status;
+use crate::membership::{MembershipPort, NodeView, Seen};
+use crate::node::Cluster;
+use crate::senders::Peers;
+
+/// What membership asks of the node ([`crate::membership::MembershipPort`]).
+impl MembershipPort for Cluster {
+    fn config(&self) -> &NodeConfig {
+        Cluster::config(self)
+    }
+
+    fn now_ms(&self) -> u64 {
+        Cluster::now_ms(self)
+    }
+
+    fn incarnation(&self) -> u64 {
+        Cluster::incarnation(self)
+    }
+
+    fn note_tick(&self) {
+        Cluster::note_tick(self)
+    }
+
+    fn unhealthy_local(&self) -> Vec<Capability> {
+        Cluster::unhealthy_local(self)
+    }
+
+    fn connected_names(&self) -> BTreeSet<String> {
+        Cluster::connected_names(self)
+    }
+
+    fn connected_advertised(&self) -> Vec<String> {
+        Cluster::connected_advertised(self)
+    }
+
+    fn member_on(&self, group: &str, node: &str) -> Option<(ractor::ActorCell, Vec<u8>)> {
+        Cluster::member_on(self, group, node)
+    }
+
+    fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
+        Cluster::vouches_for(self, node, binding)
+    }
+
+    fn learn_addr(&self, addr: &str) {
+        Cluster::learn_addr(self, addr)
+    }
+
+    fn reset_breakers(&self, node: &str) {
+        Cluster::reset_breakers(self, node)
+    }
+
+    fn close_session(&self, node: &str) {
+        Cluster::close_session(self, node)
+    }
+
+    fn set_view(&self, nodes: BTreeMap<String, NodeView>) {
+        Cluster::set_view(self, nodes)
+    }
+
+    fn count(&self, event: Seen) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = self.metrics();
+        match event {
+            Seen::HeartbeatRefused => m.heartbeats_refused.fetch_add(1, Relaxed),
+            Seen::PeerRefused => m.refused_peers.fetch_add(1, Relaxed),
+            Seen::Down => m.downs.fetch_add(1, Relaxed),
+        };
+    }
+}
+
+/// What the Raft layer asks of the node ([`crate::raft::port`]).
+impl crate::raft::RaftPort for Cluster {
+    fn name(&self) -> &str {
+        Cluster::name(self)
+    }
+
+    fn timing(&self) -> &crate::config::Timing {
+        &self.config().timing
+    }
+
+    fn status_of(&self, node: &str) -> Status {
+        Cluster::status_of(self, node)
+    }
+
+    fn is_routable(&self, cap: Capability, node: &str) -> bool {
+        Cluster::is_routable(self, cap, node)
+    }
+
+    fn heard_from(&self, node: &str) -> bool {
+        Cluster::heard_from(self, node)
+    }
+
+    fn started_ms(&self) -> u64 {
+        self.incarnation()
+    }
+
+    fn is_draining(&self) -> bool {
+        Cluster::is_draining(self)
+    }
+
+    fn raft(&self) -> &crate::raft::Registry {
+        Cluster::raft(self)
+    }
+
+    fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
+        Cluster::vouches_for(self, node, binding)
+    }
+
+    fn count_refused(&self) {
+        self.metrics().raft_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn raft_call<'a>(
+        &'a self,
+        node: &'a str,
+        cap: Capability,
+        rpc: crate::raft::RaftRpc,
+        timeout: Duration,
+    ) -> crate::raft::port::Reply<'a> {
+        Box::pin(Cluster::raft_call(self, node, cap, rpc, timeout))
+    }
+}
+
+/// What a gateway asks of the node about a request's sender ([`crate::senders::judge`]).
+impl Peers for Cluster {
+    fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
+        Cluster::vouches_for(self, node, binding)
+    }
+
+    fn in_map(&self, node: &str) -> bool {
+        Capability::ALL.iter().any(|cap| self.hosts(node, *cap))
+    }
+
+    fn hosts(&self, node: &str, cap: Capability) -> bool {
+        self.config().capabilities.nodes(cap).iter().any(|n| n == node)
+    }
+}

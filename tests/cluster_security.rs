@@ -391,13 +391,20 @@ async fn a_member_that_hosts_no_orders_cannot_charge_reserve_or_deliver() {
         });
         let r = forger.call_with_timeout::<_, ConsumerReply>(Capability::Shipping, node, &deliver, "", t).await;
         assert!(role(r.as_ref().err()), "a delivery from n3 on {node}: {r:?}");
+        // A drill makes a worker panic (fault injection is on here): only a node's own front sends it.
+        let drill = PaymentRequest::InjectPanic;
+        let r = forger.call_with_timeout::<_, PaymentReply>(Capability::Payments, node, &drill, "", t).await;
+        assert!(
+            matches!(&r, Err(CallError::Rejected { reason, .. }) if reason.contains("only this node")),
+            "a drill from n3 on {node}: {r:?}"
+        );
         // What the front of any node sends passes the check (the worker answers, led here or not).
         let list = PaymentRequest::List { order_id };
         let r = forger.call_with_timeout::<_, PaymentReply>(Capability::Payments, node, &list, "", t).await;
         assert!(r.is_ok(), "a listing from n3 on {node}: {r:?}");
     }
     let after = requests_refused(&tc, 0, "payments", "role").await + requests_refused(&tc, 1, "payments", "role").await;
-    assert_eq!(after, before + 4, "two refused requests per node, counted");
+    assert_eq!(after, before + 6, "three refused payments requests per node, counted");
 
     // A request that names n1 but comes over n3's link: its binding proves n3, not n1.
     let (gateway, mut sender) = forger.member(Capability::Payments, "n2").expect("n2's payments gateway");

@@ -143,4 +143,8 @@ impl Peers for Cluster {
     fn hosts(&self, node: &str, cap: Capability) -> bool {
         self.config().capabilities.nodes(cap).iter().any(|n| n == node)
     }
+
+    fn me(&self) -> &str {
+        self.name()
+    }
 }

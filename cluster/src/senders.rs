@@ -31,6 +31,8 @@ pub enum Role {
     AnyMember,
     /// Only a node that hosts a replica of this capability: its leader's saga or outbox sends it.
     Hosts(Capability),
+    /// Only this node itself (a drill its own front sends to its own worker).
+    Itself,
 }
 
 /// A capability's request type says who may send each of its requests.
@@ -47,6 +49,8 @@ pub trait Peers: Send + Sync {
     fn in_map(&self, node: &str) -> bool;
     /// Whether the shard map places a replica of `cap` on `node`.
     fn hosts(&self, node: &str, cap: Capability) -> bool;
+    /// This node's name.
+    fn me(&self) -> &str;
 }
 
 /// Why a request's sender was refused.
@@ -60,6 +64,8 @@ pub enum Unvouched {
     Stranger { node: String },
     #[error("{node} hosts no {needs} replica, and only those send this request")]
     WrongRole { node: String, needs: Capability },
+    #[error("only this node sends itself this request, not {node}")]
+    NotItself { node: String },
 }
 
 impl Unvouched {
@@ -69,7 +75,7 @@ impl Unvouched {
             Unvouched::Anonymous => "anonymous",
             Unvouched::NotOverItsLink { .. } => "not_vouched",
             Unvouched::Stranger { .. } => "stranger",
-            Unvouched::WrongRole { .. } => "role",
+            Unvouched::WrongRole { .. } | Unvouched::NotItself { .. } => "role",
         }
     }
 }
@@ -87,6 +93,8 @@ pub fn judge(sender: Option<&Sender>, role: Role, peers: &dyn Peers) -> Result<(
         Role::AnyMember => Ok(()),
         Role::Hosts(cap) if peers.hosts(node, cap) => Ok(()),
         Role::Hosts(needs) => Err(Unvouched::WrongRole { node: node.clone(), needs }),
+        Role::Itself if node == peers.me() => Ok(()),
+        Role::Itself => Err(Unvouched::NotItself { node: node.clone() }),
     }
 }
 
@@ -111,6 +119,9 @@ mod tests {
                 _ => false,
             }
         }
+        fn me(&self) -> &str {
+            "n3"
+        }
     }
 
     fn from(node: &str, binding: &[u8]) -> Option<Sender> {
@@ -128,6 +139,12 @@ mod tests {
             "a payments host cannot charge or reserve"
         );
         assert_eq!(judge(None, Role::AnyMember, &Three), Err(Unvouched::Anonymous));
+        // A drill only from the node itself (this one is n3).
+        assert_eq!(judge(from("n3", b"3").as_ref(), Role::Itself, &Three), Ok(()));
+        assert_eq!(
+            judge(from("n1", b"1").as_ref(), Role::Itself, &Three),
+            Err(Unvouched::NotItself { node: "n1".into() })
+        );
     }
 
     #[test]

@@ -24,14 +24,15 @@ pub enum ConsumerRequest {
     InjectPanic,
 }
 
-/// Confirmed orders are delivered by the orders outbox, on a node that hosts orders; listings and
-/// drills come from the front of any node.
+/// Confirmed orders are delivered by the orders outbox, on a node that hosts orders; listings come
+/// from the front of any node, a drill only from the node itself.
 impl bulkhead_cluster::SentBy for ConsumerRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
         use bulkhead_cluster::{Capability, Role};
         match self {
             Self::Deliver(_) => Role::Hosts(Capability::Orders),
-            Self::List { .. } | Self::InjectPanic => Role::AnyMember,
+            Self::List { .. } => Role::AnyMember,
+            Self::InjectPanic => Role::Itself,
         }
     }
 }

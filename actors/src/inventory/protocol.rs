@@ -76,7 +76,7 @@ pub enum InventoryRequest {
 }
 
 /// Holds are taken, committed and released by the orders saga and its outbox, on a node that hosts
-/// orders; reads, stock settings and drills come from the front of any node.
+/// orders; reads and stock settings come from the front of any node, a drill only from the node itself.
 impl bulkhead_cluster::SentBy for InventoryRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
         use bulkhead_cluster::{Capability, Role};
@@ -86,7 +86,8 @@ impl bulkhead_cluster::SentBy for InventoryRequest {
             | Self::Release { .. }
             | Self::CommitOn { .. }
             | Self::ReleaseOn { .. } => Role::Hosts(Capability::Orders),
-            Self::Get { .. } | Self::Set { .. } | Self::InjectPanic => Role::AnyMember,
+            Self::Get { .. } | Self::Set { .. } => Role::AnyMember,
+            Self::InjectPanic => Role::Itself,
         }
     }
 }

@@ -102,10 +102,14 @@ pub fn shard_of_order(id: &Uuid) -> u32 {
     u32::from(id.as_bytes()[15])
 }
 
-/// Every orders request comes from the front, which runs on every node.
+/// Every orders request comes from the front, which runs on every node; a drill only from the
+/// node's own front.
 impl bulkhead_cluster::SentBy for OrdersRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
-        bulkhead_cluster::Role::AnyMember
+        match self {
+            Self::InjectPanic => bulkhead_cluster::Role::Itself,
+            _ => bulkhead_cluster::Role::AnyMember,
+        }
     }
 }
 

@@ -24,13 +24,14 @@ pub enum PaymentRequest {
 }
 
 /// Charges and refunds come from the orders saga and its outbox, on a node that hosts orders;
-/// listings and drills from the front of any node.
+/// listings from the front of any node, a drill only from the node itself.
 impl bulkhead_cluster::SentBy for PaymentRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
         use bulkhead_cluster::{Capability, Role};
         match self {
             Self::Charge { .. } | Self::Refund { .. } => Role::Hosts(Capability::Orders),
-            Self::List { .. } | Self::InjectPanic => Role::AnyMember,
+            Self::List { .. } => Role::AnyMember,
+            Self::InjectPanic => Role::Itself,
         }
     }
 }

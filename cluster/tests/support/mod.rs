@@ -77,6 +77,9 @@ impl bulkhead_cluster::senders::Peers for NamedMembers {
     fn hosts(&self, node: &str, _cap: bulkhead_cluster::Capability) -> bool {
         self.0.contains(&node)
     }
+    fn me(&self) -> &str {
+        self.0.last().copied().unwrap_or_default()
+    }
 }
 
 /// `node` as the sender of a request from a bare node.

@@ -137,11 +137,14 @@ impl Peers for Cluster {
     }
 
     fn in_map(&self, node: &str) -> bool {
-        Capability::ALL.iter().any(|cap| self.hosts(node, *cap))
+        let map = &self.config().capabilities;
+        Capability::ALL.iter().any(|cap| map.nodes(*cap).iter().any(|n| n == node))
     }
 
+    /// A replica of some shard, not merely a place in the capability's node list: a listed node
+    /// that holds no shard (more nodes than shards × replicas) never leads one, so never sends.
     fn hosts(&self, node: &str, cap: Capability) -> bool {
-        self.config().capabilities.nodes(cap).iter().any(|n| n == node)
+        self.config().capabilities.shards(cap).iter().any(|p| p.replicas.iter().any(|n| n == node))
     }
 
     fn me(&self) -> &str {

@@ -540,7 +540,11 @@ pub struct PartitionSet {
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds (`2026-11-21T05:19:29.123Z`):
 /// every time the API shows.
 pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    // humantime writes four-digit years only (it fails past 9999, and `to_string` would panic): a
+    // clock that far ahead shows as the last millisecond it can write.
+    const LAST: u64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.min(LAST));
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 #[cfg(test)]
@@ -550,6 +554,7 @@ mod tests {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(super::rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(super::rfc3339(1_795_238_369_000), "2026-11-21T05:19:29.000Z");
+        assert_eq!(super::rfc3339(u64::MAX), "9999-12-31T23:59:59.999Z", "never a panic");
     }
 
     use super::*;

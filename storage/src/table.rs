@@ -29,6 +29,17 @@ impl<K: Key, V: Record> Table<K, V> {
         self.name
     }
 
+    /// A raw record of this table in today's layout: `Some(bytes)` when `raw_key` is this table's
+    /// and `raw_value` holds an older version of its record (re-encoded as this build writes it),
+    /// `None` otherwise. Two replicas that applied one command under two builds wrote the same
+    /// record in two layouts; compared through this, they agree.
+    pub fn canonical(&self, raw_key: &[u8], raw_value: &[u8]) -> Option<Vec<u8>> {
+        if raw_key.first() != Some(&self.id) || raw_value.first().is_none_or(|v| *v >= V::VERSION) {
+            return None;
+        }
+        decode::<V>(raw_value).ok().map(|v| crate::encode(&v))
+    }
+
     pub(crate) fn raw_key(&self, key: &K) -> Vec<u8> {
         let mut raw = Vec::with_capacity(17);
         raw.push(self.id);

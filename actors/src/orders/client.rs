@@ -16,7 +16,7 @@
 //! busy, refused before the worker): after `Lost` or `TimedOut` a second try could place a second
 //! order, so the client hears 504 and the advice to send a key.
 //!
-//! [`next`] is the whole policy, pure; [`place`] performs it. [`Client`] is what a front uses:
+//! [`next`] is the whole policy, pure; `place_order` performs it. [`Client`] is what a front uses:
 //! it picks each request's shard and sends it to that shard's leader.
 
 use std::time::{Duration, Instant};

@@ -160,6 +160,12 @@ impl Machine for OrdersMachine {
     type Command = OrdersCommand;
     type Reply = OrdersApplied;
 
+    /// A key claimed by a build before SHA-256 fingerprints is an `IdemRecord` v1 on a replica that
+    /// applied it then, and v2 on one that applied the same command after the upgrade.
+    fn canonical(&self, key: &[u8], value: &[u8]) -> Option<Vec<u8>> {
+        IDEMPOTENCY.canonical(key, value)
+    }
+
     fn apply(&self, store: &Store, batch: &mut Batch, cmd: OrdersCommand) -> Result<OrdersApplied, StoreError> {
         match cmd {
             OrdersCommand::Place { order, idempotency, now_ms } => {
@@ -417,6 +423,56 @@ mod tests {
         );
         assert_eq!(r[1], OrdersApplied::Existing { order_id: Uuid::from_u128(1), same_body: false });
         assert!(ORDERS.get(&s, &Uuid::from_u128(2)).unwrap().is_none(), "nothing placed for the reused key");
+    }
+
+    /// Across the upgrade: a replica that applied a keyed `Place` before it (the claim in version
+    /// 1's layout) and one that applied the same command after it (version 2) have one digest.
+    #[tokio::test]
+    async fn replicas_that_applied_one_claim_under_two_builds_agree() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
+        let old: OrdersCommand = v1::OrdersCommand::Place {
+            order: order(1, "c"),
+            idempotency: Some(super::super::protocol::IdemKeyV1 { key: "k".into(), body_hash: 9 }),
+            now_ms: 1,
+        }
+        .into();
+        apply_all(&s, &[old], 1);
+        let after = dump(&s);
+        // The same record as an older build wrote it: the claim's value in version 1's bytes.
+        let before: Vec<_> = after
+            .iter()
+            .map(|(k, v)| match bulkhead_storage::decode::<IdemRecord>(v) {
+                Ok(r) if v.first() == Some(&2) && matches!(r.body, bulkhead_storage::BodyHash::Fnv64(9)) => {
+                    (k.clone(), v1_claim(&r))
+                }
+                _ => (k.clone(), v.clone()),
+            })
+            .collect();
+        assert_ne!(before, after, "the two builds wrote different bytes");
+        let digest = |records: &[bulkhead_storage::RawRecord]| {
+            let canonical: Vec<_> = records
+                .iter()
+                .map(|(k, v)| (k.clone(), OrdersMachine.canonical(k, v).unwrap_or_else(|| v.clone())))
+                .collect();
+            bulkhead_cluster::raft::StateDigest::of(Some(1), &canonical)
+        };
+        assert_eq!(digest(&before), digest(&after));
+    }
+
+    /// An `IdemRecord` in version 1's layout (a copy of that build's struct).
+    fn v1_claim(r: &IdemRecord) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            body_hash: u64,
+            result: &'a [u8],
+            created_ms: u64,
+        }
+        let bulkhead_storage::BodyHash::Fnv64(body_hash) = r.body else { panic!("a legacy claim") };
+        let v1 = V1 { body_hash, result: &r.result, created_ms: r.created_ms };
+        let mut out = vec![1u8];
+        out.extend(bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap());
+        out
     }
 
     /// Across the upgrade to SHA-256 fingerprints: a key an older build claimed (its `Place`

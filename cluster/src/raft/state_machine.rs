@@ -50,6 +50,13 @@ pub trait Machine: Send + Sync + 'static {
     fn time_of(&self, _cmd: &Self::Command) -> Option<u64> {
         None
     }
+
+    /// A stored record in today's layout, when it may stand in an older one (`Table::canonical`):
+    /// what the state digest hashes, so that replicas that applied one command under two builds
+    /// (across an upgrade) agree. `None`: the bytes as they are.
+    fn canonical(&self, _key: &[u8], _value: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// What applying raw command bytes gave: the encoded reply and the time the command carried.
@@ -77,6 +84,7 @@ pub enum ApplyError {
 /// Object-safe form of a [`Machine`] over raw bytes, so one adapter type serves every capability.
 pub trait RawMachine: Send + Sync + 'static {
     fn apply_raw(&self, store: &Store, batch: &mut Batch, cmd: &[u8]) -> std::result::Result<RawApplied, ApplyError>;
+    fn canonical_raw(&self, key: &[u8], value: &[u8]) -> Option<Vec<u8>>;
 }
 
 impl<M: Machine> RawMachine for M {
@@ -85,6 +93,10 @@ impl<M: Machine> RawMachine for M {
         let time_ms = self.time_of(&cmd);
         let reply = self.apply(store, batch, cmd)?;
         Ok(RawApplied { reply: encode(&reply), time_ms })
+    }
+
+    fn canonical_raw(&self, key: &[u8], value: &[u8]) -> Option<Vec<u8>> {
+        self.canonical(key, value)
     }
 }
 
@@ -121,7 +133,8 @@ pub struct StateMachineStore {
 }
 
 /// A fingerprint of one replica's state: SHA-256 over every state-machine record (key and value,
-/// each behind its length, in key order) at the applied index it stands for. Two replicas of a
+/// each behind its length, in key order; a record in an older layout as today's build writes it,
+/// `Machine::canonical`) at the applied index it stands for. Two replicas of a
 /// group at the same applied index that give different digests have diverged.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateDigest {
@@ -161,7 +174,12 @@ impl StateMachineStore {
     /// The digest of this replica's state as applied now. Reads the whole state (blocking, on
     /// the caller's thread) without stopping applies: an operator's check, not a hot path.
     pub fn digest(&self) -> Result<StateDigest> {
-        let (state, records) = self.export()?;
+        let (state, mut records) = self.export()?;
+        for (k, v) in records.iter_mut() {
+            if let Some(today) = self.machine.canonical_raw(k, v) {
+                *v = today;
+            }
+        }
         Ok(StateDigest::of(state.last_applied.map(|l| l.index), &records))
     }
 

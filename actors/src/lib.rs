@@ -99,7 +99,7 @@ where
     M: Message,
 {
     let node = cluster.name().to_string();
-    let peers: std::sync::Arc<dyn bulkhead_cluster::senders::Peers> = std::sync::Arc::new(cluster.clone());
+    let peers = cluster.sender_roles();
     // Workers answer promptly or not at all; a slow charge is the longest legitimate wait.
     let worker_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms.max(1_000) * 3);
     let max_in_flight = cluster.config().limits.gateway_in_flight;

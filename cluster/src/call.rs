@@ -82,7 +82,21 @@ pub async fn call<Req: Record, Resp: Record>(
     traceparent: &str,
     timeout: Duration,
 ) -> Result<Resp, CallError> {
-    let bytes = seal_from(req, traceparent, Some(from));
+    send(actor, capability, node, Some(from), req, traceparent, timeout).await
+}
+
+/// [`call`], with the envelope's sender left out where the payload carries its own proof (a
+/// `RaftCall` names its sender and binding, and the Raft router checks those).
+pub(crate) async fn send<Req: Record, Resp: Record>(
+    actor: &ActorRef<WireMsg>,
+    capability: Capability,
+    node: &str,
+    from: Option<Sender>,
+    req: &Req,
+    traceparent: &str,
+    timeout: Duration,
+) -> Result<Resp, CallError> {
+    let bytes = seal_from(req, traceparent, from);
     let unreachable = |reason: String| CallError::Unreachable { capability, node: node.to_string(), reason };
     let rejected = |reason: String| CallError::Rejected { capability, node: node.to_string(), reason };
     // Our own timer runs ahead of ractor's: a remote stub drops the reply port at ractor's

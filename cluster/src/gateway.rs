@@ -71,7 +71,7 @@ pub struct GatewayArgs<Req, Resp, M> {
     pub worker_timeout: Duration,
     /// Requests handed to the worker and not answered yet above which new ones are refused.
     pub max_in_flight: usize,
-    /// What this node knows of senders (its links and its shard map): the [`Cluster`](crate::Cluster).
+    /// What this node knows of senders (its links and its shard map): `Cluster::sender_roles`.
     pub peers: Arc<dyn Peers>,
 }
 

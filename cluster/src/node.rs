@@ -750,9 +750,9 @@ impl Cluster {
     ) -> Result<crate::raft::RaftRpcReply, CallError> {
         let group = crate::raft::network::router_group(node);
         let (actor, binding) = self.remotable(&group, cap, node, &format!("no raft router is registered on {node}"))?;
-        let from = Sender { node: self.name().to_string(), binding: binding.clone() };
+        // The call carries its sender and binding itself: the envelope need not say them again.
         let rpc = crate::raft::network::RaftCall { from: self.name().to_string(), binding, rpc };
-        call(&actor, cap, node, from, &rpc, "", timeout).await
+        crate::call::send(&actor, cap, node, None, &rpc, "", timeout).await
     }
 
     /// The shard of a replicated capability that owns `key`.

@@ -1,9 +1,10 @@
-//! The narrow ports the node's parts see it through, each implemented by the [`Cluster`] handle:
-//! what membership asks ([`MembershipPort`]), what the Raft layer asks ([`crate::raft::RaftPort`]),
-//! and what a gateway asks of a request's sender ([`Peers`]). Each delegates to the handle; none
-//! of those parts imports `Cluster`.
+//! The narrow ports the node's parts see it through: what membership asks ([`MembershipPort`]) and
+//! what the Raft layer asks ([`crate::raft::RaftPort`]), implemented by the [`Cluster`] handle, and
+//! what a gateway asks of a request's sender ([`Peers`]), answered by [`SenderRoles`]. None of
+//! those parts imports `Cluster`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Capability, NodeConfig};
@@ -130,24 +131,45 @@ impl crate::raft::RaftPort for Cluster {
     }
 }
 
-/// What a gateway asks of the node about a request's sender ([`crate::senders::judge`]).
-impl Peers for Cluster {
+/// What a gateway asks of a request's sender: the node's links for the proof, and who holds what,
+/// derived once from the shard map (fixed for the life of the process), so that judging a request
+/// allocates nothing.
+pub struct SenderRoles {
+    cluster: Cluster,
+    /// Every node the map names.
+    members: BTreeSet<String>,
+    /// Per capability, the nodes holding a replica of some shard: a node merely listed for it
+    /// (more nodes than shards × replicas) never leads a shard, so never sends its requests.
+    replicas: BTreeMap<Capability, BTreeSet<String>>,
+}
+
+impl Cluster {
+    /// The sender check every gateway of this node uses ([`crate::senders::judge`]).
+    pub fn sender_roles(&self) -> Arc<dyn Peers> {
+        let map = &self.config().capabilities;
+        let members = Capability::ALL.iter().flat_map(|cap| map.nodes(*cap).iter().cloned()).collect();
+        let replicas = Capability::ALL
+            .iter()
+            .map(|cap| (*cap, map.shards(*cap).into_iter().flat_map(|p| p.replicas).collect()))
+            .collect();
+        Arc::new(SenderRoles { cluster: self.clone(), members, replicas })
+    }
+}
+
+impl Peers for SenderRoles {
     fn vouches_for(&self, node: &str, binding: &[u8]) -> bool {
-        Cluster::vouches_for(self, node, binding)
+        self.cluster.vouches_for(node, binding)
     }
 
     fn in_map(&self, node: &str) -> bool {
-        let map = &self.config().capabilities;
-        Capability::ALL.iter().any(|cap| map.nodes(*cap).iter().any(|n| n == node))
+        self.members.contains(node)
     }
 
-    /// A replica of some shard, not merely a place in the capability's node list: a listed node
-    /// that holds no shard (more nodes than shards × replicas) never leads one, so never sends.
     fn hosts(&self, node: &str, cap: Capability) -> bool {
-        self.config().capabilities.shards(cap).iter().any(|p| p.replicas.iter().any(|n| n == node))
+        self.replicas.get(&cap).is_some_and(|nodes| nodes.contains(node))
     }
 
     fn me(&self) -> &str {
-        self.name()
+        self.cluster.name()
     }
 }

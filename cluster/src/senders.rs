@@ -40,7 +40,7 @@ pub trait SentBy {
     fn sent_by(&self) -> Role;
 }
 
-/// What the receiving node knows of a sender ([`crate::Cluster`] answers from its links and its
+/// What the receiving node knows of a sender (`Cluster::sender_roles` answers from its links and its
 /// shard map).
 pub trait Peers: Send + Sync {
     /// Whether `binding` is that of a link of this node with `node` (or this node's own secret).

@@ -88,7 +88,7 @@ async fn a_failing_member_trips_its_breaker_and_a_successful_probe_closes_it() {
         wrap: FlakyMsg::Req,
         worker_timeout: Duration::from_secs(5),
         max_in_flight: 64,
-        peers: Arc::new(cluster.clone()),
+        peers: cluster.sender_roles(),
     };
     Actor::spawn(None, Gateway::<Ping, Pong, FlakyMsg>::default(), args).await.expect("gateway");
     let t = Duration::from_secs(2);

@@ -191,9 +191,12 @@ pub async fn place_order(
         }
         None => None,
     };
-    // The validated order, re-serialized: one body, one fingerprint, however the client spaced it.
-    let body = bulkhead_storage::BodyFingerprint::of(&serde_json::to_vec(&order).unwrap_or_default());
-    let key = key.map(|key| IdemKey { key, body });
+    // The validated order, re-serialized: one body, one fingerprint, however the client spaced it
+    // (only a key is compared with a body, so only a keyed order is fingerprinted).
+    let key = key.map(|key| {
+        let body = bulkhead_storage::BodyFingerprint::of(&serde_json::to_vec(&order).unwrap_or_default());
+        IdemKey { key, body }
+    });
     let keyed = key.is_some();
     let NewOrder { customer_id, items, payment_token } = order;
     let order = Ordered { customer_id, items: items.into_iter().map(Into::into).collect(), payment_token };

@@ -10,7 +10,10 @@
 //!   new leader when the old one dies with it (pure policy [`client::next`]).
 //! - [`saga`]: the pure saga state machine (events + time in, commands out); unit + proptest.
 //! - [`machine`]: the replicated state machine: orders, idempotency claims, outbox, indexes.
-//! - [`actor`]: the worker, which drives the sagas of the shards this node leads.
+//! - [`driver`]: the worker's decisions with no I/O (admission, parking, loading a shard it
+//!   starts leading, one proposal per saga, epochs, waiters): inputs and facts in, effects out;
+//!   tested by transcripts (`testscripts/driver/`).
+//! - [`actor`]: the worker, a shell that gathers the driver's facts and performs its effects.
 //! - [`outbox`]: the relay that delivers finished orders' events at least once from the shards
 //!   this node leads, and moves an entry its destination keeps failing on to the dead letters.
 //!
@@ -26,6 +29,9 @@
 
 pub mod actor;
 pub mod client;
+pub mod driver;
+#[cfg(test)]
+mod driver_transcripts;
 pub mod machine;
 pub mod outbox;
 pub mod protocol;

@@ -16,6 +16,8 @@
 //! - [`actor`]: the worker, a shell that gathers the driver's facts and performs its effects.
 //! - [`outbox`]: the relay that delivers finished orders' events at least once from the shards
 //!   this node leads, and moves an entry its destination keeps failing on to the dead letters.
+//! - [`rounds`]: the relay's decisions with no I/O (one round at a time, backoff per destination,
+//!   dead letters after repeated failure answers).
 //!
 //! Caveats:
 //! - Every saga step that must survive a failover is one Raft write of the orders group: the place
@@ -35,11 +37,13 @@ mod driver_transcripts;
 pub mod machine;
 pub mod outbox;
 pub mod protocol;
+pub mod rounds;
 pub mod saga;
 
 pub use actor::{new_order_id, OrdersArgs, OrdersMsg, OrdersWorker, SweepCounts, MAX_ORDERS_LISTED, SWEEPS};
 pub use machine::{OrdersCommand, OrdersMachine};
-pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, DEAD_LETTER_AFTER, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
+pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{
     shard_of_order, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
 };
+pub use rounds::DEAD_LETTER_AFTER;

@@ -8,11 +8,15 @@
 //! ([`OrdersCommand::Delivered`]). A new leader's relay simply finds what is left. Consumers dedupe
 //! by event id, so a redelivery (a lost ack, a removal that did not commit) is harmless.
 //!
+//! What a round's outcomes mean (backoff, dead letters, the next round) is decided in
+//! [`super::rounds`], with no I/O; this file collects, delivers and proposes.
+//!
 //! Dead letters: a destination that is unreachable (or times out, or has no leader) is retried
 //! forever. One that *answers* with a failure has failed on the event itself; after
-//! [`DEAD_LETTER_AFTER`] such answers in a row the entry moves to the dead letters, by one
-//! committed command. The failure count lives in the relay's memory: a restart or a new leader
-//! gives a poison entry another [`DEAD_LETTER_AFTER`] tries, which is harmless.
+//! [`DEAD_LETTER_AFTER`](super::rounds::DEAD_LETTER_AFTER) such answers in a row the entry moves
+//! to the dead letters, by one committed command. The failure count lives in the relay's memory: a
+//! restart or a new leader gives a poison entry another `DEAD_LETTER_AFTER` tries, which is
+//! harmless.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,15 +33,14 @@ use uuid::Uuid;
 
 use super::machine::{OrdersApplied, OrdersCommand, OrdersMachine, OUTBOX};
 use super::protocol::shard_of_order;
+use super::rounds::{self, DeadLetter, Delivery, Round, Rounds};
 use super::saga::{dest_label, parse_inventory_shard, Dest, OutboxEntry, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
-use crate::util::{backoff_ms, jitter};
+use crate::util::jitter;
 
 pub const RELAY_NAME: &str = "bulkhead.orders.outbox";
-/// Failure answers in a row after which an entry becomes a dead letter.
-pub const DEAD_LETTER_AFTER: u32 = 5;
 /// Entries this process moved to the dead letters since it started (for `/metrics`).
 pub static DEAD_LETTERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Most dead letters one shard lists in one answer (keeps the reply small; oldest orders first).
@@ -47,17 +50,6 @@ const PARALLEL: usize = 32;
 /// At most this many entries for one destination per round, so a slow one cannot fill a round.
 const PER_DEST: usize = 128;
 
-/// How one delivery attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// Acknowledged: the entry may go.
-    Acked,
-    /// Not delivered (unreachable, timed out, lost, restarting): retry after the destination's backoff.
-    Retry,
-    /// The destination answered that it failed on this entry.
-    Failed(String),
-}
-
 #[derive(RactorMessage)]
 pub enum OutboxMsg {
     Tick,
@@ -66,12 +58,7 @@ pub enum OutboxMsg {
     RoundDone {
         /// Delivered entries whose removal committed.
         removed: usize,
-        /// Every entry acknowledged this round (its failure count starts again).
-        acked: Vec<(Uuid, u64)>,
-        ok: Vec<Dest>,
-        failed: Vec<Dest>,
-        /// Entries whose destination answered with a failure, and that failure.
-        refused: Vec<((Uuid, u64), OutboxEntry, String)>,
+        round: Round,
     },
 }
 
@@ -89,11 +76,9 @@ pub struct RelayArgs {
 pub struct RelayState {
     cluster: Cluster,
     replicas: Arc<BTreeMap<u32, Replica>>,
-    in_flight: bool,
-    again: bool,
-    backoff: HashMap<Dest, (u32, Instant)>,
-    /// Failure answers in a row per entry (see the module doc on dead letters).
-    refusals: HashMap<(Uuid, u64), u32>,
+    rounds: Rounds,
+    /// The zero of the milliseconds [`Rounds`] is given (a monotonic clock).
+    epoch: Instant,
 }
 
 /// A failed call: retried later when the destination did not get it or may recover by itself,
@@ -180,27 +165,23 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
 }
 
 impl RelayState {
-    /// The destination failed on `entry` again; past [`DEAD_LETTER_AFTER`] it becomes a dead letter.
-    fn on_refused(&mut self, key: (Uuid, u64), entry: OutboxEntry, why: String) {
-        let attempts = {
-            let n = self.refusals.entry(key).or_default();
-            *n += 1;
-            *n
-        };
-        let destination = dest_label(&entry.dest);
-        if attempts < DEAD_LETTER_AFTER {
-            tracing::warn!(order_id = %entry.order_id, %destination, attempts, error = %why, "outbox delivery refused; will retry");
-            return;
-        }
-        self.refusals.remove(&key);
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Moves an entry its destination keeps failing on to the dead letters (one committed command).
+    fn dead_letter(&self, d: DeadLetter) {
+        let DeadLetter { key, entry, attempts, last_error } = d;
         let Some(replica) = self.replicas.get(&shard_of_order(&key.0)).cloned() else { return };
+        let destination = dest_label(&entry.dest);
         tokio::spawn(async move {
-            let cmd = OrdersCommand::DeadLetter { key, attempts, last_error: why.clone(), now_ms: replica.now_ms() };
+            let cmd =
+                OrdersCommand::DeadLetter { key, attempts, last_error: last_error.clone(), now_ms: replica.now_ms() };
             match replica.propose::<OrdersMachine>(&cmd).await {
                 Ok(OrdersApplied::Done) => {
                     DEAD_LETTERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(
-                        order_id = %entry.order_id, %destination, attempts, error = %why,
+                        order_id = %entry.order_id, %destination, attempts, error = %last_error,
                         "outbox entry moved to the dead letters"
                     );
                 }
@@ -214,13 +195,13 @@ impl RelayState {
 
     /// Up to [`ROUND_SIZE`] entries of the shards this node leads, skipping backed-off destinations.
     fn collect(&self) -> Result<Vec<Keyed>, StoreError> {
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut batch = Vec::new();
         let mut per_dest: HashMap<Dest, usize> = HashMap::new();
         for replica in self.replicas.values().filter(|r| r.is_leader()) {
             for item in OUTBOX.iter(replica.store()) {
                 let (key, entry) = item?;
-                if self.backoff.get(&entry.dest).is_some_and(|(_, until)| *until > now) {
+                if self.rounds.backed_off(&entry.dest, now) {
                     continue;
                 }
                 let n = per_dest.entry(entry.dest.clone()).or_default();
@@ -238,15 +219,14 @@ impl RelayState {
     }
 
     fn start_round(&mut self, myself: &ActorRef<OutboxMsg>) -> Result<(), ActorProcessingErr> {
-        if self.in_flight {
-            self.again = true;
+        if !self.rounds.begin() {
             return Ok(());
         }
         let batch = self.collect()?;
         if batch.is_empty() {
             return Ok(());
         }
-        self.in_flight = true;
+        self.rounds.started();
         let (cluster, me, replicas) = (self.cluster.clone(), myself.clone(), self.replicas.clone());
         tokio::spawn(async move {
             let results: Vec<((Uuid, u64), OutboxEntry, Delivery)> = stream::iter(batch)
@@ -260,30 +240,11 @@ impl RelayState {
                 .buffer_unordered(PARALLEL)
                 .collect()
                 .await;
-            let (mut delivered, mut ok_dests, mut failed, mut refused) =
-                (BTreeMap::<u32, Vec<(Uuid, u64)>>::new(), Vec::new(), Vec::new(), Vec::new());
-            let mut acked = Vec::new();
-            for (key, entry, outcome) in results {
-                let dest = entry.dest.clone();
-                match outcome {
-                    // A destination that answered (even with a failure on one entry) is reachable.
-                    Delivery::Acked | Delivery::Failed(_) if !ok_dests.contains(&dest) => ok_dests.push(dest),
-                    Delivery::Retry if !failed.contains(&dest) => failed.push(dest),
-                    _ => {}
-                }
-                match outcome {
-                    Delivery::Acked => {
-                        acked.push(key);
-                        delivered.entry(shard_of_order(&key.0)).or_default().push(key)
-                    }
-                    Delivery::Failed(why) => refused.push((key, entry, why)),
-                    Delivery::Retry => {}
-                }
-            }
+            let round = rounds::judge(results);
             // Removed before the next round scans again, so nothing is sent twice for want of
             // waiting; a removal that does not commit means a harmless redelivery.
             let mut removed = 0;
-            for (shard, keys) in delivered {
+            for (shard, keys) in round.delivered.clone() {
                 let Some(replica) = replicas.get(&shard) else { continue };
                 let n = keys.len();
                 match replica.propose::<OrdersMachine>(&OrdersCommand::Delivered { keys }).await {
@@ -291,7 +252,7 @@ impl RelayState {
                     Err(e) => tracing::debug!(shard, error = %e, "removing delivered outbox entries did not commit"),
                 }
             }
-            let _ = me.cast(OutboxMsg::RoundDone { removed, acked, ok: ok_dests, failed, refused });
+            let _ = me.cast(OutboxMsg::RoundDone { removed, round });
         });
         Ok(())
     }
@@ -307,10 +268,8 @@ impl Actor for OutboxRelay {
         Ok(RelayState {
             cluster: args.cluster,
             replicas: args.replicas,
-            in_flight: false,
-            again: false,
-            backoff: HashMap::new(),
-            refusals: HashMap::new(),
+            rounds: Rounds::default(),
+            epoch: Instant::now(),
         })
     }
 
@@ -322,26 +281,12 @@ impl Actor for OutboxRelay {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
-            OutboxMsg::RoundDone { removed, acked, ok, failed, refused } => {
-                state.in_flight = false;
-                for key in &acked {
-                    state.refusals.remove(key);
+            OutboxMsg::RoundDone { removed, round } => {
+                let after = state.rounds.finish(removed, round, state.now_ms(), jitter());
+                for d in after.dead_letters {
+                    state.dead_letter(d);
                 }
-                for (key, entry, why) in refused {
-                    state.on_refused(key, entry, why);
-                }
-                let now = Instant::now();
-                for dest in &failed {
-                    let attempts = state.backoff.get(dest).map(|(a, _)| a + 1).unwrap_or(0);
-                    let wait = backoff_ms(attempts, 100, 5_000, jitter());
-                    tracing::debug!(dest = %dest_label(dest), attempts, wait, "outbox delivery failed; backing off");
-                    state.backoff.insert(dest.clone(), (attempts, now + Duration::from_millis(wait)));
-                }
-                // A destination that answered is healthy again; one that was skipped keeps its backoff.
-                for dest in ok.iter().filter(|d| !failed.contains(d)) {
-                    state.backoff.remove(dest);
-                }
-                if std::mem::take(&mut state.again) || (removed > 0 && failed.is_empty()) {
+                if after.again {
                     state.start_round(&myself)?;
                 }
             }

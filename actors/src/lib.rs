@@ -2,10 +2,11 @@
 //!
 //! Every capability folder has the same shape: `protocol` (what crosses nodes, versioned), a pure
 //! state machine (`orders::saga`, `inventory::stock`, `payments::ledger`), the replicated machine,
-//! the worker around it (`actor`: for all but orders, a [`worker::Service`] that the one generic
-//! [`worker::ShardWorker`] serves), and the `client` a front calls it through. Each hosted capability runs under one [`supervisor::Supervisor`] with two or three
-//! children: the remotable [`bulkhead_cluster::Gateway`] (decodes envelopes, finds the worker by
-//! name) and the local-only worker (plus the outbox relay for orders).
+//! the worker around it (`actor`: a [`worker::Service`] that the one generic [`worker::ShardWorker`]
+//! serves; orders adds its own loop, the saga driver, inside the same worker), and the `client` a
+//! front calls it through. Each hosted capability runs under one [`supervisor::Supervisor`] with
+//! two or three children: the local-only worker, the remotable [`bulkhead_cluster::Gateway`]
+//! (decodes envelopes, finds the worker by name) and, for orders, the outbox relay.
 //!
 //! ```text
 //! supervisor(orders)       ── gateway(orders)   ── worker(orders) ── relay(outbox)
@@ -113,7 +114,8 @@ where
     })
 }
 
-/// The children of a capability served by the shared [`worker::ShardWorker`]: the worker and its gateway.
+/// The children of a capability served by the shared [`worker::ShardWorker`]: the worker and its
+/// gateway.
 fn served<S>(
     cluster: &Cluster,
     replicas: Arc<BTreeMap<u32, Replica>>,
@@ -129,7 +131,7 @@ where
     let args = worker::WorkerArgs { cluster: cluster.clone(), replicas, fault_injection, service };
     vec![
         ChildSpec::new(worker_name(cap), worker::ShardWorker::<S>::default, move || args.clone()),
-        gateway_spec(cap, cluster, worker::ServeMsg::<S::Req, S::Resp>::Request),
+        gateway_spec(cap, cluster, worker::ServeMsg::<S>::Request),
     ]
 }
 
@@ -197,16 +199,13 @@ async fn start_replicated(
         Capability::Shipping | Capability::Notifications => served(cluster, replicas, fault_injection, making(cap)),
         Capability::Orders => {
             let relay = orders::RelayArgs { cluster: cluster.clone(), replicas: replicas.clone() };
-            let args = orders::OrdersArgs { cluster: cluster.clone(), replicas, fault_injection };
-            vec![
-                ChildSpec::new(worker_name(cap), || orders::OrdersWorker, move || args.clone()),
-                ChildSpec::new(
-                    orders::RELAY_NAME.to_string(),
-                    || orders::OutboxRelay,
-                    move || orders::RelayArgs { cluster: relay.cluster.clone(), replicas: relay.replicas.clone() },
-                ),
-                gateway_spec(cap, cluster, orders::OrdersMsg::Request),
-            ]
+            let mut children = served(cluster, replicas, fault_injection, orders::Orders);
+            children.push(ChildSpec::new(
+                orders::RELAY_NAME.to_string(),
+                || orders::OutboxRelay,
+                move || orders::RelayArgs { cluster: relay.cluster.clone(), replicas: relay.replicas.clone() },
+            ));
+            children
         }
     };
     Ok((all, children))

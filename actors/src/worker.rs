@@ -7,8 +7,11 @@
 //! drill, finding this node's replica of the shard (or naming the leader it knows, so the caller
 //! follows it once), and a task per request, so the worker never waits for a majority.
 //!
-//! Payments, inventory, shipping and notifications are served by it. Orders is not: its worker
-//! also drives sagas, which outlive a request (`orders::actor`).
+//! Every capability is served by it. A service whose work outlives a request (orders drives
+//! sagas) also has a loop of its own inside the same actor: requests it routes to [`Route::Own`]
+//! and its own messages ([`ServeMsg::Own`]: outcomes of its tasks, its timers) go to
+//! [`Service::own`], with the state [`Service::start`] made. The others have none
+//! (`type Own = Infallible; type Local = ();`).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -18,7 +21,6 @@ use std::sync::Arc;
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::RactorMessage;
 use tracing::Instrument;
 
 use crate::util::{local_replica, Unserved};
@@ -32,12 +34,18 @@ pub enum Route<Resp> {
     Drill,
     /// Answered at once, without a replica (a request that names no shard, a poison event).
     Answer(Resp),
+    /// Handled by the service's own loop ([`Service::own`]).
+    Own,
 }
 
 /// What a replicated capability does; the [`ShardWorker`] serves it.
 pub trait Service: Clone + Send + Sync + 'static {
     type Req: Debug + Send + Sync + 'static;
     type Resp: Debug + Send + Sync + 'static;
+    /// Messages of the service's own loop; `Infallible` when it has none.
+    type Own: Send + 'static;
+    /// The own loop's state; `()` when it has none.
+    type Local: Send + 'static;
 
     /// The capability served (its replicas, its shard map, its span's name).
     fn capability(&self) -> Capability;
@@ -55,13 +63,28 @@ pub trait Service: Clone + Send + Sync + 'static {
 
     /// The answer to a drill on a node without fault injection.
     fn drill_refused(&self) -> Self::Resp;
+
+    /// The own loop's state, made once the worker starts (and its timers, if it has any).
+    fn start(&self, myself: &ActorRef<ServeMsg<Self>>, args: &WorkerArgs<Self>) -> Self::Local;
+
+    /// A request routed to [`Route::Own`], or one of the own loop's messages.
+    fn own(&self, _local: &mut Self::Local, _myself: &ActorRef<ServeMsg<Self>>, _input: OwnInput<Self>) {}
 }
 
-/// A request for a [`ShardWorker`], as the gateway hands it over.
-#[derive(RactorMessage)]
-pub enum ServeMsg<Req: Send + 'static, Resp: Send + 'static> {
-    Request(Inbound<Req, Resp>),
+/// What reaches a service's own loop.
+pub enum OwnInput<S: Service> {
+    Request(Inbound<S::Req, S::Resp>),
+    Message(S::Own),
 }
+
+/// What a [`ShardWorker`] receives: a request, as the gateway hands it over, or a message of the
+/// service's own loop.
+pub enum ServeMsg<S: Service> {
+    Request(Inbound<S::Req, S::Resp>),
+    Own(S::Own),
+}
+
+impl<S: Service> ractor::Message for ServeMsg<S> {}
 
 /// What a [`ShardWorker`] is started with.
 #[derive(Clone)]
@@ -82,33 +105,49 @@ impl<S> Default for ShardWorker<S> {
     }
 }
 
+/// A [`ShardWorker`]'s state: what it was started with, and the service's own loop's.
+pub struct WorkerState<S: Service> {
+    args: WorkerArgs<S>,
+    local: S::Local,
+}
+
 impl<S: Service> Actor for ShardWorker<S> {
-    type Msg = ServeMsg<S::Req, S::Resp>;
-    type State = WorkerArgs<S>;
+    type Msg = ServeMsg<S>;
+    type State = WorkerState<S>;
     type Arguments = WorkerArgs<S>;
 
     async fn pre_start(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: WorkerArgs<S>,
-    ) -> Result<WorkerArgs<S>, ActorProcessingErr> {
-        Ok(args)
+    ) -> Result<WorkerState<S>, ActorProcessingErr> {
+        let local = args.service.start(&myself, &args);
+        Ok(WorkerState { args, local })
     }
 
     async fn handle(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        st: &mut WorkerArgs<S>,
+        state: &mut WorkerState<S>,
     ) -> Result<(), ActorProcessingErr> {
-        let ServeMsg::Request(Inbound { req, reply, traceparent }) = msg;
+        let WorkerState { args: st, local } = state;
+        let Inbound { req, reply, traceparent } = match msg {
+            ServeMsg::Request(inbound) => inbound,
+            ServeMsg::Own(m) => {
+                st.service.own(local, &myself, OwnInput::Message(m));
+                return Ok(());
+            }
+        };
         let cap = st.service.capability();
-        let (span, _) = bulkhead_cluster::traced_span!("capability.serve", &traceparent, capability = %cap);
-        span.in_scope(|| tracing::debug!(request = ?req, "request"));
         let shard = match st.service.route(&st.cluster, st.fault_injection, &req) {
             Route::Shard(shard) => shard,
             Route::Answer(answer) => {
                 let _ = reply.send(answer);
+                return Ok(());
+            }
+            Route::Own => {
+                st.service.own(local, &myself, OwnInput::Request(Inbound { req, reply, traceparent }));
                 return Ok(());
             }
             Route::Drill if st.fault_injection => panic!("fault injection: {cap} worker panics on request"),
@@ -117,6 +156,8 @@ impl<S: Service> Actor for ShardWorker<S> {
                 return Ok(());
             }
         };
+        let (span, _) = bulkhead_cluster::traced_span!("capability.serve", &traceparent, capability = %cap);
+        span.in_scope(|| tracing::debug!(request = ?req, "request"));
         match local_replica(&st.cluster, &st.replicas, cap, shard) {
             Ok(replica) => {
                 let (service, trace) =

@@ -10,7 +10,8 @@ use uuid::Uuid;
 use super::machine::{ConsumerCommand, ConsumerMachine, Making, DELIVERIES};
 use super::protocol::{ConsumerReply, ConsumerRequest, OrderConfirmed};
 use crate::util::Unserved;
-use crate::worker::{Route, Service};
+use crate::worker::{Route, ServeMsg, Service, WorkerArgs};
+use ractor::ActorRef;
 
 /// With `fault_injection`, a consumer fails on the events of customers named `poison-<kind>…`.
 fn is_poison(kind: &str, ev: &OrderConfirmed) -> bool {
@@ -20,6 +21,10 @@ fn is_poison(kind: &str, ev: &OrderConfirmed) -> bool {
 impl Service for Making {
     type Req = ConsumerRequest;
     type Resp = ConsumerReply;
+    type Own = std::convert::Infallible;
+    type Local = ();
+
+    fn start(&self, _: &ActorRef<ServeMsg<Self>>, _: &WorkerArgs<Self>) {}
 
     fn capability(&self) -> Capability {
         Making::capability(self)

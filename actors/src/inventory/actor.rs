@@ -13,7 +13,8 @@ use bulkhead_cluster::{Capability, Cluster};
 use super::machine::{self, InventoryCommand, InventoryMachine};
 use super::protocol::{InventoryReply, InventoryRequest};
 use crate::util::Unserved;
-use crate::worker::{Route, Service};
+use crate::worker::{Route, ServeMsg, Service, WorkerArgs};
+use ractor::ActorRef;
 
 /// Inventory as the [`crate::worker::ShardWorker`] serves it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,6 +23,10 @@ pub struct Inventory;
 impl Service for Inventory {
     type Req = InventoryRequest;
     type Resp = InventoryReply;
+    type Own = std::convert::Infallible;
+    type Local = ();
+
+    fn start(&self, _: &ActorRef<ServeMsg<Self>>, _: &WorkerArgs<Self>) {}
 
     fn capability(&self) -> Capability {
         Capability::Inventory

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::{Capability, Cluster, Inbound};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster::RactorMessage;
+use ractor::{ActorRef, RpcReplyPort};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -34,6 +33,7 @@ use super::MAX_DEAD_LETTERS_LISTED;
 use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{jitter, local_replica, Unserved};
+use crate::worker::{OwnInput, Route, ServeMsg, Service, WorkerArgs};
 
 /// Idempotency keys forgotten per sweep proposal (each entry is at most about 160 bytes, so one
 /// proposal stays near 64 KiB, the size every Raft batch is bounded by: `raft::MAX_FRAME`), the
@@ -71,19 +71,19 @@ pub fn new_order_id(shard: u32) -> Uuid {
     Uuid::from_bytes(b)
 }
 
-/// What the orders worker is started with: this node's replicas, by shard.
-#[derive(Clone)]
-pub struct OrdersArgs {
-    pub cluster: Cluster,
-    pub replicas: Arc<BTreeMap<u32, Replica>>,
-    pub fault_injection: bool,
-}
-
 type Reply = RpcReplyPort<OrdersReply>;
 
-#[derive(RactorMessage)]
-pub enum OrdersMsg {
-    Request(Inbound<OrdersRequest, OrdersReply>),
+/// The orders service, served by the shared [`ShardWorker`](crate::worker::ShardWorker): reads go
+/// to the shard's replica like every capability's; places and awaits go to its own loop, the
+/// [`Driver`].
+#[derive(Clone, Copy)]
+pub struct Orders;
+
+/// The worker's handle, as the orders loop's tasks and timers send to it.
+type Myself = ActorRef<ServeMsg<Orders>>;
+
+/// The orders loop's own messages.
+pub enum OrdersOwn {
     /// Something for the [`Driver`]: an outcome of one of its effects, or a timer.
     Drive(Box<Input<Reply>>),
     /// Time to compare the shards this node leads with the shards it drives.
@@ -91,26 +91,24 @@ pub enum OrdersMsg {
     Sweep,
 }
 
-impl OrdersMsg {
-    fn drive(input: Input<Reply>) -> Self {
-        OrdersMsg::Drive(Box::new(input))
-    }
+fn drive(input: Input<Reply>) -> ServeMsg<Orders> {
+    ServeMsg::Own(OrdersOwn::Drive(Box::new(input)))
 }
 
-pub struct OrdersWorker;
-
+/// The orders loop's state: the driver, and what its effects need.
 pub struct OrdersState {
-    args: OrdersArgs,
+    cluster: Cluster,
+    replicas: Arc<BTreeMap<u32, Replica>>,
     driver: Driver<Reply>,
 }
 
 impl OrdersState {
     fn cluster(&self) -> &Cluster {
-        &self.args.cluster
+        &self.cluster
     }
 
     fn replica(&self, shard: u32) -> Result<Replica, Unserved> {
-        local_replica(&self.args.cluster, &self.args.replicas, Capability::Orders, shard)
+        local_replica(&self.cluster, &self.replicas, Capability::Orders, shard)
     }
 
     /// What the driver decides on: each local replica's leadership and time, and for `shard` (the
@@ -118,7 +116,6 @@ impl OrdersState {
     fn facts(&self, shard: Option<u32>) -> Facts {
         let me = self.cluster().name();
         let local = self
-            .args
             .replicas
             .iter()
             .map(|(s, r)| {
@@ -131,7 +128,7 @@ impl OrdersState {
             })
             .collect();
         let elsewhere = shard
-            .filter(|s| !self.args.replicas.contains_key(s))
+            .filter(|s| !self.replicas.contains_key(s))
             .map(|s| (s, self.cluster().leader_of(Capability::Orders, s).filter(|l| l != me)))
             .into_iter()
             .collect();
@@ -139,14 +136,14 @@ impl OrdersState {
     }
 
     /// Steps the driver and performs what it decided.
-    fn drive(&mut self, myself: &ActorRef<OrdersMsg>, input: Input<Reply>, shard: Option<u32>) {
+    fn drive(&mut self, myself: &Myself, input: Input<Reply>, shard: Option<u32>) {
         let facts = self.facts(shard);
         for effect in self.driver.step(input, &facts) {
             self.perform(myself, effect);
         }
     }
 
-    fn perform(&self, myself: &ActorRef<OrdersMsg>, effect: Effect<Reply>) {
+    fn perform(&self, myself: &Myself, effect: Effect<Reply>) {
         let me = myself.clone();
         match effect {
             Effect::Reply(reply, answer) => {
@@ -163,7 +160,7 @@ impl OrdersState {
                     async move {
                         let applied = replica.propose::<OrdersMachine>(&command).await.map_err(Unserved::from);
                         let placed = Placed { shard, term, order, applied, wait_ms, reply };
-                        let _ = me.cast(OrdersMsg::drive(Input::Placed(placed)));
+                        let _ = me.cast(drive(Input::Placed(placed)));
                     }
                     .instrument(span),
                 );
@@ -182,7 +179,7 @@ impl OrdersState {
                             Ok(r) => r.propose::<OrdersMachine>(&command).await.map_err(Unserved::from),
                             Err(e) => Err(e),
                         };
-                        let _ = me.cast(OrdersMsg::drive(Input::Committed { order_id, epoch, then, applied }));
+                        let _ = me.cast(drive(Input::Committed { order_id, epoch, then, applied }));
                     }
                     .instrument(span),
                 );
@@ -199,7 +196,7 @@ impl OrdersState {
                         let outcome = reserve(&cluster, order_id, &node, items, ttl_ms, &tp).await;
                         step_done("reserve", started, outcome.label());
                         let event = Event::Reserve { node, outcome };
-                        let _ = me.cast(OrdersMsg::drive(Input::Saga { order_id, event }));
+                        let _ = me.cast(drive(Input::Saga { order_id, event }));
                     }
                     .instrument(span),
                 );
@@ -212,20 +209,18 @@ impl OrdersState {
                         let started = Instant::now();
                         let outcome = charge(&cluster, order_id, amount_cents, token, &tp).await;
                         step_done("charge", started, outcome.label());
-                        let _ = me.cast(OrdersMsg::drive(Input::Saga { order_id, event: Event::Charge(outcome) }));
+                        let _ = me.cast(drive(Input::Saga { order_id, event: Event::Charge(outcome) }));
                     }
                     .instrument(span),
                 );
             }
             Effect::RetryAfter { order_id, ms } => {
                 myself.send_after(Duration::from_millis(ms), move || {
-                    OrdersMsg::drive(Input::Saga { order_id, event: Event::RetryDue })
+                    drive(Input::Saga { order_id, event: Event::RetryDue })
                 });
             }
             Effect::WaitTimer { order_id, waiter, ms } => {
-                myself.send_after(Duration::from_millis(ms), move || {
-                    OrdersMsg::drive(Input::WaitOver { order_id, waiter })
-                });
+                myself.send_after(Duration::from_millis(ms), move || drive(Input::WaitOver { order_id, waiter }));
             }
             Effect::Load { shard, term } => {
                 let Ok(replica) = self.replica(shard) else { return };
@@ -240,7 +235,7 @@ impl OrdersState {
                         }
                         Err(e) => Err(e.to_string()),
                     };
-                    let _ = me.cast(OrdersMsg::drive(Input::Loaded { shard, term, orders }));
+                    let _ = me.cast(drive(Input::Loaded { shard, term, orders }));
                 });
             }
             Effect::ReadApplied { shard, order_id, reply } => {
@@ -252,7 +247,16 @@ impl OrdersState {
                 };
                 let _ = reply.send(answer);
             }
-            Effect::Read { req, reply } => self.read(req, reply),
+            Effect::Read { req, reply } => match self.replica(shard_of(&req)) {
+                Ok(replica) => {
+                    tokio::spawn(async move {
+                        let _ = reply.send(read(replica, req).await);
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(unserved_reply(e));
+                }
+            },
             Effect::Sweep { shard } => self.sweep_shard(shard),
             Effect::KickRelay => {
                 if let Some(relay) = ActorRef::<OutboxMsg>::where_is(RELAY_NAME) {
@@ -264,7 +268,7 @@ impl OrdersState {
 
     /// A new order: its id (naming its shard) and its items split over the inventory shards that
     /// own their SKUs, then the driver decides.
-    fn place(&mut self, myself: &ActorRef<OrdersMsg>, place: PlaceOrder, traceparent: String, reply: Reply) {
+    fn place(&mut self, myself: &Myself, place: PlaceOrder, traceparent: String, reply: Reply) {
         let id = new_order_id(place.shard);
         // The saga's `node` of a shard step is the shard's label ([`inventory_shard_label`]): a
         // Raft group, led wherever.
@@ -278,50 +282,6 @@ impl OrdersState {
         }
         let shard = place.shard;
         self.drive(myself, Input::Place { place, id, split, traceparent, reply }, Some(shard));
-    }
-
-    /// Reads served by the leader after a read barrier: never a stale answer from an old leader.
-    fn read(&self, req: OrdersRequest, reply: Reply) {
-        let shard = match &req {
-            OrdersRequest::Get { order_id } => shard_of_order(order_id),
-            OrdersRequest::DeadLetters { shard, .. } | OrdersRequest::ByCustomer { shard, .. } => *shard,
-            OrdersRequest::Place(_) | OrdersRequest::InjectPanic | OrdersRequest::Await { .. } => return,
-        };
-        let replica = match self.replica(shard) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = reply.send(unserved_reply(e));
-                return;
-            }
-        };
-        tokio::spawn(async move {
-            if let Err(e) = replica.read_barrier().await {
-                let _ = reply.send(unserved_reply(e.into()));
-                return;
-            }
-            let store = replica.store().clone();
-            let answer = tokio::task::spawn_blocking(move || {
-                let result = match req {
-                    OrdersRequest::Get { order_id } => ORDERS
-                        .get(&store, &order_id)
-                        .map(|o| o.map_or(OrdersReply::NotFound, |o| OrdersReply::Order(o.view()))),
-                    OrdersRequest::DeadLetters { order_id, .. } => {
-                        machine::dead_letters(&store, order_id, MAX_DEAD_LETTERS_LISTED).map(OrdersReply::DeadLetters)
-                    }
-                    OrdersRequest::ByCustomer { customer_id, before, limit, .. } => {
-                        let limit = limit.clamp(1, MAX_ORDERS_LISTED) as usize;
-                        machine::by_customer(&store, &customer_id, before, limit).map(OrdersReply::Orders)
-                    }
-                    OrdersRequest::Place(_) | OrdersRequest::InjectPanic | OrdersRequest::Await { .. } => {
-                        Ok(OrdersReply::Refused("not a read".into()))
-                    }
-                };
-                result.unwrap_or_else(|e| OrdersReply::Unavailable(e.to_string()))
-            })
-            .await
-            .unwrap_or_else(|e| OrdersReply::Unavailable(e.to_string()));
-            let _ = reply.send(answer);
-        });
     }
 
     /// One idempotency sweep of a shard this node leads: forget the keys older than the retention
@@ -414,48 +374,101 @@ async fn charge(cluster: &Cluster, order_id: Uuid, amount_cents: u64, token: Str
     }
 }
 
-impl Actor for OrdersWorker {
-    type Msg = OrdersMsg;
-    type State = OrdersState;
-    type Arguments = OrdersArgs;
+/// The shard a read is for.
+fn shard_of(req: &OrdersRequest) -> u32 {
+    match req {
+        OrdersRequest::Get { order_id } | OrdersRequest::Await { order_id, .. } => shard_of_order(order_id),
+        OrdersRequest::DeadLetters { shard, .. } | OrdersRequest::ByCustomer { shard, .. } => *shard,
+        OrdersRequest::Place(p) => p.shard,
+        OrdersRequest::InjectPanic => 0,
+    }
+}
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<OrdersMsg>,
-        args: OrdersArgs,
-    ) -> Result<OrdersState, ActorProcessingErr> {
-        myself.send_interval(Duration::from_millis(100), || OrdersMsg::Lead);
-        myself.send_interval(SWEEP_EVERY, || OrdersMsg::Sweep);
-        let _ = myself.cast(OrdersMsg::Lead);
-        let window = args.cluster.config().orders.reservation_window_ms;
-        Ok(OrdersState { args, driver: Driver::new(window, jitter) })
+/// A read on the shard's leader after a read barrier: never a stale answer from an old leader.
+async fn read(replica: Replica, req: OrdersRequest) -> OrdersReply {
+    if let Err(e) = replica.read_barrier().await {
+        return unserved_reply(e.into());
+    }
+    let store = replica.store().clone();
+    tokio::task::spawn_blocking(move || {
+        let result = match req {
+            OrdersRequest::Get { order_id } => {
+                ORDERS.get(&store, &order_id).map(|o| o.map_or(OrdersReply::NotFound, |o| OrdersReply::Order(o.view())))
+            }
+            OrdersRequest::DeadLetters { order_id, .. } => {
+                machine::dead_letters(&store, order_id, MAX_DEAD_LETTERS_LISTED).map(OrdersReply::DeadLetters)
+            }
+            OrdersRequest::ByCustomer { customer_id, before, limit, .. } => {
+                let limit = limit.clamp(1, MAX_ORDERS_LISTED) as usize;
+                machine::by_customer(&store, &customer_id, before, limit).map(OrdersReply::Orders)
+            }
+            OrdersRequest::Place(_) | OrdersRequest::InjectPanic | OrdersRequest::Await { .. } => {
+                Ok(OrdersReply::Refused("not a read".into()))
+            }
+        };
+        result.unwrap_or_else(|e| OrdersReply::Unavailable(e.to_string()))
+    })
+    .await
+    .unwrap_or_else(|e| OrdersReply::Unavailable(e.to_string()))
+}
+
+impl Service for Orders {
+    type Req = OrdersRequest;
+    type Resp = OrdersReply;
+    type Own = OrdersOwn;
+    type Local = OrdersState;
+
+    fn capability(&self) -> Capability {
+        Capability::Orders
     }
 
-    async fn handle(
-        &self,
-        myself: ActorRef<OrdersMsg>,
-        msg: OrdersMsg,
-        state: &mut OrdersState,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            OrdersMsg::Request(Inbound { req, reply, traceparent }) => match req {
-                OrdersRequest::Place(p) => state.place(&myself, p, traceparent, reply),
+    fn route(&self, _: &Cluster, _: bool, req: &OrdersRequest) -> Route<OrdersReply> {
+        match req {
+            OrdersRequest::Place(_) | OrdersRequest::Await { .. } => Route::Own,
+            OrdersRequest::InjectPanic => Route::Drill,
+            read => Route::Shard(shard_of(read)),
+        }
+    }
+
+    async fn serve(&self, replica: Replica, req: OrdersRequest, _trace: String) -> OrdersReply {
+        read(replica, req).await
+    }
+
+    fn unserved(&self, why: Unserved) -> OrdersReply {
+        unserved_reply(why)
+    }
+
+    fn drill_refused(&self) -> OrdersReply {
+        OrdersReply::Refused("fault injection is disabled on this node".into())
+    }
+
+    fn start(&self, myself: &Myself, args: &WorkerArgs<Self>) -> OrdersState {
+        myself.send_interval(Duration::from_millis(100), || ServeMsg::Own(OrdersOwn::Lead));
+        myself.send_interval(SWEEP_EVERY, || ServeMsg::Own(OrdersOwn::Sweep));
+        let _ = myself.cast(ServeMsg::Own(OrdersOwn::Lead));
+        let window = args.cluster.config().orders.reservation_window_ms;
+        OrdersState {
+            cluster: args.cluster.clone(),
+            replicas: args.replicas.clone(),
+            driver: Driver::new(window, jitter),
+        }
+    }
+
+    fn own(&self, state: &mut OrdersState, myself: &Myself, input: OwnInput<Self>) {
+        match input {
+            OwnInput::Request(Inbound { req, reply, traceparent }) => match req {
+                OrdersRequest::Place(p) => state.place(myself, p, traceparent, reply),
                 OrdersRequest::Await { order_id, wait_ms } => {
                     let input = Input::Await { order_id, wait_ms, reply };
-                    state.drive(&myself, input, Some(shard_of_order(&order_id)))
+                    state.drive(myself, input, Some(shard_of_order(&order_id)))
                 }
-                OrdersRequest::InjectPanic => {
-                    if state.args.fault_injection {
-                        panic!("fault injection: orders worker panics on request");
-                    }
-                    let _ = reply.send(OrdersReply::Refused("fault injection is disabled on this node".into()));
+                other => {
+                    let _ = reply.send(OrdersReply::Refused(format!("not for the orders loop: {other:?}")));
                 }
-                read => state.read(read, reply),
             },
-            OrdersMsg::Drive(input) => state.drive(&myself, *input, None),
-            OrdersMsg::Lead => state.drive(&myself, Input::Lead, None),
-            OrdersMsg::Sweep => state.drive(&myself, Input::Sweep, None),
+            OwnInput::Message(OrdersOwn::Drive(input)) => state.drive(myself, *input, None),
+            OwnInput::Message(OrdersOwn::Lead) => state.drive(myself, Input::Lead, None),
+            OwnInput::Message(OrdersOwn::Sweep) => state.drive(myself, Input::Sweep, None),
         }
-        Ok(())
     }
 }

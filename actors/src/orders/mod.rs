@@ -13,7 +13,9 @@
 //! - [`driver`]: the worker's decisions with no I/O (admission, parking, loading a shard it
 //!   starts leading, one proposal per saga, epochs, waiters): inputs and facts in, effects out;
 //!   tested by transcripts (`testscripts/driver/`).
-//! - [`actor`]: the worker, a shell that gathers the driver's facts and performs its effects.
+//! - [`actor`]: the orders [`Service`](crate::worker::Service): reads are served like every
+//!   capability's; places and awaits go to its own loop, which gathers the driver's facts and
+//!   performs its effects.
 //! - [`outbox`]: the relay that delivers finished orders' events at least once from the shards
 //!   this node leads, and moves an entry its destination keeps failing on to the dead letters.
 //! - [`rounds`]: the relay's decisions with no I/O (one round at a time, backoff per destination,
@@ -40,7 +42,7 @@ pub mod protocol;
 pub mod rounds;
 pub mod saga;
 
-pub use actor::{new_order_id, OrdersArgs, OrdersMsg, OrdersWorker, SweepCounts, MAX_ORDERS_LISTED, SWEEPS};
+pub use actor::{new_order_id, Orders, SweepCounts, MAX_ORDERS_LISTED, SWEEPS};
 pub use machine::{OrdersCommand, OrdersMachine};
 pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{

@@ -20,7 +20,8 @@ use super::ledger::{self, ChargeStatus};
 use super::machine::{PaymentCommand, PaymentsMachine, PAYMENTS};
 use super::protocol::{PaymentReply, PaymentRequest};
 use crate::util::Unserved;
-use crate::worker::{Route, Service};
+use crate::worker::{Route, ServeMsg, Service, WorkerArgs};
+use ractor::ActorRef;
 
 /// Payments as the [`crate::worker::ShardWorker`] serves it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -29,6 +30,10 @@ pub struct Payments;
 impl Service for Payments {
     type Req = PaymentRequest;
     type Resp = PaymentReply;
+    type Own = std::convert::Infallible;
+    type Local = ();
+
+    fn start(&self, _: &ActorRef<ServeMsg<Self>>, _: &WorkerArgs<Self>) {}
 
     fn capability(&self) -> Capability {
         Capability::Payments

@@ -20,7 +20,7 @@ fn line(sku: &str, quantity: u64, unit_price_cents: u64) -> PricedLine {
 }
 
 /// What `new_order` is given: three items over two inventory shards.
-type OrderInput = (Uuid, String, Vec<Item>, String, Vec<(String, Vec<Item>)>);
+type OrderInput = (Uuid, String, Vec<Item>, String, Vec<(u32, Vec<Item>)>);
 
 fn input() -> OrderInput {
     let (a, b, c) = (item("SKU-RED-MUG-0001", 2), item("SKU-BLUE-PLATE-0007", 1), item("SKU-GREEN-BOWL-0013", 4));
@@ -29,19 +29,19 @@ fn input() -> OrderInput {
         "customer-000042".into(),
         vec![a.clone(), b.clone(), c.clone()],
         "tok_visa_4242".into(),
-        vec![("node-1".into(), vec![a, c]), ("node-2".into(), vec![b])],
+        vec![(0, vec![a, c]), (1, vec![b])],
     )
 }
 
 /// The answers of a happy path, in order: both shards reserve, then the charge lands.
 fn answers() -> [Event; 3] {
-    let reserved = |node: &str, lines| Event::Reserve {
-        node: node.into(),
+    let reserved = |shard: u32, lines| Event::Reserve {
+        shard,
         outcome: ReserveOutcome::Reserved { lines, expires_ms: T0 + HOLD_MS },
     };
     [
-        reserved("node-1", vec![line("SKU-RED-MUG-0001", 2, 1_250), line("SKU-GREEN-BOWL-0013", 4, 899)]),
-        reserved("node-2", vec![line("SKU-BLUE-PLATE-0007", 1, 3_400)]),
+        reserved(0, vec![line("SKU-RED-MUG-0001", 2, 1_250), line("SKU-GREEN-BOWL-0013", 4, 899)]),
+        reserved(1, vec![line("SKU-BLUE-PLATE-0007", 1, 3_400)]),
         Event::Charge(ChargeOutcome::Charged { payment_id: "pay_01902a5c7d337a10".into() }),
     ]
 }

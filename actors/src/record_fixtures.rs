@@ -18,7 +18,7 @@ use crate::orders::machine;
 use crate::orders::machine::{DeadLetterRecord, Listed, OrdersApplied, Unfinished};
 
 use crate::orders::protocol::{self, v1, HistoryEntry, IdemKeyV1};
-use crate::orders::saga::{Dest, OrderRecord, OutboxEntry, OutboxEvent, Phase, ShardState, ShardStep};
+use crate::orders::saga::{self, Dest, OrderRecord, OutboxEntry, OutboxEvent, Phase, ShardState, ShardStep};
 use crate::orders::{
     DeadLetter, IdemKey, OrderStatus, OrderView, OrdersCommand, OrdersReply, OrdersRequest, PlaceOrder,
 };
@@ -93,7 +93,7 @@ fn order() -> OrderRecord {
         total_cents: 2500,
         phase: Phase::Charging,
         shards: vec![ShardStep {
-            node: "n1".into(),
+            shard: 1,
             items: items(),
             state: ShardState::Reserved { lines: lines(), expires_ms: NOW + 30_000 },
         }],
@@ -107,6 +107,41 @@ fn order() -> OrderRecord {
         created_ms: NOW,
         traceparent: TP.into(),
     }
+}
+/// [`order`] as version 1 laid it out, its shard step named by `label`.
+fn order_v1(label: &str) -> saga::v1::OrderRecord {
+    let o = order();
+    saga::v1::OrderRecord {
+        id: o.id,
+        customer_id: o.customer_id,
+        items: o.items,
+        payment_token: o.payment_token,
+        status: o.status,
+        reason: o.reason,
+        payment_id: o.payment_id,
+        lines: o.lines,
+        total_cents: o.total_cents,
+        phase: o.phase,
+        shards: vec![saga::v1::ShardStep {
+            node: label.into(),
+            items: items(),
+            state: ShardState::Reserved { lines: lines(), expires_ms: NOW + 30_000 },
+        }],
+        attempts: o.attempts,
+        retry_scheduled: o.retry_scheduled,
+        hold_until_ms: o.hold_until_ms,
+        hold_margin_ms: o.hold_margin_ms,
+        charge_attempted: o.charge_attempted,
+        last_wait: o.last_wait,
+        history: o.history,
+        created_ms: o.created_ms,
+        traceparent: o.traceparent,
+    }
+}
+/// The refusal of a version-1 record whose inventory label names no shard (the early fixtures
+/// were made with node names).
+fn no_shard(label: &str) -> CodecError {
+    CodecError::Malformed(format!("`{label}` names no inventory shard"))
 }
 fn view() -> OrderView {
     OrderView {
@@ -141,9 +176,18 @@ fn delivery() -> Delivery {
         created_ms: NOW,
     }
 }
+fn outbox_entry_v1(label: &str) -> saga::v1::OutboxEntry {
+    saga::v1::OutboxEntry {
+        dest: saga::v1::Dest::Inventory { node: label.into() },
+        event: OutboxEvent::CommitReservation { order_id: ORDER },
+        order_id: ORDER,
+        created_ms: NOW,
+        traceparent: TP.into(),
+    }
+}
 fn outbox_entry() -> OutboxEntry {
     OutboxEntry {
-        dest: Dest::Inventory { node: "n2".into() },
+        dest: Dest::Inventory { shard: 2 },
         event: OutboxEvent::CommitReservation { order_id: ORDER },
         order_id: ORDER,
         created_ms: NOW,
@@ -201,21 +245,38 @@ fn check(f: &Fixture) {
         ("Delivery", "1") => check_current(f, &delivery()),
         ("ConsumerRequest", "1") => check_current(f, &ConsumerRequest::Deliver(confirmed())),
         ("ConsumerReply", "1") => check_current(f, &ConsumerReply::Listed(vec![delivery()])),
-        ("OrderRecord", "1") => check_current(f, &order()),
+        ("OrderRecord", "1") => check_refused::<_, OrderRecord>(f, &order_v1("n1"), &no_shard("n1")),
+        ("OrderRecord", "1/labelled") => check_old(f, &order_v1("inventory/1"), &order()),
+        ("OrderRecord", "2") => check_current(f, &order()),
         ("Unfinished", "1") => check_current(f, &Unfinished { since_ms: NOW, steps: 3 }),
         ("Listed", "1") => check_current(f, &Listed),
-        ("DeadLetterRecord", "1") => {
+        ("DeadLetterRecord", "1") => check_refused::<_, DeadLetterRecord>(
+            f,
+            &machine::v1::DeadLetterRecord { letter: dead_letter(), entry: outbox_entry_v1("n2") },
+            &no_shard("n2"),
+        ),
+        ("DeadLetterRecord", "1/labelled") => check_old(
+            f,
+            &machine::v1::DeadLetterRecord { letter: dead_letter(), entry: outbox_entry_v1("inventory/2") },
+            &DeadLetterRecord { letter: dead_letter(), entry: outbox_entry() },
+        ),
+        ("DeadLetterRecord", "2") => {
             check_current(f, &DeadLetterRecord { letter: dead_letter(), entry: outbox_entry() })
         }
-        ("OrdersCommand", "1") => check_old(
+        ("OrdersCommand", "1") => check_refused::<_, OrdersCommand>(
             f,
-            &machine::v1::OrdersCommand::Place { order: order(), idempotency: idem_v1(), now_ms: NOW },
-            &OrdersCommand::Place { order: order(), idempotency: idem_v1_read(), now_ms: NOW },
+            &machine::v1::OrdersCommand::Place { order: order_v1("n1"), idempotency: idem_v1(), now_ms: NOW },
+            &no_shard("n1"),
         ),
-        ("OrdersCommand", "1/finish") => check_old(
+        ("OrdersCommand", "1/finish") => check_refused::<_, OrdersCommand>(
             f,
-            &machine::v1::OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW },
-            &OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW },
+            &machine::v1::OrdersCommand::Finish { order: order_v1("n1"), step: 4, now_ms: NOW },
+            &no_shard("n1"),
+        ),
+        ("OrdersCommand", "1/labelled") => check_old(
+            f,
+            &machine::v1::OrdersCommand::Place { order: order_v1("inventory/1"), idempotency: idem_v1(), now_ms: NOW },
+            &OrdersCommand::Place { order: order(), idempotency: idem_v1_read(), now_ms: NOW },
         ),
         ("OrdersCommand", "1/sweep") => check_old(
             f,
@@ -225,14 +286,31 @@ fn check(f: &Fixture) {
             },
             &OrdersCommand::Sweep { entries: vec![((NOW, ORDER), "k-1".into())], now_ms: NOW + 86_400_000 },
         ),
-        ("OrdersCommand", "2") => {
+        ("OrdersCommand", "2") => check_refused::<_, OrdersCommand>(
+            f,
+            &machine::v2::OrdersCommand::Place { order: order_v1("n1"), idempotency: idem(), now_ms: NOW },
+            &no_shard("n1"),
+        ),
+        ("OrdersCommand", "2/finish") => check_refused::<_, OrdersCommand>(
+            f,
+            &machine::v2::OrdersCommand::Finish { order: order_v1("n1"), step: 4, now_ms: NOW },
+            &no_shard("n1"),
+        ),
+        ("OrdersCommand", "2/labelled") => check_old(
+            f,
+            &machine::v2::OrdersCommand::Finish { order: order_v1("inventory/1"), step: 4, now_ms: NOW },
+            &OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW },
+        ),
+        ("OrdersCommand", "3") => {
             check_current(f, &OrdersCommand::Place { order: order(), idempotency: idem(), now_ms: NOW })
         }
-        ("OrdersCommand", "2/finish") => {
+        ("OrdersCommand", "3/finish") => {
             check_current(f, &OrdersCommand::Finish { order: order(), step: 4, now_ms: NOW })
         }
         ("OrdersApplied", "1") => check_current(f, &OrdersApplied::Existing { order_id: ORDER, same_body: true }),
-        ("OutboxEntry", "1") => check_current(f, &outbox_entry()),
+        ("OutboxEntry", "1") => check_refused::<_, OutboxEntry>(f, &outbox_entry_v1("n2"), &no_shard("n2")),
+        ("OutboxEntry", "1/labelled") => check_old(f, &outbox_entry_v1("inventory/2"), &outbox_entry()),
+        ("OutboxEntry", "2") => check_current(f, &outbox_entry()),
         ("OrdersRequest", "1/get") => {
             check_old(f, &v1::OrdersRequest::Get { order_id: ORDER }, &OrdersRequest::Get { order_id: ORDER })
         }

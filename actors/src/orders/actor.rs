@@ -28,7 +28,7 @@ use super::driver::{unserved_reply, Driver, Effect, Facts, Input, Placed, ShardF
 use super::machine::{self, OrdersCommand, OrdersMachine, IDEMPOTENCY, ORDERS};
 use super::outbox::{OutboxMsg, RELAY_NAME};
 use super::protocol::{shard_of_order, OrdersReply, OrdersRequest, PlaceOrder};
-use super::saga::{inventory_shard_label, parse_inventory_shard, ChargeOutcome, Event, ReserveOutcome};
+use super::saga::{ChargeOutcome, Event, ReserveOutcome};
 use super::MAX_DEAD_LETTERS_LISTED;
 use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
@@ -184,18 +184,18 @@ impl OrdersState {
                     .instrument(span),
                 );
             }
-            Effect::Reserve { order_id, node, items, traceparent } => {
+            Effect::Reserve { order_id, shard, items, traceparent } => {
                 let cluster = self.cluster().clone();
                 let (span, tp) =
-                    bulkhead_cluster::traced_span!("saga.step", &traceparent, step = "reserve", %order_id, %node);
+                    bulkhead_cluster::traced_span!("saga.step", &traceparent, step = "reserve", %order_id, shard);
                 tokio::spawn(
                     async move {
                         let started = Instant::now();
                         // Holds end with the saga (commit or release), never on a clock.
                         let ttl_ms = crate::inventory::protocol::UNTIL_RELEASED;
-                        let outcome = reserve(&cluster, order_id, &node, items, ttl_ms, &tp).await;
+                        let outcome = reserve(&cluster, order_id, shard, items, ttl_ms, &tp).await;
                         step_done("reserve", started, outcome.label());
-                        let event = Event::Reserve { node, outcome };
+                        let event = Event::Reserve { shard, outcome };
                         let _ = me.cast(drive(Input::Saga { order_id, event }));
                     }
                     .instrument(span),
@@ -270,14 +270,12 @@ impl OrdersState {
     /// own their SKUs, then the driver decides.
     fn place(&mut self, myself: &Myself, place: PlaceOrder, traceparent: String, reply: Reply) {
         let id = new_order_id(place.shard);
-        // The saga's `node` of a shard step is the shard's label ([`inventory_shard_label`]): a
-        // Raft group, led wherever.
-        let mut split: Vec<(String, Vec<Item>)> = Vec::new();
+        let mut split: Vec<(u32, Vec<Item>)> = Vec::new();
         for it in &place.items {
-            let node = inventory_shard_label(self.cluster().shard_of(Capability::Inventory, it.sku.as_bytes()));
-            match split.iter_mut().find(|(n, _)| *n == node) {
+            let shard = self.cluster().shard_of(Capability::Inventory, it.sku.as_bytes());
+            match split.iter_mut().find(|(s, _)| *s == shard) {
                 Some((_, items)) => items.push(it.clone()),
-                None => split.push((node, vec![it.clone()])),
+                None => split.push((shard, vec![it.clone()])),
             }
         }
         let shard = place.shard;
@@ -340,18 +338,14 @@ fn step_done(step: &'static str, started: Instant, outcome: &'static str) {
 async fn reserve(
     cluster: &Cluster,
     order_id: Uuid,
-    node: &str,
+    shard: u32,
     items: Vec<Item>,
     ttl_ms: u64,
     tp: &str,
 ) -> ReserveOutcome {
     let req = InventoryRequest::Reserve { order_id, items, ttl_ms };
     let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-    let reply = match parse_inventory_shard(node) {
-        Some(shard) => cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, tp, t).await,
-        None => Ok(InventoryReply::Unavailable(format!("`{node}` is not an inventory shard"))),
-    };
-    match reply {
+    match cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, tp, t).await {
         Ok(InventoryReply::Reserved { lines, expires_ms }) => ReserveOutcome::Reserved { lines, expires_ms },
         Ok(InventoryReply::OutOfStock { sku, .. }) => ReserveOutcome::OutOfStock { sku },
         Ok(InventoryReply::AlreadyReleased) => ReserveOutcome::AlreadyReleased,

@@ -77,9 +77,9 @@ pub struct Placed<R> {
 /// What happens to the driver.
 #[derive(Debug)]
 pub enum Input<R> {
-    /// A client's order. `id` is its new order id and `split` its items by inventory shard label
+    /// A client's order. `id` is its new order id and `split` its items by inventory shard
     /// (the actor draws the id and knows the inventory shard map).
-    Place { place: PlaceOrder, id: Uuid, split: Vec<(String, Vec<Item>)>, traceparent: String, reply: R },
+    Place { place: PlaceOrder, id: Uuid, split: Vec<(u32, Vec<Item>)>, traceparent: String, reply: R },
     /// A client still waiting for an order (`OrdersRequest::Await`).
     Await { order_id: Uuid, wait_ms: u64, reply: R },
     /// A proposed `Place` came back.
@@ -124,7 +124,7 @@ pub enum Effect<R> {
     /// Ask an inventory shard's leader for a hold; the answer comes back as an [`Input::Saga`].
     Reserve {
         order_id: Uuid,
-        node: String,
+        shard: u32,
         items: Vec<Item>,
         traceparent: String,
     },
@@ -190,7 +190,7 @@ impl Driving {
 /// A request waiting for its shard to be loaded.
 #[derive(Debug)]
 enum Parked<R> {
-    Place { place: PlaceOrder, id: Uuid, split: Vec<(String, Vec<Item>)>, traceparent: String, reply: R },
+    Place { place: PlaceOrder, id: Uuid, split: Vec<(u32, Vec<Item>)>, traceparent: String, reply: R },
     Await { order_id: Uuid, wait_ms: u64, reply: R },
 }
 
@@ -362,7 +362,7 @@ impl<R> Driver<R> {
         facts: &Facts,
         place: PlaceOrder,
         id: Uuid,
-        split: Vec<(String, Vec<Item>)>,
+        split: Vec<(u32, Vec<Item>)>,
         traceparent: String,
         reply: R,
         out: &mut Vec<Effect<R>>,
@@ -554,8 +554,8 @@ impl<R> Driver<R> {
         let traceparent = self.sagas.get(&order_id).map(|s| s.order.traceparent.clone()).unwrap_or_default();
         for cmd in cmds {
             match cmd {
-                Command::Reserve { node, items } => {
-                    out.push(Effect::Reserve { order_id, node, items, traceparent: traceparent.clone() })
+                Command::Reserve { shard, items } => {
+                    out.push(Effect::Reserve { order_id, shard, items, traceparent: traceparent.clone() })
                 }
                 Command::Charge { amount_cents, token } => {
                     out.push(Effect::Charge { order_id, amount_cents, token, traceparent: traceparent.clone() })

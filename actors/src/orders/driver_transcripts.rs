@@ -123,9 +123,9 @@ impl Runner {
                 self.pending.entry(order_id).or_default().proposal = Some((epoch, then));
                 format!("propose {what} {step} of {name} ({status}) in shard {shard}, epoch {epoch}{then_s}")
             }
-            Effect::Reserve { order_id, node, items, .. } => {
+            Effect::Reserve { order_id, shard, items, .. } => {
                 let n: u64 = items.iter().map(|i| i.quantity).sum();
-                format!("call reserve {} at {node} ({n} unit(s))", self.name(&order_id))
+                format!("call reserve {} at inventory/{shard} ({n} unit(s))", self.name(&order_id))
             }
             Effect::Charge { order_id, amount_cents, .. } => {
                 format!("call charge {} {amount_cents} cents", self.name(&order_id))
@@ -190,7 +190,7 @@ fn commands(cmds: &[Command]) -> String {
     let names: Vec<String> = cmds
         .iter()
         .map(|c| match c {
-            Command::Reserve { node, .. } => format!("reserve at {node}"),
+            Command::Reserve { shard, .. } => format!("reserve at inventory/{shard}"),
             Command::Charge { .. } => "charge".to_string(),
             Command::RetryIn(ms) => format!("retry in {ms} ms"),
             Command::Finish => "finish".to_string(),
@@ -248,7 +248,7 @@ impl goldenscript::Runner for Runner {
                                 Some(r) => r.clone(),
                                 None => {
                                     let p = place_order(shard, None, 0);
-                                    let split = vec![("inventory/0".to_string(), p.items.clone())];
+                                    let split = vec![(0, p.items.clone())];
                                     saga::new_order(id, p.customer_id, p.items, p.payment_token, split, 0)
                                 }
                             };
@@ -266,7 +266,7 @@ impl goldenscript::Runner for Runner {
                 let wait = args.lookup_parse::<u64>("wait")?.unwrap_or(500);
                 let id = self.id(&label, shard);
                 let place = place_order(shard, key, wait);
-                let split = vec![("inventory/0".to_string(), place.items.clone())];
+                let split = vec![(0, place.items.clone())];
                 let reply = self.reply_id();
                 format!("r{reply} = place {label}\n")
                     + &self.step(Input::Place { place, id, split, traceparent: String::new(), reply })
@@ -312,14 +312,14 @@ impl goldenscript::Runner for Runner {
             name @ ("reserved" | "out-of-stock" | "charged" | "declined" | "payments-down" | "retry-due") => {
                 let label = args.next_pos().ok_or("EVENT LABEL")?.value.clone();
                 let order_id = self.known(&label)?;
-                let node = "inventory/0".to_string();
+                let shard = 0;
                 let event = match name {
                     "reserved" => {
                         let lines = vec![PricedLine { sku: "widget-1".into(), quantity: 2, unit_price_cents: 500 }];
-                        Event::Reserve { node, outcome: ReserveOutcome::Reserved { lines, expires_ms: u64::MAX } }
+                        Event::Reserve { shard, outcome: ReserveOutcome::Reserved { lines, expires_ms: u64::MAX } }
                     }
                     "out-of-stock" => {
-                        Event::Reserve { node, outcome: ReserveOutcome::OutOfStock { sku: "widget-1".into() } }
+                        Event::Reserve { shard, outcome: ReserveOutcome::OutOfStock { sku: "widget-1".into() } }
                     }
                     "charged" => Event::Charge(ChargeOutcome::Charged { payment_id: "pay-1".into() }),
                     "declined" => Event::Charge(ChargeOutcome::Declined { reason: "card".into() }),

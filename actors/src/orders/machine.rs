@@ -60,7 +60,19 @@ pub struct DeadLetterRecord {
     pub entry: OutboxEntry,
 }
 impl Record for DeadLetterRecord {
-    const VERSION: u8 = 1;
+    /// 2: the entry's inventory destination names its shard by number ([`OutboxEntry`] v2).
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => {
+                let old = decode_payload::<v1::DeadLetterRecord>(payload)?;
+                Ok(DeadLetterRecord { letter: old.letter, entry: old.entry.try_into()? })
+            }
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
 }
 
 /// A change to an orders shard (replicated, versioned; append variants at the end only).
@@ -84,25 +96,35 @@ pub enum OrdersCommand {
 impl Record for OrdersCommand {
     /// 2: `Place`'s Idempotency-Key carries a SHA-256 body fingerprint ([`IdemKey`]). A version-1
     /// command (in a log written before the upgrade) still applies, claiming by FNV-1a as it did.
-    const VERSION: u8 = 2;
+    /// 3: the order it carries names its inventory shards by number ([`OrderRecord`] v2).
+    const VERSION: u8 = 3;
 
     fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
         match version {
-            1 => decode_payload::<v1::OrdersCommand>(payload).map(Into::into),
-            2 => decode_payload(payload),
+            1 => decode_payload::<v1::OrdersCommand>(payload)?.try_into(),
+            2 => decode_payload::<v2::OrdersCommand>(payload)?.try_into(),
+            3 => decode_payload(payload),
             v => Err(unknown_version::<Self>(v)),
         }
     }
 }
 
-/// [`OrdersCommand`] version 1 (ca16541/d9332a4 until the SHA-256 body fingerprint).
+/// [`OrdersCommand`] version 1 (ca16541/d9332a4 until the SHA-256 body fingerprint), and
+/// [`DeadLetterRecord`] version 1 (until inventory shards by number): orders as
+/// [`saga::v1::OrderRecord`] laid them out.
 pub(crate) mod v1 {
-    use bulkhead_storage::IdemIndexEntry;
+    use bulkhead_storage::{CodecError, IdemIndexEntry};
     use serde::{Deserialize, Serialize};
     use uuid::Uuid;
 
-    use crate::orders::protocol::IdemKeyV1;
-    use crate::orders::saga::OrderRecord;
+    use crate::orders::protocol::{DeadLetter, IdemKeyV1};
+    use crate::orders::saga::v1::{OrderRecord, OutboxEntry};
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct DeadLetterRecord {
+        pub letter: DeadLetter,
+        pub entry: OutboxEntry,
+    }
 
     #[derive(Debug, Serialize, Deserialize)]
     pub enum OrdersCommand {
@@ -114,9 +136,10 @@ pub(crate) mod v1 {
         Sweep { entries: Vec<IdemIndexEntry>, now_ms: u64 },
     }
 
-    impl From<OrdersCommand> for super::OrdersCommand {
-        fn from(old: OrdersCommand) -> Self {
-            match old {
+    impl TryFrom<OrdersCommand> for super::v2::OrdersCommand {
+        type Error = CodecError;
+        fn try_from(old: OrdersCommand) -> Result<Self, CodecError> {
+            Ok(match old {
                 OrdersCommand::Place { order, idempotency, now_ms } => {
                     Self::Place { order, idempotency: idempotency.map(Into::into), now_ms }
                 }
@@ -127,7 +150,54 @@ pub(crate) mod v1 {
                     Self::DeadLetter { key, attempts, last_error, now_ms }
                 }
                 OrdersCommand::Sweep { entries, now_ms } => Self::Sweep { entries, now_ms },
-            }
+            })
+        }
+    }
+
+    impl TryFrom<OrdersCommand> for super::OrdersCommand {
+        type Error = CodecError;
+        fn try_from(old: OrdersCommand) -> Result<Self, CodecError> {
+            super::v2::OrdersCommand::try_from(old)?.try_into()
+        }
+    }
+}
+
+/// [`OrdersCommand`] version 2 (SHA-256 body fingerprints, until inventory shards by number).
+pub(crate) mod v2 {
+    use bulkhead_storage::{CodecError, IdemIndexEntry};
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
+
+    use crate::orders::protocol::IdemKey;
+    use crate::orders::saga::v1::OrderRecord;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OrdersCommand {
+        Place { order: OrderRecord, idempotency: Option<IdemKey>, now_ms: u64 },
+        Step { order: OrderRecord, step: u64 },
+        Finish { order: OrderRecord, step: u64, now_ms: u64 },
+        Delivered { keys: Vec<(Uuid, u64)> },
+        DeadLetter { key: (Uuid, u64), attempts: u32, last_error: String, now_ms: u64 },
+        Sweep { entries: Vec<IdemIndexEntry>, now_ms: u64 },
+    }
+
+    impl TryFrom<OrdersCommand> for super::OrdersCommand {
+        type Error = CodecError;
+        fn try_from(old: OrdersCommand) -> Result<Self, CodecError> {
+            Ok(match old {
+                OrdersCommand::Place { order, idempotency, now_ms } => {
+                    Self::Place { order: order.try_into()?, idempotency, now_ms }
+                }
+                OrdersCommand::Step { order, step } => Self::Step { order: order.try_into()?, step },
+                OrdersCommand::Finish { order, step, now_ms } => {
+                    Self::Finish { order: order.try_into()?, step, now_ms }
+                }
+                OrdersCommand::Delivered { keys } => Self::Delivered { keys },
+                OrdersCommand::DeadLetter { key, attempts, last_error, now_ms } => {
+                    Self::DeadLetter { key, attempts, last_error, now_ms }
+                }
+                OrdersCommand::Sweep { entries, now_ms } => Self::Sweep { entries, now_ms },
+            })
         }
     }
 }
@@ -315,7 +385,7 @@ mod tests {
             customer.into(),
             vec![item.clone()],
             "tok_ok".into(),
-            vec![("inventory/0".into(), vec![item])],
+            vec![(0, vec![item])],
             n as u64,
         )
     }
@@ -432,11 +502,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
         let old: OrdersCommand = v1::OrdersCommand::Place {
-            order: order(1, "c"),
+            order: order(1, "c").into(),
             idempotency: Some(super::super::protocol::IdemKeyV1 { key: "k".into(), body_hash: 9 }),
             now_ms: 1,
         }
-        .into();
+        .try_into()
+        .unwrap();
         apply_all(&s, &[old], 1);
         let after = dump(&s);
         // The same record as an older build wrote it: the claim's value in version 1's bytes.
@@ -484,14 +555,15 @@ mod tests {
         let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
         // As version 1's bytes read (the fixture test pins the bytes to this conversion).
         let old: OrdersCommand = v1::OrdersCommand::Place {
-            order: order(1, "c"),
+            order: order(1, "c").into(),
             idempotency: Some(super::super::protocol::IdemKeyV1 {
                 key: "k".into(),
                 body_hash: bulkhead_storage::fnv1a(&1u64.to_le_bytes()),
             }),
             now_ms: 1,
         }
-        .into();
+        .try_into()
+        .unwrap();
         let r = apply_all(
             &s,
             &[
@@ -524,7 +596,7 @@ mod tests {
         );
         assert_eq!(r[2], OrdersApplied::Stale, "a second finish queues nothing more");
         let dests: Vec<Dest> = OUTBOX.iter(&s).map(|e| e.unwrap().1.dest).collect();
-        assert_eq!(dests, vec![Dest::Inventory { node: "inventory/0".into() }, Dest::Shipping, Dest::Notifications]);
+        assert_eq!(dests, vec![Dest::Inventory { shard: 0 }, Dest::Shipping, Dest::Notifications]);
         let shipped = OUTBOX.get(&s, &(o.id, 1)).unwrap().unwrap();
         assert!(matches!(shipped.event, OutboxEvent::Confirmed(OrderConfirmed { order_id, .. }) if order_id == o.id));
         assert!(UNFINISHED.get(&s, &o.id).unwrap().is_none());

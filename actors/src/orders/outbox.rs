@@ -34,7 +34,7 @@ use uuid::Uuid;
 use super::machine::{OrdersApplied, OrdersCommand, OrdersMachine, OUTBOX};
 use super::protocol::shard_of_order;
 use super::rounds::{self, DeadLetter, Delivery, Round, Rounds};
-use super::saga::{dest_label, parse_inventory_shard, Dest, OutboxEntry, OutboxEvent};
+use super::saga::{dest_label, Dest, OutboxEntry, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
@@ -91,30 +91,26 @@ fn on_error(e: bulkhead_cluster::CallError) -> Delivery {
     }
 }
 
-/// Calls the leader of the inventory shard a saga labelled `label` with the request `make` builds
-/// for it; an error is already the delivery's outcome.
+/// Calls the leader of inventory shard `shard` with `req`; an error is already the delivery's outcome.
 async fn call_inventory_shard(
     cluster: &Cluster,
-    label: &str,
-    make: impl FnOnce(u32) -> InventoryRequest,
+    shard: u32,
+    req: InventoryRequest,
     tp: &str,
 ) -> Result<InventoryReply, Delivery> {
-    let Some(shard) = parse_inventory_shard(label) else {
-        return Err(Delivery::Failed(format!("`{label}` is not an inventory shard")));
-    };
     let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-    cluster.call_leader(Capability::Inventory, shard, &make(shard), tp, t).await.map_err(on_error)
+    cluster.call_leader(Capability::Inventory, shard, &req, tp, t).await.map_err(on_error)
 }
 
 /// Delivers one entry.
 async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
     let tp = bulkhead_cluster::wire::child_traceparent(&e.traceparent);
     match (&e.dest, &e.event) {
-        (Dest::Inventory { node }, OutboxEvent::CommitReservation { order_id }) => {
-            let commit = |shard| InventoryRequest::CommitOn { shard, order_id: *order_id };
-            match call_inventory_shard(cluster, node, commit, &tp).await {
+        (Dest::Inventory { shard }, OutboxEvent::CommitReservation { order_id }) => {
+            let commit = InventoryRequest::CommitOn { shard: *shard, order_id: *order_id };
+            match call_inventory_shard(cluster, *shard, commit, &tp).await {
                 Ok(InventoryReply::CommitFailed { reason }) => {
-                    tracing::error!(%order_id, %node, %reason, "reservation commit failed for a confirmed order");
+                    tracing::error!(%order_id, shard, %reason, "reservation commit failed for a confirmed order");
                     Delivery::Acked
                 }
                 Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
@@ -122,9 +118,9 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
                 Err(d) => d,
             }
         }
-        (Dest::Inventory { node }, OutboxEvent::ReleaseReservation { order_id }) => {
-            let release = |shard| InventoryRequest::ReleaseOn { shard, order_id: *order_id };
-            match call_inventory_shard(cluster, node, release, &tp).await {
+        (Dest::Inventory { shard }, OutboxEvent::ReleaseReservation { order_id }) => {
+            let release = InventoryRequest::ReleaseOn { shard: *shard, order_id: *order_id };
+            match call_inventory_shard(cluster, *shard, release, &tp).await {
                 Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
                 Ok(_) => Delivery::Acked,
                 Err(d) => d,

@@ -10,7 +10,7 @@
 //! capability is unreachable keeps the order `pending` and schedules a retry with exponential
 //! backoff and jitter; a definite answer (out of stock, declined) cancels it.
 
-use bulkhead_storage::Record;
+use bulkhead_storage::{decode_payload, unknown_version, CodecError, Record};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -32,10 +32,11 @@ pub enum ShardState {
     },
 }
 
-/// The part of the order held by one inventory node.
+/// The part of the order held by one inventory shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardStep {
-    pub node: String,
+    /// The inventory shard (a Raft group, led wherever).
+    pub shard: u32,
     pub items: Vec<Item>,
     pub state: ShardState,
 }
@@ -81,7 +82,16 @@ pub struct OrderRecord {
 }
 
 impl Record for OrderRecord {
-    const VERSION: u8 = 1;
+    /// 2: a shard step names its inventory shard by number (`inventory/3` before).
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<v1::OrderRecord>(payload)?.try_into(),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +145,8 @@ pub enum Event {
     /// The node restarted with this order unfinished.
     Resume,
     Reserve {
-        node: String,
+        /// The inventory shard that answered.
+        shard: u32,
         outcome: ReserveOutcome,
     },
     Charge(ChargeOutcome),
@@ -158,7 +169,8 @@ pub fn window_passed(o: &OrderRecord, now_ms: u64, window_ms: u64) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Reserve {
-        node: String,
+        /// The inventory shard to ask.
+        shard: u32,
         items: Vec<Item>,
     },
     Charge {
@@ -194,7 +206,7 @@ pub fn runs_before_commit(cmd: &Command) -> bool {
 /// Where an outbox entry goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dest {
-    Inventory { node: String },
+    Inventory { shard: u32 },
     Payments,
     Shipping,
     Notifications,
@@ -208,13 +220,13 @@ pub enum OutboxEvent {
     RefundPayment { order_id: Uuid },
 }
 
-/// Creates a pending order whose items are split over `shards` (node -> its items).
+/// Creates a pending order whose items are split over `shards` (inventory shard -> its items).
 pub fn new_order(
     id: Uuid,
     customer_id: String,
     items: Vec<Item>,
     payment_token: String,
-    shards: Vec<(String, Vec<Item>)>,
+    shards: Vec<(u32, Vec<Item>)>,
     now_ms: u64,
 ) -> OrderRecord {
     OrderRecord {
@@ -228,7 +240,10 @@ pub fn new_order(
         lines: vec![],
         total_cents: 0,
         phase: Phase::Reserving,
-        shards: shards.into_iter().map(|(node, items)| ShardStep { node, items, state: ShardState::Pending }).collect(),
+        shards: shards
+            .into_iter()
+            .map(|(shard, items)| ShardStep { shard, items, state: ShardState::Pending })
+            .collect(),
         attempts: 0,
         retry_scheduled: false,
         hold_until_ms: 0,
@@ -283,7 +298,7 @@ fn outstanding(o: &mut OrderRecord) -> Vec<Command> {
             .shards
             .iter()
             .filter(|s| s.state == ShardState::Pending)
-            .map(|s| Command::Reserve { node: s.node.clone(), items: s.items.clone() })
+            .map(|s| Command::Reserve { shard: s.shard, items: s.items.clone() })
             .collect(),
         Phase::Charging => vec![Command::Charge { amount_cents: o.total_cents, token: o.payment_token.clone() }],
         Phase::Done => vec![],
@@ -342,11 +357,11 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
             o.retry_scheduled = false;
             outstanding(o)
         }
-        Event::Reserve { node, outcome } => {
+        Event::Reserve { shard, outcome } => {
             if o.phase != Phase::Reserving {
                 return vec![];
             }
-            let Some(i) = o.shards.iter().position(|s| s.node == node && s.state == ShardState::Pending) else {
+            let Some(i) = o.shards.iter().position(|s| s.shard == shard && s.state == ShardState::Pending) else {
                 return vec![];
             };
             match outcome {
@@ -386,7 +401,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                 ReserveOutcome::AlreadyReleased => {
                     finish(o, now_ms, OrderStatus::Cancelled, Some("reservation_expired"))
                 }
-                ReserveOutcome::Unavailable(_) => transient(o, now_ms, format!("inventory on {node}"), jitter),
+                ReserveOutcome::Unavailable(_) => transient(o, now_ms, format!("inventory shard {shard}"), jitter),
             }
         }
         Event::Charge(outcome) => {
@@ -411,8 +426,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
 
 /// The outbox entries a finished order produces (written in the same batch as its final state).
 pub fn outbox(o: &OrderRecord) -> Vec<(Dest, OutboxEvent)> {
-    let inventory =
-        |e: OutboxEvent| o.shards.iter().map(move |s| (Dest::Inventory { node: s.node.clone() }, e.clone()));
+    let inventory = |e: OutboxEvent| o.shards.iter().map(move |s| (Dest::Inventory { shard: s.shard }, e.clone()));
     match o.status {
         OrderStatus::Confirmed => {
             let ev = OrderConfirmed {
@@ -472,13 +486,22 @@ pub struct OutboxEntry {
     pub traceparent: String,
 }
 impl Record for OutboxEntry {
-    const VERSION: u8 = 1;
+    /// 2: an inventory destination names its shard by number (`inventory/3` before).
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
+        match version {
+            1 => decode_payload::<v1::OutboxEntry>(payload)?.try_into(),
+            2 => decode_payload(payload),
+            v => Err(unknown_version::<Self>(v)),
+        }
+    }
 }
 
 /// The destination as a dead letter names it: `inventory/1`, `payments`, `shipping`, ...
 pub(crate) fn dest_label(d: &Dest) -> String {
     match d {
-        Dest::Inventory { node } => node.clone(),
+        Dest::Inventory { shard } => inventory_shard_label(*shard),
         Dest::Payments => "payments".into(),
         Dest::Shipping => "shipping".into(),
         Dest::Notifications => "notifications".into(),
@@ -494,7 +517,8 @@ pub(crate) fn event_label(e: &OutboxEvent) -> (&'static str, Uuid) {
     }
 }
 
-/// How a saga names an inventory shard in its records (`ShardStep::node`, `Dest::Inventory`).
+/// How a dead letter names an inventory shard (and how records before version 2 named it in
+/// `ShardStep` and `Dest::Inventory`).
 pub fn inventory_shard_label(shard: u32) -> String {
     format!("inventory/{shard}")
 }
@@ -502,6 +526,158 @@ pub fn inventory_shard_label(shard: u32) -> String {
 /// The shard a label of [`inventory_shard_label`] names.
 pub fn parse_inventory_shard(label: &str) -> Option<u32> {
     label.strip_prefix("inventory/")?.parse().ok()
+}
+
+/// The saga's records as version 1 laid them out (until 7 Dec 2026): an inventory shard was named
+/// by its label, `inventory/<n>` ([`inventory_shard_label`]). Read into today's records; a label
+/// that names no shard (no build since inventory became Raft groups on 30 Nov 2026 wrote one) is
+/// a malformed record, not a guess.
+pub(crate) mod v1 {
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
+
+    use super::{parse_inventory_shard, OutboxEvent, Phase, ShardState};
+    use crate::inventory::{Item, PricedLine};
+    use crate::orders::protocol::{HistoryEntry, OrderStatus};
+    use bulkhead_storage::CodecError;
+
+    fn shard(label: &str) -> Result<u32, CodecError> {
+        parse_inventory_shard(label).ok_or_else(|| CodecError::Malformed(format!("`{label}` names no inventory shard")))
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct ShardStep {
+        pub node: String,
+        pub items: Vec<Item>,
+        pub state: ShardState,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct OrderRecord {
+        pub id: Uuid,
+        pub customer_id: String,
+        pub items: Vec<Item>,
+        pub payment_token: String,
+        pub status: OrderStatus,
+        pub reason: Option<String>,
+        pub payment_id: Option<String>,
+        pub lines: Vec<PricedLine>,
+        pub total_cents: u64,
+        pub phase: Phase,
+        pub shards: Vec<ShardStep>,
+        pub attempts: u32,
+        pub retry_scheduled: bool,
+        pub hold_until_ms: u64,
+        pub hold_margin_ms: u64,
+        pub charge_attempted: bool,
+        pub last_wait: Option<String>,
+        pub history: Vec<HistoryEntry>,
+        pub created_ms: u64,
+        pub traceparent: String,
+    }
+
+    impl TryFrom<OrderRecord> for super::OrderRecord {
+        type Error = CodecError;
+        fn try_from(o: OrderRecord) -> Result<Self, CodecError> {
+            let shards = o
+                .shards
+                .into_iter()
+                .map(|s| Ok(super::ShardStep { shard: shard(&s.node)?, items: s.items, state: s.state }))
+                .collect::<Result<_, CodecError>>()?;
+            Ok(super::OrderRecord {
+                id: o.id,
+                customer_id: o.customer_id,
+                items: o.items,
+                payment_token: o.payment_token,
+                status: o.status,
+                reason: o.reason,
+                payment_id: o.payment_id,
+                lines: o.lines,
+                total_cents: o.total_cents,
+                phase: o.phase,
+                shards,
+                attempts: o.attempts,
+                retry_scheduled: o.retry_scheduled,
+                hold_until_ms: o.hold_until_ms,
+                hold_margin_ms: o.hold_margin_ms,
+                charge_attempted: o.charge_attempted,
+                last_wait: o.last_wait,
+                history: o.history,
+                created_ms: o.created_ms,
+                traceparent: o.traceparent,
+            })
+        }
+    }
+
+    /// Today's record as version 1 laid it out (for tests of the upgrade).
+    #[cfg(test)]
+    impl From<super::OrderRecord> for OrderRecord {
+        fn from(o: super::OrderRecord) -> Self {
+            let shards = o
+                .shards
+                .into_iter()
+                .map(|s| ShardStep { node: super::inventory_shard_label(s.shard), items: s.items, state: s.state })
+                .collect();
+            OrderRecord {
+                id: o.id,
+                customer_id: o.customer_id,
+                items: o.items,
+                payment_token: o.payment_token,
+                status: o.status,
+                reason: o.reason,
+                payment_id: o.payment_id,
+                lines: o.lines,
+                total_cents: o.total_cents,
+                phase: o.phase,
+                shards,
+                attempts: o.attempts,
+                retry_scheduled: o.retry_scheduled,
+                hold_until_ms: o.hold_until_ms,
+                hold_margin_ms: o.hold_margin_ms,
+                charge_attempted: o.charge_attempted,
+                last_wait: o.last_wait,
+                history: o.history,
+                created_ms: o.created_ms,
+                traceparent: o.traceparent,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub enum Dest {
+        Inventory { node: String },
+        Payments,
+        Shipping,
+        Notifications,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct OutboxEntry {
+        pub dest: Dest,
+        pub event: OutboxEvent,
+        pub order_id: Uuid,
+        pub created_ms: u64,
+        pub traceparent: String,
+    }
+
+    impl TryFrom<OutboxEntry> for super::OutboxEntry {
+        type Error = CodecError;
+        fn try_from(e: OutboxEntry) -> Result<Self, CodecError> {
+            let dest = match e.dest {
+                Dest::Inventory { node } => super::Dest::Inventory { shard: shard(&node)? },
+                Dest::Payments => super::Dest::Payments,
+                Dest::Shipping => super::Dest::Shipping,
+                Dest::Notifications => super::Dest::Notifications,
+            };
+            Ok(super::OutboxEntry {
+                dest,
+                event: e.event,
+                order_id: e.order_id,
+                created_ms: e.created_ms,
+                traceparent: e.traceparent,
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -521,15 +697,12 @@ mod tests {
             "c1".into(),
             vec![item("a", 1), item("b", 2)],
             "tok_ok".into(),
-            vec![("n1".into(), vec![item("a", 1)]), ("n2".into(), vec![item("b", 2)])],
+            vec![(1, vec![item("a", 1)]), (2, vec![item("b", 2)])],
             0,
         )
     }
-    fn reserved(node: &str, l: PricedLine) -> Event {
-        Event::Reserve {
-            node: node.into(),
-            outcome: ReserveOutcome::Reserved { lines: vec![l], expires_ms: 1_000_000 },
-        }
+    fn reserved(shard: u32, l: PricedLine) -> Event {
+        Event::Reserve { shard, outcome: ReserveOutcome::Reserved { lines: vec![l], expires_ms: 1_000_000 } }
     }
 
     #[test]
@@ -537,8 +710,8 @@ mod tests {
         let mut o = two_shard_order();
         let c = step(&mut o, Event::Start, 1, 1.0);
         assert_eq!(c.len(), 2);
-        assert!(step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0).is_empty());
-        let c = step(&mut o, reserved("n2", line("b", 2, 50)), 3, 1.0);
+        assert!(step(&mut o, reserved(1, line("a", 1, 100)), 2, 1.0).is_empty());
+        let c = step(&mut o, reserved(2, line("b", 2, 50)), 3, 1.0);
         assert_eq!(c, vec![Command::Charge { amount_cents: 200, token: "tok_ok".into() }]);
         let c = step(&mut o, Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() }), 4, 1.0);
         assert_eq!(c, vec![Command::Finish]);
@@ -555,13 +728,9 @@ mod tests {
     fn out_of_stock_cancels_and_releases_every_shard() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
-        let c = step(
-            &mut o,
-            Event::Reserve { node: "n2".into(), outcome: ReserveOutcome::OutOfStock { sku: "b".into() } },
-            3,
-            1.0,
-        );
+        step(&mut o, reserved(1, line("a", 1, 100)), 2, 1.0);
+        let c =
+            step(&mut o, Event::Reserve { shard: 2, outcome: ReserveOutcome::OutOfStock { sku: "b".into() } }, 3, 1.0);
         assert_eq!(c, vec![Command::Finish]);
         assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some("out_of_stock")));
         let ob = outbox(&o);
@@ -576,8 +745,8 @@ mod tests {
     fn declined_cancels_and_releases() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        step(&mut o, reserved("n1", line("a", 1, 1)), 2, 1.0);
-        step(&mut o, reserved("n2", line("b", 2, 1)), 2, 1.0);
+        step(&mut o, reserved(1, line("a", 1, 1)), 2, 1.0);
+        step(&mut o, reserved(2, line("b", 2, 1)), 2, 1.0);
         step(&mut o, Event::Charge(ChargeOutcome::Declined { reason: "card declined".into() }), 3, 1.0);
         assert_eq!(o.reason.as_deref(), Some("payment_declined"));
         assert!(outbox(&o).iter().all(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })));
@@ -587,18 +756,17 @@ mod tests {
     fn unreachable_stays_pending_with_one_backoff_at_a_time() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        let down =
-            |n: &str| Event::Reserve { node: n.into(), outcome: ReserveOutcome::Unavailable("timed out".into()) };
-        assert_eq!(step(&mut o, down("n1"), 2, 1.0), vec![Command::RetryIn(100)]);
-        assert_eq!(step(&mut o, down("n2"), 2, 1.0), vec![]);
+        let down = |n: u32| Event::Reserve { shard: n, outcome: ReserveOutcome::Unavailable("timed out".into()) };
+        assert_eq!(step(&mut o, down(1), 2, 1.0), vec![Command::RetryIn(100)]);
+        assert_eq!(step(&mut o, down(2), 2, 1.0), vec![]);
         assert_eq!(o.status, OrderStatus::Pending);
         // The retry re-issues only what is still outstanding.
-        step(&mut o, reserved("n2", line("b", 2, 1)), 3, 1.0);
+        step(&mut o, reserved(2, line("b", 2, 1)), 3, 1.0);
         assert_eq!(
             step(&mut o, Event::RetryDue, 4, 1.0),
-            vec![Command::Reserve { node: "n1".into(), items: vec![item("a", 1)] }]
+            vec![Command::Reserve { shard: 1, items: vec![item("a", 1)] }]
         );
-        assert_eq!(step(&mut o, down("n1"), 5, 1.0), vec![Command::RetryIn(400)]);
+        assert_eq!(step(&mut o, down(1), 5, 1.0), vec![Command::RetryIn(400)]);
     }
 
     /// Payments unreachable for the equivalent of hours (10,000 retries at the 5 s cap is about
@@ -610,8 +778,8 @@ mod tests {
     fn a_long_payments_outage_neither_grows_the_record_nor_writes_a_step_per_retry() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
-        step(&mut o, reserved("n2", line("b", 2, 50)), 3, 1.0);
+        step(&mut o, reserved(1, line("a", 1, 100)), 2, 1.0);
+        step(&mut o, reserved(2, line("b", 2, 50)), 3, 1.0);
         let size = |o: &OrderRecord| bulkhead_storage::encode(o).len();
         let at_start = size(&o);
         let mut recorded = 0;
@@ -638,8 +806,8 @@ mod tests {
         let window = 60_000;
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        step(&mut o, reserved("n1", line("a", 1, 100)), 2, 1.0);
-        step(&mut o, reserved("n2", line("b", 2, 50)), 3, 1.0);
+        step(&mut o, reserved(1, line("a", 1, 100)), 2, 1.0);
+        step(&mut o, reserved(2, line("b", 2, 50)), 3, 1.0);
         step(&mut o, Event::Charge(ChargeOutcome::Unavailable("payments down".into())), 4, 1.0);
         assert!(!window_passed(&o, window - 1, window));
         assert!(window_passed(&o, window, window));
@@ -701,7 +869,7 @@ mod tests {
     fn a_resumed_saga_retries_even_if_a_retry_was_pending_before_the_restart() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        let down = Event::Reserve { node: "n1".into(), outcome: ReserveOutcome::Unavailable("down".into()) };
+        let down = Event::Reserve { shard: 1, outcome: ReserveOutcome::Unavailable("down".into()) };
         assert!(matches!(step(&mut o, down.clone(), 2, 1.0)[..], [Command::RetryIn(_)]));
         // The node restarts: the persisted record says a retry is scheduled, but the timer is gone.
         let mut restored = o.clone();
@@ -713,8 +881,8 @@ mod tests {
     fn a_shard_that_already_released_the_order_cancels_it_with_a_refund_if_a_charge_was_tried() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 0, 1.0);
-        step(&mut o, reserved("n1", line("a", 1, 1)), 0, 1.0);
-        let c = step(&mut o, reserved("n2", line("b", 2, 1)), 0, 1.0);
+        step(&mut o, reserved(1, line("a", 1, 1)), 0, 1.0);
+        let c = step(&mut o, reserved(2, line("b", 2, 1)), 0, 1.0);
         assert!(matches!(c[..], [Command::Charge { .. }]));
         // However long payments is down, the saga keeps its holds and retries the charge: holds end
         // with the saga, never on a clock (comparing two groups' clocks could loop or lapse).
@@ -726,7 +894,7 @@ mod tests {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 0, 1.0);
         o.charge_attempted = true;
-        let c = step(&mut o, Event::Reserve { node: "n1".into(), outcome: ReserveOutcome::AlreadyReleased }, 801, 1.0);
+        let c = step(&mut o, Event::Reserve { shard: 1, outcome: ReserveOutcome::AlreadyReleased }, 801, 1.0);
         assert_eq!(c, vec![Command::Finish]);
         assert_eq!(o.reason.as_deref(), Some("reservation_expired"));
         assert!(outbox(&o).iter().any(|(d, e)| *d == Dest::Payments && matches!(e, OutboxEvent::RefundPayment { .. })));
@@ -736,8 +904,8 @@ mod tests {
     fn resume_reissues_the_current_step() {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
-        step(&mut o, reserved("n1", line("a", 1, 1)), 2, 1.0);
-        step(&mut o, reserved("n2", line("b", 2, 1)), 2, 1.0);
+        step(&mut o, reserved(1, line("a", 1, 1)), 2, 1.0);
+        step(&mut o, reserved(2, line("b", 2, 1)), 2, 1.0);
         assert_eq!(
             step(&mut o.clone(), Event::Resume, 3, 1.0),
             vec![Command::Charge { amount_cents: 3, token: "tok_ok".into() }]
@@ -751,7 +919,7 @@ mod tests {
         let mut o = two_shard_order();
         step(&mut o, Event::Start, 1, 1.0);
         let committed = o.clone();
-        let (first, second) = (reserved("n1", line("a", 1, 100)), reserved("n2", line("b", 2, 50)));
+        let (first, second) = (reserved(1, line("a", 1, 100)), reserved(2, line("b", 2, 50)));
         assert!(!must_commit(&first) && !must_commit(&second));
         assert!(step(&mut o, first.clone(), 2, 1.0).is_empty());
         let sent = step(&mut o, second.clone(), 3, 1.0);
@@ -768,24 +936,23 @@ mod tests {
         assert!(resumed.charge_attempted);
         // Everything else is recorded before the order goes on.
         assert!(must_commit(&Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() })));
-        assert!(must_commit(&Event::Reserve {
-            node: "n1".into(),
-            outcome: ReserveOutcome::OutOfStock { sku: "a".into() }
-        }));
+        assert!(must_commit(&Event::Reserve { shard: 1, outcome: ReserveOutcome::OutOfStock { sku: "a".into() } }));
         assert!(must_commit(&Event::Charge(ChargeOutcome::Unavailable("down".into()))));
     }
 
     fn any_event() -> impl Strategy<Value = Event> {
-        let node = prop_oneof![Just("n1".to_string()), Just("n2".to_string())];
+        let shard = prop_oneof![Just(1u32), Just(2u32)];
         prop_oneof![
             Just(Event::RetryDue),
             Just(Event::Resume),
-            node.clone().prop_map(|n| Event::Reserve {
-                node: n,
+            shard.clone().prop_map(|n| Event::Reserve {
+                shard: n,
                 outcome: ReserveOutcome::Reserved { lines: vec![line("x", 1, 10)], expires_ms: 1_000_000 }
             }),
-            node.clone().prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::Unavailable("down".into()) }),
-            node.prop_map(|n| Event::Reserve { node: n, outcome: ReserveOutcome::OutOfStock { sku: "x".into() } }),
+            shard
+                .clone()
+                .prop_map(|n| Event::Reserve { shard: n, outcome: ReserveOutcome::Unavailable("down".into()) }),
+            shard.prop_map(|n| Event::Reserve { shard: n, outcome: ReserveOutcome::OutOfStock { sku: "x".into() } }),
             Just(Event::Charge(ChargeOutcome::Charged { payment_id: "p".into() })),
             Just(Event::Charge(ChargeOutcome::Declined { reason: "d".into() })),
             Just(Event::Charge(ChargeOutcome::Unavailable("down".into()))),

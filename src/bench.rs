@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{Capability, RateLimit, Timing};
+use bulkhead_cluster::{Capability, Timing};
+use bulkhead_http::RateLimit;
 use bulkhead_launch::{authorized, LocalSecrets};
 use hdrhistogram::Histogram;
 use serde::Serialize;

@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bulkhead_cluster::NodeConfig;
+use bulkhead_launch::config::NodeConfig;
 
 /// Holds the node log's lock of `data_dir` (so no node runs on it) until dropped. A data dir
 /// with no node log yet has nothing to lock and nothing a node could be writing.

@@ -352,9 +352,9 @@ async fn a_member_that_hosts_no_orders_cannot_charge_reserve_or_deliver() {
     still_serving(&tc, 0, 10).await;
 
     // The test process becomes n3: n3's config, certificate and cookie, real TLS links.
-    let n3 = bulkhead_cluster::NodeConfig::load(tc.lc.config_path(2)).expect("n3's config");
+    let n3 = bulkhead_launch::config::NodeConfig::load(tc.lc.config_path(2)).expect("n3's config");
     tc.lc.stop(2);
-    let forger = Cluster::start(n3).await.expect("n3 in the test process");
+    let forger = Cluster::start(n3.cluster()).await.expect("n3 in the test process");
     eventually(Duration::from_secs(20), "the test's n3 is up on n1 and n2", || async {
         let both = tc.status_of(0, "n3").await == "up" && tc.status_of(1, "n3").await == "up";
         let seen = ["n1", "n2"].iter().all(|n| forger.status_of(n) == bulkhead_cluster::Status::Up);

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bulkhead_cluster::{Capability, LogFormat, Timing};
+use bulkhead_cluster::{Capability, Timing};
+use bulkhead_launch::config::LogFormat;
 use common::eventually;
 use serde_json::{json, Value};
 

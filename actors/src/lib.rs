@@ -162,10 +162,11 @@ async fn start_replicated(
     data_dir: &Path,
     opts: &StoreOptions,
     fault_injection: bool,
+    orders: &orders::OrdersConfig,
 ) -> Result<(Vec<Replica>, Vec<ChildSpec>), String> {
     let mut replicas = BTreeMap::new();
     let port = cluster.raft_port();
-    for placement in cluster.config().capabilities.shards(cap) {
+    for placement in cluster.config().shard_map.shards(cap) {
         if !placement.replicas.iter().any(|n| n == cluster.name()) {
             continue;
         }
@@ -197,7 +198,7 @@ async fn start_replicated(
         Capability::Shipping | Capability::Notifications => served(cluster, replicas, fault_injection, making(cap)),
         Capability::Orders => {
             let relay = orders::RelayArgs { cluster: cluster.clone(), replicas: replicas.clone() };
-            let args = orders::OrdersArgs { cluster: cluster.clone(), replicas, fault_injection };
+            let args = orders::OrdersArgs { cluster: cluster.clone(), replicas, fault_injection, settings: *orders };
             vec![
                 ChildSpec::new(worker_name(cap), || orders::OrdersWorker, move || args.clone()),
                 ChildSpec::new(
@@ -219,6 +220,7 @@ pub async fn start_capabilities(
     data_dir: &Path,
     opts: &StoreOptions,
     fault_injection: bool,
+    orders: &orders::OrdersConfig,
 ) -> Capabilities {
     let mut caps = Capabilities {
         supervisors: BTreeMap::new(),
@@ -244,7 +246,7 @@ pub async fn start_capabilities(
     caps.node_log = Some(log.clone());
     for cap in cluster.config().hosted() {
         let opts = StoreOptions { cache_bytes: cache_bytes(cap), ..opts.clone() };
-        let children = match start_replicated(cluster, cap, &log, data_dir, &opts, fault_injection).await {
+        let children = match start_replicated(cluster, cap, &log, data_dir, &opts, fault_injection, orders).await {
             Ok((replicas, children)) => {
                 caps.replicas.extend(replicas);
                 children

@@ -15,7 +15,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Capability, NodeConfig};
+use crate::config::{Capability, ClusterConfig};
 use crate::detector::{Detector, Status, Transition};
 use crate::wire::{new_traceparent, open, seal};
 
@@ -198,7 +198,7 @@ pub(crate) mod old_heartbeat {
 /// the clock, the sessions and links (to send heartbeats over and to believe them), and where the
 /// verdicts go.
 pub trait MembershipPort: Send + Sync + 'static {
-    fn config(&self) -> &NodeConfig;
+    fn config(&self) -> &ClusterConfig;
     fn now_ms(&self) -> u64;
     /// This process's start, ms since the epoch (a peer tells a restart by it).
     fn incarnation(&self) -> u64;
@@ -327,13 +327,13 @@ impl MembershipState {
         let hb = Heartbeat {
             name: cfg.name.clone(),
             cluster_addr: cfg.advertised_cluster_addr(),
-            http_addr: cfg.advertised_http_addr(),
+            http_addr: cfg.http_advertise.clone(),
             pid: std::process::id(),
             incarnation: c.incarnation(),
             seq: self.seq,
             capabilities: cfg.hosted(),
             unhealthy: c.unhealthy_local(),
-            shard_fingerprint: cfg.capabilities.fingerprint(),
+            shard_fingerprint: cfg.shard_map.fingerprint(),
             timing_fingerprint: cfg.timing.fingerprint(),
             peers: c.connected_advertised(),
             binding: Vec::new(),
@@ -363,7 +363,7 @@ impl MembershipState {
         for addr in std::iter::once(&hb.cluster_addr).chain(hb.peers.iter()) {
             self.cluster.learn_addr(addr);
         }
-        let (ours, our_timing) = (cfg.capabilities.fingerprint(), cfg.timing.fingerprint());
+        let (ours, our_timing) = (cfg.shard_map.fingerprint(), cfg.timing.fingerprint());
         let mismatch = if hb.shard_fingerprint != ours {
             Some(format!(
                 "a different shard map (fingerprint {:016x}, ours {ours:016x}); every node must use the same [capabilities] tables",
@@ -432,12 +432,12 @@ impl MembershipState {
         let c = &*self.cluster;
         let cfg = c.config();
         let mut nodes = BTreeMap::new();
-        for name in cfg.capabilities.all_nodes().into_iter().chain(self.last.keys().cloned()) {
+        for name in cfg.shard_map.all_nodes().into_iter().chain(self.last.keys().cloned()) {
             let view = if name == cfg.name {
                 NodeView {
                     name: name.clone(),
                     addr: cfg.advertised_cluster_addr(),
-                    http: cfg.advertised_http_addr(),
+                    http: cfg.http_advertise.clone(),
                     pid: Some(std::process::id()),
                     status: Status::Up,
                     capabilities: cfg.hosted(),
@@ -467,7 +467,7 @@ impl MembershipState {
                     http: String::new(),
                     pid: None,
                     status: Status::Down,
-                    capabilities: cfg.capabilities.hosted_by(&name),
+                    capabilities: cfg.shard_map.hosted_by(&name),
                     unhealthy: vec![],
                     reason: Some("never heard from".into()),
                 }

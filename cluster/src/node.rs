@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState, Ticket};
 use crate::call::{call, CallError};
-use crate::config::{Capability, NodeConfig};
+use crate::config::{Capability, ClusterConfig};
 use crate::detector::Status;
 use crate::gate::{Expect, Gate, GateEvents, Refusal};
 use crate::gateway::group_name;
@@ -124,7 +124,7 @@ pub struct CapHealth {
 }
 
 struct Inner {
-    config: NodeConfig,
+    config: ClusterConfig,
     clock: Instant,
     incarnation: u64,
     server: ActorRef<NodeServerMessage>,
@@ -259,7 +259,7 @@ impl NodeEventSubscription for Events {
 
 impl Cluster {
     /// Starts this node's cluster layer: listener, membership, dialer.
-    pub async fn start(config: NodeConfig) -> Result<Cluster, String> {
+    pub async fn start(config: ClusterConfig) -> Result<Cluster, String> {
         let advertised = config.advertised_cluster_addr();
         let host = advertised.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertised.clone());
         // We accept and dial ourselves (see `link`), so the NodeServer's own listener is parked on
@@ -282,7 +282,7 @@ impl Cluster {
         let sealed = crate::tls::sealed_acceptor()?;
         let server = NodeServer::new(
             0,
-            config.cookie().to_string(),
+            config.cookie.clone(),
             config.name.clone(),
             host,
             Some(ractor_cluster::IncomingEncryptionMode::Tls(sealed)),
@@ -352,7 +352,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn config(&self) -> &NodeConfig {
+    pub fn config(&self) -> &ClusterConfig {
         &self.inner.config
     }
 
@@ -757,7 +757,7 @@ impl Cluster {
 
     /// The shard of a replicated capability that owns `key`.
     pub fn shard_of(&self, cap: Capability, key: &[u8]) -> u32 {
-        self.config().capabilities.shard_for(cap, key)
+        self.config().shard_map.shard_for(cap, key)
     }
 
     /// Where to send a request for a shard: the leader this node's own replica knows, else the
@@ -773,7 +773,7 @@ impl Cluster {
                 return Some(hint);
             }
         }
-        let shards = self.config().capabilities.shards(cap);
+        let shards = self.config().shard_map.shards(cap);
         shards
             .iter()
             .find(|p| p.shard == shard)
@@ -1014,7 +1014,7 @@ async fn open_link(
         l.insert(label.clone(), LinkInfo { peer: None, binding, handshake });
     }
     let events = LinkEvents { inner: Arc::downgrade(&cluster.inner), label: label.clone() };
-    let known = Arc::new(cluster.config().capabilities.all_nodes().into_iter().collect());
+    let known = Arc::new(cluster.config().shard_map.all_nodes().into_iter().collect());
     let gate = Gate::new(expect, incoming).knowing(known);
     let link = Box::new(LinkStream::new(
         io,

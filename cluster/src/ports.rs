@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Capability, NodeConfig};
+use crate::config::{Capability, ClusterConfig};
 use crate::detector::Status;
 use crate::membership::{MembershipPort, NodeView, Seen};
 use crate::node::Cluster;
@@ -15,7 +15,7 @@ use crate::senders::Peers;
 
 /// What membership asks of the node ([`crate::membership::MembershipPort`]).
 impl MembershipPort for Cluster {
-    fn config(&self) -> &NodeConfig {
+    fn config(&self) -> &ClusterConfig {
         Cluster::config(self)
     }
 
@@ -146,7 +146,7 @@ pub struct SenderRoles {
 impl Cluster {
     /// The sender check every gateway of this node uses ([`crate::senders::judge`]).
     pub fn sender_roles(&self) -> Arc<dyn Peers> {
-        let map = &self.config().capabilities;
+        let map = &self.config().shard_map;
         let members = Capability::ALL.iter().flat_map(|cap| map.nodes(*cap).iter().cloned()).collect();
         let replicas = Capability::ALL
             .iter()

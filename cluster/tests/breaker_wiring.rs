@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 mod support;
 use support::{Ping, Pong};
 
+use bulkhead_cluster::config::CapabilityPlacement;
 use bulkhead_cluster::gateway::worker_name;
-use bulkhead_cluster::{BreakerState, CallError, Capability, Cluster, Gateway, GatewayArgs, Inbound, NodeConfig};
+use bulkhead_cluster::{
+    BreakerState, CallError, Capability, Cluster, ClusterConfig, Gateway, GatewayArgs, Inbound, ShardMap,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 
@@ -44,40 +47,17 @@ impl Actor for Flaky {
     }
 }
 
-fn config(dir: &std::path::Path) -> NodeConfig {
+/// One node, no peers, no HTTP, plain TCP: nothing here crosses a network.
+fn config() -> ClusterConfig {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let text = format!(
-        r#"
-name = "a"
-cluster_listen = "127.0.0.1:{port}"
-cookie = "test"
-# One node, no peers, no HTTP: nothing here crosses a network.
-auth = "off"
-tls = "off"
-data_dir = "{}"
-http_listen = "127.0.0.1:0"
-[capabilities.orders]
-nodes = ["a"]
-[capabilities.inventory]
-nodes = ["a"]
-[capabilities.payments]
-nodes = ["a"]
-[capabilities.shipping]
-nodes = ["a"]
-[capabilities.notifications]
-nodes = ["a"]
-"#,
-        dir.display()
-    );
-    let cfg: NodeConfig = toml::from_str(&text).expect("config");
-    cfg.validate().expect("valid");
-    cfg
+    let on_a = CapabilityPlacement::on(&["a"]);
+    let map = ShardMap(Capability::ALL.into_iter().map(|c| (c, on_a.clone())).collect());
+    ClusterConfig::plain("a", std::net::SocketAddr::from(([127, 0, 0, 1], port)), "test", map)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_member_trips_its_breaker_and_a_successful_probe_closes_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = Cluster::start(config(dir.path())).await.expect("cluster");
+    let cluster = Cluster::start(config()).await.expect("cluster");
     let (healthy, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
     Actor::spawn(Some(worker_name(Capability::Payments)), Flaky { healthy: healthy.clone(), seen: seen.clone() }, ())
         .await

@@ -176,7 +176,7 @@ pub async fn place_order(
     // timeout, so a slow upload never held this permit): past the bound, queueing only makes every
     // answer late. The permit is held until the answer is built (dropped with this future if the
     // client leaves).
-    let Ok(_permit) = st.orders_in_flight.clone().try_acquire_owned() else {
+    let Some(_permit) = st.orders_in_flight.try_enter() else {
         st.metrics.shed.fetch_add(1, Relaxed);
         return Err(ApiError::overloaded());
     };
@@ -589,7 +589,7 @@ pub fn cluster_view(st: &AppState) -> ClusterView {
     let breakers = st.cluster.breaker_states();
     let mut capabilities = std::collections::BTreeMap::new();
     for cap in Capability::ALL {
-        let members = st.cluster.config().capabilities.nodes(cap).to_vec();
+        let members = st.cluster.config().shard_map.nodes(cap).to_vec();
         let healthy = members.iter().filter(|m| st.cluster.is_routable(cap, m)).cloned().collect();
         // Per member as this node's call path sees it; a member never called is closed.
         let per_member = members
@@ -610,7 +610,7 @@ pub fn cluster_view(st: &AppState) -> ClusterView {
 /// One entry per shard of every replicated capability: this node's replica's view of it (role and
 /// lag of every replica are known on the leader), or only the leader this node would call.
 fn shards(st: &AppState) -> Vec<Shard> {
-    let map = &st.cluster.config().capabilities;
+    let map = &st.cluster.config().shard_map;
     let mut out = Vec::new();
     for cap in Capability::ALL {
         for p in map.shards(cap) {

@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use bulkhead_cluster::config::CapabilityPlacement;
-use bulkhead_cluster::{Capability, NodeConfig, ShardMap, Timing};
+use bulkhead_cluster::{Capability, ShardMap, Timing};
+
+use crate::config::NodeConfig;
 
 use crate::secrets::LocalSecrets;
 

@@ -85,6 +85,8 @@ pub struct OrdersArgs {
     pub cluster: Cluster,
     pub replicas: Arc<BTreeMap<u32, Replica>>,
     pub fault_injection: bool,
+    /// `[orders]`: the saga's settings.
+    pub settings: super::config::OrdersConfig,
 }
 
 #[derive(RactorMessage)]
@@ -369,7 +371,7 @@ impl OrdersState {
         let Some(shard) = self.sagas.get(&order_id).map(|s| s.shard) else { return };
         // The group's time, as every time this worker puts into a command (see `raft::clock`).
         let now = self.replica(shard).map(|r| r.now_ms()).unwrap_or_else(|_| now_ms());
-        let window = self.args.cluster.config().orders.reservation_window_ms;
+        let window = self.args.settings.reservation_window_ms;
         let Some(s) = self.sagas.get_mut(&order_id) else { return };
         if s.in_flight {
             s.queued.push_back(event);

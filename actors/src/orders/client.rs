@@ -58,7 +58,7 @@ impl Client {
 
     /// The orders shards, as the shard map lists them.
     pub fn shards(&self) -> Vec<u32> {
-        self.cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect()
+        self.cluster.config().shard_map.shards(Capability::Orders).iter().map(|p| p.shard).collect()
     }
 
     /// The shard an order id names, if the shard map has it (ids are not guessed at otherwise).

@@ -333,8 +333,9 @@ async fn a_member_that_hosts_no_orders_cannot_charge_reserve_or_deliver() {
     use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest, OrderConfirmed};
     use bulkhead_actors::inventory::{InventoryReply, InventoryRequest, Item};
     use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
+    use bulkhead_actors::Capability;
     use bulkhead_cluster::config::CapabilityPlacement;
-    use bulkhead_cluster::{CallError, Capability, Cluster};
+    use bulkhead_cluster::{CallError, Cluster};
 
     // Orders on n1 and n2 only; n3 hosts every other capability.
     let mut tc = common::start_configured(bulkhead_cluster::Timing::default(), |configs| {

@@ -2,67 +2,23 @@
 //! [`Limits`]) and the static shard map every node must agree on. The config file a node reads is
 //! assembled from each layer's part by `bulkhead_launch::config`.
 //!
-//! A node hosts capability X exactly when its name is listed in `[capabilities.X] nodes`, so the
-//! hosted set and the shard map cannot disagree with each other. Every capability is sharded into
+//! A node hosts a capability exactly when the map lists it among that capability's nodes, so the
+//! hosted set and the shard map cannot disagree with each other. The map names capabilities by
+//! their opaque [`CapabilityId`]; which capabilities exist, and their names, are the layer above's. Every capability is sharded into
 //! Raft groups; which shard owns a key, and which nodes hold its replicas, are pure functions of
 //! the map ([`ShardMap::shard_for`], [`ShardMap::shards`]); the map's [`ShardMap::fingerprint`]
 //! travels in every heartbeat, and a peer whose fingerprint differs is refused.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The five business capabilities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Capability {
-    Orders,
-    Inventory,
-    Payments,
-    Shipping,
-    Notifications,
-}
+use crate::capability::CapabilityId;
 
-impl Capability {
-    pub const ALL: [Capability; 5] = [
-        Capability::Orders,
-        Capability::Inventory,
-        Capability::Payments,
-        Capability::Shipping,
-        Capability::Notifications,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Capability::Orders => "orders",
-            Capability::Inventory => "inventory",
-            Capability::Payments => "payments",
-            Capability::Shipping => "shipping",
-            Capability::Notifications => "notifications",
-        }
-    }
-}
-
-impl fmt::Display for Capability {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Capability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Capability::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| {
-            format!("unknown capability `{s}` (known: orders, inventory, payments, shipping, notifications)")
-        })
-    }
-}
-
-/// `[capabilities.X]`: the nodes hosting X, in shard order.
+/// Where one capability lives: the nodes hosting it, in shard order, and how it is sharded and
+/// replicated (in the config file, a `[capabilities.<name>]` table).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapabilityPlacement {
@@ -100,22 +56,23 @@ impl ShardPlacement {
     }
 }
 
-/// Capability -> the ordered list of nodes hosting it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ShardMap(pub BTreeMap<Capability, CapabilityPlacement>);
+/// Each capability's placement, by id. Every node must hold the same map.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardMap(pub BTreeMap<CapabilityId, CapabilityPlacement>);
 
 /// FNV-1a, 64 bit: stable across builds and platforms (std's hasher is not promised to be).
 pub use bulkhead_storage::fnv1a as stable_hash;
 
 impl ShardMap {
-    pub fn nodes(&self, cap: Capability) -> &[String] {
+    pub fn nodes(&self, cap: impl Into<CapabilityId>) -> &[String] {
+        let cap = cap.into();
         self.0.get(&cap).map(|p| p.nodes.as_slice()).unwrap_or(&[])
     }
 
     /// The preferred leader of the shard that owns `key` for `cap`: where it is served while that
     /// node is healthy.
-    pub fn node_for(&self, cap: Capability, key: &[u8]) -> Option<&str> {
+    pub fn node_for(&self, cap: impl Into<CapabilityId>, key: &[u8]) -> Option<&str> {
+        let cap = cap.into();
         let shard = self.shard_for(cap, key);
         let p = self.0.get(&cap)?;
         let n = p.nodes.len().max(1);
@@ -125,7 +82,8 @@ impl ShardMap {
 
     /// The shards of a capability (each one Raft group) and where each lives. Shard `s` takes
     /// `replicas` nodes of the list, starting at its preferred leader and wrapping around.
-    pub fn shards(&self, cap: Capability) -> Vec<ShardPlacement> {
+    pub fn shards(&self, cap: impl Into<CapabilityId>) -> Vec<ShardPlacement> {
+        let cap = cap.into();
         let Some(p) = self.0.get(&cap) else { return Vec::new() };
         if p.nodes.is_empty() {
             return Vec::new();
@@ -145,13 +103,14 @@ impl ShardMap {
     }
 
     /// The shard of a capability that owns `key`.
-    pub fn shard_for(&self, cap: Capability, key: &[u8]) -> u32 {
+    pub fn shard_for(&self, cap: impl Into<CapabilityId>, key: &[u8]) -> u32 {
+        let cap = cap.into();
         let shards = self.0.get(&cap).and_then(|p| p.shards).unwrap_or(1).max(1);
         (stable_hash(key) % u64::from(shards)) as u32
     }
 
     /// The capabilities `node` hosts.
-    pub fn hosted_by(&self, node: &str) -> Vec<Capability> {
+    pub fn hosted_by(&self, node: &str) -> Vec<CapabilityId> {
         self.0.iter().filter(|(_, p)| p.nodes.iter().any(|n| n == node)).map(|(c, _)| *c).collect()
     }
 
@@ -167,7 +126,7 @@ impl ShardMap {
     pub fn fingerprint(&self) -> u64 {
         let mut canon = String::new();
         for (cap, p) in &self.0 {
-            canon.push_str(cap.as_str());
+            canon.push_str(&cap.label());
             canon.push('=');
             canon.push_str(&p.nodes.join(","));
             if let Some(s) = p.shards {
@@ -183,40 +142,6 @@ impl ShardMap {
         }
         stable_hash(canon.as_bytes())
     }
-
-    /// Every capability placed, each on a list of distinct nodes, with sane shard counts.
-    pub fn validate(&self) -> Result<(), String> {
-        for (cap, p) in &self.0 {
-            if p.nodes.is_empty() {
-                return Err(format!("[capabilities.{cap}] nodes is empty: list at least one node"));
-            }
-            if p.shards == Some(0) || p.replicas == Some(0) {
-                return Err(format!("[capabilities.{cap}] shards and replicas must be at least 1"));
-            }
-            if let Some(l) = p.leaders.iter().find(|l| !p.nodes.contains(l)) {
-                return Err(format!("[capabilities.{cap}] leaders names `{l}`, which is not in its nodes"));
-            }
-            if p.leaders.len() > p.shards.unwrap_or(1) as usize {
-                return Err(format!("[capabilities.{cap}] lists more leaders than it has shards"));
-            }
-            let mut seen = std::collections::HashSet::new();
-            for n in &p.nodes {
-                if !seen.insert(n) {
-                    return Err(format!("[capabilities.{cap}] lists node `{n}` twice"));
-                }
-            }
-            // An order id's last byte names its shard.
-            if *cap == Capability::Orders && p.shards.unwrap_or(1) > 256 {
-                return Err("[capabilities.orders] may have at most 256 shards".into());
-            }
-        }
-        for cap in Capability::ALL {
-            if !self.0.contains_key(&cap) {
-                return Err(format!("[capabilities.{cap}] is missing: every capability needs at least one node"));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Timing knobs; the defaults suit a LAN of a few bare-metal nodes.
@@ -231,7 +156,8 @@ pub struct Timing {
     pub down_after_ms: u64,
     /// Timeout of one cross-node call.
     pub call_timeout_ms: u64,
-    /// How long `POST /v1/orders` waits for the saga before answering 202 pending.
+    /// How long the HTTP front waits for a request's outcome before answering that it is still
+    /// pending (here because every node must share it, as all of `[timing]`).
     pub wait_budget_ms: u64,
     /// Interval between a Raft leader's heartbeats to its followers.
     pub raft_heartbeat_ms: u64,
@@ -284,7 +210,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        // Gateway: room for the orders fronts of several nodes plus the saga and relay traffic.
+        // Gateway: room for the fronts of several nodes plus the leaders' own background traffic.
         // Cluster: two links per peer for a few dozen nodes; handshakes take milliseconds.
         Self {
             gateway_in_flight: 4096,
@@ -343,8 +269,8 @@ pub enum TlsMode {
 /// What the cluster layer needs of a node's config: who it is, where it listens and what it
 /// announces, how links are protected, its timing and bounds, and the shard map. The binary
 /// assembles it from the config file (`bulkhead_launch::config::NodeConfig::cluster`); secrets
-/// come already read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// come already read (`Debug` never shows the cookie).
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// This node's name; unique in the cluster; the shard map refers to nodes by it.
     pub name: String,
@@ -367,6 +293,22 @@ pub struct ClusterConfig {
     pub limits: Limits,
     /// The shard map every node must agree on.
     pub shard_map: ShardMap,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("name", &self.name)
+            .field("cluster_listen", &self.cluster_listen)
+            .field("cluster_advertise", &self.cluster_advertise)
+            .field("seeds", &self.seeds)
+            .field("http_advertise", &self.http_advertise)
+            .field("tls", &self.tls)
+            .field("timing", &self.timing)
+            .field("limits", &self.limits)
+            .field("shard_map", &self.shard_map)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClusterConfig {
@@ -395,7 +337,7 @@ impl ClusterConfig {
     }
 
     /// The capabilities this node hosts.
-    pub fn hosted(&self) -> Vec<Capability> {
+    pub fn hosted(&self) -> Vec<CapabilityId> {
         self.shard_map.hosted_by(&self.name)
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod breaker;
 pub mod call;
+pub mod capability;
 pub mod caps;
 pub mod config;
 pub mod detector;
@@ -43,7 +44,8 @@ pub mod wire;
 
 pub use breaker::BreakerState;
 pub use call::CallError;
-pub use config::{Capability, ClusterConfig, Limits, ShardMap, Timing, TlsMode};
+pub use capability::CapabilityId;
+pub use config::{ClusterConfig, Limits, ShardMap, Timing, TlsMode};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster, LeaderReply};

@@ -15,7 +15,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Capability, ClusterConfig};
+use crate::capability::CapabilityId;
+use crate::config::ClusterConfig;
 use crate::detector::{Detector, Status, Transition};
 use crate::wire::{new_traceparent, open, seal};
 
@@ -40,9 +41,9 @@ pub struct Heartbeat {
     /// Start time of the process (ms since epoch): tells a restarted node from a returning one.
     pub incarnation: u64,
     pub seq: u64,
-    pub capabilities: Vec<Capability>,
+    pub capabilities: Vec<CapabilityId>,
     /// Capabilities that are hosted here but not ready (starting, or escalated after a crash loop).
-    pub unhealthy: Vec<Capability>,
+    pub unhealthy: Vec<CapabilityId>,
     pub shard_fingerprint: u64,
     /// A digest of the node's `[timing]`: nodes whose failure detector, Raft timeouts or
     /// snapshot policy differ would disagree about who is down and when to call an election.
@@ -81,7 +82,7 @@ pub(crate) mod old_heartbeat {
     use serde::{Deserialize, Serialize};
 
     use super::Heartbeat;
-    use crate::config::Capability;
+    use crate::capability::CapabilityId;
 
     /// Version 1 (2c05dbb), and version 3 until 2ae3196.
     #[derive(Debug, Serialize, Deserialize)]
@@ -92,8 +93,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub peers: Vec<String>,
     }
@@ -107,8 +108,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub peers: Vec<String>,
         pub down: Vec<String>,
@@ -123,8 +124,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub peers: Vec<String>,
         pub down: Vec<String>,
@@ -140,8 +141,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub timing_fingerprint: u64,
         pub peers: Vec<String>,
@@ -205,7 +206,7 @@ pub trait MembershipPort: Send + Sync + 'static {
     /// The detector's tick ran (for `/readyz`: a stalled membership is a sick node).
     fn note_tick(&self);
     /// The capabilities this node hosts but cannot serve now.
-    fn unhealthy_local(&self) -> Vec<Capability>;
+    fn unhealthy_local(&self) -> Vec<CapabilityId>;
     /// Peers this node has a session with.
     fn connected_names(&self) -> BTreeSet<String>;
     /// The advertised cluster addresses of those peers (what heartbeats gossip).
@@ -486,8 +487,8 @@ pub struct NodeView {
     pub http: String,
     pub pid: Option<u32>,
     pub status: Status,
-    pub capabilities: Vec<Capability>,
-    pub unhealthy: Vec<Capability>,
+    pub capabilities: Vec<CapabilityId>,
+    pub unhealthy: Vec<CapabilityId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

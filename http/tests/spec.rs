@@ -15,8 +15,9 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use bulkhead_actors::orders::MAX_ORDERS_LISTED;
+use bulkhead_actors::{Capability, CapabilityMap};
 use bulkhead_cluster::config::CapabilityPlacement;
-use bulkhead_cluster::{Capability, Cluster, ClusterConfig, ShardMap};
+use bulkhead_cluster::{Cluster, ClusterConfig};
 use bulkhead_http::auth::Guard;
 use bulkhead_http::validate::{MAX_ITEMS, MAX_QUANTITY};
 use bulkhead_http::RateLimit;
@@ -53,7 +54,7 @@ const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "p
 fn config() -> ClusterConfig {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let on_a = CapabilityPlacement::on(&["a"]);
-    let map = ShardMap(Capability::ALL.into_iter().map(|c| (c, on_a.clone())).collect());
+    let map = CapabilityMap(Capability::ALL.into_iter().map(|c| (c, on_a.clone())).collect()).shard_map();
     ClusterConfig::plain("a", std::net::SocketAddr::from(([127, 0, 0, 1], port)), "test", map)
 }
 

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use bulkhead_actors::orders::OrdersConfig;
-use bulkhead_cluster::{ClusterConfig, ShardMap, Timing, TlsMode};
+use bulkhead_actors::{Capability, CapabilityMap};
+use bulkhead_cluster::{ClusterConfig, Timing, TlsMode};
 use bulkhead_http::{ApiTokens, AuthMode, HttpEdge, RateLimit};
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +179,7 @@ pub struct NodeConfig {
     #[serde(skip)]
     pub tokens: Option<ApiTokens>,
     /// The shard map: `[capabilities.inventory] nodes = ["n1", "n2"]`.
-    pub capabilities: ShardMap,
+    pub capabilities: CapabilityMap,
 }
 
 impl NodeConfig {
@@ -330,7 +331,7 @@ impl NodeConfig {
         self.http_advertise.clone().unwrap_or_else(|| self.http_listen.to_string())
     }
 
-    pub fn hosted(&self) -> Vec<bulkhead_cluster::Capability> {
+    pub fn hosted(&self) -> Vec<Capability> {
         self.capabilities.hosted_by(&self.name)
     }
 
@@ -349,7 +350,7 @@ impl NodeConfig {
             tls_key_file: self.tls_key_file.clone(),
             timing: self.timing.clone(),
             limits: self.limits.cluster(),
-            shard_map: self.capabilities.clone(),
+            shard_map: self.capabilities.shard_map(),
         }
     }
 }
@@ -405,7 +406,6 @@ mod tests {
     }
 
     use super::*;
-    use bulkhead_cluster::Capability;
 
     const SAMPLE: &str = r#"
 name = "n1"
@@ -449,7 +449,7 @@ nodes = ["n3"]
         let cfg: NodeConfig = toml::from_str(SAMPLE).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.hosted(), vec![Capability::Orders, Capability::Inventory]);
-        assert_eq!(cfg.capabilities.all_nodes(), vec!["n1", "n2", "n3"]);
+        assert_eq!(cfg.capabilities.shard_map().all_nodes(), vec!["n1", "n2", "n3"]);
     }
 
     #[test]
@@ -457,8 +457,9 @@ nodes = ["n3"]
         let a: NodeConfig = toml::from_str(SAMPLE).unwrap();
         let b: NodeConfig =
             toml::from_str(&SAMPLE.replace(r#"nodes = ["n1", "n2"]"#, r#"nodes = ["n2", "n1"]"#)).unwrap();
-        assert_eq!(a.capabilities.fingerprint(), a.clone().capabilities.fingerprint());
-        assert_ne!(a.capabilities.fingerprint(), b.capabilities.fingerprint());
+        let fingerprint = |c: &NodeConfig| c.capabilities.shard_map().fingerprint();
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+        assert_ne!(fingerprint(&a), fingerprint(&b));
         let slower = Timing { election_timeout_ms: a.timing.election_timeout_ms + 1, ..a.timing.clone() };
         assert_eq!(a.timing.fingerprint(), a.timing.clone().fingerprint());
         assert_ne!(a.timing.fingerprint(), slower.fingerprint());
@@ -467,7 +468,7 @@ nodes = ["n3"]
     #[test]
     fn node_for_is_stable_and_spreads() {
         let cfg: NodeConfig = toml::from_str(SAMPLE).unwrap();
-        let m = &cfg.capabilities;
+        let m = &cfg.capabilities.shard_map();
         let on_n1 =
             (0..100).filter(|i| m.node_for(Capability::Inventory, format!("sku-{i}").as_bytes()) == Some("n1")).count();
         assert!((25..75).contains(&on_n1), "{on_n1}");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
 use bulkhead_cluster::wire::trace_id;
-use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_cluster::{Cluster, Inbound};
 use bulkhead_storage::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
@@ -39,6 +39,7 @@ use super::saga::{
     self, inventory_shard_label, parse_inventory_shard, ChargeOutcome, Command, Event, OrderRecord, ReserveOutcome,
 };
 use super::MAX_DEAD_LETTERS_LISTED;
+use crate::capability::Capability;
 use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{jitter, local_replica, Unserved};

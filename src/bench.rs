@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{Capability, RateLimit, Timing};
+use bulkhead_actors::Capability;
+use bulkhead_cluster::Timing;
+use bulkhead_http::RateLimit;
 use bulkhead_launch::{authorized, LocalSecrets};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -994,7 +996,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
     let p = free_ports(2 * names.len())?;
     let ports: Vec<Ports> = (0..names.len()).map(|i| Ports { cluster: p[2 * i], http: p[2 * i + 1] }).collect();
     let secrets = LocalSecrets::ensure(&dir, &names)?;
-    let shards = map.shards(Capability::Orders);
+    let shards = map.shard_map().shards(Capability::Orders);
     let configs = cluster_configs(&names, map, &dir, &secrets, &ports, Timing::default(), true);
     let replicas = shards.first().map_or(1, |s| s.replicas.len()) as u32;
 

@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1], first);
         // What a node reads from the pair: both are client tokens.
-        let t = bulkhead_cluster::ApiTokens::new(both.clone(), admin.clone()).unwrap();
+        let t = bulkhead_http::ApiTokens::new(both.clone(), admin.clone()).unwrap();
         assert_eq!(t.client.len(), 2);
 
         tokens(dir.path(), TokenAction::Retire(TokenScope::Client), &mut out).unwrap();

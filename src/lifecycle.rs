@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use bulkhead_actors::Capabilities;
 use bulkhead_cluster::raft::group::hand_over_all;
-use bulkhead_cluster::{Cluster, HttpEdge};
+use bulkhead_cluster::Cluster;
 use bulkhead_http::drain::{Drain, Phase};
+use bulkhead_http::HttpEdge;
 use bulkhead_http::HttpMsg;
 use ractor::ActorRef;
 

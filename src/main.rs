@@ -177,10 +177,10 @@ fn parse_durability(s: &str) -> Result<bulkhead_storage::Durability, String> {
 /// what telemetry still holds.
 async fn with_telemetry<F, Fut>(config: &std::path::Path, node: F) -> Result<(), String>
 where
-    F: FnOnce(bulkhead_cluster::NodeConfig) -> Fut,
+    F: FnOnce(bulkhead_launch::config::NodeConfig) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let cfg = match bulkhead_cluster::NodeConfig::load(config) {
+    let cfg = match bulkhead_launch::config::NodeConfig::load(config) {
         Ok(cfg) => cfg,
         Err(e) => {
             bulkhead::telemetry::init_plain();
@@ -211,11 +211,11 @@ async fn main() -> ExitCode {
             };
             bulkhead::keys::tokens(&dir, action, &mut std::io::stdout())
         }
-        Cmd::Backup { config, to } => bulkhead_cluster::NodeConfig::load(&config)
+        Cmd::Backup { config, to } => bulkhead_launch::config::NodeConfig::load(&config)
             .and_then(|cfg| bulkhead::restore::backup(&cfg, &to, &mut std::io::stdout()).map(drop)),
-        Cmd::Restore { config } => bulkhead_cluster::NodeConfig::load(&config)
+        Cmd::Restore { config } => bulkhead_launch::config::NodeConfig::load(&config)
             .and_then(|cfg| bulkhead::restore::restore(&cfg, &mut std::io::stdout()).map(drop)),
-        Cmd::Recover { config, inspect, groups } => match bulkhead_cluster::NodeConfig::load(&config) {
+        Cmd::Recover { config, inspect, groups } => match bulkhead_launch::config::NodeConfig::load(&config) {
             Ok(cfg) => bulkhead::restore::recover(&cfg, inspect, &groups, &mut std::io::stdout()).await,
             Err(e) => Err(e),
         },

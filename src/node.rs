@@ -7,12 +7,13 @@
 use std::sync::Arc;
 
 use bulkhead_actors::start_capabilities;
-use bulkhead_cluster::{AuthMode, Cluster, NodeConfig};
+use bulkhead_cluster::Cluster;
 use bulkhead_http::auth::Guard;
 use bulkhead_http::clients::{self, ClientsFile};
 use bulkhead_http::drain::Drain;
 use bulkhead_http::ready::{self, Readiness};
-use bulkhead_http::{AppState, HttpFront, HttpMetrics};
+use bulkhead_http::{AppState, AuthMode, HttpFront, HttpMetrics, OrdersInFlight};
+use bulkhead_launch::config::NodeConfig;
 use bulkhead_storage::StoreOptions;
 use ractor::Actor;
 use tokio::net::TcpListener;
@@ -70,9 +71,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         (Some(path), AuthMode::Tokens) => Some(ClientsFile::open(path.clone())?),
         _ => None,
     };
-    let cluster = Cluster::start(cfg.clone()).await?;
+    let cluster = Cluster::start(cfg.cluster()).await?;
     let opts = StoreOptions { durability: cfg.durability, ..StoreOptions::default() };
-    let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection).await;
+    let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection, &cfg.orders).await;
     let metrics = Arc::new(HttpMetrics::default());
     if cfg.auth == AuthMode::Off {
         tracing::warn!("auth = \"off\": anyone who reaches {} may do anything an admin may", cfg.http_listen);
@@ -95,7 +96,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         fault_injection: cfg.fault_injection,
         guard: Arc::new(guard),
         metrics,
-        orders_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.limits.orders_in_flight)),
+        orders_in_flight: Arc::new(OrdersInFlight::new(cfg.limits.orders_in_flight)),
         edge: bulkhead_http::edge::EdgeConfig::from(&cfg.http),
         drain: drain.clone(),
     };

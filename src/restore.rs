@@ -27,7 +27,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bulkhead_cluster::NodeConfig;
+use bulkhead_actors::Capability;
+use bulkhead_launch::config::NodeConfig;
 
 /// Holds the node log's lock of `data_dir` (so no node runs on it) until dropped. A data dir
 /// with no node log yet has nothing to lock and nothing a node could be writing.
@@ -98,9 +99,10 @@ pub fn backup(cfg: &NodeConfig, to: &Path, out: &mut dyn Write) -> Result<PathBu
 pub fn restore(cfg: &NodeConfig, out: &mut dyn Write) -> Result<PathBuf, String> {
     // A group with no other replica would start over empty from this node: its data exists
     // nowhere else. That is a cluster-wide restore (docs/operations.md, "Backups"), not this.
-    let alone: Vec<String> = bulkhead_cluster::Capability::ALL
+    let map = cfg.capabilities.shard_map();
+    let alone: Vec<String> = Capability::ALL
         .into_iter()
-        .flat_map(|cap| cfg.capabilities.shards(cap).into_iter().map(move |p| (cap, p)))
+        .flat_map(|cap| map.shards(cap).into_iter().map(move |p| (cap, p)))
         .filter(|(_, p)| p.replicas == [cfg.name.clone()])
         .map(|(cap, p)| format!("{cap}/{}", p.shard))
         .collect();
@@ -152,9 +154,10 @@ pub async fn recover(
     use bulkhead_cluster::raft::{recover, GroupId, NODE_LOG_DIR};
     use bulkhead_storage::{NodeLog, Store, StoreOptions};
     let mut chosen = Vec::new();
-    for cap in bulkhead_cluster::Capability::ALL {
-        for placement in cfg.capabilities.shards(cap) {
-            let group = GroupId { capability: cap, shard: placement.shard };
+    let map = cfg.capabilities.shard_map();
+    for cap in Capability::ALL {
+        for placement in map.shards(cap) {
+            let group = GroupId::new(cap, placement.shard);
             let named = groups.is_empty() || groups.iter().any(|g| *g == group.to_string());
             if placement.replicas.contains(&cfg.name) && named {
                 chosen.push(group);
@@ -237,9 +240,7 @@ mod tests {
     fn the_only_replica_of_a_group_is_not_started_over() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
-        cfg.capabilities
-            .0
-            .insert(bulkhead_cluster::Capability::Payments, bulkhead_cluster::config::CapabilityPlacement::on(&["n1"]));
+        cfg.capabilities.0.insert(Capability::Payments, bulkhead_cluster::config::CapabilityPlacement::on(&["n1"]));
         std::fs::create_dir_all(cfg.data_dir.join("payments-0")).unwrap();
         let e = restore(&cfg, &mut Vec::new()).unwrap_err();
         assert!(e.contains("only replica of payments/0"), "{e}");

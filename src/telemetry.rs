@@ -15,7 +15,7 @@
 //! agent on the host); spans are sampled by the caller's `traceparent` flag or, for a trace that
 //! starts here, always.
 
-use bulkhead_cluster::{LogFormat, NodeConfig};
+use bulkhead_launch::config::{LogFormat, NodeConfig};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use bulkhead_cluster::Capability;
+use bulkhead_actors::Capability;
 use common::{eventually, start, TestCluster};
 use serde_json::Value;
 
@@ -17,7 +17,7 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// Idempotency-Keys whose orders shard n1 leads in the demo map, and that shard.
 fn n1_keys(prefix: &str, n: usize) -> (u32, Vec<String>) {
-    let map = bulkhead::topology::demo_shard_map();
+    let map = bulkhead::topology::demo_shard_map().shard_map();
     let keys: Vec<String> = (0..)
         .map(|i| format!("{prefix}-{i}"))
         .filter(|k| map.node_for(Capability::Orders, k.as_bytes()) == Some("n1"))

@@ -333,8 +333,9 @@ async fn a_member_that_hosts_no_orders_cannot_charge_reserve_or_deliver() {
     use bulkhead_actors::consumer::{ConsumerReply, ConsumerRequest, OrderConfirmed};
     use bulkhead_actors::inventory::{InventoryReply, InventoryRequest, Item};
     use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
+    use bulkhead_actors::Capability;
     use bulkhead_cluster::config::CapabilityPlacement;
-    use bulkhead_cluster::{CallError, Capability, Cluster};
+    use bulkhead_cluster::{CallError, Cluster};
 
     // Orders on n1 and n2 only; n3 hosts every other capability.
     let mut tc = common::start_configured(bulkhead_cluster::Timing::default(), |configs| {
@@ -352,9 +353,9 @@ async fn a_member_that_hosts_no_orders_cannot_charge_reserve_or_deliver() {
     still_serving(&tc, 0, 10).await;
 
     // The test process becomes n3: n3's config, certificate and cookie, real TLS links.
-    let n3 = bulkhead_cluster::NodeConfig::load(tc.lc.config_path(2)).expect("n3's config");
+    let n3 = bulkhead_launch::config::NodeConfig::load(tc.lc.config_path(2)).expect("n3's config");
     tc.lc.stop(2);
-    let forger = Cluster::start(n3).await.expect("n3 in the test process");
+    let forger = Cluster::start(n3.cluster()).await.expect("n3 in the test process");
     eventually(Duration::from_secs(20), "the test's n3 is up on n1 and n2", || async {
         let both = tc.status_of(0, "n3").await == "up" && tc.status_of(1, "n3").await == "up";
         let seen = ["n1", "n2"].iter().all(|n| forger.status_of(n) == bulkhead_cluster::Status::Up);

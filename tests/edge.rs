@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 /// How fast the slow clients here send: one byte per this long.
 const SLOW_PACE: Duration = Duration::from_millis(300);
 
-use bulkhead_cluster::{HttpEdge, Timing};
+use bulkhead_cluster::Timing;
+use bulkhead_http::HttpEdge;
 use common::{eventually, start_configured, TestCluster};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,13 +7,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bulkhead::topology::write_config;
+use bulkhead_actors::Capability;
 use bulkhead_cluster::config::CapabilityPlacement;
-use bulkhead_cluster::{Capability, Timing};
+use bulkhead_cluster::Timing;
 use common::{eventually, start, start_unready, start_with};
 
 /// Idempotency-Keys whose orders shard is led by `node` in the demo map (when it is healthy).
 fn keys_homed_on(node: &str) -> impl Iterator<Item = String> + '_ {
-    let map = bulkhead::topology::demo_shard_map();
+    let map = bulkhead::topology::demo_shard_map().shard_map();
     (0..).map(|i| format!("key-{i}")).filter(move |k| map.node_for(Capability::Orders, k.as_bytes()) == Some(node))
 }
 
@@ -341,7 +342,7 @@ async fn a_partitioned_node_is_declared_down_on_both_sides_and_rejoins_after_hea
 async fn a_paused_payments_leader_is_replaced_and_orders_confirm_meanwhile() {
     let tc = start().await;
     // A SKU whose inventory shard is n1, so the order reaches the payments step.
-    let map = bulkhead::topology::demo_shard_map();
+    let map = bulkhead::topology::demo_shard_map().shard_map();
     let sku = (0..)
         .map(|i| format!("pay-{i}"))
         .find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some("n1"))
@@ -402,7 +403,7 @@ async fn an_unreachable_inventory_shard_holds_up_only_its_own_skus() {
         }
     })
     .await;
-    let map = tc.lc.configs[0].capabilities.clone();
+    let map = tc.lc.configs[0].capabilities.shard_map();
     let sku_on = |node: &str| {
         (0..)
             .map(|i| format!("sku-{i}"))

@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::Capability;
+use bulkhead_actors::Capability;
 use common::{eventually, start, TestCluster};
 use serde_json::Value;
 
@@ -39,7 +39,7 @@ fn rounds() -> usize {
 
 /// Idempotency-Keys of orders shard 0 (led by n1 while it is healthy), unique per `tag`.
 fn keys_of_shard_0(tag: &str) -> impl Iterator<Item = String> + '_ {
-    let map = bulkhead::topology::demo_shard_map();
+    let map = bulkhead::topology::demo_shard_map().shard_map();
     (0..)
         .map(move |i| format!("{tag}-{i}"))
         .filter(move |k| map.node_for(Capability::Orders, k.as_bytes()) == Some("n1"))

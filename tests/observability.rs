@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bulkhead_cluster::{Capability, LogFormat, Timing};
+use bulkhead_actors::Capability;
+use bulkhead_cluster::Timing;
+use bulkhead_launch::config::LogFormat;
 use common::eventually;
 use serde_json::{json, Value};
 
@@ -77,7 +79,7 @@ async fn one_orders_trace_crosses_three_nodes_logs_and_reaches_the_collector() {
 
     // An Idempotency-Key that lands in orders shard 0 (led by n1); the order enters at n2
     // (payments' leader), and shipping is led by n3: the order's work touches all three nodes.
-    let map = &tc.lc.configs[0].capabilities;
+    let map = tc.lc.configs[0].capabilities.shard_map();
     let key = (0..1000)
         .map(|i| format!("trace-key-{i}"))
         .find(|k| map.shard_for(Capability::Orders, k.as_bytes()) == 0)

@@ -6,13 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::Capability;
+use bulkhead_actors::Capability;
 use common::{eventually, start, TestCluster};
 use serde_json::Value;
 
 /// A SKU of the inventory shard on n1: inventory is not replicated yet, and these tests take n2 away.
 fn sku_on_n1() -> String {
-    let map = bulkhead::topology::demo_shard_map();
+    let map = bulkhead::topology::demo_shard_map().shard_map();
     (0..).map(|i| format!("sku-{i}")).find(|s| map.node_for(Capability::Inventory, s.as_bytes()) == Some("n1")).unwrap()
 }
 

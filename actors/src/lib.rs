@@ -1,5 +1,8 @@
 //! The five business capabilities, each a supervised actor group over its own sled store.
 //!
+//! [`capability`] names them, gives each its id in the cluster layer, and holds the
+//! `[capabilities]` tables of the config (where each lives).
+//!
 //! Every capability folder has the same shape: `protocol` (what crosses nodes, versioned), a pure
 //! state machine (`orders::saga`, `inventory::stock`, `payments::ledger`), the replicated machine,
 //! the worker around it (`actor`: a [`worker::Service`] that the one generic [`worker::ShardWorker`]
@@ -17,6 +20,7 @@
 //! Shipping and notifications share the consumer worker ([`consumer`]); what differs is what they
 //! make of an `OrderConfirmed` ([`shipping::MAKING`], [`notifications::MAKING`]).
 
+pub mod capability;
 pub mod consumer;
 pub mod inventory;
 pub mod notifications;
@@ -37,10 +41,11 @@ use std::time::Duration;
 
 use bulkhead_cluster::gateway::worker_name;
 use bulkhead_cluster::raft::{self, GroupId, Replica};
-use bulkhead_cluster::{Capability, Cluster, Gateway, GatewayArgs, Inbound};
+use bulkhead_cluster::{Cluster, Gateway, GatewayArgs, Inbound};
 use bulkhead_storage::{NodeLog, Store, StoreOptions};
 use ractor::{Actor, ActorRef, Message};
 
+pub use capability::{Capability, CapabilityMap};
 use supervisor::{ChildSpec, Intensity, Supervisor, SupervisorArgs, SupervisorMsg};
 
 /// The capabilities running on this node.
@@ -105,7 +110,7 @@ where
     let worker_timeout = Duration::from_millis(cluster.config().timing.call_timeout_ms.max(1_000) * 3);
     let max_in_flight = cluster.config().limits.gateway_in_flight;
     ChildSpec::new(format!("bulkhead.{cap}.gateway"), Gateway::<Req, Resp, M>::default, move || GatewayArgs {
-        capability: cap,
+        capability: cap.id(),
         node: node.clone(),
         wrap,
         worker_timeout,
@@ -164,16 +169,17 @@ async fn start_replicated(
     data_dir: &Path,
     opts: &StoreOptions,
     fault_injection: bool,
+    orders: &orders::OrdersConfig,
 ) -> Result<(Vec<Replica>, Vec<ChildSpec>), String> {
     let mut replicas = BTreeMap::new();
     let port = cluster.raft_port();
-    for placement in cluster.config().capabilities.shards(cap) {
+    for placement in cluster.config().shard_map.shards(cap) {
         if !placement.replicas.iter().any(|n| n == cluster.name()) {
             continue;
         }
         let shard = placement.shard;
         let store = Store::open(data_dir, &format!("{cap}-{shard}"), opts).map_err(|e| e.to_string())?;
-        let group = GroupId { capability: cap, shard };
+        let group = GroupId::new(cap, shard);
         let replica = match cap {
             Capability::Payments => {
                 raft::group::start(&port, group, placement, log.clone(), store, payments::PaymentsMachine).await?
@@ -199,7 +205,7 @@ async fn start_replicated(
         Capability::Shipping | Capability::Notifications => served(cluster, replicas, fault_injection, making(cap)),
         Capability::Orders => {
             let relay = orders::RelayArgs { cluster: cluster.clone(), replicas: replicas.clone() };
-            let mut children = served(cluster, replicas, fault_injection, orders::Orders);
+            let mut children = served(cluster, replicas, fault_injection, orders::Orders { settings: *orders });
             children.push(ChildSpec::new(
                 orders::RELAY_NAME.to_string(),
                 || orders::OutboxRelay,
@@ -218,6 +224,7 @@ pub async fn start_capabilities(
     data_dir: &Path,
     opts: &StoreOptions,
     fault_injection: bool,
+    orders: &orders::OrdersConfig,
 ) -> Capabilities {
     let mut caps = Capabilities {
         supervisors: BTreeMap::new(),
@@ -233,7 +240,7 @@ pub async fn start_capabilities(
         Err(e) => {
             // Without its log no replicated capability can run here: say so for each of them.
             tracing::error!(error = %e, "the node's raft log will not open: hosting no capability");
-            for cap in cluster.config().hosted() {
+            for cap in hosted(cluster) {
                 cluster.set_health(cap, false, &e.to_string());
                 caps.failed.insert(cap, e.to_string());
             }
@@ -241,9 +248,9 @@ pub async fn start_capabilities(
         }
     };
     caps.node_log = Some(log.clone());
-    for cap in cluster.config().hosted() {
+    for cap in hosted(cluster) {
         let opts = StoreOptions { cache_bytes: cache_bytes(cap), ..opts.clone() };
-        let children = match start_replicated(cluster, cap, &log, data_dir, &opts, fault_injection).await {
+        let children = match start_replicated(cluster, cap, &log, data_dir, &opts, fault_injection, orders).await {
             Ok((replicas, children)) => {
                 caps.replicas.extend(replicas);
                 children
@@ -258,4 +265,9 @@ pub async fn start_capabilities(
         caps.supervise(cap, children).await;
     }
     caps
+}
+
+/// The capabilities this node hosts, by the shard map (an id this build does not know is none of them).
+pub fn hosted(cluster: &Cluster) -> Vec<Capability> {
+    cluster.config().hosted().into_iter().filter_map(Capability::of).collect()
 }

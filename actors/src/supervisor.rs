@@ -14,9 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_cluster::Cluster;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use ractor_cluster::RactorMessage;
+
+use crate::capability::Capability;
 
 type StartFn = dyn Fn(ActorCell) -> Pin<Box<dyn Future<Output = Result<ActorCell, SpawnErr>> + Send>> + Send + Sync;
 

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use bulkhead_cluster::raft::{ProposeError, Replica};
-use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_cluster::Cluster;
+
+use crate::capability::Capability;
 
 /// Why a replicated capability's worker did not serve a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,10 +19,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_cluster::{Cluster, Inbound};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
+use crate::capability::Capability;
 use crate::util::{local_replica, Unserved};
 
 /// Where a request goes.

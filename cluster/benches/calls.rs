@@ -11,13 +11,18 @@ use support::{sender, Duplex, Echo, EchoMsg, NamedMembers};
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
 use bulkhead_cluster::wire::{new_traceparent, open, seal, WireMsg};
-use bulkhead_cluster::{Capability, Gateway, GatewayArgs};
+use bulkhead_cluster::{CapabilityId, Gateway, GatewayArgs};
 use bulkhead_storage::Record;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
+
+/// A capability id, as the layer above would give one.
+const STOCK: CapabilityId = CapabilityId(1);
+/// A capability id, as the layer above would give one.
+const SAGA: CapabilityId = CapabilityId(0);
 
 /// Shaped like an inventory reserve: an order id and a few lines.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,7 +36,7 @@ impl Record for Reserve {
 }
 impl bulkhead_cluster::SentBy for Reserve {
     fn sent_by(&self) -> bulkhead_cluster::Role {
-        bulkhead_cluster::Role::Hosts(Capability::Orders)
+        bulkhead_cluster::Role::Hosts(SAGA)
     }
 }
 
@@ -61,7 +66,7 @@ async fn node(name: &str) -> ActorRef<NodeServerMessage> {
 /// The worker and the inventory gateway of node "b", both in this process: returns the local gateway.
 async fn local_gateway() -> ActorRef<WireMsg> {
     Actor::spawn(
-        Some(worker_name(Capability::Inventory)),
+        Some(worker_name(STOCK)),
         Echo::<Reserve, Reserved> {
             answer: |req| Reserved { order_id: req.order_id, lines: req.items.len() as u32, expires_ms: 1 },
         },
@@ -70,7 +75,7 @@ async fn local_gateway() -> ActorRef<WireMsg> {
     .await
     .expect("worker");
     let args = GatewayArgs {
-        capability: Capability::Inventory,
+        capability: STOCK,
         node: "b".into(),
         wrap: EchoMsg::<Reserve, Reserved>::Req,
         worker_timeout: Duration::from_secs(5),
@@ -90,7 +95,7 @@ async fn remote_gateway() -> ActorRef<WireMsg> {
     ractor_cluster::client_connect_external(&a, Box::new(Duplex(a_end))).await.expect("connect");
     b.cast(NodeServerMessage::ConnectionOpenedExternal { stream: Box::new(Duplex(b_end)), is_server: true })
         .expect("b accepts");
-    let group = group_name(Capability::Inventory, "b");
+    let group = group_name(STOCK, "b");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(cell) = ractor::pg::get_members(&group).into_iter().find(|c| !c.get_id().is_local()) {
@@ -105,7 +110,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const IN_FLIGHT: usize = 64;
 
 async fn one(gw: &ActorRef<WireMsg>, req: &Reserve, tp: &str) {
-    let r: Reserved = call(gw, Capability::Inventory, "b", sender("a"), req, tp, TIMEOUT).await.expect("call");
+    let r: Reserved = call(gw, STOCK, "b", sender("a"), req, tp, TIMEOUT).await.expect("call");
     debug_assert_eq!(r.order_id, req.order_id);
 }
 

@@ -12,7 +12,7 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Capability;
+use crate::capability::CapabilityId;
 use crate::senders::Sender;
 use crate::wire::{open, seal_from, Refusal, WireMsg, WireReply};
 
@@ -21,24 +21,24 @@ use crate::wire::{open, seal_from, Refusal, WireMsg, WireReply};
 pub enum CallError {
     /// No live member to send to: nothing was sent.
     #[error("{capability} on {node} is unreachable: {reason}")]
-    Unreachable { capability: Capability, node: String, reason: String },
+    Unreachable { capability: CapabilityId, node: String, reason: String },
     /// The shard has no leader right now (an election is under way, or a majority is down):
     /// nothing was recorded. `node` is the node whose replica said so.
     #[error("{capability} shard {shard} has no leader right now (as seen by {node})")]
-    NoLeader { capability: Capability, shard: u32, node: String },
+    NoLeader { capability: CapabilityId, shard: u32, node: String },
     /// The member refused before its worker saw the request (restarting, stopping, shedding load):
     /// nothing was recorded.
     #[error("{capability} on {node} is busy: {reason}")]
-    Busy { capability: Capability, node: String, reason: String },
+    Busy { capability: CapabilityId, node: String, reason: String },
     /// Sent, but the member or its link went away before answering: it may have been applied.
     #[error("{capability} on {node} went away before answering: {reason}")]
-    Lost { capability: Capability, node: String, reason: String },
+    Lost { capability: CapabilityId, node: String, reason: String },
     /// Sent, but no answer within the timeout (the request may or may not have been applied).
     #[error("{capability} on {node} did not answer within {timeout_ms} ms")]
-    TimedOut { capability: Capability, node: String, timeout_ms: u64 },
+    TimedOut { capability: CapabilityId, node: String, timeout_ms: u64 },
     /// The member answered that it will not handle the request.
     #[error("{capability} on {node} rejected the request: {reason}")]
-    Rejected { capability: Capability, node: String, reason: String },
+    Rejected { capability: CapabilityId, node: String, reason: String },
 }
 
 impl CallError {
@@ -75,21 +75,21 @@ impl CallError {
 /// Sends `req` to `actor` (the gateway of `capability` on `node`) as `from`, and waits at most `timeout`.
 pub async fn call<Req: Record, Resp: Record>(
     actor: &ActorRef<WireMsg>,
-    capability: Capability,
+    capability: impl Into<CapabilityId>,
     node: &str,
     from: Sender,
     req: &Req,
     traceparent: &str,
     timeout: Duration,
 ) -> Result<Resp, CallError> {
-    send(actor, capability, node, Some(from), req, traceparent, timeout).await
+    send(actor, capability.into(), node, Some(from), req, traceparent, timeout).await
 }
 
 /// [`call`], with the envelope's sender left out where the payload carries its own proof (a
 /// `RaftCall` names its sender and binding, and the Raft router checks those).
 pub(crate) async fn send<Req: Record, Resp: Record>(
     actor: &ActorRef<WireMsg>,
-    capability: Capability,
+    capability: CapabilityId,
     node: &str,
     from: Option<Sender>,
     req: &Req,

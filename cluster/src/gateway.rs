@@ -23,7 +23,7 @@ use std::time::Duration;
 use bulkhead_storage::{encode, Record};
 use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 
-use crate::config::Capability;
+use crate::capability::CapabilityId;
 use tracing::Instrument;
 
 use crate::senders::{judge, Peers, SentBy, Unvouched};
@@ -33,12 +33,14 @@ use crate::wire::{open, seal, Refusal, WireMsg, WireReply};
 pub static GATEWAY_SHED: AtomicU64 = AtomicU64::new(0);
 
 /// The process group of `capability`'s gateway on `node`.
-pub fn group_name(capability: Capability, node: &str) -> String {
+pub fn group_name(capability: impl Into<CapabilityId>, node: &str) -> String {
+    let capability = capability.into();
     format!("bulkhead/{capability}/{node}")
 }
 
 /// The registered name of `capability`'s worker in this process.
-pub fn worker_name(capability: Capability) -> String {
+pub fn worker_name(capability: impl Into<CapabilityId>) -> String {
+    let capability = capability.into();
     format!("bulkhead.{capability}.worker")
 }
 
@@ -63,7 +65,7 @@ impl<Req, Resp, M> Default for Gateway<Req, Resp, M> {
 }
 
 pub struct GatewayArgs<Req, Resp, M> {
-    pub capability: Capability,
+    pub capability: CapabilityId,
     pub node: String,
     /// How a decoded request becomes the worker's message.
     pub wrap: fn(Inbound<Req, Resp>) -> M,
@@ -124,7 +126,7 @@ where
                 tracing::warn!(capability = %cap, len = bytes.len(), "one-way message to a request gateway ignored");
             }
             WireMsg::Ask(bytes, port) => {
-                let (env, req) = match open::<Req>(&bytes, cap.as_str()) {
+                let (env, req) = match open::<Req>(&bytes, &cap.label()) {
                     Ok(x) => x,
                     Err(e) => {
                         reject(port, "", Refusal::Rejected, format!("undecodable request: {e}"));
@@ -136,7 +138,7 @@ where
                 let (span, tp) =
                     crate::traced_span!("cluster.serve", &env.traceparent, capability = %cap, msg_id = env.msg_id);
                 if let Err(why) = judge(env.sender.as_ref(), req.sent_by(), &*state.args.peers) {
-                    metrics::counter!("bulkhead_cluster_requests_refused_total", "capability" => cap.as_str(), "reason" => why.label())
+                    metrics::counter!("bulkhead_cluster_requests_refused_total", "capability" => cap.label(), "reason" => why.label())
                         .increment(1);
                     let _enter = span.enter();
                     tracing::warn!(sender = ?env.sender.as_ref().map(|s| &s.node), "request refused: {why}");

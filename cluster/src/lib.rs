@@ -1,6 +1,6 @@
 //! Everything ractor_cluster does not give Bulkhead, on top of it.
 //!
-//! - [`config`]: the node's TOML config and the static shard map (who hosts what, who owns a key).
+//! - [`config`]: the cluster layer's settings and the static shard map (who hosts what, who owns a key).
 //! - [`node`]: bootstrap, the dialer that keeps a full mesh and reconnects, and the [`Cluster`] handle.
 //! - [`membership`] + [`detector`]: heartbeats and a pure deadline failure detector; the cluster view.
 //! - [`wire`]: the versioned envelope every cross-node payload travels in; undecodable input is counted.
@@ -23,6 +23,7 @@
 
 pub mod breaker;
 pub mod call;
+pub mod capability;
 pub mod caps;
 pub mod config;
 pub mod detector;
@@ -43,10 +44,8 @@ pub mod wire;
 
 pub use breaker::BreakerState;
 pub use call::CallError;
-pub use config::{
-    ApiTokens, AuthMode, Capability, HttpEdge, Limits, LogConfig, LogFormat, NodeConfig, OrdersConfig, RateLimit,
-    ShardMap, TelemetryConfig, Timing, TlsMode,
-};
+pub use capability::CapabilityId;
+pub use config::{ClusterConfig, Limits, ShardMap, Timing, TlsMode};
 pub use detector::Status;
 pub use gateway::{Gateway, GatewayArgs, Inbound};
 pub use node::{CapHealth, Cluster, LeaderReply};

@@ -15,7 +15,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Capability, NodeConfig};
+use crate::capability::CapabilityId;
+use crate::config::ClusterConfig;
 use crate::detector::{Detector, Status, Transition};
 use crate::wire::{new_traceparent, open, seal};
 
@@ -40,9 +41,9 @@ pub struct Heartbeat {
     /// Start time of the process (ms since epoch): tells a restarted node from a returning one.
     pub incarnation: u64,
     pub seq: u64,
-    pub capabilities: Vec<Capability>,
+    pub capabilities: Vec<CapabilityId>,
     /// Capabilities that are hosted here but not ready (starting, or escalated after a crash loop).
-    pub unhealthy: Vec<Capability>,
+    pub unhealthy: Vec<CapabilityId>,
     pub shard_fingerprint: u64,
     /// A digest of the node's `[timing]`: nodes whose failure detector, Raft timeouts or
     /// snapshot policy differ would disagree about who is down and when to call an election.
@@ -81,7 +82,7 @@ pub(crate) mod old_heartbeat {
     use serde::{Deserialize, Serialize};
 
     use super::Heartbeat;
-    use crate::config::Capability;
+    use crate::capability::CapabilityId;
 
     /// Version 1 (2c05dbb), and version 3 until 2ae3196.
     #[derive(Debug, Serialize, Deserialize)]
@@ -92,8 +93,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub peers: Vec<String>,
     }
@@ -107,8 +108,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub peers: Vec<String>,
         pub down: Vec<String>,
@@ -123,8 +124,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub peers: Vec<String>,
         pub down: Vec<String>,
@@ -140,8 +141,8 @@ pub(crate) mod old_heartbeat {
         pub pid: u32,
         pub incarnation: u64,
         pub seq: u64,
-        pub capabilities: Vec<Capability>,
-        pub unhealthy: Vec<Capability>,
+        pub capabilities: Vec<CapabilityId>,
+        pub unhealthy: Vec<CapabilityId>,
         pub shard_fingerprint: u64,
         pub timing_fingerprint: u64,
         pub peers: Vec<String>,
@@ -198,14 +199,14 @@ pub(crate) mod old_heartbeat {
 /// the clock, the sessions and links (to send heartbeats over and to believe them), and where the
 /// verdicts go.
 pub trait MembershipPort: Send + Sync + 'static {
-    fn config(&self) -> &NodeConfig;
+    fn config(&self) -> &ClusterConfig;
     fn now_ms(&self) -> u64;
     /// This process's start, ms since the epoch (a peer tells a restart by it).
     fn incarnation(&self) -> u64;
     /// The detector's tick ran (for `/readyz`: a stalled membership is a sick node).
     fn note_tick(&self);
     /// The capabilities this node hosts but cannot serve now.
-    fn unhealthy_local(&self) -> Vec<Capability>;
+    fn unhealthy_local(&self) -> Vec<CapabilityId>;
     /// Peers this node has a session with.
     fn connected_names(&self) -> BTreeSet<String>;
     /// The advertised cluster addresses of those peers (what heartbeats gossip).
@@ -327,13 +328,13 @@ impl MembershipState {
         let hb = Heartbeat {
             name: cfg.name.clone(),
             cluster_addr: cfg.advertised_cluster_addr(),
-            http_addr: cfg.advertised_http_addr(),
+            http_addr: cfg.http_advertise.clone(),
             pid: std::process::id(),
             incarnation: c.incarnation(),
             seq: self.seq,
             capabilities: cfg.hosted(),
             unhealthy: c.unhealthy_local(),
-            shard_fingerprint: cfg.capabilities.fingerprint(),
+            shard_fingerprint: cfg.shard_map.fingerprint(),
             timing_fingerprint: cfg.timing.fingerprint(),
             peers: c.connected_advertised(),
             binding: Vec::new(),
@@ -363,7 +364,7 @@ impl MembershipState {
         for addr in std::iter::once(&hb.cluster_addr).chain(hb.peers.iter()) {
             self.cluster.learn_addr(addr);
         }
-        let (ours, our_timing) = (cfg.capabilities.fingerprint(), cfg.timing.fingerprint());
+        let (ours, our_timing) = (cfg.shard_map.fingerprint(), cfg.timing.fingerprint());
         let mismatch = if hb.shard_fingerprint != ours {
             Some(format!(
                 "a different shard map (fingerprint {:016x}, ours {ours:016x}); every node must use the same [capabilities] tables",
@@ -432,12 +433,12 @@ impl MembershipState {
         let c = &*self.cluster;
         let cfg = c.config();
         let mut nodes = BTreeMap::new();
-        for name in cfg.capabilities.all_nodes().into_iter().chain(self.last.keys().cloned()) {
+        for name in cfg.shard_map.all_nodes().into_iter().chain(self.last.keys().cloned()) {
             let view = if name == cfg.name {
                 NodeView {
                     name: name.clone(),
                     addr: cfg.advertised_cluster_addr(),
-                    http: cfg.advertised_http_addr(),
+                    http: cfg.http_advertise.clone(),
                     pid: Some(std::process::id()),
                     status: Status::Up,
                     capabilities: cfg.hosted(),
@@ -467,7 +468,7 @@ impl MembershipState {
                     http: String::new(),
                     pid: None,
                     status: Status::Down,
-                    capabilities: cfg.capabilities.hosted_by(&name),
+                    capabilities: cfg.shard_map.hosted_by(&name),
                     unhealthy: vec![],
                     reason: Some("never heard from".into()),
                 }
@@ -486,8 +487,8 @@ pub struct NodeView {
     pub http: String,
     pub pid: Option<u32>,
     pub status: Status,
-    pub capabilities: Vec<Capability>,
-    pub unhealthy: Vec<Capability>,
+    pub capabilities: Vec<CapabilityId>,
+    pub unhealthy: Vec<CapabilityId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState, Ticket};
 use crate::call::{call, CallError};
-use crate::config::{Capability, NodeConfig};
+use crate::capability::CapabilityId;
+use crate::config::ClusterConfig;
 use crate::detector::Status;
 use crate::gate::{Expect, Gate, GateEvents, Refusal};
 use crate::gateway::group_name;
@@ -124,7 +125,7 @@ pub struct CapHealth {
 }
 
 struct Inner {
-    config: NodeConfig,
+    config: ClusterConfig,
     clock: Instant,
     incarnation: u64,
     server: ActorRef<NodeServerMessage>,
@@ -135,15 +136,15 @@ struct Inner {
     handshaking: Mutex<HashMap<ractor::ActorId, (NodeServerSessionInformation, Instant)>>,
     known_addrs: Mutex<BTreeSet<String>>,
     view: RwLock<BTreeMap<String, NodeView>>,
-    health: RwLock<BTreeMap<Capability, CapHealth>>,
+    health: RwLock<BTreeMap<CapabilityId, CapHealth>>,
     metrics: ClusterMetrics,
     link_faults: Arc<LinkFaults>,
     /// One breaker per (capability, member) this node has called.
-    breakers: Mutex<BTreeMap<(Capability, String), Breaker>>,
+    breakers: Mutex<BTreeMap<(CapabilityId, String), Breaker>>,
     /// This node's Raft replicas (shared with the Raft router).
     raft: crate::raft::Registry,
     /// The last leader another node named for a shard this node has no replica of.
-    leader_hints: RwLock<BTreeMap<(Capability, u32), String>>,
+    leader_hints: RwLock<BTreeMap<(CapabilityId, u32), String>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// TLS on the links (`None`: `tls = "off"`).
     tls: Option<crate::tls::TlsLinks>,
@@ -259,7 +260,7 @@ impl NodeEventSubscription for Events {
 
 impl Cluster {
     /// Starts this node's cluster layer: listener, membership, dialer.
-    pub async fn start(config: NodeConfig) -> Result<Cluster, String> {
+    pub async fn start(config: ClusterConfig) -> Result<Cluster, String> {
         let advertised = config.advertised_cluster_addr();
         let host = advertised.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertised.clone());
         // We accept and dial ourselves (see `link`), so the NodeServer's own listener is parked on
@@ -282,7 +283,7 @@ impl Cluster {
         let sealed = crate::tls::sealed_acceptor()?;
         let server = NodeServer::new(
             0,
-            config.cookie().to_string(),
+            config.cookie.clone(),
             config.name.clone(),
             host,
             Some(ractor_cluster::IncomingEncryptionMode::Tls(sealed)),
@@ -352,7 +353,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn config(&self) -> &NodeConfig {
+    pub fn config(&self) -> &ClusterConfig {
         &self.inner.config
     }
 
@@ -423,17 +424,18 @@ impl Cluster {
 
     // ----- health of local capabilities -----
 
-    pub fn set_health(&self, cap: Capability, ready: bool, detail: &str) {
+    pub fn set_health(&self, cap: impl Into<CapabilityId>, ready: bool, detail: &str) {
+        let cap = cap.into();
         if let Ok(mut h) = self.inner.health.write() {
             h.insert(cap, CapHealth { ready, detail: detail.to_string() });
         }
     }
 
-    pub fn local_health(&self) -> BTreeMap<Capability, CapHealth> {
+    pub fn local_health(&self) -> BTreeMap<CapabilityId, CapHealth> {
         self.inner.health.read().map(|h| h.clone()).unwrap_or_default()
     }
 
-    pub(crate) fn unhealthy_local(&self) -> Vec<Capability> {
+    pub(crate) fn unhealthy_local(&self) -> Vec<CapabilityId> {
         if self.is_draining() {
             return self.config().hosted();
         }
@@ -560,7 +562,8 @@ impl Cluster {
     }
 
     /// Whether `node` may be sent requests for `cap`: up or suspect, not refused, capability healthy.
-    pub fn is_routable(&self, cap: Capability, node: &str) -> bool {
+    pub fn is_routable(&self, cap: impl Into<CapabilityId>, node: &str) -> bool {
+        let cap = cap.into();
         if node == self.name() {
             return self.local_health().get(&cap).map(|h| h.ready).unwrap_or(false);
         }
@@ -577,7 +580,7 @@ impl Cluster {
     // ----- circuit breakers -----
 
     /// Asks the breaker of (`cap`, `node`) whether a call may go now.
-    fn admit(&self, cap: Capability, node: &str) -> Result<Ticket, CallError> {
+    fn admit(&self, cap: CapabilityId, node: &str) -> Result<Ticket, CallError> {
         let now = self.now_ms();
         let admit = match self.inner.breakers.lock() {
             Ok(mut b) => {
@@ -599,7 +602,7 @@ impl Cluster {
         }
     }
 
-    fn with_breaker(&self, cap: Capability, node: &str, f: impl FnOnce(&mut Breaker)) {
+    fn with_breaker(&self, cap: CapabilityId, node: &str, f: impl FnOnce(&mut Breaker)) {
         if let Ok(mut b) = self.inner.breakers.lock() {
             if let Some(b) = b.get_mut(&(cap, node.to_string())) {
                 f(b);
@@ -619,7 +622,8 @@ impl Cluster {
     }
 
     /// The state of the breaker of (`cap`, `node`); closed if never called.
-    pub fn breaker_state(&self, cap: Capability, node: &str) -> BreakerState {
+    pub fn breaker_state(&self, cap: impl Into<CapabilityId>, node: &str) -> BreakerState {
+        let cap = cap.into();
         let now = self.now_ms();
         self.inner
             .breakers
@@ -630,7 +634,7 @@ impl Cluster {
     }
 
     /// The state of every breaker this node has, by (capability, member); a pair never called is closed.
-    pub fn breaker_states(&self) -> BTreeMap<(Capability, String), BreakerState> {
+    pub fn breaker_states(&self) -> BTreeMap<(CapabilityId, String), BreakerState> {
         let now = self.now_ms();
         self.inner
             .breakers
@@ -643,7 +647,8 @@ impl Cluster {
 
     /// The gateway of `cap` on `node`, looked up afresh (a reconnect makes new stubs), and this
     /// node as the sender of a request to it (with the binding of the link it goes over).
-    pub fn member(&self, cap: Capability, node: &str) -> Result<(ActorRef<WireMsg>, Sender), CallError> {
+    pub fn member(&self, cap: impl Into<CapabilityId>, node: &str) -> Result<(ActorRef<WireMsg>, Sender), CallError> {
+        let cap = cap.into();
         self.remotable(&group_name(cap, node), cap, node, &format!("no {cap} member is registered on {node}"))
             .map(|(actor, binding)| (actor, Sender { node: self.name().to_string(), binding }))
     }
@@ -654,7 +659,7 @@ impl Cluster {
     fn remotable(
         &self,
         group: &str,
-        cap: Capability,
+        cap: CapabilityId,
         node: &str,
         absent: &str,
     ) -> Result<(ActorRef<WireMsg>, Vec<u8>), CallError> {
@@ -681,23 +686,25 @@ impl Cluster {
     /// Calls `cap` on `node` with the default call timeout.
     pub async fn call<Req: Record, Resp: Record>(
         &self,
-        cap: Capability,
+        cap: impl Into<CapabilityId>,
         node: &str,
         req: &Req,
         traceparent: &str,
     ) -> Result<Resp, CallError> {
+        let cap = cap.into();
         let t = Duration::from_millis(self.config().timing.call_timeout_ms);
         self.call_with_timeout(cap, node, req, traceparent, t).await
     }
 
     pub async fn call_with_timeout<Req: Record, Resp: Record>(
         &self,
-        cap: Capability,
+        cap: impl Into<CapabilityId>,
         node: &str,
         req: &Req,
         traceparent: &str,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
+        let cap = cap.into();
         use std::sync::atomic::Ordering::Relaxed;
         use tracing::Instrument;
         self.inner.metrics.calls.fetch_add(1, Relaxed);
@@ -718,7 +725,7 @@ impl Cluster {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        metrics::histogram!("bulkhead_cluster_call_duration_seconds", "capability" => cap.as_str(), "outcome" => outcome)
+        metrics::histogram!("bulkhead_cluster_call_duration_seconds", "capability" => cap.label(), "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             self.inner.metrics.call_errors.fetch_add(1, Relaxed);
@@ -744,7 +751,7 @@ impl Cluster {
     pub async fn raft_call(
         &self,
         node: &str,
-        cap: Capability,
+        cap: CapabilityId,
         rpc: crate::raft::RaftRpc,
         timeout: Duration,
     ) -> Result<crate::raft::RaftRpcReply, CallError> {
@@ -756,14 +763,16 @@ impl Cluster {
     }
 
     /// The shard of a replicated capability that owns `key`.
-    pub fn shard_of(&self, cap: Capability, key: &[u8]) -> u32 {
-        self.config().capabilities.shard_for(cap, key)
+    pub fn shard_of(&self, cap: impl Into<CapabilityId>, key: &[u8]) -> u32 {
+        let cap = cap.into();
+        self.config().shard_map.shard_for(cap, key)
     }
 
     /// Where to send a request for a shard: the leader this node's own replica knows, else the
     /// last leader another node named, else the shard's preferred node (which answers with the
     /// leader if it is not it). `None`: this node's replica knows there is no leader right now.
-    pub fn leader_of(&self, cap: Capability, shard: u32) -> Option<String> {
+    pub fn leader_of(&self, cap: impl Into<CapabilityId>, shard: u32) -> Option<String> {
+        let cap = cap.into();
         let group = crate::raft::GroupId { capability: cap, shard };
         if let Some(r) = self.inner.raft.get(group) {
             return r.leader();
@@ -773,7 +782,7 @@ impl Cluster {
                 return Some(hint);
             }
         }
-        let shards = self.config().capabilities.shards(cap);
+        let shards = self.config().shard_map.shards(cap);
         shards
             .iter()
             .find(|p| p.shard == shard)
@@ -795,12 +804,13 @@ impl Cluster {
     /// replica of the group.
     pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(
         &self,
-        cap: Capability,
+        cap: impl Into<CapabilityId>,
         shard: u32,
         req: &Req,
         traceparent: &str,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
+        let cap = cap.into();
         let no_leader = |node: &str| CallError::NoLeader { capability: cap, shard, node: node.to_string() };
         // Waiting for a leader never goes past `timeout` in all; each send has `timeout` of its
         // own (a `Place` waits its saga's budget on the leader, however long the search took).
@@ -845,7 +855,14 @@ impl Cluster {
     /// hears the election); else from the leader hints and the failure detector, looked at every
     /// 25 ms. `None` if none came. A caller holding an Idempotency-Key uses it to stop waiting on
     /// a leader that died with its request and ask the new one.
-    pub async fn new_leader(&self, cap: Capability, shard: u32, old: Option<&str>, bound: Duration) -> Option<String> {
+    pub async fn new_leader(
+        &self,
+        cap: impl Into<CapabilityId>,
+        shard: u32,
+        old: Option<&str>,
+        bound: Duration,
+    ) -> Option<String> {
+        let cap = cap.into();
         if let Some(replica) = self.inner.raft.get(crate::raft::GroupId { capability: cap, shard }) {
             return replica.wait_for_new_leader(old, bound).await;
         }
@@ -863,7 +880,7 @@ impl Cluster {
     /// two election timeouts (never longer than `timeout`).
     async fn wait_for_new_leader(
         &self,
-        cap: Capability,
+        cap: CapabilityId,
         shard: u32,
         old: Option<&str>,
         timeout: Duration,
@@ -1014,7 +1031,7 @@ async fn open_link(
         l.insert(label.clone(), LinkInfo { peer: None, binding, handshake });
     }
     let events = LinkEvents { inner: Arc::downgrade(&cluster.inner), label: label.clone() };
-    let known = Arc::new(cluster.config().capabilities.all_nodes().into_iter().collect());
+    let known = Arc::new(cluster.config().shard_map.all_nodes().into_iter().collect());
     let gate = Gate::new(expect, incoming).knowing(known);
     let link = Box::new(LinkStream::new(
         io,
@@ -1081,7 +1098,7 @@ impl GateEvents for LinkEvents {
 /// frees the probe slot (otherwise a half-open breaker would wait for a result that never comes).
 struct Outcome<'a> {
     cluster: &'a Cluster,
-    cap: Capability,
+    cap: CapabilityId,
     node: &'a str,
     ticket: Option<Ticket>,
 }

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Capability, NodeConfig};
+use crate::capability::CapabilityId;
+use crate::config::ClusterConfig;
 use crate::detector::Status;
 use crate::membership::{MembershipPort, NodeView, Seen};
 use crate::node::Cluster;
@@ -15,7 +16,7 @@ use crate::senders::Peers;
 
 /// What membership asks of the node ([`crate::membership::MembershipPort`]).
 impl MembershipPort for Cluster {
-    fn config(&self) -> &NodeConfig {
+    fn config(&self) -> &ClusterConfig {
         Cluster::config(self)
     }
 
@@ -31,7 +32,7 @@ impl MembershipPort for Cluster {
         Cluster::note_tick(self)
     }
 
-    fn unhealthy_local(&self) -> Vec<Capability> {
+    fn unhealthy_local(&self) -> Vec<CapabilityId> {
         Cluster::unhealthy_local(self)
     }
 
@@ -92,7 +93,7 @@ impl crate::raft::RaftPort for Cluster {
         Cluster::status_of(self, node)
     }
 
-    fn is_routable(&self, cap: Capability, node: &str) -> bool {
+    fn is_routable(&self, cap: CapabilityId, node: &str) -> bool {
         Cluster::is_routable(self, cap, node)
     }
 
@@ -123,7 +124,7 @@ impl crate::raft::RaftPort for Cluster {
     fn raft_call<'a>(
         &'a self,
         node: &'a str,
-        cap: Capability,
+        cap: CapabilityId,
         rpc: crate::raft::RaftRpc,
         timeout: Duration,
     ) -> crate::raft::port::Reply<'a> {
@@ -140,18 +141,16 @@ pub struct SenderRoles {
     members: BTreeSet<String>,
     /// Per capability, the nodes holding a replica of some shard: a node merely listed for it
     /// (more nodes than shards × replicas) never leads a shard, so never sends its requests.
-    replicas: BTreeMap<Capability, BTreeSet<String>>,
+    replicas: BTreeMap<CapabilityId, BTreeSet<String>>,
 }
 
 impl Cluster {
     /// The sender check every gateway of this node uses ([`crate::senders::judge`]).
     pub fn sender_roles(&self) -> Arc<dyn Peers> {
-        let map = &self.config().capabilities;
-        let members = Capability::ALL.iter().flat_map(|cap| map.nodes(*cap).iter().cloned()).collect();
-        let replicas = Capability::ALL
-            .iter()
-            .map(|cap| (*cap, map.shards(*cap).into_iter().flat_map(|p| p.replicas).collect()))
-            .collect();
+        let map = &self.config().shard_map;
+        let members = map.all_nodes().into_iter().collect();
+        let replicas =
+            map.0.keys().map(|cap| (*cap, map.shards(*cap).into_iter().flat_map(|p| p.replicas).collect())).collect();
         Arc::new(SenderRoles { cluster: self.clone(), members, replicas })
     }
 }
@@ -165,7 +164,7 @@ impl Peers for SenderRoles {
         self.members.contains(node)
     }
 
-    fn hosts(&self, node: &str, cap: Capability) -> bool {
+    fn hosts(&self, node: &str, cap: CapabilityId) -> bool {
         self.replicas.get(&cap).is_some_and(|nodes| nodes.contains(node))
     }
 

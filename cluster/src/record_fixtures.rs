@@ -17,7 +17,7 @@ use openraft::{
     BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, SnapshotMeta, StoredMembership, Vote,
 };
 
-use crate::config::Capability;
+use crate::capability::CapabilityId;
 use crate::membership::{old_heartbeat as old, Heartbeat};
 use crate::raft::network::{RaftCall, RaftRpc, RaftRpcReply};
 use crate::raft::types::*;
@@ -54,11 +54,12 @@ const SEQ: u64 = 17;
 const SHARDS: u64 = 0x1122_3344_5566_7788;
 const TIMING: u64 = 0x99aa_bbcc_ddee_ff00;
 
-fn caps() -> Vec<Capability> {
-    vec![Capability::Orders, Capability::Payments]
+/// The ids the fixtures were written with, as the capabilities' enum variants 0 and 2 then.
+fn caps() -> Vec<CapabilityId> {
+    vec![CapabilityId(0), CapabilityId(2)]
 }
-fn unhealthy() -> Vec<Capability> {
-    vec![Capability::Payments]
+fn unhealthy() -> Vec<CapabilityId> {
+    vec![CapabilityId(2)]
 }
 fn peers() -> Vec<String> {
     vec!["10.0.0.2:7001".into()]
@@ -100,7 +101,7 @@ fn heartbeat_v1() -> old::V1 {
     }
 }
 
-const GROUP: GroupId = GroupId { capability: Capability::Payments, shard: 1 };
+const GROUP: GroupId = GroupId { capability: CapabilityId(2), shard: 1 };
 /// Member ids as `member_id` makes them: a node's hash above, its store's incarnation below.
 const M1: u64 = 0x8a3f_0c21_0000_0007;
 const M2: u64 = 0x1b2c_3d4e_0000_0003;

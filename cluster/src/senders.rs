@@ -2,19 +2,19 @@
 //!
 //! The identity gate already keeps out a node the shard map does not name, and the Raft router
 //! takes a group's RPCs only from its members. This is the same rule for the capabilities'
-//! requests: a payments `Charge` or an inventory `Reserve` comes from an orders leader, never from
-//! a node that merely holds a certificate. A request names its sender ([`Sender`], in the
+//! requests: a request only a capability's leaders send (a saga's step, say) comes from a node that
+//! hosts that capability, never from a node that merely holds a certificate. A request names its sender ([`Sender`], in the
 //! envelope); the receiver believes the name only when the channel binding the request carries is
 //! that of one of its own links to that node (the same proof a heartbeat and a Raft RPC carry:
 //! ractor_cluster does not say which link a message came over). Then the request's [`Role`] says
 //! whether that node may send it.
 //!
-//! Caveat: a node that hosts orders may still send any orders-role request it likes; the check
+//! Caveat: a node that hosts a capability may still send any request of that role it likes; the check
 //! bounds a compromised node by its role, not by its intent.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Capability;
+use crate::capability::CapabilityId;
 
 /// The node a request names as its sender, and the channel binding of the link it was sent over
 /// (empty without TLS; a process-local secret for a call to this node's own gateway).
@@ -30,9 +30,16 @@ pub enum Role {
     /// Any node of the shard map: the HTTP front, which runs on every node (reads, admin calls).
     AnyMember,
     /// Only a node that hosts a replica of this capability: its leader's saga or outbox sends it.
-    Hosts(Capability),
+    Hosts(CapabilityId),
     /// Only this node itself (a drill its own front sends to its own worker).
     Itself,
+}
+
+impl Role {
+    /// Only a node that hosts a replica of `cap`.
+    pub fn hosts(cap: impl Into<CapabilityId>) -> Role {
+        Role::Hosts(cap.into())
+    }
 }
 
 /// A capability's request type says who may send each of its requests.
@@ -48,7 +55,7 @@ pub trait Peers: Send + Sync {
     /// Whether the shard map names `node` at all.
     fn in_map(&self, node: &str) -> bool;
     /// Whether the shard map places a replica of `cap` on `node`.
-    fn hosts(&self, node: &str, cap: Capability) -> bool;
+    fn hosts(&self, node: &str, cap: CapabilityId) -> bool;
     /// This node's name.
     fn me(&self) -> &str;
 }
@@ -63,7 +70,7 @@ pub enum Unvouched {
     #[error("{node} has no place in the shard map")]
     Stranger { node: String },
     #[error("{node} hosts no {needs} replica, and only those send this request")]
-    WrongRole { node: String, needs: Capability },
+    WrongRole { node: String, needs: CapabilityId },
     #[error("only this node sends itself this request, not {node}")]
     NotItself { node: String },
 }
@@ -102,7 +109,10 @@ pub fn judge(sender: Option<&Sender>, role: Role, peers: &dyn Peers) -> Result<(
 mod tests {
     use super::*;
 
-    /// n1 and n2 host orders; n3 hosts payments only; each is reached over a link whose binding
+    const SENDER: CapabilityId = CapabilityId(0);
+    const OTHER: CapabilityId = CapabilityId(2);
+
+    /// n1 and n2 host SENDER; n3 hosts OTHER only; each is reached over a link whose binding
     /// is its name's last byte. n9 has a link but no place in the map.
     struct Three;
     impl Peers for Three {
@@ -112,10 +122,10 @@ mod tests {
         fn in_map(&self, node: &str) -> bool {
             ["n1", "n2", "n3"].contains(&node)
         }
-        fn hosts(&self, node: &str, cap: Capability) -> bool {
+        fn hosts(&self, node: &str, cap: CapabilityId) -> bool {
             match cap {
-                Capability::Orders => ["n1", "n2"].contains(&node),
-                Capability::Payments => node == "n3",
+                SENDER => ["n1", "n2"].contains(&node),
+                OTHER => node == "n3",
                 _ => false,
             }
         }
@@ -130,13 +140,13 @@ mod tests {
 
     #[test]
     fn a_request_passes_only_from_a_vouched_member_of_its_role() {
-        let orders = Role::Hosts(Capability::Orders);
-        assert_eq!(judge(from("n1", b"1").as_ref(), orders, &Three), Ok(()));
+        let senders = Role::Hosts(SENDER);
+        assert_eq!(judge(from("n1", b"1").as_ref(), senders, &Three), Ok(()));
         assert_eq!(judge(from("n3", b"3").as_ref(), Role::AnyMember, &Three), Ok(()));
         assert_eq!(
-            judge(from("n3", b"3").as_ref(), orders, &Three),
-            Err(Unvouched::WrongRole { node: "n3".into(), needs: Capability::Orders }),
-            "a payments host cannot charge or reserve"
+            judge(from("n3", b"3").as_ref(), senders, &Three),
+            Err(Unvouched::WrongRole { node: "n3".into(), needs: SENDER }),
+            "a host of another capability cannot send it"
         );
         assert_eq!(judge(None, Role::AnyMember, &Three), Err(Unvouched::Anonymous));
         // A drill only from the node itself (this one is n3).

@@ -27,7 +27,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::NodeConfig;
+use crate::config::ClusterConfig;
 
 /// The name every dial uses as its TLS server name; no node certificate carries it and no verifier
 /// checks it (see the module docs).
@@ -49,7 +49,7 @@ pub struct TlsLinks {
 impl TlsLinks {
     /// Reads the files a config names; refuses a key others may read and a certificate that does
     /// not name this node or was not issued by the CA.
-    pub fn load(cfg: &NodeConfig) -> Result<TlsLinks, String> {
+    pub fn load(cfg: &ClusterConfig) -> Result<TlsLinks, String> {
         let (Some(ca), Some(cert), Some(key)) = (&cfg.tls_ca_file, &cfg.tls_cert_file, &cfg.tls_key_file) else {
             return Err("tls is on but tls_ca_file, tls_cert_file or tls_key_file is missing".into());
         };

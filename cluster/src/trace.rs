@@ -1,9 +1,9 @@
 //! W3C trace context across HTTP, cluster calls, sagas and Raft: one trace id from a client's
-//! `POST /v1/orders` to the order's shipment, on whatever nodes the order crosses.
+//! request to the last message it causes, on whatever nodes that work crosses.
 //!
 //! A trace context travels as a `traceparent` string (`00-<trace id>-<parent span id>-<flags>`):
-//! in the HTTP header, in every cluster envelope ([`crate::wire`]), and in an order's record (so
-//! its saga steps and outbox deliveries, which run later, stay in the request's trace). Logs carry
+//! in the HTTP header, in every cluster envelope ([`crate::wire`]), and in a capability's record (so
+//! work it does later, such as a saga's steps, stays in the request's trace). Logs carry
 //! the trace id as the `trace_id` field of the span they run in.
 //!
 //! When the node exports spans (OpenTelemetry, `[telemetry] otlp_endpoint`), the string and the

@@ -11,10 +11,16 @@ use std::time::{Duration, Instant};
 mod support;
 use support::{Ping, Pong};
 
+use bulkhead_cluster::config::CapabilityPlacement;
 use bulkhead_cluster::gateway::worker_name;
-use bulkhead_cluster::{BreakerState, CallError, Capability, Cluster, Gateway, GatewayArgs, Inbound, NodeConfig};
+use bulkhead_cluster::{
+    BreakerState, CallError, CapabilityId, Cluster, ClusterConfig, Gateway, GatewayArgs, Inbound, ShardMap,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
+
+/// A capability id, as the layer above would give one.
+const PAYMENTS: CapabilityId = CapabilityId(2);
 
 #[derive(RactorMessage)]
 enum FlakyMsg {
@@ -44,46 +50,23 @@ impl Actor for Flaky {
     }
 }
 
-fn config(dir: &std::path::Path) -> NodeConfig {
+/// One node, no peers, no HTTP, plain TCP: nothing here crosses a network.
+fn config() -> ClusterConfig {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let text = format!(
-        r#"
-name = "a"
-cluster_listen = "127.0.0.1:{port}"
-cookie = "test"
-# One node, no peers, no HTTP: nothing here crosses a network.
-auth = "off"
-tls = "off"
-data_dir = "{}"
-http_listen = "127.0.0.1:0"
-[capabilities.orders]
-nodes = ["a"]
-[capabilities.inventory]
-nodes = ["a"]
-[capabilities.payments]
-nodes = ["a"]
-[capabilities.shipping]
-nodes = ["a"]
-[capabilities.notifications]
-nodes = ["a"]
-"#,
-        dir.display()
-    );
-    let cfg: NodeConfig = toml::from_str(&text).expect("config");
-    cfg.validate().expect("valid");
-    cfg
+    let on_a = CapabilityPlacement::on(&["a"]);
+    let map = ShardMap((0..5).map(|c| (CapabilityId(c), on_a.clone())).collect());
+    ClusterConfig::plain("a", std::net::SocketAddr::from(([127, 0, 0, 1], port)), "test", map)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_member_trips_its_breaker_and_a_successful_probe_closes_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = Cluster::start(config(dir.path())).await.expect("cluster");
+    let cluster = Cluster::start(config()).await.expect("cluster");
     let (healthy, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-    Actor::spawn(Some(worker_name(Capability::Payments)), Flaky { healthy: healthy.clone(), seen: seen.clone() }, ())
+    Actor::spawn(Some(worker_name(PAYMENTS)), Flaky { healthy: healthy.clone(), seen: seen.clone() }, ())
         .await
         .expect("worker");
     let args = GatewayArgs {
-        capability: Capability::Payments,
+        capability: PAYMENTS,
         node: "a".into(),
         wrap: FlakyMsg::Req,
         worker_timeout: Duration::from_secs(5),
@@ -94,7 +77,7 @@ async fn a_failing_member_trips_its_breaker_and_a_successful_probe_closes_it() {
     let t = Duration::from_secs(2);
     let ask = |n| {
         let c = cluster.clone();
-        async move { c.call_with_timeout::<Ping, Pong>(Capability::Payments, "a", &Ping(n), "", t).await }
+        async move { c.call_with_timeout::<Ping, Pong>(PAYMENTS, "a", &Ping(n), "", t).await }
     };
 
     for n in 0..5 {
@@ -103,7 +86,7 @@ async fn a_failing_member_trips_its_breaker_and_a_successful_probe_closes_it() {
     }
     assert_eq!(seen.load(Ordering::Relaxed), 5);
     let states = cluster.breaker_states();
-    assert_eq!(states.get(&(Capability::Payments, "a".to_string())), Some(&BreakerState::Open), "{states:?}");
+    assert_eq!(states.get(&(PAYMENTS, "a".to_string())), Some(&BreakerState::Open), "{states:?}");
 
     // Open: fails fast, nothing sent, counted.
     let tripped_at = Instant::now();
@@ -130,6 +113,6 @@ async fn a_failing_member_trips_its_breaker_and_a_successful_probe_closes_it() {
     assert_eq!(pong, Pong(6));
     assert_eq!(seen.load(Ordering::Relaxed), 6, "exactly one probe reached the member");
     let states = cluster.breaker_states();
-    assert_eq!(states.get(&(Capability::Payments, "a".to_string())), Some(&BreakerState::Closed));
+    assert_eq!(states.get(&(PAYMENTS, "a".to_string())), Some(&BreakerState::Closed));
     cluster.shutdown();
 }

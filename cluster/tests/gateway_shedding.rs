@@ -10,9 +10,12 @@ use support::{sender, NamedMembers, Ping, Pong};
 
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{worker_name, GATEWAY_SHED};
-use bulkhead_cluster::{CallError, Capability, Gateway, GatewayArgs, Inbound};
+use bulkhead_cluster::{CallError, CapabilityId, Gateway, GatewayArgs, Inbound};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
+
+/// A capability id, as the layer above would give one.
+const PAYMENTS: CapabilityId = CapabilityId(2);
 
 #[derive(RactorMessage)]
 enum HoldMsg {
@@ -41,9 +44,9 @@ impl Actor for Hold {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_gateway_sheds_at_once_and_recovers_when_answers_go_out() {
     let held: Held = Arc::default();
-    Actor::spawn(Some(worker_name(Capability::Payments)), Hold(held.clone()), ()).await.expect("worker");
+    Actor::spawn(Some(worker_name(PAYMENTS)), Hold(held.clone()), ()).await.expect("worker");
     let args = GatewayArgs {
-        capability: Capability::Payments,
+        capability: PAYMENTS,
         node: "a".into(),
         wrap: HoldMsg::Req,
         worker_timeout: Duration::from_secs(10),
@@ -54,9 +57,7 @@ async fn a_full_gateway_sheds_at_once_and_recovers_when_answers_go_out() {
     let t = Duration::from_secs(5);
     let ask = |n: u32| {
         let gw = gw.clone();
-        tokio::spawn(
-            async move { call::<Ping, Pong>(&gw, Capability::Payments, "a", sender("a"), &Ping(n), "", t).await },
-        )
+        tokio::spawn(async move { call::<Ping, Pong>(&gw, PAYMENTS, "a", sender("a"), &Ping(n), "", t).await })
     };
     let (first, second) = (ask(1), ask(2));
     // Readiness, not a sleep: wait until the worker holds both.

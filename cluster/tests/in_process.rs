@@ -13,13 +13,16 @@ use support::{sender, Duplex, Echo, EchoMsg, NamedMembers, Ping, Pong};
 use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
 use bulkhead_cluster::wire::{WireMsg, WIRE_STATS};
-use bulkhead_cluster::{CallError, Capability, Gateway, GatewayArgs};
+use bulkhead_cluster::{CallError, CapabilityId, Gateway, GatewayArgs};
 use bulkhead_storage::Record;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
+
+/// A capability id, as the layer above would give one.
+const STOCK: CapabilityId = CapabilityId(1);
 
 /// A request of another shape than the gateway expects.
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,7 +84,7 @@ async fn node(name: &str) -> ActorRef<NodeServerMessage> {
 
 /// The remote stub of b's inventory gateway, once pg has synchronised over the link.
 async fn remote_gateway() -> ActorRef<WireMsg> {
-    let group = group_name(Capability::Inventory, "b");
+    let group = group_name(STOCK, "b");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut poll = tokio::time::interval(Duration::from_millis(10));
     loop {
@@ -96,11 +99,9 @@ async fn remote_gateway() -> ActorRef<WireMsg> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
     let (a, b) = (node("a").await, node("b").await);
-    Actor::spawn(Some(worker_name(Capability::Inventory)), Echo::<Ping, Pong> { answer: |p| Pong(p.0 + 1) }, ())
-        .await
-        .unwrap();
+    Actor::spawn(Some(worker_name(STOCK)), Echo::<Ping, Pong> { answer: |p| Pong(p.0 + 1) }, ()).await.unwrap();
     let args = GatewayArgs {
-        capability: Capability::Inventory,
+        capability: STOCK,
         node: "b".into(),
         wrap: EchoMsg::<Ping, Pong>::Req,
         worker_timeout: Duration::from_secs(5),
@@ -115,12 +116,11 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
 
     let gw = remote_gateway().await;
     let t = Duration::from_secs(2);
-    let pong: Pong =
-        call(&gw, Capability::Inventory, "b", sender("a"), &Ping(41), "00-trace-span-01", t).await.unwrap();
+    let pong: Pong = call(&gw, STOCK, "b", sender("a"), &Ping(41), "00-trace-span-01", t).await.unwrap();
     assert_eq!(pong, Pong(42));
 
     // A sender the gateway cannot vouch for is refused before its worker sees the request.
-    let stranger: Result<Pong, CallError> = call(&gw, Capability::Inventory, "b", sender("x"), &Ping(1), "", t).await;
+    let stranger: Result<Pong, CallError> = call(&gw, STOCK, "b", sender("x"), &Ping(1), "", t).await;
     assert!(
         matches!(&stranger, Err(CallError::Busy { reason, .. }) if reason.contains("did not come over a link")),
         "{stranger:?}"
@@ -131,15 +131,13 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
     let raw = gw.call(|port| WireMsg::Ask(vec![0xde, 0xad], port), Some(t)).await.unwrap();
     assert!(matches!(raw, ractor::rpc::CallResult::Success(_)));
     assert!(WIRE_STATS.undecodable_envelopes.load(Ordering::Relaxed) > before);
-    let wrong: Result<Pong, CallError> =
-        call(&gw, Capability::Inventory, "b", sender("a"), &Other("not a ping".into()), "", t).await;
+    let wrong: Result<Pong, CallError> = call(&gw, STOCK, "b", sender("a"), &Other("not a ping".into()), "", t).await;
     assert!(matches!(wrong, Err(CallError::Rejected { .. })), "{wrong:?}");
 
     // A silent cut: the call does not hang, it times out.
     control.send(Mode::Blackhole).unwrap();
     let started = std::time::Instant::now();
-    let r: Result<Pong, CallError> =
-        call(&gw, Capability::Inventory, "b", sender("a"), &Ping(1), "", Duration::from_millis(300)).await;
+    let r: Result<Pong, CallError> = call(&gw, STOCK, "b", sender("a"), &Ping(1), "", Duration::from_millis(300)).await;
     assert!(matches!(r, Err(CallError::TimedOut { .. })), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
@@ -148,11 +146,11 @@ async fn calls_cross_a_real_link_and_fail_fast_or_time_out_when_it_is_cut() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let r: Result<Pong, CallError> =
-            call(&gw, Capability::Inventory, "b", sender("a"), &Ping(1), "", Duration::from_millis(300)).await;
+            call(&gw, STOCK, "b", sender("a"), &Ping(1), "", Duration::from_millis(300)).await;
         if matches!(r, Err(CallError::Unreachable { .. })) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "calls over a severed link never became unreachable: {r:?}");
     }
-    assert!(ractor::pg::get_members(&group_name(Capability::Inventory, "b")).iter().all(|c| c.get_id().is_local()));
+    assert!(ractor::pg::get_members(&group_name(STOCK, "b")).iter().all(|c| c.get_id().is_local()));
 }

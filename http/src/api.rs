@@ -20,7 +20,8 @@ use bulkhead_actors::inventory::{self, InventoryReply};
 use bulkhead_actors::orders::client::{NewOrder as Ordered, Placement};
 use bulkhead_actors::orders::{self, IdemKey, OrderStatus, OrderView, OrdersReply, MAX_ORDERS_LISTED};
 use bulkhead_actors::payments::{self, PaymentReply};
-use bulkhead_cluster::{BreakerState, Capability};
+use bulkhead_actors::Capability;
+use bulkhead_cluster::BreakerState;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -176,7 +177,7 @@ pub async fn place_order(
     // timeout, so a slow upload never held this permit): past the bound, queueing only makes every
     // answer late. The permit is held until the answer is built (dropped with this future if the
     // client leaves).
-    let Ok(_permit) = st.orders_in_flight.clone().try_acquire_owned() else {
+    let Some(_permit) = st.orders_in_flight.try_enter() else {
         st.metrics.shed.fetch_add(1, Relaxed);
         return Err(ApiError::overloaded());
     };
@@ -589,16 +590,16 @@ pub fn cluster_view(st: &AppState) -> ClusterView {
     let breakers = st.cluster.breaker_states();
     let mut capabilities = std::collections::BTreeMap::new();
     for cap in Capability::ALL {
-        let members = st.cluster.config().capabilities.nodes(cap).to_vec();
+        let members = st.cluster.config().shard_map.nodes(cap).to_vec();
         let healthy = members.iter().filter(|m| st.cluster.is_routable(cap, m)).cloned().collect();
         // Per member as this node's call path sees it; a member never called is closed.
         let per_member = members
             .iter()
-            .map(|m| (m.clone(), breakers.get(&(cap, m.clone())).copied().unwrap_or(BreakerState::Closed).into()))
+            .map(|m| (m.clone(), breakers.get(&(cap.id(), m.clone())).copied().unwrap_or(BreakerState::Closed).into()))
             .collect();
         let worst = members
             .iter()
-            .filter_map(|m| breakers.get(&(cap, m.clone())).copied())
+            .filter_map(|m| breakers.get(&(cap.id(), m.clone())).copied())
             .max()
             .unwrap_or(BreakerState::Closed);
         capabilities
@@ -610,11 +611,11 @@ pub fn cluster_view(st: &AppState) -> ClusterView {
 /// One entry per shard of every replicated capability: this node's replica's view of it (role and
 /// lag of every replica are known on the leader), or only the leader this node would call.
 fn shards(st: &AppState) -> Vec<Shard> {
-    let map = &st.cluster.config().capabilities;
+    let map = &st.cluster.config().shard_map;
     let mut out = Vec::new();
     for cap in Capability::ALL {
         for p in map.shards(cap) {
-            let group = bulkhead_cluster::raft::GroupId { capability: cap, shard: p.shard };
+            let group = bulkhead_cluster::raft::GroupId::new(cap, p.shard);
             match st.cluster.raft().get(group) {
                 Some(r) => out.push(Shard::of_replica(cap, &r.status())),
                 None => out.push(Shard::elsewhere(cap, p.shard, st.cluster.leader_of(cap, p.shard), &p.replicas)),
@@ -647,9 +648,11 @@ pub async fn digests(State(st): State<AppState>) -> Result<Json<Digests>, ApiErr
     local.sort_by_key(|r| r.id);
     let mut replicas = Vec::new();
     for r in local {
+        // Every local replica is of a capability this build started.
+        let Some(capability) = Capability::of(r.id.capability) else { continue };
         let d = r.digest().await.map_err(|e| ApiError::unavailable(format!("{}: {e}", r.id)))?;
         replicas.push(ReplicaDigest {
-            capability: r.id.capability.into(),
+            capability: capability.into(),
             shard: r.id.shard,
             applied_index: d.applied_index,
             records: d.records,
@@ -741,7 +744,7 @@ pub async fn inject_panic(
     }
     let reason = admin_body(&headers, body)?;
     let cap: Capability = cap.parse().map_err(ApiError::bad_request)?;
-    if !st.cluster.config().hosted().contains(&cap) {
+    if !st.cluster.config().hosted().contains(&cap.id()) {
         return Err(ApiError::not_found(format!("this node does not host {cap}")));
     }
     let node = st.cluster.name().to_string();
@@ -802,7 +805,7 @@ mod tests {
     #[test]
     fn a_timeout_of_an_unkeyed_order_does_not_advise_a_key_it_never_had() {
         let lost = ApiError::from_call(bulkhead_cluster::CallError::Lost {
-            capability: Capability::Orders,
+            capability: Capability::Orders.id(),
             node: "n1".into(),
             reason: "link closed".into(),
         });

@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(retry_after(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "x")), Some("1".into()));
         assert_eq!(retry_after(ApiError::bad_request("x")), None);
         let shed = CallError::Busy {
-            capability: bulkhead_cluster::Capability::Orders,
+            capability: bulkhead_actors::Capability::Orders.id(),
             node: "n1".into(),
             reason: "full".into(),
         };
@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(retry_after(e), Some("1".into()));
         let e = ApiError::from_call(CallError::NoLeader {
-            capability: bulkhead_cluster::Capability::Payments,
+            capability: bulkhead_actors::Capability::Payments.id(),
             shard: 0,
             node: "n1".into(),
         });

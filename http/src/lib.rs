@@ -6,6 +6,7 @@
 //! server and stops it gracefully when it stops.
 //!
 //! - [`api`]: the handlers; [`validate`]: strict body checks; [`error`]: the one error type.
+//! - [`config`]: this layer's settings (`[http]`, `auth`, the tokens, `[rate_limit]`).
 //! - [`auth`]: API tokens (client and admin scopes) and the rate limits per address and token;
 //!   [`clients`]: named clients' tokens, made and revoked while the node runs.
 //! - [`edge`]: what every connection and request passes first (caps, timeouts, request ids, JSON
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod auth;
 pub mod clients;
+pub mod config;
 pub mod drain;
 pub mod edge;
 pub mod error;
@@ -42,6 +44,8 @@ use ractor_cluster::RactorMessage;
 use tokio::net::TcpListener;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+pub use config::{ApiTokens, AuthMode, HttpEdge, RateLimit};
 
 /// Largest request body accepted (an order of 100 items is far smaller).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -68,6 +72,29 @@ pub struct HttpMetrics {
     pub rate_limited: AtomicU64,
 }
 
+/// `[limits] orders_in_flight`: one permit per `POST /v1/orders` being handled.
+#[derive(Debug)]
+pub struct OrdersInFlight {
+    limit: usize,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl OrdersInFlight {
+    pub fn new(limit: usize) -> Self {
+        Self { limit, permits: Arc::new(tokio::sync::Semaphore::new(limit)) }
+    }
+
+    /// A permit held while one order is handled, or `None` at the limit.
+    pub fn try_enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Orders being handled now.
+    pub fn running(&self) -> usize {
+        self.limit.saturating_sub(self.permits.available_permits())
+    }
+}
+
 /// What the handlers need.
 #[derive(Clone)]
 pub struct AppState {
@@ -75,7 +102,7 @@ pub struct AppState {
     pub fault_injection: bool,
     pub metrics: Arc<HttpMetrics>,
     /// One permit per `POST /v1/orders` being handled (`limits.orders_in_flight`).
-    pub orders_in_flight: Arc<tokio::sync::Semaphore>,
+    pub orders_in_flight: Arc<OrdersInFlight>,
     /// The edge's bounds (`[http]`).
     pub edge: edge::EdgeConfig,
     /// Tokens and rate limits ([`auth`]).

@@ -168,12 +168,11 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         "counter",
         vec![(String::new(), m.shed.load(Relaxed))],
     );
-    let limit = st.cluster.config().limits.orders_in_flight;
     line(
         "bulkhead_orders_in_flight",
         "POST /v1/orders being handled by this node now (429 at limits.orders_in_flight)",
         "gauge",
-        vec![(String::new(), limit.saturating_sub(st.orders_in_flight.available_permits()) as u64)],
+        vec![(String::new(), st.orders_in_flight.running() as u64)],
     );
     line(
         "bulkhead_http_connections",

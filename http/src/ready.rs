@@ -2,7 +2,7 @@
 //! answers from it, and the systemd notifier sends `READY=1` the first time it holds.
 
 use bulkhead_cluster::raft::{GroupId, ShardHealth};
-use bulkhead_cluster::{CapHealth, Capability, Cluster, Status};
+use bulkhead_cluster::{CapHealth, CapabilityId, Cluster, Status};
 
 /// What readiness is judged from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -10,7 +10,7 @@ pub struct ReadyFacts {
     /// The node is stopping (SIGTERM).
     pub draining: bool,
     /// Each capability this node hosts, as its supervisor reports it.
-    pub capabilities: Vec<(Capability, CapHealth)>,
+    pub capabilities: Vec<(CapabilityId, CapHealth)>,
     /// Each shard this node holds a replica of, as that replica sees it.
     pub shards: Vec<(GroupId, ShardHealth)>,
     /// Why peers are refused (a different shard map or `[timing]`).
@@ -97,12 +97,13 @@ pub fn gather(cluster: &Cluster) -> ReadyFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_actors::Capability;
 
     fn healthy() -> ReadyFacts {
         ReadyFacts {
             draining: false,
-            capabilities: vec![(Capability::Orders, CapHealth { ready: true, detail: "serving".into() })],
-            shards: vec![(GroupId { capability: Capability::Orders, shard: 0 }, ShardHealth::Led)],
+            capabilities: vec![(Capability::Orders.id(), CapHealth { ready: true, detail: "serving".into() })],
+            shards: vec![(GroupId::new(Capability::Orders, 0), ShardHealth::Led)],
             refused: vec![],
             joined: true,
         }
@@ -131,14 +132,14 @@ mod tests {
     #[test]
     fn every_problem_is_named() {
         let mut f = healthy();
-        f.capabilities.push((Capability::Payments, CapHealth { ready: false, detail: "starting".into() }));
-        f.shards.push((GroupId { capability: Capability::Orders, shard: 1 }, ShardHealth::Electing));
+        f.capabilities.push((Capability::Payments.id(), CapHealth { ready: false, detail: "starting".into() }));
+        f.shards.push((GroupId::new(Capability::Orders, 1), ShardHealth::Electing));
         f.shards.push((
-            GroupId { capability: Capability::Inventory, shard: 0 },
+            GroupId::new(Capability::Inventory, 0),
             ShardHealth::MajorityLost { down: vec!["n2".into(), "n3".into()] },
         ));
         f.shards.push((
-            GroupId { capability: Capability::Payments, shard: 0 },
+            GroupId::new(Capability::Payments, 0),
             ShardHealth::Stopped { why: "a committed command does not decode".into() },
         ));
         f.refused.push("refused: node n3 has a different shard map".into());

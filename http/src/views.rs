@@ -11,9 +11,10 @@ use bulkhead_actors::consumer::Delivery as DeliveryRecord;
 use bulkhead_actors::inventory::{Item as ItemRecord, PricedLine as PricedLineRecord, StockView};
 use bulkhead_actors::orders::{DeadLetter as DeadLetterRecord, OrderStatus as OrderStatusRecord, OrderView};
 use bulkhead_actors::payments::PaymentView;
+use bulkhead_actors::Capability as CapabilityRecord;
 use bulkhead_cluster::membership::NodeView;
 use bulkhead_cluster::raft::{ReplicaStatus, Role as RoleRecord, ShardStatus};
-use bulkhead_cluster::{BreakerState as BreakerRecord, Capability as CapabilityRecord, Status};
+use bulkhead_cluster::{BreakerState as BreakerRecord, Status};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -324,8 +325,15 @@ impl From<&NodeView> for ClusterNode {
             http: n.http.clone(),
             pid: n.pid,
             status: n.status.into(),
-            capabilities: n.capabilities.iter().copied().map(Capability::from).collect(),
-            unhealthy: n.unhealthy.iter().copied().map(Capability::from).collect(),
+            // An id this build does not know (a newer peer's) has no name to show.
+            capabilities: n
+                .capabilities
+                .iter()
+                .copied()
+                .filter_map(CapabilityRecord::of)
+                .map(Capability::from)
+                .collect(),
+            unhealthy: n.unhealthy.iter().copied().filter_map(CapabilityRecord::of).map(Capability::from).collect(),
             reason: n.reason.clone(),
         }
     }

@@ -15,9 +15,12 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use bulkhead_actors::orders::MAX_ORDERS_LISTED;
-use bulkhead_cluster::{Cluster, NodeConfig, RateLimit};
+use bulkhead_actors::{Capability, CapabilityMap};
+use bulkhead_cluster::config::CapabilityPlacement;
+use bulkhead_cluster::{Cluster, ClusterConfig};
 use bulkhead_http::auth::Guard;
 use bulkhead_http::validate::{MAX_ITEMS, MAX_QUANTITY};
+use bulkhead_http::RateLimit;
 use bulkhead_http::{routes, AppState, HttpMetrics};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -48,19 +51,11 @@ const FAULT_ROUTES: &[(&str, &str)] =
 const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
 /// One node, no peers, nothing listening for HTTP: the routes only need an `AppState`.
-fn config(dir: &std::path::Path) -> NodeConfig {
+fn config() -> ClusterConfig {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let mut text = format!(
-        "name = \"a\"\ncluster_listen = \"127.0.0.1:{port}\"\ncookie = \"test\"\nauth = \"off\"\ntls = \"off\"\n\
-         data_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\n",
-        dir.display()
-    );
-    for cap in ["orders", "inventory", "payments", "shipping", "notifications"] {
-        text.push_str(&format!("[capabilities.{cap}]\nnodes = [\"a\"]\n"));
-    }
-    let cfg: NodeConfig = toml::from_str(&text).expect("config");
-    cfg.validate().expect("valid");
-    cfg
+    let on_a = CapabilityPlacement::on(&["a"]);
+    let map = CapabilityMap(Capability::ALL.into_iter().map(|c| (c, on_a.clone())).collect()).shard_map();
+    ClusterConfig::plain("a", std::net::SocketAddr::from(([127, 0, 0, 1], port)), "test", map)
 }
 
 fn state(cluster: &Cluster, fault_injection: bool) -> AppState {
@@ -70,7 +65,7 @@ fn state(cluster: &Cluster, fault_injection: bool) -> AppState {
         fault_injection,
         guard: Arc::new(Guard::new(None, RateLimit::default(), metrics.clone())),
         metrics,
-        orders_in_flight: Arc::new(tokio::sync::Semaphore::new(1)),
+        orders_in_flight: Arc::new(bulkhead_http::OrdersInFlight::new(1)),
         edge: Default::default(),
         drain: Arc::new(bulkhead_http::drain::Drain::default()),
     }
@@ -188,8 +183,7 @@ fn path_is_public(path: &str) -> bool {
 /// One test: it starts the process's one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_lists_exactly_the_routes_and_holds_together() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = Cluster::start(config(dir.path())).await.expect("cluster");
+    let cluster = Cluster::start(config()).await.expect("cluster");
     for fault_injection in [false, true] {
         let (_, doc) = routes(fault_injection);
         let doc: Value = serde_json::from_str(&doc.to_json().expect("json")).expect("parses");

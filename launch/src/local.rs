@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{NodeConfig, Timing};
+use bulkhead_cluster::Timing;
 use serde_json::Value;
 
+use crate::config::NodeConfig;
 use crate::secrets::{authorized, LocalSecrets};
 use crate::topology::{local_configs, write_config, Ports, NODES};
 
@@ -115,7 +116,7 @@ impl LocalCluster {
             if let Some(d) = settings.durability {
                 c.durability = d;
             }
-            c.rate_limit = bulkhead_cluster::RateLimit::LOAD_TEST;
+            c.rate_limit = bulkhead_http::RateLimit::LOAD_TEST;
         }
         Self::launch_configs(exe, data_dir, configs)
     }

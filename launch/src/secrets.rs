@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use bulkhead_cluster::secret::{random_token, read_secret, write_secret};
-use bulkhead_cluster::NodeConfig;
+
+use crate::config::NodeConfig;
 
 /// Where a local cluster's secrets live (all under its data dir).
 #[derive(Debug, Clone)]

@@ -16,19 +16,22 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use bulkhead_actors::{Capability, CapabilityMap};
 use bulkhead_cluster::config::CapabilityPlacement;
-use bulkhead_cluster::{Capability, NodeConfig, ShardMap, Timing};
+use bulkhead_cluster::Timing;
+
+use crate::config::NodeConfig;
 
 use crate::secrets::LocalSecrets;
 
 pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
-pub fn demo_shard_map() -> ShardMap {
+pub fn demo_shard_map() -> CapabilityMap {
     let p = CapabilityPlacement::on;
     // Replicated capabilities: a replica on every node, led where the topology puts them.
     let led_by = |n: &str| CapabilityPlacement { leaders: vec![n.into()], ..p(&["n1", "n2", "n3"]) };
     let payments = led_by("n2");
-    ShardMap(BTreeMap::from([
+    CapabilityMap(BTreeMap::from([
         (
             Capability::Orders,
             CapabilityPlacement { shards: Some(2), leaders: vec!["n1".into(), "n3".into()], ..p(&["n1", "n2", "n3"]) },
@@ -63,9 +66,9 @@ pub struct Ports {
 }
 
 /// Every capability on one node `n1`: the benchmark's one-node cluster.
-pub fn single_node_shard_map() -> ShardMap {
+pub fn single_node_shard_map() -> CapabilityMap {
     let p = CapabilityPlacement::on(&["n1"]);
-    ShardMap(Capability::ALL.into_iter().map(|c| (c, p.clone())).collect())
+    CapabilityMap(Capability::ALL.into_iter().map(|c| (c, p.clone())).collect())
 }
 
 /// Configs for the three demo nodes on 127.0.0.1, all seeded with each other.
@@ -82,7 +85,7 @@ pub fn local_configs(
 /// Configs for nodes `names` on 127.0.0.1 (node i on `ports[i]`), all seeded with each other.
 pub fn cluster_configs(
     names: &[&str],
-    map: ShardMap,
+    map: CapabilityMap,
     data_dir: &Path,
     secrets: &LocalSecrets,
     ports: &[Ports],

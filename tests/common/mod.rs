@@ -6,7 +6,8 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{NodeConfig, Timing};
+use bulkhead_cluster::Timing;
+use bulkhead_launch::config::NodeConfig;
 use bulkhead_launch::topology::{local_configs, Ports};
 use bulkhead_launch::{free_ports, LocalCluster, LocalSecrets};
 use serde_json::{json, Value};

@@ -4,11 +4,12 @@
 //! read. A replica that does not lead answers `NotLeader`.
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_cluster::Cluster;
 use uuid::Uuid;
 
 use super::machine::{ConsumerCommand, ConsumerMachine, Making, DELIVERIES};
 use super::protocol::{ConsumerReply, ConsumerRequest, OrderConfirmed};
+use crate::capability::Capability;
 use crate::util::Unserved;
 use crate::worker::{Route, ServeMsg, Service, WorkerArgs};
 use ractor::ActorRef;

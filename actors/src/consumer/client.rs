@@ -1,10 +1,11 @@
 //! The consumers' client (shipping, notifications): a front's reads of what was delivered for an
 //! order, sent to the leader of the order's shard. (Deliveries are the orders outbox's.)
 
-use bulkhead_cluster::{CallError, Capability, Cluster};
+use bulkhead_cluster::{CallError, Cluster};
 use uuid::Uuid;
 
 use super::protocol::{ConsumerReply, ConsumerRequest};
+use crate::capability::Capability;
 use crate::util::ask_leader;
 
 #[derive(Clone)]

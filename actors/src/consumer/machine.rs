@@ -3,12 +3,12 @@
 //! the new delivery's id into the command.
 
 use bulkhead_cluster::raft::Machine;
-use bulkhead_cluster::Capability;
 use bulkhead_storage::{Batch, Record, Store, StoreError, Table};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::protocol::{ConsumerReply, Delivery, OrderConfirmed};
+use crate::capability::Capability;
 
 /// What a capability makes of a confirmed order; also the consumer `Service` of shipping or of
 /// notifications (`super::actor`).

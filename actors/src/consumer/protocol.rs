@@ -28,9 +28,10 @@ pub enum ConsumerRequest {
 /// from the front of any node, a drill only from the node itself.
 impl bulkhead_cluster::SentBy for ConsumerRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
-        use bulkhead_cluster::{Capability, Role};
+        use crate::capability::Capability;
+        use bulkhead_cluster::Role;
         match self {
-            Self::Deliver(_) => Role::Hosts(Capability::Orders),
+            Self::Deliver(_) => Role::hosts(Capability::Orders),
             Self::List { .. } => Role::AnyMember,
             Self::InjectPanic => Role::Itself,
         }

@@ -8,10 +8,11 @@
 //! instead could lapse under an order that was already charged.
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_cluster::Cluster;
 
 use super::machine::{self, InventoryCommand, InventoryMachine};
 use super::protocol::{InventoryReply, InventoryRequest};
+use crate::capability::Capability;
 use crate::util::Unserved;
 use crate::worker::{Route, ServeMsg, Service, WorkerArgs};
 use ractor::ActorRef;

@@ -1,9 +1,10 @@
 //! The inventory client: a front's reads and stock settings, each sent to the leader of the SKU's
 //! shard. (Holds are the orders saga's, sent from the orders leader: `orders::actor`, `outbox`.)
 
-use bulkhead_cluster::{CallError, Capability, Cluster};
+use bulkhead_cluster::{CallError, Cluster};
 
 use super::protocol::{InventoryReply, InventoryRequest};
+use crate::capability::Capability;
 use crate::util::ask_leader;
 
 #[derive(Clone)]

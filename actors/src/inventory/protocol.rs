@@ -79,13 +79,14 @@ pub enum InventoryRequest {
 /// orders; reads and stock settings come from the front of any node, a drill only from the node itself.
 impl bulkhead_cluster::SentBy for InventoryRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
-        use bulkhead_cluster::{Capability, Role};
+        use crate::capability::Capability;
+        use bulkhead_cluster::Role;
         match self {
             Self::Reserve { .. }
             | Self::Commit { .. }
             | Self::Release { .. }
             | Self::CommitOn { .. }
-            | Self::ReleaseOn { .. } => Role::Hosts(Capability::Orders),
+            | Self::ReleaseOn { .. } => Role::hosts(Capability::Orders),
             Self::Get { .. } | Self::Set { .. } => Role::AnyMember,
             Self::InjectPanic => Role::Itself,
         }

@@ -19,17 +19,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster, Inbound};
+use bulkhead_cluster::{Cluster, Inbound};
 use ractor::{ActorRef, RpcReplyPort};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::config::OrdersConfig;
 use super::driver::{unserved_reply, Driver, Effect, Facts, Input, Placed, ShardFacts};
 use super::machine::{self, OrdersCommand, OrdersMachine, IDEMPOTENCY, ORDERS};
 use super::outbox::{OutboxMsg, RELAY_NAME};
 use super::protocol::{shard_of_order, OrdersReply, OrdersRequest, PlaceOrder};
 use super::saga::{ChargeOutcome, Event, ReserveOutcome};
 use super::MAX_DEAD_LETTERS_LISTED;
+use crate::capability::Capability;
 use crate::inventory::{InventoryReply, InventoryRequest, Item};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::{jitter, local_replica, Unserved};
@@ -77,7 +79,10 @@ type Reply = RpcReplyPort<OrdersReply>;
 /// to the shard's replica like every capability's; places and awaits go to its own loop, the
 /// [`Driver`].
 #[derive(Clone, Copy)]
-pub struct Orders;
+pub struct Orders {
+    /// `[orders]`: the saga's settings.
+    pub settings: OrdersConfig,
+}
 
 /// The worker's handle, as the orders loop's tasks and timers send to it.
 type Myself = ActorRef<ServeMsg<Orders>>;
@@ -440,7 +445,7 @@ impl Service for Orders {
         myself.send_interval(Duration::from_millis(100), || ServeMsg::Own(OrdersOwn::Lead));
         myself.send_interval(SWEEP_EVERY, || ServeMsg::Own(OrdersOwn::Sweep));
         let _ = myself.cast(ServeMsg::Own(OrdersOwn::Lead));
-        let window = args.cluster.config().orders.reservation_window_ms;
+        let window = self.settings.reservation_window_ms;
         OrdersState {
             cluster: args.cluster.clone(),
             replicas: args.replicas.clone(),

@@ -21,11 +21,12 @@
 
 use std::time::{Duration, Instant};
 
-use bulkhead_cluster::{CallError, Capability, Cluster};
+use bulkhead_cluster::{CallError, Cluster};
 use uuid::Uuid;
 
 use super::protocol::shard_of_order;
 use super::protocol::{IdemKey, OrderView, OrdersReply, OrdersRequest, PlaceOrder};
+use crate::capability::Capability;
 use crate::inventory::Item;
 use crate::util::ask_leader;
 
@@ -58,7 +59,7 @@ impl Client {
 
     /// The orders shards, as the shard map lists them.
     pub fn shards(&self) -> Vec<u32> {
-        self.cluster.config().capabilities.shards(Capability::Orders).iter().map(|p| p.shard).collect()
+        self.cluster.config().shard_map.shards(Capability::Orders).iter().map(|p| p.shard).collect()
     }
 
     /// The shard an order id names, if the shard map has it (ids are not guessed at otherwise).
@@ -302,7 +303,7 @@ fn answer(tried: Tried, shard: u32) -> Placed {
         Tried::Answered(reply) => Ok(reply),
         Tried::Failed(e) => Err(e),
         Tried::LeaderMoved { from } => Err(CallError::Lost {
-            capability: Capability::Orders,
+            capability: Capability::Orders.id(),
             node: from.unwrap_or_else(|| format!("orders shard {shard}")),
             reason: "its leadership moved while the order was in flight, and the budget ran out".into(),
         }),
@@ -315,13 +316,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn lost() -> CallError {
-        CallError::Lost { capability: Capability::Orders, node: "n1".into(), reason: "link closed".into() }
+        CallError::Lost { capability: Capability::Orders.id(), node: "n1".into(), reason: "link closed".into() }
     }
     fn timed_out() -> CallError {
-        CallError::TimedOut { capability: Capability::Orders, node: "n1".into(), timeout_ms: 4000 }
+        CallError::TimedOut { capability: Capability::Orders.id(), node: "n1".into(), timeout_ms: 4000 }
     }
     fn unreachable() -> CallError {
-        CallError::Unreachable { capability: Capability::Orders, node: "n1".into(), reason: "down".into() }
+        CallError::Unreachable { capability: Capability::Orders.id(), node: "n1".into(), reason: "down".into() }
     }
     const PLENTY: Duration = Duration::from_secs(2);
 
@@ -343,8 +344,12 @@ mod tests {
     fn what_recorded_nothing_is_asked_again_with_or_without_a_key() {
         for tried in [
             Tried::Failed(unreachable()),
-            Tried::Failed(CallError::NoLeader { capability: Capability::Orders, shard: 0, node: "n2".into() }),
-            Tried::Failed(CallError::Busy { capability: Capability::Orders, node: "n1".into(), reason: "x".into() }),
+            Tried::Failed(CallError::NoLeader { capability: Capability::Orders.id(), shard: 0, node: "n2".into() }),
+            Tried::Failed(CallError::Busy {
+                capability: Capability::Orders.id(),
+                node: "n1".into(),
+                reason: "x".into(),
+            }),
             Tried::Answered(OrdersReply::Unavailable("loading".into())),
             Tried::Answered(OrdersReply::NotLeader { leader: None }),
         ] {
@@ -361,7 +366,7 @@ mod tests {
             Tried::Answered(OrdersReply::Refused("bad".into())),
             Tried::Answered(OrdersReply::NotFound),
             Tried::Failed(CallError::Rejected {
-                capability: Capability::Orders,
+                capability: Capability::Orders.id(),
                 node: "n1".into(),
                 reason: "x".into(),
             }),

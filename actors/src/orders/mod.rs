@@ -5,6 +5,7 @@
 //! without one in any shard (the front prefers one its node leads). The order id's last byte
 //! names its shard, so a lookup by id goes straight to the shard's leader.
 //!
+//! - [`config`]: the saga's settings (`[orders]`).
 //! - [`protocol`]: requests/replies that cross nodes (place, get, list, dead letters).
 //! - [`client`]: how a front places an order on its shard's leader, retrying a keyed order on the
 //!   new leader when the old one dies with it (pure policy [`client::next`]).
@@ -33,6 +34,7 @@
 
 pub mod actor;
 pub mod client;
+pub mod config;
 pub mod driver;
 #[cfg(test)]
 mod driver_transcripts;
@@ -43,6 +45,7 @@ pub mod rounds;
 pub mod saga;
 
 pub use actor::{new_order_id, Orders, SweepCounts, MAX_ORDERS_LISTED, SWEEPS};
+pub use config::OrdersConfig;
 pub use machine::{OrdersCommand, OrdersMachine};
 pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{

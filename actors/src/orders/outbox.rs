@@ -23,11 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_cluster::Cluster;
 use bulkhead_storage::StoreError;
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
+
+use crate::capability::Capability;
 
 use uuid::Uuid;
 

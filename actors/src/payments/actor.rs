@@ -13,12 +13,13 @@
 use std::time::Duration;
 
 use bulkhead_cluster::raft::Replica;
-use bulkhead_cluster::{Capability, Cluster};
+use bulkhead_cluster::Cluster;
 use uuid::Uuid;
 
 use super::ledger::{self, ChargeStatus};
 use super::machine::{PaymentCommand, PaymentsMachine, PAYMENTS};
 use super::protocol::{PaymentReply, PaymentRequest};
+use crate::capability::Capability;
 use crate::util::Unserved;
 use crate::worker::{Route, ServeMsg, Service, WorkerArgs};
 use ractor::ActorRef;

@@ -1,10 +1,11 @@
 //! The payments client: a front's reads of an order's charges, sent to the leader of the order's
 //! payments shard. (Charges and refunds are the orders saga's: `orders::actor`, `outbox`.)
 
-use bulkhead_cluster::{CallError, Capability, Cluster};
+use bulkhead_cluster::{CallError, Cluster};
 use uuid::Uuid;
 
 use super::protocol::{PaymentReply, PaymentRequest};
+use crate::capability::Capability;
 use crate::util::ask_leader;
 
 #[derive(Clone)]

@@ -27,9 +27,10 @@ pub enum PaymentRequest {
 /// listings from the front of any node, a drill only from the node itself.
 impl bulkhead_cluster::SentBy for PaymentRequest {
     fn sent_by(&self) -> bulkhead_cluster::Role {
-        use bulkhead_cluster::{Capability, Role};
+        use crate::capability::Capability;
+        use bulkhead_cluster::Role;
         match self {
-            Self::Charge { .. } | Self::Refund { .. } => Role::Hosts(Capability::Orders),
+            Self::Charge { .. } | Self::Refund { .. } => Role::hosts(Capability::Orders),
             Self::List { .. } => Role::AnyMember,
             Self::InjectPanic => Role::Itself,
         }

@@ -243,7 +243,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Capability;
+    use crate::capability::CapabilityId;
     use crate::raft::types::Proposal;
     use bulkhead_storage::{Durability, StoreOptions};
     use openraft::{CommittedLeaderId, EntryPayload};
@@ -259,7 +259,7 @@ mod tests {
         Store::open(dir, name, &StoreOptions::default()).unwrap()
     }
 
-    const G: GroupId = GroupId { capability: Capability::Orders, shard: 0 };
+    const G: GroupId = GroupId { capability: CapabilityId(0), shard: 0 };
 
     /// A group store wiped and started again draws a new incarnation: the old incarnation's
     /// stream goes, another group's stays.
@@ -267,8 +267,8 @@ mod tests {
     async fn an_earlier_incarnations_stream_is_removed_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let log = NodeLog::open(&dir.path().join("raft-log"), Durability::Flush).unwrap();
-        let state = open(dir.path(), "orders-0");
-        let other = GroupId { capability: Capability::Orders, shard: 1 };
+        let state = open(dir.path(), "group-0");
+        let other = GroupId { capability: CapabilityId(0), shard: 1 };
         let mut old = LogStore::new(log.clone(), state.clone(), G.log_stream(7));
         let mut kept = LogStore::new(log.clone(), state.clone(), other.log_stream(7));
         old.save_vote(&Vote::new(3, 9)).await.unwrap();
@@ -286,7 +286,7 @@ mod tests {
     async fn an_old_log_in_the_group_store_moves_into_the_node_log() {
         let dir = tempfile::tempdir().unwrap();
         let log = NodeLog::open(&dir.path().join("raft-log"), Durability::Flush).unwrap();
-        let state = open(dir.path(), "orders-0");
+        let state = open(dir.path(), "group-0");
         let mut b = Batch::new();
         for i in 1..=4 {
             LOG.put(&mut b, &i, &LogRecord(entry(i)));
@@ -313,7 +313,7 @@ mod tests {
     async fn an_unfinished_move_is_done_again() {
         let dir = tempfile::tempdir().unwrap();
         let log = NodeLog::open(&dir.path().join("raft-log"), Durability::Flush).unwrap();
-        let state = open(dir.path(), "orders-0");
+        let state = open(dir.path(), "group-0");
         let mut b = Batch::new();
         for i in 1..=6 {
             LOG.put(&mut b, &i, &LogRecord(entry(i)));
@@ -337,7 +337,7 @@ mod tests {
     async fn a_purge_syncs_the_state_first_and_keeps_the_purged_id() {
         let dir = tempfile::tempdir().unwrap();
         let log = NodeLog::open(&dir.path().join("raft-log"), Durability::Flush).unwrap();
-        let state = open(dir.path(), "orders-0");
+        let state = open(dir.path(), "group-0");
         let mut ls = LogStore::new(log.clone(), state.clone(), G.log_stream(1));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let entries: Vec<(u64, Vec<u8>)> = (1..=5).map(|i| (i, encode(&LogRecord(entry(i))))).collect();

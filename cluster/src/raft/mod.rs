@@ -61,7 +61,7 @@ pub const MAX_COMMAND: usize = 128 * 1024;
 /// Bytes of a snapshot sent in one InstallSnapshot.
 pub const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
 /// The largest frame a cluster link accepts; ractor_cluster's default is 16 MiB. The largest real
-/// messages: a customer's order list (500 orders of up to 100 lines: about 4.5 MiB), a Raft batch
+/// messages: a capability's longest list reply (the actors crate bounds it to about 4.5 MiB), a Raft batch
 /// (above: under 3.5 MiB), a snapshot chunk (1 MiB). A peer cannot make this node allocate more.
 pub const MAX_FRAME: u64 = 8 * 1024 * 1024;
 

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::call::CallError;
-use crate::config::{Capability, Timing};
+use crate::capability::CapabilityId;
+use crate::config::Timing;
 use crate::detector::Status;
 
 use super::replica::Registry;
@@ -30,7 +31,7 @@ pub trait RaftPort: Send + Sync + 'static {
     /// The failure detector's verdict on `node` (this node is always up).
     fn status_of(&self, node: &str) -> Status;
     /// Whether `node` serves `cap` now (up, not refused, the capability healthy there).
-    fn is_routable(&self, cap: Capability, node: &str) -> bool;
+    fn is_routable(&self, cap: CapabilityId, node: &str) -> bool;
     /// Whether `node` was ever heard from since this process started.
     fn heard_from(&self, node: &str) -> bool;
     /// When this process started, in ms since the epoch.
@@ -44,7 +45,7 @@ pub trait RaftPort: Send + Sync + 'static {
     /// Counts a Raft RPC refused for its sender.
     fn count_refused(&self);
     /// Sends one Raft RPC to the router on `node`, within `timeout` (`cap` only labels errors).
-    fn raft_call<'a>(&'a self, node: &'a str, cap: Capability, rpc: RaftRpc, timeout: Duration) -> Reply<'a>;
+    fn raft_call<'a>(&'a self, node: &'a str, cap: CapabilityId, rpc: RaftRpc, timeout: Duration) -> Reply<'a>;
 }
 
 /// The port as the Raft layer holds it.

@@ -136,15 +136,15 @@ pub async fn force_sole_voter(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Capability;
+    use crate::capability::CapabilityId;
     use crate::raft::types::{Identity, Proposal, TypeConfig};
     use bulkhead_storage::{Batch, Durability, StoreOptions};
 
-    const G: GroupId = GroupId { capability: Capability::Orders, shard: 0 };
+    const G: GroupId = GroupId { capability: CapabilityId(0), shard: 0 };
 
     fn replica(dir: &std::path::Path) -> (NodeLog, Store) {
         let log = NodeLog::open(&dir.join("raft-log"), Durability::Flush).unwrap();
-        let store = Store::open(dir, "orders-0", &StoreOptions::default()).unwrap();
+        let store = Store::open(dir, "group-0", &StoreOptions::default()).unwrap();
         let mut b = Batch::new();
         IDENTITY.put(&mut b, &0, &Identity { node: "n1".into(), group: G, incarnation: 7, created_ms: 1 });
         store.apply_in_order(b).unwrap();

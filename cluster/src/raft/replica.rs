@@ -308,7 +308,7 @@ impl Replica {
     }
 
     /// The term in which this replica leads, if it leads and is not handing the lead over: what a
-    /// leader-only driver (the orders saga) follows, reloading its state when the term changes.
+    /// leader-only driver (such as a saga) follows, reloading its state when the term changes.
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.raft.metrics();
         let m = m.borrow();
@@ -382,7 +382,7 @@ impl Replica {
         };
         metrics::histogram!(
             "bulkhead_raft_proposal_duration_seconds",
-            "capability" => self.id.capability.as_str(),
+            "capability" => self.id.capability.label(),
             "outcome" => outcome
         )
         .record(started.elapsed().as_secs_f64());
@@ -436,7 +436,7 @@ impl Replica {
                 // Every command taken had been given up on or had waited too long: look again.
                 continue;
             }
-            metrics::histogram!("bulkhead_raft_batch_commands", "capability" => self.id.capability.as_str())
+            metrics::histogram!("bulkhead_raft_batch_commands", "capability" => self.id.capability.label())
                 .record(batch.len() as f64);
             let (commands, replies): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().map(|w| (w.command, w.reply)).unzip();
             match self.write(commands).await {

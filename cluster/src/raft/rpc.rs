@@ -138,13 +138,13 @@ impl RaftRpc {
 #[cfg(test)]
 mod sender_tests {
     use super::*;
-    use crate::config::Capability;
+    use crate::capability::CapabilityId;
     use crate::raft::types::member_id;
     use openraft::Vote;
 
     #[test]
     fn a_node_may_vote_append_and_hand_over_only_as_itself() {
-        let group = GroupId { capability: Capability::Payments, shard: 0 };
+        let group = GroupId { capability: CapabilityId(2), shard: 0 };
         let (n1, n2) = (member_id("n1", 7), member_id("n2", 3));
         let placed = ["n1".to_string(), "n2".to_string(), "n3".to_string()];
         let all = Some(&placed[..]);
@@ -178,12 +178,12 @@ mod sender_tests {
     /// vote for a member of its own: a certificate of the cluster CA is not a place in a group.
     #[test]
     fn a_node_without_a_replica_of_the_group_is_refused_everything() {
-        let group = GroupId { capability: Capability::Payments, shard: 0 };
+        let group = GroupId { capability: CapabilityId(2), shard: 0 };
         let placed: &[String] = &["n1".to_string(), "n2".to_string(), "n3".to_string()];
         let (n1, n4) = (member_id("n1", 7), member_id("n4", 1));
         let vote = RaftRpc::Vote { group, to: n1, req: VoteRequest { vote: Vote::new(9, n4), last_log_id: None } };
         let e = sent_by(&vote, "n4", None, Some(placed)).unwrap_err();
-        assert!(e.contains("no replica of payments/0"), "{e}");
+        assert!(e.contains(&format!("no replica of {group}")), "{e}");
         assert!(sent_by(&RaftRpc::Hello { group }, "n4", None, Some(placed)).is_err());
         assert!(sent_by(&RaftRpc::Hello { group }, "n2", None, Some(placed)).is_ok());
     }

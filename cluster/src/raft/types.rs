@@ -11,7 +11,8 @@ use bulkhead_storage::{Record, Table};
 use openraft::{Entry, LogId, SnapshotMeta, StoredMembership, Vote};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{stable_hash, Capability};
+use crate::capability::CapabilityId;
+use crate::config::stable_hash;
 
 /// A capability's command, encoded by the capability (a versioned [`Record`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,23 +81,19 @@ pub type MemberId = u64;
 /// One Raft group: a (capability, shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct GroupId {
-    pub capability: Capability,
+    pub capability: CapabilityId,
     pub shard: u32,
 }
 
 impl GroupId {
-    /// The group as a number, for keys: the capability in the high 32 bits (a fixed code, never
-    /// its position in a list), the shard in the low ones.
+    pub fn new(capability: impl Into<CapabilityId>, shard: u32) -> GroupId {
+        GroupId { capability: capability.into(), shard }
+    }
+
+    /// The group as a number, for keys: the capability's id + 1 in the high 32 bits (a fixed code,
+    /// never its position in a list), the shard in the low ones.
     pub fn code(&self) -> u64 {
-        use Capability::*;
-        let cap: u64 = match self.capability {
-            Orders => 1,
-            Inventory => 2,
-            Payments => 3,
-            Shipping => 4,
-            Notifications => 5,
-        };
-        (cap << 32) | u64::from(self.shard)
+        ((u64::from(self.capability.0) + 1) << 32) | u64::from(self.shard)
     }
 
     /// The node-log stream of this group's member in `incarnation`: the capability in the top 8
@@ -273,14 +270,15 @@ mod tests {
 
     #[test]
     fn log_streams_name_the_group_and_the_incarnation() {
-        let g = GroupId { capability: Capability::Inventory, shard: 3 };
-        let other = GroupId { capability: Capability::Inventory, shard: 4 };
+        let g = GroupId { capability: CapabilityId(1), shard: 3 };
+        let other = GroupId { capability: CapabilityId(1), shard: 4 };
         assert!(same_group(g.log_stream(7), g.log_stream(9)));
         assert!(!same_group(g.log_stream(7), other.log_stream(7)));
         assert_ne!(g.log_stream(7), g.log_stream(8));
-        let streams: std::collections::BTreeSet<u64> = Capability::ALL
-            .iter()
-            .flat_map(|c| (0..256).map(move |shard| GroupId { capability: *c, shard }.log_stream(u32::MAX) >> 32))
+        let streams: std::collections::BTreeSet<u64> = (0..5)
+            .flat_map(|c| {
+                (0..256).map(move |shard| GroupId { capability: CapabilityId(c), shard }.log_stream(u32::MAX) >> 32)
+            })
             .collect();
         assert_eq!(streams.len(), 5 * 256);
     }
@@ -297,11 +295,14 @@ mod tests {
 
     #[test]
     fn group_codes_differ_by_capability_and_shard() {
-        let codes: std::collections::BTreeSet<u64> = Capability::ALL
-            .iter()
-            .flat_map(|c| (0..3).map(move |shard| GroupId { capability: *c, shard }.code()))
+        let codes: std::collections::BTreeSet<u64> = (0..5)
+            .flat_map(|c| (0..3).map(move |shard| GroupId { capability: CapabilityId(c), shard }.code()))
             .collect();
         assert_eq!(codes.len(), 15);
+        // Fixed for good: node-log stream ids and store keys were made from these codes.
+        assert_eq!(GroupId { capability: CapabilityId(0), shard: 1 }.code(), 1 << 32 | 1);
+        assert_eq!(GroupId { capability: CapabilityId(4), shard: 0 }.code(), 5 << 32);
+        assert_eq!(GroupId { capability: CapabilityId(2), shard: 3 }.log_stream(7), 3 << 56 | 3 << 32 | 7);
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl bulkhead_cluster::senders::Peers for NamedMembers {
     fn in_map(&self, node: &str) -> bool {
         self.0.contains(&node)
     }
-    fn hosts(&self, node: &str, _cap: bulkhead_cluster::Capability) -> bool {
+    fn hosts(&self, node: &str, _cap: bulkhead_cluster::CapabilityId) -> bool {
         self.0.contains(&node)
     }
     fn me(&self) -> &str {

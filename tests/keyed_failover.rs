@@ -124,6 +124,9 @@ async fn keyed_orders_answer_through_a_paused_or_killed_orders_leader() {
         tc.dump_logs();
     }
     assert!(bad.is_empty(), "{} of {} keyed orders were not answered:\n{}", bad.len(), all.len(), bad.join("\n"));
+    // The checks below read through n1, restarted by the last round: wait until it sees its
+    // peers up (before that it answers 503 for an order whose leader it has not heard from yet).
+    tc.lc.wait_joined(Duration::from_secs(30), true).await.expect("n1 rejoined after the last round");
     // Every acknowledged order is there, once: its key answers the same order again.
     for (key, _, body) in &all {
         let id = body["order_id"].as_str().expect("an acknowledged order has an id");

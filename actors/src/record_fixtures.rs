@@ -20,7 +20,7 @@ use crate::orders::machine::{DeadLetterRecord, Listed, OrdersApplied, Unfinished
 use crate::orders::protocol::{self, v1, HistoryEntry, IdemKeyV1};
 use crate::orders::saga::{self, Dest, OrderRecord, OutboxEntry, OutboxEvent, Phase, ShardState, ShardStep};
 use crate::orders::{
-    DeadLetter, IdemKey, OrderStatus, OrderView, OrdersCommand, OrdersReply, OrdersRequest, PlaceOrder,
+    CancelReason, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersCommand, OrdersReply, OrdersRequest, PlaceOrder,
 };
 use crate::payments::ledger::{ChargeStatus, PaymentRecord};
 use crate::payments::{PaymentCommand, PaymentReply, PaymentRequest, PaymentView};
@@ -117,7 +117,7 @@ fn order_v1(label: &str) -> saga::v1::OrderRecord {
         items: o.items,
         payment_token: o.payment_token,
         status: o.status,
-        reason: o.reason,
+        reason: o.reason.map(|r| r.as_str().to_string()),
         payment_id: o.payment_id,
         lines: o.lines,
         total_cents: o.total_cents,
@@ -142,6 +142,12 @@ fn order_v1(label: &str) -> saga::v1::OrderRecord {
 /// were made with node names).
 fn no_shard(label: &str) -> CodecError {
     CodecError::Malformed(format!("`{label}` names no inventory shard"))
+}
+fn cancelled_order() -> OrderRecord {
+    OrderRecord { status: OrderStatus::Cancelled, reason: Some(CancelReason::ReservationWindowPassed), ..order() }
+}
+fn cancelled_view() -> OrderView {
+    OrderView { status: OrderStatus::Cancelled, reason: Some(CancelReason::PaymentDeclined), ..view() }
 }
 fn view() -> OrderView {
     OrderView {
@@ -248,6 +254,17 @@ fn check(f: &Fixture) {
         ("OrderRecord", "1") => check_refused::<_, OrderRecord>(f, &order_v1("n1"), &no_shard("n1")),
         ("OrderRecord", "1/labelled") => check_old(f, &order_v1("inventory/1"), &order()),
         ("OrderRecord", "2") => check_current(f, &order()),
+        ("OrderRecord", "1/cancelled") => {
+            let mut old = order_v1("inventory/1");
+            (old.status, old.reason) = (OrderStatus::Cancelled, Some("reservation_window_passed".into()));
+            check_old(f, &old, &cancelled_order())
+        }
+        ("OrderRecord", "1/unknown-reason") => {
+            let mut old = order_v1("inventory/1");
+            (old.status, old.reason) = (OrderStatus::Cancelled, Some("bored".into()));
+            check_refused::<_, OrderRecord>(f, &old, &CodecError::Malformed("`bored` is no cancel reason".into()))
+        }
+        ("OrderRecord", "2/cancelled") => check_current(f, &cancelled_order()),
         ("Unfinished", "1") => check_current(f, &Unfinished { since_ms: NOW, steps: 3 }),
         ("Listed", "1") => check_current(f, &Listed),
         ("DeadLetterRecord", "1") => check_refused::<_, DeadLetterRecord>(
@@ -332,7 +349,7 @@ fn check(f: &Fixture) {
         ),
         ("OrdersRequest", "3") => check_current(f, &place(idem())),
         ("OrdersRequest", "3/await") => check_current(f, &OrdersRequest::Await { order_id: ORDER, wait_ms: 2_000 }),
-        ("OrdersReply", "1/order") => check_old(f, &v1::OrdersReply::Order(view()), &OrdersReply::Order(view())),
+        ("OrdersReply", "1/order") => check_old(f, &v1::OrdersReply::Order(view().into()), &OrdersReply::Order(view())),
         ("OrdersReply", "1/dead-letters") => check_old(
             f,
             &v1::OrdersReply::DeadLetters(vec![dead_letter()]),
@@ -343,8 +360,21 @@ fn check(f: &Fixture) {
             &v1::OrdersReply::Elsewhere { owner: "n3".into() },
             &retired("orders witness reply"),
         ),
-        ("OrdersReply", "2") => check_current(f, &OrdersReply::Order(view())),
-        ("OrdersReply", "2/not-leader") => check_current(f, &OrdersReply::NotLeader { leader: Some("n2".into()) }),
+        ("OrdersReply", "2") => {
+            check_old(f, &protocol::v2::OrdersReply::Order(view().into()), &OrdersReply::Order(view()))
+        }
+        ("OrdersReply", "2/not-leader") => check_old(
+            f,
+            &protocol::v2::OrdersReply::NotLeader { leader: Some("n2".into()) },
+            &OrdersReply::NotLeader { leader: Some("n2".into()) },
+        ),
+        ("OrdersReply", "2/cancelled") => check_old(
+            f,
+            &protocol::v2::OrdersReply::Orders(vec![cancelled_view().into()]),
+            &OrdersReply::Orders(vec![cancelled_view()]),
+        ),
+        ("OrdersReply", "3") => check_current(f, &OrdersReply::Order(view())),
+        ("OrdersReply", "3/cancelled") => check_current(f, &OrdersReply::Order(cancelled_view())),
         ("Stock", "1") => check_current(f, &Stock { available: 10, reserved: 2, sold: 5, price_cents: 1250 }),
         ("Reservation", "1") => {
             check_current(f, &Reservation { lines: lines(), expires_ms: NOW + 30_000, state: HoldState::Committed })

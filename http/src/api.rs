@@ -18,7 +18,7 @@ use axum::{Extension, Json};
 use bulkhead_actors::consumer::{self, ConsumerReply};
 use bulkhead_actors::inventory::{self, InventoryReply};
 use bulkhead_actors::orders::client::{NewOrder as Ordered, Placement};
-use bulkhead_actors::orders::{self, IdemKey, OrderStatus, OrderView, OrdersReply, MAX_ORDERS_LISTED};
+use bulkhead_actors::orders::{self, CancelReason, IdemKey, OrderStatus, OrderView, OrdersReply, MAX_ORDERS_LISTED};
 use bulkhead_actors::payments::{self, PaymentReply};
 use bulkhead_actors::Capability;
 use bulkhead_cluster::BreakerState;
@@ -110,7 +110,7 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
 fn order_response(st: &AppState, view: OrderView) -> Response {
     let id = view.order_id;
     let body = Order::from(&view);
-    match (view.status, view.reason.as_deref()) {
+    match (view.status, view.reason) {
         (OrderStatus::Confirmed, _) => {
             st.metrics.confirmed.fetch_add(1, Relaxed);
             (StatusCode::CREATED, Json(body)).into_response()
@@ -122,12 +122,14 @@ fn order_response(st: &AppState, view: OrderView) -> Response {
         (OrderStatus::Cancelled, reason) => {
             st.metrics.cancelled.fetch_add(1, Relaxed);
             let (status, code) = match reason {
-                Some("payment_declined") => (StatusCode::PAYMENT_REQUIRED, "payment_declined"),
-                Some("out_of_stock") => (StatusCode::CONFLICT, "out_of_stock"),
-                _ => (StatusCode::CONFLICT, "cancelled"),
+                Some(CancelReason::PaymentDeclined) => (StatusCode::PAYMENT_REQUIRED, "payment_declined"),
+                Some(CancelReason::OutOfStock) => (StatusCode::CONFLICT, "out_of_stock"),
+                Some(CancelReason::ReservationExpired | CancelReason::ReservationWindowPassed) | None => {
+                    (StatusCode::CONFLICT, "cancelled")
+                }
             };
-            let mut e =
-                ApiError::new(status, code, format!("order {id} was cancelled: {}", reason.unwrap_or("cancelled")));
+            let why = reason.map_or("cancelled", CancelReason::as_str);
+            let mut e = ApiError::new(status, code, format!("order {id} was cancelled: {why}"));
             e.order_id = Some(id);
             e.order = Some(Box::new(body));
             e.into_response()

@@ -130,7 +130,7 @@ impl From<&OrderView> for Order {
             lines: o.lines.iter().map(PricedLine::from).collect(),
             total_cents: o.total_cents,
             status: o.status.into(),
-            reason: o.reason.clone(),
+            reason: o.reason.map(|r| r.as_str().to_string()),
             payment_id: o.payment_id.clone(),
             history: o.history.iter().map(|h| HistoryEntry { at: rfc3339(h.at_ms), event: h.event.clone() }).collect(),
         }
@@ -581,7 +581,7 @@ mod tests {
             lines: vec![PricedLineRecord { sku: "w".into(), quantity: 2, unit_price_cents: 5 }],
             total_cents: 10,
             status: OrderStatusRecord::Cancelled,
-            reason: Some("out_of_stock".into()),
+            reason: Some(bulkhead_actors::orders::CancelReason::OutOfStock),
             payment_id: Some("pay_1".into()),
             history: vec![HistoryRecord { at_ms: 0, event: "created".into() }],
         };

@@ -570,7 +570,7 @@ impl<R> Driver<R> {
     fn finish(&mut self, order_id: Uuid, out: &mut Vec<Effect<R>>) {
         let Some(s) = self.sagas.remove(&order_id) else { return };
         let o = &s.committed;
-        let reason = o.reason.as_deref().unwrap_or("");
+        let reason = o.reason.map_or("", |r| r.as_str());
         tracing::info!(%order_id, trace_id = %trace_id(&o.traceparent), status = ?o.status, reason, "order finished");
         let view = o.view();
         for (_, w) in s.waiters {

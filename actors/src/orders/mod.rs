@@ -49,6 +49,6 @@ pub use config::OrdersConfig;
 pub use machine::{OrdersCommand, OrdersMachine};
 pub use outbox::{OutboxRelay, RelayArgs, DEAD_LETTERED, MAX_DEAD_LETTERS_LISTED, RELAY_NAME};
 pub use protocol::{
-    shard_of_order, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
+    shard_of_order, CancelReason, DeadLetter, IdemKey, OrderStatus, OrderView, OrdersReply, OrdersRequest, PlaceOrder,
 };
 pub use rounds::DEAD_LETTER_AFTER;

@@ -48,6 +48,53 @@ pub enum OrderStatus {
     Cancelled,
 }
 
+/// Why an order was cancelled. (In the records before `OrderRecord` v2 and `OrdersReply` v3 it
+/// was its [`CancelReason::as_str`] text.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CancelReason {
+    /// An inventory shard had too little stock for one of its lines.
+    OutOfStock,
+    /// An inventory shard had already released the order's hold.
+    ReservationExpired,
+    /// Payments declined the charge (nothing was charged: no refund goes out).
+    PaymentDeclined,
+    /// No charge was definite within `[orders] reservation_window_ms`.
+    ReservationWindowPassed,
+}
+
+impl CancelReason {
+    pub const ALL: [CancelReason; 4] = [
+        CancelReason::OutOfStock,
+        CancelReason::ReservationExpired,
+        CancelReason::PaymentDeclined,
+        CancelReason::ReservationWindowPassed,
+    ];
+
+    /// As the API shows it (`reason` of a cancelled order).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::OutOfStock => "out_of_stock",
+            CancelReason::ReservationExpired => "reservation_expired",
+            CancelReason::PaymentDeclined => "payment_declined",
+            CancelReason::ReservationWindowPassed => "reservation_window_passed",
+        }
+    }
+
+    /// The reason an older record wrote as `text`; a text no build wrote is a malformed record.
+    pub(crate) fn from_old_text(text: &str) -> Result<Self, CodecError> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == text)
+            .ok_or_else(|| CodecError::Malformed(format!("`{text}` is no cancel reason")))
+    }
+}
+
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub at_ms: u64,
@@ -63,7 +110,7 @@ pub struct OrderView {
     pub lines: Vec<PricedLine>,
     pub total_cents: u64,
     pub status: OrderStatus,
-    pub reason: Option<String>,
+    pub reason: Option<CancelReason>,
     pub payment_id: Option<String>,
     pub history: Vec<HistoryEntry>,
 }
@@ -169,13 +216,64 @@ impl Record for OrdersRequest {
     }
 }
 impl Record for OrdersReply {
-    const VERSION: u8 = 2;
+    /// 3: an order's cancel reason is a [`CancelReason`] (its text before).
+    const VERSION: u8 = 3;
 
     fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
         match version {
             1 => decode_payload::<v1::OrdersReply>(payload)?.try_into(),
-            2 => decode_payload(payload),
+            2 => decode_payload::<v2::OrdersReply>(payload)?.try_into(),
+            3 => decode_payload(payload),
             v => Err(unknown_version::<Self>(v)),
+        }
+    }
+}
+
+/// [`OrderView`] as `OrdersReply` versions 1 and 2 carried it: the cancel reason as text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderViewV1 {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub items: Vec<Item>,
+    pub lines: Vec<PricedLine>,
+    pub total_cents: u64,
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub payment_id: Option<String>,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl TryFrom<OrderViewV1> for OrderView {
+    type Error = CodecError;
+    fn try_from(v: OrderViewV1) -> Result<Self, CodecError> {
+        Ok(OrderView {
+            order_id: v.order_id,
+            customer_id: v.customer_id,
+            items: v.items,
+            lines: v.lines,
+            total_cents: v.total_cents,
+            status: v.status,
+            reason: v.reason.as_deref().map(CancelReason::from_old_text).transpose()?,
+            payment_id: v.payment_id,
+            history: v.history,
+        })
+    }
+}
+
+/// Today's view as versions 1 and 2 laid it out (for the fixtures and tests of the upgrade).
+#[cfg(test)]
+impl From<OrderView> for OrderViewV1 {
+    fn from(v: OrderView) -> Self {
+        OrderViewV1 {
+            order_id: v.order_id,
+            customer_id: v.customer_id,
+            items: v.items,
+            lines: v.lines,
+            total_cents: v.total_cents,
+            status: v.status,
+            reason: v.reason.map(|r| r.as_str().to_string()),
+            payment_id: v.payment_id,
+            history: v.history,
         }
     }
 }
@@ -187,7 +285,7 @@ pub(crate) mod v1 {
     use serde::{Deserialize, Serialize};
     use uuid::Uuid;
 
-    use super::{DeadLetter, IdemKeyV1 as IdemKey, OrderView};
+    use super::{DeadLetter, IdemKeyV1 as IdemKey, OrderViewV1 as OrderView};
     use crate::inventory::Item;
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -246,7 +344,7 @@ pub(crate) mod v1 {
         type Error = CodecError;
         fn try_from(old: OrdersReply) -> Result<Self, CodecError> {
             match old {
-                OrdersReply::Order(view) => Ok(Self::Order(view)),
+                OrdersReply::Order(view) => Ok(Self::Order(view.try_into()?)),
                 OrdersReply::NotFound => Ok(Self::NotFound),
                 OrdersReply::IdempotencyConflict { order_id } => Ok(Self::IdempotencyConflict { order_id }),
                 OrdersReply::Refused(reason) => Ok(Self::Refused(reason)),
@@ -262,11 +360,45 @@ pub(crate) mod v1 {
 /// Orders' requests as version 2 had them (ca16541, `Await` appended at 60e7f1c, until the SHA-256
 /// body fingerprint): the same variants, an Idempotency-Key with the body's FNV-1a only.
 pub(crate) mod v2 {
+    use bulkhead_storage::CodecError;
     use serde::{Deserialize, Serialize};
     use uuid::Uuid;
 
-    use super::IdemKeyV1;
+    use super::{DeadLetter, IdemKeyV1, OrderViewV1 as OrderView};
     use crate::inventory::Item;
+
+    /// `OrdersReply` version 2 (ca16541 until the typed cancel reason).
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OrdersReply {
+        Order(OrderView),
+        NotFound,
+        IdempotencyConflict { order_id: Uuid },
+        Refused(String),
+        DeadLetters(Vec<DeadLetter>),
+        NotLeader { leader: Option<String> },
+        Unavailable(String),
+        Orders(Vec<OrderView>),
+        Uncertain(String),
+    }
+
+    impl TryFrom<OrdersReply> for super::OrdersReply {
+        type Error = CodecError;
+        fn try_from(old: OrdersReply) -> Result<Self, CodecError> {
+            Ok(match old {
+                OrdersReply::Order(view) => Self::Order(view.try_into()?),
+                OrdersReply::NotFound => Self::NotFound,
+                OrdersReply::IdempotencyConflict { order_id } => Self::IdempotencyConflict { order_id },
+                OrdersReply::Refused(why) => Self::Refused(why),
+                OrdersReply::DeadLetters(letters) => Self::DeadLetters(letters),
+                OrdersReply::NotLeader { leader } => Self::NotLeader { leader },
+                OrdersReply::Unavailable(why) => Self::Unavailable(why),
+                OrdersReply::Orders(views) => {
+                    Self::Orders(views.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?)
+                }
+                OrdersReply::Uncertain(why) => Self::Uncertain(why),
+            })
+        }
+    }
 
     #[derive(Debug, Serialize, Deserialize)]
     pub struct PlaceOrder {
@@ -317,5 +449,21 @@ impl bulkhead_cluster::LeaderReply for OrdersReply {
             OrdersReply::NotLeader { leader } => Some(leader.clone()),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason reads back from the text older records hold, and only those texts do.
+    #[test]
+    fn every_cancel_reason_reads_back_from_its_old_text() {
+        for r in CancelReason::ALL {
+            assert_eq!(CancelReason::from_old_text(r.as_str()), Ok(r));
+        }
+        let texts: std::collections::BTreeSet<_> = CancelReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(texts.len(), CancelReason::ALL.len(), "one text per reason");
+        assert!(CancelReason::from_old_text("cancelled").is_err());
     }
 }

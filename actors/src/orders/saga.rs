@@ -14,7 +14,7 @@ use bulkhead_storage::{decode_payload, unknown_version, CodecError, Record};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::protocol::{HistoryEntry, OrderStatus, OrderView};
+use super::protocol::{CancelReason, HistoryEntry, OrderStatus, OrderView};
 use crate::consumer::OrderConfirmed;
 use crate::inventory::{Item, PricedLine};
 use crate::util::backoff_ms;
@@ -56,7 +56,7 @@ pub struct OrderRecord {
     pub items: Vec<Item>,
     pub payment_token: String,
     pub status: OrderStatus,
-    pub reason: Option<String>,
+    pub reason: Option<CancelReason>,
     pub payment_id: Option<String>,
     pub lines: Vec<PricedLine>,
     pub total_cents: u64,
@@ -82,7 +82,8 @@ pub struct OrderRecord {
 }
 
 impl Record for OrderRecord {
-    /// 2: a shard step names its inventory shard by number (`inventory/3` before).
+    /// 2: a shard step names its inventory shard by number (`inventory/3` before), and the cancel
+    /// reason is a [`CancelReason`] (its text before).
     const VERSION: u8 = 2;
 
     fn upgrade(version: u8, payload: &[u8]) -> Result<Self, CodecError> {
@@ -154,9 +155,6 @@ pub enum Event {
     /// The order's reservation window passed (see [`window_passed`]) with no definite charge.
     WindowPassed,
 }
-
-/// The reason of an order cancelled because its reservation window passed.
-pub const WINDOW_PASSED: &str = "reservation_window_passed";
 
 /// Whether an unfinished order has held its stock for `window_ms` since it was created, by the
 /// group's time `now_ms` (pure). The driver steps [`Event::WindowPassed`] then, instead of one more
@@ -305,9 +303,9 @@ fn outstanding(o: &mut OrderRecord) -> Vec<Command> {
     }
 }
 
-fn finish(o: &mut OrderRecord, now_ms: u64, status: OrderStatus, reason: Option<&str>) -> Vec<Command> {
+fn finish(o: &mut OrderRecord, now_ms: u64, status: OrderStatus, reason: Option<CancelReason>) -> Vec<Command> {
     o.status = status;
-    o.reason = reason.map(str::to_string);
+    o.reason = reason;
     o.phase = Phase::Done;
     note(
         o,
@@ -350,7 +348,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
         // that lands later is refused by the ledger, and no charged order keeps its stock.
         Event::WindowPassed => {
             note(o, now_ms, "reservation window passed without a definite charge");
-            finish(o, now_ms, OrderStatus::Cancelled, Some(WINDOW_PASSED))
+            finish(o, now_ms, OrderStatus::Cancelled, Some(CancelReason::ReservationWindowPassed))
         }
         // A retry timer does not survive a restart: a resumed saga starts with none scheduled.
         Event::Resume | Event::RetryDue => {
@@ -396,10 +394,10 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                 }
                 ReserveOutcome::OutOfStock { sku } => {
                     note(o, now_ms, format!("out of stock: {sku}"));
-                    finish(o, now_ms, OrderStatus::Cancelled, Some("out_of_stock"))
+                    finish(o, now_ms, OrderStatus::Cancelled, Some(CancelReason::OutOfStock))
                 }
                 ReserveOutcome::AlreadyReleased => {
-                    finish(o, now_ms, OrderStatus::Cancelled, Some("reservation_expired"))
+                    finish(o, now_ms, OrderStatus::Cancelled, Some(CancelReason::ReservationExpired))
                 }
                 ReserveOutcome::Unavailable(_) => transient(o, now_ms, format!("inventory shard {shard}"), jitter),
             }
@@ -416,7 +414,7 @@ pub fn step(o: &mut OrderRecord, event: Event, now_ms: u64, jitter: f64) -> Vec<
                 }
                 ChargeOutcome::Declined { reason } => {
                     note(o, now_ms, format!("payment declined: {reason}"));
-                    finish(o, now_ms, OrderStatus::Cancelled, Some("payment_declined"))
+                    finish(o, now_ms, OrderStatus::Cancelled, Some(CancelReason::PaymentDeclined))
                 }
                 ChargeOutcome::Unavailable(_) => transient(o, now_ms, "payments".to_string(), jitter),
             }
@@ -451,7 +449,7 @@ pub fn outbox(o: &OrderRecord) -> Vec<(Dest, OutboxEvent)> {
         OrderStatus::Cancelled => {
             let mut out: Vec<_> = inventory(OutboxEvent::ReleaseReservation { order_id: o.id }).collect();
             // (A declined order was never charged, and the ledger keeps it so.)
-            if o.reason.as_deref() != Some("payment_declined") {
+            if o.reason != Some(CancelReason::PaymentDeclined) {
                 out.push((Dest::Payments, OutboxEvent::RefundPayment { order_id: o.id }));
             }
             out
@@ -469,7 +467,7 @@ impl OrderRecord {
             lines: self.lines.clone(),
             total_cents: self.total_cents,
             status: self.status,
-            reason: self.reason.clone(),
+            reason: self.reason,
             payment_id: self.payment_id.clone(),
             history: self.history.clone(),
         }
@@ -538,7 +536,7 @@ pub(crate) mod v1 {
 
     use super::{parse_inventory_shard, OutboxEvent, Phase, ShardState};
     use crate::inventory::{Item, PricedLine};
-    use crate::orders::protocol::{HistoryEntry, OrderStatus};
+    use crate::orders::protocol::{CancelReason, HistoryEntry, OrderStatus};
     use bulkhead_storage::CodecError;
 
     fn shard(label: &str) -> Result<u32, CodecError> {
@@ -590,7 +588,7 @@ pub(crate) mod v1 {
                 items: o.items,
                 payment_token: o.payment_token,
                 status: o.status,
-                reason: o.reason,
+                reason: o.reason.as_deref().map(CancelReason::from_old_text).transpose()?,
                 payment_id: o.payment_id,
                 lines: o.lines,
                 total_cents: o.total_cents,
@@ -624,7 +622,7 @@ pub(crate) mod v1 {
                 items: o.items,
                 payment_token: o.payment_token,
                 status: o.status,
-                reason: o.reason,
+                reason: o.reason.map(|r| r.as_str().to_string()),
                 payment_id: o.payment_id,
                 lines: o.lines,
                 total_cents: o.total_cents,
@@ -732,7 +730,7 @@ mod tests {
         let c =
             step(&mut o, Event::Reserve { shard: 2, outcome: ReserveOutcome::OutOfStock { sku: "b".into() } }, 3, 1.0);
         assert_eq!(c, vec![Command::Finish]);
-        assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some("out_of_stock")));
+        assert_eq!((o.status, o.reason), (OrderStatus::Cancelled, Some(CancelReason::OutOfStock)));
         let ob = outbox(&o);
         assert_eq!(ob.len(), 3);
         assert_eq!(ob.iter().filter(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })).count(), 2);
@@ -748,7 +746,7 @@ mod tests {
         step(&mut o, reserved(1, line("a", 1, 1)), 2, 1.0);
         step(&mut o, reserved(2, line("b", 2, 1)), 2, 1.0);
         step(&mut o, Event::Charge(ChargeOutcome::Declined { reason: "card declined".into() }), 3, 1.0);
-        assert_eq!(o.reason.as_deref(), Some("payment_declined"));
+        assert_eq!(o.reason, Some(CancelReason::PaymentDeclined));
         assert!(outbox(&o).iter().all(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })));
     }
 
@@ -813,7 +811,7 @@ mod tests {
         assert!(window_passed(&o, window, window));
         let c = step(&mut o, Event::WindowPassed, window, 1.0);
         assert_eq!(c, vec![Command::Finish]);
-        assert_eq!((o.status, o.reason.as_deref()), (OrderStatus::Cancelled, Some(WINDOW_PASSED)));
+        assert_eq!((o.status, o.reason), (OrderStatus::Cancelled, Some(CancelReason::ReservationWindowPassed)));
         // Both holds released, and the charge that may have landed refunded (or the order voided).
         let ob = outbox(&o);
         assert_eq!(ob.iter().filter(|(_, e)| matches!(e, OutboxEvent::ReleaseReservation { .. })).count(), 2);
@@ -896,7 +894,7 @@ mod tests {
         o.charge_attempted = true;
         let c = step(&mut o, Event::Reserve { shard: 1, outcome: ReserveOutcome::AlreadyReleased }, 801, 1.0);
         assert_eq!(c, vec![Command::Finish]);
-        assert_eq!(o.reason.as_deref(), Some("reservation_expired"));
+        assert_eq!(o.reason, Some(CancelReason::ReservationExpired));
         assert!(outbox(&o).iter().any(|(d, e)| *d == Dest::Payments && matches!(e, OutboxEvent::RefundPayment { .. })));
     }
 

@@ -8,6 +8,7 @@
 //! shows, and the shard-map and timing fingerprints: a peer whose map or `[timing]` differs is refused (never routed to).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::sync::Arc;
 
 use bulkhead_storage::{decode_either, decode_payload, unknown_version, CodecError, Record};
@@ -246,7 +247,8 @@ pub struct MembershipState {
     seq: u64,
     last_sent: u64,
     last: BTreeMap<String, Heartbeat>,
-    refused: BTreeMap<String, String>,
+    /// Peers whose heartbeats are refused, and why.
+    refused: BTreeMap<String, Disagreement>,
 }
 
 impl Actor for Membership {
@@ -366,21 +368,15 @@ impl MembershipState {
         }
         let (ours, our_timing) = (cfg.shard_map.fingerprint(), cfg.timing.fingerprint());
         let mismatch = if hb.shard_fingerprint != ours {
-            Some(format!(
-                "a different shard map (fingerprint {:016x}, ours {ours:016x}); every node must use the same [capabilities] tables",
-                hb.shard_fingerprint
-            ))
+            Some(Disagreement::ShardMap { theirs: hb.shard_fingerprint, ours })
         } else if hb.timing_fingerprint != our_timing {
-            Some(format!(
-                "a different [timing] (fingerprint {:016x}, ours {our_timing:016x}); every node must use the same [timing] table",
-                hb.timing_fingerprint
-            ))
+            Some(Disagreement::Timing { theirs: hb.timing_fingerprint, ours: our_timing })
         } else {
             None
         };
         if let Some(why) = mismatch {
-            let reason = format!("refused: node {} has {why}", hb.name);
-            if self.refused.insert(hb.name.clone(), reason.clone()).is_none() {
+            if self.refused.insert(hb.name.clone(), why).is_none() {
+                let reason = NodeReason::Refused { node: hb.name.clone(), why };
                 tracing::error!(node = %hb.name, "{reason}");
                 self.cluster.count(Seen::PeerRefused);
             }
@@ -446,7 +442,7 @@ impl MembershipState {
                     reason: None,
                 }
             } else if let Some(hb) = self.last.get(&name) {
-                let refused = self.refused.get(&name).cloned();
+                let refused = self.refused.get(&name).map(|&why| NodeReason::Refused { node: name.clone(), why });
                 NodeView {
                     name: name.clone(),
                     addr: hb.cluster_addr.clone(),
@@ -470,7 +466,7 @@ impl MembershipState {
                     status: Status::Down,
                     capabilities: cfg.shard_map.hosted_by(&name),
                     unhealthy: vec![],
-                    reason: Some("never heard from".into()),
+                    reason: Some(NodeReason::NeverHeardFrom),
                 }
             };
             nodes.insert(name, view);
@@ -490,5 +486,50 @@ pub struct NodeView {
     pub capabilities: Vec<CapabilityId>,
     pub unhealthy: Vec<CapabilityId>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<NodeReason>,
+}
+
+/// Why a node counts as down whatever else is known of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeReason {
+    /// No heartbeat from it since this node started.
+    NeverHeardFrom,
+    /// Its heartbeats are refused: it disagrees with this node on a table every node must share.
+    Refused { node: String, why: Disagreement },
+}
+
+impl NodeReason {
+    pub fn is_refused(&self) -> bool {
+        matches!(self, NodeReason::Refused { .. })
+    }
+}
+
+/// A table every node must share, which a peer's heartbeat says it holds otherwise (by fingerprint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disagreement {
+    ShardMap { theirs: u64, ours: u64 },
+    Timing { theirs: u64, ours: u64 },
+}
+
+impl fmt::Display for NodeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeReason::NeverHeardFrom => f.write_str("never heard from"),
+            NodeReason::Refused { node, why: Disagreement::ShardMap { theirs, ours } } => write!(
+                f,
+                "refused: node {node} has a different shard map (fingerprint {theirs:016x}, ours {ours:016x}); every node must use the same [capabilities] tables"
+            ),
+            NodeReason::Refused { node, why: Disagreement::Timing { theirs, ours } } => write!(
+                f,
+                "refused: node {node} has a different [timing] (fingerprint {theirs:016x}, ours {ours:016x}); every node must use the same [timing] table"
+            ),
+        }
+    }
+}
+
+/// As text, the way `/v1/cluster` and the logs show it.
+impl Serialize for NodeReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }

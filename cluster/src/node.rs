@@ -669,7 +669,7 @@ impl Cluster {
             let down = match self.inner.view.read() {
                 Ok(v) => match v.get(node) {
                     Some(n) if n.status != Status::Down => None,
-                    Some(n) => Some(n.reason.clone().unwrap_or_else(|| "node is down".into())),
+                    Some(n) => Some(n.reason.as_ref().map_or_else(|| "node is down".into(), ToString::to_string)),
                     None => Some("node is down".into()),
                 },
                 Err(_) => Some("node is down".into()),

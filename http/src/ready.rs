@@ -86,8 +86,8 @@ pub fn gather(cluster: &Cluster) -> ReadyFacts {
         shards: cluster.raft().all().iter().map(|r| (r.id, r.health(cluster))).collect(),
         refused: view
             .values()
-            .filter_map(|n| n.reason.as_deref().filter(|r| r.starts_with("refused")))
-            .map(str::to_string)
+            .filter_map(|n| n.reason.as_ref().filter(|r| r.is_refused()))
+            .map(ToString::to_string)
             .collect(),
         joined: cluster.config().seeds.is_empty()
             || view.values().any(|n| n.name != cluster.name() && n.status != Status::Down),

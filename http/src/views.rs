@@ -334,7 +334,7 @@ impl From<&NodeView> for ClusterNode {
                 .map(Capability::from)
                 .collect(),
             unhealthy: n.unhealthy.iter().copied().filter_map(CapabilityRecord::of).map(Capability::from).collect(),
-            reason: n.reason.clone(),
+            reason: n.reason.as_ref().map(ToString::to_string),
         }
     }
 }

@@ -178,7 +178,7 @@ fn parse_durability(s: &str) -> Result<bulkhead_storage::Durability, String> {
 async fn with_telemetry<F, Fut>(config: &std::path::Path, node: F) -> Result<(), String>
 where
     F: FnOnce(bulkhead_launch::config::NodeConfig) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), bulkhead::node::StartError>>,
 {
     let cfg = match bulkhead_launch::config::NodeConfig::load(config) {
         Ok(cfg) => cfg,
@@ -190,7 +190,7 @@ where
     let telemetry = bulkhead::telemetry::init(&cfg)?;
     let result = node(cfg).await;
     telemetry.shutdown().await;
-    result
+    result.map_err(|e| e.to_string())
 }
 
 #[tokio::main]

@@ -4,6 +4,8 @@
 //! are only logged: it is bounded anyway, and a terminal's Ctrl-C reaches a local cluster's nodes
 //! as well as the launcher that then sends them SIGTERM (`bulkhead demo`). SIGKILL stops at once.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bulkhead_actors::start_capabilities;
@@ -21,6 +23,33 @@ use tokio::net::TcpListener;
 use crate::lifecycle::{self, Bounds};
 use crate::systemd::{self, LivenessFacts, Systemd};
 
+/// Why a node did not start (or stopped before serving). Printed as the process's last line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpListen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot create data_dir {}: {source}", .path.display())]
+    CreateDataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot read data_dir {}: {source}", .path.display())]
+    ReadDataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "data_dir {} is not empty: `bulkhead replace` brings a new, empty host in for a node that is gone for good. \
+         To restart this node with its data, run `bulkhead node --config ...`; to replace it anyway, move the data dir away first",
+        .path.display()
+    )]
+    NotANewHost { path: PathBuf },
+    /// The named clients file would not parse (its own message says where).
+    #[error("{0}")]
+    ClientsFile(String),
+    /// The cluster layer would not start (its own message says why: listen, TLS, cookie).
+    #[error("{0}")]
+    Cluster(String),
+    #[error("auth is on but no API tokens were read from the token files")]
+    NoTokens,
+    #[error("cannot start the HTTP front: {0}")]
+    HttpFront(String),
+}
+
 /// `bulkhead replace`: runs a *new, empty* host in place of a node whose host is gone for good.
 ///
 /// The new host takes the node's name (the shard map names nodes, so nothing else changes) with
@@ -29,7 +58,7 @@ use crate::systemd::{self, LivenessFacts, Systemd};
 /// learner, catches it up (by snapshot when the log was purged), then makes it a voter in place of
 /// the old host's member, which can never vote again. Refuses a data dir that holds anything, so
 /// that a node with its data is never started as a replacement by mistake.
-pub async fn replace(cfg: NodeConfig) -> Result<(), String> {
+pub async fn replace(cfg: NodeConfig) -> Result<(), StartError> {
     check_new_host(&cfg.data_dir)?;
     tracing::info!(
         node = %cfg.name, cluster = %cfg.advertised_cluster_addr(),
@@ -40,38 +69,34 @@ pub async fn replace(cfg: NodeConfig) -> Result<(), String> {
 }
 
 /// A replacement host must start with nothing of the node's data: a missing or empty data dir.
-fn check_new_host(data_dir: &std::path::Path) -> Result<(), String> {
+fn check_new_host(data_dir: &Path) -> Result<(), StartError> {
     match std::fs::read_dir(data_dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("cannot read data_dir {}: {e}", data_dir.display())),
+        Err(source) => Err(StartError::ReadDataDir { path: data_dir.to_path_buf(), source }),
         Ok(mut entries) => match entries.next() {
             None => Ok(()),
-            Some(_) => Err(format!(
-            "data_dir {} is not empty: `bulkhead replace` brings a new, empty host in for a node that is gone for good. \
-             To restart this node with its data, run `bulkhead node --config ...`; to replace it anyway, move the data dir away first",
-            data_dir.display()
-            )),
+            Some(_) => Err(StartError::NotANewHost { path: data_dir.to_path_buf() }),
         },
     }
 }
 
 /// Runs the node until a termination signal.
-pub async fn run(cfg: NodeConfig) -> Result<(), String> {
+pub async fn run(cfg: NodeConfig) -> Result<(), StartError> {
     for w in cfg.warnings() {
         tracing::warn!("config: {w}");
     }
     // Bind first: a port already in use is the most common start-up error, and says so at once.
     let listener = TcpListener::bind(cfg.http_listen)
         .await
-        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_listen))?;
+        .map_err(|source| StartError::HttpListen { addr: cfg.http_listen, source })?;
     std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("cannot create data_dir {}: {e}", cfg.data_dir.display()))?;
+        .map_err(|source| StartError::CreateDataDir { path: cfg.data_dir.clone(), source })?;
     // Named clients: read once now (a file that will not parse stops the start), watched later.
     let clients_file = match (&cfg.clients_file, cfg.auth) {
-        (Some(path), AuthMode::Tokens) => Some(ClientsFile::open(path.clone())?),
+        (Some(path), AuthMode::Tokens) => Some(ClientsFile::open(path.clone()).map_err(StartError::ClientsFile)?),
         _ => None,
     };
-    let cluster = Cluster::start(cfg.cluster()).await?;
+    let cluster = Cluster::start(cfg.cluster()).await.map_err(StartError::Cluster)?;
     let opts = StoreOptions { durability: cfg.durability, ..StoreOptions::default() };
     let caps = start_capabilities(&cluster, &cfg.data_dir, &opts, cfg.fault_injection, &cfg.orders).await;
     let metrics = Arc::new(HttpMetrics::default());
@@ -82,7 +107,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     let tokens = match (cfg.auth, &cfg.tokens) {
         (AuthMode::Off, _) => None,
         (AuthMode::Tokens, Some(t)) => Some(t.clone()),
-        (AuthMode::Tokens, None) => return Err("auth is on but no API tokens were read from the token files".into()),
+        (AuthMode::Tokens, None) => return Err(StartError::NoTokens),
     };
     let mut guard = Guard::new(tokens, cfg.rate_limit, metrics.clone());
     let mut clients_watch = None;
@@ -102,7 +127,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     };
     let (front, _) = Actor::spawn(Some("bulkhead.http".into()), HttpFront, (listener, state))
         .await
-        .map_err(|e| format!("cannot start the HTTP front: {e}"))?;
+        .map_err(|e| StartError::HttpFront(e.to_string()))?;
     tracing::info!(
         node = %cfg.name, pid = std::process::id(), http = %cfg.http_listen, cluster = %cfg.cluster_listen,
         capabilities = ?cfg.hosted(), failed = ?caps.failed.keys().collect::<Vec<_>>(), "node started"
@@ -177,6 +202,8 @@ mod tests {
         assert!(check_new_host(dir.path()).is_ok());
         std::fs::create_dir(dir.path().join("payments-0")).expect("mkdir");
         let e = check_new_host(dir.path()).expect_err("a data dir with a store");
+        assert!(matches!(e, super::StartError::NotANewHost { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("not empty") && e.contains("bulkhead node"), "{e}");
     }
 }

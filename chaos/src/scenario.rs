@@ -308,7 +308,7 @@ pub struct ClusterSpec {
 impl ClusterSpec {
     /// What a launched local cluster changes from the node defaults, read as the nodes read it.
     pub fn local_settings(&self) -> Result<bulkhead_launch::LocalSettings, String> {
-        bulkhead_launch::LocalSettings::parse(self.timing.as_ref(), self.durability.as_deref())
+        Ok(bulkhead_launch::LocalSettings::parse(self.timing.as_ref(), self.durability.as_deref())?)
     }
 }
 

@@ -146,13 +146,13 @@ impl Target {
         let i = self.index(&f.node)?;
         match (self, f.action) {
             (_, Action::Panic) => Ok(()),
-            (Target::Local { lc, .. }, Action::Kill | Action::Restart | Action::Wipe) => lc.start(i),
+            (Target::Local { lc, .. }, Action::Kill | Action::Restart | Action::Wipe) => Ok(lc.start(i)?),
             // A new host: a new cluster address (what the others must learn); the same HTTP port,
             // as clients reach a replaced node through a load balancer or a moved DNS name.
             (Target::Local { lc, .. }, Action::Replace) => {
                 let cluster = free_ports(1)?[0];
                 let http = lc.http_port(i);
-                tokio::task::block_in_place(|| lc.replace(i, Ports { cluster, http }))
+                Ok(tokio::task::block_in_place(|| lc.replace(i, Ports { cluster, http }))?)
             }
             (Target::Local { lc, .. }, Action::Pause) => {
                 lc.signal(i, libc::SIGCONT);

@@ -6,6 +6,7 @@
 //! only through the public HTTP API.
 
 pub mod config;
+pub mod error;
 pub mod local;
 pub mod secrets;
 pub mod topology;

@@ -14,6 +14,7 @@ use bulkhead_cluster::Timing;
 use serde_json::Value;
 
 use crate::config::NodeConfig;
+use crate::error::LaunchError;
 use crate::secrets::{authorized, LocalSecrets};
 use crate::topology::{local_configs, write_config, Ports, NODES};
 
@@ -23,7 +24,7 @@ use crate::topology::{local_configs, write_config, Ports, NODES};
 /// local ports from, and the nodes dial each other ten times a second while a peer is not up yet;
 /// one of those dials could take a port between the pick and the node's bind ("Address already in
 /// use", found in the tests). Ports below the range are never taken that way.
-pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+pub fn free_ports(n: usize) -> Result<Vec<u16>, LaunchError> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next().and_then(|l| l.parse::<u16>().ok()))
@@ -47,15 +48,14 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
     if held.len() < n {
         return ephemeral_ports(n);
     }
-    held.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
+    held.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(LaunchError::Ports)).collect()
 }
 
 /// Asks the OS for `n` distinct free ports (port 0).
-fn ephemeral_ports(n: usize) -> Result<Vec<u16>, String> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}")))
-        .collect::<Result<_, _>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
+fn ephemeral_ports(n: usize) -> Result<Vec<u16>, LaunchError> {
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").map_err(LaunchError::Ports)).collect::<Result<_, _>>()?;
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(LaunchError::Ports)).collect()
 }
 
 /// How long [`LocalCluster::stop`] waits for a node's drain before SIGKILL.
@@ -83,16 +83,16 @@ pub struct LocalSettings {
 }
 
 impl LocalSettings {
-    pub fn parse(timing: Option<&toml::Table>, durability: Option<&str>) -> Result<LocalSettings, String> {
+    pub fn parse(timing: Option<&toml::Table>, durability: Option<&str>) -> Result<LocalSettings, LaunchError> {
         let timing: Timing = match timing {
-            Some(t) => toml::Value::Table(t.clone()).try_into().map_err(|e| format!("[cluster.timing]: {e}"))?,
+            Some(t) => toml::Value::Table(t.clone()).try_into().map_err(LaunchError::Timing)?,
             None => Timing::default(),
         };
         let durability = match durability {
             Some(d) => Some(
                 toml::Value::String(d.to_string())
                     .try_into()
-                    .map_err(|e| format!("durability `{d}`: {e} (\"fsync\" or \"flush\")"))?,
+                    .map_err(|source| LaunchError::Durability { value: d.to_string(), source })?,
             ),
             None => None,
         };
@@ -109,7 +109,7 @@ impl LocalCluster {
         data_dir: &Path,
         ports: [Ports; 3],
         settings: &LocalSettings,
-    ) -> Result<LocalCluster, String> {
+    ) -> Result<LocalCluster, LaunchError> {
         let secrets = LocalSecrets::ensure(data_dir, &NODES)?;
         let mut configs = local_configs(data_dir, &secrets, &ports, settings.timing.clone(), true);
         for c in &mut configs {
@@ -128,7 +128,7 @@ impl LocalCluster {
         ports: [Ports; 3],
         timing: Timing,
         fault_injection: bool,
-    ) -> Result<LocalCluster, String> {
+    ) -> Result<LocalCluster, LaunchError> {
         let secrets = LocalSecrets::ensure(data_dir, &NODES)?;
         let configs = local_configs(data_dir, &secrets, &ports, timing, fault_injection);
         Self::launch_configs(exe, data_dir, configs)
@@ -142,7 +142,7 @@ impl LocalCluster {
         timing: Timing,
         fault_injection: bool,
         edit: impl Fn(&mut NodeConfig),
-    ) -> Result<LocalCluster, String> {
+    ) -> Result<LocalCluster, LaunchError> {
         let secrets = LocalSecrets::ensure(data_dir, &NODES)?;
         let mut configs = local_configs(data_dir, &secrets, &ports, timing, fault_injection);
         configs.iter_mut().for_each(edit);
@@ -151,7 +151,7 @@ impl LocalCluster {
 
     /// Writes `configs` under `data_dir` and starts one node per config. The configs use the
     /// secrets of `data_dir` ([`LocalSecrets`]); this handle's HTTP client sends its admin token.
-    pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, String> {
+    pub fn launch_configs(exe: &Path, data_dir: &Path, configs: Vec<NodeConfig>) -> Result<LocalCluster, LaunchError> {
         let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
         let secrets = LocalSecrets::ensure(data_dir, &names)?;
         let mut config_paths = Vec::new();
@@ -161,7 +161,7 @@ impl LocalCluster {
             config_paths.push(path);
         }
         let log_dir = data_dir.join("logs");
-        std::fs::create_dir_all(&log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
+        std::fs::create_dir_all(&log_dir).map_err(LaunchError::io("create", &log_dir))?;
         let http = authorized(reqwest::Client::builder().timeout(Duration::from_secs(10)), &secrets.admin_token()?)?;
         let mut lc = LocalCluster {
             secrets,
@@ -192,7 +192,7 @@ impl LocalCluster {
     }
 
     /// Starts node `i` (again).
-    pub fn start(&mut self, i: usize) -> Result<(), String> {
+    pub fn start(&mut self, i: usize) -> Result<(), LaunchError> {
         self.spawn(i, "node")
     }
 
@@ -201,13 +201,13 @@ impl LocalCluster {
     /// under the same name starts empty on `ports`, seeded with the other nodes' current addresses
     /// (they learn its new address from it, and every config's seeds are brought up to date for
     /// the next start). Every group then moves the node's replicas to the new host.
-    pub fn replace(&mut self, i: usize, ports: Ports) -> Result<(), String> {
+    pub fn replace(&mut self, i: usize, ports: Ports) -> Result<(), LaunchError> {
         self.kill(i);
         let cfg = &mut self.configs[i];
         match std::fs::remove_dir_all(&cfg.data_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot delete {}: {e}", cfg.data_dir.display())),
+            Err(e) => return Err(LaunchError::io("delete", &cfg.data_dir)(e)),
         }
         cfg.cluster_listen = std::net::SocketAddr::from(([127, 0, 0, 1], ports.cluster));
         cfg.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], ports.http));
@@ -222,14 +222,14 @@ impl LocalCluster {
     }
 
     /// Starts node `i` with `bulkhead <subcommand> --config <its config>`.
-    fn spawn(&mut self, i: usize, subcommand: &str) -> Result<(), String> {
+    fn spawn(&mut self, i: usize, subcommand: &str) -> Result<(), LaunchError> {
         let log_path = self.log_path(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
+            .map_err(LaunchError::io("open", &log_path))?;
+        let err = log.try_clone().map_err(LaunchError::io("open", &log_path))?;
         let child = Command::new(&self.exe)
             .arg(subcommand)
             .arg("--config")
@@ -239,7 +239,7 @@ impl LocalCluster {
             .stdout(log)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))?;
+            .map_err(|source| LaunchError::Spawn { exe: self.exe.clone(), source })?;
         self.children[i] = Some(child);
         Ok(())
     }
@@ -250,7 +250,7 @@ impl LocalCluster {
     }
 
     /// An HTTP client that sends the admin token (`timeout`: per request).
-    pub fn admin_client(&self, timeout: Duration) -> Result<reqwest::Client, String> {
+    pub fn admin_client(&self, timeout: Duration) -> Result<reqwest::Client, LaunchError> {
         authorized(reqwest::Client::builder().timeout(timeout), &self.secrets.admin_token()?)
     }
 
@@ -343,28 +343,28 @@ impl LocalCluster {
     }
 
     /// `PUT` of `body` (JSON) to `path` on node `i`: the status and the answer's JSON (`Null` if none).
-    pub async fn put_json(&self, i: usize, path: &str, body: &Value) -> Result<(u16, Value), String> {
+    pub async fn put_json(&self, i: usize, path: &str, body: &Value) -> Result<(u16, Value), LaunchError> {
         let resp =
-            self.http.put(format!("{}{path}", self.url(i))).json(body).send().await.map_err(|e| e.to_string())?;
+            self.http.put(format!("{}{path}", self.url(i))).json(body).send().await.map_err(LaunchError::Http)?;
         let status = resp.status().as_u16();
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
-    pub async fn get_json(&self, i: usize, path: &str) -> Result<(u16, Value), String> {
-        let resp = self.http.get(format!("{}{path}", self.url(i))).send().await.map_err(|e| e.to_string())?;
+    pub async fn get_json(&self, i: usize, path: &str) -> Result<(u16, Value), LaunchError> {
+        let resp = self.http.get(format!("{}{path}", self.url(i))).send().await.map_err(LaunchError::Http)?;
         let status = resp.status().as_u16();
         let body = resp.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, body))
     }
 
     /// Waits until every running node answers `/readyz` and sees every running node `up`.
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), LaunchError> {
         self.wait_joined(timeout, true).await
     }
 
     /// Waits until every running node sees every running node `up` (and, if `ready`, answers
     /// `/readyz` with 200; a node that cannot host a capability never does).
-    pub async fn wait_joined(&self, timeout: Duration, ready: bool) -> Result<(), String> {
+    pub async fn wait_joined(&self, timeout: Duration, ready: bool) -> Result<(), LaunchError> {
         let deadline = Instant::now() + timeout;
         let running: Vec<usize> = (0..self.children.len()).filter(|i| self.children[*i].is_some()).collect();
         let name = |i: usize| self.configs[i].name.as_str();
@@ -396,7 +396,7 @@ impl LocalCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("cluster not ready after {timeout:?}: {}", missing.join("; ")));
+                return Err(LaunchError::NotReady { after: timeout, missing: missing.join("; ") });
             }
             poll.tick().await;
         }

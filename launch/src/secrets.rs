@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use bulkhead_cluster::secret::{random_token, read_secret, write_secret};
 
 use crate::config::NodeConfig;
+use crate::error::LaunchError;
 
 /// Where a local cluster's secrets live (all under its data dir).
 #[derive(Debug, Clone)]
@@ -23,8 +24,8 @@ pub struct LocalSecrets {
 
 impl LocalSecrets {
     /// The secrets of `data_dir`, made where missing, with a certificate for each of `nodes`.
-    pub fn ensure(data_dir: &Path, nodes: &[&str]) -> Result<LocalSecrets, String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    pub fn ensure(data_dir: &Path, nodes: &[&str]) -> Result<LocalSecrets, LaunchError> {
+        std::fs::create_dir_all(data_dir).map_err(LaunchError::io("create", data_dir))?;
         let s = LocalSecrets {
             cookie_file: data_dir.join("cookie"),
             client_token_file: data_dir.join("client.token"),
@@ -34,31 +35,32 @@ impl LocalSecrets {
         };
         for file in [&s.cookie_file, &s.client_token_file, &s.admin_token_file] {
             if !file.exists() {
-                write_secret(file, format!("{}\n", random_token()).as_bytes())?;
+                write_secret(file, format!("{}\n", random_token()).as_bytes()).map_err(LaunchError::Secret)?;
             } else if bulkhead_cluster::secret::check_private(file, "secret").is_err() {
                 // A data dir from an earlier release wrote its cookie 0644; the node now refuses
                 // that, and this is our own local cluster's file: make it private.
-                bulkhead_cluster::secret::make_private(file)?;
+                bulkhead_cluster::secret::make_private(file).map_err(LaunchError::Secret)?;
             }
         }
         if !s.clients_file.exists() {
-            write_secret(&s.clients_file, b"# NAME SCOPE SHA256-of-token: `bulkhead tokens DIR --add NAME`\n")?;
+            write_secret(&s.clients_file, b"# NAME SCOPE SHA256-of-token: `bulkhead tokens DIR --add NAME`\n")
+                .map_err(LaunchError::Secret)?;
         }
-        std::fs::create_dir_all(&s.certs_dir).map_err(|e| format!("cannot create {}: {e}", s.certs_dir.display()))?;
+        std::fs::create_dir_all(&s.certs_dir).map_err(LaunchError::io("create", &s.certs_dir))?;
         let (ca, ca_key) = (s.certs_dir.join("ca.pem"), s.certs_dir.join("ca.key"));
         if !ca.exists() || !ca_key.exists() {
-            let (cert, key) = bulkhead_cluster::tls::new_ca()?;
-            write_secret(&ca_key, key.as_bytes())?;
-            std::fs::write(&ca, cert).map_err(|e| format!("cannot write {}: {e}", ca.display()))?;
+            let (cert, key) = bulkhead_cluster::tls::new_ca().map_err(LaunchError::Secret)?;
+            write_secret(&ca_key, key.as_bytes()).map_err(LaunchError::Secret)?;
+            std::fs::write(&ca, cert).map_err(LaunchError::io("write", &ca))?;
         }
         for node in nodes {
             let (cert, key) = s.node_cert(node);
             if !cert.exists() || !key.exists() {
-                let read =
-                    |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-                let (c, k) = bulkhead_cluster::tls::issue(&read(&ca)?, &read(&ca_key)?, node)?;
-                write_secret(&key, k.as_bytes())?;
-                std::fs::write(&cert, c).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
+                let read = |p: &Path| std::fs::read_to_string(p).map_err(LaunchError::io("read", p));
+                let (c, k) =
+                    bulkhead_cluster::tls::issue(&read(&ca)?, &read(&ca_key)?, node).map_err(LaunchError::Secret)?;
+                write_secret(&key, k.as_bytes()).map_err(LaunchError::Secret)?;
+                std::fs::write(&cert, c).map_err(LaunchError::io("write", &cert))?;
             }
         }
         Ok(s)
@@ -69,12 +71,12 @@ impl LocalSecrets {
         (self.certs_dir.join(format!("{node}.pem")), self.certs_dir.join(format!("{node}.key")))
     }
 
-    pub fn admin_token(&self) -> Result<String, String> {
-        read_secret(&self.admin_token_file, "admin_token_file")
+    pub fn admin_token(&self) -> Result<String, LaunchError> {
+        read_secret(&self.admin_token_file, "admin_token_file").map_err(LaunchError::Secret)
     }
 
-    pub fn client_token(&self) -> Result<String, String> {
-        read_secret(&self.client_token_file, "client_token_file")
+    pub fn client_token(&self) -> Result<String, LaunchError> {
+        read_secret(&self.client_token_file, "client_token_file").map_err(LaunchError::Secret)
     }
 
     /// Points `cfg` at these secrets (no secret goes into the config file itself).
@@ -94,15 +96,15 @@ impl LocalSecrets {
 
 /// A token file an operator hands a tool (`--admin-token-file`), read with the node's own checks:
 /// no symlink, owned by this user, not readable by group or others.
-pub fn read_token_file(path: &Path, what: &str) -> Result<String, String> {
-    read_secret(path, what)
+pub fn read_token_file(path: &Path, what: &str) -> Result<String, LaunchError> {
+    read_secret(path, what).map_err(LaunchError::Secret)
 }
 
 /// An HTTP client that sends `Authorization: Bearer <token>` with every request.
-pub fn authorized(builder: reqwest::ClientBuilder, token: &str) -> Result<reqwest::Client, String> {
-    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| "the token holds characters a header cannot carry".to_string())?;
+pub fn authorized(builder: reqwest::ClientBuilder, token: &str) -> Result<reqwest::Client, LaunchError> {
+    let mut value =
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| LaunchError::TokenNotAHeader)?;
     value.set_sensitive(true);
     let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
-    builder.default_headers(headers).build().map_err(|e| format!("cannot build an HTTP client: {e}"))
+    builder.default_headers(headers).build().map_err(LaunchError::HttpClient)
 }

@@ -21,6 +21,7 @@ use bulkhead_cluster::config::CapabilityPlacement;
 use bulkhead_cluster::Timing;
 
 use crate::config::NodeConfig;
+use crate::error::LaunchError;
 
 use crate::secrets::LocalSecrets;
 
@@ -134,7 +135,7 @@ pub fn cluster_configs(
 }
 
 /// Writes `cfg` as TOML to `path`.
-pub fn write_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
-    let text = toml::to_string_pretty(cfg).map_err(|e| format!("cannot encode config: {e}"))?;
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+pub fn write_config(cfg: &NodeConfig, path: &Path) -> Result<(), LaunchError> {
+    let text = toml::to_string_pretty(cfg).map_err(LaunchError::EncodeConfig)?;
+    std::fs::write(path, text).map_err(LaunchError::io("write", path))
 }

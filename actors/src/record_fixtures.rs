@@ -110,33 +110,9 @@ fn order() -> OrderRecord {
 }
 /// [`order`] as version 1 laid it out, its shard step named by `label`.
 fn order_v1(label: &str) -> saga::v1::OrderRecord {
-    let o = order();
-    saga::v1::OrderRecord {
-        id: o.id,
-        customer_id: o.customer_id,
-        items: o.items,
-        payment_token: o.payment_token,
-        status: o.status,
-        reason: o.reason.map(|r| r.as_str().to_string()),
-        payment_id: o.payment_id,
-        lines: o.lines,
-        total_cents: o.total_cents,
-        phase: o.phase,
-        shards: vec![saga::v1::ShardStep {
-            node: label.into(),
-            items: items(),
-            state: ShardState::Reserved { lines: lines(), expires_ms: NOW + 30_000 },
-        }],
-        attempts: o.attempts,
-        retry_scheduled: o.retry_scheduled,
-        hold_until_ms: o.hold_until_ms,
-        hold_margin_ms: o.hold_margin_ms,
-        charge_attempted: o.charge_attempted,
-        last_wait: o.last_wait,
-        history: o.history,
-        created_ms: o.created_ms,
-        traceparent: o.traceparent,
-    }
+    let mut o: saga::v1::OrderRecord = order().into();
+    o.shards[0].node = label.into();
+    o
 }
 /// The refusal of a version-1 record whose inventory label names no shard (the early fixtures
 /// were made with node names).

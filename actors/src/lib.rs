@@ -149,6 +149,35 @@ fn making(cap: Capability) -> consumer::Making {
     }
 }
 
+/// A drill: asks this node's `cap` worker to panic (its supervisor restarts it). The worker dies
+/// instead of answering, so the call's failure is the expected outcome; it is returned for the log.
+pub async fn inject_panic(
+    cluster: &Cluster,
+    cap: Capability,
+    traceparent: &str,
+) -> Result<(), bulkhead_cluster::CallError> {
+    use crate::{consumer::*, inventory::*, orders::*, payments::*};
+    let (node, t) = (cluster.name().to_string(), std::time::Duration::from_millis(500));
+    match cap {
+        Capability::Orders => cluster
+            .call_with_timeout::<_, OrdersReply>(cap, &node, &OrdersRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+        Capability::Inventory => cluster
+            .call_with_timeout::<_, InventoryReply>(cap, &node, &InventoryRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+        Capability::Payments => cluster
+            .call_with_timeout::<_, PaymentReply>(cap, &node, &PaymentRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+        Capability::Shipping | Capability::Notifications => cluster
+            .call_with_timeout::<_, ConsumerReply>(cap, &node, &ConsumerRequest::InjectPanic, traceparent, t)
+            .await
+            .map(|_| ()),
+    }
+}
+
 /// sled page cache per capability: what each one reads back (orders re-reads its own orders;
 /// inventory keeps its model in memory; the consumers mostly append). sled's default is 1 GB each.
 pub fn cache_bytes(cap: Capability) -> u64 {

@@ -68,8 +68,15 @@ pub trait Service: Clone + Send + Sync + 'static {
     /// The own loop's state, made once the worker starts (and its timers, if it has any).
     fn start(&self, myself: &ActorRef<ServeMsg<Self>>, args: &WorkerArgs<Self>) -> Self::Local;
 
-    /// A request routed to [`Route::Own`], or one of the own loop's messages.
-    fn own(&self, _local: &mut Self::Local, _myself: &ActorRef<ServeMsg<Self>>, _input: OwnInput<Self>) {}
+    /// A request routed to [`Route::Own`], or one of the own loop's messages. A service without
+    /// an own loop never routes there; should it, the request is answered "not served here"
+    /// rather than left without an answer.
+    fn own(&self, _local: &mut Self::Local, _myself: &ActorRef<ServeMsg<Self>>, input: OwnInput<Self>) {
+        if let OwnInput::Request(Inbound { reply, .. }) = input {
+            let why = format!("{} has no loop of its own", self.capability());
+            let _ = reply.send(self.unserved(Unserved::Unavailable(why)));
+        }
+    }
 }
 
 /// What reaches a service's own loop.
@@ -141,14 +148,21 @@ impl<S: Service> Actor for ShardWorker<S> {
             }
         };
         let cap = st.service.capability();
-        let shard = match st.service.route(&st.cluster, st.fault_injection, &req) {
+        let route = st.service.route(&st.cluster, st.fault_injection, &req);
+        if let Route::Own = route {
+            // The own loop opens the spans of what it starts (the orders loop: one per proposal
+            // and per saga step, in the order's trace).
+            st.service.own(local, &myself, OwnInput::Request(Inbound { req, reply, traceparent }));
+            return Ok(());
+        }
+        let (span, _) = bulkhead_cluster::traced_span!("capability.serve", &traceparent, capability = %cap);
+        span.in_scope(|| tracing::debug!(request = ?req, "request"));
+        let entered = span.enter();
+        let shard = match route {
             Route::Shard(shard) => shard,
+            Route::Own => return Ok(()),
             Route::Answer(answer) => {
                 let _ = reply.send(answer);
-                return Ok(());
-            }
-            Route::Own => {
-                st.service.own(local, &myself, OwnInput::Request(Inbound { req, reply, traceparent }));
                 return Ok(());
             }
             Route::Drill if st.fault_injection => panic!("fault injection: {cap} worker panics on request"),
@@ -157,8 +171,7 @@ impl<S: Service> Actor for ShardWorker<S> {
                 return Ok(());
             }
         };
-        let (span, _) = bulkhead_cluster::traced_span!("capability.serve", &traceparent, capability = %cap);
-        span.in_scope(|| tracing::debug!(request = ?req, "request"));
+        drop(entered);
         match local_replica(&st.cluster, &st.replicas, cap, shard) {
             Ok(replica) => {
                 let (service, trace) =

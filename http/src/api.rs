@@ -751,7 +751,7 @@ pub async fn inject_panic(
     }
     let node = st.cluster.name().to_string();
     // The worker dies instead of answering; the call's failure is the expected outcome.
-    let result = bulkhead_actors::util::inject_panic(&st.cluster, cap, &traceparent()).await;
+    let result = bulkhead_actors::inject_panic(&st.cluster, cap, &traceparent()).await;
     tracing::warn!(capability = %cap, ?result, %reason, "fault injected: worker panic");
     let injected = PanicInjected { injected: PanicFault::Panic, capability: cap.into(), node };
     Ok((StatusCode::ACCEPTED, Json(injected)).into_response())

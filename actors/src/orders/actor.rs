@@ -6,7 +6,7 @@
 //! proposal in flight. For each message the worker gathers the facts the driver needs (each local
 //! replica's leadership and the group's time), steps it, and performs the effects it returns:
 //! proposals, the reserve and charge calls, timers, loads and replies. Every effect that takes time
-//! runs in its own task and comes back as a message ([`OrdersMsg::Drive`]): the worker never waits
+//! runs in its own task and comes back as a message ([`OrdersOwn::Drive`]): the worker never waits
 //! on a peer or a majority.
 //!
 //! Leadership: every 100 ms the worker lets the driver compare which shards its replicas lead (and
@@ -25,7 +25,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::config::OrdersConfig;
-use super::driver::{unserved_reply, Driver, Effect, Facts, Input, Placed, ShardFacts};
+use super::driver::{unserved_reply, Driver, Effect, Env, Facts, Input, Placed, ShardFacts};
 use super::machine::{self, OrdersCommand, OrdersMachine, IDEMPOTENCY, ORDERS};
 use super::outbox::{OutboxMsg, RELAY_NAME};
 use super::protocol::{shard_of_order, OrdersReply, OrdersRequest, PlaceOrder};
@@ -116,21 +116,16 @@ impl OrdersState {
         local_replica(&self.cluster, &self.replicas, Capability::Orders, shard)
     }
 
-    /// What the driver decides on: each local replica's leadership and time, and for `shard` (the
-    /// request's, when it has no replica here) the leader to send the caller to.
+    /// What the driver decides on: each local replica's leadership, and for `shard` (the
+    /// request's, when it has no replica here) the leader to send the caller to. (The group's time
+    /// is not gathered here: reading it starts a term's clock, so the driver asks for it through
+    /// [`NodeEnv`] only where a decision needs it.)
     fn facts(&self, shard: Option<u32>) -> Facts {
         let me = self.cluster().name();
         let local = self
             .replicas
             .iter()
-            .map(|(s, r)| {
-                let f = ShardFacts {
-                    leading: r.leading_term(),
-                    leader: r.leader().filter(|l| l != me),
-                    now_ms: r.now_ms(),
-                };
-                (*s, f)
-            })
+            .map(|(s, r)| (*s, ShardFacts { leading: r.leading_term(), leader: r.leader().filter(|l| l != me) }))
             .collect();
         let elsewhere = shard
             .filter(|s| !self.replicas.contains_key(s))
@@ -143,7 +138,8 @@ impl OrdersState {
     /// Steps the driver and performs what it decided.
     fn drive(&mut self, myself: &Myself, input: Input<Reply>, shard: Option<u32>) {
         let facts = self.facts(shard);
-        for effect in self.driver.step(input, &facts) {
+        let mut env = NodeEnv { cluster: &self.cluster, replicas: &self.replicas };
+        for effect in self.driver.step(input, &facts, &mut env) {
             self.perform(myself, effect);
         }
     }
@@ -228,7 +224,15 @@ impl OrdersState {
                 myself.send_after(Duration::from_millis(ms), move || drive(Input::WaitOver { order_id, waiter }));
             }
             Effect::Load { shard, term } => {
-                let Ok(replica) = self.replica(shard) else { return };
+                let replica = match self.replica(shard) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Answered as a failed load: the parked requests are not left waiting.
+                        let orders = Err(format!("no replica of orders shard {shard} here: {e:?}"));
+                        let _ = me.cast(drive(Input::Loaded { shard, term, orders }));
+                        return;
+                    }
+                };
                 tokio::spawn(async move {
                     let orders = match replica.read_barrier().await {
                         Ok(()) => {
@@ -271,20 +275,9 @@ impl OrdersState {
         }
     }
 
-    /// A new order: its id (naming its shard) and its items split over the inventory shards that
-    /// own their SKUs, then the driver decides.
     fn place(&mut self, myself: &Myself, place: PlaceOrder, traceparent: String, reply: Reply) {
-        let id = new_order_id(place.shard);
-        let mut split: Vec<(u32, Vec<Item>)> = Vec::new();
-        for it in &place.items {
-            let shard = self.cluster().shard_of(Capability::Inventory, it.sku.as_bytes());
-            match split.iter_mut().find(|(s, _)| *s == shard) {
-                Some((_, items)) => items.push(it.clone()),
-                None => split.push((shard, vec![it.clone()])),
-            }
-        }
         let shard = place.shard;
-        self.drive(myself, Input::Place { place, id, split, traceparent, reply }, Some(shard));
+        self.drive(myself, Input::Place { place, traceparent, reply }, Some(shard));
     }
 
     /// One idempotency sweep of a shard this node leads: forget the keys older than the retention
@@ -323,6 +316,33 @@ impl OrdersState {
                 }
             }
         });
+    }
+}
+
+/// The driver's [`Env`] in a node: the group's time from the shard's replica, ids from the clock and
+/// a random source, SKUs by the inventory shard map.
+struct NodeEnv<'a> {
+    cluster: &'a Cluster,
+    replicas: &'a BTreeMap<u32, Replica>,
+}
+
+impl Env for NodeEnv<'_> {
+    fn now_ms(&mut self, shard: u32) -> u64 {
+        // The driver asks only of a shard it drives, which has its replica here; the wall clock
+        // is what the worker used before if it ever had not.
+        self.replicas.get(&shard).map_or_else(bulkhead_storage::now_ms, |r| r.now_ms())
+    }
+
+    fn new_order_id(&mut self, shard: u32) -> Uuid {
+        new_order_id(shard)
+    }
+
+    fn inventory_shard(&mut self, sku: &str) -> u32 {
+        self.cluster.shard_of(Capability::Inventory, sku.as_bytes())
+    }
+
+    fn jitter(&mut self) -> f64 {
+        jitter()
     }
 }
 
@@ -446,11 +466,7 @@ impl Service for Orders {
         myself.send_interval(SWEEP_EVERY, || ServeMsg::Own(OrdersOwn::Sweep));
         let _ = myself.cast(ServeMsg::Own(OrdersOwn::Lead));
         let window = self.settings.reservation_window_ms;
-        OrdersState {
-            cluster: args.cluster.clone(),
-            replicas: args.replicas.clone(),
-            driver: Driver::new(window, jitter),
-        }
+        OrdersState { cluster: args.cluster.clone(), replicas: args.replicas.clone(), driver: Driver::new(window) }
     }
 
     fn own(&self, state: &mut OrdersState, myself: &Myself, input: OwnInput<Self>) {

@@ -3,8 +3,9 @@
 //! and who waits for which order.
 //!
 //! [`Driver::step`] takes one [`Input`] (a request, a proposal's answer, a timer, a load) and the
-//! [`Facts`] the actor gathered just before (each local replica's leadership and the group's time),
-//! and returns [`Effect`]s: replies, proposals, remote calls, timers and loads. The actor
+//! [`Facts`] the actor gathered just before (each local replica's leadership), with an [`Env`] to
+//! ask for the group's time, a new order id, a SKU's inventory shard and a jitter, and returns
+//! [`Effect`]s: replies, proposals, remote calls, timers and loads. The actor
 //! ([`super::actor`]) performs them and feeds their outcomes back as inputs. The reply handle is a
 //! type parameter, so the transcript tests (`testscripts/driver/`) drive it with plain numbers.
 //!
@@ -41,8 +42,26 @@ pub struct ShardFacts {
     pub leading: Option<u64>,
     /// The leader it knows of, when that is another node.
     pub leader: Option<String>,
-    /// The group's time (`raft::clock`): every time put into a command is this one.
-    pub now_ms: u64,
+}
+
+/// What the driver asks of its surroundings while it decides: the node answers from its
+/// replicas, its clock and a random source; the transcripts from fixed values. Asked only where a
+/// decision needs it (the group's clock of a term starts at the first read, see `raft::clock`).
+pub trait Env {
+    /// The group's time of `shard` (`raft::clock`): every time put into a command is this one.
+    fn now_ms(&mut self, shard: u32) -> u64;
+    /// A new order id in `shard` (its last byte names the shard).
+    fn new_order_id(&mut self, shard: u32) -> Uuid;
+    /// The inventory shard that holds `sku`.
+    fn inventory_shard(&mut self, sku: &str) -> u32;
+    /// A jitter factor in [0.5, 1.0] for a saga step's backoff.
+    fn jitter(&mut self) -> f64;
+}
+
+/// One step's view: the facts and the environment.
+struct Cx<'a> {
+    facts: &'a Facts,
+    env: &'a mut dyn Env,
 }
 
 /// What the actor knows when it hands the driver an input.
@@ -77,9 +96,8 @@ pub struct Placed<R> {
 /// What happens to the driver.
 #[derive(Debug)]
 pub enum Input<R> {
-    /// A client's order. `id` is its new order id and `split` its items by inventory shard
-    /// (the actor draws the id and knows the inventory shard map).
-    Place { place: PlaceOrder, id: Uuid, split: Vec<(u32, Vec<Item>)>, traceparent: String, reply: R },
+    /// A client's order.
+    Place { place: PlaceOrder, traceparent: String, reply: R },
     /// A client still waiting for an order (`OrdersRequest::Await`).
     Await { order_id: Uuid, wait_ms: u64, reply: R },
     /// A proposed `Place` came back.
@@ -190,7 +208,7 @@ impl Driving {
 /// A request waiting for its shard to be loaded.
 #[derive(Debug)]
 enum Parked<R> {
-    Place { place: PlaceOrder, id: Uuid, split: Vec<(u32, Vec<Item>)>, traceparent: String, reply: R },
+    Place { place: PlaceOrder, traceparent: String, reply: R },
     Await { order_id: Uuid, wait_ms: u64, reply: R },
 }
 
@@ -229,8 +247,6 @@ enum Admit {
 pub struct Driver<R> {
     /// An order past this since it was placed is cancelled at its next retry or resume.
     window_ms: u64,
-    /// A jitter factor in [0.5, 1.0] for each saga step's backoff: random in the node, fixed in tests.
-    jitter: Box<dyn FnMut() -> f64 + Send>,
     driving: BTreeMap<u32, Driving>,
     sagas: HashMap<Uuid, Saga<R>>,
     /// Places and awaits that arrived while their shard was loading.
@@ -250,10 +266,9 @@ pub fn unserved_reply(e: Unserved) -> OrdersReply {
 }
 
 impl<R> Driver<R> {
-    pub fn new(window_ms: u64, jitter: impl FnMut() -> f64 + Send + 'static) -> Self {
+    pub fn new(window_ms: u64) -> Self {
         Self {
             window_ms,
-            jitter: Box::new(jitter),
             driving: BTreeMap::new(),
             sagas: HashMap::new(),
             parked: BTreeMap::new(),
@@ -264,17 +279,16 @@ impl<R> Driver<R> {
     }
 
     /// Takes one input; returns what to do, in order.
-    pub fn step(&mut self, input: Input<R>, facts: &Facts) -> Vec<Effect<R>> {
+    pub fn step(&mut self, input: Input<R>, facts: &Facts, env: &mut dyn Env) -> Vec<Effect<R>> {
         let mut out = Vec::new();
+        let cx = &mut Cx { facts, env };
         match input {
-            Input::Place { place, id, split, traceparent, reply } => {
-                self.place(facts, place, id, split, traceparent, reply, &mut out)
-            }
-            Input::Await { order_id, wait_ms, reply } => self.await_order(facts, order_id, wait_ms, reply, &mut out),
-            Input::Placed(p) => self.on_placed(facts, p, &mut out),
-            Input::Saga { order_id, event } => self.on_saga_event(facts, order_id, event, &mut out),
+            Input::Place { place, traceparent, reply } => self.place(cx, place, traceparent, reply, &mut out),
+            Input::Await { order_id, wait_ms, reply } => self.await_order(cx, order_id, wait_ms, reply, &mut out),
+            Input::Placed(p) => self.on_placed(cx, p, &mut out),
+            Input::Saga { order_id, event } => self.on_saga_event(cx, order_id, event, &mut out),
             Input::Committed { order_id, epoch, then, applied } => {
-                self.on_committed(facts, order_id, epoch, then, applied, &mut out)
+                self.on_committed(cx, order_id, epoch, then, applied, &mut out)
             }
             Input::WaitOver { order_id, waiter } => {
                 if let Some(s) = self.sagas.get_mut(&order_id) {
@@ -284,8 +298,8 @@ impl<R> Driver<R> {
                     }
                 }
             }
-            Input::Lead => self.lead(facts, &mut out),
-            Input::Loaded { shard, term, orders } => self.on_loaded(facts, shard, term, orders, &mut out),
+            Input::Lead => self.lead(cx, &mut out),
+            Input::Loaded { shard, term, orders } => self.on_loaded(cx, shard, term, orders, &mut out),
             Input::Sweep => {
                 for (shard, d) in &self.driving {
                     if let Driving::Ready(_) = d {
@@ -327,19 +341,19 @@ impl<R> Driver<R> {
 
     /// Whether a place in `shard` may go ahead now: the shard is driven in the term its replica
     /// leads (`Go`), or its replica leads and it is still loading (`Wait`).
-    fn admit(&mut self, facts: &Facts, shard: u32, out: &mut Vec<Effect<R>>) -> Result<Admit, Unserved> {
-        let Some(term) = facts.local.get(&shard).and_then(|f| f.leading) else {
-            return Err(facts.unserved(shard));
+    fn admit(&mut self, cx: &mut Cx<'_>, shard: u32, out: &mut Vec<Effect<R>>) -> Result<Admit, Unserved> {
+        let Some(term) = cx.facts.local.get(&shard).and_then(|f| f.leading) else {
+            return Err(cx.facts.unserved(shard));
         };
         match self.driving.get(&shard) {
             Some(Driving::Ready(t)) if *t == term => Ok(Admit::Go(term)),
             Some(Driving::Loading(t)) if *t == term => Ok(Admit::Wait),
             // Leading since the last check: start loading now rather than at the next tick.
             _ => {
-                self.lead(facts, out);
+                self.lead(cx, out);
                 match self.driving.get(&shard) {
                     Some(Driving::Loading(_)) => Ok(Admit::Wait),
-                    _ => Err(facts.unserved(shard)),
+                    _ => Err(cx.facts.unserved(shard)),
                 }
             }
         }
@@ -356,21 +370,11 @@ impl<R> Driver<R> {
         out.push(Effect::WaitTimer { order_id, waiter, ms: wait_ms });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn place(
-        &mut self,
-        facts: &Facts,
-        place: PlaceOrder,
-        id: Uuid,
-        split: Vec<(u32, Vec<Item>)>,
-        traceparent: String,
-        reply: R,
-        out: &mut Vec<Effect<R>>,
-    ) {
-        let term = match self.admit(facts, place.shard, out) {
+    fn place(&mut self, cx: &mut Cx<'_>, place: PlaceOrder, traceparent: String, reply: R, out: &mut Vec<Effect<R>>) {
+        let term = match self.admit(cx, place.shard, out) {
             Ok(Admit::Go(term)) => term,
             Ok(Admit::Wait) => {
-                let parked = Parked::Place { place, id, split, traceparent, reply };
+                let parked = Parked::Place { place, traceparent, reply };
                 self.parked.entry(parked_shard(&parked)).or_default().push(parked);
                 return;
             }
@@ -379,14 +383,25 @@ impl<R> Driver<R> {
                 return;
             }
         };
-        let now = facts.local.get(&place.shard).map_or(0, |f| f.now_ms);
+        // Admitted: the order's id, its items by the inventory shard that holds each SKU, and the
+        // group's time (the shard is driven in the term its replica leads).
+        let id = cx.env.new_order_id(place.shard);
+        let mut split: Vec<(u32, Vec<Item>)> = Vec::new();
+        for it in &place.items {
+            let shard = cx.env.inventory_shard(&it.sku);
+            match split.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, items)) => items.push(it.clone()),
+                None => split.push((shard, vec![it.clone()])),
+            }
+        }
+        let now = cx.env.now_ms(place.shard);
         let mut order = saga::new_order(id, place.customer_id, place.items, place.payment_token, split, now);
         order.traceparent = traceparent;
         let command = OrdersCommand::Place { order: order.clone(), idempotency: place.idempotency, now_ms: now };
         out.push(Effect::Place { shard: place.shard, term, order, command, wait_ms: place.wait_ms, reply });
     }
 
-    fn on_placed(&mut self, facts: &Facts, placed: Placed<R>, out: &mut Vec<Effect<R>>) {
+    fn on_placed(&mut self, cx: &mut Cx<'_>, placed: Placed<R>, out: &mut Vec<Effect<R>>) {
         let Placed { shard, term, order, applied, wait_ms, reply } = placed;
         match applied {
             Ok(OrdersApplied::Placed) => {
@@ -405,7 +420,7 @@ impl<R> Driver<R> {
                 }
                 let id = order.id;
                 if !self.sagas.contains_key(&id) {
-                    self.insert_saga(facts, shard, order, 0, Event::Start, out);
+                    self.insert_saga(cx, shard, order, 0, Event::Start, out);
                 }
                 // else: a reload of the shard found it first.
                 self.wait_for(id, wait_ms, reply, out);
@@ -438,7 +453,7 @@ impl<R> Driver<R> {
     /// Takes a saga into memory (a new order, or one loaded from the shard) and steps `first`.
     fn insert_saga(
         &mut self,
-        facts: &Facts,
+        cx: &mut Cx<'_>,
         shard: u32,
         order: OrderRecord,
         steps: u64,
@@ -458,19 +473,18 @@ impl<R> Driver<R> {
             waiters: Vec::new(),
         };
         self.sagas.insert(id, saga);
-        self.on_saga_event(facts, id, first, out);
+        self.on_saga_event(cx, id, first, out);
     }
 
-    fn on_saga_event(&mut self, facts: &Facts, order_id: Uuid, event: Event, out: &mut Vec<Effect<R>>) {
+    fn on_saga_event(&mut self, cx: &mut Cx<'_>, order_id: Uuid, event: Event, out: &mut Vec<Effect<R>>) {
         let window = self.window_ms;
         let Some(s) = self.sagas.get_mut(&order_id) else { return };
         if s.in_flight {
             s.queued.push_back(event);
             return;
         }
-        // The group's time, as every time this worker puts into a command (see `raft::clock`). A
-        // saga lives only while its shard's replica is here, so the facts have it.
-        let now = facts.local.get(&s.shard).map_or(0, |f| f.now_ms);
+        // The group's time, as every time this worker puts into a command (see `raft::clock`).
+        let now = cx.env.now_ms(s.shard);
         // A retry (or a resume) past the order's reservation window cancels it instead: the
         // window is judged on the group's time, like every time the saga records.
         let event = match event {
@@ -479,7 +493,7 @@ impl<R> Driver<R> {
         };
         let record = saga::must_commit(&event);
         let before = s.order.clone();
-        let cmds = saga::step(&mut s.order, event, now, (self.jitter)());
+        let cmds = saga::step(&mut s.order, event, now, cx.env.jitter());
         if !saga::worth_recording(&before, &s.order) || !record {
             // Nothing new (or only the retry bookkeeping), or nothing a resumed saga would not
             // find again (a granted hold): the next recorded step carries it.
@@ -495,6 +509,12 @@ impl<R> Driver<R> {
         };
         s.in_flight = true;
         let (shard, epoch) = (s.shard, s.epoch);
+        if !cx.facts.local.contains_key(&shard) {
+            // No replica to propose on (the node stopped hosting it): nothing goes out; the step
+            // fails as a proposal would, and the shard is let go.
+            let e = cx.facts.unserved(shard);
+            return self.on_committed(cx, order_id, epoch, cmds, Err(e), out);
+        }
         let (now_cmds, then): (Vec<_>, Vec<_>) = cmds.into_iter().partition(saga::runs_before_commit);
         out.push(Effect::Propose { order_id, shard, epoch, command, then });
         // Their answers wait in `queued` until the step has committed.
@@ -503,7 +523,7 @@ impl<R> Driver<R> {
 
     fn on_committed(
         &mut self,
-        facts: &Facts,
+        cx: &mut Cx<'_>,
         order_id: Uuid,
         epoch: u64,
         then: Vec<Command>,
@@ -526,7 +546,7 @@ impl<R> Driver<R> {
                         break;
                     }
                     let Some(ev) = s.queued.pop_front() else { break };
-                    self.on_saga_event(facts, order_id, ev, out);
+                    self.on_saga_event(cx, order_id, ev, out);
                 }
             }
             other => {
@@ -581,8 +601,8 @@ impl<R> Driver<R> {
 
     /// Compares the shards this node's replicas lead with the shards it drives: starts loading a
     /// shard it leads in a new term, drops one it no longer leads.
-    fn lead(&mut self, facts: &Facts, out: &mut Vec<Effect<R>>) {
-        for (&shard, f) in &facts.local {
+    fn lead(&mut self, cx: &mut Cx<'_>, out: &mut Vec<Effect<R>>) {
+        for (&shard, f) in &cx.facts.local {
             let driving = self.driving.get(&shard).copied();
             if f.leading.is_some() && driving.map(Driving::term) == f.leading {
                 continue;
@@ -623,7 +643,7 @@ impl<R> Driver<R> {
 
     fn on_loaded(
         &mut self,
-        facts: &Facts,
+        cx: &mut Cx<'_>,
         shard: u32,
         term: u64,
         orders: Result<Vec<(OrderRecord, u64)>, String>,
@@ -658,27 +678,25 @@ impl<R> Driver<R> {
         );
         for (o, steps) in orders {
             if !self.sagas.contains_key(&o.id) {
-                self.insert_saga(facts, shard, o, steps, Event::Resume, out);
+                self.insert_saga(cx, shard, o, steps, Event::Resume, out);
             }
         }
         for p in self.placed_while_loading.remove(&shard).unwrap_or_default() {
-            self.on_placed(facts, p, out);
+            self.on_placed(cx, p, out);
         }
         for parked in self.parked.remove(&shard).unwrap_or_default() {
             match parked {
-                Parked::Place { place, id, split, traceparent, reply } => {
-                    self.place(facts, place, id, split, traceparent, reply, out)
-                }
-                Parked::Await { order_id, wait_ms, reply } => self.await_order(facts, order_id, wait_ms, reply, out),
+                Parked::Place { place, traceparent, reply } => self.place(cx, place, traceparent, reply, out),
+                Parked::Await { order_id, wait_ms, reply } => self.await_order(cx, order_id, wait_ms, reply, out),
             }
         }
     }
 
     /// Waits for an order whose client is still waiting: on the leader that drives its shard now.
     /// An order not in flight here is finished (or was never placed): a linearizable read answers.
-    fn await_order(&mut self, facts: &Facts, order_id: Uuid, wait_ms: u64, reply: R, out: &mut Vec<Effect<R>>) {
+    fn await_order(&mut self, cx: &mut Cx<'_>, order_id: Uuid, wait_ms: u64, reply: R, out: &mut Vec<Effect<R>>) {
         let shard = shard_of_order(&order_id);
-        match self.admit(facts, shard, out) {
+        match self.admit(cx, shard, out) {
             Err(e) => out.push(Effect::Reply(reply, unserved_reply(e))),
             Ok(Admit::Wait) => self.parked.entry(shard).or_default().push(Parked::Await { order_id, wait_ms, reply }),
             Ok(Admit::Go(_)) if self.sagas.contains_key(&order_id) => self.wait_for(order_id, wait_ms, reply, out),

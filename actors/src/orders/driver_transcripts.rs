@@ -5,25 +5,27 @@
 //!
 //! Commands (orders are named by labels such as `o1`; replies by `r<N>`, one per request):
 //!
-//! - `facts SHARD leads=TERM [now=MS]`, `facts SHARD follows=NODE|-`, `facts SHARD remote=NODE`:
-//!   what the actor would gather (a local replica leading or following, or no replica here).
+//! - `facts SHARD leads=TERM [now=MS]`, `facts SHARD follows=NODE|- [now=MS]`,
+//!   `facts SHARD remote=NODE`: what the actor would gather (a local replica leading or following,
+//!   or no replica here), and the shard's group time the environment answers (1000 until set).
 //! - `lead`, `sweep`: the worker's timers.
 //! - `loaded SHARD term=T [orders="o1:STEPS,..."...] [error=WHY]`: a load came back.
 //! - `place LABEL shard=S [key=K] [wait=MS]`, `await LABEL [wait=MS]`: client requests.
-//! - `placed LABEL [placed|same-key|other-body|timeout|not-leader]`: the place's proposal came back.
-//! - `committed LABEL [done|stale|timeout] [epoch=E]`: the saga step's proposal came back.
+//! - `placed LABEL [placed|same-key|other-body|timeout|not-leader] [first=LABEL]`: the place's
+//!   proposal came back (`first`: the order the key already names).
+//! - `committed LABEL [done|stale|timeout]`: the oldest of the order's proposals in flight came back.
 //! - `reserved LABEL`, `out-of-stock LABEL`, `charged LABEL`, `declined LABEL`,
 //!   `payments-down LABEL`, `retry-due LABEL`: a saga step's answer or its retry timer.
 //! - `wait-over LABEL waiter=W`: a waiter's time is up.
 //! - `state`: the shards driven, the sagas in memory, the requests parked.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::error::Error;
 use std::fmt::Write as _;
 
 use uuid::Uuid;
 
-use super::driver::{Driver, Effect, Facts, Input, Placed, ShardFacts};
+use super::driver::{Driver, Effect, Env, Facts, Input, Placed, ShardFacts};
 use super::machine::{OrdersApplied, OrdersCommand};
 use super::protocol::{IdemKey, OrdersReply, OrdersRequest, PlaceOrder};
 use super::saga::{self, ChargeOutcome, Command, Event, OrderRecord, ReserveOutcome};
@@ -36,14 +38,44 @@ const WINDOW_MS: u64 = 60_000;
 #[derive(Default)]
 struct Pending {
     place: Option<(u32, u64, OrderRecord, u64, u64)>,
-    proposal: Option<(u64, Vec<Command>)>,
+    /// Proposals in flight (epoch, the commands waiting for it, the record it carries), answered
+    /// in the order they were made.
+    proposals: VecDeque<(u64, Vec<Command>, OrderRecord)>,
+}
+
+/// The transcripts' environment: each shard's time as `facts ... now=` set it, the next ids the
+/// `place` commands named, every SKU in inventory shard 0, no jitter.
+#[derive(Default)]
+struct TestEnv {
+    now: BTreeMap<u32, u64>,
+    ids: BTreeMap<u32, VecDeque<Uuid>>,
+}
+
+impl Env for TestEnv {
+    fn now_ms(&mut self, shard: u32) -> u64 {
+        self.now.get(&shard).copied().unwrap_or(1_000)
+    }
+    fn new_order_id(&mut self, shard: u32) -> Uuid {
+        self.ids
+            .get_mut(&shard)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or_else(|| panic!("no id queued for shard {shard}"))
+    }
+    fn inventory_shard(&mut self, _sku: &str) -> u32 {
+        0
+    }
+    fn jitter(&mut self) -> f64 {
+        1.0
+    }
 }
 
 struct Runner {
     driver: Driver<u64>,
     facts: Facts,
+    env: TestEnv,
     labels: BTreeMap<String, Uuid>,
     names: HashMap<Uuid, String>,
+    /// Each order as last committed: what a `loaded` finds.
     records: HashMap<Uuid, OrderRecord>,
     pending: HashMap<Uuid, Pending>,
     next_reply: u64,
@@ -52,8 +84,9 @@ struct Runner {
 impl Runner {
     fn new() -> Self {
         Self {
-            driver: Driver::new(WINDOW_MS, || 1.0),
+            driver: Driver::new(WINDOW_MS),
             facts: Facts::default(),
+            env: TestEnv::default(),
             labels: BTreeMap::new(),
             names: HashMap::new(),
             records: HashMap::new(),
@@ -92,7 +125,7 @@ impl Runner {
     }
 
     fn step(&mut self, input: Input<u64>) -> String {
-        let effects = self.driver.step(input, &self.facts);
+        let effects = self.driver.step(input, &self.facts, &mut self.env);
         let mut out = String::new();
         for e in effects {
             let line = self.describe(e);
@@ -106,7 +139,6 @@ impl Runner {
             Effect::Reply(r, answer) => format!("r{r} <- {}", self.answer(&answer)),
             Effect::Place { shard, term, order, command: _, wait_ms, reply } => {
                 let (id, name) = (order.id, self.name(&order.id));
-                self.records.insert(id, order.clone());
                 self.pending.entry(id).or_default().place = Some((shard, term, order, wait_ms, reply));
                 format!("propose place {name} in shard {shard} term {term} (for r{reply})")
             }
@@ -119,8 +151,7 @@ impl Runner {
                 };
                 let status = format!("{:?}", order.status).to_lowercase();
                 let then_s = if then.is_empty() { String::new() } else { format!(", then {}", commands(&then)) };
-                self.records.insert(order_id, order);
-                self.pending.entry(order_id).or_default().proposal = Some((epoch, then));
+                self.pending.entry(order_id).or_default().proposals.push_back((epoch, then, order));
                 format!("propose {what} {step} of {name} ({status}) in shard {shard}, epoch {epoch}{then_s}")
             }
             Effect::Reserve { order_id, shard, items, .. } => {
@@ -216,12 +247,14 @@ impl goldenscript::Runner for Runner {
         let out = match command.name.as_str() {
             "facts" => {
                 let shard: u32 = args.next_pos().ok_or("facts SHARD ...")?.parse()?;
-                let now = args.lookup_parse::<u64>("now")?.unwrap_or(1_000);
+                if let Some(now) = args.lookup_parse::<u64>("now")? {
+                    self.env.now.insert(shard, now);
+                }
                 if let Some(term) = args.lookup_parse::<u64>("leads")? {
-                    self.facts.local.insert(shard, ShardFacts { leading: Some(term), leader: None, now_ms: now });
+                    self.facts.local.insert(shard, ShardFacts { leading: Some(term), leader: None });
                 } else if let Some(leader) = args.lookup("follows") {
                     let leader = (leader.value != "-").then(|| leader.value.clone());
-                    self.facts.local.insert(shard, ShardFacts { leading: None, leader, now_ms: now });
+                    self.facts.local.insert(shard, ShardFacts { leading: None, leader });
                 } else if let Some(leader) = args.lookup("remote") {
                     self.facts.local.remove(&shard);
                     self.facts.elsewhere.insert(shard, Some(leader.value.clone()));
@@ -249,7 +282,8 @@ impl goldenscript::Runner for Runner {
                                 None => {
                                     let p = place_order(shard, None, 0);
                                     let split = vec![(0, p.items.clone())];
-                                    saga::new_order(id, p.customer_id, p.items, p.payment_token, split, 0)
+                                    let created = self.env.now_ms(shard);
+                                    saga::new_order(id, p.customer_id, p.items, p.payment_token, split, created)
                                 }
                             };
                             v.push((record, steps.parse()?));
@@ -265,11 +299,16 @@ impl goldenscript::Runner for Runner {
                 let key = args.lookup("key").map(|a| a.value.clone());
                 let wait = args.lookup_parse::<u64>("wait")?.unwrap_or(500);
                 let id = self.id(&label, shard);
+                // The id the driver draws when it admits this place (now, or once its shard loads).
+                self.env.ids.entry(shard).or_default().push_back(id);
                 let place = place_order(shard, key, wait);
-                let split = vec![(0, place.items.clone())];
                 let reply = self.reply_id();
-                format!("r{reply} = place {label}\n")
-                    + &self.step(Input::Place { place, id, split, traceparent: String::new(), reply })
+                let out = self.step(Input::Place { place, traceparent: String::new(), reply });
+                if out.contains(&format!("r{reply} <- ")) {
+                    // Turned away before an id was drawn.
+                    self.env.ids.entry(shard).or_default().retain(|i| *i != id);
+                }
+                format!("r{reply} = place {label}\n") + &out
             }
             "await" => {
                 let label = args.next_pos().ok_or("await LABEL")?.value.clone();
@@ -282,12 +321,20 @@ impl goldenscript::Runner for Runner {
                 let label = args.next_pos().ok_or("placed LABEL")?.value.clone();
                 let id = self.known(&label)?;
                 let how = args.next_pos().map_or("placed".to_string(), |a| a.value.clone());
+                // `same-key`/`other-body`: the key's first order, `first=LABEL`.
+                let first = match args.lookup("first") {
+                    Some(a) => self.known(&a.value)?,
+                    None => id,
+                };
                 let (shard, term, order, wait_ms, reply) =
                     self.pending.get_mut(&id).and_then(|p| p.place.take()).ok_or("no place in flight")?;
+                if how == "placed" {
+                    self.records.insert(id, order.clone());
+                }
                 let applied = match how.as_str() {
                     "placed" => Ok(OrdersApplied::Placed),
-                    "same-key" => Ok(OrdersApplied::Existing { order_id: id, same_body: true }),
-                    "other-body" => Ok(OrdersApplied::Existing { order_id: id, same_body: false }),
+                    "same-key" => Ok(OrdersApplied::Existing { order_id: first, same_body: true }),
+                    "other-body" => Ok(OrdersApplied::Existing { order_id: first, same_body: false }),
                     "timeout" => Err(Unserved::Unavailable("timed out".into())),
                     "not-leader" => Err(Unserved::NotLeader(Some("n2".into()))),
                     other => return Err(format!("placed: unknown outcome {other}").into()),
@@ -298,9 +345,14 @@ impl goldenscript::Runner for Runner {
                 let label = args.next_pos().ok_or("committed LABEL")?.value.clone();
                 let order_id = self.known(&label)?;
                 let how = args.next_pos().map_or("done".to_string(), |a| a.value.clone());
-                let (epoch, then) =
-                    self.pending.get_mut(&order_id).and_then(|p| p.proposal.take()).ok_or("no proposal in flight")?;
-                let epoch = args.lookup_parse::<u64>("epoch")?.unwrap_or(epoch);
+                let (epoch, then, order) = self
+                    .pending
+                    .get_mut(&order_id)
+                    .and_then(|p| p.proposals.pop_front())
+                    .ok_or("no proposal in flight")?;
+                if how == "done" {
+                    self.records.insert(order_id, order);
+                }
                 let applied = match how.as_str() {
                     "done" => Ok(OrdersApplied::Done),
                     "stale" => Ok(OrdersApplied::Stale),

@@ -230,10 +230,17 @@ impl Machine for OrdersMachine {
     type Command = OrdersCommand;
     type Reply = OrdersApplied;
 
-    /// A key claimed by a build before SHA-256 fingerprints is an `IdemRecord` v1 on a replica that
-    /// applied it then, and v2 on one that applied the same command after the upgrade.
+    /// A record written before an upgrade that changed its layout is in the old layout on a
+    /// replica that applied it then, and in the new one on a replica that applied the same command
+    /// after: a key claimed before SHA-256 fingerprints (`IdemRecord` v1), an order, an outbox entry
+    /// or a dead letter from before inventory shards by number (`OrderRecord`, `OutboxEntry`,
+    /// `DeadLetterRecord` v1). The digest hashes each as today's build writes it.
     fn canonical(&self, key: &[u8], value: &[u8]) -> Option<Vec<u8>> {
-        IDEMPOTENCY.canonical(key, value)
+        ORDERS
+            .canonical(key, value)
+            .or_else(|| OUTBOX.canonical(key, value))
+            .or_else(|| DEAD_LETTERS.canonical(key, value))
+            .or_else(|| IDEMPOTENCY.canonical(key, value))
     }
 
     fn apply(&self, store: &Store, batch: &mut Batch, cmd: OrdersCommand) -> Result<OrdersApplied, StoreError> {
@@ -529,6 +536,71 @@ mod tests {
             bulkhead_cluster::raft::StateDigest::of(Some(1), &canonical)
         };
         assert_eq!(digest(&before), digest(&after));
+    }
+
+    /// Across the upgrade to inventory shards by number: a replica that stored an order, its outbox
+    /// entries and a dead letter in version 1's layout (labels) and one that stored them in
+    /// version 2's have one digest.
+    #[tokio::test]
+    async fn replicas_that_stored_orders_before_and_after_shards_by_number_agree() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), "orders", &StoreOptions::default()).unwrap();
+        let mut done = order(1, "c");
+        (done.status, done.phase) = (OrderStatus::Confirmed, Phase::Done);
+        let cmds = [
+            OrdersCommand::Place { order: order(1, "c"), idempotency: None, now_ms: 1 },
+            OrdersCommand::Finish { order: done, step: 1, now_ms: 2 },
+            OrdersCommand::DeadLetter { key: (Uuid::from_u128(1), 0), attempts: 5, last_error: "x".into(), now_ms: 3 },
+        ];
+        apply_all(&s, &cmds, 1);
+        let after = dump(&s);
+        let old = |version_one: Vec<u8>| {
+            let mut v = vec![1u8];
+            v.extend(version_one);
+            v
+        };
+        let before: Vec<_> = after
+            .iter()
+            .map(|(k, v)| {
+                let payload = |x: &dyn erased::Encode| old(x.payload());
+                let v1 = match k.first() {
+                    Some(1) => {
+                        payload(&saga::v1::OrderRecord::from(bulkhead_storage::decode::<OrderRecord>(v).unwrap()))
+                    }
+                    Some(3) => {
+                        payload(&saga::v1::OutboxEntry::from(bulkhead_storage::decode::<OutboxEntry>(v).unwrap()))
+                    }
+                    Some(7) => {
+                        let r = bulkhead_storage::decode::<DeadLetterRecord>(v).unwrap();
+                        payload(&v1::DeadLetterRecord { letter: r.letter, entry: r.entry.into() })
+                    }
+                    _ => v.clone(),
+                };
+                (k.clone(), v1)
+            })
+            .collect();
+        assert_ne!(before, after, "the two layouts are different bytes");
+        assert!(before.iter().filter(|(_, v)| v.first() == Some(&1)).count() >= 3, "an order, an entry, a letter");
+        let digest = |records: &[bulkhead_storage::RawRecord]| {
+            let canonical: Vec<_> = records
+                .iter()
+                .map(|(k, v)| (k.clone(), OrdersMachine.canonical(k, v).unwrap_or_else(|| v.clone())))
+                .collect();
+            bulkhead_cluster::raft::StateDigest::of(Some(1), &canonical)
+        };
+        assert_eq!(digest(&before), digest(&after));
+    }
+
+    /// Encodes a copy of an old layout's struct without its version byte.
+    mod erased {
+        pub trait Encode {
+            fn payload(&self) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Encode for T {
+            fn payload(&self) -> Vec<u8> {
+                bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap()
+            }
+        }
     }
 
     /// An `IdemRecord` in version 1's layout (a copy of that build's struct).

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use super::machine::{OrdersApplied, OrdersCommand, OrdersMachine, OUTBOX};
 use super::protocol::shard_of_order;
-use super::rounds::{self, DeadLetter, Delivery, Round, Rounds};
+use super::rounds::{self, Delivery, Round, Rounds, ToDeadLetters};
 use super::saga::{dest_label, Dest, OutboxEntry, OutboxEvent};
 use crate::consumer::{ConsumerReply, ConsumerRequest};
 use crate::inventory::{InventoryReply, InventoryRequest};
@@ -168,8 +168,8 @@ impl RelayState {
     }
 
     /// Moves an entry its destination keeps failing on to the dead letters (one committed command).
-    fn dead_letter(&self, d: DeadLetter) {
-        let DeadLetter { key, entry, attempts, last_error } = d;
+    fn dead_letter(&self, d: ToDeadLetters) {
+        let ToDeadLetters { key, entry, attempts, last_error } = d;
         let Some(replica) = self.replicas.get(&shard_of_order(&key.0)).cloned() else { return };
         let destination = dest_label(&entry.dest);
         tokio::spawn(async move {
@@ -280,7 +280,7 @@ impl Actor for OutboxRelay {
         match msg {
             OutboxMsg::Tick | OutboxMsg::Kick => state.start_round(&myself)?,
             OutboxMsg::RoundDone { removed, round } => {
-                let after = state.rounds.finish(removed, round, state.now_ms(), jitter());
+                let after = state.rounds.finish(removed, round, state.now_ms(), &mut jitter);
                 for d in after.dead_letters {
                     state.dead_letter(d);
                 }

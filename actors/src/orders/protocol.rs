@@ -169,7 +169,7 @@ pub struct DeadLetter {
     pub event_id: Uuid,
     /// `order_confirmed`, `commit_reservation`, `release_reservation` or `refund_payment`.
     pub event: String,
-    /// The destination capability, e.g. `shipping` or `inventory@n2`.
+    /// The destination, e.g. `shipping` or `inventory/2` (an inventory shard).
     pub destination: String,
     pub attempts: u32,
     pub last_error: String,

@@ -82,7 +82,7 @@ pub fn judge(results: Vec<(Key, OutboxEntry, Delivery)>) -> Round {
 
 /// An entry to move to the dead letters (one committed command of its shard).
 #[derive(Debug, PartialEq)]
-pub struct DeadLetter {
+pub struct ToDeadLetters {
     pub key: Key,
     pub entry: OutboxEntry,
     pub attempts: u32,
@@ -92,7 +92,7 @@ pub struct DeadLetter {
 /// What the relay does once a round is over.
 #[derive(Debug, Default, PartialEq)]
 pub struct AfterRound {
-    pub dead_letters: Vec<DeadLetter>,
+    pub dead_letters: Vec<ToDeadLetters>,
     /// Start the next round now.
     pub again: bool,
 }
@@ -131,8 +131,8 @@ impl Rounds {
     }
 
     /// The round in flight ended: it removed `removed` delivered entries and was judged `round`.
-    /// `jitter` in [0.5, 1.0] scales the backoff of the destinations that failed.
-    pub fn finish(&mut self, removed: usize, round: Round, now_ms: u64, jitter: f64) -> AfterRound {
+    /// `jitter` draws a factor in [0.5, 1.0] for each failed destination's backoff.
+    pub fn finish(&mut self, removed: usize, round: Round, now_ms: u64, jitter: &mut dyn FnMut() -> f64) -> AfterRound {
         self.in_flight = false;
         let mut after = AfterRound::default();
         for key in &round.acked {
@@ -150,11 +150,11 @@ impl Rounds {
                 continue;
             }
             self.refusals.remove(&key);
-            after.dead_letters.push(DeadLetter { key, entry, attempts, last_error: why });
+            after.dead_letters.push(ToDeadLetters { key, entry, attempts, last_error: why });
         }
         for dest in &round.failed {
             let attempts = self.backoff.get(dest).map_or(0, |(a, _)| a + 1);
-            let wait = backoff_ms(attempts, 100, 5_000, jitter);
+            let wait = backoff_ms(attempts, 100, 5_000, jitter());
             tracing::debug!(dest = %dest_label(dest), attempts, wait, "outbox delivery failed; backing off");
             self.backoff.insert(dest.clone(), (attempts, now_ms + wait));
         }
@@ -218,11 +218,11 @@ mod tests {
         assert!(rounds.begin());
         rounds.started();
         assert!(!rounds.begin(), "one round at a time");
-        let after = rounds.finish(0, Round::default(), 0, 1.0);
+        let after = rounds.finish(0, Round::default(), 0, &mut || 1.0);
         assert!(after.again);
         assert!(rounds.begin());
         rounds.started();
-        assert!(!rounds.finish(0, Round::default(), 0, 1.0).again, "nothing asked for another");
+        assert!(!rounds.finish(0, Round::default(), 0, &mut || 1.0).again, "nothing asked for another");
     }
 
     #[test]
@@ -230,10 +230,10 @@ mod tests {
         let mut rounds = Rounds::default();
         rounds.started();
         let round = judge(results(vec![(1, Dest::Shipping, Delivery::Acked)]));
-        assert!(rounds.finish(1, round, 0, 1.0).again);
+        assert!(rounds.finish(1, round, 0, &mut || 1.0).again);
         rounds.started();
         let round = judge(results(vec![(1, Dest::Shipping, Delivery::Acked), (2, Dest::Payments, Delivery::Retry)]));
-        assert!(!rounds.finish(1, round, 0, 1.0).again, "a failing destination waits for the tick");
+        assert!(!rounds.finish(1, round, 0, &mut || 1.0).again, "a failing destination waits for the tick");
     }
 
     #[test]
@@ -241,15 +241,15 @@ mod tests {
         let mut rounds = Rounds::default();
         let fail = || judge(results(vec![(1, Dest::Payments, Delivery::Retry)]));
         rounds.started();
-        rounds.finish(0, fail(), 1_000, 1.0);
+        rounds.finish(0, fail(), 1_000, &mut || 1.0);
         assert!(rounds.backed_off(&Dest::Payments, 1_099));
         assert!(!rounds.backed_off(&Dest::Payments, 1_100));
         assert!(!rounds.backed_off(&Dest::Shipping, 1_000));
         rounds.started();
-        rounds.finish(0, fail(), 2_000, 1.0);
+        rounds.finish(0, fail(), 2_000, &mut || 1.0);
         assert!(rounds.backed_off(&Dest::Payments, 2_199), "the second failure waits twice as long");
         rounds.started();
-        rounds.finish(0, judge(results(vec![(1, Dest::Payments, Delivery::Acked)])), 3_000, 1.0);
+        rounds.finish(0, judge(results(vec![(1, Dest::Payments, Delivery::Acked)])), 3_000, &mut || 1.0);
         assert!(!rounds.backed_off(&Dest::Payments, 3_000));
     }
 
@@ -259,10 +259,10 @@ mod tests {
         let refuse = || judge(results(vec![(7, Dest::Notifications, Delivery::Failed("bad event".into()))]));
         for _ in 1..DEAD_LETTER_AFTER {
             rounds.started();
-            assert!(rounds.finish(0, refuse(), 0, 1.0).dead_letters.is_empty());
+            assert!(rounds.finish(0, refuse(), 0, &mut || 1.0).dead_letters.is_empty());
         }
         rounds.started();
-        let after = rounds.finish(0, refuse(), 0, 1.0);
+        let after = rounds.finish(0, refuse(), 0, &mut || 1.0);
         assert_eq!(after.dead_letters.len(), 1);
         assert_eq!(after.dead_letters[0].attempts, DEAD_LETTER_AFTER);
         assert_eq!(after.dead_letters[0].last_error, "bad event");
@@ -274,11 +274,11 @@ mod tests {
         let refuse = || judge(results(vec![(7, Dest::Notifications, Delivery::Failed("flaky".into()))]));
         for _ in 1..DEAD_LETTER_AFTER {
             rounds.started();
-            rounds.finish(0, refuse(), 0, 1.0);
+            rounds.finish(0, refuse(), 0, &mut || 1.0);
         }
         rounds.started();
-        rounds.finish(0, judge(results(vec![(7, Dest::Notifications, Delivery::Acked)])), 0, 1.0);
+        rounds.finish(0, judge(results(vec![(7, Dest::Notifications, Delivery::Acked)])), 0, &mut || 1.0);
         rounds.started();
-        assert!(rounds.finish(0, refuse(), 0, 1.0).dead_letters.is_empty());
+        assert!(rounds.finish(0, refuse(), 0, &mut || 1.0).dead_letters.is_empty());
     }
 }

@@ -521,8 +521,8 @@ pub fn inventory_shard_label(shard: u32) -> String {
     format!("inventory/{shard}")
 }
 
-/// The shard a label of [`inventory_shard_label`] names.
-pub fn parse_inventory_shard(label: &str) -> Option<u32> {
+/// The shard a label of [`inventory_shard_label`] names (only records before version 2 hold one).
+pub(crate) fn parse_inventory_shard(label: &str) -> Option<u32> {
     label.strip_prefix("inventory/")?.parse().ok()
 }
 
@@ -647,6 +647,26 @@ pub(crate) mod v1 {
         Payments,
         Shipping,
         Notifications,
+    }
+
+    /// Today's entry as version 1 laid it out (for tests of the upgrade).
+    #[cfg(test)]
+    impl From<super::OutboxEntry> for OutboxEntry {
+        fn from(e: super::OutboxEntry) -> Self {
+            let dest = match e.dest {
+                super::Dest::Inventory { shard } => Dest::Inventory { node: super::inventory_shard_label(shard) },
+                super::Dest::Payments => Dest::Payments,
+                super::Dest::Shipping => Dest::Shipping,
+                super::Dest::Notifications => Dest::Notifications,
+            };
+            OutboxEntry {
+                dest,
+                event: e.event,
+                order_id: e.order_id,
+                created_ms: e.created_ms,
+                traceparent: e.traceparent,
+            }
+        }
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize)]

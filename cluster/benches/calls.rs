@@ -12,7 +12,7 @@ use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
 use bulkhead_cluster::wire::{new_traceparent, open, seal, WireMsg};
 use bulkhead_cluster::{CapabilityId, Gateway, GatewayArgs};
-use bulkhead_storage::Record;
+use bulkhead_codec::Record;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use bulkhead_storage::Record;
+use bulkhead_codec::Record;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ pub(crate) async fn send<Req: Record, Resp: Record>(
     match result {
         Ok(CallResult::Success(reply)) => match open::<WireReply>(&reply, "reply") {
             Ok((_, WireReply::Ok(payload))) => {
-                bulkhead_storage::decode_wire::<Resp>(&payload).map_err(|e| rejected(format!("undecodable reply: {e}")))
+                bulkhead_codec::decode_wire::<Resp>(&payload).map_err(|e| rejected(format!("undecodable reply: {e}")))
             }
             Ok((_, WireReply::Refused { kind, reason })) => Err(match kind {
                 Refusal::Busy => CallError::Busy { capability, node: node.to_string(), reason },

@@ -61,7 +61,7 @@ impl ShardPlacement {
 pub struct ShardMap(pub BTreeMap<CapabilityId, CapabilityPlacement>);
 
 /// FNV-1a, 64 bit: stable across builds and platforms (std's hasher is not promised to be).
-pub use bulkhead_storage::fnv1a as stable_hash;
+pub use bulkhead_codec::fnv1a as stable_hash;
 
 impl ShardMap {
     pub fn nodes(&self, cap: impl Into<CapabilityId>) -> &[String] {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use bulkhead_storage::{decode_either, decode_payload, unknown_version, CodecError, Record};
+use bulkhead_codec::{decode_either, decode_payload, unknown_version, CodecError, Record};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};

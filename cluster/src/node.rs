@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bulkhead_storage::Record;
+use bulkhead_codec::Record;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
@@ -293,7 +293,7 @@ impl Cluster {
         .with_max_inbound_frame_size(crate::raft::MAX_FRAME);
         let (server_ref, _) =
             Actor::spawn(None, server, ()).await.map_err(|e| format!("cannot start the cluster node server: {e}"))?;
-        let incarnation = bulkhead_storage::now_ms();
+        let incarnation = bulkhead_codec::now_ms();
         let config_name = config.name.clone();
         let config_limits = config.limits.clone();
         let (shutdown, _) = tokio::sync::watch::channel(false);

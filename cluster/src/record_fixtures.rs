@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use bulkhead_storage::fixtures::{check_all, check_current, check_old, Fixture};
-use bulkhead_storage::Record;
+use bulkhead_codec::fixtures::{check_all, check_current, check_old, Fixture};
+use bulkhead_codec::Record;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -343,10 +343,10 @@ fn every_fixture_of_every_version_decodes() {
 #[test]
 fn a_bare_raft_rpc_is_not_read_as_a_raft_call() {
     let text = include_str!("../tests/fixtures/records.txt");
-    let fixtures = bulkhead_storage::fixtures::parse(text).unwrap();
+    let fixtures = bulkhead_codec::fixtures::parse(text).unwrap();
     let rpcs: Vec<&Fixture> = fixtures.iter().filter(|f| f.type_name == "RaftRpc").collect();
     assert!(!rpcs.is_empty());
     for f in rpcs {
-        assert!(bulkhead_storage::decode::<RaftCall>(&f.bytes).is_err(), "RaftRpc {} read as a RaftCall", f.label);
+        assert!(bulkhead_codec::decode::<RaftCall>(&f.bytes).is_err(), "RaftRpc {} read as a RaftCall", f.label);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bulkhead_storage::{decode_payload, decode_wire, encode, unknown_version, CodecError, Record};
+use bulkhead_codec::{decode_payload, decode_wire, encode, unknown_version, CodecError, Record};
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -220,7 +220,7 @@ mod tests {
     fn envelope_fixture_decodes() {
         // Checked-in bytes of an envelope v1 {msg_id: 1, traceparent: "t", payload: [1, 5]}.
         let fixture = [1u8, 1, 1, b't', 2, 1, 5];
-        let env: Envelope = bulkhead_storage::decode(&fixture).unwrap();
+        let env: Envelope = bulkhead_codec::decode(&fixture).unwrap();
         assert_eq!(env, Envelope { msg_id: 1, traceparent: "t".into(), sender: None, payload: vec![1, 5] });
     }
 
@@ -228,7 +228,7 @@ mod tests {
     fn reply_fixture_decodes() {
         // Checked-in bytes of a reply v2 Refused {kind: Lost, reason: "x"}.
         let fixture = [2u8, 1, 1, 1, b'x'];
-        let reply: WireReply = bulkhead_storage::decode(&fixture).unwrap();
+        let reply: WireReply = bulkhead_codec::decode(&fixture).unwrap();
         assert_eq!(reply, WireReply::Refused { kind: Refusal::Lost, reason: "x".into() });
         assert_eq!(encode(&reply), fixture);
     }

@@ -14,7 +14,7 @@ use bulkhead_cluster::call::call;
 use bulkhead_cluster::gateway::{group_name, worker_name};
 use bulkhead_cluster::wire::{WireMsg, WIRE_STATS};
 use bulkhead_cluster::{CallError, CapabilityId, Gateway, GatewayArgs};
-use bulkhead_storage::Record;
+use bulkhead_codec::Record;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::{Deserialize, Serialize};

@@ -22,10 +22,8 @@ use bulkhead_cluster::raft::log_store::LogStore;
 use bulkhead_cluster::raft::state_machine::{Machine, RawMachine, StateMachineStore};
 use bulkhead_cluster::raft::types::{MemberId, Proposal, Raft, TypeConfig};
 use bulkhead_cluster::raft::{GROUP_TIME, RAFT_TABLES_FROM};
-use bulkhead_storage::{
-    decode, decode_payload, encode, unknown_version, Batch, CodecError, Durability, NodeLog, RawRecord, Record, Store,
-    StoreError, StoreOptions, Table,
-};
+use bulkhead_codec::{decode, decode_payload, encode, unknown_version, CodecError, Record};
+use bulkhead_storage::{Batch, Durability, NodeLog, RawRecord, Store, StoreError, StoreOptions, Table};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{decode_payload, unknown_version, Batch, CodecError, Record, Store, StoreError, Table};
+use crate::{decode_payload, fnv1a, unknown_version, Batch, CodecError, Record, Store, StoreError, Table};
 
 /// 24 hours, as the API promises.
 pub const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
@@ -91,17 +91,6 @@ impl BodyFingerprint {
             BodyHash::Fnv64(h) => self.fnv64 == *h,
         }
     }
-}
-
-/// 64-bit FNV-1a: a stable, fast, non-cryptographic hash (shard placement, config fingerprints,
-/// legacy body hashes). Never where a client could gain by a collision.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// An idempotency table plus its time index (for sweeping), at the given table ids.
@@ -223,7 +212,7 @@ mod tests {
         let idem = Idempotency::new(10, 11);
         let key = idem.records.raw_key(&"k".to_string());
         let mut old = vec![1u8];
-        old.extend(crate::codec::encode_payload(&IdemRecordV1 { body_hash: 7, result: vec![1], created_ms: 5 }));
+        old.extend(bulkhead_codec::encode_payload(&IdemRecordV1 { body_hash: 7, result: vec![1], created_ms: 5 }));
         let today = crate::encode(&IdemRecord { body: BodyHash::Fnv64(7), result: vec![1], created_ms: 5 });
         assert_eq!(idem.canonical(&key, &old), Some(today.clone()));
         assert_eq!(idem.canonical(&key, &today), None, "already current");

@@ -1,6 +1,11 @@
-//! Durable storage for one capability on one node: a sled `Db` of its own, typed tables over it, a
-//! versioned bincode codec for every record, and group commit so that a caller is acknowledged only
-//! after the flush that covers its write.
+//! Durable storage for one capability on one node: a sled `Db` of its own, typed tables over it
+//! whose records go through the versioned bincode codec, and group commit so that a caller is
+//! acknowledged only after the flush that covers its write.
+//!
+//! The codec, the clock ([`now_ms`]), the stable hash ([`fnv1a`]) and the byte fixtures live in
+//! `bulkhead_codec` (shared with `cluster`, which must not borrow them from here); this crate
+//! re-exports them under their old paths (`bulkhead_storage::{encode, decode, Record, ..}`,
+//! `bulkhead_storage::fixtures`).
 //!
 //! Layout on disk: `<data_dir>/<capability>-<shard>/` holds one sled database per replica. Every
 //! table is a one-byte prefix in the database's default tree. `<data_dir>/raft-log/` is the node
@@ -21,8 +26,6 @@
 //! - `apply_batch` takes a process-wide lock in sled, shared by every store in the process.
 //! - Ordered writes rely on sled recovering its log in order up to the last complete flush.
 
-mod codec;
-pub mod fixtures;
 mod idempotency;
 mod key;
 pub mod nodelog;
@@ -31,18 +34,13 @@ mod record_fixtures;
 mod store;
 mod table;
 
-pub use codec::{
-    decode, decode_either, decode_payload, decode_wire, encode, unknown_version, CodecError, Record, WIRE_DECODE_LIMIT,
+pub use bulkhead_codec::fixtures;
+pub use bulkhead_codec::{
+    decode, decode_either, decode_payload, decode_wire, encode, fnv1a, now_ms, unknown_version, CodecError, Record,
+    WIRE_DECODE_LIMIT,
 };
-pub use idempotency::{
-    fnv1a, BodyFingerprint, BodyHash, IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS,
-};
+pub use idempotency::{BodyFingerprint, BodyHash, IdemIndexEntry, IdemRecord, Idempotency, IDEMPOTENCY_RETENTION_MS};
 pub use key::{name_prefix, Key};
 pub use nodelog::{NodeLog, NodeLogStats};
 pub use store::{Batch, Durability, RawRecord, Store, StoreError, StoreOptions, StoreStats};
 pub use table::Table;
-
-/// Milliseconds since the Unix epoch: the one clock every record uses.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::codec::CodecError;
+use bulkhead_codec::CodecError;
 
 /// How hard a group flush tries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -284,7 +284,7 @@ impl Store {
         if batch.ops.len() <= 1 {
             return self.apply_in_order(batch);
         }
-        let intent = crate::codec::encode(&Intent { ops: batch.ops.clone() });
+        let intent = bulkhead_codec::encode(&Intent { ops: batch.ops.clone() });
         let parts: Vec<&[u8]> = intent.chunks(INTENT_PART).collect();
         let mut logged = Batch::new();
         for (i, part) in parts.iter().enumerate() {
@@ -421,7 +421,7 @@ fn intent_part_key(i: u32) -> Vec<u8> {
 pub(crate) struct Intent {
     pub(crate) ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
-impl crate::codec::Record for Intent {
+impl bulkhead_codec::Record for Intent {
     const VERSION: u8 = 1;
 }
 
@@ -430,7 +430,7 @@ impl crate::codec::Record for Intent {
 /// header are an intent whose writes never began: nothing to complete.
 fn leftover_intent(db: &sled::Db) -> Result<Option<Intent>, String> {
     if let Some(raw) = db.get(INTENT_KEY).map_err(|e| e.to_string())? {
-        return crate::codec::decode(&raw).map(Some).map_err(|e| e.to_string());
+        return bulkhead_codec::decode(&raw).map(Some).map_err(|e| e.to_string());
     }
     let Some(header) = db.get(INTENT_HEADER_KEY).map_err(|e| e.to_string())? else { return Ok(None) };
     let n =
@@ -443,7 +443,7 @@ fn leftover_intent(db: &sled::Db) -> Result<Option<Intent>, String> {
             .ok_or(format!("intent part {i} of {n} is missing"))?;
         bytes.extend_from_slice(&part);
     }
-    crate::codec::decode(&bytes).map(Some).map_err(|e| e.to_string())
+    bulkhead_codec::decode(&bytes).map(Some).map_err(|e| e.to_string())
 }
 
 /// Applies an intent a crash left behind, then removes it (and any parts without a header);
@@ -608,7 +608,7 @@ mod tests {
             T.put(&mut b, &1, &Rec(10));
             T.remove(&mut b, &2);
             U.put(&mut b, &3, &Rec(30));
-            let intent = crate::codec::encode(&Intent { ops: b.ops.clone() });
+            let intent = bulkhead_codec::encode(&Intent { ops: b.ops.clone() });
             s.tree().insert(INTENT_KEY, intent).unwrap();
             let (k, v) = b.ops[0].clone();
             s.tree().insert(k, v.unwrap()).unwrap();
@@ -742,7 +742,7 @@ mod tests {
             let mut b = Batch::new();
             b.insert(raw(1), big.clone());
             b.insert(raw(2), big.clone());
-            let intent = crate::codec::encode(&Intent { ops: b.ops.clone() });
+            let intent = bulkhead_codec::encode(&Intent { ops: b.ops.clone() });
             let parts: Vec<&[u8]> = intent.chunks(INTENT_PART).collect();
             assert!(parts.len() > 2);
             for (i, p) in parts.iter().enumerate() {

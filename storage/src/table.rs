@@ -2,9 +2,9 @@
 
 use std::marker::PhantomData;
 
-use crate::codec::{decode, encode, Record};
 use crate::key::Key;
 use crate::store::{Batch, Store, StoreError};
+use bulkhead_codec::{decode, encode, Record};
 
 /// A table of `K -> V`. Declare one as a `const` per table in the capability's store module.
 pub struct Table<K, V> {

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_storage::{now_ms, Batch, NodeLog, Store, StoreError};
+use bulkhead_codec::now_ms;
+use bulkhead_storage::{Batch, NodeLog, Store, StoreError};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 
 use super::log_store::LogStore;
@@ -307,7 +308,7 @@ impl Replica {
         // Right after start-up every peer is "down" because none has been heard from yet: a node
         // counts as lost once it was heard from and then lost, or once this process has been up
         // long enough (10 detector deadlines) to have heard from it.
-        let uptime = bulkhead_storage::now_ms().saturating_sub(cluster.started_ms());
+        let uptime = bulkhead_codec::now_ms().saturating_sub(cluster.started_ms());
         let settled = uptime > cluster.timing().down_after_ms.saturating_mul(10);
         let down: Vec<String> = self
             .placement

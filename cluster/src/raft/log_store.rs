@@ -20,7 +20,8 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 
-use bulkhead_storage::{decode, encode, Batch, NodeLog, Store, StoreError};
+use bulkhead_codec::{decode, encode};
+use bulkhead_storage::{Batch, NodeLog, Store, StoreError};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageError, StorageIOError, Vote};
 

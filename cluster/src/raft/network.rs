@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use bulkhead_storage::encode;
+use bulkhead_codec::encode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{

@@ -19,7 +19,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bulkhead_storage::{encode, NodeLog, Store};
+use bulkhead_codec::encode;
+use bulkhead_storage::{NodeLog, Store};
 use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftLogId, Vote};
 

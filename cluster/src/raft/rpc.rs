@@ -2,7 +2,7 @@
 //! it travels ([`RaftCall`], with its sender's proof), what may send it ([`sent_by`]), and the
 //! answers. Plain data; [`super::network`] sends and receives them.
 
-use bulkhead_storage::Record;
+use bulkhead_codec::Record;
 use openraft::error::SnapshotMismatch;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,

@@ -15,7 +15,8 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bulkhead_storage::{decode, encode, Batch, CodecError, RawRecord, Record, Store, StoreError};
+use bulkhead_codec::{decode, encode, CodecError, Record};
+use bulkhead_storage::{Batch, RawRecord, Store, StoreError};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogId, SnapshotMeta, StorageError, StorageIOError,

@@ -7,7 +7,8 @@
 use std::fmt;
 use std::io::Cursor;
 
-use bulkhead_storage::{Record, Table};
+use bulkhead_codec::Record;
+use bulkhead_storage::Table;
 use openraft::{Entry, LogId, SnapshotMeta, StoredMembership, Vote};
 use serde::{Deserialize, Serialize};
 
@@ -53,15 +54,15 @@ impl Proposal {
             return Proposal(commands.pop().unwrap_or_default());
         }
         let mut bytes = vec![BATCH_MARK];
-        bytes.extend_from_slice(&bulkhead_storage::encode(&CommandBatch { commands }));
+        bytes.extend_from_slice(&bulkhead_codec::encode(&CommandBatch { commands }));
         Proposal(bytes)
     }
 
     /// The commands of a batch, or `None` for a single command.
-    pub fn batch(&self) -> Option<Result<Vec<Vec<u8>>, bulkhead_storage::CodecError>> {
+    pub fn batch(&self) -> Option<Result<Vec<Vec<u8>>, bulkhead_codec::CodecError>> {
         match self.0.split_first() {
             // Under the network limit: an entry is a leader's bytes, never larger than a frame.
-            Some((&BATCH_MARK, rest)) => Some(bulkhead_storage::decode_wire::<CommandBatch>(rest).map(|b| b.commands)),
+            Some((&BATCH_MARK, rest)) => Some(bulkhead_codec::decode_wire::<CommandBatch>(rest).map(|b| b.commands)),
             _ => None,
         }
     }
@@ -202,14 +203,14 @@ impl Record for SnapshotRecord {
     /// 2: the bytes moved out of the record, into parts.
     const VERSION: u8 = 2;
 
-    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, bulkhead_storage::CodecError> {
+    fn upgrade(version: u8, payload: &[u8]) -> Result<Self, bulkhead_codec::CodecError> {
         match version {
             1 => {
-                let v1: SnapshotRecordV1 = bulkhead_storage::decode_payload(payload)?;
+                let v1: SnapshotRecordV1 = bulkhead_codec::decode_payload(payload)?;
                 Ok(SnapshotRecord { meta: v1.meta, data: SnapshotData::Inline(v1.data) })
             }
-            2 => bulkhead_storage::decode_payload(payload),
-            v => Err(bulkhead_storage::unknown_version::<Self>(v)),
+            2 => bulkhead_codec::decode_payload(payload),
+            v => Err(bulkhead_codec::unknown_version::<Self>(v)),
         }
     }
 }

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use bulkhead_cluster::Inbound;
-use bulkhead_storage::Record;
+use bulkhead_codec::Record;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]

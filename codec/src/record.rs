@@ -119,8 +119,9 @@ pub fn encode<T: Record>(value: &T) -> Vec<u8> {
     out
 }
 
-/// The bincode payload alone (no version byte); [`crate::fixtures`] writes old layouts with it.
-pub(crate) fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {
+/// The bincode payload alone (no version byte): how [`crate::fixtures`] and tests write the bytes
+/// of an older layout. Records are written with [`encode`].
+pub fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, config()).expect("bincode can encode every record type")
 }
 

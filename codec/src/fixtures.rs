@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::codec::{decode, encode, encode_payload, CodecError, Record};
+use crate::record::{decode, encode, encode_payload, CodecError, Record};
 
 /// One fixture line.
 #[derive(Debug, Clone, PartialEq, Eq)]

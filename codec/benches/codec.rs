@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 
-use bulkhead_storage::{decode, encode, Record};
+use bulkhead_codec::{decode, encode, Record};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde::{Deserialize, Serialize};
 

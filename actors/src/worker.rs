@@ -148,19 +148,19 @@ impl<S: Service> Actor for ShardWorker<S> {
             }
         };
         let cap = st.service.capability();
-        let route = st.service.route(&st.cluster, st.fault_injection, &req);
-        if let Route::Own = route {
-            // The own loop opens the spans of what it starts (the orders loop: one per proposal
-            // and per saga step, in the order's trace).
-            st.service.own(local, &myself, OwnInput::Request(Inbound { req, reply, traceparent }));
-            return Ok(());
-        }
         let (span, _) = bulkhead_cluster::traced_span!("capability.serve", &traceparent, capability = %cap);
-        span.in_scope(|| tracing::debug!(request = ?req, "request"));
         let entered = span.enter();
-        let shard = match route {
+        tracing::debug!(request = ?req, "request");
+        // Routed in the request's span: what a route logs (a poison event) carries its trace.
+        let shard = match st.service.route(&st.cluster, st.fault_injection, &req) {
             Route::Shard(shard) => shard,
-            Route::Own => return Ok(()),
+            Route::Own => {
+                // The own loop opens the spans of what it starts (the orders loop: one per
+                // proposal and per saga step, in the order's trace).
+                drop(entered);
+                st.service.own(local, &myself, OwnInput::Request(Inbound { req, reply, traceparent }));
+                return Ok(());
+            }
             Route::Answer(answer) => {
                 let _ = reply.send(answer);
                 return Ok(());

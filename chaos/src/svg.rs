@@ -1,4 +1,4 @@
-//! The timeline plot of a chaos run (`timeline.svg`), drawn from a [`Report`](crate::report::Report).
+//! The timeline plot of a chaos run (`timeline.svg`), drawn from a [`Report`].
 //!
 //! One self-contained SVG (1200 × 700, no external fonts, scripts or stylesheets), laid out top to bottom:
 //! a two-line header (scenario, verdict, duration, totals, detection times), a strip of fault labels, then
@@ -7,7 +7,7 @@
 //! across all three, then the time ticks and a legend. Written by hand: the document is small and fixed,
 //! and a plotting crate would be a large dependency for it.
 //!
-//! Every coordinate goes through [`Num`], which turns a non-finite value into 0, and every scale guards its
+//! Every coordinate goes through `Num`, which turns a non-finite value into 0, and every scale guards its
 //! divisor, so a degenerate report (empty, zero duration, NaN fields) still yields a valid document.
 
 use std::collections::BTreeSet;

@@ -799,7 +799,7 @@ impl Cluster {
     /// some milliseconds, not a 503. If none came while a majority is up, the member that said "no
     /// leader" is asked again: a hand-over called off (its target did not catch up in time)
     /// leaves the old leader leading in the same term, and an election slowed by a loaded machine
-    /// may need a second wait. At most [`LEADER_ATTEMPTS`] sends; then `NoLeader` (nothing
+    /// may need a second wait. At most `LEADER_ATTEMPTS` sends; then `NoLeader` (nothing
     /// recorded), at once when a majority of the group's replicas is down or this node has no
     /// replica of the group.
     pub async fn call_leader<Req: Record, Resp: Record + LeaderReply>(

@@ -4,7 +4,7 @@
 //! who may call it ([`crate::auth::required`], the very function the guard asks) and what the edge
 //! and the guard answer before a handler runs.
 //!
-//! [`crate::routes`] registers each route and its operation in one step, so the document lists
+//! [`fn@crate::routes`] registers each route and its operation in one step, so the document lists
 //! exactly the routes the router has (the fault-injection routes only where they exist). The
 //! document is built and serialized once per router ([`Document`]).
 

@@ -11,7 +11,7 @@
 //! ## Format
 //!
 //! The log is a folder of segments, `<number>.log` (20 digits), each starting with [`MAGIC`] (the
-//! format's version) and a [`Kind::Checkpoint`]: the metadata of every stream at the moment the
+//! format's version) and a `Kind::Checkpoint`: the metadata of every stream at the moment the
 //! segment began. Then records, each `len: u32 | crc32(body): u32 | body` (little-endian), the body
 //! a kind byte, the stream (`u64`) and the kind's fields:
 //!

@@ -238,7 +238,7 @@ impl Store {
     }
 
     /// Bytes in sled's `blobs` folder: values too large for its log, which sled 0.34 never deletes
-    /// once replaced (sled#786). Stays 0 as long as no value is large (see [`INTENT_PART`]).
+    /// once replaced (sled#786). Stays 0 as long as no value is large (see `INTENT_PART`).
     pub fn blob_bytes(&self) -> u64 {
         std::fs::read_dir(self.inner.path.join("blobs"))
             .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
@@ -276,7 +276,7 @@ impl Store {
     /// guarantee). A store opened with an intent left over applies it again (its writes are
     /// absolute values) before anything reads. One writer at a time: the caller serialises.
     ///
-    /// The intent is written in parts of [`INTENT_PART`] bytes, its header last: a value much
+    /// The intent is written in parts of `INTENT_PART` bytes, its header last: a value much
     /// larger than that would become a sled *blob* file, and sled 0.34 does not delete blob files
     /// of values that were removed (sled#786), so a whole-batch intent leaked its size on disk at
     /// every apply (gigabytes in minutes under load).

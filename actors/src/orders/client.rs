@@ -228,7 +228,7 @@ pub fn next(keyed: bool, tried: &Tried, left: Duration) -> Next {
     }
 }
 
-/// What [`place`] answers: the leader's reply, or why none came.
+/// What [`Client::place`] answers: the leader's reply, or why none came.
 pub type Placed = Result<OrdersReply, CallError>;
 
 /// Places `order` on its shard's leader (see the module doc): tries until an answer is final by

@@ -144,7 +144,7 @@ pub enum OrdersRequest {
     },
 }
 
-/// The orders shard an order id names (see [`new_order_id`]).
+/// The orders shard an order id names (see [`new_order_id`](super::new_order_id)).
 pub fn shard_of_order(id: &Uuid) -> u32 {
     u32::from(id.as_bytes()[15])
 }

@@ -255,7 +255,7 @@ pub fn new_order(
 }
 
 /// The most history entries an order keeps: the first ("created") and the newest. An order's
-/// history grows only when its wait changes (see [`transient`]); the cap makes "only" a bound even
+/// history grows only when its wait changes (see `transient`); the cap makes "only" a bound even
 /// for an order that waits on payments and inventory in turn for hours.
 pub const MAX_HISTORY: usize = 24;
 

@@ -112,7 +112,7 @@ pub struct Replica {
     pub(super) leadership: Arc<tokio::sync::watch::Sender<Leadership>>,
 }
 
-/// The group's term and the node of its known leader ([`known_leader`]), as one replica sees them.
+/// The group's term and the node of its known leader (`known_leader`), as one replica sees them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leadership {
     pub term: u64,
@@ -356,7 +356,7 @@ impl Replica {
 
     /// Proposes `cmd` to the group and returns what applying it answered; only the leader can.
     ///
-    /// Batching: a group keeps at most [`PROPOSALS_IN_FLIGHT`] writes in flight; commands that
+    /// Batching: a group keeps at most `PROPOSALS_IN_FLIGHT` writes in flight; commands that
     /// arrive meanwhile wait and go together into the next entry ([`Proposal::of`]), each getting
     /// its own reply. No timer: an idle group proposes a command at once, alone (in the layout
     /// every build reads). Under load that is one log entry, one append, one fdatasync on each

@@ -150,7 +150,8 @@ impl OrdersState {
             Effect::Reply(reply, answer) => {
                 let _ = reply.send(answer);
             }
-            Effect::Place { shard, term, order, command, wait_ms, reply } => {
+            Effect::Place { shard, term, command, wait_ms, reply } => {
+                let OrdersCommand::Place { order, .. } = &command else { return };
                 let replica = match self.replica(shard) {
                     Ok(r) => r,
                     Err(e) => return drop(reply.send(unserved_reply(e))),
@@ -160,6 +161,8 @@ impl OrdersState {
                 tokio::spawn(
                     async move {
                         let applied = replica.propose::<OrdersMachine>(&command).await.map_err(Unserved::from);
+                        // The order goes back with the answer: the command is done with.
+                        let OrdersCommand::Place { order, .. } = command else { return };
                         let placed = Placed { shard, term, order, applied, wait_ms, reply };
                         let _ = me.cast(drive(Input::Placed(placed)));
                     }

@@ -122,11 +122,11 @@ pub enum Input<R> {
 #[allow(clippy::large_enum_variant)]
 pub enum Effect<R> {
     Reply(R, OrdersReply),
-    /// Propose `Place`; its answer comes back as [`Input::Placed`] with these fields.
+    /// Propose `command` (an [`OrdersCommand::Place`], which holds the order); its answer comes
+    /// back as [`Input::Placed`] with these fields.
     Place {
         shard: u32,
         term: u64,
-        order: OrderRecord,
         command: OrdersCommand,
         wait_ms: u64,
         reply: R,
@@ -397,8 +397,8 @@ impl<R> Driver<R> {
         let now = cx.env.now_ms(place.shard);
         let mut order = saga::new_order(id, place.customer_id, place.items, place.payment_token, split, now);
         order.traceparent = traceparent;
-        let command = OrdersCommand::Place { order: order.clone(), idempotency: place.idempotency, now_ms: now };
-        out.push(Effect::Place { shard: place.shard, term, order, command, wait_ms: place.wait_ms, reply });
+        let command = OrdersCommand::Place { order, idempotency: place.idempotency, now_ms: now };
+        out.push(Effect::Place { shard: place.shard, term, command, wait_ms: place.wait_ms, reply });
     }
 
     fn on_placed(&mut self, cx: &mut Cx<'_>, placed: Placed<R>, out: &mut Vec<Effect<R>>) {

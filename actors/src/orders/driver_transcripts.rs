@@ -137,7 +137,10 @@ impl Runner {
     fn describe(&mut self, e: Effect<u64>) -> String {
         match e {
             Effect::Reply(r, answer) => format!("r{r} <- {}", self.answer(&answer)),
-            Effect::Place { shard, term, order, command: _, wait_ms, reply } => {
+            Effect::Place { shard, term, command, wait_ms, reply } => {
+                let OrdersCommand::Place { order, .. } = command else {
+                    return format!("propose unexpected {command:?}");
+                };
                 let (id, name) = (order.id, self.name(&order.id));
                 self.pending.entry(id).or_default().place = Some((shard, term, order, wait_ms, reply));
                 format!("propose place {name} in shard {shard} term {term} (for r{reply})")

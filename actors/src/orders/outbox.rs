@@ -238,11 +238,12 @@ impl RelayState {
                 .buffer_unordered(PARALLEL)
                 .collect()
                 .await;
-            let round = rounds::judge(results);
+            let mut round = rounds::judge(results);
             // Removed before the next round scans again, so nothing is sent twice for want of
-            // waiting; a removal that does not commit means a harmless redelivery.
+            // waiting; a removal that does not commit means a harmless redelivery. (What is left
+            // of the round is all `Rounds::finish` reads.)
             let mut removed = 0;
-            for (shard, keys) in round.delivered.clone() {
+            for (shard, keys) in std::mem::take(&mut round.delivered) {
                 let Some(replica) = replicas.get(&shard) else { continue };
                 let n = keys.len();
                 match replica.propose::<OrdersMachine>(&OrdersCommand::Delivered { keys }).await {

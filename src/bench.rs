@@ -120,6 +120,9 @@ pub struct RunResult {
     /// ... and committed Raft proposals (`bulkhead_raft_proposal_duration_seconds_count` with
     /// `outcome="committed"`: one client command each).
     pub raft_commands_per_order: f64,
+    /// ... and records written to sled by every replica's store (`bulkhead_store_writes_total`;
+    /// applies write behind, so a record rewritten between two folds counts once).
+    pub store_writes_per_order: f64,
     /// Committed proposals per log entry (1 when every entry carries one command).
     pub commands_per_entry: f64,
     /// Node threads alive at the start of the closed loop and gone at its end (their context
@@ -458,6 +461,7 @@ struct Spent {
     /// Threads alive at the first reading and gone at the second: their switches are missing.
     threads_exited: u64,
     flushes: u64,
+    store_writes: u64,
     /// Raft proposals committed (one client command each).
     commands: u64,
     /// Growth of the shards' leaders' logs.
@@ -465,6 +469,7 @@ struct Spent {
 }
 
 const FLUSHES: &str = "bulkhead_fdatasync_duration_seconds_count";
+const STORE_WRITES: &str = "bulkhead_store_writes_total";
 const PROPOSALS: &str = "bulkhead_raft_proposal_duration_seconds_count";
 const COMMITTED: &str = "outcome=\"committed\"";
 
@@ -498,6 +503,7 @@ impl Accounting {
                 continue;
             }
             s.flushes += metric_sum(b, FLUSHES, "").saturating_sub(metric_sum(a, FLUSHES, ""));
+            s.store_writes += metric_sum(b, STORE_WRITES, "").saturating_sub(metric_sum(a, STORE_WRITES, ""));
             s.commands += metric_sum(b, PROPOSALS, COMMITTED).saturating_sub(metric_sum(a, PROPOSALS, COMMITTED));
         }
         for (shard, b) in &end.log_indexes {
@@ -685,6 +691,7 @@ async fn bench_one(
         flushes_per_order: per_order(spent.flushes as f64),
         raft_entries_per_order: per_order(spent.entries as f64),
         raft_commands_per_order: per_order(spent.commands as f64),
+        store_writes_per_order: per_order(spent.store_writes as f64),
         commands_per_entry: if spent.entries == 0 { 0.0 } else { spent.commands as f64 / spent.entries as f64 },
         threads_exited: spent.threads_exited,
         rss_mb: rss,
@@ -711,13 +718,14 @@ fn per_order_line(r: &RunResult) -> String {
         String::new()
     };
     format!(
-        "per order: CPU {:.2} ms, {:.2} fdatasync, {:.1} voluntary cs ({:.1} involuntary), {:.1} raft entries, {:.2} commands/entry; RSS {}{exited}",
+        "per order: CPU {:.2} ms, {:.2} fdatasync, {:.1} voluntary cs ({:.1} involuntary), {:.1} raft entries, {:.2} commands/entry, {:.1} sled writes; RSS {}{exited}",
         r.cpu_ms_per_order,
         r.flushes_per_order,
         r.ctx_switches_per_order,
         r.nonvoluntary_ctx_switches_per_order,
         r.raft_entries_per_order,
         r.commands_per_entry,
+        r.store_writes_per_order,
         rss.join(", ")
     )
 }

@@ -327,14 +327,28 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         })
         .collect();
     line("bulkhead_node_status", "peer status as seen from here: 2 up, 1 suspect, 0 down", "gauge", status);
-    let mut writes = vec![];
-    let mut flushes = vec![];
+    let (mut writes, mut deferred, mut folds, mut flushes) = (vec![], vec![], vec![], vec![]);
     for r in st.cluster.raft().all() {
         let labels = format!("{{capability=\"{}\",shard=\"{}\"}}", r.id.capability, r.id.shard);
-        writes.push((labels.clone(), r.store().stats().writes.load(Relaxed)));
-        flushes.push((labels, r.store().stats().flushes.load(Relaxed)));
+        let stats = r.store().stats();
+        writes.push((labels.clone(), stats.writes.load(Relaxed)));
+        deferred.push((labels.clone(), stats.deferred.load(Relaxed)));
+        folds.push((labels.clone(), stats.folds.load(Relaxed)));
+        flushes.push((labels, stats.flushes.load(Relaxed)));
     }
-    line("bulkhead_store_writes_total", "records written per store (one per local shard replica)", "counter", writes);
+    line(
+        "bulkhead_store_writes_total",
+        "records written to sled per store (one per local shard replica)",
+        "counter",
+        writes,
+    );
+    line(
+        "bulkhead_store_deferred_writes_total",
+        "records applies wrote behind, into the store's overlay, before folds kept the last of each",
+        "counter",
+        deferred,
+    );
+    line("bulkhead_store_folds_total", "folds of the overlay into sled per store", "counter", folds);
     line("bulkhead_store_flushes_total", "group flushes per store", "counter", flushes);
     raft_metrics(&st, &mut line);
     if let Some(h) = RECORDER.get() {

@@ -16,6 +16,9 @@
 //! their writes to make any prefix safe (a commit marker last, or an intent record first).
 //! [`Store::apply`] is atomic for several records, but sled implements that by writing its log buffer
 //! out for every batch, which group commit cannot amortise: the capabilities avoid it.
+//! [`Store::apply_deferred`] writes behind, for a replicated state machine whose log is the durable
+//! copy: reads see the writes at once, and sled gets the last value of each key a few thousand keys
+//! at a time, all-or-nothing (see the `overlay` module).
 //!
 //! Caveats (honest list):
 //! - sled 0.34's `flush()` is `pwrite` + `sync_file_range`; with [`Durability::Fsync`] (the default) each
@@ -29,6 +32,7 @@
 mod idempotency;
 mod key;
 pub mod nodelog;
+mod overlay;
 #[cfg(test)]
 mod record_fixtures;
 mod store;

@@ -4,17 +4,26 @@
 //! [`Store::sync`]. One flusher task per store collects every waiter that arrived while the previous
 //! flush ran, does one `flush()` (+ `fdatasync`) on the blocking pool, and only then wakes them all.
 //! A flush started after a write was applied covers that write, so no caller is told "done" early.
+//!
+//! Replicated applies write behind ([`Store::apply_deferred`]): into an in-memory overlay that
+//! reads see at once, and into sled a few thousand keys at a time, the last value of each key only,
+//! in one atomic batch (a *fold*, on the flusher thread; see [`crate::overlay`] for why). Every
+//! other write, and every [`Store::sync`], folds first, so sled still takes the writes in the
+//! order they were made.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::ops::Bound;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
 use bulkhead_codec::CodecError;
+
+use crate::overlay::{prefix_end, FoldAt, Merge, Overlay};
 
 /// How hard a group flush tries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -69,7 +78,12 @@ impl From<sled::Error> for StoreError {
 /// Counters for `/metrics` and the benchmarks.
 #[derive(Debug, Default)]
 pub struct StoreStats {
+    /// Records written to sled (a fold counts the keys it wrote, once each).
     pub writes: AtomicU64,
+    /// Records written behind ([`Store::apply_deferred`]), before any fold.
+    pub deferred: AtomicU64,
+    /// Folds of the write-behind overlay into sled.
+    pub folds: AtomicU64,
     pub flushes: AtomicU64,
     pub acks: AtomicU64,
     pub flush_errors: AtomicU64,
@@ -118,6 +132,8 @@ impl Batch {
 enum Waiter {
     Task(oneshot::Sender<Result<(), StoreError>>),
     Callback(Box<dyn FnOnce(Result<(), StoreError>) + Send>),
+    /// Not a waiter: the overlay is due a fold (no flush is needed for it).
+    Fold,
 }
 
 impl Waiter {
@@ -127,6 +143,7 @@ impl Waiter {
                 let _ = tx.send(result);
             }
             Waiter::Callback(f) => f(result),
+            Waiter::Fold => {}
         }
     }
 }
@@ -147,6 +164,69 @@ struct Inner {
     failed: Mutex<Option<String>>,
     /// The `applied` count the last successful flush covered: `sync` needs no new flush below it.
     durable: AtomicU64,
+    /// Deferred writes not in sled yet ([`Store::apply_deferred`]).
+    overlay: Mutex<Overlay>,
+    /// Held by whoever writes to sled: a fold, or a direct write (which folds first). One fold at
+    /// a time, and no direct write between a fold's freeze and its end.
+    writer: Mutex<()>,
+    /// A fold was asked of the flusher and has not begun yet.
+    fold_asked: std::sync::atomic::AtomicBool,
+    fold_at: FoldAt,
+}
+
+/// When the flusher folds: after this many distinct keys, or this many writes of hot keys.
+const FOLD_AT: FoldAt = FoldAt { keys: 2048, writes: 16 * 1024 };
+/// Past this many keys pending (the flusher is behind), an apply folds on its own thread.
+const FOLD_NOW_KEYS: usize = 8 * 2048;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Writes everything pending in the overlay to sled, as one atomic batch (the last value of
+    /// each key; a removal only of a key sled has). Takes the writer lock; `Ok` once sled holds
+    /// it all (in memory: durable with the next flush).
+    fn fold(&self) -> Result<(), StoreError> {
+        let _writer = lock(&self.writer);
+        self.fold_locked()
+    }
+
+    fn fold_locked(&self) -> Result<(), StoreError> {
+        self.fold_asked.store(false, Ordering::SeqCst);
+        let Some(frozen) = lock(&self.overlay).freeze() else { return Ok(()) };
+        let mut ops = Vec::with_capacity(frozen.len());
+        for (k, v) in frozen.iter() {
+            // A record created and removed while pending never reached sled: nothing to remove.
+            if v.is_some() || self.db.contains_key(k)? {
+                ops.push((k.clone(), v.clone()));
+            }
+        }
+        let n = ops.len() as u64;
+        let result = write_atomic(&self.db, ops);
+        match &result {
+            Ok(()) => {
+                lock(&self.overlay).folded();
+                self.stats.writes.fetch_add(n, Ordering::Relaxed);
+                self.stats.folds.fetch_add(1, Ordering::Relaxed);
+            }
+            // The frozen writes stay readable in the overlay; the store refuses to go on.
+            Err(e) => {
+                lock(&self.failed).get_or_insert_with(|| format!("writing applied records to sled: {e}"));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Inner {
+    /// A store closed in an orderly way (a capability restarted, a node stopped) leaves sled with
+    /// every write: the log would replay them otherwise, but need not.
+    fn drop(&mut self) {
+        if let Err(e) = self.fold() {
+            tracing::warn!(capability = %self.capability, error = %e, "could not fold the applied records at close; the log applies them again at the next start");
+        }
+    }
 }
 
 /// A handle to one capability's store; cheap to clone.
@@ -195,6 +275,10 @@ impl Store {
             applied: AtomicU64::new(0),
             failed: Mutex::new(None),
             durable: AtomicU64::new(0),
+            overlay: Mutex::default(),
+            writer: Mutex::new(()),
+            fold_asked: Default::default(),
+            fold_at: FOLD_AT,
         });
         // The flusher holds only a weak handle, so dropping the last `Store` closes the database
         // (and releases sled's file lock) at once; its queue closes with it and the thread ends.
@@ -206,25 +290,32 @@ impl Store {
         Ok(Store { inner })
     }
 
+    #[cfg(test)]
     pub(crate) fn tree(&self) -> &sled::Tree {
         &self.inner.db
     }
 
     /// Runs one write operation of `n` records, keeping the counters `sync` relies on.
     pub(crate) fn write_op<T>(&self, n: u64, op: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
-        self.inner.started.fetch_add(1, Ordering::SeqCst);
-        let result = op();
-        self.inner.applied.fetch_add(1, Ordering::SeqCst);
+        let result = self.tracked(op);
         if result.is_ok() {
             self.inner.stats.writes.fetch_add(n, Ordering::Relaxed);
         }
         result
     }
 
+    /// Runs a write, counted as begun before it and finished after it (what `sync` relies on).
+    fn tracked<T>(&self, op: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.inner.started.fetch_add(1, Ordering::SeqCst);
+        let result = op();
+        self.inner.applied.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
     /// Nothing was written that a flush has not covered (no flush needed), or the store has failed.
     fn settled(&self) -> Option<Result<(), StoreError>> {
         if let Some(why) = self.inner.failed.lock().ok().and_then(|f| f.clone()) {
-            return Some(Err(StoreError::Io(format!("an earlier flush failed ({why}); restart the node"))));
+            return Some(Err(StoreError::Io(format!("an earlier write or flush failed ({why}); restart the node"))));
         }
         (self.inner.durable.load(Ordering::SeqCst) >= self.inner.started.load(Ordering::SeqCst)).then_some(Ok(()))
     }
@@ -259,6 +350,7 @@ impl Store {
         if batch.ops.len() <= 1 {
             return self.apply_in_order(batch);
         }
+        let _writer = self.fold_first()?;
         let n = batch.ops.len() as u64;
         let mut sb = sled::Batch::default();
         for (k, v) in batch.ops {
@@ -274,29 +366,45 @@ impl Store {
     /// sealed log buffer: the batch is first written whole as an *intent*, then its writes one by
     /// one, then the intent is removed, all in order ([`Store::apply_in_order`]'s prefix
     /// guarantee). A store opened with an intent left over applies it again (its writes are
-    /// absolute values) before anything reads. One writer at a time: the caller serialises.
+    /// absolute values) before anything reads.
     ///
     /// The intent is written in parts of `INTENT_PART` bytes, its header last: a value much
     /// larger than that would become a sled *blob* file, and sled 0.34 does not delete blob files
     /// of values that were removed (sled#786), so a whole-batch intent leaked its size on disk at
     /// every apply (gigabytes in minutes under load).
     pub fn apply_atomic(&self, batch: Batch) -> Result<(), StoreError> {
-        if batch.ops.len() <= 1 {
-            return self.apply_in_order(batch);
+        let _writer = self.fold_first()?;
+        let n = batch.ops.len() as u64;
+        self.write_op(n, || write_atomic(&self.inner.db, batch.ops))
+    }
+
+    /// Takes `batch` as [`Store::apply_atomic`] would, but writes it behind: into the overlay,
+    /// which every read sees at once, and into sled with the next fold (atomically, together with
+    /// every deferred write before it). What the last fold did not cover is lost in a crash, as a
+    /// whole and in order: for a replicated state machine, whose log applies it again.
+    pub fn apply_deferred(&self, batch: Batch) -> Result<(), StoreError> {
+        if let Some(why) = lock(&self.inner.failed).clone() {
+            return Err(StoreError::Io(format!("the store has failed ({why}); restart the node")));
         }
-        let intent = bulkhead_codec::encode(&Intent { ops: batch.ops.clone() });
-        let parts: Vec<&[u8]> = intent.chunks(INTENT_PART).collect();
-        let mut logged = Batch::new();
-        for (i, part) in parts.iter().enumerate() {
-            logged.insert(intent_part_key(i as u32), part.to_vec());
+        let n = batch.ops.len() as u64;
+        let (due, keys) = self.tracked(|| {
+            let mut overlay = lock(&self.inner.overlay);
+            for (k, v) in batch.ops {
+                overlay.write(k, v);
+            }
+            Ok((overlay.due(self.inner.fold_at), overlay.keys()))
+        })?;
+        self.inner.stats.deferred.fetch_add(n, Ordering::Relaxed);
+        if keys >= FOLD_NOW_KEYS {
+            // The flusher is far behind (a slow disk, a long flush): hold this writer back.
+            self.inner.fold()?;
+        } else if due && !self.inner.fold_asked.swap(true, Ordering::SeqCst) {
+            // A fold needs no flush: the flusher only moves the overlay into sled.
+            if self.enqueue(Waiter::Fold).is_err() {
+                self.inner.fold()?;
+            }
         }
-        logged.insert(INTENT_HEADER_KEY.to_vec(), (parts.len() as u32).to_be_bytes().to_vec());
-        logged.ops.extend(batch.ops);
-        logged.remove(INTENT_HEADER_KEY.to_vec());
-        for i in 0..parts.len() {
-            logged.remove(intent_part_key(i as u32));
-        }
-        self.apply_in_order(logged)
+        Ok(())
     }
 
     /// Applies the writes of `batch` one by one, in order, without sealing the log: they reach the
@@ -307,20 +415,37 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        let _writer = self.fold_first()?;
         let n = batch.ops.len() as u64;
-        self.write_op(n, || {
-            for (k, v) in batch.ops {
-                match v {
-                    Some(v) => {
-                        self.inner.db.insert(k, v)?;
-                    }
-                    None => {
-                        self.inner.db.remove(k)?;
-                    }
-                }
-            }
-            Ok(())
-        })
+        self.write_op(n, || write_in_order(&self.inner.db, batch.ops))
+    }
+
+    /// Moves every deferred write into sled, and holds the writer lock for a direct write that
+    /// must come after them.
+    fn fold_first(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
+        let writer = lock(&self.inner.writer);
+        self.inner.fold_locked()?;
+        Ok(writer)
+    }
+
+    /// Closes the store as a killed process would leave it: the deferred writes no fold has taken
+    /// are lost; what sled holds stays. For crash tests.
+    #[cfg(any(test, feature = "crash-tests"))]
+    pub fn crash(self) {
+        let _writer = lock(&self.inner.writer);
+        *lock(&self.inner.overlay) = Overlay::default();
+    }
+
+    /// A compare-and-swap of one raw key, after every deferred write.
+    pub(crate) fn compare_and_swap(
+        &self,
+        key: Vec<u8>,
+        old: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, StoreError> {
+        let _writer = self.fold_first()?;
+        let swapped = self.write_op(1, || Ok(self.inner.db.compare_and_swap(key, old, new)?))?;
+        Ok(swapped.map_err(|cas| cas.current.map(|v| v.to_vec())))
     }
 
     /// Waits for a flush that covers every write applied before this call; returns at once when
@@ -353,9 +478,42 @@ impl Store {
         self.inner.flush_tx.send(w).map_err(|e| e.0)
     }
 
-    /// The raw value at a raw key (a whole key, table id first), as it is now.
+    /// The raw value at a raw key (a whole key, table id first), as it is now (deferred writes
+    /// included).
     pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(pending) = lock(&self.inner.overlay).lookup(key) {
+            return Ok(pending.map(<[u8]>::to_vec));
+        }
+        // Not pending: sled has the latest value (a fold clears a key only once sled holds it).
         Ok(self.inner.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// The raw records with keys in `(lo, hi)`, in key order (greatest first if `rev`), deferred
+    /// writes included. Not a point-in-time view (a sled iterator sees writes made while it
+    /// runs); the pending writes are those at the call.
+    pub(crate) fn scan(
+        &self,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
+        rev: bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + use<> {
+        let mut pending = lock(&self.inner.overlay).range(as_slice(&lo), as_slice(&hi));
+        let stored = self.inner.db.range::<Vec<u8>, _>((lo, hi));
+        let stored: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send> =
+            if rev { Box::new(stored.rev()) } else { Box::new(stored) };
+        if rev {
+            pending.reverse();
+        }
+        Merge::new(stored.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from)), pending, rev)
+    }
+
+    /// [`Store::scan`] of every key that starts with `prefix`.
+    pub(crate) fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        rev: bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + use<> {
+        self.scan(Bound::Included(prefix.to_vec()), prefix_end(prefix), rev)
     }
 
     /// Every raw `(key, value)` of the tables whose one-byte id is below `below`, in key order, for
@@ -363,17 +521,13 @@ impl Store {
     /// it runs): a caller that needs one keeps writers out meanwhile, or records what they change
     /// (`raft::state_machine` does the latter).
     pub fn export_below(&self, below: u8) -> Result<Vec<RawRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.inner.db.range(..vec![below]) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        self.scan(Bound::Unbounded, Bound::Excluded(vec![below]), false).collect()
     }
 
     /// Replaces every record of the tables below `below` with `items` and applies `extra` too, as
     /// one atomic batch: a Raft snapshot being installed, together with its applied-state record.
     pub fn replace_below(&self, below: u8, items: Vec<RawRecord>, extra: Batch) -> Result<(), StoreError> {
+        let _writer = self.fold_first()?;
         let mut sb = sled::Batch::default();
         let mut n = 0u64;
         for item in self.inner.db.range(..vec![below]).keys() {
@@ -414,6 +568,51 @@ fn intent_part_key(i: u32) -> Vec<u8> {
     let mut k = INTENT_PART_PREFIX.to_vec();
     k.extend_from_slice(&i.to_be_bytes());
     k
+}
+
+fn as_slice(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(k) => Bound::Included(k.as_slice()),
+        Bound::Excluded(k) => Bound::Excluded(k.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The writes one by one, in order (sled recovers a prefix of them after a crash).
+fn write_in_order(db: &sled::Db, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+    for (k, v) in ops {
+        match v {
+            Some(v) => {
+                db.insert(k, v)?;
+            }
+            None => {
+                db.remove(k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The writes all-or-nothing across a crash: the intent (in parts, its header last), the writes,
+/// the intent's removal, in order (see [`Store::apply_atomic`]). One writer at a time: the caller
+/// holds the writer lock.
+fn write_atomic(db: &sled::Db, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+    if ops.len() <= 1 {
+        return write_in_order(db, ops);
+    }
+    let whole = Intent { ops };
+    let intent = bulkhead_codec::encode(&whole);
+    let parts: Vec<&[u8]> = intent.chunks(INTENT_PART).collect();
+    let mut logged = Vec::with_capacity(parts.len() * 2 + 2);
+    for (i, part) in parts.iter().enumerate() {
+        logged.push((intent_part_key(i as u32), Some(part.to_vec())));
+    }
+    logged.push((INTENT_HEADER_KEY.to_vec(), Some((parts.len() as u32).to_be_bytes().to_vec())));
+    write_in_order(db, logged)?;
+    write_in_order(db, whole.ops)?;
+    let mut done = vec![(INTENT_HEADER_KEY.to_vec(), None)];
+    done.extend((0..parts.len()).map(|i| (intent_part_key(i as u32), None)));
+    write_in_order(db, done)
 }
 
 /// A batch written whole before its writes, so a crash in between can be completed.
@@ -508,28 +707,37 @@ fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, rx: mpsc
             }
             break;
         };
+        // Everything applied up to here is covered by the fold and the flush that start next.
+        let covers = store.applied.load(Ordering::SeqCst);
+        let folded = store.fold();
+        let waiting = waiters.iter().filter(|w| !matches!(w, Waiter::Fold)).count();
+        if waiting == 0 {
+            // Only folds were asked: sled holds the writes now, nobody waits on a flush.
+            if let Err(e) = folded {
+                tracing::error!(capability = %store.capability, error = %e, "folding applied records into sled failed; the store stops");
+            }
+            waiters.clear();
+            continue;
+        }
         let already_failed = store.failed.lock().ok().and_then(|f| f.clone());
         let (stats, capability) = (store.stats.clone(), store.capability.clone());
-        // Everything applied up to here is covered by the flush that starts next.
-        let covers = store.applied.load(Ordering::SeqCst);
-        metrics::histogram!("bulkhead_group_commit_batch_size", "store" => capability.clone())
-            .record(waiters.len() as f64);
+        metrics::histogram!("bulkhead_group_commit_batch_size", "store" => capability.clone()).record(waiting as f64);
         let flush_started = std::time::Instant::now();
         let result = match already_failed {
-            Some(why) => Err(StoreError::Io(format!("an earlier flush failed ({why}); restart the node"))),
-            None => (|| -> Result<(), StoreError> {
+            Some(why) => Err(StoreError::Io(format!("an earlier write or flush failed ({why}); restart the node"))),
+            None => folded.and_then(|()| {
                 store.db.flush()?;
                 if let Some(f) = &sync_file {
                     f.sync_data().map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
                 }
                 Ok(())
-            })(),
+            }),
         };
         // The flush and its fdatasync together: what every acknowledged write waited for.
         metrics::histogram!("bulkhead_fdatasync_duration_seconds", "store" => capability.clone())
             .record(flush_started.elapsed().as_secs_f64());
         stats.flushes.fetch_add(1, Ordering::Relaxed);
-        stats.acks.fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        stats.acks.fetch_add(waiting as u64, Ordering::Relaxed);
         match &result {
             Ok(()) => {
                 store.durable.fetch_max(covers, Ordering::SeqCst);
@@ -558,7 +766,7 @@ fn flusher(inner: std::sync::Weak<Inner>, sync_file: Option<Arc<File>>, rx: mpsc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Record, Table};
+    use crate::{encode, Record, Table};
     use serde::{Deserialize, Serialize};
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -807,5 +1015,118 @@ mod tests {
         s.tree().insert([1u8, 0, 0, 0, 0, 0, 0, 0, 9], vec![9u8, 1, 2]).unwrap();
         assert!(matches!(T.get(&s, &9), Err(StoreError::Corrupt { .. })));
         assert!(T.iter(&s).any(|r| r.is_err()));
+    }
+
+    fn deferred(s: &Store, writes: &[(u64, Option<u64>)]) {
+        let mut b = Batch::new();
+        for (k, v) in writes {
+            match v {
+                Some(v) => T.put(&mut b, k, &Rec(*v)),
+                None => T.remove(&mut b, k),
+            }
+        }
+        s.apply_deferred(b).unwrap();
+    }
+
+    fn pending(s: &Store) -> usize {
+        lock(&s.inner.overlay).keys()
+    }
+
+    /// Written behind: every read sees the writes at once (point reads, scans both ways, counts),
+    /// while sled has none of them until a fold.
+    #[tokio::test]
+    async fn deferred_writes_are_read_at_once_and_reach_sled_only_with_a_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let mut b = Batch::new();
+        for k in [1, 3, 5] {
+            T.put(&mut b, &k, &Rec(k));
+        }
+        s.apply_in_order(b).unwrap();
+        // Overwrite 3, remove 5, add 2 and 4 (and remove 4 again), add a record of the next table.
+        deferred(&s, &[(3, Some(30)), (5, None), (2, Some(2)), (4, Some(4)), (4, None)]);
+        let mut b = Batch::new();
+        U.put(&mut b, &1, &Rec(1));
+        s.apply_deferred(b).unwrap();
+        assert_eq!(T.get(&s, &3).unwrap(), Some(Rec(30)));
+        assert_eq!(T.get(&s, &5).unwrap(), None);
+        let all: Vec<_> = T.iter(&s).collect::<Result<_, _>>().unwrap();
+        assert_eq!(all, vec![(1, Rec(1)), (2, Rec(2)), (3, Rec(30))]);
+        let back: Vec<_> = T.iter_range_rev(&s, &1, &4).collect::<Result<_, _>>().unwrap();
+        assert_eq!(back, vec![(3, Rec(30)), (2, Rec(2)), (1, Rec(1))]);
+        assert_eq!(T.last(&s).unwrap(), Some((3, Rec(30))));
+        assert_eq!(T.len(&s), 3);
+        assert_eq!(U.len(&s), 1);
+        assert_eq!(s.tree().get(T.raw_key(&3)).unwrap().as_deref(), Some(encode(&Rec(3)).as_slice()));
+        assert!(s.tree().get(T.raw_key(&2)).unwrap().is_none(), "nothing deferred is in sled before a fold");
+
+        // A sync folds, then flushes: sled has the last value of each key, the overlay is empty.
+        let writes = s.stats().writes.load(Ordering::Relaxed);
+        s.sync().await.unwrap();
+        assert_eq!(pending(&s), 0);
+        assert_eq!(s.tree().get(T.raw_key(&3)).unwrap().as_deref(), Some(encode(&Rec(30)).as_slice()));
+        assert!(s.tree().get(T.raw_key(&5)).unwrap().is_none());
+        assert!(s.tree().get(T.raw_key(&4)).unwrap().is_none());
+        // 3, 5 and 2 in T and 1 in U; 4 was created and removed while pending: never written.
+        assert_eq!(s.stats().writes.load(Ordering::Relaxed) - writes, 4);
+        assert_eq!(s.stats().deferred.load(Ordering::Relaxed), 6);
+        let all: Vec<_> = T.iter(&s).collect::<Result<_, _>>().unwrap();
+        assert_eq!(all, vec![(1, Rec(1)), (2, Rec(2)), (3, Rec(30))]);
+    }
+
+    /// A direct write comes after every deferred write before it, in sled too.
+    #[tokio::test]
+    async fn a_direct_write_lands_after_the_deferred_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        deferred(&s, &[(1, Some(1)), (2, Some(2))]);
+        let mut b = Batch::new();
+        T.put(&mut b, &1, &Rec(10));
+        s.apply_in_order(b).unwrap();
+        assert_eq!(pending(&s), 0, "the direct write folded first");
+        assert_eq!(T.get(&s, &1).unwrap(), Some(Rec(10)));
+        assert_eq!(s.tree().get(T.raw_key(&2)).unwrap().as_deref(), Some(encode(&Rec(2)).as_slice()));
+        deferred(&s, &[(5, Some(5))]);
+        assert_eq!(T.insert_if_absent(&s, &5, &Rec(6)).unwrap(), Some(Rec(5)), "a compare-and-swap sees it");
+    }
+
+    /// A store closed in an orderly way hands sled what was pending; one that was not (a crash)
+    /// loses the pending writes whole, never some of them.
+    #[tokio::test]
+    async fn close_folds_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            deferred(&s, &[(1, Some(1)), (2, Some(2))]);
+        }
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        assert_eq!(T.iter(&s).count(), 2);
+    }
+
+    /// Past its threshold the overlay is folded by the flusher, without anyone waiting on a flush.
+    #[tokio::test]
+    async fn the_flusher_folds_a_full_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let flushes = s.stats().flushes.load(Ordering::Relaxed);
+        for k in 0..FOLD_AT.keys as u64 {
+            deferred(&s, &[(k, Some(k))]);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.stats().folds.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no fold");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.stats().flushes.load(Ordering::Relaxed), flushes, "a fold alone flushes nothing");
+        assert_eq!(T.len(&s), FOLD_AT.keys);
+        // Hot keys rewritten over and over are folded too, after enough writes.
+        let folds = s.stats().folds.load(Ordering::Relaxed);
+        for i in 0..FOLD_AT.writes {
+            deferred(&s, &[(i % 3, Some(i))]);
+        }
+        while s.stats().folds.load(Ordering::Relaxed) == folds {
+            assert!(std::time::Instant::now() < deadline, "no fold of hot keys");
+            tokio::task::yield_now().await;
+        }
     }
 }

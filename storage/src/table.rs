@@ -1,6 +1,7 @@
 //! A typed view of one table: a one-byte prefix in the store's tree, typed keys, versioned values.
 
 use std::marker::PhantomData;
+use std::ops::Bound;
 
 use crate::key::Key;
 use crate::store::{Batch, Store, StoreError};
@@ -47,13 +48,21 @@ impl<K: Key, V: Record> Table<K, V> {
         raw
     }
 
+    /// The end of a range that runs to `to`, or to the end of the table.
+    fn end(&self, to: Option<&K>) -> Bound<Vec<u8>> {
+        match to {
+            Some(to) => Bound::Excluded(self.raw_key(to)),
+            None => crate::overlay::prefix_end(&[self.id]),
+        }
+    }
+
     fn decode_value(&self, raw: &[u8]) -> Result<V, StoreError> {
         decode(raw).map_err(|source| StoreError::Corrupt { table: self.name, source })
     }
 
-    /// Reads one record (sees every write already applied, flushed or not).
+    /// Reads one record (sees every write already applied, flushed, folded or not).
     pub fn get(&self, store: &Store, key: &K) -> Result<Option<V>, StoreError> {
-        match store.tree().get(self.raw_key(key))? {
+        match store.get_raw(&self.raw_key(key))? {
             Some(raw) => Ok(Some(self.decode_value(&raw)?)),
             None => Ok(None),
         }
@@ -84,22 +93,16 @@ impl<K: Key, V: Record> Table<K, V> {
     /// Inserts `value` only if `key` is absent, at once (compare-and-swap); returns the record
     /// already there otherwise. The caller still awaits [`Store::sync`] before acknowledging.
     pub fn insert_if_absent(&self, store: &Store, key: &K, value: &V) -> Result<Option<V>, StoreError> {
-        let raw = (self.raw_key(key), encode(value));
-        match store.write_op(1, || Ok(store.tree().compare_and_swap(raw.0, None as Option<&[u8]>, Some(raw.1))?))? {
+        match store.compare_and_swap(self.raw_key(key), None, Some(encode(value)))? {
             Ok(()) => Ok(None),
-            Err(cas) => match cas.current {
-                Some(raw) => Ok(Some(self.decode_value(&raw)?)),
-                None => Ok(None),
-            },
+            Err(Some(raw)) => Ok(Some(self.decode_value(&raw)?)),
+            Err(None) => Ok(None),
         }
     }
 
     /// Removes `key` only if it still holds `expected` (compare-and-swap); true if removed.
     pub fn remove_if_unchanged(&self, store: &Store, key: &K, expected: &V) -> Result<bool, StoreError> {
-        let raw = (self.raw_key(key), encode(expected));
-        let swapped =
-            store.write_op(1, || Ok(store.tree().compare_and_swap(raw.0, Some(raw.1), None as Option<&[u8]>)?))?;
-        Ok(swapped.is_ok())
+        Ok(store.compare_and_swap(self.raw_key(key), Some(encode(expected)), None)?.is_ok())
     }
 
     /// All records in key order. A record that does not decode is an error, never skipped silently.
@@ -120,7 +123,7 @@ impl<K: Key, V: Record> Table<K, V> {
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
         let mut start = vec![self.id];
         start.extend_from_slice(prefix);
-        store.tree().scan_prefix(start).map(move |item| {
+        store.scan_prefix(&start, false).map(move |item| {
             let (k, v) = item?;
             let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
             Ok((key, self.decode_value(&v)?))
@@ -134,12 +137,7 @@ impl<K: Key, V: Record> Table<K, V> {
         from: &K,
         to: Option<&K>,
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
-        let start = self.raw_key(from);
-        let end = match to {
-            Some(to) => self.raw_key(to),
-            None => vec![self.id + 1],
-        };
-        store.tree().range(start..end).map(move |item| {
+        store.scan(Bound::Included(self.raw_key(from)), self.end(to), false).map(move |item| {
             let (k, v) = item?;
             let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
             Ok((key, self.decode_value(&v)?))
@@ -154,13 +152,8 @@ impl<K: Key, V: Record> Table<K, V> {
         from: &K,
         to: Option<&K>,
     ) -> impl Iterator<Item = Result<K, StoreError>> + 'a {
-        let start = self.raw_key(from);
-        let end = match to {
-            Some(to) => self.raw_key(to),
-            None => vec![self.id + 1],
-        };
-        store.tree().range(start..end).keys().map(move |k| {
-            let k = k?;
+        store.scan(Bound::Included(self.raw_key(from)), self.end(to), false).map(move |item| {
+            let (k, _) = item?;
             K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })
         })
     }
@@ -172,7 +165,7 @@ impl<K: Key, V: Record> Table<K, V> {
         from: &K,
         to: &K,
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
-        store.tree().range(self.raw_key(from)..self.raw_key(to)).rev().map(move |item| {
+        store.scan(Bound::Included(self.raw_key(from)), Bound::Excluded(self.raw_key(to)), true).map(move |item| {
             let (k, v) = item?;
             let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
             Ok((key, self.decode_value(&v)?))
@@ -181,7 +174,7 @@ impl<K: Key, V: Record> Table<K, V> {
 
     /// The record with the greatest key, if any.
     pub fn last(&self, store: &Store) -> Result<Option<(K, V)>, StoreError> {
-        match store.tree().scan_prefix([self.id]).next_back() {
+        match store.scan_prefix(&[self.id], true).next() {
             Some(item) => {
                 let (k, v) = item?;
                 let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
@@ -196,12 +189,11 @@ impl<K: Key, V: Record> Table<K, V> {
         store: &Store,
         end: Option<Vec<u8>>,
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
-        let start = vec![self.id];
-        let range = match end {
-            Some(end) => store.tree().range(start..end),
-            None => store.tree().scan_prefix(start),
+        let end = match end {
+            Some(end) => Bound::Excluded(end),
+            None => crate::overlay::prefix_end(&[self.id]),
         };
-        range.map(move |item| {
+        store.scan(Bound::Included(vec![self.id]), end, false).map(move |item| {
             let (k, v) = item?;
             let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
             Ok((key, self.decode_value(&v)?))
@@ -210,7 +202,7 @@ impl<K: Key, V: Record> Table<K, V> {
 
     /// Number of records (a full scan of this table's keys; for tests and start-up figures).
     pub fn len(&self, store: &Store) -> usize {
-        store.tree().scan_prefix([self.id]).keys().count()
+        store.scan_prefix(&[self.id], false).count()
     }
 
     pub fn is_empty(&self, store: &Store) -> bool {

@@ -2,10 +2,12 @@
 //!
 //! A capability supplies a [`Machine`]: a deterministic function from (its tables, one committed
 //! command) to (a reply, the writes to make). This adapter applies the entries of one call and the
-//! new applied log id as one all-or-nothing batch (`Store::apply_atomic`: an intent record, the
-//! writes, the intent's removal), so after a crash the tables and the applied id agree, and
-//! openraft re-applies exactly what came after. The tables need no flush of
-//! their own: the log is durable, and what was applied is applied again from it.
+//! new applied log id as one batch written behind (`Store::apply_deferred`): reads see it at once,
+//! and sled takes it with the store's next fold, all-or-nothing together with every batch before
+//! it (an intent record, the last value of each key, the intent's removal). So after a crash the
+//! tables and the applied id agree, and openraft re-applies exactly what came after. The tables
+//! need no flush of their own: the log is durable, and what was applied is applied again from it
+//! (the log is purged only after `Store::sync`, which folds first).
 //!
 //! Snapshots are a consistent export of every table below [`RAFT_TABLES_FROM`]; installing one
 //! replaces those tables in one batch.
@@ -270,7 +272,9 @@ impl StateMachineStore {
                 }
             }
         }
-        self.store.apply_atomic(b).map_err(sm_write)?;
+        // Written behind: the overlay takes the batch at once, sled gets it with the next fold,
+        // atomically together with this applied id (see `bulkhead_storage`'s overlay).
+        self.store.apply_deferred(b).map_err(sm_write)?;
         gate.time = Some(time);
         Ok(replies)
     }
@@ -659,6 +663,50 @@ mod tests {
             sm2.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
         }
         assert_eq!(records, replay.export_below(RAFT_TABLES_FROM).unwrap());
+    }
+
+    /// A crash loses what no fold took, and loses it whole: the store reopens at the applied id
+    /// of its last fold with the tables of exactly that id, and applying the log from there gives
+    /// the state of a replica that never crashed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_loses_unfolded_applies_whole_and_the_log_applies_them_again() {
+        let cmd = |i: u64| {
+            Set(vec![
+                (i * 7 % 500, Some(i)),
+                (i * 13 % 500, (!i.is_multiple_of(3)).then_some(i + 1)),
+                (1_000 + i, Some(i)),
+            ])
+        };
+        let apply = |sm: &StateMachineStore, from: u64, to: u64| {
+            for chunk in (from..=to).collect::<Vec<_>>().chunks(7) {
+                sm.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
+            }
+        };
+        let replay = |to: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            apply(&StateMachineStore::new(store.clone(), Arc::new(Setter)), 1, to);
+            store.export_below(RAFT_TABLES_FROM).unwrap()
+        };
+        for crash_at in [40u64, 700, 4_321] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
+            apply(&sm, 1, crash_at / 2);
+            store.sync().await.unwrap();
+            // Past the sync, the flusher folds on its own (after 2,048 new keys), or not at all.
+            apply(&sm, crash_at / 2 + 1, crash_at);
+            drop(sm);
+            store.crash();
+
+            let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+            let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
+            let at = sm.applied().unwrap().last_applied.map_or(0, |l| l.index);
+            assert!(at >= crash_at / 2 && at <= crash_at, "reopened at {at} after a crash at {crash_at}");
+            assert_eq!(store.export_below(RAFT_TABLES_FROM).unwrap(), replay(at), "the tables are those of {at}");
+            apply(&sm, at + 1, crash_at);
+            assert_eq!(store.export_below(RAFT_TABLES_FROM).unwrap(), replay(crash_at));
+        }
     }
 
     /// An entry of several commands applies them in order, each seeing the ones before it, and

@@ -879,7 +879,12 @@ mod tests {
                 threads: threads.iter().map(|(t, v, nv)| (*t, (*v, *nv))).collect(),
             })
         };
-        let page = |flushes: u64| format!("{FLUSHES}{{store=\"orders\"}} {flushes}\n");
+        let page = |flushes: u64| {
+            format!(
+                "{FLUSHES}{{store=\"orders\"}} {flushes}\n{STORE_WRITES}{{capability=\"orders\",shard=\"0\"}} {}\n",
+                flushes * 7
+            )
+        };
         let start = Accounting {
             procs: vec![proc(10, 100, &[(10, 5, 1), (11, 50, 2), (12, 9, 0)]), proc(20, 40, &[(20, 1, 1)])],
             pages: vec![page(3), page(4)],
@@ -900,6 +905,7 @@ mod tests {
                 nonvoluntary: 4,
                 threads_exited: 1,
                 flushes: 10,
+                store_writes: 70,
                 commands: 0,
                 entries: 15
             }

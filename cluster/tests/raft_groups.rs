@@ -382,9 +382,17 @@ async fn a_wiped_member_rejoins_as_a_new_member_and_catches_up_by_snapshot() {
     }
     g.stop(victim).await;
     g.wipe(victim);
+    let at_wipe = g.members[&leader].raft.metrics().borrow().last_log_index.unwrap_or(0);
     for i in 0..30 {
         g.add(leader, &format!("k{}", i % 3), 1).await.unwrap();
     }
+    // The leader purges after each snapshot, once its store is synced: wait for a purge past
+    // what the wiped member had, so that only a snapshot can catch it up.
+    wait_for(Duration::from_secs(10), "the leader purged the entries the wiped member missed", || {
+        let purged = g.members[&leader].raft.metrics().borrow().purged;
+        purged.is_some_and(|p| p.index > at_wipe).then_some(())
+    })
+    .await;
     // The wiped disk comes back as a new member (a new incarnation, never its old self), is
     // added as a learner, catches up (the log it missed is purged: by snapshot), then replaces
     // the old member among the voters.
@@ -394,8 +402,11 @@ async fn a_wiped_member_rejoins_as_a_new_member_and_catches_up_by_snapshot() {
     raft.add_learner(fresh, BasicNode::new(fresh.to_string()), true).await.expect("add learner");
     let voters: BTreeSet<MemberId> = [1, 2, 3].into_iter().filter(|id| *id != victim).chain([fresh]).collect();
     raft.change_membership(voters.clone(), false).await.expect("swap the wiped member for its new self");
-    let snapshot = g.members[&fresh].raft.metrics().borrow().snapshot;
-    assert!(snapshot.is_some(), "the new member was caught up by a snapshot");
+    // Its metrics are published a moment after the install; its log had nothing the leader kept.
+    wait_for(Duration::from_secs(10), "the new member was caught up by a snapshot", || {
+        g.members[&fresh].raft.metrics().borrow().snapshot.map(|_| ())
+    })
+    .await;
     g.add(leader, "k0", 1).await.unwrap();
     let ids: Vec<MemberId> = voters.into_iter().collect();
     let tables = g.settled_tables(&ids).await;

@@ -582,6 +582,11 @@ mod tests {
         }
     }
 
+    /// A command that changes, removes and creates keys, deterministically by index.
+    fn churn(i: u64) -> Set {
+        Set(vec![(i * 7 % 500, Some(i)), (i * 13 % 500, (!i.is_multiple_of(3)).then_some(i + 1)), (1_000 + i, Some(i))])
+    }
+
     fn entry(index: u64, cmd: &Set) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
@@ -624,14 +629,7 @@ mod tests {
     /// labelled with, on a fresh store.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_export_racing_applies_equals_a_replay_up_to_its_label() {
-        // Changes, removes and creates keys, deterministically by index.
-        let cmd = |i: u64| {
-            Set(vec![
-                (i * 7 % 500, Some(i)),
-                (i * 13 % 500, (!i.is_multiple_of(3)).then_some(i + 1)),
-                (1_000 + i, Some(i)),
-            ])
-        };
+        let cmd = churn;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
         let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
@@ -670,13 +668,7 @@ mod tests {
     /// the state of a replica that never crashed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crash_loses_unfolded_applies_whole_and_the_log_applies_them_again() {
-        let cmd = |i: u64| {
-            Set(vec![
-                (i * 7 % 500, Some(i)),
-                (i * 13 % 500, (!i.is_multiple_of(3)).then_some(i + 1)),
-                (1_000 + i, Some(i)),
-            ])
-        };
+        let cmd = churn;
         let apply = |sm: &StateMachineStore, from: u64, to: u64| {
             for chunk in (from..=to).collect::<Vec<_>>().chunks(7) {
                 sm.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();

@@ -193,29 +193,37 @@ impl Inner {
     }
 
     fn fold_locked(&self) -> Result<(), StoreError> {
+        // A store whose fold or flush failed folds nothing more: a later fold would write a later
+        // applied id over writes still stuck in `folding` (they stay readable, never written).
+        if let Some(why) = lock(&self.failed).clone() {
+            return Err(StoreError::Io(format!("the store has failed ({why}); restart the node")));
+        }
         self.fold_asked.store(false, Ordering::SeqCst);
         let Some(frozen) = lock(&self.overlay).freeze() else { return Ok(()) };
-        let mut ops = Vec::with_capacity(frozen.len());
-        for (k, v) in frozen.iter() {
-            // A record created and removed while pending never reached sled: nothing to remove.
-            if v.is_some() || self.db.contains_key(k)? {
-                ops.push((k.clone(), v.clone()));
+        let result = (|| {
+            let mut ops = Vec::with_capacity(frozen.len());
+            for (k, v) in frozen.iter() {
+                // A record created and removed while pending never reached sled: nothing to remove.
+                if v.is_some() || self.db.contains_key(k)? {
+                    ops.push((k.clone(), v.clone()));
+                }
             }
-        }
-        let n = ops.len() as u64;
-        let result = write_atomic(&self.db, ops);
-        match &result {
-            Ok(()) => {
+            let n = ops.len() as u64;
+            write_atomic(&self.db, ops).map(|()| n)
+        })();
+        match result {
+            Ok(n) => {
                 lock(&self.overlay).folded();
                 self.stats.writes.fetch_add(n, Ordering::Relaxed);
                 self.stats.folds.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
             // The frozen writes stay readable in the overlay; the store refuses to go on.
             Err(e) => {
                 lock(&self.failed).get_or_insert_with(|| format!("writing applied records to sled: {e}"));
+                Err(e)
             }
         }
-        result
     }
 }
 
@@ -382,6 +390,12 @@ impl Store {
     /// which every read sees at once, and into sled with the next fold (atomically, together with
     /// every deferred write before it). What the last fold did not cover is lost in a crash, as a
     /// whole and in order: for a replicated state machine, whose log applies it again.
+    ///
+    /// A direct write ([`Store::apply_in_order`] and the like) folds first, so it lands after
+    /// every deferred write made before it; it must not race deferred writes of the same keys
+    /// (a deferred write made while it runs would be folded over it). The group store's direct
+    /// writes are its identity before start, its kept snapshot and an install, none of which an
+    /// apply writes.
     pub fn apply_deferred(&self, batch: Batch) -> Result<(), StoreError> {
         if let Some(why) = lock(&self.inner.failed).clone() {
             return Err(StoreError::Io(format!("the store has failed ({why}); restart the node")));
@@ -1101,6 +1115,29 @@ mod tests {
         }
         let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
         assert_eq!(T.iter(&s).count(), 2);
+    }
+
+    /// What a failed fold leaves (its writes frozen, the store failed): nothing is folded or
+    /// acknowledged any more, not even at close, and the writes stay readable, never half written.
+    #[tokio::test]
+    async fn a_failed_store_folds_nothing_more_and_keeps_its_pending_writes_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        deferred(&s, &[(1, Some(1))]);
+        assert!(lock(&s.inner.overlay).freeze().is_some());
+        *lock(&s.inner.failed) = Some("the disk went away".into());
+        let mut b = Batch::new();
+        T.put(&mut b, &2, &Rec(2));
+        assert!(s.apply_deferred(b).is_err());
+        assert!(s.sync().await.is_err());
+        let mut b = Batch::new();
+        T.put(&mut b, &3, &Rec(3));
+        assert!(s.apply_in_order(b).is_err(), "a direct write would have to fold first");
+        assert_eq!(T.get(&s, &1).unwrap(), Some(Rec(1)));
+        assert!(s.tree().get(T.raw_key(&1)).unwrap().is_none());
+        drop(s);
+        let s = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        assert_eq!(T.len(&s), 0, "nothing of the failed store's pending writes reached sled");
     }
 
     /// Past its threshold the overlay is folded by the flusher, without anyone waiting on a flush.

@@ -171,7 +171,6 @@ struct Inner {
     writer: Mutex<()>,
     /// A fold was asked of the flusher and has not begun yet.
     fold_asked: std::sync::atomic::AtomicBool,
-    fold_at: FoldAt,
 }
 
 /// When the flusher folds: after this many distinct keys, or this many writes of hot keys.
@@ -286,7 +285,6 @@ impl Store {
             overlay: Mutex::default(),
             writer: Mutex::new(()),
             fold_asked: Default::default(),
-            fold_at: FOLD_AT,
         });
         // The flusher holds only a weak handle, so dropping the last `Store` closes the database
         // (and releases sled's file lock) at once; its queue closes with it and the thread ends.
@@ -406,7 +404,7 @@ impl Store {
             for (k, v) in batch.ops {
                 overlay.write(k, v);
             }
-            Ok((overlay.due(self.inner.fold_at), overlay.keys()))
+            Ok((overlay.due(FOLD_AT), overlay.keys()))
         })?;
         self.inner.stats.deferred.fetch_add(n, Ordering::Relaxed);
         if keys >= FOLD_NOW_KEYS {
@@ -664,13 +662,7 @@ fn leftover_intent(db: &sled::Db) -> Result<Option<Intent>, String> {
 fn complete_intent(db: &sled::Db) -> Result<usize, String> {
     let intent = leftover_intent(db)?;
     let n = intent.as_ref().map_or(0, |i| i.ops.len());
-    for (k, v) in intent.map(|i| i.ops).unwrap_or_default() {
-        match v {
-            Some(v) => db.insert(k.as_slice(), v.as_slice()).map(|_| ()),
-            None => db.remove(k.as_slice()).map(|_| ()),
-        }
-        .map_err(|e| e.to_string())?;
-    }
+    write_in_order(db, intent.map(|i| i.ops).unwrap_or_default()).map_err(|e| e.to_string())?;
     db.remove(INTENT_KEY).map_err(|e| e.to_string())?;
     db.remove(INTENT_HEADER_KEY).map_err(|e| e.to_string())?;
     for part in db.scan_prefix(INTENT_PART_PREFIX).keys() {

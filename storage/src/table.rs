@@ -56,6 +56,12 @@ impl<K: Key, V: Record> Table<K, V> {
         }
     }
 
+    /// A raw record of this table, its table id first, as a typed key and value.
+    fn decode_record(&self, (k, v): (Vec<u8>, Vec<u8>)) -> Result<(K, V), StoreError> {
+        let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
+        Ok((key, self.decode_value(&v)?))
+    }
+
     fn decode_value(&self, raw: &[u8]) -> Result<V, StoreError> {
         decode(raw).map_err(|source| StoreError::Corrupt { table: self.name, source })
     }
@@ -123,11 +129,7 @@ impl<K: Key, V: Record> Table<K, V> {
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
         let mut start = vec![self.id];
         start.extend_from_slice(prefix);
-        store.scan_prefix(&start, false).map(move |item| {
-            let (k, v) = item?;
-            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
-            Ok((key, self.decode_value(&v)?))
-        })
+        store.scan_prefix(&start, false).map(move |item| self.decode_record(item?))
     }
 
     /// Records with `from` <= key < `to` (or to the end of the table), in key order: e.g. a slice of a log.
@@ -137,11 +139,7 @@ impl<K: Key, V: Record> Table<K, V> {
         from: &K,
         to: Option<&K>,
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
-        store.scan(Bound::Included(self.raw_key(from)), self.end(to), false).map(move |item| {
-            let (k, v) = item?;
-            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
-            Ok((key, self.decode_value(&v)?))
-        })
+        store.scan(Bound::Included(self.raw_key(from)), self.end(to), false).map(move |item| self.decode_record(item?))
     }
 
     /// Keys with `from` <= key < `to` (or to the end of the table), in key order, without decoding
@@ -165,23 +163,14 @@ impl<K: Key, V: Record> Table<K, V> {
         from: &K,
         to: &K,
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
-        store.scan(Bound::Included(self.raw_key(from)), Bound::Excluded(self.raw_key(to)), true).map(move |item| {
-            let (k, v) = item?;
-            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
-            Ok((key, self.decode_value(&v)?))
-        })
+        store
+            .scan(Bound::Included(self.raw_key(from)), Bound::Excluded(self.raw_key(to)), true)
+            .map(move |item| self.decode_record(item?))
     }
 
     /// The record with the greatest key, if any.
     pub fn last(&self, store: &Store) -> Result<Option<(K, V)>, StoreError> {
-        match store.scan_prefix(&[self.id], true).next() {
-            Some(item) => {
-                let (k, v) = item?;
-                let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
-                Ok(Some((key, self.decode_value(&v)?)))
-            }
-            None => Ok(None),
-        }
+        store.scan_prefix(&[self.id], true).next().map(|item| self.decode_record(item?)).transpose()
     }
 
     fn iter_from<'a>(
@@ -189,15 +178,8 @@ impl<K: Key, V: Record> Table<K, V> {
         store: &Store,
         end: Option<Vec<u8>>,
     ) -> impl Iterator<Item = Result<(K, V), StoreError>> + 'a {
-        let end = match end {
-            Some(end) => Bound::Excluded(end),
-            None => crate::overlay::prefix_end(&[self.id]),
-        };
-        store.scan(Bound::Included(vec![self.id]), end, false).map(move |item| {
-            let (k, v) = item?;
-            let key = K::decode_key(&k[1..]).ok_or(StoreError::BadKey { table: self.name })?;
-            Ok((key, self.decode_value(&v)?))
-        })
+        let end = end.map_or_else(|| crate::overlay::prefix_end(&[self.id]), Bound::Excluded);
+        store.scan(Bound::Included(vec![self.id]), end, false).map(move |item| self.decode_record(item?))
     }
 
     /// Number of records (a full scan of this table's keys; for tests and start-up figures).

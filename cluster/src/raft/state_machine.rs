@@ -223,8 +223,8 @@ impl StateMachineStore {
         let mut state = self.applied().map_err(sm_read)?;
         let mut replies = Vec::with_capacity(entries.len());
         // One batch for every entry of this call: each entry reads through the writes of the ones
-        // before it (`Table::get_through`); `apply_atomic` makes it all-or-nothing across a crash
-        // without sled's sealed `apply_batch` (a `sync_file_range` that waits on the disk).
+        // before it (`Table::get_through`); the store's fold makes it all-or-nothing across a
+        // crash, together with the applied id written last (`Store::apply_deferred`).
         let mut b = Batch::new();
         let stored_time = match gate.time {
             Some(t) => t,

@@ -567,7 +567,9 @@ impl NodeLog {
         &self.inner.dir
     }
 
-    /// Queues a record and, if `then` is given, runs it once the record is durable.
+    /// Queues a record and, if `then` is given, runs it once the record is durable. Only a record
+    /// somebody waits on starts a round: one nobody waits on (a committed id, a purge) rides in the
+    /// next round that somebody needs, rather than costing an `fdatasync` of its own.
     fn submit(&self, st: &mut State, record: Vec<u8>, then: Option<Done>) -> Result<(u64, u64), StoreError> {
         if let Some(why) = &st.failed {
             return Err(StoreError::Io(format!("node log failed earlier ({why}); restart the node")));
@@ -575,8 +577,8 @@ impl NodeLog {
         let at = st.submit(record);
         if let Some(then) = then {
             st.waiters.push(then);
+            self.inner.wake.notify_one();
         }
-        self.inner.wake.notify_one();
         Ok(at)
     }
 
@@ -930,7 +932,8 @@ fn write_rounds(inner: &Inner) {
     loop {
         let (chunks, waiters, position) = {
             let Ok(mut st) = inner.state.lock() else { return };
-            while st.pending.is_empty() && st.waiters.is_empty() && !st.closed {
+            // Records nobody waits on wait for a round that somebody needs (or the close).
+            while st.waiters.is_empty() && !st.closed {
                 st = match inner.wake.wait(st) {
                     Ok(st) => st,
                     Err(_) => return,
@@ -1125,6 +1128,34 @@ mod tests {
             drop(log);
             let log = NodeLog::open(dir.path(), Durability::Fsync).unwrap();
             assert_eq!(log.streams(), vec![1]);
+        });
+    }
+
+    /// A committed id and a purge nobody waits on cost no round of their own: they ride in the
+    /// next append's round (and are then durable), or are written at the close.
+    #[test]
+    fn records_nobody_waits_on_ride_in_the_next_round() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            {
+                let log = NodeLog::open(dir.path(), Durability::Fsync).unwrap();
+                append(&log, 1, entries(1, 1, 6)).await;
+                let rounds = log.stats().rounds.load(Ordering::SeqCst);
+                log.save_committed(1, b"c-3").await.unwrap();
+                log.purge(1, 2, b"purged-2").await.unwrap();
+                // Seen at once, though not written yet.
+                assert_eq!(log.committed(1), Some(b"c-3".to_vec()));
+                assert_eq!(log.purged(1).map(|p| p.0), Some(2));
+                assert_eq!(log.stats().rounds.load(Ordering::SeqCst), rounds, "no round for a hint");
+                append(&log, 1, entries(1, 6, 7)).await;
+                assert_eq!(log.stats().rounds.load(Ordering::SeqCst), rounds + 1, "one round for all three");
+                log.save_committed(1, b"c-6").await.unwrap();
+            }
+            // The append's round made the first two durable; the close wrote the last.
+            let log = NodeLog::open(dir.path(), Durability::Fsync).unwrap();
+            assert_eq!(log.committed(1), Some(b"c-6".to_vec()));
+            assert_eq!(log.purged(1), Some((2, b"purged-2".to_vec())));
+            assert_eq!(read_all(&log, 1), entries(1, 3, 7).into_iter().map(|e| e.1).collect::<Vec<_>>());
         });
     }
 

@@ -1196,7 +1196,7 @@ pub async fn restart(opts: RestartOptions, out: &mut dyn Write) -> Result<Restar
         r.fill_secs,
         r.start_to_ready_ms,
         r.start_to_ready_after_kill_ms
-            .map(|k| format!(" after a graceful stop; {k:.0} ms after a SIGKILL (the shards it led elect meanwhile)"))
+            .map(|k| format!(" after a graceful stop; {k:.0} ms after a SIGKILL"))
             .unwrap_or_default(),
         r.rss_ready_mb,
         r.rss_after_load_mb,

@@ -32,7 +32,7 @@ pub fn raft_config(t: &crate::config::Timing, group: GroupId) -> Result<Config, 
         cluster_name: format!("bulkhead-{group}"),
         heartbeat_interval: t.raft_heartbeat_ms,
         election_timeout_min: t.election_timeout_ms,
-        election_timeout_max: t.election_timeout_ms + t.election_timeout_ms / 2,
+        election_timeout_max: lease_ms(t),
         // Snapshots are taken by the driver (`snapshot_due`), not at a fixed count that every
         // replica of every group reaches at the same moment.
         snapshot_policy: SnapshotPolicy::Never,
@@ -45,6 +45,12 @@ pub fn raft_config(t: &crate::config::Timing, group: GroupId) -> Result<Config, 
     }
     .validate()
     .map_err(|e| format!("raft config of {group}: {e}"))
+}
+
+/// openraft's leader lease (its `election_timeout_max`): a follower that heard from its leader
+/// within it refuses every vote.
+fn lease_ms(t: &crate::config::Timing) -> u64 {
+    t.election_timeout_ms + t.election_timeout_ms / 2
 }
 
 /// Reads this store's identity, or draws a new incarnation if the store is new (or was wiped).
@@ -119,7 +125,10 @@ async fn drive(cluster: Port, r: Replica) {
     let mut leader_down_since = None::<Instant>;
     let mut majority_lost = false;
     let (mut hand_over_failures, mut hand_over_after) = (0u32, None::<Instant>);
-    let window = Duration::from_millis(cluster.timing().election_timeout_ms * 3);
+    let window = ElectionWindow {
+        from: Duration::from_millis(lease_ms(cluster.timing())),
+        to: Duration::from_millis(cluster.timing().election_timeout_ms * 3),
+    };
     let due = |last: &mut Option<Instant>, every: Duration| {
         let now = Instant::now();
         if last.is_none_or(|t| now.duration_since(t) >= every) {
@@ -188,9 +197,10 @@ async fn drive(cluster: Port, r: Replica) {
             }
             continue;
         }
-        // A follower whose leader's node the failure detector sees down may call an election at
-        // once rather than wait out its timer (see `fast_election`). Raft still decides: the others
-        // grant their votes once the dead leader's lease has lapsed, and only to an up-to-date log.
+        // A follower whose leader's node the failure detector sees down may call an election as
+        // soon as the dead leader's lease has lapsed, rather than wait out its own randomized timer
+        // (see `fast_election`). Raft still decides: the others grant their votes only to an
+        // up-to-date log.
         // Only a known leader on a node seen down: with no leader known (an election under way,
         // a hand-over), calling one more would restart that election at a higher term, again and
         // again when votes are slow; openraft's own timers handle that case.
@@ -261,13 +271,31 @@ struct ElectionFacts {
     first_live: bool,
 }
 
+/// When, after the failure detector saw the leader's node go down, a follower may call an
+/// election before its timer would.
+#[derive(Debug, Clone, Copy)]
+struct ElectionWindow {
+    /// Not before the leader's lease has lapsed: until then every other replica refuses its vote,
+    /// so an early call wins nothing, and it does harm when the leader's process was only
+    /// restarted. A leader killed and started again (systemd's `Restart=`) comes back as leader
+    /// within a few tens of milliseconds (openraft restores a committed vote at start); a higher
+    /// term called meanwhile made it step down, and the group then had no leader until the timers
+    /// ran (0.7-1.5 s, measured by `bulkhead bench --restart-orders`).
+    from: Duration,
+    /// Past this, openraft's own randomized timers take over.
+    to: Duration,
+}
+
 /// The fast path is only for the clear case: a voter that sees a majority of the replicas up (a
 /// node cut off from the others must not inflate terms it will disrupt the group with at the
-/// heal), the first of them in preference order (one candidate, no split vote), and only for a
-/// `window` after the leader went down. Past it (its log may be too short to win, say), openraft's
-/// own randomized timers take over.
-fn fast_election(f: &ElectionFacts, window: Duration) -> bool {
-    f.is_voter && f.first_live && f.live_replicas * 2 > f.replicas && f.leader_down_for.is_some_and(|d| d <= window)
+/// heal), the first of them in preference order (one candidate, no split vote), and only within
+/// the `window` after the leader went down: from the end of its lease (see [`ElectionWindow`])
+/// until its own timers would have acted (past that its log may be too short to win, say).
+fn fast_election(f: &ElectionFacts, window: ElectionWindow) -> bool {
+    f.is_voter
+        && f.first_live
+        && f.live_replicas * 2 > f.replicas
+        && f.leader_down_for.is_some_and(|d| window.from <= d && d <= window.to)
 }
 
 /// How a shard stands, as this node sees it.
@@ -750,26 +778,35 @@ mod tests {
     fn facts() -> ElectionFacts {
         ElectionFacts {
             is_voter: true,
-            leader_down_for: Some(Duration::from_millis(10)),
+            leader_down_for: Some(Duration::from_millis(800)),
             live_replicas: 2,
             replicas: 3,
             first_live: true,
         }
     }
 
+    const W: ElectionWindow = ElectionWindow { from: Duration::from_millis(750), to: Duration::from_millis(1500) };
+
     #[test]
-    fn the_first_live_voter_of_a_majority_calls_an_election_soon_after_the_leader_died() {
-        let w = Duration::from_millis(1500);
-        assert!(fast_election(&facts(), w));
-        assert!(!fast_election(&ElectionFacts { first_live: false, ..facts() }, w));
-        assert!(!fast_election(&ElectionFacts { is_voter: false, ..facts() }, w));
-        assert!(!fast_election(&ElectionFacts { leader_down_for: None, ..facts() }, w));
+    fn the_first_live_voter_of_a_majority_calls_an_election_once_the_dead_leaders_lease_lapsed() {
+        assert!(fast_election(&facts(), W));
+        assert!(!fast_election(&ElectionFacts { first_live: false, ..facts() }, W));
+        assert!(!fast_election(&ElectionFacts { is_voter: false, ..facts() }, W));
+        assert!(!fast_election(&ElectionFacts { leader_down_for: None, ..facts() }, W));
+    }
+
+    /// A leader's node seen down for less than the lease may be a process being restarted: it
+    /// comes back as leader unless a higher term was called meanwhile.
+    #[test]
+    fn a_leader_down_for_less_than_its_lease_is_left_to_come_back() {
+        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_millis(20)), ..facts() }, W));
+        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_millis(749)), ..facts() }, W));
+        assert!(fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_millis(750)), ..facts() }, W));
     }
 
     #[test]
     fn a_node_cut_off_from_the_majority_or_past_the_window_leaves_it_to_the_timers() {
-        let w = Duration::from_millis(1500);
-        assert!(!fast_election(&ElectionFacts { live_replicas: 1, ..facts() }, w), "sees only itself");
-        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_secs(2)), ..facts() }, w));
+        assert!(!fast_election(&ElectionFacts { live_replicas: 1, ..facts() }, W), "sees only itself");
+        assert!(!fast_election(&ElectionFacts { leader_down_for: Some(Duration::from_secs(2)), ..facts() }, W));
     }
 }

@@ -254,7 +254,7 @@ mod tests {
                 prop_assert_eq!(seen, model.get(k).cloned());
             }
             let (lo, hi) = (Bound::Included(lo.as_slice()), Bound::Excluded(hi.as_slice()));
-            let mut want: Vec<_> = if lo_le_hi(lo, hi) {
+            let mut want: Vec<_> = if !is_empty_range(lo, hi) {
                 model.range::<[u8], _>((lo, hi)).map(|(k, v)| (k.clone(), v.clone())).collect()
             } else {
                 Vec::new()
@@ -270,13 +270,6 @@ mod tests {
                 let all = merged(&stored, &overlay, Bound::Unbounded, Bound::Unbounded, false);
                 prop_assert_eq!(all, model.into_iter().collect::<Vec<_>>());
             }
-        }
-    }
-
-    fn lo_le_hi(lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> bool {
-        match (lo, hi) {
-            (Bound::Included(l), Bound::Excluded(h)) => l <= h,
-            _ => true,
         }
     }
 

@@ -183,6 +183,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// `Err` once a fold or a flush has failed: the store takes and acknowledges nothing more.
+    fn refuse_if_failed(&self) -> Result<(), StoreError> {
+        match lock(&self.failed).as_deref() {
+            Some(why) => Err(StoreError::Io(format!("the store has failed ({why}); restart the node"))),
+            None => Ok(()),
+        }
+    }
+
     /// Writes everything pending in the overlay to sled, as one atomic batch (the last value of
     /// each key; a removal only of a key sled has). Takes the writer lock; `Ok` once sled holds
     /// it all (in memory: durable with the next flush).
@@ -194,9 +202,7 @@ impl Inner {
     fn fold_locked(&self) -> Result<(), StoreError> {
         // A store whose fold or flush failed folds nothing more: a later fold would write a later
         // applied id over writes still stuck in `folding` (they stay readable, never written).
-        if let Some(why) = lock(&self.failed).clone() {
-            return Err(StoreError::Io(format!("the store has failed ({why}); restart the node")));
-        }
+        self.refuse_if_failed()?;
         self.fold_asked.store(false, Ordering::SeqCst);
         let Some(frozen) = lock(&self.overlay).freeze() else { return Ok(()) };
         let result = (|| {
@@ -395,9 +401,7 @@ impl Store {
     /// writes are its identity before start, its kept snapshot and an install, none of which an
     /// apply writes.
     pub fn apply_deferred(&self, batch: Batch) -> Result<(), StoreError> {
-        if let Some(why) = lock(&self.inner.failed).clone() {
-            return Err(StoreError::Io(format!("the store has failed ({why}); restart the node")));
-        }
+        self.inner.refuse_if_failed()?;
         let n = batch.ops.len() as u64;
         let (due, keys) = self.tracked(|| {
             let mut overlay = lock(&self.inner.overlay);

@@ -629,12 +629,11 @@ mod tests {
     /// labelled with, on a fresh store.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_export_racing_applies_equals_a_replay_up_to_its_label() {
-        let cmd = churn;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
         let sm = StateMachineStore::new(store.clone(), Arc::new(Setter));
         for chunk in (1..=5_000u64).collect::<Vec<_>>().chunks(100) {
-            sm.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
+            sm.apply_blocking(chunk.iter().map(|i| entry(*i, &churn(*i))).collect()).unwrap();
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let applier = {
@@ -642,7 +641,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut i = 5_001;
                 while !stop.load(Ordering::Relaxed) {
-                    sm.apply_blocking(vec![entry(i, &cmd(i))]).unwrap();
+                    sm.apply_blocking(vec![entry(i, &churn(i))]).unwrap();
                     i += 1;
                 }
             })
@@ -658,7 +657,7 @@ mod tests {
         let replay = Store::open(dir2.path(), "cap", &StoreOptions::default()).unwrap();
         let sm2 = StateMachineStore::new(replay.clone(), Arc::new(Setter));
         for chunk in (1..=label).collect::<Vec<_>>().chunks(100) {
-            sm2.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
+            sm2.apply_blocking(chunk.iter().map(|i| entry(*i, &churn(*i))).collect()).unwrap();
         }
         assert_eq!(records, replay.export_below(RAFT_TABLES_FROM).unwrap());
     }
@@ -668,10 +667,9 @@ mod tests {
     /// the state of a replica that never crashed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crash_loses_unfolded_applies_whole_and_the_log_applies_them_again() {
-        let cmd = churn;
         let apply = |sm: &StateMachineStore, from: u64, to: u64| {
             for chunk in (from..=to).collect::<Vec<_>>().chunks(7) {
-                sm.apply_blocking(chunk.iter().map(|i| entry(*i, &cmd(*i))).collect()).unwrap();
+                sm.apply_blocking(chunk.iter().map(|i| entry(*i, &churn(*i))).collect()).unwrap();
             }
         };
         let replay = |to: u64| {

@@ -663,7 +663,15 @@ impl Cluster {
         node: &str,
         absent: &str,
     ) -> Result<(ActorRef<WireMsg>, Vec<u8>), CallError> {
-        let unreachable = |reason: String| CallError::Unreachable { capability: cap, node: node.to_string(), reason };
+        self.reachable(group, node, absent).map_err(|reason| CallError::Unreachable {
+            capability: cap,
+            node: node.to_string(),
+            reason,
+        })
+    }
+
+    /// [`Self::remotable`], with the reason it is not as the error.
+    fn reachable(&self, group: &str, node: &str, absent: &str) -> Result<(ActorRef<WireMsg>, Vec<u8>), String> {
         if node != self.name() {
             // One read of the view for both the status and the reason (this is the fail-fast path).
             let down = match self.inner.view.read() {
@@ -675,12 +683,12 @@ impl Cluster {
                 Err(_) => Some("node is down".into()),
             };
             if let Some(reason) = down {
-                return Err(unreachable(reason));
+                return Err(reason);
             }
         }
         self.member_on(group, node)
             .map(|(cell, binding)| (ActorRef::from(cell), binding))
-            .ok_or_else(|| unreachable(absent.to_string()))
+            .ok_or_else(|| absent.to_string())
     }
 
     /// Calls `cap` on `node` with the default call timeout.
@@ -760,6 +768,21 @@ impl Cluster {
         // The call carries its sender and binding itself: the envelope need not say them again.
         let rpc = crate::raft::network::RaftCall { from: self.name().to_string(), binding, rpc };
         crate::call::send(&actor, cap, node, None, &rpc, "", timeout).await
+    }
+
+    /// Sends a lane's frame to the raft router on `node` ([`crate::raft::lanes`]): one
+    /// fire-and-forget message, refused here if the node is down or has no router.
+    pub fn raft_frame(
+        &self,
+        node: &str,
+        items: Vec<crate::raft::rpc::LaneItem>,
+    ) -> Result<(), crate::raft::lanes::NotSent> {
+        let group = crate::raft::network::router_group(node);
+        let not_sent = crate::raft::lanes::NotSent;
+        let (actor, binding) =
+            self.reachable(&group, node, &format!("no raft router is registered on {node}")).map_err(not_sent)?;
+        let frame = crate::raft::rpc::RaftFrame { from: self.name().to_string(), binding, items };
+        actor.cast(WireMsg::Tell(crate::wire::seal(&frame, ""))).map_err(|e| not_sent(format!("could not send: {e}")))
     }
 
     /// The shard of a replicated capability that owns `key`.

@@ -132,6 +132,17 @@ impl crate::raft::RaftPort for Cluster {
     }
 }
 
+/// A lane's frames go to the raft router on the peer, over the same link as every call.
+impl crate::raft::lanes::FrameSink for Cluster {
+    fn raft_frame(
+        &self,
+        node: &str,
+        items: Vec<crate::raft::rpc::LaneItem>,
+    ) -> Result<(), crate::raft::lanes::NotSent> {
+        Cluster::raft_frame(self, node, items)
+    }
+}
+
 /// What a gateway asks of a request's sender: the node's links for the proof, and who holds what,
 /// derived once from the shard map (fixed for the life of the process), so that judging a request
 /// allocates nothing.

@@ -19,7 +19,7 @@ use openraft::{
 
 use crate::capability::CapabilityId;
 use crate::membership::{old_heartbeat as old, Heartbeat};
-use crate::raft::network::{RaftCall, RaftRpc, RaftRpcReply};
+use crate::raft::network::{LaneItem, RaftCall, RaftFrame, RaftRpc, RaftRpcReply};
 use crate::raft::types::*;
 use crate::senders::Sender;
 use crate::wire::{Envelope, EnvelopeV1, Refusal, WireReply, WireReplyV1};
@@ -30,6 +30,7 @@ const TYPES: &[(&str, u8)] = &[
     ("WireReply", WireReply::VERSION),
     ("RaftRpc", RaftRpc::VERSION),
     ("RaftCall", RaftCall::VERSION),
+    ("RaftFrame", RaftFrame::VERSION),
     ("RaftRpcReply", RaftRpcReply::VERSION),
     ("LogRecord", LogRecord::VERSION),
     ("VoteRecord", VoteRecord::VERSION),
@@ -272,6 +273,20 @@ fn check(f: &Fixture) {
         ("RaftCall", "1") => {
             check_current(f, &RaftCall { from: "n1".into(), binding: vec![0xb1, 0x2d, 0x00, 0xff], rpc: append() })
         }
+        ("RaftFrame", "1") => check_current(
+            f,
+            &RaftFrame {
+                from: "n1".into(),
+                binding: vec![0xb1, 0x2d, 0x00, 0xff],
+                items: vec![
+                    LaneItem::Request { id: 7, rpc: bulkhead_codec::encode(&append()) },
+                    LaneItem::Answer {
+                        id: 9,
+                        reply: RaftRpcReply::Append(AppendEntriesResponse::HigherVote(Vote::new(5, M2))),
+                    },
+                ],
+            },
+        ),
         ("RaftRpcReply", "1/append") => {
             check_current(f, &RaftRpcReply::Append(AppendEntriesResponse::HigherVote(Vote::new(5, M2))))
         }

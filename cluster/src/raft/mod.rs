@@ -8,6 +8,8 @@
 //! - [`network`]: Raft RPCs over the cluster call path to the [`RaftRouter`] on each node.
 //! - [`port`]: the one thing the layer knows of its node ([`RaftPort`]): no import of the node.
 //! - [`rpc`]: the Raft messages between nodes, and who may send each.
+//! - [`lanes`]: one lane per peer node: every group's AppendEntries and their answers coalesced
+//!   into as few messages as the moment allows.
 //! - [`replica`]: a running [`Replica`] (propose, linearizable read, status) and the registry.
 //! - [`group`]: a replica's driver (start, bootstrap, reconfiguration, hand-over, health).
 //! - [`clock`]: the time a leader puts into commands: the group's time, not its wall clock.
@@ -41,6 +43,7 @@
 
 pub mod clock;
 pub mod group;
+pub mod lanes;
 pub mod log_store;
 pub mod network;
 pub mod port;

@@ -2,7 +2,7 @@
 //!
 //! A replica's driver, the Raft network and the router see the node through [`RaftPort`] alone:
 //! their node's name, the agreed timing, the liveness of peers, whether the node drains, the
-//! registry of local replicas, and a way to send one Raft message to a peer. So the Raft layer
+//! registry of local replicas, and a way to send one Raft message, or a lane's frame, to a peer. So the Raft layer
 //! does not import the node's handle ([`crate::Cluster`] implements the port), and a test can
 //! drive it with a port of its own.
 
@@ -16,14 +16,15 @@ use crate::capability::CapabilityId;
 use crate::config::Timing;
 use crate::detector::Status;
 
+use super::lanes::FrameSink;
 use super::replica::Registry;
 use super::rpc::{RaftRpc, RaftRpcReply};
 
 /// A sent Raft message's answer, to come.
 pub type Reply<'a> = Pin<Box<dyn Future<Output = Result<RaftRpcReply, CallError>> + Send + 'a>>;
 
-/// What the Raft layer asks of its node.
-pub trait RaftPort: Send + Sync + 'static {
+/// What the Raft layer asks of its node; as a [`FrameSink`], it also sends a lane's frames.
+pub trait RaftPort: FrameSink {
     /// This node's name (a member's `BasicNode::addr`).
     fn name(&self) -> &str;
     /// The `[timing]` every node of the cluster agrees on.

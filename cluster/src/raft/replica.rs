@@ -180,11 +180,18 @@ impl ProposalQueue {
 pub struct Registry {
     pub node: String,
     replicas: Arc<RwLock<HashMap<GroupId, Replica>>>,
+    /// This node's lanes to its peers, shared by every local group's network.
+    lanes: super::lanes::Lanes,
 }
 
 impl Registry {
     pub fn new(node: &str) -> Self {
-        Self { node: node.to_string(), replicas: Arc::default() }
+        Self { node: node.to_string(), replicas: Arc::default(), lanes: Default::default() }
+    }
+
+    /// This node's lanes to its peers ([`super::lanes`]).
+    pub fn lanes(&self) -> &super::lanes::Lanes {
+        &self.lanes
     }
 
     pub fn get(&self, group: GroupId) -> Option<Replica> {

@@ -57,6 +57,29 @@ impl Record for RaftCall {
     const VERSION: u8 = 1;
 }
 
+/// Raft traffic to one peer node in one message ([`super::lanes`]): requests for members there
+/// and answers to its own requests, of any groups. Sent fire-and-forget to the peer's router.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RaftFrame {
+    pub from: String,
+    /// The binding of the link it goes over, as in [`RaftCall`]: checked once for the whole frame.
+    pub binding: Vec<u8>,
+    pub items: Vec<LaneItem>,
+}
+impl Record for RaftFrame {
+    const VERSION: u8 = 1;
+}
+
+/// One item of a [`RaftFrame`] (remote, versioned with it; append variants at the end only).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum LaneItem {
+    /// A request, numbered by its sender: an encoded [`RaftRpc`], each on its own, so that one
+    /// the receiver cannot read is answered alone and the frame's size is known before it is built.
+    Request { id: u64, rpc: Vec<u8> },
+    /// The answer to the receiver's request `id`.
+    Answer { id: u64, reply: RaftRpcReply },
+}
+
 /// Whether node `from` may send `rpc` (`leader`: the group's leader as the local replica knows
 /// it; `replicas`: the nodes the shard map places the group on, `None` if it is not hosted here).
 /// Only a node of the group's placement may send anything for it (a node with a valid

@@ -58,6 +58,17 @@ fn ephemeral_ports(n: usize) -> Result<Vec<u16>, LaunchError> {
     listeners.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(LaunchError::Ports)).collect()
 }
 
+/// The variable tokio's runtime reads for its number of worker threads.
+pub const WORKERS_VAR: &str = "TOKIO_WORKER_THREADS";
+
+/// Tokio workers for each of `nodes` node processes sharing `cores` cores: an equal share, at
+/// least one. tokio's default (one per core in every process) makes three nodes on two cores run
+/// six workers that wake and steal from each other: a third more context switches per order at
+/// saturation, half again as many one order at a time, for no more throughput.
+pub fn workers_per_node(cores: usize, nodes: usize) -> usize {
+    (cores / nodes.max(1)).max(1)
+}
+
 /// How long [`LocalCluster::stop`] waits for a node's drain before SIGKILL.
 pub const STOP_WAIT: Duration = Duration::from_secs(15);
 
@@ -230,7 +241,15 @@ impl LocalCluster {
             .open(&log_path)
             .map_err(LaunchError::io("open", &log_path))?;
         let err = log.try_clone().map_err(LaunchError::io("open", &log_path))?;
-        let child = Command::new(&self.exe)
+        let mut cmd = Command::new(&self.exe);
+        // The nodes of a local cluster share this machine's cores: each gets its share of tokio
+        // workers unless the caller chose (BENCHMARKS.md, "Tokio workers per node").
+        let chosen = std::env::var_os(WORKERS_VAR).is_some() || self.envs[i].iter().any(|(k, _)| k == WORKERS_VAR);
+        if !chosen {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cmd.env(WORKERS_VAR, workers_per_node(cores, self.configs.len()).to_string());
+        }
+        let child = cmd
             .arg(subcommand)
             .arg("--config")
             .arg(&self.config_paths[i])
@@ -411,5 +430,19 @@ impl Drop for LocalCluster {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workers_per_node;
+
+    #[test]
+    fn nodes_on_one_machine_share_its_cores_and_each_gets_at_least_one_worker() {
+        assert_eq!(workers_per_node(2, 3), 1);
+        assert_eq!(workers_per_node(8, 3), 2);
+        assert_eq!(workers_per_node(16, 1), 16);
+        assert_eq!(workers_per_node(1, 5), 1);
+        assert_eq!(workers_per_node(4, 0), 4, "no nodes: treated as one");
     }
 }

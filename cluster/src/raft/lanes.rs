@@ -15,7 +15,9 @@
 //! - The peer serves each request on its own and answers it through its own lane back as soon as its
 //!   replica has (an append after the follower's log round, a heartbeat at once), so no group's
 //!   answer waits for another's, and answers going the same way travel together too.
-//! - Answers are matched to calls by id, and only from the node the call went to.
+//! - Answers are matched to calls by id, and only from the node the call went to. Ids start at
+//!   random in each process, so an answer meant for the node's previous process (it restarted
+//!   while a request was out) cannot complete a call of the new one.
 //! - Every call keeps its own timeout (openraft's: one heartbeat interval for an append). A frame
 //!   that cannot be sent (the node is down, no router there) fails its calls at once as
 //!   unreachable; a frame lost with a link that breaks leaves its calls to time out.
@@ -61,11 +63,19 @@ pub type Answer = Result<RaftRpcReply, CallError>;
 #[derive(Clone, Default)]
 pub struct Lanes(Arc<Shared>);
 
-#[derive(Default)]
 struct Shared {
+    /// The next call's id. It starts at random, so that an answer sent to this node's previous
+    /// process (a request it made just before it restarted) can never complete a call of this
+    /// one: that would hand openraft another group's answer.
     next_id: AtomicU64,
     calls: Mutex<HashMap<u64, Call>>,
     queues: Mutex<HashMap<String, Queue>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self { next_id: AtomicU64::new(rand::random()), calls: Mutex::default(), queues: Mutex::default() }
+    }
 }
 
 /// A call waiting for its answer.
@@ -110,7 +120,7 @@ impl Lanes {
         rpc: &RaftRpc,
         timeout: Duration,
     ) -> Answer {
-        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed); // wraps, after 2^64 calls
         let (done, answer) = oneshot::channel();
         lock(&self.0.calls).insert(id, Call { node: node.to_string(), capability: cap, done });
         let _forget = Forget { lanes: self, id };
@@ -357,6 +367,34 @@ mod tests {
         // A lone call later goes at once, in a frame of its own.
         assert!(matches!(a.call(a_to_b.clone(), "b", CAP, &hello(0), t).await, Ok(RaftRpcReply::Done)));
         assert_eq!(lock(&a_to_b.sent).len(), 2);
+    }
+
+    /// A node restarted while one of its requests was out: the answer, arriving at the new
+    /// process, completes none of its calls (their ids start elsewhere).
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_answer_meant_for_the_previous_process_completes_nothing() {
+        let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+        struct Keep(Arc<Mutex<Vec<u64>>>);
+        impl FrameSink for Keep {
+            fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
+                lock(&self.0).extend(ids(&items));
+                Ok(())
+            }
+        }
+        let sink: Arc<dyn FrameSink> = Arc::new(Keep(seen.clone()));
+        let t = Duration::from_millis(50);
+        let (before, after) = (Lanes::default(), Lanes::default());
+        let _ = before.call(sink.clone(), "b", CAP, &hello(0), t).await;
+        let old_id = lock(&seen)[0];
+        let call = tokio::spawn({
+            let (after, sink) = (after.clone(), sink.clone());
+            async move { after.call(sink, "b", CAP, &hello(0), t).await }
+        });
+        while lock(&seen).len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!after.complete("b", old_id, RaftRpcReply::Done), "ids {old_id} and {} collide", lock(&seen)[1]);
+        assert!(matches!(call.await.unwrap(), Err(CallError::TimedOut { .. })));
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -20,7 +20,7 @@ use bulkhead_actors::inventory::{InventoryReply, InventoryRequest};
 use bulkhead_actors::orders::{OrdersReply, OrdersRequest};
 use bulkhead_actors::payments::{PaymentReply, PaymentRequest};
 use bulkhead_cluster::membership::Heartbeat;
-use bulkhead_cluster::raft::network::RaftCall;
+use bulkhead_cluster::raft::network::{RaftCall, RaftFrame};
 use bulkhead_cluster::raft::types::{CommandBatch, Proposal, ReplyBatch};
 use bulkhead_cluster::raft::{RaftRpc, RaftRpcReply};
 use bulkhead_cluster::wire::{Envelope, WireReply};
@@ -72,6 +72,7 @@ fn decoders() -> Vec<Decoder> {
         ("Envelope", ok::<Envelope>),
         ("WireReply", ok::<WireReply>),
         ("RaftCall", ok::<RaftCall>),
+        ("RaftFrame", ok::<RaftFrame>),
         ("RaftRpc", ok::<RaftRpc>),
         ("RaftRpcReply", ok::<RaftRpcReply>),
         ("Heartbeat", ok::<Heartbeat>),

@@ -672,23 +672,28 @@ impl Cluster {
 
     /// [`Self::remotable`], with the reason it is not as the error.
     fn reachable(&self, group: &str, node: &str, absent: &str) -> Result<(ActorRef<WireMsg>, Vec<u8>), String> {
-        if node != self.name() {
-            // One read of the view for both the status and the reason (this is the fail-fast path).
-            let down = match self.inner.view.read() {
-                Ok(v) => match v.get(node) {
-                    Some(n) if n.status != Status::Down => None,
-                    Some(n) => Some(n.reason.as_ref().map_or_else(|| "node is down".into(), ToString::to_string)),
-                    None => Some("node is down".into()),
-                },
-                Err(_) => Some("node is down".into()),
-            };
-            if let Some(reason) = down {
-                return Err(reason);
-            }
+        if let Some(reason) = self.down_reason(node) {
+            return Err(reason);
         }
         self.member_on(group, node)
             .map(|(cell, binding)| (ActorRef::from(cell), binding))
             .ok_or_else(|| absent.to_string())
+    }
+
+    /// Why `node` is down in this node's view, if it is (this node never is).
+    fn down_reason(&self, node: &str) -> Option<String> {
+        if node == self.name() {
+            return None;
+        }
+        // One read of the view for both the status and the reason (this is the fail-fast path).
+        match self.inner.view.read() {
+            Ok(v) => match v.get(node) {
+                Some(n) if n.status != Status::Down => None,
+                Some(n) => Some(n.reason.as_ref().map_or_else(|| "node is down".into(), ToString::to_string)),
+                None => Some("node is down".into()),
+            },
+            Err(_) => Some("node is down".into()),
+        }
     }
 
     /// Calls `cap` on `node` with the default call timeout.
@@ -771,18 +776,41 @@ impl Cluster {
     }
 
     /// Sends a lane's frame to the raft router on `node` ([`crate::raft::lanes`]): one
-    /// fire-and-forget message, refused here if the node is down or has no router.
+    /// fire-and-forget message. Refused here if the node has no router, and its requests also if
+    /// this node's view has it down (its answers go: it just sent their requests).
     pub fn raft_frame(
         &self,
         node: &str,
         items: Vec<crate::raft::rpc::LaneItem>,
     ) -> Result<(), crate::raft::lanes::NotSent> {
+        use crate::raft::lanes::NotSent;
+        use crate::raft::rpc::{LaneItem, RaftFrame};
         let group = crate::raft::network::router_group(node);
-        let not_sent = crate::raft::lanes::NotSent;
-        let (actor, binding) =
-            self.reachable(&group, node, &format!("no raft router is registered on {node}")).map_err(not_sent)?;
-        let frame = crate::raft::rpc::RaftFrame { from: self.name().to_string(), binding, items };
-        actor.cast(WireMsg::Tell(crate::wire::seal(&frame, ""))).map_err(|e| not_sent(format!("could not send: {e}")))
+        let (cell, binding) =
+            self.member_on(&group, node).ok_or_else(|| NotSent(format!("no raft router is registered on {node}")))?;
+        let actor = ActorRef::<WireMsg>::from(cell);
+        let send = |items: Vec<LaneItem>| {
+            let frame = RaftFrame { from: self.name().to_string(), binding: binding.clone(), items };
+            let bytes = crate::wire::seal(&frame, "");
+            if bytes.len() as u64 > crate::raft::MAX_FRAME {
+                // Never by construction (lanes::FRAME_BYTES); a link would close on it.
+                return Err(NotSent(format!("a raft frame of {} bytes is over the link's limit", bytes.len())));
+            }
+            actor.cast(WireMsg::Tell(bytes)).map_err(|e| NotSent(format!("could not send: {e}")))
+        };
+        match self.down_reason(node) {
+            None => send(items),
+            // Requests fail fast to a node this one has down (openraft backs off); answers go
+            // anyway: their node just sent the requests over a vouched link.
+            Some(reason) => {
+                let answers: Vec<LaneItem> =
+                    items.into_iter().filter(|i| matches!(i, LaneItem::Answer { .. })).collect();
+                if !answers.is_empty() {
+                    let _ = send(answers);
+                }
+                Err(NotSent(reason))
+            }
+        }
     }
 
     /// The shard of a replicated capability that owns `key`.

@@ -10,7 +10,7 @@
 //! How:
 //! - A call puts its request in the peer's queue and waits for its answer. The first item into an
 //!   idle queue spawns a flush, which yields once (so that every task made ready in the same moment
-//!   can add to the queue), then sends everything queued as [`RaftFrame`]s: fire-and-forget
+//!   can add to the queue), then sends everything queued as [`RaftFrame`](super::rpc::RaftFrame)s: fire-and-forget
 //!   messages to the peer's router. No timer: a lone request goes at once.
 //! - The peer serves each request on its own and answers it through its own lane back as soon as its
 //!   replica has (an append after the follower's log round, a heartbeat at once), so no group's
@@ -43,8 +43,10 @@ use crate::capability::CapabilityId;
 /// Bytes of lane items in one frame: room for the largest AppendEntries (about 6.1 MiB, see
 /// [`super::MAX_PAYLOAD_ENTRIES`]) with the envelope, below a link's [`super::MAX_FRAME`].
 pub const FRAME_BYTES: usize = 7 * 1024 * 1024;
+const _: () =
+    assert!(FRAME_BYTES + 512 * 1024 <= super::MAX_FRAME as usize, "a full frame and its envelope fit a link");
 
-/// Why a frame was not sent (nothing of it reached the peer).
+/// Why a frame's requests were not sent (its answers may have been: see [`FrameSink`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct NotSent(pub String);
@@ -53,6 +55,8 @@ pub struct NotSent(pub String);
 /// [`super::RaftPort`]), or a test's own.
 pub trait FrameSink: Send + Sync + 'static {
     /// Sends `items` to the raft router on `node` as one message, without waiting for anything.
+    /// `Err`: the requests among them were not sent. The answers may still go: a peer whose frame
+    /// was just served is worth answering even while this node's view has it down.
     fn raft_frame(&self, node: &str, items: Vec<LaneItem>) -> Result<(), NotSent>;
 }
 
@@ -204,7 +208,8 @@ impl Lanes {
                 // Nothing reached the peer: its calls fail now (openraft backs off), not at their
                 // timeout. Answers to the peer are lost with it; it times out and sends again.
                 for id in requests {
-                    if let Some(c) = lock(&self.0.calls).remove(&id) {
+                    let call = lock(&self.0.calls).remove(&id);
+                    if let Some(c) = call {
                         let e =
                             CallError::Unreachable { capability: c.capability, node: c.node, reason: reason.clone() };
                         let _ = c.done.send(Err(e));

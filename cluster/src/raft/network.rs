@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use bulkhead_codec::{decode, encode};
+use bulkhead_codec::{decode_wire, encode};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -61,12 +61,13 @@ enum Admission {
     Answered(RaftRpcReply),
 }
 
-/// Whether `from`, over a link carrying `binding`, may send `rpc` to this node, and what then.
-fn admit(cluster: &Port, from: &str, binding: &[u8], rpc: &RaftRpc) -> Admission {
+/// Whether `from` may send `rpc` to this node, and what then (`vouched`: it came over a link of
+/// `from`, by its binding).
+fn admit(cluster: &Port, from: &str, vouched: bool, rpc: &RaftRpc) -> Admission {
     let local = rpc.group().and_then(|g| cluster.raft().get(g));
     let leader = local.as_ref().and_then(|r| r.leader());
     let replicas = local.as_ref().map(|r| r.placement.replicas.as_slice());
-    let proved = if cluster.vouches_for(from, binding) {
+    let proved = if vouched {
         sent_by(rpc, from, leader.as_deref(), replicas)
     } else {
         Err(format!("a raft rpc that names {from} did not come over a link of {from}"))
@@ -93,7 +94,7 @@ fn serve_call(cluster: &Port, bytes: &[u8], port: ractor::RpcReplyPort<Vec<u8>>)
             return;
         }
     };
-    match admit(cluster, &call.from, &call.binding, &call.rpc) {
+    match admit(cluster, &call.from, cluster.vouches_for(&call.from, &call.binding), &call.rpc) {
         Admission::Refused(why) => {
             let _ = port.send(refuse(why));
         }
@@ -132,7 +133,8 @@ fn serve_frame(cluster: &Port, bytes: &[u8]) {
             }
             LaneItem::Request { id, rpc } => {
                 let sink: Arc<dyn FrameSink> = cluster.clone();
-                let rpc = match decode::<RaftRpc>(&rpc) {
+                // Under the wire limit, as every peer's bytes: a length prefix cannot make us allocate.
+                let rpc = match decode_wire::<RaftRpc>(&rpc) {
                     Ok(rpc) => rpc,
                     Err(e) => {
                         cluster.count_refused();
@@ -141,7 +143,8 @@ fn serve_frame(cluster: &Port, bytes: &[u8]) {
                         continue;
                     }
                 };
-                match admit(cluster, &from, &frame.binding, &rpc) {
+                // The frame's binding was checked above, once for all its items.
+                match admit(cluster, &from, true, &rpc) {
                     Admission::Refused(why) => lanes.answer(sink, &from, id, RaftRpcReply::Failed(why)),
                     Admission::Answered(reply) => lanes.answer(sink, &from, id, reply),
                     Admission::Serve => {

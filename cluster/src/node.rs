@@ -681,7 +681,7 @@ impl Cluster {
     }
 
     /// Why `node` is down in this node's view, if it is (this node never is).
-    fn down_reason(&self, node: &str) -> Option<String> {
+    pub(crate) fn down_reason(&self, node: &str) -> Option<String> {
         if node == self.name() {
             return None;
         }
@@ -776,41 +776,24 @@ impl Cluster {
     }
 
     /// Sends a lane's frame to the raft router on `node` ([`crate::raft::lanes`]): one
-    /// fire-and-forget message. Refused here if the node has no router, and its requests also if
-    /// this node's view has it down (its answers go: it just sent their requests).
+    /// fire-and-forget message, refused here if the node has no router. Whether to send to a
+    /// node seen down is the lane's choice (`FrameSink::down`).
     pub fn raft_frame(
         &self,
         node: &str,
         items: Vec<crate::raft::rpc::LaneItem>,
     ) -> Result<(), crate::raft::lanes::NotSent> {
         use crate::raft::lanes::NotSent;
-        use crate::raft::rpc::{LaneItem, RaftFrame};
         let group = crate::raft::network::router_group(node);
         let (cell, binding) =
             self.member_on(&group, node).ok_or_else(|| NotSent(format!("no raft router is registered on {node}")))?;
-        let actor = ActorRef::<WireMsg>::from(cell);
-        let send = |items: Vec<LaneItem>| {
-            let frame = RaftFrame { from: self.name().to_string(), binding: binding.clone(), items };
-            let bytes = crate::wire::seal(&frame, "");
-            if bytes.len() as u64 > crate::raft::MAX_FRAME {
-                // Never by construction (lanes::FRAME_BYTES); a link would close on it.
-                return Err(NotSent(format!("a raft frame of {} bytes is over the link's limit", bytes.len())));
-            }
-            actor.cast(WireMsg::Tell(bytes)).map_err(|e| NotSent(format!("could not send: {e}")))
-        };
-        match self.down_reason(node) {
-            None => send(items),
-            // Requests fail fast to a node this one has down (openraft backs off); answers go
-            // anyway: their node just sent the requests over a vouched link.
-            Some(reason) => {
-                let answers: Vec<LaneItem> =
-                    items.into_iter().filter(|i| matches!(i, LaneItem::Answer { .. })).collect();
-                if !answers.is_empty() {
-                    let _ = send(answers);
-                }
-                Err(NotSent(reason))
-            }
+        let frame = crate::raft::rpc::RaftFrame { from: self.name().to_string(), binding, items };
+        let bytes = crate::wire::seal(&frame, "");
+        if bytes.len() as u64 > crate::raft::MAX_FRAME {
+            // Never by construction (lanes::FRAME_BYTES); a link would close on it.
+            return Err(NotSent(format!("a raft frame of {} bytes is over the link's limit", bytes.len())));
         }
+        ActorRef::<WireMsg>::from(cell).cast(WireMsg::Tell(bytes)).map_err(|e| NotSent(format!("could not send: {e}")))
     }
 
     /// The shard of a replicated capability that owns `key`.

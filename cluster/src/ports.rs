@@ -141,6 +141,10 @@ impl crate::raft::lanes::FrameSink for Cluster {
     ) -> Result<(), crate::raft::lanes::NotSent> {
         Cluster::raft_frame(self, node, items)
     }
+
+    fn down(&self, node: &str) -> Option<String> {
+        self.down_reason(node)
+    }
 }
 
 /// What a gateway asks of a request's sender: the node's links for the proof, and who holds what,

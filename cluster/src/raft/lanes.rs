@@ -46,7 +46,7 @@ pub const FRAME_BYTES: usize = 7 * 1024 * 1024;
 const _: () =
     assert!(FRAME_BYTES + 512 * 1024 <= super::MAX_FRAME as usize, "a full frame and its envelope fit a link");
 
-/// Why a frame's requests were not sent (its answers may have been: see [`FrameSink`]).
+/// Why a frame was not sent (nothing of it reached the peer).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct NotSent(pub String);
@@ -54,10 +54,11 @@ pub struct NotSent(pub String);
 /// Where a lane's frames go: the node's links ([`crate::Cluster`] implements it through the
 /// [`super::RaftPort`]), or a test's own.
 pub trait FrameSink: Send + Sync + 'static {
-    /// Sends `items` to the raft router on `node` as one message, without waiting for anything.
-    /// `Err`: the requests among them were not sent. The answers may still go: a peer whose frame
-    /// was just served is worth answering even while this node's view has it down.
+    /// Sends `items` to the raft router on `node` as one message, without waiting for anything
+    /// (`Err`: nothing was sent).
     fn raft_frame(&self, node: &str, items: Vec<LaneItem>) -> Result<(), NotSent>;
+    /// Why this node's view has `node` down, if it does.
+    fn down(&self, node: &str) -> Option<String>;
 }
 
 /// What a call on a lane comes to.
@@ -129,8 +130,6 @@ impl Lanes {
         lock(&self.0.calls).insert(id, Call { node: node.to_string(), capability: cap, done });
         let _forget = Forget { lanes: self, id };
         self.push(sink, node, LaneItem::Request { id, rpc: encode(rpc) });
-        let timed_out =
-            || CallError::TimedOut { capability: cap, node: node.to_string(), timeout_ms: timeout.as_millis() as u64 };
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => answer,
             // Only a call removed without an answer (never: every removal answers or is ours).
@@ -139,7 +138,11 @@ impl Lanes {
                 node: node.to_string(),
                 reason: "the call was dropped unanswered".into(),
             }),
-            Err(_) => Err(timed_out()),
+            Err(_) => Err(CallError::TimedOut {
+                capability: cap,
+                node: node.to_string(),
+                timeout_ms: timeout.as_millis() as u64,
+            }),
         }
     }
 
@@ -172,7 +175,10 @@ impl Lanes {
     fn push(&self, sink: Arc<dyn FrameSink>, node: &str, item: LaneItem) {
         let start = {
             let mut queues = lock(&self.0.queues);
-            let q = queues.entry(node.to_string()).or_default();
+            if !queues.contains_key(node) {
+                queues.insert(node.to_string(), Queue::default());
+            }
+            let Some(q) = queues.get_mut(node) else { return };
             q.items.push(item);
             !std::mem::replace(&mut q.flushing, true)
         };
@@ -189,38 +195,52 @@ impl Lanes {
 
     /// Sends everything queued for `node`; what is queued meanwhile starts the next flush.
     fn flush(&self, sink: &dyn FrameSink, node: &str) {
-        let items = {
+        let mut items = {
             let mut queues = lock(&self.0.queues);
             let Some(q) = queues.get_mut(node) else { return };
             q.flushing = false;
             std::mem::take(&mut q.items)
         };
+        if let Some(reason) = sink.down(node) {
+            // Requests to a node this one has down fail at once (openraft backs off). Answers go
+            // anyway: their node has just sent the requests over a vouched link, and may be
+            // back before this node's view says so.
+            let requests = items.extract_if(.., |i| matches!(i, LaneItem::Request { .. }));
+            let ids: Vec<u64> = requests.filter_map(|i| i.request_id()).collect();
+            self.fail(&ids, &reason);
+        }
         for frame in frames(items, FRAME_BYTES) {
             metrics::histogram!("bulkhead_raft_frame_items").record(frame.len() as f64);
-            let requests: Vec<u64> = frame
-                .iter()
-                .filter_map(|i| match i {
-                    LaneItem::Request { id, .. } => Some(*id),
-                    LaneItem::Answer { .. } => None,
-                })
-                .collect();
+            let requests: Vec<u64> = frame.iter().filter_map(LaneItem::request_id).collect();
             if let Err(NotSent(reason)) = sink.raft_frame(node, frame) {
                 // Nothing reached the peer: its calls fail now (openraft backs off), not at their
                 // timeout. Answers to the peer are lost with it; it times out and sends again.
-                for id in requests {
-                    let call = lock(&self.0.calls).remove(&id);
-                    if let Some(c) = call {
-                        let e =
-                            CallError::Unreachable { capability: c.capability, node: c.node, reason: reason.clone() };
-                        let _ = c.done.send(Err(e));
-                    }
-                }
+                self.fail(&requests, &reason);
+            }
+        }
+    }
+
+    /// Fails the calls `ids` as unreachable: their requests were not sent.
+    fn fail(&self, ids: &[u64], reason: &str) {
+        for id in ids {
+            let call = lock(&self.0.calls).remove(id);
+            if let Some(c) = call {
+                let e = CallError::Unreachable { capability: c.capability, node: c.node, reason: reason.to_string() };
+                let _ = c.done.send(Err(e));
             }
         }
     }
 }
 
 impl LaneItem {
+    /// The id of a request (`None` for an answer).
+    fn request_id(&self) -> Option<u64> {
+        match self {
+            LaneItem::Request { id, .. } => Some(*id),
+            LaneItem::Answer { .. } => None,
+        }
+    }
+
     /// About how many bytes the item takes in a frame.
     fn size(&self) -> usize {
         match self {
@@ -329,6 +349,9 @@ mod tests {
             }
             Ok(())
         }
+        fn down(&self, _: &str) -> Option<String> {
+            None
+        }
     }
 
     fn pair(down: bool) -> (Lanes, Arc<Wire>, Arc<Wire>) {
@@ -385,6 +408,9 @@ mod tests {
                 lock(&self.0).extend(ids(&items));
                 Ok(())
             }
+            fn down(&self, _: &str) -> Option<String> {
+                None
+            }
         }
         let sink: Arc<dyn FrameSink> = Arc::new(Keep(seen.clone()));
         let t = Duration::from_millis(50);
@@ -400,6 +426,29 @@ mod tests {
         }
         assert!(!after.complete("b", old_id, RaftRpcReply::Done), "ids {old_id} and {} collide", lock(&seen)[1]);
         assert!(matches!(call.await.unwrap(), Err(CallError::TimedOut { .. })));
+    }
+
+    /// To a node this one has down, requests fail at once unsent; answers still go.
+    #[tokio::test(flavor = "current_thread")]
+    async fn to_a_node_seen_down_only_answers_go() {
+        struct Down(Arc<Mutex<Vec<u64>>>);
+        impl FrameSink for Down {
+            fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
+                lock(&self.0).extend(ids(&items));
+                Ok(())
+            }
+            fn down(&self, node: &str) -> Option<String> {
+                Some(format!("{node} is down"))
+            }
+        }
+        let lanes = Lanes::default();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let sink: Arc<dyn FrameSink> = Arc::new(Down(sent.clone()));
+        lanes.answer(sink.clone(), "b", 41, RaftRpcReply::Done);
+        let r = lanes.call(sink, "b", CAP, &hello(0), Duration::from_secs(60)).await;
+        assert!(matches!(&r, Err(CallError::Unreachable { reason, .. }) if reason == "b is down"), "{r:?}");
+        assert_eq!(*lock(&sent), vec![41], "the answer went, the request did not");
+        assert_eq!(lanes.waiting(), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -419,6 +468,9 @@ mod tests {
             fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
                 lock(&self.0).extend(ids(&items));
                 Ok(())
+            }
+            fn down(&self, _: &str) -> Option<String> {
+                None
             }
         }
         let lanes = Lanes::default();

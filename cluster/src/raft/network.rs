@@ -84,6 +84,27 @@ fn admit(cluster: &Port, from: &str, vouched: bool, rpc: &RaftRpc) -> Admission 
     Admission::Serve
 }
 
+/// Judges `rpc` from `from` and hands the answer, or the refusal (`Err`), to `respond`: at once
+/// if the router answers it itself, else from a task of its own once the replica has. An append
+/// waits for the group commit, a vote for its fsync, and the router must not make one group wait
+/// behind another.
+fn serve(
+    cluster: &Port,
+    from: &str,
+    vouched: bool,
+    rpc: RaftRpc,
+    respond: impl FnOnce(Result<RaftRpcReply, String>) + Send + 'static,
+) {
+    match admit(cluster, from, vouched, &rpc) {
+        Admission::Refused(why) => respond(Err(why)),
+        Admission::Answered(reply) => respond(Ok(reply)),
+        Admission::Serve => {
+            let registry = cluster.raft().clone();
+            tokio::spawn(async move { respond(Ok(dispatch(&registry, rpc).await)) });
+        }
+    }
+}
+
 /// One RPC as a call of its own (votes, snapshots, hellos, hand-overs; appends from older builds).
 fn serve_call(cluster: &Port, bytes: &[u8], port: ractor::RpcReplyPort<Vec<u8>>) {
     let refuse = |reason: String| seal(&WireReply::Refused { kind: Refusal::Rejected, reason }, "");
@@ -94,23 +115,13 @@ fn serve_call(cluster: &Port, bytes: &[u8], port: ractor::RpcReplyPort<Vec<u8>>)
             return;
         }
     };
-    match admit(cluster, &call.from, cluster.vouches_for(&call.from, &call.binding), &call.rpc) {
-        Admission::Refused(why) => {
-            let _ = port.send(refuse(why));
-        }
-        Admission::Answered(reply) => {
-            let _ = port.send(seal(&WireReply::Ok(encode(&reply)), &env.traceparent));
-        }
-        Admission::Serve => {
-            // Each RPC on its own task: an append waits for the group commit, a vote for its
-            // fsync, and the router must not make one group wait behind another.
-            let registry = cluster.raft().clone();
-            tokio::spawn(async move {
-                let reply = dispatch(&registry, call.rpc).await;
-                let _ = port.send(seal(&WireReply::Ok(encode(&reply)), &env.traceparent));
-            });
-        }
-    }
+    let vouched = cluster.vouches_for(&call.from, &call.binding);
+    serve(cluster, &call.from, vouched, call.rpc, move |answer| {
+        let _ = port.send(match answer {
+            Ok(reply) => seal(&WireReply::Ok(encode(&reply)), &env.traceparent),
+            Err(why) => refuse(why),
+        });
+    });
 }
 
 /// A lane's frame ([`super::lanes`]): its answers complete this node's calls, its requests are
@@ -124,7 +135,8 @@ fn serve_frame(cluster: &Port, bytes: &[u8]) {
         tracing::warn!(from = %frame.from, "raft frame refused: it did not come over a link of the node it names");
         return;
     }
-    let lanes = cluster.raft().lanes().clone();
+    let lanes = cluster.raft().lanes();
+    let sink: Arc<dyn FrameSink> = cluster.clone();
     let from = frame.from;
     for item in frame.items {
         match item {
@@ -132,29 +144,22 @@ fn serve_frame(cluster: &Port, bytes: &[u8]) {
                 lanes.complete(&from, id, reply);
             }
             LaneItem::Request { id, rpc } => {
-                let sink: Arc<dyn FrameSink> = cluster.clone();
                 // Under the wire limit, as every peer's bytes: a length prefix cannot make us allocate.
                 let rpc = match decode_wire::<RaftRpc>(&rpc) {
                     Ok(rpc) => rpc,
                     Err(e) => {
                         cluster.count_refused();
                         tracing::warn!(%from, error = %e, "undecodable raft rpc in a frame");
-                        lanes.answer(sink, &from, id, RaftRpcReply::Failed(format!("undecodable raft rpc: {e}")));
+                        let reply = RaftRpcReply::Failed(format!("undecodable raft rpc: {e}"));
+                        lanes.answer(sink.clone(), &from, id, reply);
                         continue;
                     }
                 };
                 // The frame's binding was checked above, once for all its items.
-                match admit(cluster, &from, true, &rpc) {
-                    Admission::Refused(why) => lanes.answer(sink, &from, id, RaftRpcReply::Failed(why)),
-                    Admission::Answered(reply) => lanes.answer(sink, &from, id, reply),
-                    Admission::Serve => {
-                        let (registry, lanes, from) = (cluster.raft().clone(), lanes.clone(), from.clone());
-                        tokio::spawn(async move {
-                            let reply = dispatch(&registry, rpc).await;
-                            lanes.answer(sink, &from, id, reply);
-                        });
-                    }
-                }
+                let (lanes, sink, to) = (lanes.clone(), sink.clone(), from.clone());
+                serve(cluster, &from, true, rpc, move |answer| {
+                    lanes.answer(sink, &to, id, answer.unwrap_or_else(RaftRpcReply::Failed));
+                });
             }
         }
     }
@@ -350,6 +355,9 @@ mod tests {
         fn raft_frame(&self, node: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
             self.sent.lock().unwrap().push((node.to_string(), items));
             Ok(())
+        }
+        fn down(&self, _: &str) -> Option<String> {
+            None
         }
     }
 

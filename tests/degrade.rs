@@ -68,10 +68,22 @@ async fn a_poison_event_ends_in_the_dead_letters_and_does_not_block_its_destinat
     let tc = start_configured(Timing::default(), |_| {}).await;
     tc.stock("dl-1", 100, 250).await;
     // With fault_injection, shipping fails on every event of a `poison-shipping…` customer.
+    // Placed together with normal orders, so its event may travel in one batch (`DeliverMany`)
+    // with theirs: the batch is refused whole and the relay delivers its events one by one.
     let body = serde_json::json!({"customer_id": "poison-shipping-1", "items": [{"sku": "dl-1", "quantity": 1}], "payment_token": "tok_ok"});
-    let poison = tc.post(0, "/v1/orders", None, body).await;
+    let (poison, others) = tokio::join!(
+        tc.post(0, "/v1/orders", None, body),
+        futures::future::join_all((0..6).map(|_| tc.order(0, None, "dl-1", 1, "tok_ok")))
+    );
     assert_eq!(poison.status, 201, "{}", poison.body);
     let poison_id = poison.body["order_id"].as_str().expect("order_id").to_string();
+    let other_ids: Vec<String> = others
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body["order_id"].as_str().expect("order_id").to_string()
+        })
+        .collect();
 
     let letters = eventually(Duration::from_secs(20), "the poison event is dead-lettered", || async {
         let r = tc.get(1, &format!("/v1/dead-letters?order_id={poison_id}")).await;
@@ -98,7 +110,14 @@ async fn a_poison_event_ends_in_the_dead_letters_and_does_not_block_its_destinat
     })
     .await;
 
-    // The next normal order still gets its shipment.
+    // The orders placed with it, and the next normal order, get their shipments.
+    for id in &other_ids {
+        eventually(Duration::from_secs(10), "a shipment of an order placed with the poison one", || async {
+            let r = tc.get(2, &format!("/v1/shipments?order_id={id}")).await;
+            (r.body["shipments"].as_array()?.len() == 1).then_some(())
+        })
+        .await;
+    }
     let ok = tc.order(0, None, "dl-1", 1, "tok_ok").await;
     assert_eq!(ok.status, 201, "{}", ok.body);
     let ok_id = ok.body["order_id"].as_str().expect("order_id").to_string();

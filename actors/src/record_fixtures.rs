@@ -226,7 +226,11 @@ fn check(f: &Fixture) {
         }
         ("Delivery", "1") => check_current(f, &delivery()),
         ("ConsumerRequest", "1") => check_current(f, &ConsumerRequest::Deliver(confirmed())),
+        ("ConsumerRequest", "1/deliver-many") => check_current(f, &ConsumerRequest::DeliverMany(vec![confirmed()])),
         ("ConsumerReply", "1") => check_current(f, &ConsumerReply::Listed(vec![delivery()])),
+        ("ConsumerReply", "1/each") => {
+            check_current(f, &ConsumerReply::Each(vec![ConsumerReply::Accepted { duplicate: true }]))
+        }
         ("OrderRecord", "1") => check_refused::<_, OrderRecord>(f, &order_v1("n1"), &no_shard("n1")),
         ("OrderRecord", "1/labelled") => check_old(f, &order_v1("inventory/1"), &order()),
         ("OrderRecord", "2") => check_current(f, &order()),
@@ -366,6 +370,10 @@ fn check(f: &Fixture) {
         ("InventoryRequest", "1/commit-on") => {
             check_current(f, &InventoryRequest::CommitOn { shard: 1, order_id: ORDER })
         }
+        ("InventoryRequest", "1/commit-many-on") => {
+            check_current(f, &InventoryRequest::CommitManyOn { shard: 1, order_ids: vec![ORDER] })
+        }
+        ("InventoryReply", "1/each") => check_current(f, &InventoryReply::Each(vec![InventoryReply::Committed])),
         ("InventoryReply", "1") => {
             check_current(f, &InventoryReply::Reserved { lines: lines(), expires_ms: NOW + 30_000 })
         }

@@ -44,21 +44,25 @@ impl Service for Making {
             ConsumerRequest::Deliver(ev) => ev.order_id,
             ConsumerRequest::List { order_id } => *order_id,
             ConsumerRequest::InjectPanic => return Route::Drill,
+            ConsumerRequest::DeliverMany(events) => {
+                let shard_of = |ev: &OrderConfirmed| cluster.shard_of(self.capability(), ev.order_id.as_bytes());
+                return match batch_shard(self.kind, fault_injection, events, shard_of) {
+                    Ok(Some(shard)) => Route::Shard(shard),
+                    Ok(None) => Route::Answer(ConsumerReply::Each(Vec::new())),
+                    Err(refused) => Route::Answer(refused),
+                };
+            }
         };
         Route::Shard(cluster.shard_of(self.capability(), order_id.as_bytes()))
     }
 
     async fn serve(&self, replica: Replica, req: ConsumerRequest, trace: String) -> ConsumerReply {
         match req {
-            ConsumerRequest::Deliver(event) => {
-                let (order_id, event_id) = (event.order_id, event.event_id);
-                let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
-                let answer = replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()));
-                if let ConsumerReply::Accepted { duplicate } = &answer {
-                    tracing::info!(kind = self.kind, %order_id, %event_id, duplicate, trace_id = %trace, "event delivered");
-                }
-                answer
-            }
+            ConsumerRequest::Deliver(event) => self.deliver(&replica, event, &trace).await,
+            // All proposed at once: the group's proposer puts what is queued into one entry.
+            ConsumerRequest::DeliverMany(events) => ConsumerReply::Each(
+                futures::future::join_all(events.into_iter().map(|ev| self.deliver(&replica, ev, &trace))).await,
+            ),
             ConsumerRequest::List { order_id } => match replica.read_barrier().await {
                 Err(e) => unserved(e.into()),
                 Ok(()) => {
@@ -87,6 +91,41 @@ impl Service for Making {
     }
 }
 
+/// The shard a batch of events goes to (`None` for an empty batch), or the answer that refuses it
+/// whole: one that spans shards, or (with `fault_injection`) one that holds an event this consumer
+/// fails on, so that the relay delivers its events one by one and only that one fails.
+fn batch_shard(
+    kind: &str,
+    fault_injection: bool,
+    events: &[OrderConfirmed],
+    shard_of: impl Fn(&OrderConfirmed) -> u32,
+) -> Result<Option<u32>, ConsumerReply> {
+    let Some(shard) = events.first().map(&shard_of) else { return Ok(None) };
+    if events.iter().any(|ev| shard_of(ev) != shard) {
+        return Err(ConsumerReply::Refused("a batch of events must stay within one shard".into()));
+    }
+    if fault_injection && events.iter().any(|ev| is_poison(kind, ev)) {
+        tracing::warn!(kind, "fault injection: refusing a batch with a poison event; the relay delivers it one by one");
+        return Err(ConsumerReply::Refused(format!(
+            "fault injection: a batch with an event {kind} fails on; deliver one by one"
+        )));
+    }
+    Ok(Some(shard))
+}
+
+impl Making {
+    /// Records one event (a command of its own, deduped by its event id) once a majority has it.
+    async fn deliver(&self, replica: &Replica, event: OrderConfirmed, trace: &str) -> ConsumerReply {
+        let (order_id, event_id) = (event.order_id, event.event_id);
+        let cmd = ConsumerCommand::Deliver { event, now_ms: replica.now_ms(), delivery_id: Uuid::now_v7() };
+        let answer = replica.propose::<ConsumerMachine>(&cmd).await.unwrap_or_else(|e| unserved(e.into()));
+        if let ConsumerReply::Accepted { duplicate } = &answer {
+            tracing::info!(kind = self.kind, %order_id, %event_id, duplicate, trace_id = %trace, "event delivered");
+        }
+        answer
+    }
+}
+
 fn unserved(e: Unserved) -> ConsumerReply {
     match e {
         Unserved::NotLeader(leader) => ConsumerReply::NotLeader { leader },
@@ -107,6 +146,24 @@ mod tests {
             total_cents: 0,
             payment_id: String::new(),
         }
+    }
+
+    #[test]
+    fn a_batch_goes_to_its_one_shard_and_is_refused_whole_if_it_spans_shards_or_holds_poison() {
+        let by_customer = |ev: &OrderConfirmed| ev.customer_id.len() as u32;
+        let (a, b, poison) = (ev("c-1"), ev("c-2"), ev("poison-shipping"));
+        assert_eq!(batch_shard("shipping", true, &[], by_customer), Ok(None));
+        assert_eq!(batch_shard("shipping", true, &[a.clone(), b.clone()], by_customer), Ok(Some(3)));
+        assert!(matches!(
+            batch_shard("shipping", false, &[a.clone(), ev("c-10")], by_customer),
+            Err(ConsumerReply::Refused(_))
+        ));
+        let with_poison = [a.clone(), ev("poison-shipping-"), b.clone()];
+        let same_len = |ev: &OrderConfirmed| (ev.customer_id.len() > 0) as u32;
+        assert!(matches!(batch_shard("shipping", true, &with_poison, same_len), Err(ConsumerReply::Refused(_))));
+        // Poison for shipping only, and only where the node takes drills.
+        assert_eq!(batch_shard("notifications", true, &with_poison, same_len), Ok(Some(1)));
+        assert_eq!(batch_shard("shipping", false, &[poison, a], same_len), Ok(Some(1)));
     }
 
     #[test]

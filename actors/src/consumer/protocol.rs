@@ -20,8 +20,15 @@ pub struct OrderConfirmed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsumerRequest {
     Deliver(OrderConfirmed),
-    List { order_id: Uuid },
+    List {
+        order_id: Uuid,
+    },
     InjectPanic,
+    /// Several events for one shard, as the outbox relay batches them: answered
+    /// [`ConsumerReply::Each`], one reply per event in order. Each event is still its own
+    /// command (deduped by its event id); the shard's proposer puts them in as few entries as it
+    /// can. A batch that spans shards is refused whole (the sender delivers one by one).
+    DeliverMany(Vec<OrderConfirmed>),
 }
 
 /// Confirmed orders are delivered by the orders outbox, on a node that hosts orders; listings come
@@ -31,7 +38,7 @@ impl bulkhead_cluster::SentBy for ConsumerRequest {
         use crate::capability::Capability;
         use bulkhead_cluster::Role;
         match self {
-            Self::Deliver(_) => Role::hosts(Capability::Orders),
+            Self::Deliver(_) | Self::DeliverMany(_) => Role::hosts(Capability::Orders),
             Self::List { .. } => Role::AnyMember,
             Self::InjectPanic => Role::Itself,
         }
@@ -67,6 +74,8 @@ pub enum ConsumerReply {
     },
     /// Could not be served right now (no majority answered in time); try again later.
     Unavailable(String),
+    /// The answers to a [`ConsumerRequest::DeliverMany`], one per event, in its order.
+    Each(Vec<ConsumerReply>),
 }
 
 impl bulkhead_cluster::LeaderReply for ConsumerReply {

@@ -40,9 +40,9 @@ impl Service for Inventory {
                 Route::Shard(shard_of(items.first().map(|i| i.sku.as_str()).unwrap_or("")))
             }
             InventoryRequest::Get { sku } | InventoryRequest::Set { sku, .. } => Route::Shard(shard_of(sku)),
-            InventoryRequest::CommitOn { shard, .. } | InventoryRequest::ReleaseOn { shard, .. } => {
-                Route::Shard(*shard)
-            }
+            InventoryRequest::CommitOn { shard, .. }
+            | InventoryRequest::ReleaseOn { shard, .. }
+            | InventoryRequest::CommitManyOn { shard, .. } => Route::Shard(*shard),
             // They carry no SKU: which shard holds the reservation is the caller's to say.
             InventoryRequest::Commit { .. } | InventoryRequest::Release { .. } => {
                 Route::Answer(InventoryReply::Refused("name the shard: use CommitOn / ReleaseOn".into()))
@@ -57,6 +57,19 @@ impl Service for Inventory {
                 InventoryCommand::Reserve { order_id, items, ttl_ms, now_ms: replica.now_ms() }
             }
             InventoryRequest::CommitOn { order_id, .. } => InventoryCommand::Commit { order_id },
+            // All proposed at once: the group's proposer puts what is queued into one entry.
+            InventoryRequest::CommitManyOn { order_ids, .. } => {
+                let commits = order_ids.into_iter().map(|order_id| {
+                    let replica = &replica;
+                    async move {
+                        replica
+                            .propose::<InventoryMachine>(&InventoryCommand::Commit { order_id })
+                            .await
+                            .unwrap_or_else(unserved)
+                    }
+                });
+                return InventoryReply::Each(futures::future::join_all(commits).await);
+            }
             InventoryRequest::ReleaseOn { order_id, .. } => {
                 InventoryCommand::Release { order_id, now_ms: replica.now_ms() }
             }

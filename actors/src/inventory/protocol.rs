@@ -73,6 +73,12 @@ pub enum InventoryRequest {
         shard: u32,
         order_id: Uuid,
     },
+    /// `CommitOn` for several orders of one shard, as the outbox relay batches them: answered
+    /// [`InventoryReply::Each`], one reply per order in order. Each is still its own command.
+    CommitManyOn {
+        shard: u32,
+        order_ids: Vec<Uuid>,
+    },
 }
 
 /// Holds are taken, committed and released by the orders saga and its outbox, on a node that hosts
@@ -86,7 +92,8 @@ impl bulkhead_cluster::SentBy for InventoryRequest {
             | Self::Commit { .. }
             | Self::Release { .. }
             | Self::CommitOn { .. }
-            | Self::ReleaseOn { .. } => Role::hosts(Capability::Orders),
+            | Self::ReleaseOn { .. }
+            | Self::CommitManyOn { .. } => Role::hosts(Capability::Orders),
             Self::Get { .. } | Self::Set { .. } => Role::AnyMember,
             Self::InjectPanic => Role::Itself,
         }
@@ -121,6 +128,8 @@ pub enum InventoryReply {
     },
     /// Could not be served right now (no majority answered in time); try again later.
     Unavailable(String),
+    /// The answers to an [`InventoryRequest::CommitManyOn`], one per order, in its order.
+    Each(Vec<InventoryReply>),
 }
 
 impl bulkhead_cluster::LeaderReply for InventoryReply {

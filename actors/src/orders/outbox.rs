@@ -3,10 +3,18 @@
 //! A finished order's outbox entries are written by the same committed command as its terminal
 //! state ([`super::machine::OrdersCommand::Finish`]), so a confirmed order always has its
 //! deliveries queued, on every replica. The relay runs on every node but works only the shards
-//! this node leads: it scans their outbox, delivers each entry with a timed cluster call, and once
+//! this node leads: it scans their outbox, delivers the entries with timed cluster calls, and once
 //! destinations have acknowledged (after their own commit) proposes the entries' removal
 //! ([`OrdersCommand::Delivered`]). A new leader's relay simply finds what is left. Consumers dedupe
 //! by event id, so a redelivery (a lost ack, a removal that did not commit) is harmless.
+//!
+//! One call per destination shard and round: a round's inventory commits for one shard travel as
+//! one `CommitManyOn`, its confirmations for one shipping or notifications shard as one
+//! `DeliverMany` ([`parcels`]); each entry is still its own command there, and gets its own
+//! outcome. Why: a cluster call costs far more CPU than the command it carries (an envelope, TLS
+//! records, tasks and actor hops on both sides), and an order has three such entries. A batch
+//! refused whole (an event a consumer fails on, a node too old to know batches) is delivered
+//! entry by entry, as before.
 //!
 //! What a round's outcomes mean (backoff, dead letters, the next round) is decided in
 //! [`super::rounds`], with no I/O; this file collects, delivers and proposes.
@@ -37,7 +45,7 @@ use super::machine::{OrdersApplied, OrdersCommand, OrdersMachine, OUTBOX};
 use super::protocol::shard_of_order;
 use super::rounds::{self, Delivery, Round, Rounds, ToDeadLetters};
 use super::saga::{dest_label, Dest, OutboxEntry, OutboxEvent};
-use crate::consumer::{ConsumerReply, ConsumerRequest};
+use crate::consumer::{ConsumerReply, ConsumerRequest, OrderConfirmed};
 use crate::inventory::{InventoryReply, InventoryRequest};
 use crate::payments::{PaymentReply, PaymentRequest};
 use crate::util::jitter;
@@ -104,21 +112,50 @@ async fn call_inventory_shard(
     cluster.call_leader(Capability::Inventory, shard, &req, tp, t).await.map_err(on_error)
 }
 
+/// What one inventory commit's answer means for its entry.
+fn commit_delivery(order_id: &Uuid, shard: u32, answer: Result<InventoryReply, Delivery>) -> Delivery {
+    match answer {
+        Ok(InventoryReply::CommitFailed { reason }) => {
+            tracing::error!(%order_id, shard, %reason, "reservation commit failed for a confirmed order");
+            Delivery::Acked
+        }
+        Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
+        Ok(_) => Delivery::Acked,
+        Err(d) => d,
+    }
+}
+
+/// What one consumer's answer to an event means for its entry.
+fn event_delivery(cap: Capability, shard: u32, answer: Result<ConsumerReply, Delivery>) -> Delivery {
+    match answer {
+        Ok(ConsumerReply::Accepted { .. }) => Delivery::Acked,
+        Ok(ConsumerReply::Unavailable(_)) => Delivery::Retry,
+        Ok(ConsumerReply::Refused(why)) => Delivery::Failed(format!("{cap} shard {shard} refused: {why}")),
+        Ok(other) => Delivery::Failed(format!("{cap} shard {shard} answered {other:?}")),
+        Err(d) => d,
+    }
+}
+
+/// The shard of `cap` a confirmation goes to.
+fn consumer_shard(cluster: &Cluster, cap: Capability, order_id: &Uuid) -> u32 {
+    cluster.shard_of(cap, order_id.as_bytes())
+}
+
+fn consumer_of(dest: &Dest) -> Capability {
+    if *dest == Dest::Shipping {
+        Capability::Shipping
+    } else {
+        Capability::Notifications
+    }
+}
+
 /// Delivers one entry.
 async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
     let tp = bulkhead_cluster::wire::child_traceparent(&e.traceparent);
     match (&e.dest, &e.event) {
         (Dest::Inventory { shard }, OutboxEvent::CommitReservation { order_id }) => {
             let commit = InventoryRequest::CommitOn { shard: *shard, order_id: *order_id };
-            match call_inventory_shard(cluster, *shard, commit, &tp).await {
-                Ok(InventoryReply::CommitFailed { reason }) => {
-                    tracing::error!(%order_id, shard, %reason, "reservation commit failed for a confirmed order");
-                    Delivery::Acked
-                }
-                Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
-                Ok(_) => Delivery::Acked,
-                Err(d) => d,
-            }
+            commit_delivery(order_id, *shard, call_inventory_shard(cluster, *shard, commit, &tp).await)
         }
         (Dest::Inventory { shard }, OutboxEvent::ReleaseReservation { order_id }) => {
             let release = InventoryRequest::ReleaseOn { shard: *shard, order_id: *order_id };
@@ -143,21 +180,163 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
             }
         }
         (Dest::Shipping | Dest::Notifications, OutboxEvent::Confirmed(ev)) => {
-            let cap = if e.dest == Dest::Shipping { Capability::Shipping } else { Capability::Notifications };
-            let shard = cluster.shard_of(cap, ev.order_id.as_bytes());
+            let cap = consumer_of(&e.dest);
+            let shard = consumer_shard(cluster, cap, &ev.order_id);
             let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
             let req = ConsumerRequest::Deliver(ev.clone());
-            match cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &tp, t).await {
-                Ok(ConsumerReply::Accepted { .. }) => Delivery::Acked,
-                Ok(ConsumerReply::Unavailable(_)) => Delivery::Retry,
-                Ok(ConsumerReply::Refused(why)) => Delivery::Failed(format!("{cap} shard {shard} refused: {why}")),
-                Ok(other) => Delivery::Failed(format!("{cap} shard {shard} answered {other:?}")),
-                Err(e) => on_error(e),
-            }
+            let answer = cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &tp, t).await.map_err(on_error);
+            event_delivery(cap, shard, answer)
         }
         (dest, event) => {
             tracing::error!(dest = %dest_label(dest), ?event, "outbox entry with a mismatched destination dropped");
             Delivery::Acked
+        }
+    }
+}
+
+/// What one call of a round carries: an entry alone, or the entries of one destination shard
+/// that takes them in one request (inventory commits, confirmations for a consumer).
+#[derive(Debug, PartialEq)]
+enum Parcel {
+    One(Keyed),
+    Commits { shard: u32, entries: Vec<Keyed> },
+    Events { cap: Capability, shard: u32, entries: Vec<Keyed> },
+}
+
+/// Where a batchable entry goes, or `None` for one that travels alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Target {
+    Commits { shard: u32 },
+    Events { cap: Capability, shard: u32 },
+}
+
+/// Groups a round's entries into the calls that carry them: one call per destination shard
+/// for commits and confirmations, one per entry for the rest (releases and refunds are rare,
+/// and come from cancellations). A group of one travels alone, as the single request it is.
+/// Pure: `shard_of` says which shard of a consumer an order's confirmation goes to.
+fn parcels(batch: Vec<Keyed>, shard_of: impl Fn(Capability, &Uuid) -> u32) -> Vec<Parcel> {
+    let mut groups: BTreeMap<Target, Vec<Keyed>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for keyed in batch {
+        let target = match (&keyed.1.dest, &keyed.1.event) {
+            (Dest::Inventory { shard }, OutboxEvent::CommitReservation { .. }) => Target::Commits { shard: *shard },
+            (dest @ (Dest::Shipping | Dest::Notifications), OutboxEvent::Confirmed(ev)) => {
+                let cap = consumer_of(dest);
+                Target::Events { cap, shard: shard_of(cap, &ev.order_id) }
+            }
+            _ => {
+                out.push(Parcel::One(keyed));
+                continue;
+            }
+        };
+        groups.entry(target).or_default().push(keyed);
+    }
+    for (target, mut entries) in groups {
+        out.push(match target {
+            _ if entries.len() == 1 => Parcel::One(entries.remove(0)),
+            Target::Commits { shard } => Parcel::Commits { shard, entries },
+            Target::Events { cap, shard } => Parcel::Events { cap, shard, entries },
+        });
+    }
+    out
+}
+
+/// A reply that answers a batch: `Each` entry's reply in order, or one reply for all of it.
+trait BatchReply: Sized {
+    fn each(self) -> Result<Vec<Self>, Self>;
+    /// Not served now, none of it recorded for sure (no majority in time): try again later.
+    fn unavailable(&self) -> bool;
+}
+
+impl BatchReply for InventoryReply {
+    fn each(self) -> Result<Vec<Self>, Self> {
+        match self {
+            InventoryReply::Each(replies) => Ok(replies),
+            whole => Err(whole),
+        }
+    }
+    fn unavailable(&self) -> bool {
+        matches!(self, InventoryReply::Unavailable(_))
+    }
+}
+
+impl BatchReply for ConsumerReply {
+    fn each(self) -> Result<Vec<Self>, Self> {
+        match self {
+            ConsumerReply::Each(replies) => Ok(replies),
+            whole => Err(whole),
+        }
+    }
+    fn unavailable(&self) -> bool {
+        matches!(self, ConsumerReply::Unavailable(_))
+    }
+}
+
+/// Each entry's outcome from a batch's answer, the `i`th reply judged by `one` as a single
+/// answer would be; or `None` when the batch was refused whole (a batch with an event a consumer
+/// fails on, a node too old to know batches, an answer of the wrong shape): then its entries go
+/// one by one.
+fn outcomes<R: BatchReply>(
+    n: usize,
+    answer: Result<R, bulkhead_cluster::CallError>,
+    mut one: impl FnMut(usize, R) -> Delivery,
+) -> Option<Vec<Delivery>> {
+    match answer.map(BatchReply::each) {
+        Err(e) if e.is_transient() => Some(vec![Delivery::Retry; n]),
+        Ok(Ok(replies)) if replies.len() == n => {
+            Some(replies.into_iter().enumerate().map(|(i, r)| one(i, r)).collect())
+        }
+        Ok(Err(whole)) if whole.unavailable() => Some(vec![Delivery::Retry; n]),
+        Err(_) | Ok(_) => None,
+    }
+}
+
+/// Delivers a parcel: one call for a batch, each entry on its own if the batch is refused.
+async fn deliver_parcel(cluster: &Cluster, parcel: Parcel) -> Vec<((Uuid, u64), OutboxEntry, Delivery)> {
+    let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
+    let (entries, outcomes) = match parcel {
+        Parcel::One((key, entry)) => {
+            let outcome = deliver(cluster, &entry).await;
+            return vec![(key, entry, outcome)];
+        }
+        Parcel::Commits { shard, entries } => {
+            let order_ids: Vec<Uuid> = entries
+                .iter()
+                .filter_map(|(_, e)| match &e.event {
+                    OutboxEvent::CommitReservation { order_id } => Some(*order_id),
+                    _ => None,
+                })
+                .collect();
+            let tp = bulkhead_cluster::wire::child_traceparent(&entries[0].1.traceparent);
+            let req = InventoryRequest::CommitManyOn { shard, order_ids: order_ids.clone() };
+            let answer = cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t).await;
+            let outcomes = outcomes(entries.len(), answer, |i, r| commit_delivery(&order_ids[i], shard, Ok(r)));
+            (entries, outcomes)
+        }
+        Parcel::Events { cap, shard, entries } => {
+            let events: Vec<OrderConfirmed> = entries
+                .iter()
+                .filter_map(|(_, e)| match &e.event {
+                    OutboxEvent::Confirmed(ev) => Some(ev.clone()),
+                    _ => None,
+                })
+                .collect();
+            let tp = bulkhead_cluster::wire::child_traceparent(&entries[0].1.traceparent);
+            let req = ConsumerRequest::DeliverMany(events);
+            let answer = cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &tp, t).await;
+            let outcomes = outcomes(entries.len(), answer, |_, r| event_delivery(cap, shard, Ok(r)));
+            (entries, outcomes)
+        }
+    };
+    match outcomes {
+        Some(outcomes) => entries.into_iter().zip(outcomes).map(|((key, entry), d)| (key, entry, d)).collect(),
+        None => {
+            tracing::debug!(entries = entries.len(), "a batch was refused whole; delivering its entries one by one");
+            let singles = entries.into_iter().map(|(key, entry)| async move {
+                let outcome = deliver(cluster, &entry).await;
+                (key, entry, outcome)
+            });
+            futures::future::join_all(singles).await
         }
     }
 }
@@ -227,15 +406,14 @@ impl RelayState {
         self.rounds.started();
         let (cluster, me, replicas) = (self.cluster.clone(), myself.clone(), self.replicas.clone());
         tokio::spawn(async move {
-            let results: Vec<((Uuid, u64), OutboxEntry, Delivery)> = stream::iter(batch)
-                .map(|(key, entry)| {
+            let parcels = parcels(batch, |cap, order_id| consumer_shard(&cluster, cap, order_id));
+            let results: Vec<((Uuid, u64), OutboxEntry, Delivery)> = stream::iter(parcels)
+                .map(|parcel| {
                     let cluster = cluster.clone();
-                    async move {
-                        let outcome = deliver(&cluster, &entry).await;
-                        (key, entry, outcome)
-                    }
+                    async move { deliver_parcel(&cluster, parcel).await }
                 })
                 .buffer_unordered(PARALLEL)
+                .flat_map(stream::iter)
                 .collect()
                 .await;
             let mut round = rounds::judge(results);
@@ -291,5 +469,119 @@ impl Actor for OutboxRelay {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_cluster::CallError;
+
+    fn entry(n: u128, dest: Dest, event: OutboxEvent) -> Keyed {
+        let order_id = Uuid::from_u128(n);
+        ((order_id, 0), OutboxEntry { dest, event, order_id, created_ms: 0, traceparent: String::new() })
+    }
+
+    fn commit(n: u128, shard: u32) -> Keyed {
+        entry(n, Dest::Inventory { shard }, OutboxEvent::CommitReservation { order_id: Uuid::from_u128(n) })
+    }
+
+    fn confirmed(n: u128, dest: Dest) -> Keyed {
+        let ev = OrderConfirmed {
+            event_id: Uuid::from_u128(1000 + n),
+            order_id: Uuid::from_u128(n),
+            customer_id: "c".into(),
+            lines: vec![],
+            total_cents: 1,
+            payment_id: "p".into(),
+        };
+        entry(n, dest, OutboxEvent::Confirmed(ev))
+    }
+
+    fn ids(entries: &[Keyed]) -> Vec<u128> {
+        entries.iter().map(|(k, _)| k.0.as_u128()).collect()
+    }
+
+    /// Odd order ids go to shard 1 of a consumer, even ones to shard 0.
+    fn by_parity(_: Capability, id: &Uuid) -> u32 {
+        (id.as_u128() % 2) as u32
+    }
+
+    #[test]
+    fn a_round_travels_as_one_call_per_destination_shard_and_the_rare_entries_alone() {
+        let release =
+            entry(9, Dest::Inventory { shard: 0 }, OutboxEvent::ReleaseReservation { order_id: Uuid::from_u128(9) });
+        let refund = entry(8, Dest::Payments, OutboxEvent::RefundPayment { order_id: Uuid::from_u128(8) });
+        let batch = vec![
+            commit(1, 0),
+            confirmed(1, Dest::Shipping),
+            confirmed(1, Dest::Notifications),
+            commit(3, 0),
+            commit(5, 1),
+            confirmed(3, Dest::Shipping),
+            release.clone(),
+            confirmed(2, Dest::Shipping),
+            refund.clone(),
+            confirmed(3, Dest::Notifications),
+        ];
+        let got = parcels(batch, by_parity);
+        let mut alone: Vec<u128> = Vec::new();
+        let mut many: Vec<(String, Vec<u128>)> = Vec::new();
+        for p in got {
+            match p {
+                Parcel::One(k) => alone.push(k.0 .0.as_u128()),
+                Parcel::Commits { shard, entries } => many.push((format!("inventory {shard}"), ids(&entries))),
+                Parcel::Events { cap, shard, entries } => many.push((format!("{cap} {shard}"), ids(&entries))),
+            }
+        }
+        alone.sort();
+        // The release and the refund alone, and so is each group of one: commit 5 (shard 1),
+        // shipping of order 2 (shard 0).
+        assert_eq!(alone, vec![2, 5, 8, 9]);
+        many.sort();
+        assert_eq!(
+            many,
+            vec![
+                ("inventory 0".to_string(), vec![1, 3]),
+                ("notifications 1".to_string(), vec![1, 3]),
+                ("shipping 1".to_string(), vec![1, 3]),
+            ]
+        );
+    }
+
+    fn timed_out() -> CallError {
+        CallError::TimedOut { capability: Capability::Shipping.into(), node: "n2".into(), timeout_ms: 1 }
+    }
+
+    fn rejected() -> CallError {
+        CallError::Rejected { capability: Capability::Shipping.into(), node: "n2".into(), reason: "undecodable".into() }
+    }
+
+    fn judge(answer: Result<ConsumerReply, CallError>, n: usize) -> Option<Vec<Delivery>> {
+        outcomes(n, answer, |_, r| event_delivery(Capability::Shipping, 0, Ok(r)))
+    }
+
+    #[test]
+    fn each_entry_of_a_batch_gets_its_own_outcome() {
+        let answer = ConsumerReply::Each(vec![
+            ConsumerReply::Accepted { duplicate: false },
+            ConsumerReply::Unavailable("no majority".into()),
+            ConsumerReply::Refused("poison".into()),
+        ]);
+        let got = judge(Ok(answer), 3).unwrap();
+        assert_eq!(got[..2], [Delivery::Acked, Delivery::Retry]);
+        assert!(matches!(&got[2], Delivery::Failed(why) if why.contains("poison")));
+    }
+
+    #[test]
+    fn a_batch_not_delivered_is_retried_whole_and_one_refused_whole_goes_entry_by_entry() {
+        // Not delivered at all: every entry waits for the destination's backoff.
+        assert_eq!(judge(Err(timed_out()), 2), Some(vec![Delivery::Retry; 2]));
+        assert_eq!(judge(Ok(ConsumerReply::Unavailable("election".into())), 2), Some(vec![Delivery::Retry; 2]));
+        // Refused whole (a poison event inside, a node that cannot decode a batch) or answered
+        // out of shape: no outcome for any entry; each goes again on its own.
+        assert_eq!(judge(Err(rejected()), 2), None);
+        assert_eq!(judge(Ok(ConsumerReply::Refused("deliver one by one".into())), 2), None);
+        assert_eq!(judge(Ok(ConsumerReply::Each(vec![ConsumerReply::Accepted { duplicate: true }])), 2), None);
     }
 }

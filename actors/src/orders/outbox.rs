@@ -242,7 +242,7 @@ fn parcels(batch: Vec<Keyed>, shard_of: impl Fn(Capability, &Uuid) -> u32) -> Ve
 }
 
 /// A reply that answers a batch: `Each` entry's reply in order, or one reply for all of it.
-trait BatchReply: Sized {
+trait BatchReply: bulkhead_cluster::LeaderReply + Sized {
     fn each(self) -> Result<Vec<Self>, Self>;
     /// Not served now, none of it recorded for sure (no majority in time): try again later.
     fn unavailable(&self) -> bool;
@@ -273,7 +273,8 @@ impl BatchReply for ConsumerReply {
 }
 
 /// Each entry's outcome from a batch's answer, the `i`th reply judged by `one` as a single
-/// answer would be; or `None` when the batch was refused whole (a batch with an event a consumer
+/// answer would be (but a reply from a replica that no longer leads, or could not commit, is a
+/// `Retry`: `one` would take it for an answer); or `None` when the batch was refused whole (a batch with an event a consumer
 /// fails on, a node too old to know batches, an answer of the wrong shape): then its entries go
 /// one by one.
 fn outcomes<R: BatchReply>(
@@ -283,9 +284,15 @@ fn outcomes<R: BatchReply>(
 ) -> Option<Vec<Delivery>> {
     match answer.map(BatchReply::each) {
         Err(e) if e.is_transient() => Some(vec![Delivery::Retry; n]),
-        Ok(Ok(replies)) if replies.len() == n => {
-            Some(replies.into_iter().enumerate().map(|(i, r)| one(i, r)).collect())
-        }
+        Ok(Ok(replies)) if replies.len() == n => Some(
+            replies
+                .into_iter()
+                .enumerate()
+                // Served by a replica that lost the lead meanwhile: not recorded, try again (a
+                // single call would have followed the leader; this must not count as an answer).
+                .map(|(i, r)| if r.not_leader().is_some() || r.unavailable() { Delivery::Retry } else { one(i, r) })
+                .collect(),
+        ),
         Ok(Err(whole)) if whole.unavailable() => Some(vec![Delivery::Retry; n]),
         Err(_) | Ok(_) => None,
     }
@@ -571,6 +578,28 @@ mod tests {
         let got = judge(Ok(answer), 3).unwrap();
         assert_eq!(got[..2], [Delivery::Acked, Delivery::Retry]);
         assert!(matches!(&got[2], Delivery::Failed(why) if why.contains("poison")));
+    }
+
+    /// Found by `random-faults`: a batch served while its replica lost the lead answers
+    /// `NotLeader` for what it could not commit. A single call follows the leader; in a batch
+    /// that answer must be a retry, never a delivery (a commit "acked" that never happened left
+    /// stock reserved) nor a failure (five in a row dead-lettered notifications).
+    #[test]
+    fn what_a_replica_that_lost_the_lead_answers_in_a_batch_is_retried() {
+        let answer = ConsumerReply::Each(vec![
+            ConsumerReply::Accepted { duplicate: false },
+            ConsumerReply::NotLeader { leader: Some("n2".into()) },
+            ConsumerReply::NotLeader { leader: None },
+        ]);
+        assert_eq!(judge(Ok(answer), 3), Some(vec![Delivery::Acked, Delivery::Retry, Delivery::Retry]));
+        let commits = InventoryReply::Each(vec![
+            InventoryReply::Committed,
+            InventoryReply::NotLeader { leader: None },
+            InventoryReply::Unavailable("no majority".into()),
+        ]);
+        let ids = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
+        let got = outcomes(3, Ok(commits), |i, r| commit_delivery(&ids[i], 0, Ok(r)));
+        assert_eq!(got, Some(vec![Delivery::Acked, Delivery::Retry, Delivery::Retry]));
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl Service for Making {
     async fn serve(&self, replica: Replica, req: ConsumerRequest, trace: String) -> ConsumerReply {
         match req {
             ConsumerRequest::Deliver(event) => self.deliver(&replica, event, &trace).await,
-            // All proposed at once: the group's proposer puts what is queued into one entry.
+            // All proposed at once: the group's proposer puts them in as few entries as it can.
             ConsumerRequest::DeliverMany(events) => ConsumerReply::Each(
                 futures::future::join_all(events.into_iter().map(|ev| self.deliver(&replica, ev, &trace))).await,
             ),

@@ -57,7 +57,7 @@ impl Service for Inventory {
                 InventoryCommand::Reserve { order_id, items, ttl_ms, now_ms: replica.now_ms() }
             }
             InventoryRequest::CommitOn { order_id, .. } => InventoryCommand::Commit { order_id },
-            // All proposed at once: the group's proposer puts what is queued into one entry.
+            // All proposed at once: the group's proposer puts them in as few entries as it can.
             InventoryRequest::CommitManyOn { order_ids, .. } => {
                 let commits = order_ids.into_iter().map(|order_id| {
                     let replica = &replica;

@@ -10,7 +10,7 @@
 //!
 //! One call per destination shard and round: a round's inventory commits for one shard travel as
 //! one `CommitManyOn`, its confirmations for one shipping or notifications shard as one
-//! `DeliverMany` ([`parcels`]); each entry is still its own command there, and gets its own
+//! `DeliverMany` (`parcels`); each entry is still its own command there, and gets its own
 //! outcome. Why: a cluster call costs far more CPU than the command it carries (an envelope, TLS
 //! records, tasks and actor hops on both sides), and an order has three such entries. A batch
 //! refused whole (an event a consumer fails on, a node too old to know batches) is delivered
@@ -112,24 +112,27 @@ async fn call_inventory_shard(
     cluster.call_leader(Capability::Inventory, shard, &req, tp, t).await.map_err(on_error)
 }
 
-/// What one inventory commit's answer means for its entry.
+/// What one inventory commit's answer means for its entry. `NotLeader` reaches here only inside a
+/// batch (a single call follows the leader): its replica lost the lead while serving it, and
+/// nothing says the commit happened.
 fn commit_delivery(order_id: &Uuid, shard: u32, answer: Result<InventoryReply, Delivery>) -> Delivery {
     match answer {
+        Ok(InventoryReply::Committed) => Delivery::Acked,
         Ok(InventoryReply::CommitFailed { reason }) => {
             tracing::error!(%order_id, shard, %reason, "reservation commit failed for a confirmed order");
             Delivery::Acked
         }
-        Ok(InventoryReply::Unavailable(_)) => Delivery::Retry,
-        Ok(_) => Delivery::Acked,
+        Ok(InventoryReply::Unavailable(_) | InventoryReply::NotLeader { .. }) => Delivery::Retry,
+        Ok(other) => Delivery::Failed(format!("inventory shard {shard} answered {other:?}")),
         Err(d) => d,
     }
 }
 
-/// What one consumer's answer to an event means for its entry.
+/// What one consumer's answer to an event means for its entry (`NotLeader`: as for a commit).
 fn event_delivery(cap: Capability, shard: u32, answer: Result<ConsumerReply, Delivery>) -> Delivery {
     match answer {
         Ok(ConsumerReply::Accepted { .. }) => Delivery::Acked,
-        Ok(ConsumerReply::Unavailable(_)) => Delivery::Retry,
+        Ok(ConsumerReply::Unavailable(_) | ConsumerReply::NotLeader { .. }) => Delivery::Retry,
         Ok(ConsumerReply::Refused(why)) => Delivery::Failed(format!("{cap} shard {shard} refused: {why}")),
         Ok(other) => Delivery::Failed(format!("{cap} shard {shard} answered {other:?}")),
         Err(d) => d,
@@ -195,19 +198,21 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
 }
 
 /// What one call of a round carries: an entry alone, or the entries of one destination shard
-/// that takes them in one request (inventory commits, confirmations for a consumer).
+/// that takes them in one request, each with what it asks for there.
 #[derive(Debug, PartialEq)]
 enum Parcel {
     One(Keyed),
-    Commits { shard: u32, entries: Vec<Keyed> },
-    Events { cap: Capability, shard: u32, entries: Vec<Keyed> },
-}
-
-/// Where a batchable entry goes, or `None` for one that travels alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Target {
-    Commits { shard: u32 },
-    Events { cap: Capability, shard: u32 },
+    /// Inventory commits of one shard, with their order ids.
+    Commits {
+        shard: u32,
+        entries: Vec<(Keyed, Uuid)>,
+    },
+    /// Confirmations for one shard of a consumer, with their events.
+    Events {
+        cap: Capability,
+        shard: u32,
+        entries: Vec<(Keyed, OrderConfirmed)>,
+    },
 }
 
 /// Groups a round's entries into the calls that carry them: one call per destination shard
@@ -215,34 +220,42 @@ enum Target {
 /// and come from cancellations). A group of one travels alone, as the single request it is.
 /// Pure: `shard_of` says which shard of a consumer an order's confirmation goes to.
 fn parcels(batch: Vec<Keyed>, shard_of: impl Fn(Capability, &Uuid) -> u32) -> Vec<Parcel> {
-    let mut groups: BTreeMap<Target, Vec<Keyed>> = BTreeMap::new();
+    let mut commits: BTreeMap<u32, Vec<(Keyed, Uuid)>> = BTreeMap::new();
+    let mut events: BTreeMap<(Capability, u32), Vec<(Keyed, OrderConfirmed)>> = BTreeMap::new();
     let mut out = Vec::new();
     for keyed in batch {
-        let target = match (&keyed.1.dest, &keyed.1.event) {
-            (Dest::Inventory { shard }, OutboxEvent::CommitReservation { .. }) => Target::Commits { shard: *shard },
+        match (&keyed.1.dest, &keyed.1.event) {
+            (Dest::Inventory { shard }, OutboxEvent::CommitReservation { order_id }) => {
+                let (shard, order_id) = (*shard, *order_id);
+                commits.entry(shard).or_default().push((keyed, order_id));
+            }
             (dest @ (Dest::Shipping | Dest::Notifications), OutboxEvent::Confirmed(ev)) => {
                 let cap = consumer_of(dest);
-                Target::Events { cap, shard: shard_of(cap, &ev.order_id) }
+                let (shard, ev) = (shard_of(cap, &ev.order_id), ev.clone());
+                events.entry((cap, shard)).or_default().push((keyed, ev));
             }
-            _ => {
-                out.push(Parcel::One(keyed));
-                continue;
-            }
-        };
-        groups.entry(target).or_default().push(keyed);
+            _ => out.push(Parcel::One(keyed)),
+        }
     }
-    for (target, mut entries) in groups {
-        out.push(match target {
-            _ if entries.len() == 1 => Parcel::One(entries.remove(0)),
-            Target::Commits { shard } => Parcel::Commits { shard, entries },
-            Target::Events { cap, shard } => Parcel::Events { cap, shard, entries },
+    for (shard, mut entries) in commits {
+        out.push(if entries.len() == 1 {
+            Parcel::One(entries.remove(0).0)
+        } else {
+            Parcel::Commits { shard, entries }
+        });
+    }
+    for ((cap, shard), mut entries) in events {
+        out.push(if entries.len() == 1 {
+            Parcel::One(entries.remove(0).0)
+        } else {
+            Parcel::Events { cap, shard, entries }
         });
     }
     out
 }
 
 /// A reply that answers a batch: `Each` entry's reply in order, or one reply for all of it.
-trait BatchReply: bulkhead_cluster::LeaderReply + Sized {
+trait BatchReply: Sized {
     fn each(self) -> Result<Vec<Self>, Self>;
     /// Not served now, none of it recorded for sure (no majority in time): try again later.
     fn unavailable(&self) -> bool;
@@ -273,8 +286,7 @@ impl BatchReply for ConsumerReply {
 }
 
 /// Each entry's outcome from a batch's answer, the `i`th reply judged by `one` as a single
-/// answer would be (but a reply from a replica that no longer leads, or could not commit, is a
-/// `Retry`: `one` would take it for an answer); or `None` when the batch was refused whole (a batch with an event a consumer
+/// answer would be; or `None` when the batch was refused whole (a batch with an event a consumer
 /// fails on, a node too old to know batches, an answer of the wrong shape): then its entries go
 /// one by one.
 fn outcomes<R: BatchReply>(
@@ -284,66 +296,55 @@ fn outcomes<R: BatchReply>(
 ) -> Option<Vec<Delivery>> {
     match answer.map(BatchReply::each) {
         Err(e) if e.is_transient() => Some(vec![Delivery::Retry; n]),
-        Ok(Ok(replies)) if replies.len() == n => Some(
-            replies
-                .into_iter()
-                .enumerate()
-                // Served by a replica that lost the lead meanwhile: not recorded, try again (a
-                // single call would have followed the leader; this must not count as an answer).
-                .map(|(i, r)| if r.not_leader().is_some() || r.unavailable() { Delivery::Retry } else { one(i, r) })
-                .collect(),
-        ),
+        Ok(Ok(replies)) if replies.len() == n => {
+            Some(replies.into_iter().enumerate().map(|(i, r)| one(i, r)).collect())
+        }
         Ok(Err(whole)) if whole.unavailable() => Some(vec![Delivery::Retry; n]),
         Err(_) | Ok(_) => None,
     }
 }
 
+/// A batch's call goes under its first entry's trace (each entry keeps its own in the outbox).
+fn batch_traceparent<T>(entries: &[(Keyed, T)]) -> String {
+    entries.first().map(|((_, e), _)| bulkhead_cluster::wire::child_traceparent(&e.traceparent)).unwrap_or_default()
+}
+
 /// Delivers a parcel: one call for a batch, each entry on its own if the batch is refused.
 async fn deliver_parcel(cluster: &Cluster, parcel: Parcel) -> Vec<((Uuid, u64), OutboxEntry, Delivery)> {
     let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
-    let (entries, outcomes) = match parcel {
+    let (entries, outcomes): (Vec<Keyed>, _) = match parcel {
         Parcel::One((key, entry)) => {
             let outcome = deliver(cluster, &entry).await;
             return vec![(key, entry, outcome)];
         }
         Parcel::Commits { shard, entries } => {
-            let order_ids: Vec<Uuid> = entries
-                .iter()
-                .filter_map(|(_, e)| match &e.event {
-                    OutboxEvent::CommitReservation { order_id } => Some(*order_id),
-                    _ => None,
-                })
-                .collect();
-            let tp = bulkhead_cluster::wire::child_traceparent(&entries[0].1.traceparent);
+            let order_ids: Vec<Uuid> = entries.iter().map(|(_, id)| *id).collect();
             let req = InventoryRequest::CommitManyOn { shard, order_ids: order_ids.clone() };
+            let tp = batch_traceparent(&entries);
             let answer = cluster.call_leader::<_, InventoryReply>(Capability::Inventory, shard, &req, &tp, t).await;
             let outcomes = outcomes(entries.len(), answer, |i, r| commit_delivery(&order_ids[i], shard, Ok(r)));
-            (entries, outcomes)
+            (entries.into_iter().map(|(keyed, _)| keyed).collect(), outcomes)
         }
         Parcel::Events { cap, shard, entries } => {
-            let events: Vec<OrderConfirmed> = entries
-                .iter()
-                .filter_map(|(_, e)| match &e.event {
-                    OutboxEvent::Confirmed(ev) => Some(ev.clone()),
-                    _ => None,
-                })
-                .collect();
-            let tp = bulkhead_cluster::wire::child_traceparent(&entries[0].1.traceparent);
-            let req = ConsumerRequest::DeliverMany(events);
+            let req = ConsumerRequest::DeliverMany(entries.iter().map(|(_, ev)| ev.clone()).collect());
+            let tp = batch_traceparent(&entries);
             let answer = cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &tp, t).await;
             let outcomes = outcomes(entries.len(), answer, |_, r| event_delivery(cap, shard, Ok(r)));
-            (entries, outcomes)
+            (entries.into_iter().map(|(keyed, _)| keyed).collect(), outcomes)
         }
     };
     match outcomes {
         Some(outcomes) => entries.into_iter().zip(outcomes).map(|((key, entry), d)| (key, entry, d)).collect(),
         None => {
             tracing::debug!(entries = entries.len(), "a batch was refused whole; delivering its entries one by one");
-            let singles = entries.into_iter().map(|(key, entry)| async move {
-                let outcome = deliver(cluster, &entry).await;
-                (key, entry, outcome)
-            });
-            futures::future::join_all(singles).await
+            stream::iter(entries)
+                .map(|(key, entry)| async move {
+                    let outcome = deliver(cluster, &entry).await;
+                    (key, entry, outcome)
+                })
+                .buffer_unordered(PARALLEL)
+                .collect()
+                .await
         }
     }
 }
@@ -505,8 +506,8 @@ mod tests {
         entry(n, dest, OutboxEvent::Confirmed(ev))
     }
 
-    fn ids(entries: &[Keyed]) -> Vec<u128> {
-        entries.iter().map(|(k, _)| k.0.as_u128()).collect()
+    fn ids<T>(entries: &[(Keyed, T)]) -> Vec<u128> {
+        entries.iter().map(|((k, _), _)| k.0.as_u128()).collect()
     }
 
     /// Odd order ids go to shard 1 of a consumer, even ones to shard 0.

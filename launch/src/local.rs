@@ -24,7 +24,22 @@ use crate::topology::{local_configs, write_config, Ports, NODES};
 /// local ports from, and the nodes dial each other ten times a second while a peer is not up yet;
 /// one of those dials could take a port between the pick and the node's bind ("Address already in
 /// use", found in the tests). Ports below the range are never taken that way.
+///
+/// Nor twice in one process: a node restarted by a test releases its ports for a moment, and a
+/// test running beside it could pick one of them then ("Address already in use" at the restart,
+/// found in CI). Every port handed out is remembered ([`HANDED_OUT`]) and never picked again.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, LaunchError> {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ports = pick_ports(n, &handed_out)?;
+    handed_out.extend(ports.iter().copied());
+    Ok(ports)
+}
+
+/// Ports this process has handed out (see [`free_ports`]).
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn pick_ports(n: usize, handed_out: &std::collections::BTreeSet<u16>) -> Result<Vec<u16>, LaunchError> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next().and_then(|l| l.parse::<u16>().ok()))
@@ -38,7 +53,7 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, LaunchError> {
             break;
         }
         let port = rand::Rng::gen_range(&mut rand::thread_rng(), 10_000..low);
-        if held.iter().any(|l| l.local_addr().map(|a| a.port()).ok() == Some(port)) {
+        if handed_out.contains(&port) || held.iter().any(|l| l.local_addr().map(|a| a.port()).ok() == Some(port)) {
             continue;
         }
         if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
@@ -435,7 +450,16 @@ impl Drop for LocalCluster {
 
 #[cfg(test)]
 mod tests {
-    use super::workers_per_node;
+    use super::{free_ports, workers_per_node};
+
+    /// A port a test's node released at a restart is never handed to another test of the process.
+    #[test]
+    fn no_port_is_handed_out_twice_in_one_process() {
+        let first = free_ports(6).unwrap();
+        let second = free_ports(6).unwrap();
+        let all: std::collections::BTreeSet<u16> = first.iter().chain(&second).copied().collect();
+        assert_eq!(all.len(), 12, "{first:?} {second:?}");
+    }
 
     #[test]
     fn nodes_on_one_machine_share_its_cores_and_each_gets_at_least_one_worker() {

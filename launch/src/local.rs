@@ -27,7 +27,7 @@ use crate::topology::{local_configs, write_config, Ports, NODES};
 ///
 /// Nor twice in one process: a node restarted by a test releases its ports for a moment, and a
 /// test running beside it could pick one of them then ("Address already in use" at the restart,
-/// found in CI). Every port handed out is remembered ([`HANDED_OUT`]) and never picked again.
+/// found in CI). Every port handed out is remembered (`HANDED_OUT`) and never picked again.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, LaunchError> {
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let ports = pick_ports(n, &handed_out)?;

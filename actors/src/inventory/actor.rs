@@ -59,15 +59,8 @@ impl Service for Inventory {
             InventoryRequest::CommitOn { order_id, .. } => InventoryCommand::Commit { order_id },
             // All proposed at once: the group's proposer puts them in as few entries as it can.
             InventoryRequest::CommitManyOn { order_ids, .. } => {
-                let commits = order_ids.into_iter().map(|order_id| {
-                    let replica = &replica;
-                    async move {
-                        replica
-                            .propose::<InventoryMachine>(&InventoryCommand::Commit { order_id })
-                            .await
-                            .unwrap_or_else(unserved)
-                    }
-                });
+                let commits =
+                    order_ids.into_iter().map(|order_id| propose(&replica, InventoryCommand::Commit { order_id }));
                 return InventoryReply::Each(futures::future::join_all(commits).await);
             }
             InventoryRequest::ReleaseOn { order_id, .. } => {
@@ -88,7 +81,7 @@ impl Service for Inventory {
                 return InventoryReply::Refused("not served by a shard".into())
             }
         };
-        replica.propose::<InventoryMachine>(&cmd).await.unwrap_or_else(unserved)
+        propose(&replica, cmd).await
     }
 
     fn unserved(&self, why: Unserved) -> InventoryReply {
@@ -98,6 +91,11 @@ impl Service for Inventory {
     fn drill_refused(&self) -> InventoryReply {
         InventoryReply::Refused("fault injection is disabled on this node".into())
     }
+}
+
+/// Proposes `cmd` to the shard's group: its reply once committed, or why it was not served.
+async fn propose(replica: &Replica, cmd: InventoryCommand) -> InventoryReply {
+    replica.propose::<InventoryMachine>(&cmd).await.unwrap_or_else(unserved)
 }
 
 fn unserved(e: impl Into<Unserved>) -> InventoryReply {

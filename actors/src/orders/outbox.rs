@@ -139,11 +139,6 @@ fn event_delivery(cap: Capability, shard: u32, answer: Result<ConsumerReply, Del
     }
 }
 
-/// The shard of `cap` a confirmation goes to.
-fn consumer_shard(cluster: &Cluster, cap: Capability, order_id: &Uuid) -> u32 {
-    cluster.shard_of(cap, order_id.as_bytes())
-}
-
 fn consumer_of(dest: &Dest) -> Capability {
     if *dest == Dest::Shipping {
         Capability::Shipping
@@ -184,7 +179,7 @@ async fn deliver(cluster: &Cluster, e: &OutboxEntry) -> Delivery {
         }
         (Dest::Shipping | Dest::Notifications, OutboxEvent::Confirmed(ev)) => {
             let cap = consumer_of(&e.dest);
-            let shard = consumer_shard(cluster, cap, &ev.order_id);
+            let shard = cluster.shard_of(cap, ev.order_id.as_bytes());
             let t = Duration::from_millis(cluster.config().timing.call_timeout_ms);
             let req = ConsumerRequest::Deliver(ev.clone());
             let answer = cluster.call_leader::<_, ConsumerReply>(cap, shard, &req, &tp, t).await.map_err(on_error);
@@ -414,7 +409,7 @@ impl RelayState {
         self.rounds.started();
         let (cluster, me, replicas) = (self.cluster.clone(), myself.clone(), self.replicas.clone());
         tokio::spawn(async move {
-            let parcels = parcels(batch, |cap, order_id| consumer_shard(&cluster, cap, order_id));
+            let parcels = parcels(batch, |cap, order_id| cluster.shard_of(cap, order_id.as_bytes()));
             let results: Vec<((Uuid, u64), OutboxEntry, Delivery)> = stream::iter(parcels)
                 .map(|parcel| {
                     let cluster = cluster.clone();

@@ -397,22 +397,24 @@ mod tests {
         assert_eq!(lock(&a_to_b.sent).len(), 2);
     }
 
+    /// A peer that takes every frame and answers nothing: it records the ids of what was sent.
+    struct Recording(Arc<Mutex<Vec<u64>>>);
+    impl FrameSink for Recording {
+        fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
+            lock(&self.0).extend(ids(&items));
+            Ok(())
+        }
+        fn down(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
     /// A node restarted while one of its requests was out: the answer, arriving at the new
     /// process, completes none of its calls (their ids start elsewhere).
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn an_answer_meant_for_the_previous_process_completes_nothing() {
         let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
-        struct Keep(Arc<Mutex<Vec<u64>>>);
-        impl FrameSink for Keep {
-            fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
-                lock(&self.0).extend(ids(&items));
-                Ok(())
-            }
-            fn down(&self, _: &str) -> Option<String> {
-                None
-            }
-        }
-        let sink: Arc<dyn FrameSink> = Arc::new(Keep(seen.clone()));
+        let sink: Arc<dyn FrameSink> = Arc::new(Recording(seen.clone()));
         let t = Duration::from_millis(50);
         let (before, after) = (Lanes::default(), Lanes::default());
         let _ = before.call(sink.clone(), "b", CAP, &hello(0), t).await;
@@ -463,19 +465,9 @@ mod tests {
     /// is forgotten, and its late answer is dropped.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn answers_count_only_from_the_callee_and_a_silent_one_times_out() {
-        struct Silent(Arc<Mutex<Vec<u64>>>);
-        impl FrameSink for Silent {
-            fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
-                lock(&self.0).extend(ids(&items));
-                Ok(())
-            }
-            fn down(&self, _: &str) -> Option<String> {
-                None
-            }
-        }
         let lanes = Lanes::default();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink: Arc<dyn FrameSink> = Arc::new(Silent(seen.clone()));
+        let sink: Arc<dyn FrameSink> = Arc::new(Recording(seen.clone()));
         let call = tokio::spawn({
             let (lanes, sink) = (lanes.clone(), sink.clone());
             async move { lanes.call(sink, "b", CAP, &hello(0), Duration::from_millis(100)).await }

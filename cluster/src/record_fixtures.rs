@@ -329,9 +329,17 @@ fn check(f: &Fixture) {
             &SnapshotRecordV1 { meta: snapshot_meta(), data: vec![1, 2] },
             &SnapshotRecord { meta: snapshot_meta(), data: SnapshotData::Inline(vec![1, 2]) },
         ),
-        ("SnapshotRecord", "2") => check_current(
+        ("SnapshotRecord", "2") => {
+            // Version 3 only appended a variant: a version 2 payload is today's, as it is.
+            let parts = SnapshotRecord { meta: snapshot_meta(), data: SnapshotData::Parts { generation: 6, parts: 3 } };
+            check_old(f, &parts, &parts)
+        }
+        ("SnapshotRecord", "3") => check_current(
             f,
-            &SnapshotRecord { meta: snapshot_meta(), data: SnapshotData::Parts { generation: 6, parts: 3 } },
+            &SnapshotRecord {
+                meta: snapshot_meta(),
+                data: SnapshotData::File { generation: 7, len: 1 << 20, crc32: 0xdead_beef },
+            },
         ),
         ("SnapshotBody", "1") => {
             check_current(f, &SnapshotBody { records: vec![(vec![1, 0xa0], vec![1, 5]), (vec![0xef, 0], vec![1, 9])] })

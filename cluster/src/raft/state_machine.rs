@@ -10,10 +10,12 @@
 //! (the log is purged only after `Store::sync`, which folds first).
 //!
 //! Snapshots are a consistent export of every table below [`RAFT_TABLES_FROM`]; installing one
-//! replaces those tables in one batch.
+//! replaces those tables in one batch. The last one is kept as a file of the store's
+//! [`SNAPSHOT_DIR`], synced in chunks, not in sled (see `SnapshotData::File` for why).
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -26,11 +28,13 @@ use openraft::{
 };
 
 use super::types::{
-    Applied, AppliedState, GroupTime, MemberId, ReplyBatch, SnapshotBody, SnapshotData, SnapshotPart, SnapshotRecord,
-    TypeConfig, APPLIED, GROUP_TIME, RAFT_TABLES_FROM, SNAPSHOT, SNAPSHOT_PART, SNAPSHOT_PARTS,
+    snapshot_file_name, Applied, AppliedState, GroupTime, MemberId, ReplyBatch, SnapshotBody, SnapshotData,
+    SnapshotRecord, TypeConfig, APPLIED, GROUP_TIME, RAFT_TABLES_FROM, SNAPSHOT, SNAPSHOT_DIR, SNAPSHOT_PART,
+    SNAPSHOT_PARTS,
 };
 
 type Result<T> = std::result::Result<T, StorageError<MemberId>>;
+type StoreResult<T> = std::result::Result<T, StoreError>;
 
 /// A capability's replicated state machine. `apply` must be deterministic: the same tables and
 /// the same command give the same reply and writes on every replica. Time, ids and randomness come
@@ -303,35 +307,98 @@ fn part_key(generation: u32, part: u32) -> u64 {
 }
 
 impl StateMachineStore {
-    /// Queues, into `b`, the snapshot's bytes as parts of a new generation, then its record, then
-    /// the removal of the previous generation's parts: in that order, so a crash anywhere leaves
-    /// the old or the new snapshot whole (orphaned parts at worst). Parts, not one value: see
-    /// [`SnapshotData::Inline`].
-    fn keep_snapshot(
-        &self,
-        b: &mut Batch,
-        meta: &SnapshotMeta<MemberId, BasicNode>,
-        data: &[u8],
-    ) -> std::result::Result<(), StoreError> {
+    /// Writes the snapshot's bytes to a file of a new generation, durable before this returns, then
+    /// queues into `b` its record and the removal of the parts an older build kept the previous
+    /// snapshot in. A crash anywhere leaves the old or the new record, and its file whole (an
+    /// orphaned file at worst, removed by the next keep). Returns the new generation: once the
+    /// record is durable, [`Self::forget_other_snapshots`] removes every other file.
+    fn keep_snapshot(&self, b: &mut Batch, meta: &SnapshotMeta<MemberId, BasicNode>, data: &[u8]) -> StoreResult<u32> {
         let old = SNAPSHOT.get(&self.store, &0)?;
-        let previous = match &old {
-            Some(SnapshotRecord { data: SnapshotData::Parts { generation, parts }, .. }) => Some((*generation, *parts)),
-            _ => None,
+        let (previous, old_parts) = match &old {
+            Some(SnapshotRecord { data: SnapshotData::Parts { generation, parts }, .. }) => {
+                (Some(*generation), Some((*generation, *parts)))
+            }
+            Some(SnapshotRecord { data: SnapshotData::File { generation, .. }, .. }) => (Some(*generation), None),
+            _ => (None, None),
         };
-        let generation = previous.map_or(1, |(g, _)| g.wrapping_add(1));
-        let mut parts = 0u32;
-        for chunk in data.chunks(SNAPSHOT_PART) {
-            SNAPSHOT_PARTS.put(b, &part_key(generation, parts), &SnapshotPart(chunk.to_vec()));
-            parts += 1;
-        }
-        SNAPSHOT.put(b, &0, &SnapshotRecord { meta: meta.clone(), data: SnapshotData::Parts { generation, parts } });
-        if let Some((g, n)) = previous {
+        let generation = previous.map_or(1, |g| g.wrapping_add(1));
+        write_snapshot_file(&self.snapshot_dir(), generation, data)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", self.snapshot_dir().display())))?;
+        let kept = SnapshotData::File { generation, len: data.len() as u64, crc32: crc32fast::hash(data) };
+        SNAPSHOT.put(b, &0, &SnapshotRecord { meta: meta.clone(), data: kept });
+        if let Some((g, n)) = old_parts {
             for i in 0..n {
                 SNAPSHOT_PARTS.remove(b, &part_key(g, i));
             }
         }
-        Ok(())
+        Ok(generation)
     }
+
+    /// The folder of this group's kept snapshots, inside its store's folder.
+    fn snapshot_dir(&self) -> PathBuf {
+        self.store.path().join(SNAPSHOT_DIR)
+    }
+
+    /// Once the record naming `generation` is durable (waits for the store's next flush), removes
+    /// every other file of the snapshot folder: the snapshot it replaced, and whatever a crash left
+    /// half written. Best effort: a file left behind costs disk, never a wrong read.
+    fn forget_other_snapshots(&self, generation: u32) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.store.after_sync(move |r| {
+            let _ = tx.send(r);
+        });
+        if let Ok(Err(e)) | Err(e) = rx.recv().map_err(|_| StoreError::FlusherGone) {
+            tracing::warn!(store = %self.store.capability(), error = %e, "the kept snapshot's record is not durable; older snapshot files stay");
+            return;
+        }
+        let keep = snapshot_file_name(generation);
+        let Ok(entries) = std::fs::read_dir(self.snapshot_dir()) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().to_str() != Some(keep.as_str()) {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "an old snapshot file could not be removed");
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of a kept snapshot written between two `fdatasync`s of its file. On ext4 (data=ordered)
+/// a sync waits for every dirty page its journal commit covers, whoever wrote them: a snapshot of
+/// hundreds of MB made durable at once held every node-log `fdatasync` on the same disk for as
+/// long. Synced chunk by chunk, another sync waits behind one chunk at most.
+const SNAPSHOT_WRITE_CHUNK: usize = 4 * 1024 * 1024;
+
+/// Writes `data` as the snapshot file of `generation` in `dir`: into a temporary file, synced
+/// chunk by chunk, then renamed into place and the folder synced, so the name only ever stands for
+/// a whole file.
+fn write_snapshot_file(dir: &Path, generation: u32, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(snapshot_file_name(generation));
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    for chunk in data.chunks(SNAPSHOT_WRITE_CHUNK) {
+        file.write_all(chunk)?;
+        file.sync_data()?;
+    }
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the snapshot file of `generation` back, checked against its record's `len` and `crc32`.
+fn read_snapshot_file(dir: &Path, generation: u32, len: u64, crc32: u32) -> StoreResult<Vec<u8>> {
+    let path = dir.join(snapshot_file_name(generation));
+    let data = std::fs::read(&path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+    if data.len() as u64 != len || crc32fast::hash(&data) != crc32 {
+        return Err(StoreError::Io(format!(
+            "{}: {} bytes that do not match the kept snapshot's record ({len} bytes, crc32 {crc32:08x})",
+            path.display(),
+            data.len()
+        )));
+    }
+    Ok(data)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
@@ -390,6 +457,10 @@ impl StateMachineStore {
     }
 
     fn build_snapshot_blocking(&self) -> Result<Snapshot<TypeConfig>> {
+        // One build at a time in this process: a build takes a core for seconds on a large state,
+        // and two groups of one node reaching their turn together took both cores of a small box.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let started = std::time::Instant::now();
         let (state, records) = self.export()?;
         let exported_ms = started.elapsed().as_millis() as u64;
@@ -411,16 +482,19 @@ impl StateMachineStore {
                 return Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) });
             }
             let mut b = Batch::new();
-            self.keep_snapshot(&mut b, &meta, &data)
+            let generation = self
+                .keep_snapshot(&mut b, &meta, &data)
                 .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
             // In order, as one batch would be, but in slices with a breath between them: the
-            // group's core appends to this store too (see `log_store::remove_entries_upto`).
+            // removal of an older build's parts can be long, and the group's core appends to this
+            // store too (see `log_store::remove_entries_upto`).
             for slice in b.split(256) {
                 self.store
                     .apply_in_order(slice)
                     .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
+            self.forget_other_snapshots(generation);
         }
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, bytes = data.len(),
             records = n_records, exported_ms, ms = started.elapsed().as_millis() as u64, "snapshot built");
@@ -485,7 +559,8 @@ impl StateMachineStore {
         let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         APPLIED.put(&mut extra, &0, &state);
         let _kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        self.keep_snapshot(&mut extra, meta, &data)
+        let generation = self
+            .keep_snapshot(&mut extra, meta, &data)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         self.store
@@ -495,6 +570,7 @@ impl StateMachineStore {
         gate.time = None;
         gate.installs += 1;
         drop(gate);
+        self.forget_other_snapshots(generation);
         self.state_records.store(n as u64, Ordering::Relaxed);
         tracing::info!(store = %self.store.capability(), snapshot = %meta.snapshot_id, records = n, "snapshot installed");
         Ok(())
@@ -520,6 +596,10 @@ impl StateMachineStore {
                 }
                 data
             }
+            SnapshotData::File { generation, len, crc32 } => {
+                read_snapshot_file(&self.snapshot_dir(), generation, len, crc32)
+                    .map_err(|e| StorageIOError::read_snapshot(Some(rec.meta.signature()), &e))?
+            }
         };
         Ok(Some(Snapshot { meta: rec.meta, snapshot: Box::new(Cursor::new(data)) }))
     }
@@ -539,6 +619,7 @@ mod tests {
         }
     }
 
+    use super::super::types::SnapshotPart;
     const BIG: Table<u64, SnapshotPart> = Table::new(1, "big");
 
     #[test]
@@ -738,32 +819,111 @@ mod tests {
         assert_eq!(as_of(exported, before), vec![rec(b"a", b"1"), rec(b"b", b"old"), rec(b"c", b"removed")]);
     }
 
-    /// Snapshots of a few MB, built again and again (a snapshot every N entries, a new member
-    /// caught up), leave no sled blob file behind and read back whole.
-    #[tokio::test]
-    async fn snapshots_are_kept_in_parts_and_leave_no_blob_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+    fn snapshot_files(sm: &StateMachineStore) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(sm.snapshot_dir())
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Marks the store applied up to `index`, as an apply would.
+    fn applied_up_to(store: &Store, index: u64) {
+        let mut b = Batch::new();
+        let last_applied = Some(LogId::new(openraft::CommittedLeaderId::new(1, 0), index));
+        APPLIED.put(&mut b, &0, &AppliedState { last_applied, membership: StoredMembership::default() });
+        store.apply_in_order(b).unwrap();
+    }
+
+    async fn store_of_3mb(dir: &Path) -> (Store, StateMachineStore) {
+        let store = Store::open(dir, "cap", &StoreOptions::default()).unwrap();
         let mut b = Batch::new();
         for i in 0..600u64 {
             BIG.put(&mut b, &i, &SnapshotPart(vec![i as u8; 5_000]));
         }
         store.apply_in_order(b).unwrap();
-        let mut sm = StateMachineStore::new(store.clone(), Arc::new(Nothing));
+        let sm = StateMachineStore::new(store.clone(), Arc::new(Nothing));
+        (store, sm)
+    }
+
+    /// Snapshots of a few MB, built again and again (a snapshot every N entries, a new member
+    /// caught up), are kept as one file each, the last one only, and read back whole; sled writes
+    /// no blob file and keeps no part.
+    #[tokio::test]
+    async fn a_kept_snapshot_is_one_file_and_only_the_last_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut sm) = store_of_3mb(dir.path()).await;
         let mut last = Vec::new();
-        for _ in 0..5 {
+        for i in 1..=5 {
+            applied_up_to(&store, i);
             let built = sm.build_snapshot().await.unwrap();
             last = built.snapshot.into_inner();
         }
         assert!(last.len() > 3_000_000, "{}", last.len());
+        assert_eq!(snapshot_files(&sm), vec![snapshot_file_name(5)]);
         store.sync().await.unwrap();
-        // Inline, five snapshots made over 15 MB of blobs; sled may still write the odd large tree
-        // page as one (about 137 KB), far below that.
         assert!(store.blob_bytes() < 1_000_000, "sled wrote {} bytes of blob files", store.blob_bytes());
+        assert_eq!(SNAPSHOT_PARTS.iter(&store).count(), 0);
         let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
         assert_eq!(current.snapshot.into_inner(), last);
-        // Only the last generation's parts are kept.
-        let parts = SNAPSHOT_PARTS.iter(&store).count();
-        assert_eq!(parts, last.len().div_ceil(SNAPSHOT_PART));
+
+        // sled opens its folder again with the snapshot folder inside, and the snapshot is there.
+        drop((sm, store));
+        let store = Store::open(dir.path(), "cap", &StoreOptions::default()).unwrap();
+        let mut sm = StateMachineStore::new(store, Arc::new(Nothing));
+        let current = sm.get_current_snapshot().await.unwrap().expect("the snapshot, after a restart");
+        assert_eq!(current.snapshot.into_inner(), last);
+    }
+
+    /// A kept snapshot's file that was cut short or changed is refused with its path, never served
+    /// as a snapshot.
+    #[tokio::test]
+    async fn a_damaged_snapshot_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut sm) = store_of_3mb(dir.path()).await;
+        let built = sm.build_snapshot().await.unwrap().snapshot.into_inner();
+        let path = sm.snapshot_dir().join(snapshot_file_name(1));
+        std::fs::write(&path, &built[..built.len() - 1]).unwrap();
+        let err = sm.get_current_snapshot().await.expect_err("a cut file is refused").to_string();
+        assert!(err.contains("do not match"), "{err}");
+        let mut changed = built.clone();
+        changed[1000] ^= 1;
+        std::fs::write(&path, &changed).unwrap();
+        assert!(sm.get_current_snapshot().await.is_err());
+        std::fs::remove_file(&path).unwrap();
+        let err = sm.get_current_snapshot().await.expect_err("a missing file is refused").to_string();
+        assert!(err.contains(&snapshot_file_name(1)), "{err}");
+    }
+
+    /// A store of an older build, with its snapshot in parts: read back as it is, and the next
+    /// snapshot goes to a file and removes the parts. A file a crash left behind (written, its
+    /// record never made durable) goes with the next keep.
+    #[tokio::test]
+    async fn a_snapshot_kept_in_parts_reads_back_and_the_next_one_moves_to_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut sm) = store_of_3mb(dir.path()).await;
+        let old: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        let meta =
+            SnapshotMeta { last_log_id: None, last_membership: StoredMembership::default(), snapshot_id: "old".into() };
+        let mut b = Batch::new();
+        let parts = old.chunks(SNAPSHOT_PART).len() as u32;
+        for (i, chunk) in old.chunks(SNAPSHOT_PART).enumerate() {
+            SNAPSHOT_PARTS.put(&mut b, &part_key(7, i as u32), &SnapshotPart(chunk.to_vec()));
+        }
+        SNAPSHOT.put(&mut b, &0, &SnapshotRecord { meta, data: SnapshotData::Parts { generation: 7, parts } });
+        store.apply_in_order(b).unwrap();
+        std::fs::create_dir_all(sm.snapshot_dir()).unwrap();
+        std::fs::write(sm.snapshot_dir().join(snapshot_file_name(8)), b"left by a crash").unwrap();
+        std::fs::write(sm.snapshot_dir().join("0000000008.tmp"), b"half written").unwrap();
+        applied_up_to(&store, 1);
+
+        let current = sm.get_current_snapshot().await.unwrap().expect("the old snapshot");
+        assert_eq!(current.snapshot.into_inner(), old);
+
+        let built = sm.build_snapshot().await.unwrap().snapshot.into_inner();
+        assert_eq!(snapshot_files(&sm), vec![snapshot_file_name(8)]);
+        assert_eq!(SNAPSHOT_PARTS.iter(&store).count(), 0);
+        let current = sm.get_current_snapshot().await.unwrap().expect("the new snapshot");
+        assert_eq!(current.snapshot.into_inner(), built);
     }
 }

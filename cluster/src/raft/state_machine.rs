@@ -308,28 +308,27 @@ fn part_key(generation: u32, part: u32) -> u64 {
 
 impl StateMachineStore {
     /// Writes the snapshot's bytes to a file of a new generation, durable before this returns, then
-    /// queues into `b` its record and the removal of the parts an older build kept the previous
-    /// snapshot in. A crash anywhere leaves the old or the new record, and its file whole (an
-    /// orphaned file at worst, removed by the next keep). Returns the new generation: once the
-    /// record is durable, [`Self::forget_other_snapshots`] removes every other file.
+    /// queues into `b` its record and the removal of every part an older build kept a snapshot in
+    /// (all there are, not only the previous record's: a crash in the middle of an earlier removal
+    /// would leave some behind for good). A crash anywhere leaves the old or the new record, and its
+    /// file whole (an orphaned file at worst, removed by the next keep). Returns the new
+    /// generation: once the record is durable, [`Self::forget_other_snapshots`] removes every other
+    /// file.
     fn keep_snapshot(&self, b: &mut Batch, meta: &SnapshotMeta<MemberId, BasicNode>, data: &[u8]) -> StoreResult<u32> {
-        let old = SNAPSHOT.get(&self.store, &0)?;
-        let (previous, old_parts) = match &old {
-            Some(SnapshotRecord { data: SnapshotData::Parts { generation, parts }, .. }) => {
-                (Some(*generation), Some((*generation, *parts)))
-            }
-            Some(SnapshotRecord { data: SnapshotData::File { generation, .. }, .. }) => (Some(*generation), None),
-            _ => (None, None),
+        let previous = match SNAPSHOT.get(&self.store, &0)? {
+            Some(SnapshotRecord {
+                data: SnapshotData::Parts { generation, .. } | SnapshotData::File { generation, .. },
+                ..
+            }) => Some(generation),
+            Some(SnapshotRecord { data: SnapshotData::Inline(_), .. }) | None => None,
         };
         let generation = previous.map_or(1, |g| g.wrapping_add(1));
         write_snapshot_file(&self.snapshot_dir(), generation, data)
             .map_err(|e| StoreError::Io(format!("{}: {e}", self.snapshot_dir().display())))?;
         let kept = SnapshotData::File { generation, len: data.len() as u64, crc32: crc32fast::hash(data) };
         SNAPSHOT.put(b, &0, &SnapshotRecord { meta: meta.clone(), data: kept });
-        if let Some((g, n)) = old_parts {
-            for i in 0..n {
-                SNAPSHOT_PARTS.remove(b, &part_key(g, i));
-            }
+        for part in SNAPSHOT_PARTS.keys_range(&self.store, &0, None) {
+            SNAPSHOT_PARTS.remove(b, &part?);
         }
         Ok(generation)
     }
@@ -374,7 +373,16 @@ const SNAPSHOT_WRITE_CHUNK: usize = 4 * 1024 * 1024;
 /// a whole file.
 fn write_snapshot_file(dir: &Path, generation: u32, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(dir)?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        // The new folder's own entry in the store's folder must be durable too, or a power cut
+        // could keep the record and lose the folder. (With `Durability::Flush`, for comparisons
+        // only, the store's record itself is not made durable, so after a power cut it may name a
+        // file already replaced: that mode promises nothing across one.)
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+    }
     let path = dir.join(snapshot_file_name(generation));
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp)?;
@@ -896,8 +904,9 @@ mod tests {
     }
 
     /// A store of an older build, with its snapshot in parts: read back as it is, and the next
-    /// snapshot goes to a file and removes the parts. A file a crash left behind (written, its
-    /// record never made durable) goes with the next keep.
+    /// snapshot goes to a file and removes every part (also an earlier generation's that a crash
+    /// left). A file a crash left behind (written, its record never made durable) goes with the
+    /// next keep.
     #[tokio::test]
     async fn a_snapshot_kept_in_parts_reads_back_and_the_next_one_moves_to_a_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -911,6 +920,8 @@ mod tests {
             SNAPSHOT_PARTS.put(&mut b, &part_key(7, i as u32), &SnapshotPart(chunk.to_vec()));
         }
         SNAPSHOT.put(&mut b, &0, &SnapshotRecord { meta, data: SnapshotData::Parts { generation: 7, parts } });
+        // Parts of an earlier generation whose removal a crash cut short: they go too.
+        SNAPSHOT_PARTS.put(&mut b, &part_key(6, 40), &SnapshotPart(vec![6; 10]));
         store.apply_in_order(b).unwrap();
         std::fs::create_dir_all(sm.snapshot_dir()).unwrap();
         std::fs::write(sm.snapshot_dir().join(snapshot_file_name(8)), b"left by a crash").unwrap();

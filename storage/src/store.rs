@@ -489,6 +489,15 @@ impl Store {
         }
     }
 
+    /// [`Store::sync`] for a thread outside the runtime (a blocking task): waits on this thread.
+    pub fn sync_blocking(&self) -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.after_sync(move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().map_err(|_| StoreError::FlusherGone)?
+    }
+
     /// Hands a waiter to the flusher thread; gives it back if the thread is gone.
     fn enqueue(&self, w: Waiter) -> Result<(), Waiter> {
         self.inner.flush_tx.send(w).map_err(|e| e.0)

@@ -232,21 +232,24 @@ fn parcels(batch: Vec<Keyed>, shard_of: impl Fn(Capability, &Uuid) -> u32) -> Ve
             _ => out.push(Parcel::One(keyed)),
         }
     }
-    for (shard, mut entries) in commits {
-        out.push(if entries.len() == 1 {
-            Parcel::One(entries.remove(0).0)
-        } else {
-            Parcel::Commits { shard, entries }
-        });
-    }
-    for ((cap, shard), mut entries) in events {
-        out.push(if entries.len() == 1 {
-            Parcel::One(entries.remove(0).0)
-        } else {
-            Parcel::Events { cap, shard, entries }
-        });
-    }
+    out.extend(
+        commits.into_iter().map(|(shard, entries)| alone_or(entries, |entries| Parcel::Commits { shard, entries })),
+    );
+    out.extend(
+        events
+            .into_iter()
+            .map(|((cap, shard), entries)| alone_or(entries, |entries| Parcel::Events { cap, shard, entries })),
+    );
     out
+}
+
+/// A group of one travels alone, as the single request it is; a larger one as `batch` makes it.
+fn alone_or<T>(mut entries: Vec<(Keyed, T)>, batch: impl FnOnce(Vec<(Keyed, T)>) -> Parcel) -> Parcel {
+    if entries.len() == 1 {
+        Parcel::One(entries.remove(0).0)
+    } else {
+        batch(entries)
+    }
 }
 
 /// A reply that answers a batch: `Each` entry's reply in order, or one reply for all of it.

@@ -398,14 +398,15 @@ mod tests {
     }
 
     /// A peer that takes every frame and answers nothing: it records the ids of what was sent.
-    struct Recording(Arc<Mutex<Vec<u64>>>);
+    /// `down`: this node's view has every peer down.
+    struct Recording(Arc<Mutex<Vec<u64>>>, bool);
     impl FrameSink for Recording {
         fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
             lock(&self.0).extend(ids(&items));
             Ok(())
         }
-        fn down(&self, _: &str) -> Option<String> {
-            None
+        fn down(&self, node: &str) -> Option<String> {
+            self.1.then(|| format!("{node} is down"))
         }
     }
 
@@ -414,7 +415,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn an_answer_meant_for_the_previous_process_completes_nothing() {
         let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let sink: Arc<dyn FrameSink> = Arc::new(Recording(seen.clone()));
+        let sink: Arc<dyn FrameSink> = Arc::new(Recording(seen.clone(), false));
         let t = Duration::from_millis(50);
         let (before, after) = (Lanes::default(), Lanes::default());
         let _ = before.call(sink.clone(), "b", CAP, &hello(0), t).await;
@@ -433,19 +434,9 @@ mod tests {
     /// To a node this one has down, requests fail at once unsent; answers still go.
     #[tokio::test(flavor = "current_thread")]
     async fn to_a_node_seen_down_only_answers_go() {
-        struct Down(Arc<Mutex<Vec<u64>>>);
-        impl FrameSink for Down {
-            fn raft_frame(&self, _: &str, items: Vec<LaneItem>) -> Result<(), NotSent> {
-                lock(&self.0).extend(ids(&items));
-                Ok(())
-            }
-            fn down(&self, node: &str) -> Option<String> {
-                Some(format!("{node} is down"))
-            }
-        }
         let lanes = Lanes::default();
         let sent = Arc::new(Mutex::new(Vec::new()));
-        let sink: Arc<dyn FrameSink> = Arc::new(Down(sent.clone()));
+        let sink: Arc<dyn FrameSink> = Arc::new(Recording(sent.clone(), true));
         lanes.answer(sink.clone(), "b", 41, RaftRpcReply::Done);
         let r = lanes.call(sink, "b", CAP, &hello(0), Duration::from_secs(60)).await;
         assert!(matches!(&r, Err(CallError::Unreachable { reason, .. }) if reason == "b is down"), "{r:?}");
@@ -467,7 +458,7 @@ mod tests {
     async fn answers_count_only_from_the_callee_and_a_silent_one_times_out() {
         let lanes = Lanes::default();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink: Arc<dyn FrameSink> = Arc::new(Recording(seen.clone()));
+        let sink: Arc<dyn FrameSink> = Arc::new(Recording(seen.clone(), false));
         let call = tokio::spawn({
             let (lanes, sink) = (lanes.clone(), sink.clone());
             async move { lanes.call(sink, "b", CAP, &hello(0), Duration::from_millis(100)).await }

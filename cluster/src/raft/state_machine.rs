@@ -342,11 +342,7 @@ impl StateMachineStore {
     /// every other file of the snapshot folder: the snapshot it replaced, and whatever a crash left
     /// half written. Best effort: a file left behind costs disk, never a wrong read.
     fn forget_other_snapshots(&self, generation: u32) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.store.after_sync(move |r| {
-            let _ = tx.send(r);
-        });
-        if let Ok(Err(e)) | Err(e) = rx.recv().map_err(|_| StoreError::FlusherGone) {
+        if let Err(e) = self.store.sync_blocking() {
             tracing::warn!(store = %self.store.capability(), error = %e, "the kept snapshot's record is not durable; older snapshot files stay");
             return;
         }
